@@ -1,0 +1,134 @@
+"""Full SLN as released: ResNet-101 FPN + GLM (DeepLab v2), 1024x1024.
+
+Every other config starts from this one. One tree, one source of truth: no
+constant here is repeated in code. Stage names for ``train.stages``:
+'heads' (FPN, RPN, box and mask heads), '4+' (ResNet stage 4 and up plus
+heads), 'all' (every trainable parameter). BatchNorm statistics and the GLM
+are never trained.
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.init_from = ''          # Orbax checkpoint dir(s), comma-separated; see init_patterns
+  c.init_patterns = ''      # optional regexes of Flax paths to load (comma-separated)
+
+  # ---------------------------------------------------------------- data
+  c.dataset = d = ml_collections.ConfigDict()
+  d.name = 'cocoa'          # cocoa | d2sa | kins | synthetic
+  d.data_dir = 'data/tfds'  # TFDS data_dir (prepared datasets live here)
+  d.manual_dir = 'data/cocoa'  # raw annotations + images (TFDS manual_dir)
+  d.train_split = 'train'
+  d.eval_split = 'val'
+  d.eval_annotations = ''   # GT json of the eval split ('' = derived from manual_dir)
+  d.category_agnostic = True  # SLN: one foreground class
+
+  c.input = i = ml_collections.ConfigDict()
+  i.image_size = 1024       # square canvas side, multiple of 64
+  i.resize_mode = 'pad'     # 'pad' (keep aspect, pad bottom/right) | 'squash' (release QUIRK)
+  i.max_instances = 100     # static padding of GT instances per image
+  i.gt_mask_size = 64       # per-instance layered GT cropped to its box at this size
+  i.random_flip = True
+  i.box_jitter = 0.0        # release QUIRK: 1/15 of the box size
+  i.shuffle_buffer = 256
+  i.num_parallel_calls = 2  # tf.data threads (capped so XLA keeps the cores)
+  i.prefetch = 2
+  i.cache = False
+
+  # ---------------------------------------------------------------- model
+  c.model = m = ml_collections.ConfigDict()
+  m.dtype = 'float32'       # compute dtype: float32 | bfloat16 (params/losses stay float32)
+  m.mean_pixel = (123.7, 116.8, 103.9)
+  m.num_classes = 2         # background + one foreground class (class-agnostic)
+  m.num_layers = 1          # L: sem-dist layer channels (release: 1)
+
+  m.backbone = b = ml_collections.ConfigDict()
+  b.stage_sizes = (3, 4, 23, 3)   # ResNet-101
+  b.width = 64                    # stem / first stage width (bottleneck expansion 4)
+  b.bn_eps = 1e-3
+
+  m.fpn_channels = 256
+
+  m.rpn = r = ml_collections.ConfigDict()
+  r.anchor_scales = (32, 64, 128, 256, 512)  # one per level P2..P6
+  r.anchor_ratios = (0.5, 1.0, 2.0)          # width / height
+  r.anchor_stride = 1
+  r.conv_channels = 512
+  r.bbox_std = (0.1, 0.1, 0.2, 0.2)
+  r.pre_nms_topk = 6000
+  r.nms_threshold = 0.7
+  r.post_nms_topk_train = 1000
+  r.post_nms_topk_test = 1000
+  r.anchors_per_image = 256
+  r.positive_iou = 0.7
+  r.negative_iou = 0.3
+  r.positive_fraction = 0.5
+
+  m.roi = o = ml_collections.ConfigDict()
+  o.rois_per_image = 100
+  o.positive_ratio = 0.7    # up to 70 positives; negatives = positives * (1/0.7 - 1)
+  o.fg_iou = 0.5
+  o.bbox_std = (0.1, 0.1, 0.2, 0.2)
+  o.pool_size = 7           # box head
+  o.mask_pool_size = 16     # mask head input
+  o.mask_size = 32          # mask head output
+  o.aligned = False         # False: tf.image.crop_and_resize (release); True: detectron2 ROIAlign
+  o.sampling_ratio = 1      # samples per bin per axis for aligned ROIAlign
+
+  m.box_head_channels = 1024
+  m.mask_head_channels = 256
+
+  m.glm = g = ml_collections.ConfigDict()
+  g.enabled = True
+  g.stage_sizes = (3, 4, 23, 3)
+  g.width = 64
+  g.num_classes = 182       # COCO-Stuff
+  g.atrous_rates = (6, 12, 18, 24)
+  g.scales = (1.0, 0.5, 0.75)
+  g.image_size = 513
+  g.bn_eps = 1e-5
+  g.legacy_pixel_boxes = False  # release QUIRK at inference: pixel-unit boxes into the GLM crop
+
+  m.detection = t = ml_collections.ConfigDict()
+  t.max_detections = 100
+  t.min_confidence = 0.0
+  t.nms_threshold = -1.0    # < 0: no NMS (release); e.g. 0.3 to enable
+
+  # ---------------------------------------------------------------- losses
+  c.loss = l = ml_collections.ConfigDict()
+  l.rpn_class = 1.0
+  l.rpn_bbox = 1.0
+  l.head_class = 1.0
+  l.head_bbox = 1.0
+  l.layer = 1.0
+  l.amodal = 1.0
+
+  # ---------------------------------------------------------------- training
+  c.train = tr = ml_collections.ConfigDict()
+  tr.batch_size = 1         # global batch (split over devices)
+  tr.momentum = 0.9
+  tr.weight_decay = 1e-4    # not applied to BatchNorm or biases
+  tr.grad_clip_norm = 5.0
+  tr.warmup_steps = 0
+  # Release schedule: 2 epochs heads, 3 epochs 4+, 1 epoch all at LR/10; 2,500 steps/epoch.
+  tr.stages = (('heads', 5000, 1e-3), ('4+', 7500, 1e-3), ('all', 2500, 1e-4))
+  tr.num_steps = -1         # -1: sum of the stage lengths; otherwise truncates the schedule
+  tr.log_every = 50
+  tr.checkpoint_every = 1000
+  tr.keep_checkpoints = 3
+  tr.image_summary_every = 1000
+
+  # ---------------------------------------------------------------- eval / predict
+  c.eval = e = ml_collections.ConfigDict()
+  e.batch_size = 1
+  e.protocol = 'coco'       # coco | amodalapi
+  e.max_images = -1         # -1: the whole split
+  e.mask_threshold = 0.5
+
+  c.predict = p = ml_collections.ConfigDict()
+  p.input_dir = ''
+  p.output_dir = ''
+  p.score_threshold = 0.5
+  return c
