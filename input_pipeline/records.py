@@ -23,6 +23,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from sln_jax.cliutil import UserError
+
 
 @dataclasses.dataclass
 class InstanceAnnotation:
@@ -105,9 +107,8 @@ def to_record(ann: ImageAnnotation, images_dir: str = '') -> AmodalRecord:
       depth_pairs=pairs)
 
 
-class AnnotationError(ValueError):
-  """A user-fixable problem in an input file: names the file and the field."""
+class AnnotationError(UserError):
+  """A user-fixable problem in an annotation file: names the file and field."""
 
   def __init__(self, path: str, field: str, message: str):
-    super().__init__(f'{path}: {field}: {message}')
-    self.path, self.field, self.message = path, field, message
+    super().__init__(message, path=path, field=field)
