@@ -24,6 +24,11 @@ def get_config() -> ml_collections.ConfigDict:
   d.eval_split = 'val'
   d.eval_annotations = ''   # GT json of the eval split ('' = derived from manual_dir)
   d.category_agnostic = True  # SLN: one foreground class
+  d.synthetic = sy = ml_collections.ConfigDict()  # name='synthetic' only
+  sy.image_size = 128       # side of the generated square images
+  sy.num_train = 64
+  sy.num_val = 16
+  sy.seed = 0
 
   c.input = i = ml_collections.ConfigDict()
   i.image_size = 1024       # square canvas side, multiple of 64
@@ -119,6 +124,7 @@ def get_config() -> ml_collections.ConfigDict:
   tr.checkpoint_every = 1000
   tr.keep_checkpoints = 3
   tr.image_summary_every = 1000
+  tr.reset_momentum_per_stage = True  # release: a new SGD (zero momentum) per stage
 
   # ---------------------------------------------------------------- eval / predict
   c.eval = e = ml_collections.ConfigDict()
@@ -131,4 +137,5 @@ def get_config() -> ml_collections.ConfigDict:
   p.input_dir = ''
   p.output_dir = ''
   p.score_threshold = 0.5
+  p.max_images = -1         # -1: every image in input_dir
   return c

@@ -1,0 +1,60 @@
+"""Scores a COCO-style amodal results file (amodalAPI protocol).
+
+  python scripts/evaluate.py --format cocoa --annotations GT.json \
+      --results DT.json --output M.json [--protocol coco|amodalapi]
+
+Writes M.json atomically as {"amodal": {SUBSET: {PART: {METRIC: value}}},
+"visible": {...}} (see sln_jax/evaluate.py) and prints a table. Bad input
+ends with one line naming the file and the field, exit code 2.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+
+from sln_jax import cliutil  # noqa: E402
+from sln_jax import evaluate as evaluation  # noqa: E402
+
+
+def _read_json(path: str):
+  if not os.path.isfile(path):
+    raise cliutil.UserError('no such file', path=path)
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    raise cliutil.UserError(f'not readable JSON ({err})', path=path) from None
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--format', required=True, choices=('cocoa', 'd2sa', 'kins'))
+  parser.add_argument('--annotations', required=True, help='ground-truth JSON')
+  parser.add_argument('--results', required=True, help='COCO-style results JSON')
+  parser.add_argument('--output', required=True, help='metrics JSON to write')
+  parser.add_argument('--protocol', default='coco', choices=evaluation.PROTOCOLS)
+  parser.add_argument('--images', default=None, help='images directory (optional)')
+  args = parser.parse_args(argv)
+
+  from input_pipeline import readers  # pylint: disable=import-outside-toplevel
+  if not os.path.isfile(args.annotations):
+    raise cliutil.UserError('no such file', path=args.annotations)
+  gt = readers.load_annotations(args.format, args.annotations, args.images)
+  results = _read_json(args.results)
+  metrics = evaluation.evaluate(gt, results, protocol=args.protocol,
+                                results_path=args.results)
+  with cliutil.atomic_output_file(args.output) as f:
+    json.dump(metrics, f, indent=1)
+  print(evaluation.format_table(metrics), end='')
+  print(f'wrote {args.output}')
+  return 0
+
+
+if __name__ == '__main__':
+  cliutil.run_cli(main)

@@ -1,0 +1,555 @@
+"""Released PyTorch checkpoints <-> Flax variables, and Orbax save/load.
+
+Sources (SLN_REFERENCE.md section 6):
+  * 'sln':      COCOA.pth / D2SA.pth, the whole model (Mask R-CNN keys plus
+                ``GLM_modual.base.*``);
+  * 'deeplab':  deeplabv2.pth, the GLM alone (``base.*``; also accepted:
+                bare ``layer1.*``, ``scale.*``, ``GLM_modual.base.*``);
+  * 'maskrcnn': mask_rcnn_coco.pth, Matterport Mask R-CNN with 81 classes.
+                By default its class-specific layers and the mask head's
+                first and last convs are skipped (``MASKRCNN_SKIP``): they
+                cannot fit SLN's shapes. The rest of the mask head loads, as
+                in the release's training script.
+A ``module.`` prefix (DataParallel) is stripped everywhere.
+
+Layouts: torch conv OIHW -> Flax HWIO; linear (out, in) -> (in, out);
+transposed conv (in, out, kh, kw) -> HWIO of ``nn.ConvTranspose(
+transpose_kernel=False)`` with both spatial axes flipped; BatchNorm weight,
+bias -> params scale, bias; running_mean, running_var -> batch_stats mean,
+var; ``num_batches_tracked`` is ignored. Flax module paths follow
+docs/architecture.md. Converted leaves are float32 numpy arrays.
+
+Orbax layout: a checkpoint directory written by ``ocp.StandardCheckpointer``
+holding the pytree ``{'params': ..., 'batch_stats': ...}`` (nested dicts of
+arrays, Flax module paths). ``load_orbax`` restores it without a target;
+``partial_load`` merges chosen leaves into a model's variables.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+import re
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from sln_jax.cliutil import UserError
+
+SOURCES = ('sln', 'deeplab', 'maskrcnn')
+EXPANSION = 4
+GLM_PREFIX = {'sln': 'GLM_modual.base.', 'deeplab': 'base.'}
+# Matterport COCO layers that cannot fit SLN (81 classes; 256-channel mask
+# head input; 81-class mask output).
+MASKRCNN_SKIP = (r'^classifier\.linear_(class|bbox)\.',
+                 r'^mask\.conv[15]\.')
+_MAX_LISTED = 40
+
+# Leaf kinds: how a torch tensor maps onto a Flax leaf.
+CONV, DECONV, LINEAR, VECTOR = 'conv', 'deconv', 'linear', 'vector'
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """One torch tensor <-> one Flax leaf."""
+  key: str                   # torch key (canonical, without 'module.')
+  collection: str            # 'params' | 'batch_stats'
+  path: tuple                # Flax path inside the collection
+  kind: str                  # CONV | DECONV | LINEAR | VECTOR
+  shape: tuple               # torch shape
+
+  @property
+  def flax_name(self) -> str:
+    return '/'.join((self.collection,) + self.path)
+
+
+class _Layout:
+  """Accumulates entries for one source."""
+
+  def __init__(self):
+    self.entries: list[Entry] = []
+
+  def conv(self, key, path, cout, cin, k, bias=True):
+    self.entries.append(Entry(f'{key}.weight', 'params', path + ('kernel',),
+                              CONV, (cout, cin, k, k)))
+    if bias:
+      self.entries.append(Entry(f'{key}.bias', 'params', path + ('bias',),
+                                VECTOR, (cout,)))
+
+  def deconv(self, key, path, cin, cout, k):
+    self.entries.append(Entry(f'{key}.weight', 'params', path + ('kernel',),
+                              DECONV, (cin, cout, k, k)))
+    self.entries.append(Entry(f'{key}.bias', 'params', path + ('bias',),
+                              VECTOR, (cout,)))
+
+  def linear(self, key, path, cout, cin):
+    self.entries.append(Entry(f'{key}.weight', 'params', path + ('kernel',),
+                              LINEAR, (cout, cin)))
+    self.entries.append(Entry(f'{key}.bias', 'params', path + ('bias',),
+                              VECTOR, (cout,)))
+
+  def bn(self, key, path, ch):
+    for tname, coll, fname in (('weight', 'params', 'scale'),
+                               ('bias', 'params', 'bias'),
+                               ('running_mean', 'batch_stats', 'mean'),
+                               ('running_var', 'batch_stats', 'var')):
+      self.entries.append(Entry(f'{key}.{tname}', coll, path + (fname,),
+                                VECTOR, (ch,)))
+
+
+def _mask_rcnn_layout(lay: _Layout, m) -> None:
+  """Backbone, FPN, RPN, box head and mask head (release keys)."""
+  w = m.backbone.width
+  lay.conv('fpn.C1.0', ('backbone', 'C1_conv'), w, 3, 7)
+  lay.bn('fpn.C1.1', ('backbone', 'C1_bn'), w)
+  cin = w
+  for s, blocks in enumerate(m.backbone.stage_sizes):
+    planes, cout = w * 2 ** s, w * 2 ** s * EXPANSION
+    for b in range(blocks):
+      key, path = f'fpn.C{s + 2}.{b}', ('backbone', f'C{s + 2}_{b}')
+      lay.conv(f'{key}.conv1', path + ('conv1',), planes, cin, 1)
+      lay.bn(f'{key}.bn1', path + ('bn1',), planes)
+      lay.conv(f'{key}.conv2', path + ('conv2',), planes, planes, 3)
+      lay.bn(f'{key}.bn2', path + ('bn2',), planes)
+      lay.conv(f'{key}.conv3', path + ('conv3',), cout, planes, 1)
+      lay.bn(f'{key}.bn3', path + ('bn3',), cout)
+      if b == 0:
+        lay.conv(f'{key}.downsample.0', path + ('downsample_conv',), cout,
+                 cin, 1)
+        lay.bn(f'{key}.downsample.1', path + ('downsample_bn',), cout)
+      cin = cout
+  f = m.fpn_channels
+  for s in (5, 4, 3, 2):
+    lay.conv(f'fpn.P{s}_conv1', ('fpn', f'P{s}_lateral'), f,
+             w * 2 ** (s - 2) * EXPANSION, 1)
+    lay.conv(f'fpn.P{s}_conv2.1', ('fpn', f'P{s}_output'), f, f, 3)
+  a, r = len(m.rpn.anchor_ratios), m.rpn.conv_channels
+  lay.conv('rpn.conv_shared', ('rpn', 'conv_shared'), r, f, 3)
+  lay.conv('rpn.conv_class', ('rpn', 'conv_class'), 2 * a, r, 1)
+  lay.conv('rpn.conv_bbox', ('rpn', 'conv_bbox'), 4 * a, r, 1)
+  c, k = m.box_head_channels, m.num_classes
+  lay.conv('classifier.conv1', ('box_head', 'conv1'), c, f, m.roi.pool_size)
+  lay.bn('classifier.bn1', ('box_head', 'bn1'), c)
+  lay.conv('classifier.conv2', ('box_head', 'conv2'), c, c, 1)
+  lay.bn('classifier.bn2', ('box_head', 'bn2'), c)
+  lay.linear('classifier.linear_class', ('box_head', 'linear_class'), k, c)
+  lay.linear('classifier.linear_bbox', ('box_head', 'linear_bbox'), 4 * k, c)
+  mc = m.mask_head_channels
+  mask_in = f + (m.glm.num_classes + 1 if m.glm.enabled else 0)
+  for i in (1, 2, 3, 4):
+    lay.conv(f'mask.conv{i}', ('mask_head', f'conv{i}'), mc,
+             mask_in if i == 1 else mc, 3)
+    lay.bn(f'mask.bn{i}', ('mask_head', f'bn{i}'), mc)
+  lay.deconv('mask.deconv', ('mask_head', 'deconv'), mc, mc, 2)
+  lay.conv('mask.conv5', ('mask_head', 'conv5'), 1 + m.num_layers, mc, 1)
+
+
+def _glm_layout(lay: _Layout, g, prefix: str) -> None:
+  """DeepLab v2 (kazuto1011 keys) under ``prefix``."""
+  w = g.width
+  lay.conv(f'{prefix}layer1.conv1.conv', ('glm', 'layer1_conv'), w, 3, 7,
+           bias=False)
+  lay.bn(f'{prefix}layer1.conv1.bn', ('glm', 'layer1_bn'), w)
+  cin = w
+  for s, blocks in enumerate(g.stage_sizes):
+    cout = w * 2 ** s * EXPANSION
+    mid = cout // EXPANSION
+    for k in range(1, blocks + 1):
+      key = f'{prefix}layer{s + 2}.block{k}'
+      path = ('glm', f'layer{s + 2}_block{k}')
+      parts = [('reduce', mid, cin if k == 1 else cout, 1),
+               ('conv3x3', mid, mid, 3), ('increase', cout, mid, 1)]
+      if k == 1:
+        parts.append(('shortcut', cout, cin, 1))
+      for name, co, ci, ks in parts:
+        lay.conv(f'{key}.{name}.conv', path + (f'{name}_conv',), co, ci, ks,
+                 bias=False)
+        lay.bn(f'{key}.{name}.bn', path + (f'{name}_bn',), co)
+    cin = cout
+  for j in range(len(g.atrous_rates)):
+    lay.conv(f'{prefix}aspp.c{j}', ('glm', f'aspp_c{j}'), g.num_classes, cin,
+             3)
+
+
+def release_layout(model_cfg, source: str = 'sln') -> list[Entry]:
+  """Every tensor of a release checkpoint of ``source`` for ``config.model``.
+
+  'sln' includes the GLM only when ``model.glm.enabled``; 'deeplab' is the
+  GLM alone; 'maskrcnn' is the Mask R-CNN part (no skipping applied here).
+  """
+  if source not in SOURCES:
+    raise UserError(f'unknown source {source!r}; one of {SOURCES}',
+                    field='source')
+  lay = _Layout()
+  if source in ('sln', 'maskrcnn'):
+    _mask_rcnn_layout(lay, model_cfg)
+  if source == 'deeplab' or (source == 'sln' and model_cfg.glm.enabled):
+    _glm_layout(lay, model_cfg.glm, GLM_PREFIX[source])
+  return lay.entries
+
+
+# ----------------------------------------------------------------- loading
+
+
+def load_torch_state_dict(path: str) -> dict:
+  """Reads a .pth file safely (``weights_only=True``) -> {key: torch.Tensor}.
+
+  Accepts a bare state_dict or one wrapped as {'state_dict': ...} or
+  {'model': ...}; strips DataParallel ``module.`` prefixes. A file that needs
+  pickled code (a whole saved nn.Module, custom classes) is refused.
+  """
+  import torch  # Conversion-only dependency.
+
+  if not os.path.isfile(path):
+    raise UserError('no such file', path=path)
+  try:
+    try:
+      obj = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except RuntimeError as err:
+      if 'mmap' not in str(err):
+        raise
+      obj = torch.load(path, map_location='cpu', weights_only=True)
+  except pickle.UnpicklingError as err:
+    first = str(err).strip().splitlines()
+    detail = next((l for l in first if 'Unsupported' in l or 'GLOBAL' in l),
+                  first[0] if first else '')
+    raise UserError(
+        'refusing to load: the file needs pickled code (not a plain '
+        f'state_dict of tensors; weights_only=True failed: {detail.strip()})',
+        path=path) from None
+  except Exception as err:  # pylint: disable=broad-except
+    raise UserError(f'not a readable PyTorch checkpoint ({type(err).__name__}:'
+                    f' {str(err).strip().splitlines()[0] if str(err) else ""})',
+                    path=path) from None
+  if isinstance(obj, Mapping):
+    for wrapper in ('state_dict', 'model'):
+      if wrapper in obj and isinstance(obj[wrapper], Mapping):
+        obj = obj[wrapper]
+        break
+  if not isinstance(obj, Mapping):
+    raise UserError(f'expected a state_dict (dict of tensors), found '
+                    f'{type(obj).__name__}', path=path)
+  out = {}
+  for key, value in obj.items():
+    if not isinstance(value, torch.Tensor):
+      raise UserError(f'entry {key!r} is a {type(value).__name__}, not a '
+                      'tensor', path=path, field='state_dict')
+    while key.startswith('module.'):
+      key = key[len('module.'):]
+    out[key] = value
+  return out
+
+
+def _canonical_glm_key(key: str) -> str:
+  """Maps the accepted DeepLab naming variants onto ``base.*``."""
+  for old in ('GLM_modual.base.', 'GLM_modual.scale.', 'scale.'):
+    if key.startswith(old):
+      key = 'base.' + key[len(old):]
+      break
+  if key.startswith(('layer', 'aspp.')):
+    key = 'base.' + key
+  return key.replace('.aspp.stages.', '.aspp.')
+
+
+def detect_source(state_dict: Mapping, model_cfg=None) -> str:
+  """Guesses 'sln', 'deeplab' or 'maskrcnn' from a state_dict's keys.
+
+  Mask R-CNN keys with ``GLM_modual.*`` are 'sln', DeepLab keys alone are
+  'deeplab'. Mask R-CNN keys alone are 'maskrcnn', unless ``model_cfg`` has
+  the GLM disabled and the class and mask heads fit it (an SLN trained
+  without the GLM).
+  """
+  keys = list(state_dict)
+  has_mrcnn = any(k.startswith(('fpn.', 'rpn.', 'classifier.')) for k in keys)
+  has_glm = any(k.startswith('GLM_modual.') for k in keys)
+  if has_mrcnn and has_glm:
+    return 'sln'
+  if has_mrcnn:
+    cls = state_dict.get('classifier.linear_class.weight')
+    conv5 = state_dict.get('mask.conv5.weight')
+    if (model_cfg is not None and not model_cfg.glm.enabled
+        and cls is not None and conv5 is not None
+        and cls.shape[0] == model_cfg.num_classes
+        and conv5.shape[0] == 1 + model_cfg.num_layers):
+      return 'sln'
+    return 'maskrcnn'
+  if any(_canonical_glm_key(k).startswith('base.') for k in keys):
+    return 'deeplab'
+  raise UserError('cannot tell the checkpoint kind from its keys (expected '
+                  "'fpn.*', 'GLM_modual.*' or DeepLab 'base.*' names)",
+                  field='source')
+
+
+def _to_numpy(t) -> np.ndarray:
+  """torch.Tensor or array -> numpy (floating types as float32)."""
+  if hasattr(t, 'detach'):
+    t = t.detach().cpu()
+    if t.is_floating_point() and t.element_size() != 4:
+      t = t.float()
+    t = t.numpy()
+  return np.asarray(t)
+
+
+def _torch_to_leaf(kind: str, a: np.ndarray) -> np.ndarray:
+  if kind == CONV:      # (O, I, H, W) -> (H, W, I, O)
+    a = a.transpose(2, 3, 1, 0)
+  elif kind == DECONV:  # (I, O, H, W) -> flipped (H, W, I, O)
+    a = a.transpose(2, 3, 0, 1)[::-1, ::-1]
+  elif kind == LINEAR:  # (O, I) -> (I, O)
+    a = a.T
+  return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def _leaf_to_torch(kind: str, a: np.ndarray) -> np.ndarray:
+  if kind == CONV:
+    a = a.transpose(3, 2, 0, 1)
+  elif kind == DECONV:
+    a = a[::-1, ::-1].transpose(2, 3, 0, 1)
+  elif kind == LINEAR:
+    a = a.T
+  return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def _matches(patterns: Sequence[str], *names: str) -> bool:
+  return any(re.search(p, n) for p in patterns for n in names)
+
+
+def _listing(title: str, items: list[str]) -> str:
+  shown = items[:_MAX_LISTED]
+  more = f' (+{len(items) - len(shown)} more)' if len(items) > len(shown) else ''
+  return f'{len(items)} {title}: {", ".join(shown)}{more}'
+
+
+def _set(tree: dict, path: Sequence[str], value) -> None:
+  for p in path[:-1]:
+    tree = tree.setdefault(p, {})
+  tree[path[-1]] = value
+
+
+def torch_to_flax(state_dict: Mapping, source: str, config,
+                  allow_missing: Sequence[str] = (),
+                  allow_unexpected: Sequence[str] = (),
+                  skip: Sequence[str] | None = None,
+                  path: str = '') -> dict:
+  """Converts a release state_dict to {'params': ..., 'batch_stats': ...}.
+
+  Args:
+    state_dict: {key: torch.Tensor} (``module.`` prefixes allowed).
+    source: 'sln' | 'deeplab' | 'maskrcnn' | 'auto'.
+    config: the full config (or ``config.model``).
+    allow_missing: regexes (searched in the torch key or the Flax path
+      'params/backbone/...') of expected tensors that may be absent.
+    allow_unexpected: regexes of extra torch keys to ignore.
+    skip: regexes of torch keys present in the file but not converted (their
+      Flax leaves are left out and not reported missing). None: the
+      source's default (``MASKRCNN_SKIP`` for 'maskrcnn', else nothing).
+    path: the file name, for error messages.
+
+  Returns:
+    Nested dicts of float32 numpy arrays with only the converted leaves
+    (a 'deeplab' source yields only params/glm and batch_stats/glm).
+
+  Raises:
+    UserError: one error listing every missing key, unexpected key and
+      shape mismatch.
+  """
+  model_cfg = config.model if hasattr(config, 'model') else config
+  sd = {}
+  for key, value in state_dict.items():
+    while key.startswith('module.'):
+      key = key[len('module.'):]
+    sd[key] = value
+  if source == 'auto':
+    source = detect_source(sd, model_cfg)
+  if skip is None:
+    skip = MASKRCNN_SKIP if source == 'maskrcnn' else ()
+  if source == 'deeplab':
+    sd = {_canonical_glm_key(k): v for k, v in sd.items()}
+  elif source == 'sln':
+    sd = {('GLM_modual.' + _canonical_glm_key(k[len('GLM_modual.'):])
+           if k.startswith('GLM_modual.') else k): v for k, v in sd.items()}
+  entries = release_layout(model_cfg, source)
+  expected = {e.key for e in entries}
+  missing, mismatched = [], []
+  out = {'params': {}, 'batch_stats': {}}
+  for e in entries:
+    if _matches(skip, e.key):
+      continue
+    if e.key not in sd:
+      if not _matches(allow_missing, e.key, e.flax_name):
+        missing.append(e.key)
+      continue
+    t = sd[e.key]
+    if tuple(t.shape) != e.shape:
+      mismatched.append(f'{e.key} {tuple(t.shape)} != expected {e.shape}')
+      continue
+    _set(out[e.collection], e.path, _torch_to_leaf(e.kind, _to_numpy(t)))
+  unexpected = [k for k in sd if k not in expected
+                and not k.endswith('num_batches_tracked')
+                and not _matches(skip, k)
+                and not _matches(allow_unexpected, k)]
+  problems = []
+  if missing:
+    problems.append(_listing('missing', missing))
+  if unexpected:
+    problems.append(_listing('unexpected', unexpected))
+  if mismatched:
+    problems.append(_listing('shape mismatches', mismatched))
+  if problems:
+    raise UserError(f'does not fit the {source!r} layout of this config: '
+                    + '; '.join(problems), path=path, field='state_dict')
+  return out
+
+
+def _get(tree: Mapping, path: Sequence[str]):
+  for p in path:
+    if not isinstance(tree, Mapping) or p not in tree:
+      return None
+    tree = tree[p]
+  return tree
+
+
+def flax_to_torch(variables: Mapping, config, source: str = 'sln',
+                  with_num_batches_tracked: bool = True) -> dict:
+  """Flax variables -> release state_dict {key: torch.Tensor} (float32).
+
+  Every leaf of the source's layout must be present. With
+  ``with_num_batches_tracked`` each BN also gets a zero
+  ``num_batches_tracked`` so a strict ``load_state_dict`` accepts it.
+  """
+  import torch  # Conversion-only dependency.
+
+  model_cfg = config.model if hasattr(config, 'model') else config
+  out, missing = {}, []
+  for e in release_layout(model_cfg, source):
+    leaf = _get(variables.get(e.collection, {}), e.path)
+    if leaf is None:
+      missing.append(e.flax_name)
+      continue
+    a = _leaf_to_torch(e.kind, np.asarray(leaf))
+    if a.shape != e.shape:
+      missing.append(f'{e.flax_name} {a.shape} != {e.shape}')
+      continue
+    out[e.key] = torch.from_numpy(a)
+    if with_num_batches_tracked and e.key.endswith('.running_var'):
+      out[e.key[:-len('running_var')] + 'num_batches_tracked'] = torch.zeros(
+          (), dtype=torch.long)
+  if missing:
+    raise UserError(_listing('missing or misshapen leaves', missing),
+                    field='variables')
+  return out
+
+
+# ----------------------------------------------------------------- Orbax
+
+
+def save_orbax(variables: Mapping, directory: str) -> None:
+  """Writes {'params', 'batch_stats'} to ``directory`` (StandardCheckpointer;
+  replaces an existing directory)."""
+  import orbax.checkpoint as ocp
+
+  tree = {k: variables.get(k, {}) for k in ('params', 'batch_stats')}
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(os.path.abspath(directory), tree, force=True)
+  ckptr.wait_until_finished()
+  ckptr.close()
+
+
+def load_orbax(directory: str) -> dict:
+  """Reads a checkpoint written by ``save_orbax`` -> nested dict of arrays."""
+  import orbax.checkpoint as ocp
+
+  directory = os.path.abspath(directory)
+  if not os.path.isdir(directory):
+    raise UserError('no such checkpoint directory', path=directory)
+  ckptr = ocp.StandardCheckpointer()
+  try:
+    tree = ckptr.restore(directory)
+  except Exception as err:  # pylint: disable=broad-except
+    raise UserError(f'not an Orbax checkpoint ({type(err).__name__})',
+                    path=directory) from None
+  finally:
+    ckptr.close()
+  return {k: tree.get(k, {}) for k in ('params', 'batch_stats')}
+
+
+def _flatten(tree: Mapping, prefix: tuple = ()) -> dict:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      out.update(_flatten(v, prefix + (k,)))
+    else:
+      out[prefix + (k,)] = v
+  return out
+
+
+@dataclasses.dataclass
+class LoadReport:
+  """What ``partial_load`` did; names are 'collection/module/.../leaf'."""
+  loaded: list = dataclasses.field(default_factory=list)
+  shape_mismatch: list = dataclasses.field(default_factory=list)
+  not_in_target: list = dataclasses.field(default_factory=list)
+
+  def summary(self) -> str:
+    return (f'loaded {len(self.loaded)} arrays; skipped '
+            f'{len(self.shape_mismatch)} with other shapes, '
+            f'{len(self.not_in_target)} absent from the model')
+
+
+def partial_load(target_variables: Mapping,
+                 sources: Sequence[tuple[str, Sequence[str]]]
+                 ) -> tuple[dict, LoadReport]:
+  """Copies matching leaves of Orbax checkpoints into ``target_variables``.
+
+  Args:
+    target_variables: the model's variables ({'params', 'batch_stats', ...}).
+    sources: [(checkpoint dir, regexes)], applied in order (later ones win);
+      a leaf is taken when a regex is found (re.search) in its name
+      'params/backbone/C1_conv/kernel'; no regexes = every leaf.
+
+  Returns:
+    (new variables with the same structure and dtypes, LoadReport). Leaves
+    whose shapes differ from the target's are skipped and reported.
+
+  Raises:
+    UserError: a source that is unreadable or from which nothing was loaded.
+  """
+  flat = {coll: _flatten(tree) for coll, tree in target_variables.items()}
+  report = LoadReport()
+  for directory, patterns in sources:
+    ckpt = load_orbax(directory)
+    count = 0
+    for coll, tree in ckpt.items():
+      for path, value in _flatten(tree).items():
+        name = '/'.join((coll,) + path)
+        if patterns and not _matches(patterns, name):
+          continue
+        target = flat.get(coll, {}).get(path)
+        if target is None:
+          report.not_in_target.append(name)
+        elif tuple(np.shape(value)) != tuple(np.shape(target)):
+          report.shape_mismatch.append(
+              f'{name} {tuple(np.shape(value))} != {tuple(np.shape(target))}')
+        else:
+          flat[coll][path] = np.asarray(value, dtype=target.dtype)
+          report.loaded.append(name)
+          count += 1
+    if not count:
+      raise UserError('nothing loaded (no leaf matches '
+                      f'{list(patterns) or "any"} with the model\'s shapes)',
+                      path=directory)
+  out = {}
+  for coll, leaves in flat.items():
+    out[coll] = {}
+    for path, value in leaves.items():
+      _set(out[coll], path, value)
+  return out, report
+
+
+def init_sources(config) -> list[tuple[str, list[str]]]:
+  """``config.init_from`` / ``config.init_patterns`` (comma-separated) ->
+  ``partial_load`` sources (every directory with the same regexes)."""
+  dirs = [d.strip() for d in str(config.init_from).split(',') if d.strip()]
+  pats = [p.strip() for p in str(config.init_patterns).split(',')
+          if p.strip()]
+  return [(d, pats) for d in dirs]

@@ -1,0 +1,434 @@
+"""Amodal instance segmentation metrics (the amodalAPI protocol on pycocotools).
+
+Scores COCO-style results against ``records.ImageAnnotation`` ground truth.
+Matching is COCO's: mask IoU, thresholds 0.50:0.05:0.95, 101 recall points,
+area range "all", greedy by score. On top of COCO:
+
+  * occlusion subsets by GT ``occlude_rate``, both ends inclusive as in the
+    amodalAPI (a GT is ignored iff ``rate < lo or rate > hi``), so 1e-5 and
+    0.25 belong to both neighbouring subsets;
+  * thing/stuff parts by GT ``is_stuff``.
+
+GT outside the evaluated subset/part is *ignored*: it is never a miss, and a
+detection matched to it is neither a true nor a false positive (COCOeval's
+``ignore`` flag, set after pycocotools' ``_prepare`` which would otherwise
+overwrite it with ``iscrowd``; ``iscrowd`` stays 0, so IoU is plain IoU).
+
+Protocols: ``'coco'`` (default) counts the GT of images without detections as
+misses and detections on images without GT as false positives.
+``'amodalapi'`` reproduces the original evaluator, which drops every image
+that has no detections or no GT (per category when categories are used). The
+original's slicing bug that also drops the last image is *not* reproduced.
+
+Result fields: ``image_id``, ``score``, ``segmentation`` (amodal mask; an
+``amodal_mask`` field takes precedence), optional ``visible_mask``,
+``category_id`` (default 1), ``depth_layer`` (lower = in front). Masks are COCO
+RLE (``counts`` str/bytes or uncompressed list) or polygons, in original image
+pixels. Pure Python/numpy + pycocotools.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import numbers
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import numpy as np
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from sln_jax.cliutil import UserError
+
+# GT occlude_rate ranges, inclusive at both ends (amodalAPI Params.occRng).
+SUBSETS = {
+    'all': (0.0, 1000.0),
+    'none': (0.0, 1e-5),
+    'partial': (1e-5, 0.25),
+    'heavy': (0.25, 1.0),
+}
+PARTS = ('both', 'things', 'stuff')
+PROTOCOLS = ('coco', 'amodalapi')
+_AREA_ALL = [0.0, 1e10]
+
+
+def metric_names(max_dets: Sequence[int] = (1, 10, 100)) -> list[str]:
+  """['AP', 'AP50', 'AP75', 'AR1', 'AR10', 'AR100'] for the default max_dets."""
+  return ['AP', 'AP50', 'AP75'] + [f'AR{m}' for m in sorted(max_dets)]
+
+
+# --------------------------------------------------------------- validation
+def _as_rle(seg: Any, h: int, w: int, path: str, field: str) -> dict:
+  """Any COCO mask encoding -> compressed RLE of size (h, w)."""
+  if isinstance(seg, dict) and 'counts' in seg and 'size' in seg:
+    if [int(s) for s in seg['size']] != [h, w]:
+      raise UserError(f'mask size {list(seg["size"])} != image size {[h, w]}',
+                      path=path, field=field)
+    if isinstance(seg['counts'], list):
+      return mask_utils.frPyObjects(seg, h, w)
+    if isinstance(seg['counts'], (str, bytes)):
+      return {'size': [h, w], 'counts': seg['counts']}
+  elif isinstance(seg, list) and seg:
+    polys = seg if isinstance(seg[0], list) else [seg]
+    if all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 and
+           all(isinstance(v, numbers.Real) for v in p) for p in polys):
+      return mask_utils.merge(mask_utils.frPyObjects(polys, h, w))
+  raise UserError('not a COCO mask (RLE {size, counts} or polygon list)',
+                  path=path, field=field)
+
+
+def check_results(results: Any, gt: Sequence, path: str = 'results') -> list[dict]:
+  """Validates a results list and returns it with masks as compressed RLE.
+
+  Each returned dict carries ``image_id``, ``score``, ``category_id``,
+  ``amodal`` (RLE), ``visible`` (RLE or None) and the original ``depth_layer``
+  when present. Raises ``UserError`` naming ``path`` and the offending field.
+  """
+  if not isinstance(results, list):
+    raise UserError(f'expected a JSON list of detections, got '
+                    f'{type(results).__name__}', path=path)
+  sizes = {int(a.image_id): (int(a.height), int(a.width)) for a in gt}
+  has_visible = any(isinstance(r, dict) and 'visible_mask' in r for r in results)
+  out = []
+  for k, r in enumerate(results):
+    where = f'[{k}]'
+    if not isinstance(r, dict):
+      raise UserError('expected an object', path=path, field=where)
+    if 'image_id' not in r:
+      raise UserError('missing', path=path, field=f'{where}.image_id')
+    image_id = r['image_id']
+    if (not isinstance(image_id, numbers.Integral) or isinstance(image_id, bool)
+        or int(image_id) not in sizes):
+      raise UserError(f'image id {image_id!r} is not in the ground truth',
+                      path=path, field=f'{where}.image_id')
+    h, w = sizes[int(image_id)]
+    key = 'amodal_mask' if 'amodal_mask' in r else 'segmentation'
+    if key not in r:
+      raise UserError('missing', path=path, field=f'{where}.segmentation')
+    score = r.get('score')
+    if not isinstance(score, numbers.Real) or not np.isfinite(score):
+      raise UserError('missing or not a finite number', path=path,
+                      field=f'{where}.score')
+    category_id = r.get('category_id', 1)
+    if not isinstance(category_id, numbers.Integral):
+      raise UserError('not an integer', path=path, field=f'{where}.category_id')
+    visible = None
+    if has_visible:
+      if 'visible_mask' not in r:
+        raise UserError('missing (other results carry visible masks)',
+                        path=path, field=f'{where}.visible_mask')
+      visible = _as_rle(r['visible_mask'], h, w, path, f'{where}.visible_mask')
+    item = {'image_id': int(image_id), 'score': float(score),
+            'category_id': int(category_id),
+            'amodal': _as_rle(r[key], h, w, path, f'{where}.{key}'),
+            'visible': visible}
+    if 'depth_layer' in r:
+      item['depth_layer'] = r['depth_layer']
+    out.append(item)
+  return out
+
+
+# --------------------------------------------------------------- COCO objects
+def _quiet_coco(dataset: dict) -> COCO:
+  coco = COCO()
+  coco.dataset = dataset
+  with contextlib.redirect_stdout(io.StringIO()):
+    coco.createIndex()
+  return coco
+
+
+def _gt_coco(gt: Sequence, mask_key: str, category_agnostic: bool) -> COCO:
+  images, anns, cats = [], [], set()
+  for a in gt:
+    images.append({'id': int(a.image_id), 'height': int(a.height),
+                   'width': int(a.width), 'file_name': a.file_name})
+    for inst in a.instances:
+      rle = _as_rle(getattr(inst, mask_key), int(a.height), int(a.width),
+                    'ground truth', f'image {a.image_id}.{mask_key}')
+      cat = 1 if category_agnostic else int(inst.category_id)
+      cats.add(cat)
+      anns.append({
+          'id': len(anns) + 1, 'image_id': int(a.image_id), 'category_id': cat,
+          'segmentation': rle, 'area': float(mask_utils.area(rle)),
+          'bbox': mask_utils.toBbox(rle).tolist(), 'iscrowd': 0,
+          'occlude_rate': float(inst.occlude_rate),
+          'is_stuff': bool(inst.is_stuff)})
+  if category_agnostic:
+    cats.add(1)
+  return _quiet_coco({'images': images, 'annotations': anns,
+                      'categories': [{'id': c} for c in sorted(cats)]})
+
+
+def _dt_coco(gt_coco: COCO, dets: Sequence[dict], mask_key: str,
+             category_agnostic: bool) -> COCO:
+  anns = []
+  for d in dets:
+    rle = d[mask_key]
+    anns.append({
+        'id': len(anns) + 1, 'image_id': d['image_id'],
+        'category_id': 1 if category_agnostic else d['category_id'],
+        'segmentation': rle, 'area': float(mask_utils.area(rle)),
+        'bbox': mask_utils.toBbox(rle).tolist(), 'iscrowd': 0,
+        'score': d['score']})
+  return _quiet_coco({'images': gt_coco.dataset['images'], 'annotations': anns,
+                      'categories': gt_coco.dataset['categories']})
+
+
+# --------------------------------------------------------------- evaluator
+class _SubsetEval(COCOeval):
+  """COCOeval with an ignore rule for GT and the amodalAPI empty-image skip.
+
+  ``run(ignore_fn)`` evaluates with GT ``ignore = ignore_fn(gt)``; IoUs are
+  computed once and reused across calls.
+  """
+
+  def __init__(self, gt_coco: COCO, dt_coco: COCO, *, use_cats: bool,
+               max_dets: Sequence[int], skip_empty: bool):
+    with contextlib.redirect_stdout(io.StringIO()):
+      super().__init__(gt_coco, dt_coco, iouType='segm')
+    p = self.params
+    p.imgIds = sorted(gt_coco.getImgIds())
+    p.catIds = sorted(gt_coco.getCatIds())
+    p.useCats = int(use_cats)
+    p.maxDets = sorted(int(m) for m in max_dets)
+    p.areaRng = [list(_AREA_ALL)]
+    p.areaRngLbl = ['all']
+    self._skip_empty = skip_empty
+    self._ignore_fn: Callable[[dict], bool] = lambda g: False
+    self._evaluated = False
+
+  def _prepare(self):
+    super()._prepare()
+    self._apply_ignore()
+
+  def _apply_ignore(self):
+    for anns in self._gts.values():
+      for g in anns:
+        g['ignore'] = int(bool(self._ignore_fn(g)))
+
+  def _gt_dt(self, img_id, cat_id):
+    p = self.params
+    if p.useCats:
+      return self._gts[img_id, cat_id], self._dts[img_id, cat_id]
+    gt = [g for c in p.catIds for g in self._gts[img_id, c]]
+    dt = [d for c in p.catIds for d in self._dts[img_id, c]]
+    return gt, dt
+
+  def evaluateImg(self, imgId, catId, aRng, maxDet):  # noqa: N802 (COCO API)
+    if self._skip_empty:
+      gt, dt = self._gt_dt(imgId, catId)
+      if not gt or not dt:
+        return None
+    return super().evaluateImg(imgId, catId, aRng, maxDet)
+
+  def run(self, ignore_fn: Callable[[dict], bool]) -> dict:
+    """Evaluates and accumulates; returns ``self.eval``."""
+    self._ignore_fn = ignore_fn
+    with contextlib.redirect_stdout(io.StringIO()):
+      if not self._evaluated:
+        self.evaluate()
+        self._evaluated = True
+      else:
+        # accumulate() rewrites params.catIds; start from the evaluated params.
+        self.params = copy.deepcopy(self._paramsEval)
+        self._apply_ignore()
+        p = self.params
+        cat_ids = p.catIds if p.useCats else [-1]
+        self.evalImgs = [self.evaluateImg(i, c, a, p.maxDets[-1])
+                         for c in cat_ids for a in p.areaRng for i in p.imgIds]
+      self.accumulate()
+    return self.eval
+
+
+def _mean_defined(x: np.ndarray) -> float:
+  x = x[x > -1]
+  return float(np.mean(x)) if x.size else -1.0
+
+
+def _summary(ev: dict, params, max_dets: Sequence[int]) -> dict:
+  """COCOeval.summarize's numbers for area 'all' (as a dict)."""
+  prec, rec = ev['precision'], ev['recall']  # (T,R,K,A,M), (T,K,A,M)
+  thr = np.asarray(params.iouThrs)
+  t50 = np.where(np.isclose(thr, 0.5))[0]
+  t75 = np.where(np.isclose(thr, 0.75))[0]
+  out = {'AP': _mean_defined(prec[:, :, :, 0, -1]),
+         'AP50': _mean_defined(prec[t50][:, :, :, 0, -1]),
+         'AP75': _mean_defined(prec[t75][:, :, :, 0, -1])}
+  for mi, m in enumerate(sorted(max_dets)):
+    out[f'AR{m}'] = _mean_defined(rec[:, :, 0, mi])
+  return out
+
+
+def _ignore_rule(subset: str, part: str) -> Callable[[dict], bool]:
+  lo, hi = SUBSETS[subset]
+  def ignore(g: dict) -> bool:
+    rate = g['occlude_rate']
+    if rate < lo or rate > hi:
+      return True
+    if part == 'things':
+      return g['is_stuff']
+    if part == 'stuff':
+      return not g['is_stuff']
+    return False
+  return ignore
+
+
+def _check_protocol(protocol: str) -> None:
+  if protocol not in PROTOCOLS:
+    raise UserError(f'unknown protocol {protocol!r}; expected one of {PROTOCOLS}',
+                    field='protocol')
+
+
+def _branch(gt: Sequence, dets: Sequence[dict], gt_key: str, dt_key: str, *,
+            protocol: str, category_agnostic: bool, max_dets: Sequence[int],
+            subsets: Sequence[str], parts: Sequence[str]) -> dict:
+  gt_coco = _gt_coco(gt, gt_key, category_agnostic)
+  dt_coco = _dt_coco(gt_coco, dets, dt_key, category_agnostic)
+  ev = _SubsetEval(gt_coco, dt_coco, use_cats=not category_agnostic,
+                   max_dets=max_dets, skip_empty=protocol == 'amodalapi')
+  table: dict = {}
+  for subset in subsets:
+    table[subset] = {}
+    for part in parts:
+      result = ev.run(_ignore_rule(subset, part))
+      table[subset][part] = _summary(result, ev.params, max_dets)
+  return table
+
+
+def evaluate(gt: Sequence, results: Sequence[dict], *, protocol: str = 'coco',
+             category_agnostic: bool = True,
+             max_dets: Sequence[int] = (1, 10, 100),
+             subsets: Sequence[str] = tuple(SUBSETS),
+             parts: Sequence[str] = PARTS,
+             results_path: str = 'results') -> dict:
+  """Scores ``results`` against ``gt`` (list[ImageAnnotation]).
+
+  Returns ``{"amodal": {SUBSET: {PART: {METRIC: value}}}, "visible": {...}}``
+  with METRIC in ``metric_names(max_dets)``, values in [0, 1] and -1 where
+  undefined (no GT in the cell). "visible" (GT visible masks vs. result
+  ``visible_mask``) is present only when the results carry visible masks.
+  AP uses the largest of ``max_dets`` detections per image.
+  """
+  _check_protocol(protocol)
+  dets = check_results(results, gt, results_path)
+  kw = dict(protocol=protocol, category_agnostic=category_agnostic,
+            max_dets=max_dets, subsets=subsets, parts=parts)
+  out = {'amodal': _branch(gt, dets, 'amodal_rle', 'amodal', **kw)}
+  if any(d['visible'] is not None for d in dets):
+    out['visible'] = _branch(gt, dets, 'visible_rle', 'visible', **kw)
+  return out
+
+
+def per_class_ap(gt: Sequence, results: Sequence[dict], *,
+                 protocol: str = 'coco', max_dets: Sequence[int] = (1, 10, 100),
+                 results_path: str = 'results') -> dict[int, float]:
+  """Amodal AP per GT category id (useCats=1; subset 'all', part 'both').
+
+  For D2SA-style data with category ids; -1 for a category whose AP is
+  undefined. Detections of categories absent from the GT are not scored.
+  """
+  _check_protocol(protocol)
+  dets = check_results(results, gt, results_path)
+  gt_coco = _gt_coco(gt, 'amodal_rle', category_agnostic=False)
+  dt_coco = _dt_coco(gt_coco, dets, 'amodal', category_agnostic=False)
+  ev = _SubsetEval(gt_coco, dt_coco, use_cats=True, max_dets=max_dets,
+                   skip_empty=protocol == 'amodalapi')
+  result = ev.run(lambda g: False)
+  cat_ids = ev._paramsEval.catIds  # pylint: disable=protected-access
+  return {int(c): _mean_defined(result['precision'][:, :, k, 0, -1])
+          for k, c in enumerate(cat_ids)}
+
+
+# --------------------------------------------------------------- depth order
+def depth_order_accuracy(gt: Sequence, results: Sequence[dict], *,
+                         score_threshold: float = 0.5,
+                         iou_threshold: float = 0.5,
+                         pairwise: Optional[Mapping[int, np.ndarray]] = None,
+                         results_path: str = 'results') -> dict:
+  """Share of correctly ordered pairs of matched, overlapping objects.
+
+  Per image: detections with ``score >= score_threshold`` are matched greedily
+  (highest score first) to the unmatched GT with the highest amodal IoU, if
+  that IoU is ``>= iou_threshold``. Every pair of matched detections whose GT
+  objects' amodal masks intersect and whose GT ``depth_rank`` differ (lower =
+  in front) is scored. The predicted order of detections a, b is, when
+  ``pairwise`` is given, ``pairwise[image_id][a, b]`` (+1: a in front of b,
+  -1 behind, 0 undecided; a, b index that image's detections in results order),
+  otherwise from ``depth_layer`` (lower = in front). Undecided (equal layers,
+  0) counts as wrong.
+
+  Returns ``{'accuracy': float or -1 if no pair, 'correct': int, 'pairs': int}``.
+  """
+  dets = check_results(results, gt, results_path)
+  by_image: dict[int, list] = {}
+  for k, d in enumerate(dets):
+    by_image.setdefault(d['image_id'], []).append((k, d))
+  correct = pairs = 0
+  for ann in gt:
+    image_id = int(ann.image_id)
+    image_dets = by_image.get(image_id, [])
+    if not ann.instances or not image_dets:
+      continue
+    # Position of each detection among this image's detections (results order).
+    local = {k: i for i, (k, _) in enumerate(image_dets)}
+    kept = [(k, d) for k, d in image_dets if d['score'] >= score_threshold]
+    kept.sort(key=lambda kd: -kd[1]['score'])
+    if not kept:
+      continue
+    g_rles = [_as_rle(i.amodal_rle, ann.height, ann.width, 'ground truth',
+                      f'image {image_id}.amodal_rle') for i in ann.instances]
+    ious = np.asarray(mask_utils.iou([d['amodal'] for _, d in kept], g_rles,
+                                     [0] * len(g_rles))).reshape(len(kept), -1)
+    det_of_gt: dict[int, int] = {}
+    for row, (k, _) in enumerate(kept):
+      cand = [(ious[row, g], g) for g in range(len(g_rles))
+              if g not in det_of_gt and ious[row, g] >= iou_threshold]
+      if cand:
+        det_of_gt[max(cand)[1]] = k
+    overlap = np.asarray(mask_utils.iou(g_rles, g_rles, [0] * len(g_rles))
+                         ).reshape(len(g_rles), -1) > 0
+    matched = sorted(det_of_gt)
+    for x, gi in enumerate(matched):
+      for gj in matched[x + 1:]:
+        ri, rj = ann.instances[gi].depth_rank, ann.instances[gj].depth_rank
+        if not overlap[gi, gj] or ri == rj:
+          continue
+        a, b = det_of_gt[gi], det_of_gt[gj]
+        pred = _predicted_order(dets, a, b, local, image_id, pairwise,
+                                results_path)
+        pairs += 1
+        correct += int(pred == (1 if ri < rj else -1))
+  return {'accuracy': correct / pairs if pairs else -1.0,
+          'correct': correct, 'pairs': pairs}
+
+
+def _predicted_order(dets, a, b, local, image_id, pairwise, path) -> int:
+  if pairwise is not None:
+    if image_id not in pairwise:
+      raise UserError(f'no pairwise order for image {image_id}', field='pairwise')
+    return int(np.sign(pairwise[image_id][local[a], local[b]]))
+  for k in (a, b):
+    if 'depth_layer' not in dets[k]:
+      raise UserError('missing (needed for depth order)', path=path,
+                      field=f'[{k}].depth_layer')
+  la, lb = dets[a]['depth_layer'], dets[b]['depth_layer']
+  return int(np.sign(lb - la))
+
+
+# --------------------------------------------------------------- table
+def format_table(metrics: Mapping[str, Mapping]) -> str:
+  """A readable fixed-width table of an ``evaluate`` result (values in %)."""
+  lines = []
+  for branch, table in metrics.items():
+    first = next(iter(next(iter(table.values())).values()))
+    names = list(first)
+    lines.append(f'{branch} masks (%)')
+    lines.append(f'{"subset":<9}{"part":<8}' + ''.join(f'{n:>8}' for n in names))
+    for subset, parts in table.items():
+      for part, row in parts.items():
+        vals = ''.join(f'{"-":>8}' if row[n] < 0 else f'{100 * row[n]:>8.1f}'
+                       for n in names)
+        lines.append(f'{subset:<9}{part:<8}{vals}')
+    lines.append('')
+  return '\n'.join(lines).rstrip() + '\n'

@@ -1,0 +1,144 @@
+"""The release's six training losses, masked over padding.
+
+Every term is a float32 scalar (inputs may be bfloat16) averaged over the
+selected elements of the whole batch (the release trains with batch 1), and
+0 -- not NaN -- when nothing is selected. Cross-entropies use log-softmax /
+log-sigmoid forms, so large logits stay finite (torch's
+``binary_cross_entropy`` on probabilities clamps logs at -100 instead).
+Smooth-L1 is torch's default (beta 1), averaged over all 4 coordinates of
+the selected boxes, as ``F.smooth_l1_loss``.
+"""
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+
+TERMS = ('rpn_class', 'rpn_bbox', 'head_class', 'head_bbox', 'layer',
+         'amodal')
+
+
+def _f32(x):
+  return jnp.asarray(x).astype(jnp.float32)
+
+
+def _masked_mean(values: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
+  """Mean of ``values`` where ``mask`` (broadcast to values); 0 if none."""
+  mask = jnp.broadcast_to(mask, values.shape).astype(jnp.float32)
+  total = jnp.sum(jnp.where(mask > 0, values, 0.0))
+  return total / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def _cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
+  """(..., C) logits, (...) int labels -> (...) softmax cross-entropy."""
+  logp = jax.nn.log_softmax(_f32(logits), axis=-1)
+  safe = jnp.clip(labels, 0, logits.shape[-1] - 1).astype(jnp.int32)
+  return -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+
+
+def smooth_l1(pred: jnp.ndarray, target: jnp.ndarray) -> jnp.ndarray:
+  """Elementwise smooth-L1 (beta 1): 0.5 d^2 if |d| < 1 else |d| - 0.5."""
+  d = jnp.abs(_f32(pred) - _f32(target))
+  return jnp.where(d < 1.0, 0.5 * d * d, d - 0.5)
+
+
+def sigmoid_bce(logits: jnp.ndarray, targets: jnp.ndarray) -> jnp.ndarray:
+  """Elementwise BCE(sigmoid(logits), targets), stable form."""
+  x, t = _f32(logits), _f32(targets)
+  return jnp.maximum(x, 0.0) - x * t + jnp.log1p(jnp.exp(-jnp.abs(x)))
+
+
+def rpn_class_loss(logits: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
+  """Softmax CE of the RPN over non-ignored anchors.
+
+  Args:
+    logits: (B, A, 2) (background, foreground).
+    labels: (B, A) int, 1 positive, 0 negative, -1 ignored.
+  """
+  ce = _cross_entropy(logits, (labels == 1).astype(jnp.int32))
+  return _masked_mean(ce, labels >= 0)
+
+
+def rpn_bbox_loss(deltas_pred: jnp.ndarray, deltas_target: jnp.ndarray,
+                  labels: jnp.ndarray) -> jnp.ndarray:
+  """Smooth-L1 of positive anchors' deltas, mean over 4 * #positives.
+
+  Args:
+    deltas_pred, deltas_target: (B, A, 4).
+    labels: (B, A) int, 1 marks positives.
+  """
+  return _masked_mean(smooth_l1(deltas_pred, deltas_target),
+                      (labels == 1)[..., None])
+
+
+def head_class_loss(logits: jnp.ndarray, class_targets: jnp.ndarray,
+                    valid: jnp.ndarray) -> jnp.ndarray:
+  """Softmax CE of the box head over sampled (valid) ROIs.
+
+  Args:
+    logits: (B, R, C).
+    class_targets: (B, R) int, 0 background.
+    valid: (B, R) bool.
+  """
+  return _masked_mean(_cross_entropy(logits, class_targets), valid)
+
+
+def head_bbox_loss(deltas: jnp.ndarray, class_targets: jnp.ndarray,
+                   bbox_targets: jnp.ndarray,
+                   valid: jnp.ndarray) -> jnp.ndarray:
+  """Smooth-L1 of the true class's deltas over positive ROIs.
+
+  Args:
+    deltas: (B, R, C, 4) class-specific predictions.
+    class_targets: (B, R) int; positives are valid ROIs with class > 0.
+    bbox_targets: (B, R, 4).
+    valid: (B, R) bool.
+  """
+  cls = jnp.clip(class_targets, 0, deltas.shape[-2] - 1).astype(jnp.int32)
+  pred = jnp.take_along_axis(deltas, cls[..., None, None], axis=-2)[..., 0, :]
+  positive = valid & (class_targets > 0)
+  return _masked_mean(smooth_l1(pred, bbox_targets), positive[..., None])
+
+
+def layer_loss(layer_logits: jnp.ndarray, layer_targets: jnp.ndarray,
+               positive: jnp.ndarray) -> jnp.ndarray:
+  """BCE(sigmoid(layer logits), layer targets) over positive ROIs.
+
+  Args:
+    layer_logits: (B, R, S, S, L) (mask-head channels 1..L).
+    layer_targets: (B, R, S, S, L) in [0, 1].
+    positive: (B, R) bool.
+  """
+  return _masked_mean(sigmoid_bce(layer_logits, layer_targets),
+                      positive[:, :, None, None, None])
+
+
+def amodal_loss(layer_logits: jnp.ndarray, layer_targets: jnp.ndarray,
+                positive: jnp.ndarray) -> jnp.ndarray:
+  """BCE(sigmoid(sum of layer logits), clip(sum of targets, 0, 1)).
+
+  Shapes as :func:`layer_loss`; sums run over the last (layer) axis. The
+  release does not clip; its targets are one-hot over layers so the clip
+  only guards against overlapping rounded layers.
+  """
+  logits = jnp.sum(_f32(layer_logits), axis=-1)
+  targets = jnp.clip(jnp.sum(_f32(layer_targets), axis=-1), 0.0, 1.0)
+  return _masked_mean(sigmoid_bce(logits, targets),
+                      positive[:, :, None, None])
+
+
+def total_loss(terms: Mapping[str, jnp.ndarray],
+               weights: Mapping[str, float]) -> jnp.ndarray:
+  """Weighted sum of the six terms.
+
+  Args:
+    terms: scalars keyed by :data:`TERMS` (the field names of
+      ``config.loss``); extra keys are ignored.
+    weights: ``config.loss`` (or any mapping with the same keys).
+
+  Returns:
+    float32 scalar.
+  """
+  missing = [t for t in TERMS if t not in terms]
+  if missing:
+    raise KeyError(f'loss terms missing: {missing}')
+  return sum(float(weights[t]) * _f32(terms[t]) for t in TERMS)

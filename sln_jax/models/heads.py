@@ -1,0 +1,85 @@
+"""Box head and layered mask head (release form, NHWC, per ROI).
+
+Module paths: box head ``conv1``, ``bn1``, ``conv2``, ``bn2``,
+``linear_class``, ``linear_bbox`` [classifier.*]; mask head ``conv{1..4}``,
+``bn{1..4}``, ``deconv``, ``conv5`` [mask.*].
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sln_jax.models.resnet import conv, frozen_bn
+
+Dtype = Any
+
+
+class BoxHead(nn.Module):
+  """Pooled ROI features (R, P, P, C) -> dict (float32):
+
+  logits (R, num_classes), probs (R, num_classes) softmax,
+  deltas (R, num_classes, 4) (dy, dx, log dh, log dw), unscaled by bbox_std.
+  conv1 is a P x P VALID conv (the release's 7x7 'fully connected' layer).
+  """
+  num_classes: int = 2
+  channels: int = 1024
+  bn_eps: float = 1e-3
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
+    pool = x.shape[1]
+    x = conv(self.channels, pool, dtype=self.dtype, name='conv1')(
+        x.astype(self.dtype))
+    x = nn.relu(frozen_bn(self.bn_eps, self.dtype, 'bn1')(x))
+    x = conv(self.channels, 1, dtype=self.dtype, name='conv2')(x)
+    x = nn.relu(frozen_bn(self.bn_eps, self.dtype, 'bn2')(x))
+    x = x.reshape(x.shape[0], self.channels)
+    init = nn.initializers.normal(0.01)
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=init,
+                      param_dtype=jnp.float32, name='linear_class')(x)
+    deltas = nn.Dense(self.num_classes * 4, dtype=self.dtype, kernel_init=init,
+                      param_dtype=jnp.float32, name='linear_bbox')(x)
+    logits = logits.astype(jnp.float32)
+    return {'logits': logits, 'probs': jax.nn.softmax(logits, axis=-1),
+            'deltas': deltas.astype(jnp.float32).reshape(
+                -1, self.num_classes, 4)}
+
+
+class MaskHead(nn.Module):
+  """Layered mask head.
+
+  Input: fpn (R, P, P, 256) ROI features and optionally glm (R, P, P, 183)
+  GLM crops of the same ROIs. The input is concat([glm, fpn], -1): GLM
+  channels FIRST, as in the release (torch.cat((cls_feature, x))), so a
+  converted conv1 kernel maps channel for channel. Without the GLM
+  (model.glm.enabled False) the input is the FPN features alone.
+  4 x (conv 3x3 SAME + frozen BN + ReLU) -> ConvTranspose 2x2/2 + ReLU ->
+  conv 1x1 to 1 + num_layers channels; channel 0 is unused (release).
+
+  Returns layer logits (R, 2P, 2P, num_layers) float32.
+  """
+  num_layers: int = 1
+  channels: int = 256
+  bn_eps: float = 1e-3
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, fpn: jax.Array,
+               glm: Optional[jax.Array] = None) -> jax.Array:
+    x = fpn.astype(self.dtype)
+    if glm is not None:
+      x = jnp.concatenate([glm.astype(self.dtype), x], axis=-1)
+    for k in range(1, 5):
+      x = conv(self.channels, 3, padding=((1, 1), (1, 1)), dtype=self.dtype,
+               name=f'conv{k}')(x)
+      x = nn.relu(frozen_bn(self.bn_eps, self.dtype, f'bn{k}')(x))
+    x = nn.ConvTranspose(self.channels, (2, 2), strides=(2, 2), padding='VALID',
+                         transpose_kernel=False, dtype=self.dtype,
+                         param_dtype=jnp.float32, name='deconv')(x)
+    x = nn.relu(x)
+    x = conv(1 + self.num_layers, 1, dtype=self.dtype, name='conv5')(x)
+    return x[..., 1:].astype(jnp.float32)

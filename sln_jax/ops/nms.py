@@ -1,0 +1,123 @@
+"""Greedy non-maximum suppression with static shapes.
+
+Semantics are those of ``tf.image.non_max_suppression``: candidates are the
+boxes with ``score > score_threshold``, visited by decreasing score (ties:
+lower index first); a candidate is kept unless a kept box visited earlier has
+IoU > ``iou_threshold`` with it (and, when ``groups`` is given, the same
+group); at most ``max_output`` boxes are kept. Any threshold works (no
+built-in self-suppression constant). IoU is :func:`boxes.iou` (boxes without
+area overlap nothing; TF would first reorder flipped corners).
+
+Algorithm: sort once, then walk the sorted boxes in tiles of ``tile`` boxes
+(``lax.while_loop``, stopping early once ``max_output`` boxes are kept). A
+tile is first suppressed by the boxes kept so far (an IoU block of
+max_output x tile), then resolved internally by iterating the greedy
+recurrence ``keep_j = cand_j & !any_{i<j}(keep_i & iou_ij > t)`` on its
+tile x tile IoU matrix to its fixed point (exact: entry j is final after j
+sweeps; usually a few sweeps suffice). Work O(N log N + N * (max_output +
+tile)) IoUs, sequential depth N / tile tiles; memory O(tile * (max_output +
+tile)).
+"""
+from typing import Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from sln_jax.ops import boxes as box_ops
+
+
+def _suppresses(a, b, ga, gb, thr):
+  """(n, m) bool: box a_i suppresses box b_j (IoU > thr, same group)."""
+  hit = box_ops.iou(a, b) > thr
+  if ga is not None:
+    hit &= ga[:, None] == gb[None, :]
+  return hit
+
+
+def nms_padded(boxes: jnp.ndarray, scores: jnp.ndarray, max_output: int,
+               iou_threshold: float, score_threshold: float = -jnp.inf,
+               groups: Optional[jnp.ndarray] = None,
+               tile: int = 256) -> Tuple[jnp.ndarray, jnp.ndarray]:
+  """Greedy NMS of one image.
+
+  Args:
+    boxes: (N, 4) (y1, x1, y2, x2), any units.
+    scores: (N,) float; boxes with score <= ``score_threshold`` (e.g. padding
+      at -inf) are never selected.
+    max_output: static number of output slots K.
+    iou_threshold: suppress when IoU > this (a Python float or a scalar).
+    score_threshold: see ``scores``.
+    groups: optional (N,) int; boxes only suppress boxes of the same group
+      (per-class NMS).
+    tile: static tile size (a performance knob; results do not depend on it).
+
+  Returns:
+    indices: (K,) int32 into ``boxes``, kept boxes by decreasing score,
+      0 in unused slots.
+    valid: (K,) bool, True for the first (number kept) slots.
+  """
+  n = boxes.shape[0]
+  k = int(max_output)
+  tile = max(1, min(int(tile), n))
+  num_tiles = -(-n // tile)
+  pad = num_tiles * tile - n
+  scores = scores.astype(jnp.float32)
+  order = jnp.argsort(-scores, stable=True).astype(jnp.int32)
+  s_boxes = jnp.pad(boxes.astype(jnp.float32)[order], ((0, pad), (0, 0)))
+  cand = jnp.pad(scores[order] > score_threshold, (0, pad))
+  s_idx = jnp.pad(order, (0, pad))
+  s_grp = None if groups is None else jnp.pad(groups[order], (0, pad))
+  lower = jnp.tril(jnp.ones((tile, tile), bool), -1).T  # [i, j]: i < j
+
+  def tile_body(state):
+    t, count, kept_boxes, kept_grp, out_idx = state
+    start = t * tile
+    tb = jax.lax.dynamic_slice_in_dim(s_boxes, start, tile)
+    tc = jax.lax.dynamic_slice_in_dim(cand, start, tile)
+    ti = jax.lax.dynamic_slice_in_dim(s_idx, start, tile)
+    tg = (None if s_grp is None
+          else jax.lax.dynamic_slice_in_dim(s_grp, start, tile))
+    slot_used = jnp.arange(k) < count
+    cross = _suppresses(kept_boxes, tb, kept_grp, tg, iou_threshold)
+    tc = tc & ~jnp.any(cross & slot_used[:, None], axis=0)
+    inner = _suppresses(tb, tb, tg, tg, iou_threshold) & lower
+
+    def sweep(c):
+      keep, _ = c
+      new = tc & ~jnp.any(inner & keep[:, None], axis=0)
+      return new, jnp.any(new != keep)
+
+    keep, _ = jax.lax.while_loop(lambda c: c[1], sweep, (tc, jnp.array(True)))
+    pos = count + jnp.cumsum(keep) - 1
+    dest = jnp.where(keep & (pos < k), pos, k)  # k = dropped
+    kept_boxes = kept_boxes.at[dest].set(tb, mode='drop')
+    if kept_grp is not None:
+      kept_grp = kept_grp.at[dest].set(tg, mode='drop')
+    out_idx = out_idx.at[dest].set(ti, mode='drop')
+    count = jnp.minimum(count + jnp.sum(keep), k)
+    return t + 1, count, kept_boxes, kept_grp, out_idx
+
+  def cond(state):
+    t, count = state[0], state[1]
+    return (t < num_tiles) & (count < k)
+
+  grp0 = None if groups is None else jnp.zeros((k,), s_grp.dtype)
+  init = (jnp.array(0, jnp.int32), jnp.array(0, jnp.int32),
+          jnp.zeros((k, 4), jnp.float32), grp0, jnp.zeros((k,), jnp.int32))
+  _, count, _, _, out_idx = jax.lax.while_loop(cond, tile_body, init)
+  valid = jnp.arange(k) < count
+  return jnp.where(valid, out_idx, 0), valid
+
+
+def batched_nms_padded(boxes: jnp.ndarray, scores: jnp.ndarray,
+                       max_output: int, iou_threshold: float,
+                       score_threshold: float = -jnp.inf,
+                       groups: Optional[jnp.ndarray] = None,
+                       tile: int = 256) -> Tuple[jnp.ndarray, jnp.ndarray]:
+  """:func:`nms_padded` over a batch: boxes (B, N, 4), scores (B, N)
+  [, groups (B, N)] -> indices (B, K) int32, valid (B, K) bool."""
+  fn = lambda b, s, g: nms_padded(b, s, max_output, iou_threshold,
+                                  score_threshold, g, tile)
+  if groups is None:
+    return jax.vmap(lambda b, s: fn(b, s, None))(boxes, scores)
+  return jax.vmap(fn)(boxes, scores, groups)

@@ -1,0 +1,50 @@
+"""RPN proposal generation (release ``proposal_layer``), batched, static shapes."""
+from typing import Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from sln_jax.ops import boxes as box_ops
+from sln_jax.ops import nms as nms_ops
+
+
+def generate_proposals(rpn_probs: jnp.ndarray, rpn_deltas: jnp.ndarray,
+                       anchors: jnp.ndarray, *, pre_nms_topk: int,
+                       nms_threshold: float, post_nms_topk: int,
+                       bbox_std: Sequence[float],
+                       window: Optional[Sequence[float]] = None,
+                       nms_tile: int = 256
+                       ) -> Tuple[jnp.ndarray, jnp.ndarray]:
+  """Top-k anchors by foreground score -> decoded, clipped boxes -> NMS.
+
+  Args:
+    rpn_probs: (B, A) foreground probability (or any monotone score).
+    rpn_deltas: (B, A, 4) predicted (dy, dx, log dh, log dw), before x std.
+    anchors: (A, 4) normalised (y1, x1, y2, x2) (anchors / canvas size).
+    pre_nms_topk: anchors kept before NMS (min'd with A), release 6000.
+    nms_threshold: IoU threshold, release 0.7.
+    post_nms_topk: P, proposals kept after NMS, release 1000.
+    bbox_std: (4,) delta multiplier, release (0.1, 0.1, 0.2, 0.2).
+    window: normalised clip window (y1, x1, y2, x2); default the whole
+      canvas (0, 0, 1, 1) as the release.
+    nms_tile: tile size of :func:`nms.nms_padded`.
+
+  Returns:
+    rois: (B, P, 4) float32 normalised (y1, x1, y2, x2), by decreasing
+      score, zeros in unused slots.
+    valid: (B, P) bool.
+  """
+  k = min(int(pre_nms_topk), anchors.shape[0])
+  win = jnp.asarray((0.0, 0.0, 1.0, 1.0) if window is None else window,
+                    jnp.float32)
+
+  def one(probs, deltas):
+    scores, idx = jax.lax.top_k(probs.astype(jnp.float32), k)
+    boxes = box_ops.decode(deltas[idx], anchors[idx], bbox_std)
+    boxes = box_ops.clip(boxes, win)
+    keep, valid = nms_ops.nms_padded(boxes, scores, post_nms_topk,
+                                     nms_threshold, tile=nms_tile)
+    rois = jnp.where(valid[:, None], boxes[keep], 0.0)
+    return rois, valid
+
+  return jax.vmap(one)(rpn_probs, rpn_deltas)

@@ -1,0 +1,259 @@
+"""Network outputs -> COCO results, and pictures of predictions (numpy + PIL).
+
+Coordinates: boxes are (y1, x1, y2, x2) in pixels, (y2, x2) exclusive. Masks
+are pasted as in the release's ``unmold_mask``: each m x m probability map is
+resized bilinearly to its *integer* box, thresholded (``>= threshold``) and
+placed into an all-zero image. Integer boxes: y1, x1, y2, x2 rounded to the
+nearest integer (halves up) and clipped to the image; the release truncates
+instead (``astype(int32)``), which shrinks boxes by half a pixel on average.
+The bilinear resize samples with half-pixel centres (source coordinate
+``(i + 0.5) * m / n - 0.5``, clamped to the map's edge), the convention of
+PIL/OpenCV upsampling and ``torch.nn.functional.interpolate(...,
+align_corners=False)``; no antialiasing.
+"""
+from __future__ import annotations
+
+import colorsys
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from sln_jax import cliutil
+
+
+# --------------------------------------------------------------- pasting
+def integer_box(box: Sequence[float], height: int, width: int) -> tuple[int, int, int, int]:
+  """(y1, x1, y2, x2) float pixels -> rounded (halves up), clipped ints."""
+  y1, x1, y2, x2 = (int(np.floor(float(v) + 0.5)) for v in box)
+  return (min(max(y1, 0), height), min(max(x1, 0), width),
+          min(max(y2, 0), height), min(max(x2, 0), width))
+
+
+def _interp_matrix(n_out: int, n_in: int) -> np.ndarray:
+  """(n_out, n_in) bilinear weights, half-pixel centres, edge clamped."""
+  src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+  src = np.clip(src, 0.0, n_in - 1)
+  lo = np.floor(src).astype(np.int64)
+  hi = np.minimum(lo + 1, n_in - 1)
+  frac = src - lo
+  w = np.zeros((n_out, n_in), np.float64)
+  rows = np.arange(n_out)
+  np.add.at(w, (rows, lo), 1.0 - frac)
+  np.add.at(w, (rows, hi), frac)
+  return w
+
+
+def resize_bilinear(prob: np.ndarray, height: int, width: int) -> np.ndarray:
+  """(m, n) or (m, n, C) map -> (height, width[, C]) float64, bilinear."""
+  wy = _interp_matrix(height, prob.shape[0])
+  wx = _interp_matrix(width, prob.shape[1])
+  return np.einsum('ym,mn...,xn->yx...', wy, prob.astype(np.float64), wx)
+
+
+def _paste_crop(prob: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+  """Resized probabilities inside the integer box: (y2-y1, x2-x1[, C])."""
+  y1, x1, y2, x2 = box
+  if y2 <= y1 or x2 <= x1:
+    return np.zeros((max(y2 - y1, 0), max(x2 - x1, 0)) + prob.shape[2:])
+  return resize_bilinear(prob, y2 - y1, x2 - x1)
+
+
+def paste_masks(probs: np.ndarray, boxes: np.ndarray, height: int, width: int,
+                threshold: float = 0.5) -> np.ndarray:
+  """Pastes (D, m, m) probabilities into (D, height, width) bool masks.
+
+  ``boxes``: (D, 4) y1x1y2x2 in original-image pixels (see module doc for the
+  rounding). A box that is empty after rounding/clipping gives an empty mask.
+  """
+  probs = np.asarray(probs)
+  boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+  out = np.zeros((len(boxes), height, width), bool)
+  for i, box in enumerate(boxes):
+    b = integer_box(box, height, width)
+    out[i, b[0]:b[2], b[1]:b[3]] = _paste_crop(probs[i], b) >= threshold
+  return out
+
+
+# --------------------------------------------------------------- depth order
+def pairwise_order_crops(layers: Sequence[np.ndarray],
+                         boxes: Sequence[tuple[int, int, int, int]]) -> np.ndarray:
+  """Pairwise depth order of instances given box-local layer maps.
+
+  ``layers[i]``: int map over ``boxes[i]`` (-1 absent, 0 visible, k occluded
+  behind k objects). Same semantics as ``sln_jax.semdist.pairwise_order`` on
+  the full-image maps: at pixels where both instances are present the lower
+  layer is in front; the majority of such pixels decides. Returns (N, N) int8:
+  +1 i in front of j, -1 behind, 0 no overlap or undecided.
+  """
+  n = len(layers)
+  order = np.zeros((n, n), np.int8)
+  for i in range(n):
+    for j in range(i + 1, n):
+      bi, bj = boxes[i], boxes[j]
+      y1, x1 = max(bi[0], bj[0]), max(bi[1], bj[1])
+      y2, x2 = min(bi[2], bj[2]), min(bi[3], bj[3])
+      if y2 <= y1 or x2 <= x1:
+        continue
+      li = layers[i][y1 - bi[0]:y2 - bi[0], x1 - bi[1]:x2 - bi[1]]
+      lj = layers[j][y1 - bj[0]:y2 - bj[0], x1 - bj[1]:x2 - bj[1]]
+      both = (li >= 0) & (lj >= 0)
+      vote = int(np.sum(both & (li < lj))) - int(np.sum(both & (li > lj)))
+      order[i, j] = np.sign(vote)
+      order[j, i] = -order[i, j]
+  return order
+
+
+def depth_layers(order: np.ndarray) -> np.ndarray:
+  """(N, N) pairwise order -> (N,) int depth layer, 0 = front-most.
+
+  Longest chain of detections in front: layer[j] >= layer[i] + 1 whenever
+  i is in front of j. Cyclic (inconsistent) orders are cut after N rounds, so
+  values stay below N.
+  """
+  n = order.shape[0]
+  front = order == 1  # front[i, j]: i in front of j
+  layer = np.zeros(n, np.int64)
+  for _ in range(n):
+    cand = np.where(front, layer[:, None] + 1, 0).max(axis=0, initial=0)
+    new = np.minimum(np.maximum(layer, cand), max(n - 1, 0))
+    if np.array_equal(new, layer):
+      break
+    layer = new
+  return layer
+
+
+# --------------------------------------------------------------- results
+def _rle(mask: np.ndarray) -> dict:
+  from pycocotools import mask as mask_utils  # pylint: disable=import-outside-toplevel
+  rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+  rle['counts'] = rle['counts'].decode('ascii')
+  return rle
+
+
+def detections_to_results(image_id: int, dets: Mapping[str, np.ndarray],
+                          image_scale: Sequence[float], orig_hw: Sequence[int],
+                          category_map: Optional[Mapping[int, int]] = None, *,
+                          score_threshold: float = 0.0,
+                          mask_threshold: float = 0.5) -> list[dict]:
+  """COCO results for one image from ``SLN.infer`` outputs (batch axis removed).
+
+  Args:
+    dets: boxes (D, 4) canvas pixels y1x1y2x2, scores (D,), classes (D,),
+      valid (D,), amodal_probs (D, m, m), visible_probs (D, m, m) and
+      optionally layer_probs (D, m, m, L).
+    image_scale: canvas pixels per original pixel (y, x).
+    orig_hw: original image (height, width).
+    category_map: model class index -> dataset category id (None: identity).
+
+  Returns a list of {image_id, category_id, score, bbox [x, y, w, h] original
+  pixels (the float box), segmentation (amodal RLE, counts str), visible_mask
+  (RLE), depth_layer (int, 0 = front-most)}, highest score first. Detections
+  that are invalid, below ``score_threshold`` or whose integer box is empty
+  (dropped by the release too) are left out. ``depth_layer`` comes from the
+  pasted masks: per detection, -1 outside the amodal mask, 0 on the visible
+  mask, else 1 + argmax of layer channels 1..L-1 (1 when L == 1), ordered with
+  ``pairwise_order_crops`` and ``depth_layers``.
+  """
+  h, w = int(orig_hw[0]), int(orig_hw[1])
+  sy, sx = float(image_scale[0]), float(image_scale[1])
+  boxes = np.asarray(dets['boxes'], np.float64) / np.array([sy, sx, sy, sx])
+  scores = np.asarray(dets['scores'], np.float64)
+  classes = np.asarray(dets['classes'])
+  valid = np.asarray(dets['valid'], bool)
+  layer_probs = dets.get('layer_probs')
+  keep = [i for i in np.argsort(-scores, kind='stable')
+          if valid[i] and scores[i] >= score_threshold]
+  results, layer_maps, int_boxes = [], [], []
+  for i in keep:
+    b = integer_box(boxes[i], h, w)
+    if b[2] <= b[0] or b[3] <= b[1]:
+      continue
+    amodal = _paste_crop(np.asarray(dets['amodal_probs'][i]), b) >= mask_threshold
+    visible = _paste_crop(np.asarray(dets['visible_probs'][i]), b) >= mask_threshold
+    visible &= amodal
+    layer = np.where(amodal, 1, -1).astype(np.int32)
+    if layer_probs is not None and np.shape(layer_probs)[-1] > 1:
+      deeper = _paste_crop(np.asarray(layer_probs[i])[..., 1:], b)
+      layer = np.where(amodal, 1 + np.argmax(deeper, axis=-1), -1)
+    layer = np.where(visible, 0, layer)
+    layer_maps.append(layer)
+    int_boxes.append(b)
+    full_amodal = np.zeros((h, w), bool)
+    full_amodal[b[0]:b[2], b[1]:b[3]] = amodal
+    full_visible = np.zeros((h, w), bool)
+    full_visible[b[0]:b[2], b[1]:b[3]] = visible
+    cls = int(classes[i])
+    y1, x1, y2, x2 = boxes[i]
+    results.append({
+        'image_id': int(image_id),
+        'category_id': int(category_map[cls]) if category_map else cls,
+        'score': float(scores[i]),
+        'bbox': [float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
+        'segmentation': _rle(full_amodal),
+        'visible_mask': _rle(full_visible),
+    })
+  layers = depth_layers(pairwise_order_crops(layer_maps, int_boxes))
+  for r, d in zip(results, layers):
+    r['depth_layer'] = int(d)
+  return results
+
+
+# --------------------------------------------------------------- drawing
+def instance_colour(k: int) -> tuple[int, int, int]:
+  """Deterministic, well-spread RGB colour for instance ``k`` (golden hue)."""
+  hue = (0.13 + 0.618033988749895 * k) % 1.0
+  r, g, b = colorsys.hsv_to_rgb(hue, 0.85, 0.95)
+  return int(255 * r), int(255 * g), int(255 * b)
+
+
+def _decode(rle) -> np.ndarray:
+  from pycocotools import mask as mask_utils  # pylint: disable=import-outside-toplevel
+  return mask_utils.decode(rle).astype(bool)
+
+
+def render_prediction(image: np.ndarray, results: Sequence[dict],
+                      stripe: int = 6) -> np.ndarray:
+  """(H, W, 3) uint8 picture of ``results`` (one image's COCO results).
+
+  Each instance in its own colour (``instance_colour(rank by score)``):
+  visible part blended at alpha 0.5, occluded part (amodal minus visible) as
+  diagonal stripes at alpha 0.5 over a 0.15 tint, box outline, and its
+  ``depth_layer`` (or rank) near the box corner. Drawn back to front.
+  """
+  canvas = np.asarray(image, np.float64).copy()
+  ranked = sorted(range(len(results)), key=lambda k: -results[k]['score'])
+  colour_of = {k: instance_colour(n) for n, k in enumerate(ranked)}
+  order = sorted(ranked, key=lambda k: -results[k].get('depth_layer', 0))
+  h, w = canvas.shape[:2]
+  yy, xx = np.mgrid[:h, :w]
+  stripes = ((yy + xx) // stripe) % 2 == 0
+  for k in order:
+    r = results[k]
+    amodal = _decode(r['segmentation'])
+    visible = _decode(r['visible_mask']) if 'visible_mask' in r else amodal
+    occluded = amodal & ~visible
+    colour = np.array(colour_of[k], np.float64)
+    for region, alpha in ((occluded, 0.15), (occluded & stripes, 0.5),
+                          (visible, 0.5)):
+      canvas[region] = (1 - alpha) * canvas[region] + alpha * colour
+  pil = Image.fromarray(np.clip(np.round(canvas), 0, 255).astype(np.uint8))
+  draw = ImageDraw.Draw(pil)
+  font = ImageFont.load_default()
+  for k in order:
+    r = results[k]
+    x, y, bw, bh = r['bbox']
+    draw.rectangle([x, y, x + bw, y + bh], outline=colour_of[k], width=2)
+    label = str(r.get('depth_layer', ranked.index(k)))
+    tx, ty = max(x + 2, 0), max(y + 1, 0)
+    tb = draw.textbbox((tx, ty), label, font=font)
+    draw.rectangle(tb, fill=(0, 0, 0))
+    draw.text((tx, ty), label, fill=colour_of[k], font=font)
+  return np.asarray(pil)
+
+
+def draw_prediction(image: np.ndarray, results: Sequence[dict], path: str) -> None:
+  """Writes ``render_prediction(image, results)`` to ``path`` as PNG (atomically)."""
+  picture = Image.fromarray(render_prediction(image, results))
+  with cliutil.atomic_output_file(path, 'wb') as f:
+    picture.save(f, format='PNG')

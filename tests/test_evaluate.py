@@ -1,0 +1,388 @@
+"""Tests for sln_jax/evaluate.py and scripts/evaluate.py.
+
+Hand-computed cases pin the protocol (ignored GT, skipped images, subset
+boundaries); random cases are compared with pycocotools' COCOeval run
+directly on the same data.
+"""
+import contextlib
+import copy
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from input_pipeline import records
+from sln_jax import evaluate as ev
+from sln_jax.cliutil import UserError
+
+H, W = 24, 32
+ONE = pytest.approx(1.0)  # COCOeval's precision is tp / (tp + fp + eps)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def rect(y1, x1, y2, x2, h=H, w=W):
+  m = np.zeros((h, w), bool)
+  m[y1:y2, x1:x2] = True
+  return m
+
+
+def inst(amodal, visible=None, rate=0.0, stuff=False, rank=0, cat=1):
+  visible = amodal if visible is None else visible
+  return records.InstanceAnnotation(
+      amodal_rle=records.encode_mask(amodal),
+      visible_rle=records.encode_mask(visible),
+      occluded_rle=records.encode_mask(amodal & ~visible),
+      depth_rank=rank, occlude_rate=rate, is_stuff=stuff, category_id=cat)
+
+
+def image(image_id, instances, h=H, w=W):
+  return records.ImageAnnotation(image_id, f'{image_id}.jpg', h, w, instances)
+
+
+def det(image_id, mask, score, **extra):
+  return dict(image_id=image_id, score=score,
+              segmentation=records.encode_mask(mask), **extra)
+
+
+def cell(metrics, subset='all', part='both', branch='amodal'):
+  return metrics[branch][subset][part]
+
+
+A, B = rect(2, 3, 10, 12), rect(12, 14, 22, 30)
+
+
+# --------------------------------------------------------------- hand cases
+def test_perfect_detection_scores_one_and_schema():
+  m = ev.evaluate([image(1, [inst(A)])], [det(1, A, 0.9)])
+  assert set(m) == {'amodal'}
+  assert set(m['amodal']) == {'all', 'none', 'partial', 'heavy'}
+  for subset in m['amodal'].values():
+    assert set(subset) == {'both', 'things', 'stuff'}
+    for row in subset.values():
+      assert list(row) == ['AP', 'AP50', 'AP75', 'AR1', 'AR10', 'AR100']
+  assert all(v == ONE for v in cell(m).values())
+  # No stuff GT and no heavily occluded GT: undefined -> -1.
+  assert all(v == -1 for v in cell(m, 'all', 'stuff').values())
+  assert all(v == -1 for v in cell(m, 'heavy').values())
+
+
+def test_miss_halves_recall():
+  gt = [image(1, [inst(A), inst(B)])]
+  m = cell(ev.evaluate(gt, [det(1, A, 0.9)]))
+  # Recall 0.5 reached at precision 1: 51 of the 101 recall points.
+  assert m['AP'] == pytest.approx(51 / 101)
+  assert m['AR1'] == m['AR100'] == 0.5
+
+
+def test_false_positive_above_true_positive():
+  gt = [image(1, [inst(A)])]
+  m = cell(ev.evaluate(gt, [det(1, A, 0.8), det(1, B, 0.9)]))
+  assert m['AP'] == pytest.approx(0.5)   # precision 1/2 at every recall point
+  assert m['AR1'] == 0.0                 # the top-1 detection is the FP
+  assert m['AR10'] == m['AR100'] == ONE
+
+
+def test_image_without_detections_miss_vs_amodalapi_skip():
+  gt = [image(1, [inst(A)]), image(2, [inst(B)])]
+  results = [det(1, A, 0.9)]
+  coco = cell(ev.evaluate(gt, results, protocol='coco'))
+  api = cell(ev.evaluate(gt, results, protocol='amodalapi'))
+  assert coco['AP'] == pytest.approx(51 / 101) and coco['AR100'] == 0.5
+  assert api['AP'] == ONE and api['AR100'] == ONE
+
+
+def test_detections_on_image_without_gt_fp_vs_amodalapi_skip():
+  gt = [image(1, [inst(A)]), image(2, [])]
+  results = [det(1, A, 0.5), det(2, B, 0.9)]
+  assert cell(ev.evaluate(gt, results))['AP'] == pytest.approx(0.5)
+  assert cell(ev.evaluate(gt, results, protocol='amodalapi'))['AP'] == ONE
+
+
+def test_detection_on_ignored_gt_is_not_a_false_positive():
+  heavy = inst(A, visible=rect(2, 3, 10, 6), rate=0.6)
+  clear = inst(B, rate=0.0)
+  gt = [image(1, [heavy, clear])]
+  # The detection of the (non-heavy) clear object scores highest.
+  results = [det(1, B, 0.9), det(1, A, 0.6)]
+  m = ev.evaluate(gt, results)
+  assert cell(m, 'heavy')['AP'] == ONE     # B's detection: ignored, not FP
+  assert cell(m, 'none')['AP'] == ONE      # A's detection: ignored, not FP
+  assert cell(m, 'partial')['AP'] == -1    # no GT in the subset
+  # An unmatched detection is still a FP in the subset.
+  fp = det(1, rect(0, 20, 5, 31), 0.95)
+  assert cell(ev.evaluate(gt, results + [fp]), 'heavy')['AP'] == pytest.approx(0.5)
+
+
+def test_things_stuff_parts():
+  gt = [image(1, [inst(A), inst(B, stuff=True)])]
+  m = ev.evaluate(gt, [det(1, B, 0.9), det(1, A, 0.8)])
+  assert cell(m, 'all', 'things')['AP'] == ONE
+  assert cell(m, 'all', 'stuff')['AP'] == ONE
+  m = ev.evaluate(gt, [det(1, B, 0.9)])
+  assert cell(m, 'all', 'things')['AR100'] == 0.0
+  assert cell(m, 'all', 'stuff')['AR100'] == ONE
+
+
+@pytest.mark.parametrize('rate,inside', [
+    (0.0, {'none'}), (1e-5, {'none', 'partial'}), (0.1, {'partial'}),
+    (0.25, {'partial', 'heavy'}), (1.0, {'heavy'})])
+def test_subset_boundaries_are_inclusive(rate, inside):
+  m = ev.evaluate([image(1, [inst(A, rate=rate)])], [det(1, A, 0.9)])
+  for subset in ('none', 'partial', 'heavy'):
+    assert (cell(m, subset)['AP'] == ONE) == (subset in inside), subset
+  assert cell(m, 'all')['AP'] == ONE
+
+
+def test_visible_branch_uses_visible_masks():
+  vis = rect(2, 3, 10, 7)
+  gt = [image(1, [inst(A, visible=vis, rate=0.5)])]
+  good = ev.evaluate(gt, [det(1, A, 0.9, visible_mask=records.encode_mask(vis))])
+  assert cell(good, branch='visible')['AP'] == ONE
+  bad = ev.evaluate(gt, [det(1, A, 0.9, visible_mask=records.encode_mask(A))])
+  assert cell(bad, branch='amodal')['AP'] == ONE
+  assert cell(bad, branch='visible')['AP50'] == 0.0   # IoU 32/72 < 0.5
+  # amodal_mask takes precedence over segmentation for the amodal branch.
+  m = ev.evaluate(gt, [dict(det(1, B, 0.9), amodal_mask=records.encode_mask(A))])
+  assert cell(m)['AP'] == ONE
+
+
+# --------------------------------------------------------------- vs COCOeval
+def _random_case(rng, n_images=6, category_agnostic=True):
+  gt, results = [], []
+  for image_id in range(1, n_images + 1):
+    instances = []
+    for _ in range(rng.integers(0, 5)):
+      y1, x1 = rng.integers(0, H - 4), rng.integers(0, W - 4)
+      m = rect(y1, x1, rng.integers(y1 + 2, H + 1), rng.integers(x1 + 2, W + 1))
+      cut = m & (rng.random((H, W)) < 0.7)
+      instances.append(inst(m, visible=cut, rate=float(rng.random()),
+                            stuff=bool(rng.random() < 0.3),
+                            cat=int(rng.integers(1, 4))))
+      if rng.random() < 0.8:   # a noisy detection of this object
+        noisy = m ^ (rng.random((H, W)) < 0.08)
+        results.append(det(image_id, noisy, float(rng.random()),
+                           visible_mask=records.encode_mask(cut),
+                           category_id=int(rng.integers(1, 4))))
+    for _ in range(rng.integers(0, 3)):   # false positives
+      y1, x1 = rng.integers(0, H - 4), rng.integers(0, W - 4)
+      m = rect(y1, x1, y1 + 4, x1 + 5)
+      results.append(det(image_id, m, float(rng.random()),
+                         visible_mask=records.encode_mask(m),
+                         category_id=int(rng.integers(1, 4))))
+    gt.append(image(image_id, instances))
+  # Always one image with GT only and one with detections only.
+  gt.append(image(n_images + 1, [inst(A, cat=1), inst(B, cat=2)]))
+  gt.append(image(n_images + 2, []))
+  results.append(det(n_images + 2, B, 0.5, visible_mask=records.encode_mask(B)))
+  return gt, results
+
+
+def _cocoeval_stats(gt, results, gt_key, dt_key, use_cats, img_ids=None):
+  """pycocotools COCOeval run directly: stats [AP, AP50, AP75, AR1, AR10, AR100]."""
+  anns, k = [], 0
+  for a in gt:
+    for i in a.instances:
+      k += 1
+      rle = getattr(i, gt_key)
+      anns.append(dict(id=k, image_id=a.image_id, iscrowd=0, segmentation=rle,
+                       area=float(mask_utils.area(rle)),
+                       bbox=mask_utils.toBbox(rle).tolist(),
+                       category_id=i.category_id if use_cats else 1))
+  dataset = dict(images=[dict(id=a.image_id, height=a.height, width=a.width)
+                         for a in gt],
+                 annotations=anns, categories=[dict(id=c) for c in (1, 2, 3)])
+  dts = []
+  for r in copy.deepcopy(results):
+    dts.append(dict(image_id=r['image_id'], score=r['score'],
+                    segmentation=r[dt_key],
+                    category_id=r.get('category_id', 1) if use_cats else 1))
+  with contextlib.redirect_stdout(io.StringIO()):
+    coco_gt = COCO()
+    coco_gt.dataset = dataset
+    coco_gt.createIndex()
+    coco_dt = coco_gt.loadRes(dts)
+    e = COCOeval(coco_gt, coco_dt, 'segm')
+    e.params.useCats = int(use_cats)
+    if img_ids is not None:
+      e.params.imgIds = img_ids
+    e.evaluate()
+    e.accumulate()
+    e.summarize()
+  return [e.stats[i] for i in (0, 1, 2, 6, 7, 8)], e
+
+
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_matches_cocoeval_on_random_cases(seed):
+  gt, results = _random_case(np.random.default_rng(seed))
+  # Other cells first: the IoUs are reused and the flags reset between cells.
+  m = ev.evaluate(gt, results, subsets=('heavy', 'all'), parts=('things', 'both'))
+  names = ev.metric_names()
+  want, _ = _cocoeval_stats(gt, results, 'amodal_rle', 'segmentation', False)
+  assert [m['amodal']['all']['both'][n] for n in names] == want
+  assert 0 < want[0] < 1   # a non-trivial case
+  want, _ = _cocoeval_stats(gt, results, 'visible_rle', 'visible_mask', False)
+  assert [m['visible']['all']['both'][n] for n in names] == want
+  # amodalapi == COCOeval restricted to images with both GT and detections.
+  both = sorted({a.image_id for a in gt if a.instances} &
+                {r['image_id'] for r in results})
+  assert len(both) < len(gt)
+  m = ev.evaluate(gt, results, protocol='amodalapi', subsets=('all',),
+                  parts=('both',))
+  want, _ = _cocoeval_stats(gt, results, 'amodal_rle', 'segmentation', False,
+                            img_ids=both)
+  assert [m['amodal']['all']['both'][n] for n in names] == want
+
+
+def test_category_aware_and_per_class_match_cocoeval():
+  gt, results = _random_case(np.random.default_rng(7), n_images=8)
+  m = ev.evaluate(gt, results, category_agnostic=False, subsets=('all',),
+                  parts=('both',))
+  want, e = _cocoeval_stats(gt, results, 'amodal_rle', 'segmentation', True)
+  assert [m['amodal']['all']['both'][n] for n in ev.metric_names()] == want
+  per_class = ev.per_class_ap(gt, results)
+  gt_cats = sorted({i.category_id for a in gt for i in a.instances})
+  assert sorted(per_class) == gt_cats
+  for k, c in enumerate(e.params.catIds):
+    if c in per_class:
+      p = e.eval['precision'][:, :, k, 0, -1]
+      assert per_class[c] == (np.mean(p[p > -1]) if (p > -1).any() else -1)
+
+
+# --------------------------------------------------------------- depth order
+def test_depth_order_accuracy():
+  front, back = rect(2, 2, 12, 14), rect(6, 8, 18, 24)
+  far = rect(19, 0, 24, 6)   # overlaps nobody
+  gt = [image(1, [inst(front, rank=0), inst(back, visible=back & ~front, rank=1),
+                  inst(far, rank=2)])]
+  right = [det(1, front, 0.9, depth_layer=0), det(1, back, 0.8, depth_layer=1),
+           det(1, far, 0.7, depth_layer=0)]
+  r = ev.depth_order_accuracy(gt, right)
+  assert r == {'accuracy': 1.0, 'correct': 1, 'pairs': 1}
+  wrong = [dict(d, depth_layer=1 - d['depth_layer']) for d in right]
+  assert ev.depth_order_accuracy(gt, wrong)['accuracy'] == 0.0
+  tie = [dict(d, depth_layer=0) for d in right]
+  assert ev.depth_order_accuracy(gt, tie)['accuracy'] == 0.0
+  # Below the score threshold: no matched pair.
+  low = [dict(d, score=0.3) for d in right]
+  assert ev.depth_order_accuracy(gt, low)['pairs'] == 0
+  assert ev.depth_order_accuracy(gt, low)['accuracy'] == -1
+  # A per-pair order (results order of the image) overrides depth_layer.
+  pw = np.array([[0, 1, 0], [-1, 0, 0], [0, 0, 0]])
+  assert ev.depth_order_accuracy(gt, wrong, pairwise={1: pw})['accuracy'] == ONE
+  assert ev.depth_order_accuracy(gt, right, pairwise={1: -pw})['accuracy'] == 0.0
+
+
+# --------------------------------------------------------------- errors, table
+@pytest.mark.parametrize('results,field', [
+    ({'image_id': 1}, ''),
+    ([{'score': 1.0, 'segmentation': records.encode_mask(A)}], '[0].image_id'),
+    ([det(5, A, 0.9)], '[0].image_id'),
+    ([{'image_id': 1, 'score': 0.5}], '[0].segmentation'),
+    ([{'image_id': 1, 'segmentation': records.encode_mask(A)}], '[0].score'),
+    ([det(1, np.zeros((5, 5), bool), 0.9)], '[0].segmentation'),
+    ([det(1, A, 0.9, visible_mask=records.encode_mask(A)), det(1, B, 0.8)],
+     '[1].visible_mask'),
+])
+def test_bad_results_raise_user_error(results, field):
+  with pytest.raises(UserError) as err:
+    ev.evaluate([image(1, [inst(A)])], results, results_path='dt.json')
+  assert err.value.path == 'dt.json' and err.value.field == field
+
+
+def test_format_table():
+  m = ev.evaluate([image(1, [inst(A), inst(B)])], [det(1, A, 0.9)])
+  text = ev.format_table(m)
+  lines = text.splitlines()
+  assert lines[0].startswith('amodal')
+  assert lines[1].split() == ['subset', 'part', 'AP', 'AP50', 'AP75', 'AR1',
+                              'AR10', 'AR100']
+  row = next(l for l in lines if l.split()[:2] == ['all', 'both'])
+  assert row.split()[2:] == ['50.5', '50.5', '50.5', '50.0', '50.0', '50.0']
+  assert next(l for l in lines if l.split()[:2] == ['heavy', 'both']).split()[2] == '-'
+
+
+# --------------------------------------------------------------- CLI
+def _cocoa_file(tmp_path):
+  """A two-image COCOA-style annotation file (polygons, one occluded region)."""
+  poly = lambda y1, x1, y2, x2: [x1, y1, x2, y1, x2, y2, x1, y2]
+  occl = records.encode_mask(rect(6, 8, 10, 12))
+  vis = records.encode_mask(rect(6, 8, 16, 20) & ~rect(6, 8, 10, 12))
+  data = {
+      'images': [{'id': 1, 'file_name': '1.jpg', 'height': H, 'width': W},
+                 {'id': 2, 'file_name': '2.jpg', 'height': H, 'width': W}],
+      'annotations': [
+          {'id': 1, 'image_id': 1, 'size': 2, 'depth_constraint': '1-2',
+           'regions': [
+               {'segmentation': poly(2, 3, 10, 12), 'name': 'a', 'area': 72.0,
+                'isStuff': 0, 'occlude_rate': 0.0, 'order': 1},
+               {'segmentation': poly(6, 8, 16, 20), 'name': 'b', 'area': 120.0,
+                'isStuff': 0, 'occlude_rate': 16 / 120, 'order': 2,
+                'visible_mask': vis, 'invisible_mask': occl}]},
+          {'id': 2, 'image_id': 2, 'size': 1, 'depth_constraint': '',
+           'regions': [
+               {'segmentation': poly(4, 4, 20, 28), 'name': 'c', 'area': 384.0,
+                'isStuff': 1, 'occlude_rate': 0.0, 'order': 1}]}]}
+  path = tmp_path / 'gt.json'
+  path.write_text(json.dumps(data))
+  return path
+
+
+def _run_cli(*args):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
+  return subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'evaluate.py'),
+                         *map(str, args)], capture_output=True, text=True, env=env,
+                        cwd=ROOT, timeout=120)
+
+
+def test_cli_writes_metrics_and_rejects_bad_input(tmp_path):
+  pytest.importorskip('input_pipeline.readers')
+  gt_path = _cocoa_file(tmp_path)
+  from input_pipeline import readers
+  gt = readers.load_annotations('cocoa', str(gt_path))
+  # Perfect amodal predictions from the reader's own masks.
+  results = [det(a.image_id, records.decode_rle(i.amodal_rle), 0.9 - 0.1 * k)
+             for a in gt for k, i in enumerate(a.instances)]
+  dt_path, out = tmp_path / 'dt.json', tmp_path / 'out' / 'm.json'
+  dt_path.write_text(json.dumps(results))
+  base = ['--format', 'cocoa', '--annotations', gt_path, '--output', out]
+  proc = _run_cli(*base, '--results', dt_path)
+  assert proc.returncode == 0, proc.stderr
+  metrics = json.loads(out.read_text())
+  assert set(metrics) == {'amodal'}
+  assert set(metrics['amodal']) == {'all', 'none', 'partial', 'heavy'}
+  assert metrics['amodal']['all']['both']['AP'] == ONE
+  assert 'AR100' in proc.stdout
+  # The amodalapi protocol skips image 2 when its detection is removed.
+  dt_path.write_text(json.dumps([r for r in results if r['image_id'] == 1]))
+  proc = _run_cli(*base, '--results', dt_path, '--protocol', 'amodalapi')
+  assert proc.returncode == 0, proc.stderr
+  assert json.loads(out.read_text())['amodal']['all']['both']['AP'] == ONE
+
+  bad_cases = {
+      'missing.json': None,
+      'notlist.json': {'image_id': 1},
+      'noid.json': [{'score': 1.0, 'segmentation': results[0]['segmentation']}],
+      'noseg.json': [{'image_id': 1, 'score': 1.0}],
+      'unknown.json': [dict(results[0], image_id=99)],
+  }
+  for name, content in bad_cases.items():
+    path = tmp_path / name
+    if content is not None:
+      path.write_text(json.dumps(content))
+    out2 = tmp_path / f'{name}.metrics.json'
+    proc = _run_cli('--format', 'cocoa', '--annotations', gt_path,
+                    '--results', path, '--output', out2)
+    assert proc.returncode == 2, (name, proc.stderr)
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert name in proc.stderr
+    assert not out2.exists()
+  proc = _run_cli('--format', 'cocoa', '--annotations', tmp_path / 'nope.json',
+                  '--results', dt_path, '--output', tmp_path / 'x.json')
+  assert proc.returncode == 2 and 'nope.json' in proc.stderr

@@ -1,0 +1,191 @@
+"""Tests of input_pipeline/pipeline.py: geometry, targets, batching."""
+import os
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from configs import tiny  # noqa: E402
+from input_pipeline import pipeline  # noqa: E402
+from input_pipeline import tfds_builders  # noqa: E402
+from sln_jax import semdist  # noqa: E402
+
+
+def _config(**input_overrides):
+  c = tiny.get_config()   # S = 64, M = 4, K = 16, G = 33
+  for k, v in input_overrides.items():
+    c.input[k] = v
+  return c
+
+
+def _example(image, index, depth_rank, image_id=7):
+  n = index.shape[0]
+  return dict(
+      image=tf.constant(image), image_id=tf.constant(image_id, tf.int64),
+      instances=dict(
+          layer_index=tf.constant(index, tf.uint8),
+          depth_rank=tf.constant(depth_rank, tf.int32),
+          occlude_rate=tf.constant(np.linspace(0, 0.5, n), tf.float32),
+          is_stuff=tf.constant(np.arange(n) % 2 == 1),
+          category_id=tf.constant(np.arange(n) + 3, tf.int32)))
+
+
+def _scene(h=20, w=40, seed=0):
+  """Two overlapping rectangles: instance 1 is partly hidden by 0."""
+  rng = np.random.default_rng(seed)
+  image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+  amodal = np.zeros((2, h, w), bool)
+  amodal[0, 2:10, 3:20] = True
+  amodal[1, 5:15, 10:30] = True
+  occluded = np.zeros_like(amodal)
+  occluded[1] = amodal[0] & amodal[1]
+  index = semdist.layer_index_map(amodal, occluded, np.array([0, 1]))
+  return image, index
+
+
+def _np(d):
+  return {k: v.numpy() for k, v in d.items()}
+
+
+def test_resize_pad_keeps_aspect_and_scales_boxes():
+  image, index = _scene(20, 40)
+  out = _np(pipeline.preprocess_example(_example(image, index, [0, 1]),
+                                        _config(), train=False))
+  np.testing.assert_array_equal(out['image_shape'], [32, 64])
+  np.testing.assert_allclose(out['image_scale'], [1.6, 1.6])
+  assert out['image'].shape == (64, 64, 3) and out['image'].dtype == np.uint8
+  assert not out['image'][32:].any()  # padded bottom with zeros
+  src_boxes = tfds_builders.boxes_from_masks(index > 0)  # independent numpy
+  np.testing.assert_array_equal(src_boxes, [[2, 3, 10, 20], [5, 10, 15, 30]])
+  np.testing.assert_allclose(out['gt_boxes'][:2], src_boxes * 1.6, rtol=1e-6)
+  np.testing.assert_array_equal(out['gt_boxes'][2:], 0)
+  # Aspect: the valid region matches TF's own resize of the source image.
+  ref = tf.image.resize(image, [32, 64], method='bilinear').numpy()
+  assert np.abs(out['image'][:32].astype(float) - ref).max() <= 0.5 + 1e-4
+
+
+def test_squash_mode():
+  image, index = _scene(20, 40)
+  out = _np(pipeline.preprocess_example(
+      _example(image, index, [0, 1]), _config(resize_mode='squash'),
+      train=False))
+  np.testing.assert_array_equal(out['image_shape'], [64, 64])
+  np.testing.assert_allclose(out['image_scale'], [3.2, 1.6])
+  np.testing.assert_allclose(out['gt_boxes'][1], [16, 16, 48, 48], rtol=1e-6)
+  assert out['image'][63].any() and out['image'][:, 63].any()
+
+
+def test_flip_is_consistent():
+  image, index = _scene(20, 40)
+  c = _config()
+  ex = _example(image, index, [0, 1])
+  a = _np(pipeline.preprocess_example(ex, c, train=True, flip=tf.constant(False)))
+  b = _np(pipeline.preprocess_example(ex, c, train=True, flip=tf.constant(True)))
+  # Valid region flipped, padding untouched.
+  np.testing.assert_array_equal(b['image'][:32], a['image'][:32, ::-1])
+  assert not b['image'][32:].any()
+  nw = a['image_shape'][1]
+  ya1, xa1, ya2, xa2 = a['gt_boxes'][:2].T
+  np.testing.assert_allclose(b['gt_boxes'][:2],
+                             np.stack([ya1, nw - xa2, ya2, nw - xa1], 1),
+                             atol=1e-4)
+  np.testing.assert_array_equal(b['gt_layers'], a['gt_layers'][:, :, ::-1])
+  # Boxes of the flipped masks, computed independently in numpy.
+  flipped = tfds_builders.boxes_from_masks(index[:, :, ::-1] > 0) * 1.6
+  np.testing.assert_allclose(b['gt_boxes'][:2], flipped, rtol=1e-6)
+
+
+@pytest.mark.parametrize('num_layers', [1, 3])
+def test_gt_layers_crop_equals_numpy_crop(num_layers):
+  # Box of exactly K x K source pixels, scale 1 -> crop is an exact copy.
+  rng = np.random.default_rng(1)
+  k = 16
+  amodal = np.zeros((3, 64, 64), bool)
+  amodal[0, 10:10 + k, 20:20 + k] = True
+  amodal[1, 12:40, 25:50] = True
+  amodal[2, 5:30, 15:45] = True
+  occluded = amodal & (rng.random(amodal.shape) < 0.5)
+  occluded[2] = False
+  index = semdist.layer_index_map(amodal, occluded, np.array([2, 1, 0]))
+  assert index.max() >= 3  # layers beyond L-1 get merged when L = 1 or 3
+  c = _config()
+  c.model.num_layers = num_layers
+  image = np.zeros((64, 64, 3), np.uint8)
+  out = _np(pipeline.preprocess_example(_example(image, index, [2, 1, 0]),
+                                        c, train=False))
+  # Sorted by depth: instance 2 first, then 1, then 0.
+  np.testing.assert_array_equal(out['gt_depth_rank'][:3], [0, 1, 2])
+  np.testing.assert_array_equal(out['gt_boxes'][2], [10, 20, 26, 36])
+  expected = semdist.layer_channels(index[0], num_layers)[:, 10:26, 20:36]
+  np.testing.assert_array_equal(out['gt_layers'][2],
+                                np.moveaxis(expected, 0, -1))
+  assert out['gt_layers'].shape == (4, k, k, num_layers)
+  # Every crop's channel sum is the amodal mask (one layer per pixel).
+  assert set(np.unique(out['gt_layers'][:3].sum(-1))) <= {0.0, 1.0}
+
+
+def test_padding_truncation_and_validity():
+  h = w = 32
+  n = 6
+  index = np.zeros((n, h, w), np.uint8)
+  for i in range(n):
+    index[i, i:i + 5, 2 * i:2 * i + 6] = 1
+  index[5] = 0  # empty mask: kept but invalid
+  depth = np.array([5, 4, 3, 2, 0, 1])
+  ex = _example(np.zeros((h, w, 3), np.uint8), index, depth)
+  out = _np(pipeline.preprocess_example(ex, _config(), train=False))
+  # max_instances = 4: the four front-most by depth (instances 4, 5, 3, 2).
+  np.testing.assert_array_equal(out['gt_depth_rank'], [0, 1, 2, 3])
+  np.testing.assert_array_equal(out['gt_valid'], [True, False, True, True])
+  np.testing.assert_array_equal(out['gt_classes'], [1, 0, 1, 1])
+  np.testing.assert_array_equal(out['gt_boxes'][1], 0)
+  np.testing.assert_array_equal(out['gt_layers'][1], 0)
+  np.testing.assert_allclose(out['gt_boxes'][0], np.array([4, 8, 9, 14]) * 2)
+  np.testing.assert_array_equal(out['gt_is_stuff'], [False, True, True, False])
+  # Fewer instances than M: zero padding.
+  ex2 = _example(np.zeros((h, w, 3), np.uint8), index[:2], [0, 1])
+  c = _config()
+  c.dataset.category_agnostic = False
+  out2 = _np(pipeline.preprocess_example(ex2, c, train=False))
+  np.testing.assert_array_equal(out2['gt_valid'], [True, True, False, False])
+  np.testing.assert_array_equal(out2['gt_classes'], [3, 4, 0, 0])
+  np.testing.assert_array_equal(out2['gt_occlude_rate'][2:], 0)
+  dummy = _np(pipeline.dummy_example(c))
+  assert set(dummy) == set(out2) and not dummy['is_valid']
+  for key in out2:
+    assert dummy[key].shape == out2[key].shape, key
+    assert dummy[key].dtype == out2[key].dtype, key
+
+
+def test_box_jitter_is_bounded_and_seeded():
+  image, index = _scene(32, 32)
+  c = _config(box_jitter=1 / 15, random_flip=False)
+  ex = _example(image, index, [0, 1])
+  seed = tf.constant([3, 4], tf.int64)
+  a = _np(pipeline.preprocess_example(ex, c, train=True, seed=seed))
+  b = _np(pipeline.preprocess_example(ex, c, train=True, seed=seed))
+  plain = _np(pipeline.preprocess_example(ex, c, train=False))
+  np.testing.assert_array_equal(a['gt_boxes'], b['gt_boxes'])
+  assert not np.allclose(a['gt_boxes'][:2], plain['gt_boxes'][:2])
+  p = plain['gt_boxes'][:2]
+  size = np.stack([p[:, 2] - p[:, 0], p[:, 3] - p[:, 1]] * 2, 1)
+  assert np.all(np.abs(a['gt_boxes'][:2] - p) <= size / 15 + 1e-4)
+
+
+@pytest.mark.parametrize('mode,shape', [('pad', (37, 53)), ('pad', (90, 70)),
+                                        ('squash', (48, 100))])
+def test_inference_preprocessing_matches_pipeline(mode, shape):
+  rng = np.random.default_rng(2)
+  image = rng.integers(0, 256, shape + (3,), dtype=np.uint8)
+  c = _config(resize_mode=mode)
+  ex = _example(image, np.zeros((1,) + shape, np.uint8), [0])
+  out = _np(pipeline.preprocess_example(ex, c, train=False))
+  canvas, image_shape, image_scale, glm = pipeline.preprocess_image_for_inference(
+      image, c)
+  assert canvas.dtype == np.uint8 and glm.dtype == np.uint8
+  assert np.abs(canvas.astype(int) - out['image']).max() <= 1
+  assert np.abs(glm.astype(int) - out['glm_image']).max() <= 1
+  np.testing.assert_array_equal(image_shape, out['image_shape'])
+  np.testing.assert_allclose(image_scale, out['image_scale'], rtol=1e-6)

@@ -1,0 +1,99 @@
+"""A tiny Flax module with SLN's module paths and entry points, for loop tests.
+
+Paths: backbone/C1_conv, backbone/C1_bn (BN), backbone/C4_0/conv1,
+fpn/P2_lateral, rpn/conv_class, box_head/linear_class, glm/layer1_conv.
+``train_forward`` uses the rng (random pixel dropout) so PRNG handling is
+exercised, and a loss term 'scaled' multiplies by ``image_scale`` so a NaN
+there makes that term non-finite.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class _Block(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.relu(nn.Conv(4, (3, 3), name='conv1')(x))
+
+
+class _Backbone(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(4, (3, 3), strides=2, name='C1_conv')(x)
+    x = nn.BatchNorm(use_running_average=True, epsilon=1e-3, name='C1_bn')(x)
+    return _Block(name='C4_0')(nn.relu(x))
+
+
+class _Single(nn.Module):
+  features: int
+  layer: str
+
+  @nn.compact
+  def __call__(self, x):
+    if self.layer == 'dense':
+      return nn.Dense(self.features, name='linear_class')(x)
+    return nn.Conv(self.features, (1, 1), name=self.layer)(x)
+
+
+class StandIn(nn.Module):
+  """Stand-in for ``SLN``: same entry points, a few tiny layers."""
+
+  def setup(self):
+    self.backbone = _Backbone()
+    self.fpn = _Single(4, 'P2_lateral')
+    self.rpn = _Single(2, 'conv_class')
+    self.box_head = _Single(3, 'dense')
+    self.glm = _Single(2, 'layer1_conv')
+
+  def _features(self, image, keep):
+    x = image.astype(jnp.float32) / 255.0 * keep
+    c = self.backbone(x)
+    p = self.fpn(c) + self.glm(x)[:, ::2, ::2, :1]
+    return p
+
+  def __call__(self, image):
+    p = self._features(image, 1.0)
+    return self.rpn(p), self.box_head(p.mean((1, 2)))
+
+  def train_forward(self, batch, rng):
+    keep = jax.random.bernoulli(rng, 0.8, batch['image'].shape[:3] + (1,))
+    p = self._features(batch['image'], keep)
+    r = self.rpn(p)
+    logits = self.box_head(p.mean((1, 2)))
+    target = batch['gt_boxes'][:, 0, :3] / 32.0
+    fit = jnp.mean((logits - target) ** 2)
+    act = jnp.mean((r - 0.5) ** 2) * jnp.mean(batch['image_scale'])
+    losses = {'fit': fit, 'scaled': act, 'total': fit + act}
+    return losses, {'mean_logit': jnp.mean(logits)}
+
+  def infer(self, image, glm_image, image_shape):
+    del glm_image, image_shape
+    r, logits = self(image)
+    return {'scores': jax.nn.sigmoid(logits), 'rpn': r}
+
+
+def init_variables(seed: int = 0, size: int = 16):
+  model = StandIn()
+  variables = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, size, size, 3), jnp.uint8))
+  # Non-trivial frozen BN statistics.
+  stats = jax.tree.map(lambda x: x + 0.1, variables['batch_stats'])
+  return model, {'params': variables['params'], 'batch_stats': stats}
+
+
+def make_batches(num: int, devices: int, per_device: int, size: int = 16, seed: int = 0):
+  """``num`` deterministic batches with leading axes (devices, per_device)."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(num):
+    shape = (devices, per_device)
+    boxes = rng.uniform(0, size, shape + (2, 4)).astype(np.float32)
+    out.append({
+        'image': rng.integers(0, 256, shape + (size, size, 3), dtype=np.uint8),
+        'gt_boxes': boxes,
+        'image_scale': np.ones(shape + (2,), np.float32),
+    })
+  return out
