@@ -168,8 +168,10 @@ class _AmodalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _generate_examples(self, split: str, annotations_path: str,
                          images_dir: str) -> Iterator[tuple[Any, dict]]:
     from input_pipeline import readers  # pylint: disable=g-import-not-at-top
-    anns = readers.load_annotations(self.FORMAT, annotations_path, images_dir)
-    counts, skipped = [], 0
+    stats = readers.ReadStats()
+    anns = readers.load_annotations(self.FORMAT, annotations_path, images_dir,
+                                    stats=stats)
+    counts, skipped = [], stats.skipped_empty
     for ann in anns:
       if ann.num_instances == 0:
         skipped += 1

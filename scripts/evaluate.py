@@ -34,12 +34,16 @@ def _read_json(path: str):
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--format', required=True, choices=('cocoa', 'd2sa', 'kins'))
+  parser.add_argument('--format', required=True,
+                      choices=('cocoa', 'd2sa', 'kins'))
   parser.add_argument('--annotations', required=True, help='ground-truth JSON')
-  parser.add_argument('--results', required=True, help='COCO-style results JSON')
+  parser.add_argument('--results', required=True,
+                      help='COCO-style results JSON')
   parser.add_argument('--output', required=True, help='metrics JSON to write')
-  parser.add_argument('--protocol', default='coco', choices=evaluation.PROTOCOLS)
-  parser.add_argument('--images', default=None, help='images directory (optional)')
+  parser.add_argument('--protocol', default='coco',
+                      choices=evaluation.PROTOCOLS)
+  parser.add_argument('--images', default=None,
+                      help='images directory (optional)')
   args = parser.parse_args(argv)
 
   from input_pipeline import readers  # pylint: disable=import-outside-toplevel

@@ -27,6 +27,7 @@ arrays, Flax module paths). ``load_orbax`` restores it without a target;
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import pickle
 import re
@@ -210,17 +211,19 @@ def load_torch_state_dict(path: str) -> dict:
         raise
       obj = torch.load(path, map_location='cpu', weights_only=True)
   except pickle.UnpicklingError as err:
-    first = str(err).strip().splitlines()
-    detail = next((l for l in first if 'Unsupported' in l or 'GLOBAL' in l),
-                  first[0] if first else '')
+    lines = [l.strip() for l in str(err).splitlines() if l.strip()]
+    detail = next((l for l in lines if 'Unsupported global' in l), '')
+    if not detail:
+      raise UserError('not a PyTorch checkpoint (unpickling failed)',
+                      path=path) from None
     raise UserError(
         'refusing to load: the file needs pickled code (not a plain '
-        f'state_dict of tensors; weights_only=True failed: {detail.strip()})',
-        path=path) from None
+        f'state_dict of tensors; weights_only=True failed: '
+        f'{detail.split(" was not")[0]})', path=path) from None
   except Exception as err:  # pylint: disable=broad-except
-    raise UserError(f'not a readable PyTorch checkpoint ({type(err).__name__}:'
-                    f' {str(err).strip().splitlines()[0] if str(err) else ""})',
-                    path=path) from None
+    lines = str(err).strip().splitlines()
+    raise UserError(f'not a readable PyTorch checkpoint ({type(err).__name__}'
+                    f'{": " + lines[0] if lines else ""})', path=path) from None
   if isinstance(obj, Mapping):
     for wrapper in ('state_dict', 'model'):
       if wrapper in obj and isinstance(obj[wrapper], Mapping):
@@ -290,7 +293,8 @@ def _to_numpy(t) -> np.ndarray:
   return np.asarray(t)
 
 
-def _torch_to_leaf(kind: str, a: np.ndarray) -> np.ndarray:
+def to_flax_layout(kind: str, a: np.ndarray) -> np.ndarray:
+  """One torch tensor (numpy) of ``kind`` -> the Flax leaf (float32)."""
   if kind == CONV:      # (O, I, H, W) -> (H, W, I, O)
     a = a.transpose(2, 3, 1, 0)
   elif kind == DECONV:  # (I, O, H, W) -> flipped (H, W, I, O)
@@ -300,7 +304,8 @@ def _torch_to_leaf(kind: str, a: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(a, dtype=np.float32)
 
 
-def _leaf_to_torch(kind: str, a: np.ndarray) -> np.ndarray:
+def to_torch_layout(kind: str, a: np.ndarray) -> np.ndarray:
+  """Inverse of ``to_flax_layout``."""
   if kind == CONV:
     a = a.transpose(3, 2, 0, 1)
   elif kind == DECONV:
@@ -383,7 +388,7 @@ def torch_to_flax(state_dict: Mapping, source: str, config,
     if tuple(t.shape) != e.shape:
       mismatched.append(f'{e.key} {tuple(t.shape)} != expected {e.shape}')
       continue
-    _set(out[e.collection], e.path, _torch_to_leaf(e.kind, _to_numpy(t)))
+    _set(out[e.collection], e.path, to_flax_layout(e.kind, _to_numpy(t)))
   unexpected = [k for k in sd if k not in expected
                 and not k.endswith('num_batches_tracked')
                 and not _matches(skip, k)
@@ -426,7 +431,7 @@ def flax_to_torch(variables: Mapping, config, source: str = 'sln',
     if leaf is None:
       missing.append(e.flax_name)
       continue
-    a = _leaf_to_torch(e.kind, np.asarray(leaf))
+    a = to_torch_layout(e.kind, np.asarray(leaf))
     if a.shape != e.shape:
       missing.append(f'{e.flax_name} {a.shape} != {e.shape}')
       continue
@@ -497,26 +502,33 @@ class LoadReport:
 
 
 def partial_load(target_variables: Mapping,
-                 sources: Sequence[tuple[str, Sequence[str]]]
-                 ) -> tuple[dict, LoadReport]:
+                 sources: Sequence[str | tuple[str, Sequence[str]]],
+                 report: LoadReport | None = None) -> dict:
   """Copies matching leaves of Orbax checkpoints into ``target_variables``.
 
   Args:
     target_variables: the model's variables ({'params', 'batch_stats', ...}).
-    sources: [(checkpoint dir, regexes)], applied in order (later ones win);
-      a leaf is taken when a regex is found (re.search) in its name
-      'params/backbone/C1_conv/kernel'; no regexes = every leaf.
+    sources: checkpoint dirs, each either a path (every leaf) or
+      (path, regexes): a leaf is taken when a regex is found (re.search) in
+      its name 'params/backbone/C1_conv/kernel'. Applied in order (later
+      ones win).
+    report: optional ``LoadReport`` filled with what was loaded and skipped.
 
   Returns:
-    (new variables with the same structure and dtypes, LoadReport). Leaves
-    whose shapes differ from the target's are skipped and reported.
+    New variables with the target's structure and dtypes (loaded leaves as
+    jax arrays). Leaves whose shapes differ from the target's, or that the
+    target lacks, are skipped, reported and logged.
 
   Raises:
     UserError: a source that is unreadable or from which nothing was loaded.
   """
+  import jax.numpy as jnp
+
+  report = LoadReport() if report is None else report
   flat = {coll: _flatten(tree) for coll, tree in target_variables.items()}
-  report = LoadReport()
-  for directory, patterns in sources:
+  for source in sources:
+    directory, patterns = ((source, ()) if isinstance(source, str)
+                           else (source[0], tuple(source[1])))
     ckpt = load_orbax(directory)
     count = 0
     for coll, tree in ckpt.items():
@@ -531,19 +543,22 @@ def partial_load(target_variables: Mapping,
           report.shape_mismatch.append(
               f'{name} {tuple(np.shape(value))} != {tuple(np.shape(target))}')
         else:
-          flat[coll][path] = np.asarray(value, dtype=target.dtype)
+          flat[coll][path] = jnp.asarray(value, dtype=target.dtype)
           report.loaded.append(name)
           count += 1
     if not count:
       raise UserError('nothing loaded (no leaf matches '
                       f'{list(patterns) or "any"} with the model\'s shapes)',
-                      path=directory)
+                      path=directory, field='init_from')
+  logging.info('init_from: %s', report.summary())
+  for name in report.shape_mismatch + report.not_in_target:
+    logging.warning('init_from: skipped %s', name)
   out = {}
   for coll, leaves in flat.items():
     out[coll] = {}
     for path, value in leaves.items():
       _set(out[coll], path, value)
-  return out, report
+  return out
 
 
 def init_sources(config) -> list[tuple[str, list[str]]]:

@@ -18,12 +18,14 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+from pycocotools import mask as mask_utils
 
 from sln_jax import cliutil
 
 
 # --------------------------------------------------------------- pasting
-def integer_box(box: Sequence[float], height: int, width: int) -> tuple[int, int, int, int]:
+def integer_box(box: Sequence[float], height: int,
+                width: int) -> tuple[int, int, int, int]:
   """(y1, x1, y2, x2) float pixels -> rounded (halves up), clipped ints."""
   y1, x1, y2, x2 = (int(np.floor(float(v) + 0.5)) for v in box)
   return (min(max(y1, 0), height), min(max(x1, 0), width),
@@ -76,8 +78,9 @@ def paste_masks(probs: np.ndarray, boxes: np.ndarray, height: int, width: int,
 
 
 # --------------------------------------------------------------- depth order
-def pairwise_order_crops(layers: Sequence[np.ndarray],
-                         boxes: Sequence[tuple[int, int, int, int]]) -> np.ndarray:
+def pairwise_order_crops(
+    layers: Sequence[np.ndarray],
+    boxes: Sequence[tuple[int, int, int, int]]) -> np.ndarray:
   """Pairwise depth order of instances given box-local layer maps.
 
   ``layers[i]``: int map over ``boxes[i]`` (-1 absent, 0 visible, k occluded
@@ -125,7 +128,6 @@ def depth_layers(order: np.ndarray) -> np.ndarray:
 
 # --------------------------------------------------------------- results
 def _rle(mask: np.ndarray) -> dict:
-  from pycocotools import mask as mask_utils  # pylint: disable=import-outside-toplevel
   rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
   rle['counts'] = rle['counts'].decode('ascii')
   return rle
@@ -147,8 +149,9 @@ def detections_to_results(image_id: int, dets: Mapping[str, np.ndarray],
     category_map: model class index -> dataset category id (None: identity).
 
   Returns a list of {image_id, category_id, score, bbox [x, y, w, h] original
-  pixels (the float box), segmentation (amodal RLE, counts str), visible_mask
-  (RLE), depth_layer (int, 0 = front-most)}, highest score first. Detections
+  pixels (the float box clipped to the image), segmentation (amodal RLE,
+  counts str), visible_mask (RLE), depth_layer (int, 0 = front-most)},
+  highest score first. Detections
   that are invalid, below ``score_threshold`` or whose integer box is empty
   (dropped by the release too) are left out. ``depth_layer`` comes from the
   pasted masks: per detection, -1 outside the amodal mask, 0 on the visible
@@ -169,9 +172,10 @@ def detections_to_results(image_id: int, dets: Mapping[str, np.ndarray],
     b = integer_box(boxes[i], h, w)
     if b[2] <= b[0] or b[3] <= b[1]:
       continue
-    amodal = _paste_crop(np.asarray(dets['amodal_probs'][i]), b) >= mask_threshold
-    visible = _paste_crop(np.asarray(dets['visible_probs'][i]), b) >= mask_threshold
-    visible &= amodal
+    amodal = _paste_crop(np.asarray(dets['amodal_probs'][i]), b)
+    amodal = amodal >= mask_threshold
+    visible = _paste_crop(np.asarray(dets['visible_probs'][i]), b)
+    visible = (visible >= mask_threshold) & amodal
     layer = np.where(amodal, 1, -1).astype(np.int32)
     if layer_probs is not None and np.shape(layer_probs)[-1] > 1:
       deeper = _paste_crop(np.asarray(layer_probs[i])[..., 1:], b)
@@ -184,7 +188,7 @@ def detections_to_results(image_id: int, dets: Mapping[str, np.ndarray],
     full_visible = np.zeros((h, w), bool)
     full_visible[b[0]:b[2], b[1]:b[3]] = visible
     cls = int(classes[i])
-    y1, x1, y2, x2 = boxes[i]
+    y1, x1, y2, x2 = np.clip(boxes[i], 0, [h, w, h, w])
     results.append({
         'image_id': int(image_id),
         'category_id': int(category_map[cls]) if category_map else cls,
@@ -208,7 +212,6 @@ def instance_colour(k: int) -> tuple[int, int, int]:
 
 
 def _decode(rle) -> np.ndarray:
-  from pycocotools import mask as mask_utils  # pylint: disable=import-outside-toplevel
   return mask_utils.decode(rle).astype(bool)
 
 
@@ -252,8 +255,9 @@ def render_prediction(image: np.ndarray, results: Sequence[dict],
   return np.asarray(pil)
 
 
-def draw_prediction(image: np.ndarray, results: Sequence[dict], path: str) -> None:
-  """Writes ``render_prediction(image, results)`` to ``path`` as PNG (atomically)."""
+def draw_prediction(image: np.ndarray, results: Sequence[dict],
+                    path: str) -> None:
+  """Writes ``render_prediction(image, results)`` to ``path`` (PNG, atomic)."""
   picture = Image.fromarray(render_prediction(image, results))
   with cliutil.atomic_output_file(path, 'wb') as f:
     picture.save(f, format='PNG')

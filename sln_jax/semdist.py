@@ -195,8 +195,8 @@ def pairwise_order(layer: Array, num_levels: Optional[int] = None) -> Array:
     num_levels: optional static bound on the layer values (pixels with
       layers >= num_levels count as absent). Under jax it selects a one-hot
       matmul (O(N^2 K H W) flops); without it a row-by-row scan over
-      instances (O(N^2 H W) work, O(N H W) memory). numpy merges identical
-      pixel columns and only counts pixels covered twice or more.
+      instances (O(N^2 H W) work, O(N H W) memory). numpy loops over
+      instances, each against the pixels it covers twice or more.
 
   Returns:
     (N, N) int8: +1 if i is in front of j (lower layer on more of their
@@ -210,17 +210,12 @@ def pairwise_order(layer: Array, num_levels: Optional[int] = None) -> Array:
     flat = layer.reshape(n, -1)
     if num_levels is not None:
       flat = np.where(flat < num_levels, flat, -1)
-    # Only pixels covered by >= 2 instances vote; identical layer columns
-    # (pixels of one arrangement cell) are merged and weighted by count.
-    flat = flat[:, (flat >= 0).sum(axis=0) >= 2]
-    cols, weight = np.unique(flat.T, axis=0, return_counts=True)
+    # Only pixels covered by >= 2 instances vote. (P, N) rows per pixel.
+    cols = flat[:, (flat >= 0).sum(axis=0) >= 2].T.copy()
     front = np.zeros((n, n), np.int64)
-    step = max(1, 2 ** 24 // max(n * n, 1))
-    for s in range(0, len(cols), step):
-      c, w = cols[s:s + step], weight[s:s + step]           # (U, N), (U,)
-      ahead = ((c[:, :, None] >= 0) & (c[:, None, :] >= 0)
-               & (c[:, :, None] < c[:, None, :]))          # (U, N, N)
-      front += np.tensordot(w, ahead, axes=(0, 0))
+    for i in range(n):  # loop over instances, vectorised over pixels
+      rows = cols[cols[:, i] >= 0]
+      front[i] = (rows > rows[:, i:i + 1]).sum(axis=0)
   elif num_levels is not None:
     front = _front_counts_onehot(layer, num_levels, jnp)
   else:

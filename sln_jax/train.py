@@ -25,7 +25,7 @@ new SGD optimizer per stage, so momentum restarts at each stage boundary
 """
 from __future__ import annotations
 
-import functools
+import dataclasses
 import json
 import os
 import re
@@ -212,53 +212,16 @@ def create_train_state(config: ml_collections.ConfigDict, variables: PyTree,
                     batch_stats=batch_stats, opt_state=tx.init(params), rng=rng)
 
 
-def _local_partial_load(target: PyTree, sources: Sequence[str],
-                        patterns: Sequence[str]) -> PyTree:
-  """Copies leaves of Orbax checkpoints ``sources`` into ``target`` where the
-  Flax path matches one of ``patterns`` (all if empty) and exists in the source."""
-  flat = _flat(target)
-  regexes = [re.compile(p) for p in patterns]
-  mismatches, loaded = [], 0
-  for src in sources:
-    path = os.path.abspath(src)
-    if not os.path.isdir(path):
-      raise UserError('no such checkpoint directory', path=src, field='init_from')
-    try:
-      restored = ocp.StandardCheckpointer().restore(path)
-    except Exception as err:  # noqa: BLE001 - any Orbax failure is the user's file
-      raise UserError(f'not an Orbax checkpoint ({type(err).__name__})',
-                      path=src, field='init_from') from None
-    restored = {k: v for k, v in restored.items() if k in ('params', 'batch_stats')}
-    for key, value in _flat(restored).items():
-      if key not in flat or (regexes and not any(r.fullmatch(key) for r in regexes)):
-        continue
-      if tuple(np.shape(value)) != tuple(np.shape(flat[key])):
-        mismatches.append(f'{key} {np.shape(value)} vs {np.shape(flat[key])}')
-        continue
-      flat[key] = jnp.asarray(value, dtype=flat[key].dtype)
-      loaded += 1
-  if mismatches:
-    raise UserError('shape mismatch: ' + '; '.join(mismatches[:5]) +
-                    (f' (+{len(mismatches) - 5} more)' if len(mismatches) > 5 else ''),
-                    path=','.join(sources), field='init_from')
-  if not loaded:
-    raise UserError('no parameter matched', path=','.join(sources), field='init_patterns')
-  return _unflat(flat)
-
-
 def init_from_checkpoints(config: ml_collections.ConfigDict, variables: PyTree) -> PyTree:
-  """Applies ``config.init_from`` (comma-separated Orbax dirs) to ``variables``."""
-  sources = [s.strip() for s in str(config.init_from).split(',') if s.strip()]
+  """Applies ``config.init_from`` / ``config.init_patterns`` (comma-separated
+  Orbax dirs and Flax-path regexes; ``checkpoint_port.partial_load``)."""
+  from sln_jax import checkpoint_port  # pylint: disable=g-import-not-at-top
+  sources = checkpoint_port.init_sources(config)
   if not sources:
     return variables
-  patterns = [p.strip() for p in str(config.init_patterns).split(',') if p.strip()]
-  try:
-    from sln_jax import checkpoint_port  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    checkpoint_port = None
-  if checkpoint_port is not None and hasattr(checkpoint_port, 'partial_load') and not patterns:
-    return checkpoint_port.partial_load(variables, sources)
-  return _local_partial_load(variables, sources, patterns)
+  loaded, report = checkpoint_port.partial_load(variables, sources)
+  print(f'init_from: {report.summary()}', flush=True)
+  return loaded
 
 
 # --------------------------------------------------------------------- steps
@@ -315,10 +278,10 @@ def data_parallel_batch(config: ml_collections.ConfigDict) -> tuple[int, int]:
   return jax.local_device_count(), global_batch // devices
 
 
-def replicate(tree: PyTree) -> PyTree:
-  """Copies ``tree`` to every local device with the sharding ``jax.pmap``
-  returns (so the first step's output does not trigger a recompile)."""
-  devices = jax.local_devices()
+def replicate(tree: PyTree, devices: Optional[Sequence[Any]] = None) -> PyTree:
+  """Copies ``tree`` to ``devices`` (default: every local device) with the
+  sharding ``jax.pmap`` returns (so the first step does not recompile)."""
+  devices = list(devices or jax.local_devices())
   sharding = jax.sharding.NamedSharding(
       jax.sharding.Mesh(np.asarray(devices), (AXIS,)), jax.sharding.PartitionSpec(AXIS))
   return jax.tree.map(
@@ -375,8 +338,9 @@ def load_variables(config: ml_collections.ConfigDict, workdir: str,
                    variables: PyTree) -> tuple[PyTree, int]:
   """Model variables of the latest checkpoint in ``workdir`` (for evaluate /
   predict) and its step."""
-  manager = checkpoint_manager(config, workdir, read_only=True)
-  step = manager.latest_step() if os.path.isdir(manager.directory) else None
+  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  manager = checkpoint_manager(config, workdir, read_only=True) if os.path.isdir(directory) else None
+  step = manager.latest_step() if manager is not None else None
   if step is None:
     raise UserError('no checkpoint to evaluate (train first)',
                     path=os.path.join(workdir, 'checkpoints'))
@@ -496,3 +460,240 @@ def train(config: ml_collections.ConfigDict, workdir: str, model: Any,
   pbar.close()
   writer.flush()
   return unreplicate(rstate)
+
+
+# --------------------------------------------------------------------- model
+
+def create_model(config: ml_collections.ConfigDict) -> tuple[Any, PyTree]:
+  """``SLN(config.model)`` and its freshly initialised variables."""
+  from sln_jax.models import sln  # pylint: disable=g-import-not-at-top
+  model = sln.SLN(config.model)
+  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0)
+  variables = sln.init_variables(model, rng, config.input.image_size)
+  return model, {'params': variables['params'],
+                 'batch_stats': variables.get('batch_stats', {})}
+
+
+def make_image_summary_fn(model: Any, config: ml_collections.ConfigDict
+                          ) -> Callable[[PyTree, Batch], dict]:
+  """``(variables, batch of one image) -> {'prediction': (1, S, S, 3) uint8}``:
+  the detections above ``predict.score_threshold`` drawn on the canvas."""
+  from sln_jax import predict as predict_lib  # pylint: disable=g-import-not-at-top
+  infer = jax.jit(make_infer_fn(model))
+
+  def fn(variables, batch):
+    inputs = {k: batch[k] for k in ('image', 'glm_image', 'image_shape')}
+    dets = jax.device_get(infer(variables, inputs))
+    canvas = np.asarray(batch['image'][0])
+    size = canvas.shape[:2]
+    results = predict_lib.detections_to_results(
+        0, {k: v[0] for k, v in dets.items()}, (1.0, 1.0), size,
+        score_threshold=config.predict.score_threshold,
+        mask_threshold=config.eval.mask_threshold)
+    return {'prediction': predict_lib.render_prediction(canvas, results)[None]}
+  return fn
+
+
+# --------------------------------------------------------------------- evaluation
+
+def _flatten_devices(tree: PyTree) -> PyTree:
+  """(devices, B, ...) -> (devices * B, ...)."""
+  return jax.tree.map(lambda x: np.asarray(x).reshape((-1,) + np.shape(x)[2:]), tree)
+
+
+def _gather_results(results: list, workdir: str) -> list:
+  """All processes' results on every process (through files in ``workdir``)."""
+  if jax.process_count() == 1:
+    return results
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  part = os.path.join(workdir, f'.results_part{jax.process_index()}.json')
+  with atomic_output_file(part) as f:
+    json.dump(results, f)
+  multihost_utils.sync_global_devices('sln_eval_results')
+  merged = []
+  for k in range(jax.process_count()):
+    with open(os.path.join(workdir, f'.results_part{k}.json')) as f:
+      merged.extend(json.load(f))
+  return merged
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str, model: Any,
+             variables: PyTree, eval_batches: Iterable[Batch],
+             annotations: Sequence, step: int = 0,
+             writer: Optional[MetricWriter] = None) -> dict:
+  """Runs ``SLN.infer`` over the eval split and scores it.
+
+  Args:
+    eval_batches: batches with leading axes (local devices, per-device batch)
+      and ``is_valid`` (False on padding images).
+    annotations: the split's ground truth, list[records.ImageAnnotation].
+
+  Writes ``workdir/results.json`` (COCO results, original pixels) and
+  ``workdir/metrics.json`` (``sln_jax.evaluate`` schema; plus
+  ``per_class_ap.json`` when not category-agnostic), prints the table and
+  returns the metrics.
+  """
+  from sln_jax import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
+  from sln_jax import predict as predict_lib  # pylint: disable=g-import-not-at-top
+  gt_by_id = {int(a.image_id): a for a in annotations}
+  infer = jax.pmap(make_infer_fn(model), axis_name=AXIS)
+  rvars = replicate(variables)
+  limit = int(config.eval.max_images)
+  results, seen = [], []
+  for batch in tqdm(eval_batches, desc='eval', unit='batch', mininterval=1.0,
+                    disable=jax.process_index() != 0):
+    inputs = {k: batch[k] for k in ('image', 'glm_image', 'image_shape')}
+    dets = _flatten_devices(jax.device_get(infer(rvars, inputs)))
+    flat = _flatten_devices({k: batch[k] for k in ('image_id', 'image_scale', 'is_valid')})
+    for j, image_id in enumerate(flat['image_id']):
+      if not flat['is_valid'][j] or (0 <= limit <= len(seen)):
+        continue
+      ann = gt_by_id.get(int(image_id))
+      if ann is None:
+        raise UserError(f'image_id {int(image_id)} of the eval split is not in the '
+                        'ground truth', field='dataset.eval_annotations')
+      seen.append(int(image_id))
+      results.extend(predict_lib.detections_to_results(
+          int(image_id), {k: v[j] for k, v in dets.items()}, flat['image_scale'][j],
+          (ann.height, ann.width), mask_threshold=config.eval.mask_threshold))
+  results = _gather_results(results, workdir)
+  if jax.process_count() > 1:
+    seen = sorted({r['image_id'] for r in results} | set(seen))
+    seen = list(gt_by_id) if limit < 0 else seen
+  gt = [gt_by_id[i] for i in seen] if limit >= 0 else list(annotations)
+  metrics = eval_lib.evaluate(gt, results, protocol=config.eval.protocol,
+                              category_agnostic=config.dataset.category_agnostic)
+  if jax.process_index() == 0:
+    with atomic_output_file(os.path.join(workdir, 'results.json')) as f:
+      json.dump(results, f)
+    with atomic_output_file(os.path.join(workdir, 'metrics.json')) as f:
+      json.dump(metrics, f, indent=1)
+    if not config.dataset.category_agnostic:
+      per_class = eval_lib.per_class_ap(gt, results, protocol=config.eval.protocol)
+      with atomic_output_file(os.path.join(workdir, 'per_class_ap.json')) as f:
+        json.dump({str(k): v for k, v in per_class.items()}, f, indent=1)
+    print(f'evaluation at step {step} on {len(gt)} images '
+          f'({config.dataset.name}/{config.dataset.eval_split}, '
+          f'protocol {config.eval.protocol}):')
+    print(eval_lib.format_table(metrics), flush=True)
+    if writer is not None:
+      scalars = {f'eval/{branch}_{metric}': value
+                 for branch, table in metrics.items()
+                 for metric, value in table['all']['both'].items()}
+      writer.write_scalars(step, scalars)
+      writer.flush()
+  return metrics
+
+
+# --------------------------------------------------------------------- predict
+
+IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm')
+
+
+def _image_id(stem: str, fallback: int) -> int:
+  """Trailing digits of the file stem (COCO names), else ``fallback``."""
+  digits = re.search(r'(\d+)$', stem)
+  return int(digits.group(1)) if digits else fallback
+
+
+def predict(config: ml_collections.ConfigDict, model: Any, variables: PyTree,
+            preprocess_image: Callable[[np.ndarray, Any], tuple]) -> int:
+  """Writes ``<stem>.json`` (COCO results) and ``<stem>.png`` (picture) per
+  image of ``predict.input_dir`` into ``predict.output_dir``.
+
+  Args:
+    preprocess_image: ``(image (H,W,3) uint8, config) -> (canvas, image_shape,
+      image_scale, glm_image)`` (``pipeline.preprocess_image_for_inference``).
+
+  Returns:
+    The number of images written. Non-images and unreadable images are
+    reported and skipped.
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from sln_jax import predict as predict_lib  # pylint: disable=g-import-not-at-top
+  pc = config.predict
+  if not pc.input_dir or not os.path.isdir(pc.input_dir):
+    raise UserError('not a directory', path=str(pc.input_dir), field='predict.input_dir')
+  if not pc.output_dir:
+    raise UserError('must be set', field='predict.output_dir')
+  os.makedirs(pc.output_dir, exist_ok=True)
+  infer = jax.jit(make_infer_fn(model))
+  names = sorted(os.listdir(pc.input_dir))
+  done = 0
+  for k, name in enumerate(tqdm(names, desc='predict', unit='image', mininterval=1.0)):
+    if 0 <= pc.max_images <= done:
+      break
+    path = os.path.join(pc.input_dir, name)
+    stem, suffix = os.path.splitext(name)
+    if not os.path.isfile(path) or suffix.lower() not in IMAGE_SUFFIXES:
+      tqdm.write(f'skipping {path}: not an image file')
+      continue
+    try:
+      with Image.open(path) as im:
+        image = np.asarray(im.convert('RGB'))
+    except Exception as err:  # noqa: BLE001 - any decoder failure: report, go on
+      tqdm.write(f'skipping {path}: unreadable image ({type(err).__name__}: {err})')
+      continue
+    canvas, shape, scale, glm = preprocess_image(image, config)
+    dets = jax.device_get(infer(variables, {
+        'image': canvas[None], 'glm_image': glm[None], 'image_shape': shape[None]}))
+    results = predict_lib.detections_to_results(
+        _image_id(stem, k), {key: v[0] for key, v in dets.items()}, scale,
+        image.shape[:2], score_threshold=pc.score_threshold,
+        mask_threshold=config.eval.mask_threshold)
+    with atomic_output_file(os.path.join(pc.output_dir, stem + '.json')) as f:
+      json.dump(results, f)
+    predict_lib.draw_prediction(image, results, os.path.join(pc.output_dir, stem + '.png'))
+    done += 1
+  print(f'wrote predictions for {done} images to {pc.output_dir}', flush=True)
+  return done
+
+
+# --------------------------------------------------------------------- modes
+
+@dataclasses.dataclass
+class DataSources:
+  """Host-side inputs, built by main.py (where TensorFlow may be imported)."""
+  train_batches: Optional[Callable[[], Iterable[Batch]]] = None
+  eval_batches: Optional[Callable[[], Iterable[Batch]]] = None
+  eval_annotations: Optional[Callable[[], Sequence]] = None
+  preprocess_image: Optional[Callable[[np.ndarray, Any], tuple]] = None
+
+
+MODES = ('train_and_evaluate', 'train', 'evaluate', 'predict')
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, mode: str,
+        writer: MetricWriter, data: DataSources, model: Any = None,
+        variables: PyTree = None) -> Optional[dict]:
+  """One main.py mode. Returns the metrics for the evaluating modes.
+
+  ``model``/``variables`` default to ``create_model(config)`` (tests pass
+  stand-ins). evaluate/predict use the latest checkpoint in ``workdir``, or
+  ``config.init_from`` when there is none.
+  """
+  if mode not in MODES:
+    raise UserError(f'unknown mode {mode!r}; one of {", ".join(MODES)}', field='--mode')
+  if model is None:
+    model, variables = create_model(config)
+  variables = init_from_checkpoints(config, variables)
+  step = 0
+  if mode in ('train', 'train_and_evaluate'):
+    summary = make_image_summary_fn(model, config) if config.train.image_summary_every > 0 else None
+    state = train(config, workdir, model, variables, data.train_batches, writer, summary)
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    step = int(state.step)
+    if mode == 'train':
+      return None
+  else:
+    try:
+      variables, step = load_variables(config, workdir, variables)
+    except UserError:
+      if not config.init_from:
+        raise
+      print(f'no checkpoint in {workdir}; using init_from', flush=True)
+  if mode == 'predict':
+    predict(config, model, variables, data.preprocess_image)
+    return None
+  return evaluate(config, workdir, model, variables, data.eval_batches(),
+                  data.eval_annotations(), step=step, writer=writer)

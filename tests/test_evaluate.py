@@ -6,6 +6,7 @@ directly on the same data.
 """
 import contextlib
 import copy
+import importlib.util
 import io
 import json
 import os
@@ -20,7 +21,7 @@ from pycocotools.cocoeval import COCOeval
 
 from input_pipeline import records
 from sln_jax import evaluate as ev
-from sln_jax.cliutil import UserError
+from sln_jax.cliutil import UserError, run_cli
 
 H, W = 24, 32
 ONE = pytest.approx(1.0)  # COCOeval's precision is tp / (tp + fp + eps)
@@ -296,6 +297,31 @@ def test_bad_results_raise_user_error(results, field):
   assert err.value.path == 'dt.json' and err.value.field == field
 
 
+def test_rle_counts_decodes_pycocotools_strings():
+  rng = np.random.default_rng(3)
+  for t in range(40):
+    h, w = (int(v) for v in rng.integers(1, 40, 2))
+    m = rng.random((h, w)) < rng.random()
+    if t % 4 == 0:
+      m = np.ones((h, w), bool)
+    counts = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))['counts']
+    runs = ev.rle_counts(counts)
+    flat = np.repeat(np.arange(len(runs)) % 2 == 1, runs)   # column-major
+    np.testing.assert_array_equal(flat.reshape(w, h).T, m)
+  for bad in ('0\x7f', 'a'):      # out of alphabet; truncated group
+    with pytest.raises(ValueError):
+      ev.rle_counts(bad)
+
+
+@pytest.mark.parametrize('counts', ['abc', 'P', [10, 5], [800]])
+def test_malformed_rle_is_a_user_error(counts):
+  bad = {'size': [H, W], 'counts': counts}
+  with pytest.raises(UserError) as err:
+    ev.evaluate([image(1, [inst(A)])],
+                [{'image_id': 1, 'score': 0.5, 'segmentation': bad}])
+  assert err.value.field == '[0].segmentation'
+
+
 def test_format_table():
   m = ev.evaluate([image(1, [inst(A), inst(B)])], [det(1, A, 0.9)])
   text = ev.format_table(m)
@@ -341,7 +367,15 @@ def _run_cli(*args):
                         cwd=ROOT, timeout=120)
 
 
-def test_cli_writes_metrics_and_rejects_bad_input(tmp_path):
+def _load_script():
+  spec = importlib.util.spec_from_file_location(
+      'evaluate_script', os.path.join(ROOT, 'scripts', 'evaluate.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_cli_writes_metrics_and_rejects_bad_input(tmp_path, capsys):
   pytest.importorskip('input_pipeline.readers')
   gt_path = _cocoa_file(tmp_path)
   from input_pipeline import readers
@@ -372,17 +406,23 @@ def test_cli_writes_metrics_and_rejects_bad_input(tmp_path):
       'noseg.json': [{'image_id': 1, 'score': 1.0}],
       'unknown.json': [dict(results[0], image_id=99)],
   }
+  # One bad input through a real process; the rest in-process (same run_cli).
+  proc = _run_cli('--format', 'cocoa', '--annotations', tmp_path / 'nope.json',
+                  '--results', dt_path, '--output', tmp_path / 'x.json')
+  assert proc.returncode == 2 and 'nope.json' in proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+  script = _load_script()
+  capsys.readouterr()
   for name, content in bad_cases.items():
     path = tmp_path / name
     if content is not None:
       path.write_text(json.dumps(content))
     out2 = tmp_path / f'{name}.metrics.json'
-    proc = _run_cli('--format', 'cocoa', '--annotations', gt_path,
-                    '--results', path, '--output', out2)
-    assert proc.returncode == 2, (name, proc.stderr)
-    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert name in proc.stderr
+    argv = ['--format', 'cocoa', '--annotations', str(gt_path),
+            '--results', str(path), '--output', str(out2)]
+    with pytest.raises(SystemExit) as exit_info:
+      run_cli(lambda: script.main(argv))
+    assert exit_info.value.code == 2, name
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and name in err, err
     assert not out2.exists()
-  proc = _run_cli('--format', 'cocoa', '--annotations', tmp_path / 'nope.json',
-                  '--results', dt_path, '--output', tmp_path / 'x.json')
-  assert proc.returncode == 2 and 'nope.json' in proc.stderr

@@ -26,13 +26,13 @@ def _randomize(variables, seed=0):
 
 
 def _torch_conv(x, p, stride=1, padding=0):
-  w = torch.from_numpy(np.asarray(p['kernel'])).permute(3, 2, 0, 1)
-  b = torch.from_numpy(np.asarray(p['bias']))
+  w = torch.from_numpy(np.array(p['kernel'])).permute(3, 2, 0, 1)
+  b = torch.from_numpy(np.array(p['bias']))
   return F.conv2d(x, w, b, stride=stride, padding=padding)
 
 
 def _torch_bn(x, p, s, eps):
-  t = lambda a: torch.from_numpy(np.asarray(a))
+  t = lambda a: torch.from_numpy(np.array(a))
   return F.batch_norm(x, t(s['mean']), t(s['var']), t(p['scale']), t(p['bias']),
                       training=False, eps=eps)
 
@@ -75,8 +75,8 @@ def _torch_resnet(x, v, stage_sizes, eps=1e-3):
 def test_resnet_shapes_and_variable_names():
   model = resnet.ResNet(stage_sizes=(1, 2, 1, 1), width=8)
   x = jnp.zeros((2, 64, 64, 3))
-  v = model.init(jax.random.PRNGKey(0), x)
-  out = model.apply(v, x)
+  v = jax.jit(model.init)(jax.random.PRNGKey(0), x)
+  out = jax.jit(model.apply)(v, x)
   assert out['c1'].shape == (2, 16, 16, 8)
   assert out['c2'].shape == (2, 16, 16, 32)
   assert out['c3'].shape == (2, 8, 8, 64)
@@ -96,8 +96,8 @@ def test_resnet_matches_torch_reference():
   stages = (1, 2, 1, 1)
   model = resnet.ResNet(stage_sizes=stages, width=8)
   x = np.random.default_rng(1).normal(0, 50, (1, 64, 64, 3)).astype(np.float32)
-  v = _randomize(model.init(jax.random.PRNGKey(0), jnp.asarray(x)))
-  out = model.apply(v, jnp.asarray(x))
+  v = _randomize(jax.jit(model.init)(jax.random.PRNGKey(0), jnp.asarray(x)))
+  out = jax.jit(model.apply)(v, jnp.asarray(x))
   ref = _torch_resnet(torch.from_numpy(x).permute(0, 3, 1, 2), v, stages)
   for k in ('c1', 'c2', 'c3', 'c4', 'c5'):
     r = ref[k].permute(0, 2, 3, 1).numpy()
@@ -122,8 +122,8 @@ def test_stem_pool_padding_is_asymmetric_like_torch():
 def test_resnet_bfloat16_forward():
   model = resnet.ResNet(stage_sizes=(1, 1, 1, 1), width=8, dtype=jnp.bfloat16)
   x = jnp.ones((1, 64, 64, 3))
-  v = model.init(jax.random.PRNGKey(0), x)
+  v = jax.jit(model.init)(jax.random.PRNGKey(0), x)
   assert all(l.dtype == jnp.float32 for l in jax.tree.leaves(v))
-  out = model.apply(v, x)
+  out = jax.jit(model.apply)(v, x)
   assert out['c5'].dtype == jnp.bfloat16
   assert bool(jnp.all(jnp.isfinite(out['c5'].astype(jnp.float32))))

@@ -6,6 +6,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
+import tensorflow_datasets as tfds  # noqa: E402
 
 from configs import tiny  # noqa: E402
 from input_pipeline import pipeline  # noqa: E402
@@ -189,3 +190,160 @@ def test_inference_preprocessing_matches_pipeline(mode, shape):
   assert np.abs(glm.astype(int) - out['glm_image']).max() <= 1
   np.testing.assert_array_equal(image_shape, out['image_shape'])
   np.testing.assert_allclose(image_scale, out['image_scale'], rtol=1e-6)
+
+
+# ------------------------------------------------------------ end to end
+NUM_TRAIN, NUM_VAL = 6, 5
+
+
+@pytest.fixture(scope='module')
+def synthetic_config(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp('synthetic')
+  c = tiny.get_config()
+  c.dataset.name = 'synthetic'
+  c.dataset.data_dir = str(tmp / 'tfds')
+  c.dataset.manual_dir = str(tmp / 'raw')
+  s = c.dataset.synthetic
+  s.image_size, s.num_train, s.num_val, s.seed = 64, NUM_TRAIN, NUM_VAL, 0
+  c.input.shuffle_buffer = 8
+  c.model.num_layers = 2
+  tfds_builders.build_dataset(c)
+  return c
+
+
+def _expected_shapes(c, d, b):
+  s, m, k = c.input.image_size, c.input.max_instances, c.input.gt_mask_size
+  g, nl = c.model.glm.image_size, c.model.num_layers
+  return {
+      'image': ((d, b, s, s, 3), np.uint8),
+      'glm_image': ((d, b, g, g, 3), np.uint8),
+      'image_shape': ((d, b, 2), np.float32),
+      'image_scale': ((d, b, 2), np.float32),
+      'image_id': ((d, b), np.int32),
+      'gt_boxes': ((d, b, m, 4), np.float32),
+      'gt_classes': ((d, b, m), np.int32),
+      'gt_valid': ((d, b, m), np.bool_),
+      'gt_layers': ((d, b, m, k, k, nl), np.float32),
+      'gt_occlude_rate': ((d, b, m), np.float32),
+      'gt_is_stuff': ((d, b, m), np.bool_),
+      'gt_depth_rank': ((d, b, m), np.int32),
+      'is_valid': ((d, b), np.bool_),
+  }
+
+
+def test_train_batch_shapes_and_dtypes(synthetic_config):
+  c = synthetic_config
+  builder = tfds_builders.build_dataset(c)   # already prepared: reused
+  assert builder.info.splits['train'].num_examples <= NUM_TRAIN
+  assert os.path.isfile(os.path.join(c.dataset.manual_dir,
+                                     tfds_builders.Synthetic.PARAMS_FILE))
+  it = pipeline.create_split(c, 'train', train=True, num_local_devices=2,
+                             per_device_batch=2, builder=builder)
+  batch = next(it)
+  expected = _expected_shapes(c, 2, 2)
+  assert set(batch) == set(expected)
+  for key, (shape, dtype) in expected.items():
+    assert batch[key].shape == shape, key
+    assert batch[key].dtype == dtype, key
+  assert batch['is_valid'].all() and batch['gt_valid'].any()
+  assert set(np.unique(batch['gt_layers'])) <= {0.0, 1.0}
+  valid = batch['gt_valid']
+  boxes = batch['gt_boxes'][valid]
+  assert np.all(boxes[:, 2] > boxes[:, 0]) and np.all(boxes[:, 3] > boxes[:, 1])
+  hw = np.repeat(batch['image_shape'][:, :, None, :], c.input.max_instances, 2)
+  assert np.all(boxes[:, 2:] <= hw[valid] + 1e-4)
+  # One-hot layers: at most one channel per pixel.
+  assert batch['gt_layers'].sum(-1).max() <= 1
+  next(it)  # repeats past the end of the split
+
+
+def _crop_np(channels, box, k):
+  """Independent numpy crop: bilinear samples on rows y1..y2-1, columns
+  x1..x2-1 of (L, H, W) channels (tf.image.crop_and_resize semantics)."""
+  y1, x1, y2, x2 = box
+  ys = y1 + np.arange(k) * (y2 - 1 - y1) / (k - 1)
+  xs = x1 + np.arange(k) * (x2 - 1 - x1) / (k - 1)
+
+  def taps(v, size):
+    lo = np.floor(v).astype(int)
+    return lo, np.minimum(lo + 1, size - 1), v - lo
+
+  y0, y1i, fy = taps(ys, channels.shape[1])
+  x0, x1i, fx = taps(xs, channels.shape[2])
+  c = channels.astype(np.float64)
+  top = c[:, y0][:, :, x0] * (1 - fx) + c[:, y0][:, :, x1i] * fx
+  bot = c[:, y1i][:, :, x0] * (1 - fx) + c[:, y1i][:, :, x1i] * fx
+  out = top * (1 - fy)[None, :, None] + bot * fy[None, :, None]
+  return np.moveaxis(out >= 0.5, 0, -1).astype(np.float32)
+
+
+def test_eval_targets_match_numpy_reference(synthetic_config):
+  c = synthetic_config
+  builder = tfds_builders.build_dataset(c)
+  raw = {int(e['image_id']): e for e in
+         tfds.as_numpy(builder.as_dataset(split='val'))}
+  batch = next(pipeline.create_split(c, 'val', train=False, num_local_devices=1,
+                                     per_device_batch=2, builder=builder))
+  k, m, nl = c.input.gt_mask_size, c.input.max_instances, c.model.num_layers
+  checked = 0
+  for b in range(2):
+    ex = raw[int(batch['image_id'][0, b])]
+    inst = ex['instances']
+    order = np.argsort(inst['depth_rank'], kind='stable')[:m]
+    scale = batch['image_scale'][0, b]
+    for j, i in enumerate(order):
+      box = inst['bbox'][i]
+      np.testing.assert_allclose(batch['gt_boxes'][0, b, j],
+                                 box * np.tile(scale, 2), rtol=1e-5)
+      ref = _crop_np(semdist.layer_channels(inst['layer_index'][i], nl), box, k)
+      # Bilinear weights can land within float error of 0.5: allow a pixel.
+      assert np.abs(batch['gt_layers'][0, b, j] - ref).sum() <= 1
+      checked += 1
+  assert checked >= 2
+
+
+def _eval_ids(c, **kwargs):
+  batches = list(pipeline.create_split(c, 'val', train=False, **kwargs))
+  ids = np.concatenate([b['image_id'].reshape(-1) for b in batches])
+  valid = np.concatenate([b['is_valid'].reshape(-1) for b in batches])
+  return batches, ids, valid
+
+
+def test_eval_split_is_deterministic_and_padded(synthetic_config):
+  c = synthetic_config
+  n = tfds_builders.build_dataset(c).info.splits['val'].num_examples
+  batches, ids, valid = _eval_ids(c, num_local_devices=1, per_device_batch=2)
+  assert len(batches) == -(-n // 2) and valid.sum() == n
+  assert not valid[n:].any() and np.all(ids[~valid] == -1)
+  last = batches[-1]
+  if n % 2:
+    assert not last['gt_valid'][0, 1].any() and not last['image'][0, 1].any()
+  _, ids2, _ = _eval_ids(c, num_local_devices=1, per_device_batch=2)
+  np.testing.assert_array_equal(ids, ids2)
+  # Two process shards: disjoint, together the whole split, same length.
+  b0, ids0, v0 = _eval_ids(c, num_local_devices=1, per_device_batch=2,
+                           shard_index=0, num_shards=2)
+  b1, ids1, v1 = _eval_ids(c, num_local_devices=1, per_device_batch=2,
+                           shard_index=1, num_shards=2)
+  assert len(b0) == len(b1)
+  assert not set(ids0[v0]) & set(ids1[v1])
+  assert set(ids0[v0]) | set(ids1[v1]) == set(ids[valid])
+
+
+def test_synthetic_params_mismatch_is_refused(synthetic_config):
+  c = tiny.get_config()
+  c.dataset.name = 'synthetic'
+  c.dataset.data_dir = synthetic_config.dataset.data_dir
+  c.dataset.manual_dir = synthetic_config.dataset.manual_dir
+  c.dataset.synthetic.image_size = 64
+  c.dataset.synthetic.num_train = NUM_TRAIN + 1
+  with pytest.raises(tfds_builders.cliutil.UserError, match='sln_synthetic'):
+    tfds_builders.build_dataset(c)
+
+
+def test_truncation_is_counted(synthetic_config):
+  builder = tfds_builders.build_dataset(synthetic_config)
+  counts = builder.info.metadata['num_instances']['train']
+  assert len(counts) == builder.info.splits['train'].num_examples
+  assert pipeline._log_truncation(builder, 'train', 0) == len(counts)
+  assert pipeline._log_truncation(builder, 'train', max(counts)) == 0

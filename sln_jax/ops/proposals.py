@@ -34,6 +34,7 @@ def generate_proposals(rpn_probs: jnp.ndarray, rpn_deltas: jnp.ndarray,
       score, zeros in unused slots.
     valid: (B, P) bool.
   """
+  anchors = jnp.asarray(anchors, jnp.float32)
   k = min(int(pre_nms_topk), anchors.shape[0])
   win = jnp.asarray((0.0, 0.0, 1.0, 1.0) if window is None else window,
                     jnp.float32)

@@ -1,0 +1,497 @@
+"""Synthetic amodal scenes written as a COCOA-schema dataset.
+
+Each image holds textured shapes (ellipses, rotated rectangles, triangles,
+random star polygons) and sometimes one large "stuff" region (a wide band or
+a blob, ``isStuff`` = 1) at random depths with real overlaps, painted back to
+front on a muted textured background (noise, gradient or stripes). Objects
+are saturated and patterned (solid, stripes, checker, dots, gradient) so a
+small CNN can tell them from the background.
+
+Layout (the release's, read by ``readers.load_cocoa`` / ``load_release``)::
+
+  <out>/annotations/COCO_amodal_<split>2014.json
+  <out>/<split>2014/COCO_<split>2014_<image id:012d>.png  (or .jpg, quality 95)
+
+JSON schema (COCOA, SLN_REFERENCE §3): ``images`` [{id, file_name, width,
+height}], ``annotations`` with one entry per image {id, image_id, size,
+depth_constraint "a-b,..." (overlapping pairs, a in front, by ``order``),
+regions}; each region {segmentation: flat polygon [x1, y1, ...] in pixel
+coordinates (x right, y down, clipped to [0, w] x [0, h]), name, area
+(amodal pixel count), isStuff, occlude_rate (invisible / amodal pixels),
+order (1 = front-most; regions listed by order), and only when occluded
+visible_mask / invisible_mask as COCO RLE with str counts}.
+
+Self-consistency: the amodal mask is pycocotools' rasterisation of the
+polygon exactly as written (``frPyObjects`` + ``decode``); visible = amodal
+minus the amodal masks of every region in front; invisible = amodal &
+~visible. Deterministic: the same arguments give byte-identical files (each
+image draws from its own ``SeedSequence((seed, crc32(split), index))``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+import os
+import zlib
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from input_pipeline import records
+from sln_jax import cliutil
+
+THING_KINDS = ('ellipse', 'rectangle', 'triangle', 'polygon')
+STUFF_KINDS = ('band', 'blob')
+OCCLUSION_BINS = ('none', 'partial', 'heavy')  # 0, (0, 0.25], > 0.25
+
+
+@dataclasses.dataclass(frozen=True)
+class SceneParams:
+  """Scene generator knobs (sizes are fractions of the shorter image side).
+
+  Attributes:
+    min_objects, max_objects: regions per image (stuff included).
+    occlusion: probability that a new object is placed overlapping an
+      earlier one (else uniformly); raises the share of occluded instances.
+    stuff_prob: probability that an image has one stuff region.
+    min_visible_fraction: every region keeps at least this share of its
+      amodal area visible (bounds occlude_rate by 1 - this).
+    thing_radius: (low, high) object radius.
+    min_area: smallest amodal area, a fraction of the image area.
+  """
+  min_objects: int = 3
+  max_objects: int = 6
+  occlusion: float = 0.6
+  stuff_prob: float = 0.3
+  min_visible_fraction: float = 0.25
+  thing_radius: tuple = (0.10, 0.22)
+  min_area: float = 0.005
+
+  def validate(self) -> None:
+    if not 1 <= self.min_objects <= self.max_objects:
+      raise cliutil.UserError(
+          f'need 1 <= min_objects <= max_objects, got {self.min_objects}, '
+          f'{self.max_objects}', field='min_objects')
+    for name in ('occlusion', 'stuff_prob', 'min_visible_fraction'):
+      if not 0.0 <= getattr(self, name) <= 1.0:
+        raise cliutil.UserError(f'must be in [0, 1], got '
+                                f'{getattr(self, name)}', field=name)
+
+
+# ------------------------------------------------------------------ geometry
+
+def _clip_polygon(points: np.ndarray, width: int, height: int) -> np.ndarray:
+  """Sutherland-Hodgman clip of (K, 2) xy points to [0, w] x [0, h]."""
+  pts = list(map(tuple, points))
+  for axis, bound, keep_below in ((0, 0.0, False), (0, float(width), True),
+                                  (1, 0.0, False), (1, float(height), True)):
+    if not pts:
+      break
+    inside = (lambda p: p[axis] <= bound) if keep_below else (
+        lambda p: p[axis] >= bound)
+    out = []
+    for k, cur in enumerate(pts):
+      prev = pts[k - 1]
+      if inside(cur) != inside(prev):
+        t = (bound - prev[axis]) / (cur[axis] - prev[axis])
+        out.append(tuple(prev[a] + t * (cur[a] - prev[a]) for a in (0, 1)))
+      if inside(cur):
+        out.append(cur)
+    pts = out
+  return np.asarray(pts, np.float64).reshape(-1, 2)
+
+
+def _rotate(points: np.ndarray, angle: float, center) -> np.ndarray:
+  c, s = math.cos(angle), math.sin(angle)
+  return points @ np.array([[c, s], [-s, c]]) + np.asarray(center)
+
+
+def _thing_polygon(kind: str, rng: np.random.Generator, center,
+                   radius: float) -> np.ndarray:
+  """(K, 2) xy vertices of a thing of ``kind`` around ``center``."""
+  angle = rng.uniform(0, 2 * math.pi)
+  if kind == 'ellipse':
+    a, b = radius * rng.uniform(0.65, 1.0, 2)
+    k = int(np.clip(2 * math.pi * max(a, b) / 2.0, 24, 64))
+    t = np.linspace(0, 2 * math.pi, k, endpoint=False)
+    pts = np.stack([a * np.cos(t), b * np.sin(t)], 1)
+  elif kind == 'rectangle':
+    hw, hh = radius * rng.uniform(0.55, 1.0, 2)
+    pts = np.array([[-hw, -hh], [hw, -hh], [hw, hh], [-hw, hh]])
+  elif kind == 'triangle':
+    t = np.arange(3) * 2 * math.pi / 3 + rng.uniform(-0.35, 0.35, 3)
+    r = radius * rng.uniform(0.85, 1.2, 3)
+    pts = np.stack([r * np.cos(t), r * np.sin(t)], 1)
+  elif kind == 'polygon':
+    k = int(rng.integers(5, 10))
+    t = np.sort(rng.uniform(0, 2 * math.pi, k))
+    r = radius * rng.uniform(0.55, 1.1, k)
+    pts = np.stack([r * np.cos(t), r * np.sin(t)], 1)
+  else:
+    raise ValueError(f'unknown thing kind {kind!r}')
+  return _rotate(pts, angle, center)
+
+
+def _stuff_polygon(kind: str, rng: np.random.Generator, width: int,
+                   height: int) -> np.ndarray:
+  """(K, 2) xy vertices of a large stuff region (before clipping)."""
+  side = min(width, height)
+  center = (rng.uniform(0.2, 0.8) * width, rng.uniform(0.2, 0.8) * height)
+  if kind == 'band':
+    half_len = math.hypot(width, height)
+    half_w = side * rng.uniform(0.12, 0.2)
+    pts = np.array([[-half_len, -half_w], [half_len, -half_w],
+                    [half_len, half_w], [-half_len, half_w]])
+    return _rotate(pts, rng.uniform(0, math.pi), center)
+  if kind == 'blob':
+    t = np.linspace(0, 2 * math.pi, 40, endpoint=False)
+    r = np.full_like(t, side * rng.uniform(0.3, 0.42))
+    for freq in (2, 3, 5):
+      r *= 1 + rng.uniform(-0.12, 0.12) * np.cos(freq * t +
+                                                 rng.uniform(0, 2 * math.pi))
+    return np.stack([center[0] + r * np.cos(t), center[1] + r * np.sin(t)], 1)
+  raise ValueError(f'unknown stuff kind {kind!r}')
+
+
+def _rasterize(flat: list, height: int, width: int) -> np.ndarray:
+  """Flat polygon -> (H, W) bool, exactly as a COCO reader decodes it."""
+  rle = mask_utils.frPyObjects([flat], height, width)
+  return mask_utils.decode(rle)[..., 0].astype(bool)
+
+
+# ------------------------------------------------------------------ textures
+
+def _hsv_to_rgb(h: float, s: float, v: float) -> np.ndarray:
+  i = int(h * 6) % 6
+  f = h * 6 - int(h * 6)
+  p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
+  rgb = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i]
+  return 255.0 * np.asarray(rgb)
+
+
+def _smooth_noise(rng: np.random.Generator, ys: np.ndarray, xs: np.ndarray,
+                  height: int, width: int, cells: int) -> np.ndarray:
+  """Low-frequency noise in [0, 1] at pixels (ys, xs): a random
+  (cells + 1)^2 grid spread over the image, bilinearly interpolated."""
+  grid = rng.random((cells + 1, cells + 1))
+  gy = ys * (cells / max(height - 1, 1))
+  gx = xs * (cells / max(width - 1, 1))
+  y0 = np.minimum(gy.astype(int), cells - 1)
+  x0 = np.minimum(gx.astype(int), cells - 1)
+  fy, fx = gy - y0, gx - x0
+  return (grid[y0, x0] * (1 - fy) * (1 - fx) + grid[y0, x0 + 1] * (1 - fy) * fx
+          + grid[y0 + 1, x0] * fy * (1 - fx) + grid[y0 + 1, x0 + 1] * fy * fx)
+
+
+def _background(rng: np.random.Generator, height: int,
+                width: int) -> np.ndarray:
+  """(H, W, 3) float muted background: noise, gradient or stripes."""
+  yy, xx = np.mgrid[:height, :width].astype(np.float64)
+  c1 = _hsv_to_rgb(rng.random(), rng.uniform(0.0, 0.25), rng.uniform(0.3, 0.7))
+  c2 = _hsv_to_rgb(rng.random(), rng.uniform(0.0, 0.25), rng.uniform(0.3, 0.7))
+  kind = rng.integers(3)
+  if kind == 0:
+    w = _smooth_noise(rng, yy, xx, height, width, int(rng.integers(3, 8)))
+  elif kind == 1:
+    a = rng.uniform(0, 2 * math.pi)
+    proj = xx * math.cos(a) + yy * math.sin(a)
+    w = (proj - proj.min()) / max(np.ptp(proj), 1e-6)
+  else:
+    a = rng.uniform(0, math.pi)
+    period = rng.uniform(10, 24)
+    w = 0.5 + 0.25 * np.sin(2 * math.pi * (xx * math.cos(a) + yy * math.sin(a))
+                            / period)
+  return c1 * (1 - w[..., None]) + c2 * w[..., None]
+
+
+def _object_texture(rng: np.random.Generator, mask: np.ndarray,
+                    stuff: bool) -> np.ndarray:
+  """(P, 3) float colours of the P pixels of ``mask`` (row-major order): a
+  saturated patterned texture for one region."""
+  height, width = mask.shape
+  yy, xx = (c.astype(np.float64) for c in np.nonzero(mask))
+  hue = rng.random()
+  sat = rng.uniform(0.35, 0.6) if stuff else rng.uniform(0.65, 1.0)
+  c1 = _hsv_to_rgb(hue, sat, rng.uniform(0.6, 1.0))
+  c2 = _hsv_to_rgb((hue + rng.uniform(0.15, 0.5)) % 1.0, sat,
+                   rng.uniform(0.25, 0.6))
+  kind = int(rng.integers(5)) if not stuff else 5
+  a = rng.uniform(0, math.pi)
+  u = xx * math.cos(a) + yy * math.sin(a)
+  v = -xx * math.sin(a) + yy * math.cos(a)
+  if kind == 0:                                   # solid with faint shading
+    w = 0.15 * _smooth_noise(rng, yy, xx, height, width, 3)
+  elif kind == 1:                                 # stripes
+    w = np.floor(u / rng.uniform(3, 7)) % 2
+  elif kind == 2:                                 # checker
+    cell = rng.uniform(3, 7)
+    w = (np.floor(u / cell) + np.floor(v / cell)) % 2
+  elif kind == 3:                                 # dots
+    period = rng.uniform(5, 9)
+    du = (u % period) - period / 2
+    dv = (v % period) - period / 2
+    w = (du * du + dv * dv < (period * 0.3) ** 2).astype(np.float64)
+  elif kind == 4:                                 # gradient across the region
+    w = (u - u.min()) / max(np.ptp(u), 1e-6)
+  else:                                           # stuff: coarse mottling
+    w = _smooth_noise(rng, yy, xx, height, width, int(rng.integers(6, 12)))
+  return c1 * (1 - w[:, None]) + c2 * w[:, None]
+
+
+# ------------------------------------------------------------------ scenes
+
+@dataclasses.dataclass
+class _Region:
+  flat: list            # polygon [x1, y1, ...] as written
+  amodal: np.ndarray    # (H, W) bool
+  name: str
+  is_stuff: bool
+  center: tuple
+  radius: float
+
+
+def _visible_masks(regions: Sequence[_Region]) -> list:
+  """Visible masks of regions listed front to back."""
+  covered = np.zeros_like(regions[0].amodal)
+  out = []
+  for r in regions:
+    out.append(r.amodal & ~covered)
+    covered |= r.amodal
+  return out
+
+
+def _make_region(rng, params: SceneParams, height: int, width: int,
+                 stuff: bool, placed: Sequence[_Region]) -> Optional[_Region]:
+  """One random region, or None if it is degenerate after clipping."""
+  side = min(height, width)
+  if stuff:
+    kind = STUFF_KINDS[int(rng.integers(len(STUFF_KINDS)))]
+    pts = _stuff_polygon(kind, rng, width, height)
+    center, radius = (width / 2, height / 2), float(side)
+  else:
+    kind = THING_KINDS[int(rng.integers(len(THING_KINDS)))]
+    radius = side * rng.uniform(*params.thing_radius)
+    things = [r for r in placed if not r.is_stuff]
+    if things and rng.random() < params.occlusion:
+      other = things[int(rng.integers(len(things)))]
+      dist = rng.uniform(0.45, 1.0) * (radius + other.radius)
+      t = rng.uniform(0, 2 * math.pi)
+      center = (other.center[0] + dist * math.cos(t),
+                other.center[1] + dist * math.sin(t))
+    else:
+      center = (rng.uniform(0.1, 0.9) * width, rng.uniform(0.1, 0.9) * height)
+    center = (float(np.clip(center[0], 0.1 * width, 0.9 * width)),
+              float(np.clip(center[1], 0.1 * height, 0.9 * height)))
+    pts = _thing_polygon(kind, rng, center, radius)
+  pts = _clip_polygon(pts, width, height)
+  if len(pts) < 3:
+    return None
+  flat = [round(float(v), 2) for v in pts.reshape(-1)]
+  amodal = _rasterize(flat, height, width)
+  if amodal.sum() < params.min_area * height * width:
+    return None
+  return _Region(flat, amodal, kind, stuff, center, radius)
+
+
+def _scene_regions(rng: np.random.Generator, params: SceneParams, height: int,
+                   width: int) -> list:
+  """Regions listed front to back; every one keeps enough visible area."""
+  target = int(rng.integers(params.min_objects, params.max_objects + 1))
+  want_stuff = rng.random() < params.stuff_prob
+  regions: list = []                               # front to back
+  for _ in range(20 * target):
+    if len(regions) == target:
+      break
+    stuff = want_stuff and not any(r.is_stuff for r in regions)
+    region = _make_region(rng, params, height, width, stuff, regions)
+    if region is None:
+      continue
+    if stuff and rng.random() < 0.7:               # stuff mostly at the back
+      pos = len(regions)
+    else:
+      pos = int(rng.integers(len(regions) + 1))
+    trial = regions[:pos] + [region] + regions[pos:]
+    visible = _visible_masks(trial)
+    if all(v.sum() >= params.min_visible_fraction * r.amodal.sum()
+           for v, r in zip(visible, trial)):
+      regions = trial
+  return regions
+
+
+def _render(rng: np.random.Generator, regions: Sequence[_Region], height: int,
+            width: int) -> np.ndarray:
+  """(H, W, 3) uint8: background, then regions painted back to front."""
+  img = _background(rng, height, width)
+  for r in reversed(regions):
+    img[r.amodal] = _object_texture(rng, r.amodal, r.is_stuff)
+  img += rng.normal(0.0, 3.0, img.shape)
+  return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def _annotation(regions: Sequence[_Region],
+                image_id: int) -> tuple[dict, list]:
+  """COCOA annotation dict and the per-region occlude rates."""
+  visible = _visible_masks(regions)
+  out, rates, pairs = [], [], []
+  for k, (r, vis) in enumerate(zip(regions, visible)):
+    area = int(r.amodal.sum())
+    invisible = r.amodal & ~vis
+    rate = float(invisible.sum()) / area
+    entry = {'segmentation': r.flat, 'name': r.name, 'area': float(area),
+             'isStuff': int(r.is_stuff), 'occlude_rate': rate, 'order': k + 1}
+    if invisible.any():
+      entry['visible_mask'] = records.encode_mask(vis)
+      entry['invisible_mask'] = records.encode_mask(invisible)
+    out.append(entry)
+    rates.append(rate)
+    for j in range(k):
+      if (regions[j].amodal & r.amodal).any():
+        pairs.append((j + 1, k + 1))
+  ann = {'id': image_id, 'image_id': image_id, 'size': len(regions),
+         'depth_constraint': ','.join(f'{a}-{b}' for a, b in sorted(pairs)),
+         'regions': out}
+  return ann, rates
+
+
+# ------------------------------------------------------------------ datasets
+
+def annotation_path(out_dir: str, split: str) -> str:
+  return os.path.join(out_dir, 'annotations', f'COCO_amodal_{split}2014.json')
+
+
+def images_dir(out_dir: str, split: str) -> str:
+  return os.path.join(out_dir, f'{split}2014')
+
+
+def occlusion_stats(rates: Sequence[float]) -> dict:
+  """Share of occluded instances, mean occlude_rate of the occluded ones and
+  counts per bin: none (0), partial (0, 0.25], heavy (> 0.25)."""
+  rates = np.asarray(rates, np.float64)
+  occluded = rates[rates > 0]
+  return {
+      'num_instances': int(rates.size),
+      'occluded_share': float(occluded.size / rates.size) if rates.size else 0.0,
+      'mean_occlude_rate_occluded':
+          float(occluded.mean()) if occluded.size else 0.0,
+      'histogram': {'none': int((rates == 0).sum()),
+                    'partial': int(((rates > 0) & (rates <= 0.25)).sum()),
+                    'heavy': int((rates > 0.25).sum())},
+  }
+
+
+def _size_hw(image_size: Union[int, Sequence[int]]) -> tuple[int, int]:
+  if isinstance(image_size, (int, np.integer)):
+    h = w = int(image_size)
+  else:
+    h, w = (int(v) for v in image_size)
+  if min(h, w) < 32:
+    raise cliutil.UserError(f'must be at least 32 pixels, got {h}x{w}',
+                            field='image_size')
+  return h, w
+
+
+def generate_split(out_dir: str, split: str, num_images: int,
+                   image_size: Union[int, Sequence[int]] = 128, seed: int = 0,
+                   params: SceneParams = SceneParams(),
+                   image_format: str = 'png',
+                   progress: Optional[Callable[[int], None]] = None) -> dict:
+  """Writes one split (json + images) under ``out_dir``.
+
+  Args:
+    out_dir: dataset root (created if missing).
+    split: split name, e.g. 'train' (file names use ``<split>2014``).
+    num_images: images to generate (ids 1..num_images).
+    image_size: side S or (height, width) in pixels, >= 32.
+    seed: base seed; each image uses (seed, crc32(split), index).
+    params: scene knobs.
+    image_format: 'png' (lossless) or 'jpg' (quality 95).
+    progress: optional callback, called with 1 after each image.
+
+  Returns:
+    ``occlusion_stats`` of the split plus 'num_images'.
+  """
+  params.validate()
+  h, w = _size_hw(image_size)
+  if num_images < 0:
+    raise cliutil.UserError(f'must be >= 0, got {num_images}',
+                            field='num_images')
+  if image_format not in ('png', 'jpg'):
+    raise cliutil.UserError(f"must be 'png' or 'jpg', got {image_format!r}",
+                            field='image_format')
+  img_dir = images_dir(out_dir, split)
+  os.makedirs(img_dir, exist_ok=True)
+  split_code = zlib.crc32(split.encode('utf-8'))
+  images, annotations, rates = [], [], []
+  for index in range(num_images):
+    rng = np.random.default_rng(np.random.SeedSequence(
+        [int(seed), split_code, index]))
+    regions = _scene_regions(rng, params, h, w)
+    pixels = _render(rng, regions, h, w)
+    image_id = index + 1
+    file_name = f'COCO_{split}2014_{image_id:012d}.{image_format}'
+    buf = io.BytesIO()
+    if image_format == 'png':
+      Image.fromarray(pixels).save(buf, format='PNG', compress_level=1)
+    else:
+      Image.fromarray(pixels).save(buf, format='JPEG', quality=95)
+    with open(os.path.join(img_dir, file_name), 'wb') as f:
+      f.write(buf.getvalue())
+    images.append({'id': image_id, 'file_name': file_name, 'width': w,
+                   'height': h})
+    ann, image_rates = _annotation(regions, image_id)
+    annotations.append(ann)
+    rates.extend(image_rates)
+    if progress is not None:
+      progress(1)
+  with cliutil.atomic_output_file(annotation_path(out_dir, split)) as f:
+    json.dump({'images': images, 'annotations': annotations}, f,
+              separators=(',', ':'))
+  stats = occlusion_stats(rates)
+  stats['num_images'] = num_images
+  return stats
+
+
+def generate_dataset(out_dir: str, splits: Optional[dict] = None,
+                     image_size: Union[int, Sequence[int]] = 128,
+                     seed: int = 0, params: SceneParams = SceneParams(),
+                     image_format: str = 'png',
+                     progress: bool = False) -> dict:
+  """Writes every split of ``splits`` ({name: num_images}, default
+  {'train': 400, 'val': 50}) under ``out_dir``.
+
+  Returns:
+    {split: stats} plus 'all' (stats over every split), see
+    ``generate_split``. ``progress`` shows a tqdm bar on stderr.
+  """
+  splits = dict(splits if splits is not None else {'train': 400, 'val': 50})
+  bar = None
+  if progress:
+    import tqdm  # pylint: disable=g-import-not-at-top
+    bar = tqdm.tqdm(total=sum(splits.values()), unit='img', desc='synthetic')
+  try:
+    out = {}
+    for split, num in splits.items():
+      out[split] = generate_split(out_dir, split, int(num), image_size, seed,
+                                  params, image_format,
+                                  bar.update if bar is not None else None)
+  finally:
+    if bar is not None:
+      bar.close()
+  total = sum(s['num_instances'] for s in out.values())
+  hist = {b: sum(s['histogram'][b] for s in out.values())
+          for b in OCCLUSION_BINS}
+  occluded = hist['partial'] + hist['heavy']
+  out['all'] = {
+      'num_images': sum(s['num_images'] for s in out.values()),
+      'num_instances': total,
+      'occluded_share': occluded / total if total else 0.0,
+      'mean_occlude_rate_occluded': (
+          sum(s['mean_occlude_rate_occluded'] * (s['histogram']['partial']
+                                                 + s['histogram']['heavy'])
+              for s in out.values()) / occluded if occluded else 0.0),
+      'histogram': hist}
+  return out

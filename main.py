@@ -1,0 +1,152 @@
+"""SLN in JAX: train, evaluate and predict from one ml_collections config.
+
+  python main.py --config=configs/synthetic.py --workdir=runs/demo
+  python main.py --config=configs/cocoa.py --workdir=runs/cocoa --mode=evaluate \
+      --config.eval.protocol=amodalapi
+  python main.py --config=configs/cocoa.py --workdir=runs/cocoa --mode=predict \
+      --config.predict.input_dir=photos --config.predict.output_dir=out
+
+Any config field can be overridden with --config.<path>=<value>. Errors the
+user can fix (unknown field, missing dataset files, bad paths) print one line
+and exit with code 2. Multi-host: jax.distributed.initialize() runs when the
+environment names a coordinator (JAX_COORDINATOR_ADDRESS, or a SLURM / Open
+MPI job with more than one task); each process reads its own input shard.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from sln_jax import cliutil
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Config file (configs/*.py); override fields with --config.a.b=v.',
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, TensorBoard logs, metrics.')
+_MODE = flags.DEFINE_enum('mode', 'train_and_evaluate',
+                          ['train_and_evaluate', 'train', 'evaluate', 'predict'],
+                          'What to run.')
+
+
+def _unknown_field(argv: list[str], key: str) -> str:
+  """The --config.* override whose path ends in ``key`` (for the message)."""
+  for arg in argv:
+    name = arg.split('=', 1)[0].lstrip('-')
+    if name.startswith('config.') and key in name.split('.')[1:]:
+      return name
+  return key
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing with one-line errors and exit code 2."""
+  try:
+    rest = flags.FLAGS(argv)
+    if _CONFIG.value is not None:
+      _ = _CONFIG.value.to_dict  # a failed config file raises on first access
+    return rest
+  except flags.Error as err:
+    message = ' '.join(str(err).split())
+  except (AttributeError, KeyError) as err:  # an override of an unknown field
+    key = str(err.args[0] if err.args else err).strip('"\'')
+    message = (f'--{_unknown_field(argv, key)}: unknown config field {key!r} '
+               '(see configs/default.py)')
+  except (OSError, SyntaxError, ImportError, ValueError, TypeError) as err:
+    first = str(err).split('\n')
+    message = f'--config: {" ".join(" ".join(first[:4]).split())}'
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def _multi_host() -> bool:
+  env = os.environ
+  return bool(env.get('JAX_COORDINATOR_ADDRESS')) or any(
+      int(env.get(k, '1') or 1) > 1 for k in ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE'))
+
+
+def _eval_annotations(config, builder):
+  """Ground truth of the eval split: dataset.eval_annotations or the
+  builder's annotation file for dataset.eval_split."""
+  from input_pipeline import readers  # pylint: disable=g-import-not-at-top
+  d = config.dataset
+  if d.eval_annotations:
+    if not os.path.isfile(d.eval_annotations):
+      raise cliutil.UserError('no such file', path=d.eval_annotations,
+                              field='dataset.eval_annotations')
+    return lambda: readers.load_annotations(builder.FORMAT, d.eval_annotations)
+  files = builder.split_files(os.path.abspath(d.manual_dir))
+  if d.eval_split.split('[')[0] not in files:
+    raise cliutil.UserError(
+        f'split {d.eval_split!r} has no annotation file in {d.manual_dir} '
+        f'(found: {", ".join(sorted(files)) or "none"})', field='dataset.eval_split')
+  path, images = files[d.eval_split.split('[')[0]]
+  return lambda: readers.load_annotations(builder.FORMAT, path, images)
+
+
+def _data_sources(config, mode: str):
+  """Builds the input side (TensorFlow lives here, not in sln_jax)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top
+  from input_pipeline import tfds_builders  # pylint: disable=g-import-not-at-top
+  from sln_jax import train  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], 'GPU')  # the accelerator belongs to JAX
+  data = train.DataSources(preprocess_image=pipeline.preprocess_image_for_inference)
+  if mode == 'predict':
+    return data
+  builder = tfds_builders.build_dataset(config)
+  shard = dict(shard_index=jax.process_index(), num_shards=jax.process_count(),
+               num_local_devices=jax.local_device_count(), builder=builder)
+  if mode in ('train', 'train_and_evaluate'):
+    _, per_device = train.data_parallel_batch(config)
+    data.train_batches = lambda: pipeline.create_split(
+        config, config.dataset.train_split, train=True, per_device_batch=per_device,
+        **shard)
+  if mode in ('evaluate', 'train_and_evaluate'):
+    per_device = max(1, -(-int(config.eval.batch_size) // jax.device_count()))
+    data.eval_batches = lambda: pipeline.create_split(
+        config, config.dataset.eval_split, train=False, per_device_batch=per_device,
+        **shard)
+    data.eval_annotations = _eval_annotations(config, builder)
+  return data
+
+
+def _main() -> int:
+  import jax  # pylint: disable=g-import-not-at-top
+  if _multi_host():
+    jax.distributed.initialize()
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  from sln_jax import train  # pylint: disable=g-import-not-at-top
+  config, mode = _CONFIG.value, _MODE.value
+  if config is None:
+    raise cliutil.UserError('is required (e.g. --config=configs/synthetic.py)', field='--config')
+  if not _WORKDIR.value:
+    raise cliutil.UserError('is required', field='--workdir')
+  workdir = os.path.abspath(_WORKDIR.value)
+  os.makedirs(workdir, exist_ok=True)
+  data = _data_sources(config, mode)
+  writer = metric_writers.create_default_writer(
+      workdir, just_logging=jax.process_index() > 0)
+  if jax.process_index() == 0:
+    writer.write_texts(0, {'config': f'```\n{config}\n```'})
+    with cliutil.atomic_output_file(os.path.join(workdir, 'config.txt')) as f:
+      f.write(str(config))
+  try:
+    train.run(config, workdir, mode, writer, data)
+  finally:
+    writer.close()
+  return 0
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    print(f'error: unexpected arguments: {" ".join(argv[1:])}', file=sys.stderr)
+    sys.exit(2)
+  cliutil.run_cli(_main)
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=_parse_flags)

@@ -1,0 +1,66 @@
+"""Converts COCOA / D2SA / KINS annotations to the release's layer files.
+
+  python scripts/convert_annotations.py --format {cocoa,d2sa,kins} \
+      --annotations A.json --images DIR --out DIR
+
+Writes one ``<image stem>.npz`` (array ``layer``, uint64 (H, W)) per image
+with instances, byte-compatible with the original release's files. Output
+goes to a temporary directory renamed to ``--out`` on success; on bad input
+the script prints one line naming the file and the field and exits 2.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import argparse  # noqa: E402
+
+from tqdm import tqdm  # noqa: E402
+
+from input_pipeline import legacy_layers  # noqa: E402
+from input_pipeline import readers  # noqa: E402
+from sln_jax import cliutil  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--format', required=True,
+                      choices=('cocoa', 'd2sa', 'kins'))
+  parser.add_argument('--annotations', required=True, help='annotation json')
+  parser.add_argument('--images', required=True, help='images directory')
+  parser.add_argument('--out', required=True, help='output directory')
+  return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  if not os.path.isdir(args.images):
+    raise cliutil.UserError('images directory not found', path=args.images,
+                            field='--images')
+  stats = readers.ReadStats()
+  anns = readers.load_annotations(args.format, args.annotations, args.images,
+                                  stats=stats)
+  stems = {}
+  for ann in anns:                   # refuse before writing anything
+    legacy_layers.check_capacity(ann, args.annotations)
+    stem = os.path.splitext(os.path.basename(ann.file_name))[0]
+    if stem in stems:
+      raise cliutil.UserError(
+          f'images {stems[stem]} and {ann.file_name} share the output name '
+          f'{stem}.npz', path=args.annotations, field='images.file_name')
+    stems[stem] = ann.file_name
+  with cliutil.atomic_output_dir(args.out) as tmp:
+    for ann in tqdm(anns, desc='layers', unit='image'):
+      stem = os.path.splitext(os.path.basename(ann.file_name))[0]
+      legacy_layers.write_legacy_layers(os.path.join(tmp, stem + '.npz'), ann,
+                                        source=args.annotations)
+  print(f'wrote {len(anns)} layer files ({stats.num_instances} instances) to '
+        f'{args.out}; skipped {stats.skipped_empty} images with no instances')
+  return 0
+
+
+if __name__ == '__main__':
+  cliutil.run_cli(main)

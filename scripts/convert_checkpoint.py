@@ -1,0 +1,168 @@
+"""Converts a released PyTorch checkpoint to an Orbax checkpoint.
+
+  python scripts/convert_checkpoint.py --pth COCOA.pth --config=configs/cocoa.py \
+      --output DIR [--source auto|sln|deeplab|maskrcnn] [--allow-missing RE ...]
+      [--allow-unexpected RE ...] [--skip RE ...]
+      [--activations-input X.npy --activations-output A.npz]
+
+DIR is an Orbax (StandardCheckpointer) checkpoint of {'params',
+'batch_stats'} that ``--config.init_from=DIR`` loads. With activations, the
+converted network runs on X (N, 3, H, W) float32, already mean-subtracted,
+H and W multiples of 32, and A.npz gets float32 c1..c5, p2..p6 (NCHW),
+rpn_class_logits (N, A, 2), rpn_bbox (N, A, 4) (level P2..P6, then row,
+column, anchor) and glm_logits (N, classes, h, w) of X resized bilinearly to
+model.glm.image_size (65 x 65 for 513), for the parts the checkpoint holds.
+Outputs are written atomically; a bad file ends in one line, exit code 2.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from absl import flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+import numpy as np  # noqa: E402
+
+from sln_jax import checkpoint_port  # noqa: E402
+from sln_jax import cliutil  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('pth', None, 'PyTorch checkpoint (.pth) to convert.')
+flags.DEFINE_string('output', None, 'Orbax checkpoint directory to write.')
+flags.DEFINE_enum('source', 'auto', ('auto',) + checkpoint_port.SOURCES,
+                  'Checkpoint kind (auto: from its keys).')
+flags.DEFINE_multi_string('allow-missing', [],
+                          'Regex of expected tensors that may be absent.')
+flags.DEFINE_multi_string('allow-unexpected', [],
+                          'Regex of extra torch keys to ignore.')
+flags.DEFINE_multi_string('skip', None, 'Regex of torch keys not to convert '
+                          '(default: the source\'s, see MASKRCNN_SKIP).')
+flags.DEFINE_string('activations-input', None, 'X.npy (N,3,H,W) float32.')
+flags.DEFINE_string('activations-output', None, 'A.npz to write.')
+config_flags.DEFINE_config_file('config', None, 'Model config file.')
+
+
+def _read_input(path: str) -> np.ndarray:
+  if not os.path.isfile(path):
+    raise cliutil.UserError('no such file', path=path)
+  try:
+    x = np.load(path, allow_pickle=False)
+  except (OSError, ValueError) as err:
+    raise cliutil.UserError(f'not a .npy array ({err})', path=path) from None
+  if x.ndim != 4 or x.shape[1] != 3 or not np.issubdtype(x.dtype, np.floating):
+    raise cliutil.UserError(f'expected float (N, 3, H, W), got {x.dtype} '
+                            f'{x.shape}', path=path)
+  if x.shape[2] % 32 or x.shape[3] % 32:
+    raise cliutil.UserError(f'H and W must be multiples of 32, got '
+                            f'{x.shape[2:]}', path=path)
+  return x.astype(np.float32)
+
+
+def compute_activations(variables: dict, x: np.ndarray, model_cfg) -> dict:
+  """Runs the converted parts of the network on NCHW ``x`` -> numpy dict."""
+  import jax
+  import jax.numpy as jnp
+
+  from sln_jax.models import deeplab, fpn, resnet, rpn
+
+  def sub(name):
+    return {c: t[name] for c, t in variables.items() if name in t}
+
+  m = model_cfg
+  params = variables['params']
+  nhwc = jnp.asarray(x.transpose(0, 2, 3, 1))
+  nchw = lambda a: np.asarray(a, np.float32).transpose(0, 3, 1, 2)
+  out = {}
+  if all(k in params for k in ('backbone', 'fpn', 'rpn')):
+    backbone = resnet.ResNet(tuple(m.backbone.stage_sizes), m.backbone.width,
+                             m.backbone.bn_eps)
+    pyramid = fpn.FPN(m.fpn_channels)
+    proposals = rpn.RPN(len(m.rpn.anchor_ratios), m.rpn.anchor_stride,
+                        m.rpn.conv_channels)
+
+    @jax.jit
+    def features(v, img):
+      c = backbone.apply(v['backbone'], img)
+      p = pyramid.apply(v['fpn'], c)
+      r = proposals.apply(v['rpn'], [p[f'p{s}'] for s in range(2, 7)])
+      return c, p, r
+
+    c, p, r = features({k: sub(k) for k in ('backbone', 'fpn', 'rpn')}, nhwc)
+    out.update({k: nchw(v) for k, v in {**c, **p}.items()})
+    out['rpn_class_logits'] = np.asarray(r['logits'], np.float32)
+    out['rpn_bbox'] = np.asarray(r['deltas'], np.float32)
+  if 'glm' in params:
+    g = m.glm
+    glm = deeplab.DeepLabV2(tuple(g.stage_sizes), g.width, g.num_classes,
+                            tuple(g.atrous_rates), tuple(g.scales),
+                            bn_eps=g.bn_eps)
+
+    @jax.jit
+    def glm_logits(v, img):
+      img = deeplab.resize_bilinear(img, g.image_size, g.image_size)
+      return glm.apply(v, img)['logits']
+
+    out['glm_logits'] = nchw(glm_logits(sub('glm'), nhwc))
+  return out
+
+
+def main() -> int:
+  for name in ('pth', 'output', 'config'):
+    if FLAGS[name].value is None:
+      raise cliutil.UserError(f'--{name} is required', field=name)
+  act_in, act_out = FLAGS['activations-input'].value, FLAGS[
+      'activations-output'].value
+  if (act_in is None) != (act_out is None):
+    raise cliutil.UserError('give both --activations-input and '
+                            '--activations-output', field='activations')
+  try:
+    config = FLAGS.config
+    config.model  # pylint: disable=pointless-statement
+  except (OSError, AttributeError, SyntaxError, ImportError) as err:
+    raise cliutil.UserError(f'cannot load the config file ({type(err).__name__})',
+                            path=FLAGS['config'].config_filename,
+                            field='config') from None
+  state = checkpoint_port.load_torch_state_dict(FLAGS.pth)
+  source = FLAGS.source
+  if source == 'auto':
+    source = checkpoint_port.detect_source(state, config.model)
+  variables = checkpoint_port.torch_to_flax(
+      state, source, config, allow_missing=FLAGS['allow-missing'].value,
+      allow_unexpected=FLAGS['allow-unexpected'].value, skip=FLAGS.skip,
+      path=FLAGS.pth)
+  del state
+  acts = None
+  if act_in is not None:
+    acts = compute_activations(variables, _read_input(act_in), config.model)
+  with cliutil.atomic_output_dir(FLAGS.output) as tmp:
+    checkpoint_port.save_orbax(variables, tmp)
+  if acts is not None:
+    with cliutil.atomic_output_file(act_out, 'wb') as f:
+      np.savez(f, **acts)
+  n = sum(a.size for t in variables.values()
+          for a in _leaves(t))
+  print(f'converted {FLAGS.pth} ({source}, {n:,} numbers) -> {FLAGS.output}'
+        + (f'; activations -> {act_out}' if acts is not None else ''))
+  return 0
+
+
+def _leaves(tree):
+  for v in tree.values():
+    if isinstance(v, dict):
+      yield from _leaves(v)
+    else:
+      yield v
+
+
+def _parse_flags(argv) -> None:
+  try:
+    FLAGS(argv)
+  except (flags.Error, FileNotFoundError, ValueError) as err:
+    raise cliutil.UserError(str(err).splitlines()[0], field='flags') from None
+
+
+if __name__ == '__main__':
+  cliutil.run_cli(lambda: (_parse_flags(sys.argv), main())[1])

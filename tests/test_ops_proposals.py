@@ -1,0 +1,56 @@
+"""Proposal layer against a numpy + tf.image.non_max_suppression reference."""
+import jax
+import numpy as np
+import tensorflow as tf
+
+from sln_jax.ops import anchors as anchor_ops
+from sln_jax.ops import proposals
+
+STD = (0.1, 0.1, 0.2, 0.2)
+
+
+def _reference(probs, deltas, anchors, pre, thr, post):
+  order = np.argsort(-probs, kind='stable')[:pre]
+  a, d = anchors[order].astype(np.float64), deltas[order] * np.array(STD)
+  h, w = a[:, 2] - a[:, 0], a[:, 3] - a[:, 1]
+  cy, cx = a[:, 0] + 0.5 * h + d[:, 0] * h, a[:, 1] + 0.5 * w + d[:, 1] * w
+  h, w = h * np.exp(d[:, 2]), w * np.exp(d[:, 3])
+  y1, x1 = cy - 0.5 * h, cx - 0.5 * w
+  boxes = np.clip(np.stack([y1, x1, y1 + h, x1 + w], 1), 0, 1).astype(
+      np.float32)
+  keep = tf.image.non_max_suppression(boxes, probs[order], post, thr).numpy()
+  return boxes[keep]
+
+
+def test_matches_reference():
+  size = 64
+  anchors = anchor_ops.generate_anchors((size, size), (8, 16, 32, 64, 128),
+                                        (0.5, 1.0, 2.0)) / size
+  a = len(anchors)
+  rng = np.random.default_rng(0)
+  probs = rng.uniform(size=(2, a)).astype(np.float32)
+  deltas = rng.normal(scale=0.5, size=(2, a, 4)).astype(np.float32)
+  fn = jax.jit(lambda p, d: proposals.generate_proposals(
+      p, d, anchors, pre_nms_topk=200, nms_threshold=0.7, post_nms_topk=60,
+      bbox_std=STD))
+  rois, valid = fn(probs, deltas)
+  assert rois.shape == (2, 60, 4) and valid.shape == (2, 60)
+  for b in range(2):
+    want = _reference(probs[b], deltas[b], anchors, 200, 0.7, 60)
+    n = int(np.asarray(valid[b]).sum())
+    assert n == len(want)
+    np.testing.assert_allclose(np.asarray(rois[b])[:n], want, atol=1e-5)
+    assert np.all(np.asarray(rois[b])[n:] == 0)
+    r = np.asarray(rois[b])[:n]
+    assert r.min() >= 0 and r.max() <= 1
+
+
+def test_few_proposals_are_padded():
+  anchors = np.array([[0.1, 0.1, 0.3, 0.3]] * 5, np.float32)
+  probs = np.linspace(0.1, 0.5, 5, dtype=np.float32)[None]
+  rois, valid = proposals.generate_proposals(
+      probs, np.zeros((1, 5, 4), np.float32), anchors, pre_nms_topk=6000,
+      nms_threshold=0.7, post_nms_topk=4, bbox_std=STD)
+  assert list(np.asarray(valid[0])) == [True, False, False, False]
+  np.testing.assert_allclose(np.asarray(rois[0, 0]), anchors[0], atol=1e-6)
+  assert np.all(np.asarray(rois[0, 1:]) == 0)

@@ -1,0 +1,181 @@
+"""crop_and_resize vs TensorFlow, roi_align vs a torchvision transcription."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from sln_jax.ops import roi_align
+
+
+def _boxes(rng, n):
+  """Normalised boxes incl. some partly outside [0, 1] and flipped ones."""
+  a = rng.uniform(-0.3, 1.3, (n, 4)).astype(np.float32)
+  a[: n // 2] = np.sort(a[: n // 2].reshape(-1, 2, 2), axis=1).reshape(-1, 4)
+  a[0] = [0.0, 0.0, 1.0, 1.0]
+  a[1] = [0.25, 0.5, 0.25, 0.5]  # zero-size box
+  return a
+
+
+@pytest.mark.parametrize('crop', [1, 2, 7])
+def test_crop_and_resize_matches_tf(crop):
+  rng = np.random.default_rng(crop)
+  feats = rng.normal(size=(2, 9, 11, 3)).astype(np.float32)
+  boxes = np.stack([_boxes(rng, 10), _boxes(rng, 10)])
+  got = jax.jit(roi_align.crop_and_resize, static_argnums=2)(
+      feats, boxes, crop)
+  want = tf.image.crop_and_resize(
+      feats, boxes.reshape(-1, 4), np.repeat([0, 1], 10), (crop, crop))
+  assert got.shape == (2, 10, crop, crop, 3) and got.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(got).reshape(want.shape), want.numpy(),
+                             atol=1e-5)
+
+
+def test_crop_and_resize_indexed_and_bf16():
+  rng = np.random.default_rng(3)
+  feats = rng.normal(size=(3, 6, 5, 2)).astype(np.float32)
+  boxes, idx = _boxes(rng, 8), rng.integers(0, 3, 8).astype(np.int32)
+  got = roi_align.crop_and_resize_indexed(feats, boxes, idx, 4)
+  want = tf.image.crop_and_resize(feats, boxes, idx, (4, 4)).numpy()
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
+  half = roi_align.crop_and_resize_indexed(
+      jnp.asarray(feats, jnp.bfloat16), boxes, idx, 4)
+  assert half.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(half, np.float32), want, atol=0.05)
+
+
+def _bilinear_tv(img, y, x):
+  """torchvision roi_align_kernel bilinear_interpolate (one channel set)."""
+  h, w = img.shape[:2]
+  if y < -1.0 or y > h or x < -1.0 or x > w:
+    return np.zeros(img.shape[2:])
+  y, x = max(y, 0.0), max(x, 0.0)
+  y_lo, x_lo = int(y), int(x)
+  if y_lo >= h - 1:
+    y_hi = y_lo = h - 1
+    y = float(y_lo)
+  else:
+    y_hi = y_lo + 1
+  if x_lo >= w - 1:
+    x_hi = x_lo = w - 1
+    x = float(x_lo)
+  else:
+    x_hi = x_lo + 1
+  ly, lx = y - y_lo, x - x_lo
+  hy, hx = 1 - ly, 1 - lx
+  return (hy * hx * img[y_lo, x_lo] + hy * lx * img[y_lo, x_hi] +
+          ly * hx * img[y_hi, x_lo] + ly * lx * img[y_hi, x_hi])
+
+
+def _roi_align_loop(img, box, out, scale, ratio, aligned):
+  """torchvision.ops.roi_align for one (y1, x1, y2, x2) box, HWC."""
+  off = 0.5 if aligned else 0.0
+  y0, x0 = box[0] * scale - off, box[1] * scale - off
+  rh, rw = box[2] * scale - off - y0, box[3] * scale - off - x0
+  if not aligned:
+    rh, rw = max(rh, 1.0), max(rw, 1.0)
+  bh, bw = rh / out, rw / out
+  res = np.zeros((out, out) + img.shape[2:])
+  for i in range(out):
+    for j in range(out):
+      acc = 0.0
+      for iy in range(ratio):
+        y = y0 + i * bh + (iy + 0.5) * bh / ratio
+        for ix in range(ratio):
+          x = x0 + j * bw + (ix + 0.5) * bw / ratio
+          acc = acc + _bilinear_tv(img, y, x)
+      res[i, j] = acc / (ratio * ratio)
+  return res
+
+
+@pytest.mark.parametrize('aligned,ratio', [(True, 2), (False, 1), (True, 1)])
+def test_roi_align_matches_loop(aligned, ratio):
+  rng = np.random.default_rng(4)
+  feats = rng.normal(size=(2, 8, 10, 3)).astype(np.float32)
+  px = _boxes(rng, 12).reshape(1, 12, 4) * np.array([32, 40, 32, 40])
+  px = np.concatenate([px, px[:, ::-1]]).astype(np.float32)
+  px[..., 2:] = np.maximum(px[..., 2:], px[..., :2])  # torchvision: no flips
+  fn = jax.jit(roi_align.roi_align, static_argnums=(2, 3, 4, 5))
+  got = np.asarray(fn(feats, px, 3, 0.25, ratio, aligned))
+  assert got.shape == (2, 12, 3, 3, 3)
+  for b in range(2):
+    for n in range(12):
+      want = _roi_align_loop(feats[b], px[b, n], 3, 0.25, ratio, aligned)
+      np.testing.assert_allclose(got[b, n], want, atol=1e-5)
+
+
+def test_roi_align_matches_torchvision_when_available():
+  tv_ops = pytest.importorskip('torchvision.ops')
+  import torch  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(5)
+  feats = rng.normal(size=(1, 8, 10, 4)).astype(np.float32)
+  px = np.abs(_boxes(rng, 6)).reshape(1, 6, 4) * 30
+  px[..., 2:] = np.maximum(px[..., 2:], px[..., :2])
+  got = roi_align.roi_align(feats, px.astype(np.float32), 5, 0.25, 2, True)
+  rois = np.concatenate([np.zeros((6, 1)), px[0][:, [1, 0, 3, 2]]], 1)
+  want = tv_ops.roi_align(torch.tensor(feats).permute(0, 3, 1, 2),
+                          torch.tensor(rois, dtype=torch.float32), 5, 0.25, 2,
+                          True)
+  np.testing.assert_allclose(np.asarray(got)[0],
+                             want.permute(0, 2, 3, 1).numpy(), atol=1e-5)
+
+
+def test_roi_levels_hand_cases():
+  area = 1024.0 * 1024.0
+  side = lambda px: px / 1024.0
+  boxes = np.array([
+      [0, 0, side(224), side(224)],    # 224 px -> P4
+      [0, 0, side(112), side(112)],    # -> P3
+      [0, 0, side(56), side(56)],      # -> P2
+      [0, 0, side(10), side(10)],      # tiny -> clamp 2
+      [0, 0, side(448), side(448)],    # -> P5
+      [0, 0, 1, 1],                    # huge -> clamp 5
+      [0, 0, 0, 0],                    # padding -> 2
+      [0, 0, side(300), side(300)],    # 4.42 -> 4
+      [0, 0, side(330), side(330)],    # 4.56 -> 5
+  ], np.float32)
+  got = np.asarray(roi_align.roi_levels(boxes, area))
+  np.testing.assert_array_equal(got, [4, 3, 2, 2, 5, 5, 2, 4, 5])
+  # Non-square canvas: only h * w (normalised) and the pixel area matter.
+  got = roi_align.roi_levels(np.array([[0, 0, 0.5, 0.5]], np.float32),
+                             512.0 * 256.0)
+  assert int(got[0]) == round(4 + np.log2(np.sqrt(0.25 * 512 * 256) / 224))
+
+
+def test_multilevel_matches_per_level_tf():
+  rng = np.random.default_rng(6)
+  size = 64
+  feats = [rng.normal(size=(2, size // s, size // s, 3)).astype(np.float32)
+           for s in (4, 8, 16, 32)]
+  sides = rng.uniform(2, 64, (2, 9, 1)) / size
+  yx = rng.uniform(0, 0.6, (2, 9, 2))
+  boxes = np.concatenate([yx, yx + sides], -1).astype(np.float32)
+  area = float(size * size) * 16  # shifts the levels into the 2..5 range
+  fn = jax.jit(roi_align.multilevel_crop_and_resize, static_argnums=(2, 3))
+  got = np.asarray(fn(feats, boxes, 5, area))
+  levels = np.asarray(roi_align.roi_levels(boxes, area))
+  assert set(levels.ravel()) >= {2, 3}
+  flat_boxes = boxes.reshape(-1, 4)
+  img = np.repeat([0, 1], 9)
+  per_level = np.stack([
+      tf.image.crop_and_resize(f, flat_boxes, img, (5, 5)).numpy()
+      for f in feats])                                   # (4, 18, 5, 5, 3)
+  want = per_level[levels.reshape(-1) - 2, np.arange(18)]
+  np.testing.assert_allclose(got.reshape(want.shape), want, atol=1e-5)
+  # aligned mode: ROIAlign on the level's pixels.
+  got = np.asarray(roi_align.multilevel_crop_and_resize(
+      feats, boxes, 3, area, aligned=True, sampling_ratio=2))
+  for b in range(2):
+    for n in range(9):
+      lv = levels[b, n] - 2
+      f = feats[lv][b]
+      px = boxes[b, n] * np.array(f.shape[:2] * 2)
+      want = _roi_align_loop(f, px, 3, 1.0, 2, True)
+      np.testing.assert_allclose(got[b, n], want, atol=1e-5)
+
+
+def test_gradients_flow_to_features():
+  feats = jnp.ones((1, 6, 6, 2))
+  boxes = jnp.array([[[0.1, 0.1, 0.8, 0.9]]])
+  g = jax.grad(lambda f: roi_align.crop_and_resize(f, boxes, 4).sum())(feats)
+  assert g.shape == feats.shape and float(g.sum()) == pytest.approx(32.0)

@@ -1,0 +1,155 @@
+"""Tests for sln_jax/predict.py: mask pasting, results, depth order, pictures."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from input_pipeline import records
+from sln_jax import evaluate as ev
+from sln_jax import predict
+
+
+def test_integer_box_rounds_half_up_and_clips():
+  assert predict.integer_box((0.4, 0.6, 3.5, 4.49), 10, 10) == (0, 1, 4, 4)
+  assert predict.integer_box((-3.0, 2.5, 12.2, 9.5), 10, 8) == (0, 3, 10, 8)
+
+
+def test_paste_masks_hand_case():
+  probs = np.zeros((1, 2, 2), np.float32)
+  probs[0, 0, 0] = 1.0
+  # 2x2 -> 4x4: per-axis weights of source cell 0 are [1, .75, .25, 0], so the
+  # product is >= 0.5 exactly on the top-left 2x2 block of the box.
+  got = predict.paste_masks(probs, np.array([[1.2, 0.8, 5.0, 4.6]]), 6, 7)
+  want = np.zeros((1, 6, 7), bool)
+  want[0, 1:3, 1:3] = True
+  np.testing.assert_array_equal(got, want)
+  # Empty box after rounding -> empty mask; threshold is inclusive.
+  assert not predict.paste_masks(np.ones((1, 2, 2)), np.array([[2, 2, 2.2, 5]]),
+                                 6, 7).any()
+  half = predict.paste_masks(np.full((1, 2, 2), 0.5), np.array([[0, 0, 6, 7]]), 6, 7)
+  assert half.all()
+
+
+def test_paste_masks_matches_torch_bilinear():
+  rng = np.random.default_rng(0)
+  m, h, w = 8, 40, 50
+  probs = rng.random((6, m, m)).astype(np.float32)
+  boxes = np.array([[0, 0, 40, 50], [3.2, 5.7, 30.1, 22.4], [10, 10, 14, 13],
+                    [-5, -4, 20, 60], [35.6, 44.4, 39.9, 49.9], [1, 1, 9, 9]])
+  got = predict.paste_masks(probs, boxes, h, w)
+  for i, box in enumerate(boxes):
+    y1, x1, y2, x2 = predict.integer_box(box, h, w)
+    ref = torch.nn.functional.interpolate(
+        torch.from_numpy(probs[i].astype(np.float64))[None, None],
+        size=(y2 - y1, x2 - x1), mode='bilinear', align_corners=False)[0, 0].numpy()
+    np.testing.assert_allclose(predict.resize_bilinear(probs[i], y2 - y1, x2 - x1),
+                               ref, atol=1e-12)
+    want = np.zeros((h, w), bool)
+    want[y1:y2, x1:x2] = ref >= 0.5
+    np.testing.assert_array_equal(got[i], want)
+
+
+def test_pairwise_order_crops_matches_semdist():
+  semdist = pytest.importorskip('sln_jax.semdist')
+  rng = np.random.default_rng(1)
+  h, w, n = 20, 24, 5
+  full = np.full((n, h, w), -1, np.int32)
+  boxes = []
+  for i in range(n):
+    y1, x1 = rng.integers(0, h - 6), rng.integers(0, w - 6)
+    y2, x2 = rng.integers(y1 + 3, h + 1), rng.integers(x1 + 3, w + 1)
+    crop = rng.integers(-1, 3, (y2 - y1, x2 - x1))
+    full[i, y1:y2, x1:x2] = crop
+    boxes.append((y1, x1, y2, x2))
+  crops = [full[i, b[0]:b[2], b[1]:b[3]] for i, b in enumerate(boxes)]
+  got = predict.pairwise_order_crops(crops, boxes)
+  np.testing.assert_array_equal(got, np.asarray(semdist.pairwise_order(full)))
+  assert np.abs(got).sum() > 0
+
+
+def test_depth_layers_longest_chain():
+  # a in front of b, b in front of c; a and c do not overlap.
+  order = np.array([[0, 1, 0], [-1, 0, 1], [0, -1, 0]], np.int8)
+  np.testing.assert_array_equal(predict.depth_layers(order), [0, 1, 2])
+  cycle = np.array([[0, 1, -1], [-1, 0, 1], [1, -1, 0]], np.int8)
+  assert predict.depth_layers(cycle).max() <= 2
+  assert predict.depth_layers(np.zeros((0, 0), np.int8)).shape == (0,)
+
+
+def _scene():
+  """Two objects in a 24x32 image: `front` fully visible, `back` occluded.
+
+  Returns GT and SLN.infer-style outputs for one image on a canvas at scale 2
+  with 4x4 probability maps (boxes of 8 original pixels: exact 2x upsampling).
+  """
+  h, w = 24, 32
+  front = np.zeros((h, w), bool)
+  front[4:12, 4:12] = True
+  back = np.zeros((h, w), bool)
+  back[8:16, 8:16] = True
+  back_visible = back & ~front
+  gt = records.ImageAnnotation(7, '7.jpg', h, w, [
+      records.InstanceAnnotation(records.encode_mask(front),
+                                 records.encode_mask(front),
+                                 records.encode_mask(np.zeros_like(front)), 0, 0.0),
+      records.InstanceAnnotation(records.encode_mask(back),
+                                 records.encode_mask(back_visible),
+                                 records.encode_mask(back & front), 1, 16 / 64)])
+  vis_back = np.ones((4, 4))
+  vis_back[:2, :2] = 0.0           # the top-left quarter of `back` is hidden
+  layer_back = np.zeros((4, 4, 2))
+  layer_back[..., 0] = vis_back
+  layer_back[..., 1] = 1 - vis_back
+  dets = {
+      'boxes': np.array([[16, 16, 32, 32], [8, 8, 24, 24], [0, 0, 40, 40]], np.float32),
+      'scores': np.array([0.7, 0.9, 0.95], np.float32),
+      'classes': np.array([1, 1, 1]),
+      'valid': np.array([True, True, False]),
+      'amodal_probs': np.ones((3, 4, 4), np.float32),
+      'visible_probs': np.stack([vis_back, np.ones((4, 4)), np.ones((4, 4))]),
+      'layer_probs': np.stack([layer_back, np.stack([np.ones((4, 4)),
+                                                    np.zeros((4, 4))], -1),
+                               np.zeros((4, 4, 2))]),
+  }
+  return gt, dets
+
+
+def test_detections_to_results_round_trip_scores_perfectly():
+  gt, dets = _scene()
+  results = predict.detections_to_results(7, dets, (2.0, 2.0), (24, 32),
+                                          category_map={1: 5})
+  assert len(results) == 2                       # the invalid one is dropped
+  assert [r['score'] for r in results] == pytest.approx([0.9, 0.7])
+  front, back = results
+  assert front['bbox'] == [4.0, 4.0, 8.0, 8.0] and back['bbox'] == [8.0, 8.0, 8.0, 8.0]
+  assert front['category_id'] == 5
+  assert (front['depth_layer'], back['depth_layer']) == (0, 1)
+  assert isinstance(front['segmentation']['counts'], str)
+  results = json.loads(json.dumps(results))
+  m = ev.evaluate([gt], results)
+  assert m['amodal']['all']['both']['AP'] == pytest.approx(1.0)
+  assert m['visible']['all']['both']['AP'] == pytest.approx(1.0)
+  assert ev.depth_order_accuracy([gt], results)['accuracy'] == 1.0
+  # Score threshold.
+  kept = predict.detections_to_results(7, dets, (2.0, 2.0), (24, 32),
+                                       score_threshold=0.8)
+  assert len(kept) == 1 and kept[0]['depth_layer'] == 0
+
+
+def test_draw_prediction_writes_png(tmp_path):
+  gt, dets = _scene()
+  results = predict.detections_to_results(7, dets, (2.0, 2.0), (24, 32))
+  image = np.full((24, 32, 3), 128, np.uint8)
+  path = tmp_path / 'pics' / 'p.png'
+  predict.draw_prediction(image, results, str(path))
+  with Image.open(path) as pic:
+    assert pic.format == 'PNG' and pic.size == (32, 24)
+    pixels = np.asarray(pic.convert('RGB'))
+  np.testing.assert_array_equal(pixels, predict.render_prediction(image, results))
+  # Colours are deterministic and the masks are painted.
+  np.testing.assert_array_equal(predict.render_prediction(image, results), pixels)
+  assert (pixels[14, 14] != 128).any()           # back, visible, away from text
+  assert (pixels[0, 31] == 128).all()            # background untouched
+  assert predict.instance_colour(0) != predict.instance_colour(1)

@@ -1,0 +1,353 @@
+"""Annotation readers on small fixtures in the real COCOA / D2SA / KINS schemas.
+
+Masks are checked against independent references: hand-made rectangles and
+pycocotools' own polygon rasteriser.
+"""
+import copy
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from input_pipeline import legacy_layers
+from input_pipeline import readers
+from input_pipeline import records
+from input_pipeline.records import AnnotationError
+
+FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures', 'annotations')
+H, W = 40, 60
+
+
+def rect(y1, x1, y2, x2):
+  m = np.zeros((H, W), bool)
+  m[y1:y2, x1:x2] = True
+  return m
+
+
+def poly_mask(polys):
+  return mask_utils.decode(mask_utils.merge(
+      mask_utils.frPyObjects(polys, H, W))).astype(bool)
+
+
+def fixture(name):
+  with open(os.path.join(FIXTURES, name)) as f:
+    return json.load(f)
+
+
+def write_images(images_dir, data, size=(W, H)):
+  os.makedirs(images_dir, exist_ok=True)
+  for img in data['images']:
+    Image.new('RGB', size, (90, 120, 30)).save(
+        os.path.join(images_dir, img['file_name']))
+
+
+def dump(tmp_path, data, name='ann.json'):
+  path = tmp_path / name
+  path.write_text(json.dumps(data))
+  return str(path)
+
+
+def masks(inst):
+  return (records.decode_rle(inst.amodal_rle),
+          records.decode_rle(inst.visible_rle),
+          records.decode_rle(inst.occluded_rle))
+
+
+# ------------------------------------------------------------------ COCOA
+def test_cocoa_first_annotation_order_masks_and_constraints(tmp_path):
+  data = fixture('cocoa_tiny.json')
+  images_dir = str(tmp_path / 'images')
+  write_images(images_dir, data)
+  stats = readers.ReadStats()
+  anns = readers.load_cocoa(os.path.join(FIXTURES, 'cocoa_tiny.json'),
+                            images_dir, stats=stats)
+  assert [a.image_id for a in anns] == [1, 3]
+  assert (stats.num_images, stats.num_instances, stats.skipped_empty) == (2, 4, 1)
+  a = anns[0]
+  assert (a.file_name, a.height, a.width) == ('img_a.png', H, W)
+  # File lists regions as order 2, 1, 3: they come back sorted by order.
+  assert [i.name for i in a.instances] == ['person', 'dog', 'wall']
+  assert [i.extra['region_index'] for i in a.instances] == [1, 0, 2]
+  assert [i.depth_rank for i in a.instances] == [0, 1, 2]
+  assert a.depth_pairs == [(0, 1), (1, 2)]     # "1-2,2-3" in order numbers
+  assert [i.category_id for i in a.instances] == [1, 1, 1]
+  assert [i.is_stuff for i in a.instances] == [False, False, True]
+  person, dog, wall = a.instances
+  # Flat polygon: pycocotools raster (a 20x20 square), raw polygon kept.
+  amodal, visible, occluded = masks(person)
+  np.testing.assert_array_equal(amodal, poly_mask([[10, 5, 30, 5, 30, 25, 10, 25]]))
+  assert amodal.sum() == 400 and not occluded.any()
+  np.testing.assert_array_equal(visible, amodal)
+  assert person.amodal_polygons == [[10.0, 5.0, 30.0, 5.0, 30.0, 25.0, 10.0, 25.0]]
+  # Compressed-RLE amodal with visible and invisible masks.
+  amodal, visible, occluded = masks(dog)
+  np.testing.assert_array_equal(amodal, rect(10, 20, 35, 45))
+  np.testing.assert_array_equal(occluded, rect(10, 20, 26, 31))
+  np.testing.assert_array_equal(visible, rect(10, 20, 35, 45) & ~rect(10, 20, 26, 31))
+  assert dog.amodal_polygons is None
+  assert dog.occlude_rate == pytest.approx(176 / 625)
+  # Uncompressed-RLE amodal, invisible only: visible = amodal - invisible.
+  amodal, visible, occluded = masks(wall)
+  np.testing.assert_array_equal(amodal, rect(20, 40, 36, 56))
+  np.testing.assert_array_equal(occluded, rect(20, 40, 35, 45))
+  np.testing.assert_array_equal(visible, rect(20, 40, 36, 56) & ~rect(20, 40, 35, 45))
+  assert visible.sum() == 256 - 75
+  # Image 3: the first annotator pass (1 region), not the second (2 regions).
+  c = anns[1]
+  assert [i.name for i in c.instances] == ['cup'] and c.depth_pairs == []
+  assert c.instances[0].extra['annotation_id'] == 11
+  assert c.instances[0].amodal_polygons == [[2.0, 2.0, 20.0, 2.0, 20.0, 18.0, 2.0, 18.0]]
+  assert isinstance(c.instances[0].amodal_rle['counts'], str)
+  # The dense record decodes consistently.
+  rec = records.to_record(a, images_dir)
+  assert rec.amodal.shape == (3, H, W)
+  np.testing.assert_array_equal(rec.depth_rank, [0, 1, 2])
+  np.testing.assert_array_equal(rec.depth_pairs, [[0, 1], [1, 2]])
+
+
+def test_cocoa_no_instance_cap_and_constraint_errors(tmp_path):
+  data = fixture('cocoa_tiny.json')
+  regions = [{'segmentation': [x, 0, x + 1, 0, x + 1, 1], 'order': 40 - x,
+              'name': f'r{x}', 'isStuff': 0, 'occlude_rate': 0.0}
+             for x in range(40)]
+  data['annotations'][0]['regions'] = regions
+  data['annotations'][0]['depth_constraint'] = '1-40, 3-2'
+  anns = readers.load_cocoa(dump(tmp_path, data))
+  assert anns[0].num_instances == 40
+  assert [i.extra['order'] for i in anns[0].instances] == list(range(1, 41))
+  assert anns[0].depth_pairs == [(0, 39), (2, 1)]
+  data['annotations'][0]['depth_constraint'] = '1-41'
+  with pytest.raises(AnnotationError) as err:
+    readers.load_cocoa(dump(tmp_path, data))
+  assert err.value.field == 'annotations[0].depth_constraint'
+  assert 'order 41' in str(err.value)
+
+
+def test_cocoa_occlude_rate_computed_when_absent(tmp_path):
+  data = fixture('cocoa_tiny.json')
+  del data['annotations'][0]['regions'][0]['occlude_rate']   # the dog
+  anns = readers.load_cocoa(dump(tmp_path, data))
+  assert anns[0].instances[1].occlude_rate == pytest.approx(176 / 625)
+
+
+# ------------------------------------------------------------------- D2SA
+def test_d2sa_groups_sorts_and_derives(tmp_path):
+  data = fixture('d2sa_tiny.json')
+  images_dir = str(tmp_path / 'images')
+  write_images(images_dir, data)
+  stats = readers.ReadStats()
+  anns = readers.load_d2sa(os.path.join(FIXTURES, 'd2sa_tiny.json'), images_dir,
+                           stats=stats)
+  assert [a.image_id for a in anns] == [1, 2]
+  assert stats.skipped_empty == 1 and stats.num_instances == 4
+  a = anns[0]
+  assert [i.extra['annotation_id'] for i in a.instances] == [102, 103, 100]
+  assert [i.depth_rank for i in a.instances] == [0, 1, 2]
+  assert [i.category_id for i in a.instances] == [7, 5, 5]
+  assert [i.name for i in a.instances] == ['banana', 'apple', 'apple']
+  assert a.instances[0].extra['order'] == 1          # from amodal_region
+  assert a.depth_pairs == [(0, 1), (0, 2), (1, 2)]  # overlapping pairs
+  # No invisible_mask: occluded = amodal & ~visible; rate computed.
+  amodal, visible, occluded = masks(a.instances[1])
+  np.testing.assert_array_equal(amodal, rect(10, 10, 30, 30))
+  np.testing.assert_array_equal(occluded, rect(10, 10, 12, 12))
+  assert a.instances[1].occlude_rate == pytest.approx(4 / 400)
+  assert not a.instances[1].extra['invisible_annotated']
+  # With invisible_mask.
+  _, visible, occluded = masks(a.instances[2])
+  np.testing.assert_array_equal(occluded, rect(5, 5, 15, 15))
+  assert a.instances[2].occlude_rate == 0.25
+  # Polygon amodal (list of lists) on image 2.
+  amodal, _, _ = masks(anns[1].instances[0])
+  np.testing.assert_array_equal(amodal, poly_mask([[10, 10, 30, 10, 30, 30, 10, 30]]))
+  assert anns[1].instances[0].amodal_polygons == [[10.0, 10.0, 30.0, 10.0, 30.0, 30.0,
+                                                   10.0, 30.0]]
+
+
+def test_d2sa_equal_depths_keep_file_order(tmp_path):
+  data = fixture('d2sa_tiny.json')
+  for ann in data['annotations']:
+    ann['occl_depth'] = 3
+  anns = readers.load_d2sa(dump(tmp_path, data))
+  assert [i.extra['annotation_id'] for i in anns[0].instances] == [100, 102, 103]
+  assert [i.depth_rank for i in anns[0].instances] == [0, 0, 0]
+  assert anns[0].depth_pairs == []
+
+
+# ------------------------------------------------------------------- KINS
+def test_kins_derives_order_for_three_objects(tmp_path):
+  data = fixture('kins_tiny.json')
+  images_dir = str(tmp_path / 'images')
+  write_images(images_dir, data)
+  stats = readers.ReadStats()
+  anns = readers.load_kins(os.path.join(FIXTURES, 'kins_tiny.json'), images_dir,
+                           stats=stats)
+  assert len(anns) == 1 and stats.skipped_empty == 1
+  a = anns[0]
+  # File order C (back), A (front), B (middle) is kept; order is derived.
+  assert [i.extra['id'] for i in a.instances] == [1, 2, 3]
+  assert [i.depth_rank for i in a.instances] == [2, 0, 1]
+  assert a.depth_pairs == [(1, 2), (2, 0)]
+  # The derived order agrees with the file's own relative occlusion order.
+  assert [i.depth_rank + 1 for i in a.instances] == [i.extra['ico_id']
+                                                     for i in a.instances]
+  assert [i.name for i in a.instances] == ['van', 'car', 'car']
+  assert [i.category_id for i in a.instances] == [7, 4, 4]
+  for inst, ann in zip(a.instances, data['annotations']):
+    amodal, visible, occluded = masks(inst)
+    np.testing.assert_array_equal(amodal, poly_mask(ann['a_segm']))
+    np.testing.assert_array_equal(visible, poly_mask(ann['i_segm']))
+    np.testing.assert_array_equal(occluded, amodal & ~visible)
+    assert inst.occlude_rate == pytest.approx(occluded.sum() / amodal.sum())
+  assert a.instances[1].occlude_rate == 0.0
+
+
+def test_derive_depth_order_breaks_cycles_by_overlap():
+  def masks_from(pix, n):
+    out = np.zeros((n, 1, 64), bool)
+    for i, cols in pix.items():
+      out[i, 0, cols] = True
+    return out
+  # A covers 10 px of B's hidden part; B covers 3 px of A's: A wins.
+  vis = masks_from({0: list(range(10)), 1: list(range(20, 23))}, 2)
+  occ = masks_from({1: list(range(10)), 0: list(range(20, 23))}, 2)
+  pairs, rank = readers.derive_depth_order(vis, occ)
+  assert pairs == [(0, 1)] and rank.tolist() == [0, 1]
+  # Three-cycle A>B (10), B>C (8), C>A (5): the weakest edge C>A is dropped.
+  vis = masks_from({0: list(range(0, 10)), 1: list(range(10, 18)),
+                    2: list(range(18, 23))}, 4)
+  occ = masks_from({1: list(range(0, 10)), 2: list(range(10, 18)),
+                    0: list(range(18, 23))}, 4)
+  pairs, rank = readers.derive_depth_order(vis, occ)
+  assert pairs == [(0, 1), (1, 2)]
+  assert rank.tolist() == [0, 1, 2, 0]      # instance 3 overlaps nothing
+  pairs, rank = readers.derive_depth_order(np.zeros((0, 2, 2), bool),
+                                           np.zeros((0, 2, 2), bool))
+  assert pairs == [] and rank.shape == (0,)
+
+
+# ---------------------------------------------------------------- release
+def test_release_folder_and_legacy_layers(tmp_path):
+  data = fixture('cocoa_tiny.json')
+  root = tmp_path / 'COCO'
+  os.makedirs(root / 'annotations')
+  shutil.copy(os.path.join(FIXTURES, 'cocoa_tiny.json'),
+              root / 'annotations' / 'COCO_amodal_val2014.json')
+  images_dir = str(root / 'val2014')
+  write_images(images_dir, data)
+  direct = readers.load_cocoa(os.path.join(FIXTURES, 'cocoa_tiny.json'))
+  for ann in direct:
+    legacy_layers.write_legacy_layers(
+        legacy_layers.legacy_path(images_dir, ann.file_name), ann)
+  stats = readers.ReadStats()
+  anns = readers.load_release(str(root), 'val', stats=stats)
+  assert stats.skipped_empty == 1
+  assert [a.image_id for a in anns] == [1, 3]
+  assert [[i.amodal_rle for i in a.instances] for a in anns] == [
+      [i.amodal_rle for i in a.instances] for a in direct]
+  via_fmt = readers.load_annotations(
+      'release', str(root / 'annotations' / 'COCO_amodal_val2014.json'))
+  assert [a.depth_pairs for a in via_fmt] == [a.depth_pairs for a in anns]
+  json_path, found_dir = readers.release_paths(str(root), 'val')
+  assert found_dir == images_dir and json_path.endswith('COCO_amodal_val2014.json')
+  layers = legacy_layers.read_legacy_layers(
+      legacy_layers.legacy_path(images_dir, anns[0].file_name),
+      anns[0].num_instances)
+  dog = anns[0].instances[1]
+  np.testing.assert_array_equal(layers['invisible'][1],
+                                records.decode_rle(dog.occluded_rle))
+  with pytest.raises(AnnotationError):
+    readers.load_release(str(root), 'train')
+  # A missing image of the release folder is reported by name.
+  os.remove(os.path.join(images_dir, 'img_c.jpg'))
+  with pytest.raises(AnnotationError, match='img_c.jpg'):
+    readers.load_release(str(root), 'val')
+
+
+# ----------------------------------------------------------------- errors
+def _bad_cases():
+  def cocoa(fn):
+    data = fixture('cocoa_tiny.json')
+    fn(data)
+    return 'cocoa', data
+  def region(data, j=0):
+    return data['annotations'][0]['regions'][j]
+  def set_size(data):
+    region(data)['invisible_mask']['size'] = [41, 60]
+  def short_poly(data):
+    region(data, 1)['segmentation'] = [10, 5, 30, 5]
+  def no_order(data):
+    del region(data, 2)['order']
+  def no_height(data):
+    del data['images'][1]['height']
+  def bad_counts(data):
+    region(data, 2)['segmentation']['counts'][0] += 1
+  def unknown_image(data):
+    data['annotations'][1]['image_id'] = 99
+  def kins_no_visible():
+    data = fixture('kins_tiny.json')
+    del data['annotations'][2]['i_segm']
+    return 'kins', data
+  def d2sa_no_depth():
+    data = fixture('d2sa_tiny.json')
+    del data['annotations'][3]['occl_depth']
+    return 'd2sa', data
+  return {
+      'rle_size': (cocoa(set_size), 'annotations[0].regions[0].invisible_mask.size',
+                   'disagrees'),
+      'short_polygon': (cocoa(short_poly), 'annotations[0].regions[1].segmentation',
+                        'fewer than 3 points'),
+      'no_order': (cocoa(no_order), 'annotations[0].regions[2].order', 'missing'),
+      'no_height': (cocoa(no_height), 'images[1].height', 'missing'),
+      'bad_counts': (cocoa(bad_counts), 'annotations[0].regions[2].segmentation.counts',
+                     'sum'),
+      'unknown_image': (cocoa(unknown_image), 'annotations[1].image_id', '99'),
+      'kins_no_visible': (kins_no_visible(), 'annotations[2].i_segm', 'missing'),
+      'd2sa_no_depth': (d2sa_no_depth(), 'annotations[3].occl_depth', 'missing'),
+  }
+
+
+@pytest.mark.parametrize('case', sorted(_bad_cases()))
+def test_bad_input_names_file_and_field(tmp_path, case):
+  (fmt, data), field, words = _bad_cases()[case]
+  path = dump(tmp_path, data)
+  with pytest.raises(AnnotationError) as err:
+    readers.load_annotations(fmt, path)
+  assert err.value.path == path and err.value.field == field
+  assert words in err.value.message and '\n' not in str(err.value)
+
+
+def test_malformed_json_and_missing_files(tmp_path):
+  path = tmp_path / 'bad.json'
+  path.write_text('{"images": [\n  {"id": 1,,}]}')
+  with pytest.raises(AnnotationError, match='line 2 column 12') as err:
+    readers.load_cocoa(str(path))
+  assert err.value.field == 'json'
+  with pytest.raises(AnnotationError, match='not found'):
+    readers.load_kins(str(tmp_path / 'absent.json'))
+  with pytest.raises(AnnotationError, match='unknown annotation format'):
+    readers.load_annotations('lvis', str(path))
+  # An image missing from images_dir is named; a wrong-size image too.
+  data = fixture('d2sa_tiny.json')
+  images_dir = str(tmp_path / 'images')
+  write_images(images_dir, data)
+  os.remove(os.path.join(images_dir, 'img_b.png'))
+  with pytest.raises(AnnotationError, match='img_b.png') as err:
+    readers.load_d2sa(dump(tmp_path, data), images_dir)
+  assert err.value.field == 'images[1].file_name'
+  write_images(images_dir, data, size=(W, H + 1))
+  with pytest.raises(AnnotationError, match='disagrees with image file img_a.png'):
+    readers.load_d2sa(dump(tmp_path, data), images_dir)
+
+
+def test_corrupt_compressed_rle_is_refused(tmp_path):
+  data = copy.deepcopy(fixture('cocoa_tiny.json'))
+  region = data['annotations'][0]['regions'][0]
+  region['segmentation']['counts'] = region['segmentation']['counts'] + '!'
+  with pytest.raises(AnnotationError, match='invalid RLE') as err:
+    readers.load_cocoa(dump(tmp_path, data))
+  assert err.value.field == 'annotations[0].regions[0].segmentation.counts'

@@ -1,0 +1,249 @@
+"""Training loop: schedule, optimizer vs torch.optim.SGD, stage masks, data
+parallelism on 8 fake devices, kill-and-resume, non-finite stop.
+
+Uses the small stand-in module of tests/train_standin.py (same module paths
+and entry points as SLN) so every test compiles in seconds.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default
+from sln_jax import train
+from sln_jax.cliutil import UserError
+from tests import train_standin as ts
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class _Writer:
+  """Records what the loop writes (clu MetricWriter interface)."""
+
+  def __init__(self):
+    self.scalars, self.images = {}, {}
+
+  def write_scalars(self, step, scalars):
+    self.scalars[step] = dict(scalars)
+
+  def write_images(self, step, images):
+    self.images[step] = dict(images)
+
+  def flush(self):
+    pass
+
+
+def _config(stages=(('heads', 3, 0.1), ('all', 3, 0.05)), batch=2):
+  c = default.get_config()
+  c.train.stages = stages
+  c.train.batch_size = batch
+  c.train.checkpoint_every = 2
+  c.train.log_every = 2
+  c.train.keep_checkpoints = 5
+  c.train.image_summary_every = 0
+  return c
+
+
+def _flat(tree):
+  return train._flat(tree)  # pylint: disable=protected-access
+
+
+def test_schedule_and_learning_rate():
+  c = _config(stages=(('heads', 4, 1e-3), ('4+', 6, 1e-3), ('all', 5, 1e-4)))
+  assert train.schedule(c) == [('heads', 0, 4, 1e-3), ('4+', 4, 10, 1e-3),
+                               ('all', 10, 15, 1e-4)]
+  assert [train.stage_index(c, s) for s in (0, 3, 4, 9, 10, 14)] == [0, 0, 1, 1, 2, 2]
+  c.train.num_steps = 7
+  assert train.schedule(c) == [('heads', 0, 4, 1e-3), ('4+', 4, 7, 1e-3)]
+  c.train.num_steps = 20  # longer than the stages: the last one continues
+  assert train.schedule(c)[-1] == ('all', 10, 20, 1e-4)
+  c.train.warmup_steps = 4
+  lr = train.learning_rate_fn(c)
+  got = [float(lr(s)) for s in (0, 1, 3, 9, 10, 19)]
+  np.testing.assert_allclose(got, [2.5e-4, 5e-4, 1e-3, 1e-3, 1e-4, 1e-4], rtol=1e-6)
+  c.train.stages = ()
+  with pytest.raises(UserError, match='train.stages'):
+    train.schedule(c)
+
+
+def test_stage_masks():
+  _, v = ts.init_variables()
+  p, bs = v['params'], v['batch_stats']
+  def trained(stage):
+    return sorted(k.rsplit('/', 1)[0] for k, t in _flat(train.trainable_mask(p, bs, stage)).items() if t)
+  assert set(trained('heads')) == {'box_head/linear_class', 'fpn/P2_lateral', 'rpn/conv_class'}
+  assert set(trained('4+')) == set(trained('heads')) | {'backbone/C4_0/conv1'}
+  # 'all': everything but BatchNorm and the GLM.
+  assert set(trained('all')) == set(trained('4+')) | {'backbone/C1_conv'}
+  assert set(trained(r'rpn/.*')) == {'rpn/conv_class'}  # release-style regex
+  decay = {k for k, d in _flat(train.decay_mask(p, bs)).items() if d}
+  assert decay == {k for k in _flat(p) if k.endswith('/kernel')}
+  with pytest.raises(UserError, match='trains no parameter'):
+    train.trainable_mask(p, bs, 'glm/.*')
+
+
+def test_optimizer_matches_torch_sgd():
+  """clip -> L2 on kernels -> momentum SGD equals torch's release recipe."""
+  torch = pytest.importorskip('torch')
+  c = _config(stages=(('all', 10, 0.05),))
+  c.train.grad_clip_norm = 1.0
+  c.train.weight_decay = 0.01
+  rng = np.random.default_rng(0)
+  params = {'fpn': {'P2_lateral': {'kernel': rng.normal(size=(3, 4)).astype(np.float32),
+                                   'bias': rng.normal(size=(4,)).astype(np.float32)}},
+            'glm': {'aspp_c0': {'kernel': rng.normal(size=(2, 2)).astype(np.float32)}}}
+  grads = [jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32) * 3, params)
+           for _ in range(3)]
+  tx = train.create_optimizer(c, params, {}, 'all')
+  state, p = tx.init(params), params
+  for g in grads:
+    updates, state = tx.update(g, state, p)
+    p = jax.tree.map(lambda a, u: a + u, p, updates)
+
+  w = torch.tensor(params['fpn']['P2_lateral']['kernel'], requires_grad=True)
+  b = torch.tensor(params['fpn']['P2_lateral']['bias'], requires_grad=True)
+  opt = torch.optim.SGD([{'params': [w], 'weight_decay': 0.01}, {'params': [b]}],
+                        lr=0.05, momentum=0.9)
+  for g in grads:
+    w.grad = torch.tensor(g['fpn']['P2_lateral']['kernel'])
+    b.grad = torch.tensor(g['fpn']['P2_lateral']['bias'])
+    torch.nn.utils.clip_grad_norm_([w, b], 1.0)  # frozen GLM grads do not count
+    opt.step()
+  np.testing.assert_allclose(p['fpn']['P2_lateral']['kernel'], w.detach().numpy(), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(p['fpn']['P2_lateral']['bias'], b.detach().numpy(), rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(p['glm']['aspp_c0']['kernel'], params['glm']['aspp_c0']['kernel'])
+
+
+def _leaves_changed(before, after):
+  a, b = _flat(before), _flat(after)
+  return {k.rsplit('/', 1)[0] for k in a if not np.array_equal(np.asarray(a[k]), np.asarray(b[k]))}
+
+
+def test_step_respects_stage_masks():
+  model, v = ts.init_variables()
+  c = _config(stages=(('heads', 1, 0.1), ('4+', 1, 0.1)))
+  state = train.create_train_state(c, v, jax.random.PRNGKey(0))
+  batch = ts.make_batches(1, 1, 2)[0]
+  changed = {}
+  for stage in ('heads', '4+'):
+    tx = train.create_optimizer(c, v['params'], v['batch_stats'], stage)
+    step = jax.pmap(train.make_train_step(model, c, tx), axis_name=train.AXIS)
+    new, out = step(train.replicate(state), batch)
+    new = train.unreplicate(new)
+    assert np.isfinite(out['loss/total']).all() and int(new.step) == 1
+    changed[stage] = _leaves_changed(state.params, new.params)
+    # Frozen BatchNorm statistics are never touched.
+    for a, b in zip(jax.tree.leaves(state.batch_stats), jax.tree.leaves(new.batch_stats)):
+      np.testing.assert_array_equal(a, b)
+  assert changed['heads'] == {'fpn/P2_lateral', 'rpn/conv_class', 'box_head/linear_class'}
+  assert changed['4+'] == changed['heads'] | {'backbone/C4_0/conv1'}
+
+
+def _run(workdir, c, batches, stop_after=None):
+  calls = {'n': 0}
+
+  def batches_fn():
+    for b in batches:
+      if stop_after is not None and calls['n'] == stop_after:
+        raise KeyboardInterrupt  # the process is killed here
+      calls['n'] += 1
+      yield b
+  model, v = ts.init_variables()
+  writer = _Writer()
+  return train.train(c, workdir, model, v, batches_fn, writer), writer
+
+
+def test_kill_and_resume_matches_uninterrupted(tmp_path):
+  c = _config()  # 6 steps; stage change (and momentum reset) at step 3
+  batches = ts.make_batches(6, 1, 2)
+  full, writer = _run(str(tmp_path / 'a'), c, batches)
+  assert int(full.step) == 6
+  assert set(writer.scalars) == {2, 4, 6} and 'lr' in writer.scalars[6]
+  assert writer.scalars[6]['images_per_s'] > 0
+  np.testing.assert_allclose(writer.scalars[2]['lr'], 0.1)
+  np.testing.assert_allclose(writer.scalars[6]['lr'], 0.05)
+  with pytest.raises(KeyboardInterrupt):
+    _run(str(tmp_path / 'b'), c, batches, stop_after=3)
+  assert sorted(os.listdir(tmp_path / 'b' / 'checkpoints')) == ['2']
+  resumed, _ = _run(str(tmp_path / 'b'), c, batches)
+  assert int(resumed.step) == 6
+  for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+  # Training actually moved the trainable weights.
+  _, v = ts.init_variables()
+  assert 'backbone/C1_conv' in _leaves_changed(v['params'], full.params)
+  # A finished run resumes to itself without stepping.
+  again, _ = _run(str(tmp_path / 'b'), c, [])
+  assert int(again.step) == 6
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  c = _config(stages=(('all', 6, 0.05),))
+  batches = ts.make_batches(6, 1, 2)
+  batches[4]['image_scale'][0, 1, 0] = np.nan  # 5th step: the 'scaled' term
+  with pytest.raises(UserError, match=r'non-finite loss at step 5: scaled = nan') as err:
+    _run(str(tmp_path), c, batches)
+  assert 'last good checkpoint: step 4' in str(err.value)
+  ckpt = tmp_path / 'checkpoints'
+  assert sorted(os.listdir(ckpt)) == ['2', '4']
+  manager = train.checkpoint_manager(c, str(tmp_path))
+  _, v = ts.init_variables()
+  template = train.create_train_state(c, v, jax.random.PRNGKey(0))
+  good = train.restore_checkpoint(manager, template)
+  assert int(good.step) == 4
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(good.params))
+
+
+_DATA_PARALLEL = textwrap.dedent('''
+    import json, sys
+    import jax, numpy as np
+    sys.path.insert(0, {root!r})
+    from configs import default
+    from sln_jax import train
+    from tests import train_standin as ts
+    assert jax.local_device_count() == 8, jax.devices()
+    c = default.get_config()
+    c.train.stages = (('all', 2, 0.1),)
+    model, v = ts.init_variables()
+    tx = train.create_optimizer(c, v['params'], v['batch_stats'], 'all')
+    state = train.create_train_state(c, v, jax.random.PRNGKey(3))
+    step = train.make_train_step(model, c, tx)
+    (b8,) = ts.make_batches(1, 8, 1)
+    b1 = jax.tree.map(lambda x: x.reshape((1, 8) + x.shape[2:]), b8)
+    outs = {{}}
+    for name, devices, batch in (('eight', jax.local_devices(), b8),
+                                 ('one', jax.local_devices()[:1], b1)):
+      p = jax.pmap(step, axis_name=train.AXIS, devices=devices)
+      s = train.replicate(state, devices)
+      for _ in range(2):
+        s, out = p(s, batch)
+      outs[name] = dict(params=[np.asarray(x[0]).tolist() for x in jax.tree.leaves(s.params)],
+                        loss=float(out['loss/total'][0]))
+    print(json.dumps(outs))
+''')
+
+
+def test_eight_devices_equal_one_device(tmp_path):
+  script = tmp_path / 'dp.py'
+  script.write_text(_DATA_PARALLEL.format(root=ROOT))
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+             JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
+  proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                        env=env, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  outs = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert np.isfinite(outs['one']['loss'])
+  np.testing.assert_allclose(outs['eight']['loss'], outs['one']['loss'], rtol=1e-5)
+  _, v = ts.init_variables()
+  init = [np.asarray(x) for x in jax.tree.leaves(v['params'])]
+  for a, b, p0 in zip(outs['eight']['params'], outs['one']['params'], init):
+    a, b = np.asarray(a), np.asarray(b)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    # The updates themselves agree too (not only the large parameters).
+    np.testing.assert_allclose(a - p0, b - p0, rtol=1e-4, atol=1e-7)
