@@ -56,26 +56,24 @@ BATCH_KEYS = ('image', 'glm_image', 'image_shape', 'image_scale', 'image_id',
 def resized_size(height, width, image_size: int, resize_mode: str):
   """(new_h, new_w) of the resized image inside the S x S canvas.
 
-  Integer arithmetic (round half up) so numpy and TF agree exactly. Works on
-  python ints, numpy and TF integer scalars.
+  'pad': the longer side becomes S, the other is rounded half up (integer
+  arithmetic, so numpy and TF agree exactly); 'squash': (S, S). Takes python
+  / numpy ints or TF int32 scalars and returns the same kind.
   """
-  if resize_mode == 'squash':
-    return image_size + 0 * height, image_size + 0 * width
-  if resize_mode != 'pad':
+  if resize_mode not in ('pad', 'squash'):
     raise ValueError(f'input.resize_mode must be pad or squash, got {resize_mode!r}')
-  if _is_tf(height):
+  if isinstance(height, tf.Tensor):
+    if resize_mode == 'squash':
+      return tf.constant(image_size), tf.constant(image_size)
     m = tf.maximum(height, width)
-    nh = tf.maximum((2 * height * image_size + m) // (2 * m), 1)
-    nw = tf.maximum((2 * width * image_size + m) // (2 * m), 1)
-    return nh, nw
-  m = max(int(height), int(width))
-  nh = max((2 * int(height) * image_size + m) // (2 * m), 1)
-  nw = max((2 * int(width) * image_size + m) // (2 * m), 1)
-  return nh, nw
-
-
-def _is_tf(x) -> bool:
-  return isinstance(x, tf.Tensor)
+    rnd = lambda v: tf.maximum((2 * v * image_size + m) // (2 * m), 1)  # noqa: E731
+  else:
+    height, width = int(height), int(width)
+    if resize_mode == 'squash':
+      return image_size, image_size
+    m = max(height, width)
+    rnd = lambda v: max((2 * v * image_size + m) // (2 * m), 1)  # noqa: E731
+  return rnd(height), rnd(width)
 
 
 def _resize_uint8(image: tf.Tensor, size) -> tf.Tensor:

@@ -450,9 +450,7 @@ def generate_split(out_dir: str, split: str, num_images: int,
   with cliutil.atomic_output_file(annotation_path(out_dir, split)) as f:
     json.dump({'images': images, 'annotations': annotations}, f,
               separators=(',', ':'))
-  stats = occlusion_stats(rates)
-  stats['num_images'] = num_images
-  return stats
+  return {'num_images': num_images, **occlusion_stats(rates)}
 
 
 def generate_dataset(out_dir: str, splits: Optional[dict] = None,
@@ -468,6 +466,8 @@ def generate_dataset(out_dir: str, splits: Optional[dict] = None,
     ``generate_split``. ``progress`` shows a tqdm bar on stderr.
   """
   splits = dict(splits if splits is not None else {'train': 400, 'val': 50})
+  if 'all' in splits:
+    raise cliutil.UserError("'all' is reserved for the totals", field='splits')
   bar = None
   if progress:
     import tqdm  # pylint: disable=g-import-not-at-top

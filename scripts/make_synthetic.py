@@ -58,6 +58,9 @@ def main(argv=None) -> int:
   except cliutil.UserError as err:
     raise cliutil.UserError(err.message,
                             field='--' + err.field.replace('_', '-')) from None
+  if args.no_overwrite and os.path.exists(args.out):
+    raise cliutil.UserError('exists; refusing to overwrite (--no-overwrite)',
+                            path=args.out)
   splits = {k: v for k, v in (('train', args.num_train), ('val', args.num_val))
             if v > 0}
   with cliutil.atomic_output_dir(args.out, overwrite=not args.no_overwrite

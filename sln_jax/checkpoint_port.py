@@ -262,6 +262,8 @@ def detect_source(state_dict: Mapping, model_cfg=None) -> str:
   the GLM disabled and the class and mask heads fit it (an SLN trained
   without the GLM).
   """
+  state_dict = {re.sub(r'^(module\.)+', '', k): v
+                for k, v in state_dict.items()}
   keys = list(state_dict)
   has_mrcnn = any(k.startswith(('fpn.', 'rpn.', 'classifier.')) for k in keys)
   has_glm = any(k.startswith('GLM_modual.') for k in keys)

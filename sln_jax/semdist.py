@@ -86,7 +86,9 @@ def layer_channels(index: Array, num_layers: int) -> Array:
 
   Returns:
     (..., L, H, W) float32: channel k = (layer == k) for k < L - 1, channel
-    L - 1 = (layer >= L - 1). Their sum is the amodal mask.
+    L - 1 = (layer >= L - 1). Their sum is the amodal mask. Same merge as
+    the release (``load_layer2``: layers >= NUM_CLASSES - 2 go to the last
+    channel).
   """
   if num_layers < 1:
     raise ValueError(f'num_layers must be >= 1, got {num_layers}')

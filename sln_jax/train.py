@@ -256,7 +256,7 @@ def make_train_step(model: Any, config: ml_collections.ConfigDict,
     out = {'loss/' + k: v for k, v in losses.items()}
     out.update({'metric/' + k: v for k, v in metrics.items()})
     out['lr'] = learning_rate_fn(config)(state.step)
-    out['grad_norm'] = optax.global_norm(grads)
+    out['grad_norm'] = optax.tree.norm(grads)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), out
   return step
 

@@ -303,7 +303,8 @@ def test_eval_targets_match_numpy_reference(synthetic_config):
 
 
 def _eval_ids(c, **kwargs):
-  batches = list(pipeline.create_split(c, 'val', train=False, **kwargs))
+  batches = list(pipeline.create_split(c, c.dataset.eval_split, train=False,
+                                       **kwargs))
   ids = np.concatenate([b['image_id'].reshape(-1) for b in batches])
   valid = np.concatenate([b['is_valid'].reshape(-1) for b in batches])
   return batches, ids, valid
@@ -328,6 +329,17 @@ def test_eval_split_is_deterministic_and_padded(synthetic_config):
   assert len(b0) == len(b1)
   assert not set(ids0[v0]) & set(ids1[v1])
   assert set(ids0[v0]) | set(ids1[v1]) == set(ids[valid])
+  # Split slicing: the first 3 images, same order.
+  b3, ids3, v3 = _eval_ids(_sliced(c), num_local_devices=1,
+                           per_device_batch=2)
+  assert len(b3) == 2 and v3.sum() == 3
+  np.testing.assert_array_equal(ids3[v3], ids[:3])
+
+
+def _sliced(c):
+  c = c.copy_and_resolve_references()
+  c.dataset.eval_split = 'val[:3]'
+  return c
 
 
 def test_synthetic_params_mismatch_is_refused(synthetic_config):

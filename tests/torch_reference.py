@@ -152,12 +152,18 @@ class FPN(nn.Module):
       setattr(self, f'P{s}_conv2', nn.Sequential(
           SamePad2d(3, 1), nn.Conv2d(spec.fpn_channels, spec.fpn_channels, 3)))
 
-  def forward(self, x) -> dict:
+  def bottom_up(self, x) -> dict:
+    """x (N,3,H,W) -> c1..c5 (any H, W)."""
     out = {}
     h = x
     for s in range(1, 6):
       h = getattr(self, f'C{s}')(h)
       out[f'c{s}'] = h
+    return out
+
+  def forward(self, x) -> dict:
+    """x (N,3,H,W), H and W multiples of 32 -> c1..c5, p2..p6."""
+    out = self.bottom_up(x)
     top = self.P5_conv1(out['c5'])
     tops = {5: top}
     for s in (4, 3, 2):

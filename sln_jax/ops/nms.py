@@ -56,6 +56,10 @@ def nms_padded(boxes: jnp.ndarray, scores: jnp.ndarray, max_output: int,
       0 in unused slots.
     valid: (K,) bool, True for the first (number kept) slots.
   """
+  boxes = jnp.asarray(boxes, jnp.float32)
+  scores = jnp.asarray(scores, jnp.float32)
+  if groups is not None:
+    groups = jnp.asarray(groups)
   n = boxes.shape[0]
   k = int(max_output)
   tile = max(1, min(int(tile), n))

@@ -38,8 +38,10 @@ def detect(rois: jnp.ndarray, class_probs: jnp.ndarray, deltas: jnp.ndarray,
       classes (D,) int32, valid (D,) bool, roi_index (D,) int32;
       unused slots are zeros / False.
   """
+  rois = jnp.asarray(rois, jnp.float32)
+  deltas = jnp.asarray(deltas, jnp.float32)
   r = rois.shape[0]
-  probs = class_probs.astype(jnp.float32)
+  probs = jnp.asarray(class_probs, jnp.float32)
   classes = jnp.argmax(probs, axis=-1).astype(jnp.int32)
   scores = jnp.take_along_axis(probs, classes[:, None], axis=-1)[:, 0]
   d = jnp.take_along_axis(deltas, classes[:, None, None], axis=1)[:, 0]

@@ -123,7 +123,7 @@ def _pool(flat, base, height, width, boxes, crop_size, aligned,
   """Shared body: (N,) ROIs on maps of (N,) sizes -> (N, c, c, C) float32."""
   hf = height.astype(jnp.float32)
   wf = width.astype(jnp.float32)
-  boxes = boxes.astype(jnp.float32)
+  boxes = jnp.asarray(boxes, jnp.float32)
   if not aligned and sampling_ratio is None:
     ys = _tf_coords(boxes[:, 0], boxes[:, 2], hf, crop_size)
     xs = _tf_coords(boxes[:, 1], boxes[:, 3], wf, crop_size)
@@ -157,6 +157,7 @@ def crop_and_resize_indexed(images: jnp.ndarray, boxes: jnp.ndarray,
   Returns:
     (R, c, c, C) in ``images.dtype`` (computed in float32).
   """
+  images = jnp.asarray(images)
   m, h, w, c = images.shape
   flat = images.reshape(m * h * w, c)
   r = boxes.shape[0]
@@ -206,6 +207,7 @@ def roi_align(features: jnp.ndarray, boxes: jnp.ndarray, output_size: int,
   Returns:
     (B, N, o, o, C) in ``features.dtype``.
   """
+  features = jnp.asarray(features)
   b, h, w, c = features.shape
   n = boxes.shape[1]
   flat = features.reshape(b * h * w, c)
@@ -264,6 +266,7 @@ def multilevel_crop_and_resize(features: Sequence[jnp.ndarray],
   Returns:
     (B, N, c, c, C) in the features' dtype.
   """
+  features = [jnp.asarray(f) for f in features]
   b, n = boxes.shape[:2]
   max_level = min_level + len(features) - 1
   levels = roi_levels(boxes, image_area, min_level, max_level)

@@ -65,6 +65,9 @@ def rpn_targets(rng: jax.Array, anchors: jnp.ndarray, gt_boxes: jnp.ndarray,
     deltas: (A, 4) float32 targets ``encode(gt, anchor) / bbox_std`` to the
       anchor's best GT, zeros except on positives.
   """
+  anchors = jnp.asarray(anchors, jnp.float32)
+  gt_boxes = jnp.asarray(gt_boxes, jnp.float32)
+  gt_valid = jnp.asarray(gt_valid, bool)
   a = anchors.shape[0]
   overlaps = _masked_iou(anchors, gt_boxes, gt_valid)   # (A, M)
   best_gt = jnp.argmax(overlaps, axis=1)
@@ -141,6 +144,11 @@ def sample_rois(rng: jax.Array, proposals: jnp.ndarray,
         positives, 0 elsewhere;
       matched_gt (R,) int32: GT index on positives, 0 elsewhere.
   """
+  proposals = jnp.asarray(proposals, jnp.float32)
+  proposal_valid = jnp.asarray(proposal_valid, bool)
+  gt_boxes = jnp.asarray(gt_boxes, jnp.float32)
+  gt_classes = jnp.asarray(gt_classes, jnp.int32)
+  gt_valid = jnp.asarray(gt_valid, bool)
   if include_gt:
     proposals = jnp.concatenate([proposals, gt_boxes.astype(proposals.dtype)])
     proposal_valid = jnp.concatenate([proposal_valid, gt_valid])
@@ -207,8 +215,9 @@ def mask_targets(gt_layers: jnp.ndarray, gt_boxes: jnp.ndarray,
   Returns:
     (R, S, S, L) float32 of 0/1.
   """
-  g = gt_boxes.astype(jnp.float32)[matched_gt]
-  r = rois.astype(jnp.float32)
+  matched_gt = jnp.asarray(matched_gt, jnp.int32)
+  g = jnp.asarray(gt_boxes, jnp.float32)[matched_gt]
+  r = jnp.asarray(rois, jnp.float32)
   gh = g[:, 2] - g[:, 0]
   gw = g[:, 3] - g[:, 1]
   gh = jnp.where(gh > 0, gh, 1.0)
@@ -216,7 +225,7 @@ def mask_targets(gt_layers: jnp.ndarray, gt_boxes: jnp.ndarray,
   rel = jnp.stack([(r[:, 0] - g[:, 0]) / gh, (r[:, 1] - g[:, 1]) / gw,
                    (r[:, 2] - g[:, 0]) / gh, (r[:, 3] - g[:, 1]) / gw], -1)
   crops = roi_align.crop_and_resize_indexed(
-      gt_layers.astype(jnp.float32), rel, matched_gt, mask_size)
+      jnp.asarray(gt_layers, jnp.float32), rel, matched_gt, mask_size)
   crops = jnp.round(crops)
   if positive is not None:
     crops = jnp.where(positive[:, None, None, None], crops, 0.0)

@@ -1,0 +1,196 @@
+"""Target assignment against numpy transcriptions of the release."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tensorflow as tf
+
+from sln_jax.ops import targets
+
+STD = np.array([0.1, 0.1, 0.2, 0.2])
+
+
+def _iou(a, b):
+  ih = np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0],
+                                                             b[None, :, 0])
+  iw = np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1],
+                                                             b[None, :, 1])
+  inter = np.maximum(ih, 0) * np.maximum(iw, 0)
+  ar = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])
+  return inter / (ar(a)[:, None] + ar(b)[None] - inter)
+
+
+def _encode(box, ref):
+  h, w = ref[:, 2] - ref[:, 0], ref[:, 3] - ref[:, 1]
+  gh, gw = box[:, 2] - box[:, 0], box[:, 3] - box[:, 1]
+  return np.stack([(box[:, 0] + gh / 2 - ref[:, 0] - h / 2) / h,
+                   (box[:, 1] + gw / 2 - ref[:, 1] - w / 2) / w,
+                   np.log(gh / h), np.log(gw / w)], 1) / STD
+
+
+def _boxes(rng, n, lo=0.05, hi=0.4):
+  yx = rng.uniform(0, 0.6, (n, 2))
+  hw = rng.uniform(lo, hi, (n, 2))
+  return np.concatenate([yx, yx + hw], 1).astype(np.float32)
+
+
+def _release_rpn_match(anchors, gt):
+  """build_rpn_targets before subsampling: 1 pos, -1 neg, 0 neutral."""
+  ov = _iou(anchors, gt)
+  match = np.zeros(len(anchors), np.int32)
+  best = ov.max(1)
+  match[best < 0.3] = -1
+  match[np.argmax(ov, 0)] = 1
+  match[best >= 0.7] = 1
+  return match, np.argmax(ov, 1)
+
+
+def test_rpn_targets_match_release_without_subsampling():
+  rng = np.random.default_rng(0)
+  anchors = _boxes(rng, 300, 0.05, 0.3)
+  gt = np.concatenate([_boxes(rng, 4), np.zeros((2, 4), np.float32)])
+  gt[1] = anchors[7] + 0.001             # guarantees an IoU >= 0.7 anchor
+  valid = np.array([1, 1, 1, 1, 0, 0], bool)
+  fn = jax.jit(lambda k, a, g, v: targets.rpn_targets(
+      k, a, g, v, num_samples=10000, positive_fraction=0.5, bbox_std=STD))
+  labels, deltas = fn(jax.random.key(0), anchors, gt, valid)
+  assert labels.dtype == jnp.int32 and deltas.shape == (300, 4)
+  match, best = _release_rpn_match(anchors, gt[:4])
+  want = np.where(match == 1, 1, np.where(match == -1, 0, -1))
+  np.testing.assert_array_equal(np.asarray(labels), want)
+  pos = want == 1
+  assert pos.sum() >= 4
+  np.testing.assert_allclose(np.asarray(deltas)[pos],
+                             _encode(gt[best[pos]], anchors[pos]), atol=1e-4)
+  assert np.all(np.asarray(deltas)[~pos] == 0)
+
+
+def test_rpn_targets_subsampling():
+  rng = np.random.default_rng(1)
+  anchors = _boxes(rng, 2000, 0.05, 0.3)
+  gt = _boxes(rng, 8, 0.1, 0.3)
+  valid = np.ones(8, bool)
+  match, _ = _release_rpn_match(anchors, gt)
+  kw = dict(num_samples=64, positive_fraction=0.25, bbox_std=STD)
+  fn = jax.jit(lambda k: targets.rpn_targets(k, anchors, gt, valid, **kw))
+  l0, _ = fn(jax.random.key(0))
+  l1, _ = fn(jax.random.key(1))
+  for labels in (np.asarray(l0), np.asarray(l1)):
+    npos, nneg = (labels == 1).sum(), (labels == 0).sum()
+    assert npos == min((match == 1).sum(), 16)
+    assert nneg == min((match == -1).sum(), 64 - npos)
+    assert np.all(match[labels == 1] == 1) and np.all(match[labels == 0] == -1)
+  assert not np.array_equal(np.asarray(l0), np.asarray(l1))
+  np.testing.assert_array_equal(np.asarray(fn(jax.random.key(0))[0]),
+                                np.asarray(l0))
+  # No GT at all: only negatives, capped at num_samples.
+  labels, deltas = targets.rpn_targets(jax.random.key(2), anchors, gt,
+                                       np.zeros(8, bool), **kw)
+  assert (np.asarray(labels) == 0).sum() == 64
+  assert not np.any(np.asarray(labels) == 1)
+  assert np.all(np.isfinite(np.asarray(deltas)))
+
+
+def test_negative_counts_table():
+  table = targets.negative_counts(100, 0.7)
+  assert len(table) == 71 and table[70] == 30 and table[0] == 0
+  assert table[7] == int(7 / 0.7 - 7) == 3
+  assert all(pc + n <= 100 for pc, n in enumerate(table))
+
+
+def test_sample_rois():
+  rng = np.random.default_rng(3)
+  gt = np.concatenate([_boxes(rng, 3, 0.2, 0.4), np.zeros((2, 4),
+                                                          np.float32)])
+  gt_cls = np.array([1, 2, 1, 0, 0], np.int32)
+  gt_valid = np.array([1, 1, 1, 0, 0], bool)
+  jitter = rng.normal(scale=0.02, size=(40, 4)).astype(np.float32)
+  props = np.concatenate([gt[rng.integers(0, 3, 40)] + jitter,
+                          _boxes(rng, 60)])
+  props[:, 2:] = np.maximum(props[:, 2:], props[:, :2] + 0.01)
+  pvalid = np.ones(100, bool)
+  pvalid[-5:] = False
+  ov = _iou(props, gt[:3])
+  best = ov.max(1)
+  pos_set = np.flatnonzero(pvalid & (best >= 0.5))
+  neg_set = np.flatnonzero(pvalid & (best < 0.5))
+  assert len(pos_set) > 5 and len(neg_set) > 10
+  fn = jax.jit(lambda k, *a: targets.sample_rois(
+      k, *a, num_rois=20, positive_ratio=0.5, bbox_std=STD))
+  out = {k: np.asarray(v) for k, v in fn(
+      jax.random.key(0), props, pvalid, gt, gt_cls, gt_valid).items()}
+  pc = min(len(pos_set), 10)
+  nc = min(len(neg_set), targets.negative_counts(20, 0.5)[pc])
+  assert out['positive'].sum() == pc and out['valid'].sum() == pc + nc
+  np.testing.assert_array_equal(out['positive'], np.arange(20) < pc)
+  np.testing.assert_array_equal(out['valid'], np.arange(20) < pc + nc)
+  rows = [np.flatnonzero(np.all(props == r, 1))[0]
+          for r in out['rois'][:pc + nc]]
+  assert set(rows[:pc]) <= set(pos_set) and set(rows[pc:]) <= set(neg_set)
+  assert len(set(rows)) == pc + nc
+  m = np.argmax(ov[rows[:pc]], 1)
+  np.testing.assert_array_equal(out['matched_gt'][:pc], m)
+  np.testing.assert_array_equal(out['class_targets'][:pc], gt_cls[m])
+  np.testing.assert_allclose(out['bbox_targets'][:pc],
+                             _encode(gt[m], props[rows[:pc]]), atol=1e-4)
+  for key in ('class_targets', 'matched_gt', 'bbox_targets'):
+    assert np.all(out[key][pc:] == 0)
+  assert np.all(out['rois'][pc + nc:] == 0)
+
+
+def test_sample_rois_without_gt_and_include_gt():
+  rng = np.random.default_rng(4)
+  props = _boxes(rng, 30)
+  gt = _boxes(rng, 2, 0.3, 0.4)
+  kw = dict(num_rois=10, positive_ratio=0.5, bbox_std=STD)
+  out = targets.sample_rois(jax.random.key(0), props, np.ones(30, bool), gt,
+                            np.ones(2, np.int32), np.zeros(2, bool), **kw)
+  assert not np.any(np.asarray(out['valid']))  # release: no positive, no ROI
+  out = targets.sample_rois(jax.random.key(0), props, np.zeros(30, bool), gt,
+                            np.ones(2, np.int32), np.ones(2, bool),
+                            include_gt=True, **kw)
+  assert int(np.asarray(out['positive']).sum()) == 2
+  np.testing.assert_allclose(np.asarray(out['bbox_targets'])[:2], 0,
+                             atol=1e-6)
+  batched = targets.batched_sample_rois(
+      jax.random.key(1), np.stack([props] * 2), np.ones((2, 30), bool),
+      np.stack([gt] * 2), np.ones((2, 2), np.int32), np.ones((2, 2), bool),
+      **kw)
+  assert batched['rois'].shape == (2, 10, 4)
+
+
+def test_mask_targets():
+  rng = np.random.default_rng(5)
+  k, s, layers = 12, 8, 2
+  gt_layers = (rng.uniform(size=(3, k, k, layers)) > 0.5).astype(np.float32)
+  gt = _boxes(rng, 3, 0.2, 0.4)
+  rois = gt[[0, 2, 1]] + rng.normal(scale=0.03, size=(3, 4)).astype(
+      np.float32)
+  matched = np.array([0, 2, 1], np.int32)
+  got = np.asarray(jax.jit(targets.mask_targets, static_argnums=4)(
+      gt_layers, gt, rois, matched, s))
+  assert got.shape == (3, s, s, layers)
+  g = gt[matched]
+  gh, gw = g[:, 2] - g[:, 0], g[:, 3] - g[:, 1]
+  rel = np.stack([(rois[:, 0] - g[:, 0]) / gh, (rois[:, 1] - g[:, 1]) / gw,
+                  (rois[:, 2] - g[:, 0]) / gh, (rois[:, 3] - g[:, 1]) / gw], 1)
+  want = np.round(tf.image.crop_and_resize(gt_layers, rel, matched,
+                                           (s, s)).numpy())
+  np.testing.assert_array_equal(got, want)
+  # ROI == its GT box and S == K: the GT crop itself.
+  same = np.asarray(targets.mask_targets(gt_layers, gt, gt, np.arange(3), k))
+  np.testing.assert_array_equal(same, gt_layers)
+  pos = np.array([True, False, True])
+  masked = np.asarray(targets.mask_targets(gt_layers, gt, gt, np.arange(3), k,
+                                           positive=pos))
+  assert np.all(masked[1] == 0)
+  np.testing.assert_array_equal(masked[0], gt_layers[0])
+
+
+def test_batched_rpn_targets_shapes():
+  rng = np.random.default_rng(6)
+  anchors = _boxes(rng, 50)
+  labels, deltas = targets.batched_rpn_targets(
+      jax.random.key(0), anchors, np.stack([_boxes(rng, 3)] * 2),
+      np.ones((2, 3), bool), num_samples=16, bbox_std=STD)
+  assert labels.shape == (2, 50) and deltas.shape == (2, 50, 4)
+  assert np.all((np.asarray(labels) >= 0).sum(1) <= 16)
