@@ -131,7 +131,6 @@ def _main() -> int:
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
   if jax.process_index() == 0:
-    writer.write_texts(0, {'config': f'```\n{config}\n```'})
     with cliutil.atomic_output_file(os.path.join(workdir, 'config.txt')) as f:
       f.write(str(config))
   try:

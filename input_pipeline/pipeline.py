@@ -37,6 +37,7 @@ Per example (``preprocess_example``):
 from __future__ import annotations
 
 import math
+import os
 from typing import Iterator, Optional
 
 from absl import logging
@@ -45,6 +46,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from input_pipeline import tfds_builders
+from sln_jax import cliutil
 
 # Keys and dtypes of one example (a batch adds the two leading axes).
 BATCH_KEYS = ('image', 'glm_image', 'image_shape', 'image_scale', 'image_id',
@@ -172,6 +174,9 @@ def preprocess_example(example: dict, config, *, train: bool,
   size, k, nl = cin.image_size, cin.gt_mask_size, config.model.num_layers
   image = example['image']
   inst = example['instances']
+  random_flip = train and cin.random_flip and flip is None
+  if (random_flip or (train and cin.box_jitter > 0)) and seed is None:
+    raise ValueError('preprocess_example(train=True) needs a seed')
   if seed is not None:
     seed_flip, seed_jitter = tf.unstack(
         tf.random.experimental.stateless_split(seed, 2))
@@ -181,10 +186,10 @@ def preprocess_example(example: dict, config, *, train: bool,
   def take(key):
     return tf.gather(inst[key], order)
 
-  if flip is None:
+  if random_flip:
+    flip = tf.random.stateless_uniform([], seed_flip) < 0.5
+  elif flip is None:
     flip = tf.constant(False)
-    if train and cin.random_flip:
-      flip = tf.random.stateless_uniform([], seed_flip) < 0.5
   image = tf.cond(flip, lambda: tf.reverse(image, [1]), lambda: image)
   index = tf.cond(flip, lambda: tf.reverse(index, [2]), lambda: index)
 
@@ -296,6 +301,12 @@ def create_dataset(config, split: str, *, train: bool, num_local_devices: int,
   """
   cin = config.input
   builder = builder or tfds_builders.build_dataset(config)
+  available = sorted(builder.info.splits)
+  if split.split('[')[0] not in available:
+    field = 'dataset.train_split' if train else 'dataset.eval_split'
+    raise cliutil.UserError(
+        f'split {split!r} not in dataset {builder.name!r} (available: '
+        f'{", ".join(available)})', path=os.fspath(builder.data_dir), field=field)
   _log_truncation(builder, split, cin.max_instances)
   local_batch = num_local_devices * per_device_batch
   ds = builder.as_dataset(

@@ -37,6 +37,7 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from input_pipeline import readers
 from input_pipeline import records
 from sln_jax import cliutil
 from sln_jax import semdist
@@ -167,7 +168,6 @@ class _AmodalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _generate_examples(self, split: str, annotations_path: str,
                          images_dir: str) -> Iterator[tuple[Any, dict]]:
-    from input_pipeline import readers  # pylint: disable=g-import-not-at-top
     stats = readers.ReadStats()
     anns = readers.load_annotations(self.FORMAT, annotations_path, images_dir,
                                     stats=stats)

@@ -61,51 +61,41 @@ def _read_input(path: str) -> np.ndarray:
   return x.astype(np.float32)
 
 
-def compute_activations(variables: dict, x: np.ndarray, model_cfg) -> dict:
-  """Runs the converted parts of the network on NCHW ``x`` -> numpy dict."""
+def compute_activations(variables: dict, x: np.ndarray, config) -> dict:
+  """Runs the converted parts of the network on NCHW ``x`` -> numpy dict.
+
+  Uses the SLN model's own submodules (sln_jax.models.sln); only the parts
+  whose parameters the checkpoint holds are run.
+  """
   import jax
   import jax.numpy as jnp
 
-  from sln_jax.models import deeplab, fpn, resnet, rpn
+  from sln_jax.models import deeplab, sln
 
-  def sub(name):
-    return {c: t[name] for c, t in variables.items() if name in t}
-
-  m = model_cfg
+  model = sln.build_model(config)
   params = variables['params']
-  nhwc = jnp.asarray(x.transpose(0, 2, 3, 1))
+  g = config.model.glm.image_size
   nchw = lambda a: np.asarray(a, np.float32).transpose(0, 3, 1, 2)
+
+  def features(mdl, img):
+    c = mdl.backbone(img)
+    p = mdl.fpn(c)
+    return c, p, mdl.rpn([p[f'p{s}'] for s in range(2, 7)])
+
+  def glm_logits(mdl, img):
+    return mdl.glm(deeplab.resize_bilinear(img, g, g))['logits']
+
+  img = jnp.asarray(x.transpose(0, 2, 3, 1))
+  run = jax.jit(lambda v, i, fn: model.apply(v, i, method=fn),
+                static_argnums=2)
   out = {}
   if all(k in params for k in ('backbone', 'fpn', 'rpn')):
-    backbone = resnet.ResNet(tuple(m.backbone.stage_sizes), m.backbone.width,
-                             m.backbone.bn_eps)
-    pyramid = fpn.FPN(m.fpn_channels)
-    proposals = rpn.RPN(len(m.rpn.anchor_ratios), m.rpn.anchor_stride,
-                        m.rpn.conv_channels)
-
-    @jax.jit
-    def features(v, img):
-      c = backbone.apply(v['backbone'], img)
-      p = pyramid.apply(v['fpn'], c)
-      r = proposals.apply(v['rpn'], [p[f'p{s}'] for s in range(2, 7)])
-      return c, p, r
-
-    c, p, r = features({k: sub(k) for k in ('backbone', 'fpn', 'rpn')}, nhwc)
+    c, p, r = run(variables, img, features)
     out.update({k: nchw(v) for k, v in {**c, **p}.items()})
     out['rpn_class_logits'] = np.asarray(r['logits'], np.float32)
     out['rpn_bbox'] = np.asarray(r['deltas'], np.float32)
-  if 'glm' in params:
-    g = m.glm
-    glm = deeplab.DeepLabV2(tuple(g.stage_sizes), g.width, g.num_classes,
-                            tuple(g.atrous_rates), tuple(g.scales),
-                            bn_eps=g.bn_eps)
-
-    @jax.jit
-    def glm_logits(v, img):
-      img = deeplab.resize_bilinear(img, g.image_size, g.image_size)
-      return glm.apply(v, img)['logits']
-
-    out['glm_logits'] = nchw(glm_logits(sub('glm'), nhwc))
+  if 'glm' in params and config.model.glm.enabled:
+    out['glm_logits'] = nchw(run(variables, img, glm_logits))
   return out
 
 
@@ -136,7 +126,7 @@ def main() -> int:
   del state
   acts = None
   if act_in is not None:
-    acts = compute_activations(variables, _read_input(act_in), config.model)
+    acts = compute_activations(variables, _read_input(act_in), config)
   with cliutil.atomic_output_dir(FLAGS.output) as tmp:
     checkpoint_port.save_orbax(variables, tmp)
   if acts is not None:

@@ -31,7 +31,7 @@ import logging
 import os
 import pickle
 import re
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -561,12 +561,3 @@ def partial_load(target_variables: Mapping,
     for path, value in leaves.items():
       _set(out[coll], path, value)
   return out
-
-
-def init_sources(config) -> list[tuple[str, list[str]]]:
-  """``config.init_from`` / ``config.init_patterns`` (comma-separated) ->
-  ``partial_load`` sources (every directory with the same regexes)."""
-  dirs = [d.strip() for d in str(config.init_from).split(',') if d.strip()]
-  pats = [p.strip() for p in str(config.init_patterns).split(',')
-          if p.strip()]
-  return [(d, pats) for d in dirs]

@@ -215,11 +215,13 @@ def create_train_state(config: ml_collections.ConfigDict, variables: PyTree,
 def init_from_checkpoints(config: ml_collections.ConfigDict, variables: PyTree) -> PyTree:
   """Applies ``config.init_from`` / ``config.init_patterns`` (comma-separated
   Orbax dirs and Flax-path regexes; ``checkpoint_port.partial_load``)."""
-  from sln_jax import checkpoint_port  # pylint: disable=g-import-not-at-top
-  sources = checkpoint_port.init_sources(config)
-  if not sources:
+  dirs = [d.strip() for d in str(config.init_from).split(',') if d.strip()]
+  if not dirs:
     return variables
-  loaded, report = checkpoint_port.partial_load(variables, sources)
+  from sln_jax import checkpoint_port  # pylint: disable=g-import-not-at-top
+  patterns = [p.strip() for p in str(config.init_patterns).split(',') if p.strip()]
+  report = checkpoint_port.LoadReport()
+  loaded = checkpoint_port.partial_load(variables, [(d, patterns) for d in dirs], report)
   print(f'init_from: {report.summary()}', flush=True)
   return loaded
 
@@ -227,11 +229,20 @@ def init_from_checkpoints(config: ml_collections.ConfigDict, variables: PyTree) 
 # --------------------------------------------------------------------- steps
 
 def make_train_step(model: Any, config: ml_collections.ConfigDict,
-                    tx: optax.GradientTransformation) -> Callable:
+                    tx: optax.GradientTransformation,
+                    trainable: Optional[PyTree] = None) -> Callable:
   """Per-device step ``(state, batch) -> (state, metrics)`` for ``jax.pmap``
-  with ``axis_name='batch'``; ``batch`` has a leading per-device batch axis."""
+  with ``axis_name='batch'``; ``batch`` has a leading per-device batch axis.
+
+  ``trainable`` (bool tree like params, e.g. ``trainable_mask``): frozen
+  leaves enter the loss through ``stop_gradient``, so no gradient is computed
+  for them (the GLM's backward pass is never built); their gradient is 0.
+  """
 
   def image_loss(params, batch_stats, image_batch, rng):
+    if trainable is not None:
+      params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p),
+                            params, trainable)
     one = jax.tree.map(lambda x: x[None], image_batch)
     losses, metrics = model.apply({'params': params, 'batch_stats': batch_stats},
                                   one, rng, method='train_forward')
@@ -416,7 +427,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, model: Any,
     name = table[k][0]
     if k not in steps:
       tx = create_optimizer(config, state.params, state.batch_stats, name)
-      steps[k] = jax.pmap(make_train_step(model, config, tx), axis_name=AXIS,
+      mask = trainable_mask(state.params, state.batch_stats, name)
+      steps[k] = jax.pmap(make_train_step(model, config, tx, mask), axis_name=AXIS,
                           donate_argnums=(0,))
     if step == table[k][1] and step > 0 and tc.reset_momentum_per_stage:
       rstate = rstate.replace(opt_state=reset_momentum(rstate.opt_state))
@@ -465,9 +477,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, model: Any,
 # --------------------------------------------------------------------- model
 
 def create_model(config: ml_collections.ConfigDict) -> tuple[Any, PyTree]:
-  """``SLN(config.model)`` and its freshly initialised variables."""
+  """``SLN(config.model)`` (loss weights from ``config.loss``) and its freshly
+  initialised variables."""
   from sln_jax.models import sln  # pylint: disable=g-import-not-at-top
-  model = sln.SLN(config.model)
+  model = sln.build_model(config)
   rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0)
   variables = sln.init_variables(model, rng, config.input.image_size)
   return model, {'params': variables['params'],

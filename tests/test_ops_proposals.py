@@ -48,9 +48,9 @@ def test_matches_reference():
 def test_few_proposals_are_padded():
   anchors = np.array([[0.1, 0.1, 0.3, 0.3]] * 5, np.float32)
   probs = np.linspace(0.1, 0.5, 5, dtype=np.float32)[None]
-  rois, valid = proposals.generate_proposals(
-      probs, np.zeros((1, 5, 4), np.float32), anchors, pre_nms_topk=6000,
-      nms_threshold=0.7, post_nms_topk=4, bbox_std=STD)
+  rois, valid = jax.jit(lambda p, d: proposals.generate_proposals(
+      p, d, anchors, pre_nms_topk=6000, nms_threshold=0.7, post_nms_topk=4,
+      bbox_std=STD))(probs, np.zeros((1, 5, 4), np.float32))
   assert list(np.asarray(valid[0])) == [True, False, False, False]
   np.testing.assert_allclose(np.asarray(rois[0, 0]), anchors[0], atol=1e-6)
   assert np.all(np.asarray(rois[0, 1:]) == 0)

@@ -83,8 +83,8 @@ def test_rpn_targets_subsampling():
   np.testing.assert_array_equal(np.asarray(fn(jax.random.key(0))[0]),
                                 np.asarray(l0))
   # No GT at all: only negatives, capped at num_samples.
-  labels, deltas = targets.rpn_targets(jax.random.key(2), anchors, gt,
-                                       np.zeros(8, bool), **kw)
+  labels, deltas = jax.jit(lambda k, v: targets.rpn_targets(
+      k, anchors, gt, v, **kw))(jax.random.key(2), np.zeros(8, bool))
   assert (np.asarray(labels) == 0).sum() == 64
   assert not np.any(np.asarray(labels) == 1)
   assert np.all(np.isfinite(np.asarray(deltas)))
@@ -142,19 +142,19 @@ def test_sample_rois_without_gt_and_include_gt():
   props = _boxes(rng, 30)
   gt = _boxes(rng, 2, 0.3, 0.4)
   kw = dict(num_rois=10, positive_ratio=0.5, bbox_std=STD)
-  out = targets.sample_rois(jax.random.key(0), props, np.ones(30, bool), gt,
-                            np.ones(2, np.int32), np.zeros(2, bool), **kw)
+  sample = jax.jit(lambda *a: targets.sample_rois(*a, **kw))
+  out = sample(jax.random.key(0), props, np.ones(30, bool), gt,
+               np.ones(2, np.int32), np.zeros(2, bool))
   assert not np.any(np.asarray(out['valid']))  # release: no positive, no ROI
-  out = targets.sample_rois(jax.random.key(0), props, np.zeros(30, bool), gt,
-                            np.ones(2, np.int32), np.ones(2, bool),
-                            include_gt=True, **kw)
+  out = jax.jit(lambda *a: targets.sample_rois(*a, include_gt=True, **kw))(
+      jax.random.key(0), props, np.zeros(30, bool), gt, np.ones(2, np.int32),
+      np.ones(2, bool))
   assert int(np.asarray(out['positive']).sum()) == 2
   np.testing.assert_allclose(np.asarray(out['bbox_targets'])[:2], 0,
                              atol=1e-6)
-  batched = targets.batched_sample_rois(
+  batched = jax.jit(lambda *a: targets.batched_sample_rois(*a, **kw))(
       jax.random.key(1), np.stack([props] * 2), np.ones((2, 30), bool),
-      np.stack([gt] * 2), np.ones((2, 2), np.int32), np.ones((2, 2), bool),
-      **kw)
+      np.stack([gt] * 2), np.ones((2, 2), np.int32), np.ones((2, 2), bool))
   assert batched['rois'].shape == (2, 10, 4)
 
 
@@ -177,11 +177,11 @@ def test_mask_targets():
                                            (s, s)).numpy())
   np.testing.assert_array_equal(got, want)
   # ROI == its GT box and S == K: the GT crop itself.
-  same = np.asarray(targets.mask_targets(gt_layers, gt, gt, np.arange(3), k))
+  fn = jax.jit(targets.mask_targets, static_argnums=4)
+  same = np.asarray(fn(gt_layers, gt, gt, np.arange(3), k))
   np.testing.assert_array_equal(same, gt_layers)
   pos = np.array([True, False, True])
-  masked = np.asarray(targets.mask_targets(gt_layers, gt, gt, np.arange(3), k,
-                                           positive=pos))
+  masked = np.asarray(fn(gt_layers, gt, gt, np.arange(3), k, pos))
   assert np.all(masked[1] == 0)
   np.testing.assert_array_equal(masked[0], gt_layers[0])
 
@@ -189,8 +189,9 @@ def test_mask_targets():
 def test_batched_rpn_targets_shapes():
   rng = np.random.default_rng(6)
   anchors = _boxes(rng, 50)
-  labels, deltas = targets.batched_rpn_targets(
-      jax.random.key(0), anchors, np.stack([_boxes(rng, 3)] * 2),
-      np.ones((2, 3), bool), num_samples=16, bbox_std=STD)
+  labels, deltas = jax.jit(lambda k, g, v: targets.batched_rpn_targets(
+      k, anchors, g, v, num_samples=16, bbox_std=STD))(
+          jax.random.key(0), np.stack([_boxes(rng, 3)] * 2),
+          np.ones((2, 3), bool))
   assert labels.shape == (2, 50) and deltas.shape == (2, 50, 4)
   assert np.all((np.asarray(labels) >= 0).sum(1) <= 16)

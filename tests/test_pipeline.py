@@ -359,3 +359,9 @@ def test_truncation_is_counted(synthetic_config):
   assert len(counts) == builder.info.splits['train'].num_examples
   assert pipeline._log_truncation(builder, 'train', 0) == len(counts)
   assert pipeline._log_truncation(builder, 'train', max(counts)) == 0
+
+
+def test_unknown_split_is_a_user_error(synthetic_config):
+  with pytest.raises(tfds_builders.cliutil.UserError, match='available: train, val'):
+    pipeline.create_split(synthetic_config, 'test', train=False,
+                          num_local_devices=1, per_device_batch=1)

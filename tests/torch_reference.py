@@ -394,10 +394,11 @@ def randomize_(module: nn.Module, seed: int = 0, scale: float = 1.0) -> None:
 
 
 def synthetic_state_dict(spec: RefSpec, with_glm: bool = True,
-                         seed: int = 0) -> dict:
-  """A release-layout state_dict of random numbers without building the
-  torch model (fast even at full size). Keys and shapes come from a meta
-  model on the 'meta' device."""
+                         seed: int = 0, random: bool = True) -> dict:
+  """A release-layout state_dict without building the torch model (fast even
+  at full size): keys and shapes come from a model on the 'meta' device.
+  Values are random, or uninitialised memory with ``random=False`` (for
+  timing only)."""
   with torch.device('meta'):
     model = SLNReference(spec, with_glm=with_glm)
   g = torch.Generator().manual_seed(seed)
@@ -405,6 +406,8 @@ def synthetic_state_dict(spec: RefSpec, with_glm: bool = True,
   for k, v in model.state_dict().items():
     if k.endswith('num_batches_tracked'):
       out[k] = torch.zeros((), dtype=torch.long)
+    elif not random:
+      out[k] = torch.empty(v.shape)
     elif k.endswith('running_var'):
       out[k] = 0.5 + torch.rand(v.shape, generator=g)
     else:

@@ -47,9 +47,9 @@ def max_pool_ceil(x: jax.Array, kernel: int = 3, stride: int = 2,
   for size in x.shape[1:3]:
     out = ceil_pool_out(size, kernel, stride, pad)
     pads.append((pad, (out - 1) * stride + kernel - size - pad))
-  pads.append((0, 0))
-  return lax.reduce_window(x, jnp.array(-jnp.inf, x.dtype), lax.max,
-                           (1, kernel, kernel, 1), (1, stride, stride, 1), pads)
+  x = jnp.pad(x, pads + [(0, 0)], constant_values=-jnp.inf)
+  return nn.max_pool(x, (kernel, kernel), strides=(stride, stride),
+                     padding='VALID')
 
 
 def resize_bilinear(x: jax.Array, height: int, width: int) -> jax.Array:

@@ -1,0 +1,335 @@
+"""The whole Semantics Layering Network: training forward and inference forward.
+
+Coordinates: the batch carries canvas pixels (y1, x1, y2, x2); inside the
+model every box is normalised by the canvas side S (``boxes / S``), so the
+anchors, proposals, ROIs and detections live in [0, 1] and the same boxes
+index the FPN maps and the GLM map (``glm_image`` is the whole canvas
+resized, so a normalised canvas box is also a normalised GLM box).
+
+Loss weights: ``SLN(config.model, loss_weights=config.loss)`` (see
+:func:`build_model`); ``train_forward`` also accepts ``loss_weights``, which
+wins. Missing weights default to 1 (the release).
+
+Training mask head: it only runs on the positive slots. ``sample_rois``
+places positives first, so the first ``int(rois_per_image * positive_ratio)``
+ROI slots hold every possible positive; the mask head and the mask losses
+use those slots only (masked by ``positive``), a static count that saves
+~30% of the mask head's compute at the release's settings.
+
+GLM disabled (``model.glm.enabled=False``): no GLM parameters; the mask head
+input is the FPN ROI features alone.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Mapping, Optional
+
+import flax.linen as nn
+from flax import traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sln_jax import losses
+from sln_jax.models.deeplab import DeepLabV2
+from sln_jax.models.fpn import FPN
+from sln_jax.models.heads import BoxHead, MaskHead
+from sln_jax.models.resnet import ResNet
+from sln_jax.models.rpn import RPN
+from sln_jax.ops import anchors as anchor_ops
+from sln_jax.ops import boxes as box_ops
+from sln_jax.ops import postprocess, proposals, roi_align, targets
+
+FEATURE_STRIDES = (4, 8, 16, 32, 64)   # P2..P6
+
+
+class SLN(nn.Module):
+  """SLN over ``config`` = the model sub-config (``config.model``)."""
+  config: Any
+  loss_weights: Optional[Mapping[str, float]] = None
+
+  def setup(self):
+    c = self.config
+    dtype = jnp.dtype(c.dtype)
+    if 2 * c.roi.mask_pool_size != c.roi.mask_size:
+      raise ValueError(f'model.roi.mask_size ({c.roi.mask_size}) must be twice '
+                       f'model.roi.mask_pool_size ({c.roi.mask_pool_size})')
+    self.backbone = ResNet(stage_sizes=tuple(c.backbone.stage_sizes),
+                           width=c.backbone.width, bn_eps=c.backbone.bn_eps,
+                           dtype=dtype)
+    self.fpn = FPN(channels=c.fpn_channels, dtype=dtype)
+    self.rpn = RPN(anchors_per_location=len(c.rpn.anchor_ratios),
+                   anchor_stride=c.rpn.anchor_stride,
+                   channels=c.rpn.conv_channels, dtype=dtype)
+    self.box_head = BoxHead(num_classes=c.num_classes,
+                            channels=c.box_head_channels,
+                            bn_eps=c.backbone.bn_eps, dtype=dtype)
+    self.mask_head = MaskHead(num_layers=c.num_layers,
+                              channels=c.mask_head_channels,
+                              bn_eps=c.backbone.bn_eps, dtype=dtype)
+    if c.glm.enabled:
+      g = c.glm
+      self.glm = DeepLabV2(stage_sizes=tuple(g.stage_sizes), width=g.width,
+                           num_classes=g.num_classes,
+                           atrous_rates=tuple(g.atrous_rates),
+                           scales=tuple(g.scales), bn_eps=g.bn_eps, dtype=dtype)
+
+  # ------------------------------------------------------------- pieces
+  def _preprocess(self, image: jax.Array) -> jax.Array:
+    """uint8 RGB (B, H, W, 3) -> (float - mean_pixel) in the compute dtype."""
+    mean = jnp.asarray(self.config.mean_pixel, jnp.float32)
+    return (image.astype(jnp.float32) - mean).astype(jnp.dtype(self.config.dtype))
+
+  def _anchors(self, size: int) -> jnp.ndarray:
+    """(A, 4) normalised anchors (numpy at trace time -> constant)."""
+    r = self.config.rpn
+    a = anchor_ops.generate_anchors((size, size), tuple(r.anchor_scales),
+                                    tuple(r.anchor_ratios), FEATURE_STRIDES,
+                                    r.anchor_stride)
+    return jnp.asarray(a / np.float32(size))
+
+  def _features(self, image: jax.Array):
+    feats = self.fpn(self.backbone(self._preprocess(image)))
+    pyramid = [feats[f'p{k}'] for k in (2, 3, 4, 5)]
+    rpn_out = self.rpn(pyramid + [feats['p6']])
+    return pyramid, rpn_out
+
+  def _glm_features(self, glm_image: jax.Array) -> Optional[jax.Array]:
+    if not self.config.glm.enabled:
+      return None
+    return self.glm(self._preprocess(glm_image))['features']
+
+  def _proposals(self, rpn_out, size: int, post_nms_topk: int):
+    r = self.config.rpn
+    rois, valid = proposals.generate_proposals(
+        rpn_out['probs'][..., 1], rpn_out['deltas'], self._anchors(size),
+        pre_nms_topk=r.pre_nms_topk, nms_threshold=r.nms_threshold,
+        post_nms_topk=post_nms_topk, bbox_std=tuple(r.bbox_std))
+    return jax.lax.stop_gradient(rois), valid
+
+  def _pool(self, pyramid, rois: jax.Array, crop: int, size: int) -> jax.Array:
+    o = self.config.roi
+    return roi_align.multilevel_crop_and_resize(
+        pyramid, rois, crop, image_area=float(size * size),
+        aligned=o.aligned, sampling_ratio=o.sampling_ratio)
+
+  def _box_head(self, pyramid, rois: jax.Array, size: int):
+    b, r = rois.shape[:2]
+    pooled = self._pool(pyramid, rois, self.config.roi.pool_size, size)
+    out = self.box_head(pooled.reshape((b * r,) + pooled.shape[2:]))
+    return jax.tree.map(lambda x: x.reshape((b, r) + x.shape[1:]), out)
+
+  def _mask_head(self, pyramid, glm_feats, rois: jax.Array,
+                 glm_rois: jax.Array, size: int) -> jax.Array:
+    """Layer logits (B, N, M, M, L) for normalised ``rois`` (B, N, 4)."""
+    crop = self.config.roi.mask_pool_size
+    b, n = rois.shape[:2]
+    flat = lambda x: x.reshape((b * n,) + x.shape[2:])
+    fpn = flat(self._pool(pyramid, rois, crop, size))
+    glm = None
+    if glm_feats is not None:
+      glm = flat(roi_align.crop_and_resize(
+          glm_feats, jax.lax.stop_gradient(glm_rois), crop))
+    logits = self.mask_head(fpn, glm)
+    return logits.reshape((b, n) + logits.shape[1:])
+
+  # ------------------------------------------------------------- training
+  def train_forward(self, batch: Mapping[str, jax.Array], rng: jax.Array,
+                    loss_weights: Optional[Mapping[str, float]] = None):
+    """Training forward of a batch (leading axis B; docs/architecture.md).
+
+    Args:
+      batch: image (B,S,S,3) uint8, glm_image (B,G,G,3) uint8, gt_boxes
+        (B,M,4) canvas pixels, gt_classes (B,M) int32, gt_valid (B,M) bool,
+        gt_layers (B,M,K,K,L) float32 cropped to gt_boxes.
+      rng: PRNG key (anchor and ROI sampling).
+      loss_weights: optional override of the module's ``loss_weights``.
+
+    Returns:
+      (losses: the six float32 terms and 'total', metrics: float32 scalars).
+    """
+    c = self.config
+    size = batch['image'].shape[1]
+    rng_rpn, rng_roi = jax.random.split(rng)
+    pyramid, rpn_out = self._features(batch['image'])
+    glm_feats = self._glm_features(batch['glm_image'])
+
+    gt_boxes = box_ops.normalize(batch['gt_boxes'].astype(jnp.float32), size)
+    gt_valid = batch['gt_valid'].astype(bool)
+    gt_classes = batch['gt_classes'].astype(jnp.int32)
+
+    r = c.rpn
+    rpn_labels, rpn_deltas = targets.batched_rpn_targets(
+        rng_rpn, self._anchors(size), gt_boxes, gt_valid,
+        positive_iou=r.positive_iou, negative_iou=r.negative_iou,
+        num_samples=r.anchors_per_image, positive_fraction=r.positive_fraction,
+        bbox_std=tuple(r.bbox_std))
+
+    rois, rois_valid = self._proposals(rpn_out, size, r.post_nms_topk_train)
+    o = c.roi
+    sample = targets.batched_sample_rois(
+        rng_roi, rois, rois_valid, gt_boxes, gt_classes, gt_valid,
+        num_rois=o.rois_per_image, positive_ratio=o.positive_ratio,
+        fg_iou=o.fg_iou, bbox_std=tuple(o.bbox_std))
+    sample = jax.tree.map(jax.lax.stop_gradient, sample)
+    head = self._box_head(pyramid, sample['rois'], size)
+
+    npos = max(1, int(o.rois_per_image * o.positive_ratio))
+    pos = {k: v[:, :npos] for k, v in sample.items()}
+    layer_logits = self._mask_head(pyramid, glm_feats, pos['rois'],
+                                   pos['rois'], size)
+    layer_targets = targets.batched_mask_targets(
+        batch['gt_layers'].astype(jnp.float32), gt_boxes, pos['rois'],
+        pos['matched_gt'], mask_size=o.mask_size, positive=pos['positive'])
+
+    terms = {
+        'rpn_class': losses.rpn_class_loss(rpn_out['logits'], rpn_labels),
+        'rpn_bbox': losses.rpn_bbox_loss(rpn_out['deltas'], rpn_deltas,
+                                         rpn_labels),
+        'head_class': losses.head_class_loss(
+            head['logits'], sample['class_targets'], sample['valid']),
+        'head_bbox': losses.head_bbox_loss(
+            head['deltas'], sample['class_targets'], sample['bbox_targets'],
+            sample['valid']),
+        'layer': losses.layer_loss(layer_logits, layer_targets,
+                                   pos['positive']),
+        'amodal': losses.amodal_loss(layer_logits, layer_targets,
+                                     pos['positive']),
+    }
+    weights = dict(loss_weights if loss_weights is not None else
+                   (self.loss_weights or {}))
+    weights = {k: float(weights.get(k, 1.0)) for k in losses.TERMS}
+    terms['total'] = losses.total_loss(terms, weights)
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
+    metrics = {
+        'rpn_positives': f32(jnp.sum(rpn_labels == 1)) / rpn_labels.shape[0],
+        'roi_positives': f32(jnp.sum(sample['positive'])) / rois.shape[0],
+        'roi_sampled': f32(jnp.sum(sample['valid'])) / rois.shape[0],
+        'proposals': f32(jnp.sum(rois_valid)) / rois.shape[0],
+        'head_accuracy': f32(jnp.sum(
+            (jnp.argmax(head['logits'], -1) == sample['class_targets'])
+            & sample['valid'])) / jnp.maximum(f32(jnp.sum(sample['valid'])), 1.0),
+    }
+    return terms, metrics
+
+  # ------------------------------------------------------------- inference
+  def infer(self, image: jax.Array, glm_image: jax.Array,
+            image_shape: jax.Array) -> dict[str, jax.Array]:
+    """Detections with layered masks (docs/architecture.md).
+
+    Args:
+      image: (B, S, S, 3) uint8 canvas; glm_image: (B, G, G, 3) uint8 canvas
+        resized; image_shape: (B, 2) valid (h, w) inside the canvas, pixels.
+
+    Returns:
+      boxes (B,D,4) canvas pixels (y1,x1,y2,x2), scores (B,D), classes (B,D)
+      int32, valid (B,D) bool, layer_probs (B,D,M,M,L) = sigmoid(layer
+      logits), amodal_probs (B,D,M,M) = sigmoid(sum of layer logits),
+      visible_probs (B,D,M,M) = sigmoid(first layer logit); M = roi.mask_size.
+      Invalid slots are zero.
+    """
+    c = self.config
+    size = image.shape[1]
+    pyramid, rpn_out = self._features(image)
+    glm_feats = self._glm_features(glm_image)
+    rois, rois_valid = self._proposals(rpn_out, size, c.rpn.post_nms_topk_test)
+    head = self._box_head(pyramid, rois, size)
+    hw = image_shape.astype(jnp.float32) / size
+    window = jnp.concatenate([jnp.zeros_like(hw), hw], axis=-1)
+    t = c.detection
+    det = postprocess.batched_detect(
+        rois, head['probs'], head['deltas'], window, roi_valid=rois_valid,
+        bbox_std=tuple(c.roi.bbox_std), max_detections=t.max_detections,
+        min_confidence=t.min_confidence, nms_threshold=t.nms_threshold)
+    boxes = jax.lax.stop_gradient(det['boxes'])
+    # Release QUIRK (legacy flag): pixel-unit boxes into the GLM crop.
+    glm_boxes = boxes * size if c.glm.legacy_pixel_boxes else boxes
+    logits = self._mask_head(pyramid, glm_feats, boxes, glm_boxes, size)
+    valid = det['valid']
+    keep = valid[:, :, None, None].astype(jnp.float32)
+    return {
+        'boxes': box_ops.denormalize(boxes, size) * keep[..., 0],
+        'scores': det['scores'],
+        'classes': det['classes'],
+        'valid': valid,
+        'layer_probs': jax.nn.sigmoid(logits) * keep[..., None],
+        'amodal_probs': jax.nn.sigmoid(jnp.sum(logits, axis=-1)) * keep,
+        'visible_probs': jax.nn.sigmoid(logits[..., 0]) * keep,
+    }
+
+
+def build_model(config) -> SLN:
+  """SLN from the full config tree (model sub-config + loss weights)."""
+  return SLN(config.model, loss_weights=dict(config.loss))
+
+
+# ----------------------------------------------------------------- variables
+def _sample_args(model: SLN, image_size: int):
+  g = int(model.config.glm.image_size)
+  return (jnp.zeros((1, image_size, image_size, 3), jnp.uint8),
+          jnp.zeros((1, g, g, 3), jnp.uint8),
+          jnp.full((1, 2), float(image_size), jnp.float32))
+
+
+def variable_shapes(model: SLN, image_size: int):
+  """ShapeDtypeStruct tree of {'params', 'batch_stats'} (no computation)."""
+  return jax.eval_shape(
+      functools.partial(model.init, method=SLN.infer),
+      jax.random.PRNGKey(0), *_sample_args(model, image_size))
+
+
+def _leaf_init(path: tuple[str, ...], shape: tuple[int, ...]):
+  """(kind, scale) of one variable, the release's initialize_weights rule."""
+  name, parent = path[-1], (path[-2] if len(path) > 1 else '')
+  if path[0] == 'batch_stats':
+    return ('const', 1.0 if name == 'var' else 0.0)
+  if name == 'kernel':
+    if parent.startswith('linear_'):
+      return ('normal', 0.01)
+    receptive = math.prod(shape[:-2])
+    fan_in, fan_out = shape[-2] * receptive, shape[-1] * receptive
+    return ('uniform', math.sqrt(6.0 / (fan_in + fan_out)))  # xavier uniform
+  return ('const', 1.0 if name == 'scale' else 0.0)
+
+
+def init_variables(model: SLN, rng: jax.Array, image_size: int):
+  """Initial {'params', 'batch_stats'} for an S = ``image_size`` canvas.
+
+  As the release's ``initialize_weights``: conv kernels xavier-uniform,
+  linear kernels N(0, 0.01), biases 0, BN scale 1 / bias 0, running mean 0 /
+  var 1. The random numbers come from two draws of ``rng`` (one small jitted
+  function), sliced on the host: compiling Flax's per-parameter
+  initializers (``model.init``) is far slower on a CPU.
+  """
+  flat = traverse_util.flatten_dict(dict(variable_shapes(model, image_size)))
+  specs = {k: _leaf_init(k, v.shape) for k, v in flat.items()}
+  sizes = {kind: sum(math.prod(flat[k].shape) for k, s in specs.items()
+                     if s[0] == kind) for kind in ('uniform', 'normal')}
+
+  @jax.jit
+  def draw(key):
+    ku, kn = jax.random.split(key)
+    return (jax.random.uniform(ku, (sizes['uniform'],), jnp.float32, -1.0, 1.0),
+            jax.random.normal(kn, (sizes['normal'],), jnp.float32))
+
+  uni, norm = jax.device_get(draw(rng))
+  pools, offsets = {'uniform': uni, 'normal': norm}, {'uniform': 0, 'normal': 0}
+  out = {}
+  for k, (kind, scale) in specs.items():
+    shape = flat[k].shape
+    if kind == 'const':
+      out[k] = jnp.full(shape, scale, jnp.float32)
+      continue
+    n = math.prod(shape)
+    chunk = pools[kind][offsets[kind]:offsets[kind] + n]
+    offsets[kind] += n
+    out[k] = jnp.asarray((chunk * np.float32(scale)).reshape(shape))
+  return traverse_util.unflatten_dict(out)
+
+
+def count_parameters(variables) -> int:
+  """Number of scalars in ``variables`` (params + batch_stats: BN running
+  statistics included, as in a PyTorch state_dict without
+  num_batches_tracked). Works on arrays and ShapeDtypeStructs."""
+  return int(sum(math.prod(x.shape) for x in jax.tree.leaves(variables)))

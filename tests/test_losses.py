@@ -1,0 +1,116 @@
+"""Losses against the release's torch formulas (gather-then-reduce form)."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sln_jax import losses
+
+T = lambda x: torch.tensor(np.asarray(x, np.float32))
+
+
+def _rpn_inputs(rng, b=2, a=30):
+  logits = rng.normal(size=(b, a, 2)).astype(np.float32)
+  labels = rng.choice([-1, 0, 1], size=(b, a)).astype(np.int32)
+  pred = rng.normal(size=(b, a, 4)).astype(np.float32) * 2
+  target = rng.normal(size=(b, a, 4)).astype(np.float32)
+  return logits, labels, pred, target
+
+
+def test_rpn_losses_match_torch():
+  logits, labels, pred, target = _rpn_inputs(np.random.default_rng(0))
+  sel = labels != -1
+  want = F.cross_entropy(T(logits[sel]), torch.tensor(
+      (labels[sel] == 1).astype(np.int64)))
+  got = jax.jit(losses.rpn_class_loss)(logits, labels)
+  assert got.dtype == jnp.float32 and got.shape == ()
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+  pos = labels == 1
+  want = F.smooth_l1_loss(T(pred[pos]), T(target[pos]))
+  got = jax.jit(losses.rpn_bbox_loss)(pred, target, labels)
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+
+
+def test_head_losses_match_torch():
+  rng = np.random.default_rng(1)
+  b, r, c = 2, 12, 3
+  logits = rng.normal(size=(b, r, c)).astype(np.float32)
+  cls = rng.integers(0, c, (b, r)).astype(np.int32)
+  valid = rng.uniform(size=(b, r)) > 0.3
+  deltas = rng.normal(size=(b, r, c, 4)).astype(np.float32) * 2
+  targets = rng.normal(size=(b, r, 4)).astype(np.float32)
+  want = F.cross_entropy(T(logits[valid]), torch.tensor(cls[valid]).long())
+  np.testing.assert_allclose(
+      float(losses.head_class_loss(logits, cls, valid)), float(want),
+      rtol=1e-5)
+  pos = valid & (cls > 0)
+  bi, ri = np.nonzero(pos)
+  want = F.smooth_l1_loss(T(deltas[bi, ri, cls[bi, ri]]), T(targets[bi, ri]))
+  np.testing.assert_allclose(
+      float(losses.head_bbox_loss(deltas, cls, targets, valid)), float(want),
+      rtol=1e-5)
+
+
+def test_mask_losses_match_torch():
+  rng = np.random.default_rng(2)
+  b, r, s, l = 2, 5, 4, 3
+  logits = rng.normal(size=(b, r, s, s, l)).astype(np.float32) * 3
+  layer = rng.integers(0, l + 1, (b, r, s, s))     # l = outside the object
+  targets = np.eye(l + 1, dtype=np.float32)[layer][..., :l]
+  positive = np.array([[1, 0, 1, 1, 0], [0, 0, 1, 0, 0]], bool)
+  want = F.binary_cross_entropy(torch.sigmoid(T(logits[positive])),
+                                T(targets[positive]))
+  got = jax.jit(losses.layer_loss)(logits, targets, positive)
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+  want = F.binary_cross_entropy(
+      torch.sigmoid(T(logits[positive]).sum(-1)),
+      T(targets[positive]).sum(-1))
+  got = jax.jit(losses.amodal_loss)(logits, targets, positive)
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+  # bf16 inputs are computed in float32.
+  got = losses.layer_loss(jnp.asarray(logits, jnp.bfloat16),
+                          jnp.asarray(targets, jnp.bfloat16), positive)
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(float(got), float(F.binary_cross_entropy(
+      torch.sigmoid(T(logits[positive])), T(targets[positive]))), rtol=2e-2)
+
+
+def test_zero_not_nan_when_nothing_selected_and_finite_grads():
+  logits, labels, pred, target = _rpn_inputs(np.random.default_rng(3))
+  none = np.full_like(labels, -1)
+  z = np.zeros((1, 2, 4, 4, 1), np.float32)
+  nopos = np.zeros((1, 2), bool)
+
+  @jax.jit
+  def all_terms():
+    return jnp.stack([
+        losses.rpn_class_loss(logits, none),
+        losses.rpn_bbox_loss(pred, target, none),
+        losses.head_class_loss(np.zeros((1, 2, 2)), np.zeros((1, 2), np.int32),
+                               nopos),
+        losses.head_bbox_loss(np.zeros((1, 2, 2, 4)),
+                              np.zeros((1, 2), np.int32), np.zeros((1, 2, 4)),
+                              nopos),
+        losses.layer_loss(z, z, nopos),
+        losses.amodal_loss(z, z, nopos)])
+
+  np.testing.assert_array_equal(np.asarray(all_terms()), np.zeros(6))
+  big = np.full((1, 2, 4, 4, 1), 500.0, np.float32)
+  val, grad = jax.jit(jax.value_and_grad(losses.layer_loss))(
+      big, z, np.ones((1, 2), bool))
+  assert np.isfinite(float(val)) and float(val) == pytest.approx(500.0)
+  assert np.all(np.isfinite(np.asarray(grad)))
+
+
+def test_total_loss_weights():
+  terms = {t: jnp.float32(i + 1) for i, t in enumerate(losses.TERMS)}
+  weights = ml_collections.ConfigDict(
+      dict(rpn_class=1.0, rpn_bbox=0.5, head_class=1.0, head_bbox=2.0,
+           layer=1.0, amodal=0.0))
+  got = losses.total_loss(terms, weights)
+  assert float(got) == pytest.approx(1 + 1 + 3 + 8 + 5 + 0)
+  with pytest.raises(KeyError):
+    losses.total_loss({'rpn_class': 1.0}, weights)
