@@ -1,7 +1,8 @@
 """Converts a released PyTorch checkpoint to an Orbax checkpoint.
 
-  python scripts/convert_checkpoint.py --pth COCOA.pth --config=configs/cocoa.py \
-      --output DIR [--source auto|sln|deeplab|maskrcnn] [--allow-missing RE ...]
+  python scripts/convert_checkpoint.py --pth COCOA.pth \
+      --config=configs/cocoa.py --output DIR
+      [--source auto|sln|deeplab|maskrcnn] [--allow-missing RE ...]
       [--allow-unexpected RE ...] [--skip RE ...]
       [--activations-input X.npy --activations-output A.npz]
 
@@ -52,6 +53,8 @@ def _read_input(path: str) -> np.ndarray:
     x = np.load(path, allow_pickle=False)
   except (OSError, ValueError) as err:
     raise cliutil.UserError(f'not a .npy array ({err})', path=path) from None
+  if not isinstance(x, np.ndarray):
+    raise cliutil.UserError('not a .npy array', path=path)
   if x.ndim != 4 or x.shape[1] != 3 or not np.issubdtype(x.dtype, np.floating):
     raise cliutil.UserError(f'expected float (N, 3, H, W), got {x.dtype} '
                             f'{x.shape}', path=path)
@@ -112,9 +115,10 @@ def main() -> int:
     config = FLAGS.config
     config.model  # pylint: disable=pointless-statement
   except (OSError, AttributeError, SyntaxError, ImportError) as err:
-    raise cliutil.UserError(f'cannot load the config file ({type(err).__name__})',
-                            path=FLAGS['config'].config_filename,
-                            field='config') from None
+    raise cliutil.UserError(
+        f'cannot load the config file ({type(err).__name__})',
+        path=FLAGS['config'].config_filename, field='config') from None
+  x = _read_input(act_in) if act_in is not None else None
   state = checkpoint_port.load_torch_state_dict(FLAGS.pth)
   source = FLAGS.source
   if source == 'auto':
@@ -124,16 +128,13 @@ def main() -> int:
       allow_unexpected=FLAGS['allow-unexpected'].value, skip=FLAGS.skip,
       path=FLAGS.pth)
   del state
-  acts = None
-  if act_in is not None:
-    acts = compute_activations(variables, _read_input(act_in), config)
+  acts = None if x is None else compute_activations(variables, x, config)
   with cliutil.atomic_output_dir(FLAGS.output) as tmp:
     checkpoint_port.save_orbax(variables, tmp)
   if acts is not None:
     with cliutil.atomic_output_file(act_out, 'wb') as f:
       np.savez(f, **acts)
-  n = sum(a.size for t in variables.values()
-          for a in _leaves(t))
+  n = sum(a.size for t in variables.values() for a in _leaves(t))
   print(f'converted {FLAGS.pth} ({source}, {n:,} numbers) -> {FLAGS.output}'
         + (f'; activations -> {act_out}' if acts is not None else ''))
   return 0
@@ -147,12 +148,15 @@ def _leaves(tree):
       yield v
 
 
-def _parse_flags(argv) -> None:
+def _cli() -> int:
   try:
-    FLAGS(argv)
-  except (flags.Error, FileNotFoundError, ValueError) as err:
-    raise cliutil.UserError(str(err).splitlines()[0], field='flags') from None
+    FLAGS(sys.argv)
+  except (flags.Error, OSError, ValueError, KeyError, AttributeError) as err:
+    msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+    raise cliutil.UserError(f'bad command line ({msg})',
+                            field='flags') from None
+  return main()
 
 
 if __name__ == '__main__':
-  cliutil.run_cli(lambda: (_parse_flags(sys.argv), main())[1])
+  cliutil.run_cli(_cli)

@@ -323,7 +323,7 @@ def _matches(patterns: Sequence[str], *names: str) -> bool:
 
 def _listing(title: str, items: list[str]) -> str:
   shown = items[:_MAX_LISTED]
-  more = f' (+{len(items) - len(shown)} more)' if len(items) > len(shown) else ''
+  more = f' (+{len(items) - len(shown)} more)' if items[len(shown):] else ''
   return f'{len(items)} {title}: {", ".join(shown)}{more}'
 
 

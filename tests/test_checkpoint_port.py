@@ -261,7 +261,8 @@ def test_mismatches_reported_in_one_error(setup):
     cp.torch_to_flax(sd, 'sln', cfg, path='w.pth')
   msg = str(err.value)
   assert msg.startswith('w.pth: state_dict:')
-  for part in ('1 missing: rpn.conv_bbox.bias', '1 unexpected: fpn.extra.weight',
+  for part in ('1 missing: rpn.conv_bbox.bias',
+               '1 unexpected: fpn.extra.weight',
                'classifier.linear_class.weight (81, 32) != expected (2, 32)'):
     assert part in msg
   out = cp.torch_to_flax(
@@ -288,6 +289,11 @@ def test_load_refuses_pickled_code_and_unwraps(setup, tmp_path):
   assert set(sd) == set(ref.state_dict())
   got = cp.torch_to_flax(sd, 'auto', cfg)
   jax.tree.map(np.testing.assert_array_equal, got, variables)
+  # The release's files predate the zip format (PyTorch 0.4).
+  torch.save(ref.state_dict(), tmp_path / 'legacy.pth',
+             _use_new_zipfile_serialization=False)
+  sd = cp.load_torch_state_dict(str(tmp_path / 'legacy.pth'))
+  assert list(sd) == list(ref.state_dict())
 
 
 @pytest.mark.parametrize('prefix', ['base.', 'module.base.', '', 'scale.'])
@@ -337,8 +343,9 @@ def test_orbax_round_trip_and_partial_load(setup, tmp_path):
   report = cp.LoadReport()
   out = cp.partial_load(zeros, [(str(tmp_path / 'ckpt'),
                                  [r'^params/(backbone|box_head)/'])], report)
-  np.testing.assert_array_equal(out['params']['backbone']['C1_conv']['kernel'],
-                                variables['params']['backbone']['C1_conv']['kernel'])
+  np.testing.assert_array_equal(
+      out['params']['backbone']['C1_conv']['kernel'],
+      variables['params']['backbone']['C1_conv']['kernel'])
   assert not np.any(out['params']['fpn']['P2_output']['kernel'])
   assert not np.any(out['batch_stats']['backbone']['C1_bn']['mean'])
   assert report.shape_mismatch == [

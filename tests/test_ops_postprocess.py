@@ -24,7 +24,8 @@ def _reference(rois, probs, deltas, roi_valid, d_max, min_conf, nms_thr):
   score = probs[np.arange(len(cls)), cls]
   d = deltas[np.arange(len(cls)), cls] * STD
   h, w = rois[:, 2] - rois[:, 0], rois[:, 3] - rois[:, 1]
-  cy, cx = rois[:, 0] + 0.5 * h + d[:, 0] * h, rois[:, 1] + 0.5 * w + d[:, 1] * w
+  cy = rois[:, 0] + 0.5 * h + d[:, 0] * h
+  cx = rois[:, 1] + 0.5 * w + d[:, 1] * w
   h, w = h * np.exp(d[:, 2]), w * np.exp(d[:, 3])
   y1, x1 = cy - 0.5 * h, cx - 0.5 * w
   boxes = np.stack([y1, x1, y1 + h, x1 + w], 1)

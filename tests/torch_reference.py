@@ -11,7 +11,8 @@ Keys (release): ``fpn.C1.{0,1}``, ``fpn.C{2..5}.{b}.{conv,bn}{1,2,3}``,
 ``rpn.conv_{shared,class,bbox}``, ``classifier.{conv1,bn1,conv2,bn2,
 linear_class,linear_bbox}``, ``mask.{conv1..4,bn1..4,deconv,conv5}``,
 ``GLM_modual.base.layer1.conv1.{conv,bn}``,
-``GLM_modual.base.layer{2..5}.block{k}.{reduce,conv3x3,increase,shortcut}.{conv,bn}``,
+``GLM_modual.base.layer{2..5}.block{k}.{reduce,conv3x3,increase,shortcut}``
+``.{conv,bn}``,
 ``GLM_modual.base.aspp.c{0..3}``.
 """
 from __future__ import annotations

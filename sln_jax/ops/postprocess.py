@@ -77,9 +77,9 @@ def batched_detect(rois, class_probs, deltas, window, *, roi_valid=None,
   """:func:`detect` over a batch: rois (B, R, 4), class_probs (B, R, C),
   deltas (B, R, C, 4), window (B, 4) [, roi_valid (B, R)] -> (B, D, ...)."""
   if roi_valid is None:
-    return jax.vmap(lambda a, b, c, w: detect(a, b, c, w, **kwargs))(
-        rois, class_probs, deltas, window)
-  return jax.vmap(lambda a, b, c, w, v: detect(a, b, c, w, roi_valid=v,
-                                               **kwargs))(
-                                                   rois, class_probs, deltas,
-                                                   window, roi_valid)
+    roi_valid = jnp.ones(jnp.shape(rois)[:2], bool)
+
+  def one(r, p, d, w, v):
+    return detect(r, p, d, w, roi_valid=v, **kwargs)
+
+  return jax.vmap(one)(rois, class_probs, deltas, window, roi_valid)

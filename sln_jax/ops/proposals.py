@@ -1,4 +1,4 @@
-"""RPN proposal generation (release ``proposal_layer``), batched, static shapes."""
+"""RPN proposals (release ``proposal_layer``), batched, static shapes."""
 from typing import Optional, Sequence, Tuple
 
 import jax

@@ -1,4 +1,4 @@
-"""ROI feature pooling: crop_and_resize (TF semantics) and ROIAlign (detectron2).
+"""ROI pooling: crop_and_resize (TF semantics), ROIAlign (detectron2).
 
 Features are NHWC. Boxes are (y1, x1, y2, x2).
 
