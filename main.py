@@ -148,4 +148,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
+  # Library INFO logs (Orbax, TFDS) drown the progress bars; --verbosity=0 shows them.
+  flags.FLAGS.set_default('verbosity', -1)
   app.run(main, flags_parser=_parse_flags)

@@ -156,14 +156,19 @@ def _run(workdir, c, batches, stop_after=None):
       yield b
   model, v = ts.init_variables()
   writer = _Writer()
-  return train.train(c, workdir, model, v, batches_fn, writer), writer
+  summary = train.make_image_summary_fn(model, c) if c.train.image_summary_every else None
+  return train.train(c, workdir, model, v, batches_fn, writer, summary), writer
 
 
 def test_kill_and_resume_matches_uninterrupted(tmp_path):
   c = _config()  # 6 steps; stage change (and momentum reset) at step 3
+  c.train.image_summary_every = 4
   batches = ts.make_batches(6, 1, 2)
   full, writer = _run(str(tmp_path / 'a'), c, batches)
   assert int(full.step) == 6
+  assert list(writer.images) == [4]
+  picture = writer.images[4]['prediction']
+  assert picture.shape == (1, 16, 16, 3) and picture.dtype == np.uint8
   assert set(writer.scalars) == {2, 4, 6} and 'lr' in writer.scalars[6]
   assert writer.scalars[6]['images_per_s'] > 0
   np.testing.assert_allclose(writer.scalars[2]['lr'], 0.1)
@@ -247,3 +252,94 @@ def test_eight_devices_equal_one_device(tmp_path):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     # The updates themselves agree too (not only the large parameters).
     np.testing.assert_allclose(a - p0, b - p0, rtol=1e-4, atol=1e-7)
+
+
+def _annotation(image_id, h, w, box):
+  """One ImageAnnotation whose single instance fills ``box`` (y1,x1,y2,x2)."""
+  from input_pipeline import records  # pylint: disable=import-outside-toplevel
+  mask = np.zeros((h, w), bool)
+  mask[box[0]:box[2], box[1]:box[3]] = True
+  rle = records.encode_mask(mask)
+  inst = records.InstanceAnnotation(amodal_rle=rle, visible_rle=rle,
+                                    occluded_rle=records.encode_mask(np.zeros_like(mask)),
+                                    depth_rank=0, occlude_rate=0.0)
+  return records.ImageAnnotation(image_id, f'{image_id}.png', h, w, [inst])
+
+
+def _eval_batch(ids, valid, size=16, scale=0.5):
+  n = len(ids)
+  return {'image': np.full((1, n, size, size, 3), 100, np.uint8),
+          'glm_image': np.zeros((1, n, 4, 4, 3), np.uint8),
+          'image_shape': np.tile(np.float32([16, 12]), (1, n, 1)),
+          'image_scale': np.full((1, n, 2), scale, np.float32),
+          'image_id': np.asarray([ids], np.int32),
+          'is_valid': np.asarray([valid], bool)}
+
+
+def test_evaluate_scores_in_original_pixels(tmp_path):
+  """Canvas 16 = half of the 32 x 24 originals: the stand-in's first
+  detection, canvas box (0, 0, 8, 6), must land on GT (0, 0, 16, 12)."""
+  model, v = ts.init_variables()
+  c = _config()
+  gt = [_annotation(i, 32, 24, (0, 0, 16, 12)) for i in (1, 2, 3)]
+  batches = [_eval_batch([1, 2], [True, True]), _eval_batch([3, -1], [True, False])]
+  writer = _Writer()
+  metrics = train.evaluate(c, str(tmp_path), model, v, batches, gt, step=7, writer=writer)
+  with open(tmp_path / 'metrics.json') as f:
+    assert json.load(f) == metrics
+  with open(tmp_path / 'results.json') as f:
+    results = json.load(f)
+  assert sorted({r['image_id'] for r in results}) == [1, 2, 3]
+  full = [r for r in results if r['score'] == pytest.approx(0.9)]
+  assert len(full) == 3
+  np.testing.assert_allclose(full[0]['bbox'], [0, 0, 12, 16])
+  assert metrics['amodal']['all']['both']['AP'] == pytest.approx(1.0)
+  assert metrics['amodal']['all']['stuff']['AP'] == -1
+  assert writer.scalars[7]['eval/amodal_AP'] == pytest.approx(1.0)
+  # eval.max_images scores only the first images.
+  c.eval.max_images = 2
+  train.evaluate(c, str(tmp_path), model, v, batches, gt)
+  with open(tmp_path / 'results.json') as f:
+    assert sorted({r['image_id'] for r in json.load(f)}) == [1, 2]
+
+
+def test_predict_writes_json_and_png_and_skips_bad_files(tmp_path, capsys):
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  model, v = ts.init_variables()
+  src = tmp_path / 'in'
+  src.mkdir()
+  Image.fromarray(np.full((32, 24, 3), 200, np.uint8)).save(src / 'COCO_val2014_000000000042.png')
+  Image.fromarray(np.full((16, 16, 3), 50, np.uint8)).save(src / 'b.jpg')
+  (src / 'notes.txt').write_text('not an image')
+  (src / 'broken.png').write_bytes(b'\x89PNG garbage')
+
+  def preprocess(image, config):
+    del config
+    h, w = image.shape[:2]
+    s = 16 / max(h, w)
+    nh, nw = round(h * s), round(w * s)
+    canvas = np.zeros((16, 16, 3), np.uint8)
+    canvas[:nh, :nw] = np.asarray(Image.fromarray(image).resize((nw, nh)))
+    return canvas, np.float32([nh, nw]), np.float32([nh / h, nw / w]), np.zeros((4, 4, 3), np.uint8)
+
+  c = _config()
+  c.predict.input_dir = str(src)
+  c.predict.output_dir = str(tmp_path / 'out')
+  c.predict.score_threshold = 0.0
+  assert train.predict(c, model, v, preprocess) == 2
+  captured = capsys.readouterr()
+  out = captured.out + captured.err
+  assert 'notes.txt: not an image' in out and 'broken.png: unreadable image' in out
+  assert sorted(os.listdir(tmp_path / 'out')) == sorted([
+      'COCO_val2014_000000000042.json', 'COCO_val2014_000000000042.png', 'b.json', 'b.png'])
+  with open(tmp_path / 'out' / 'COCO_val2014_000000000042.json') as f:
+    results = json.load(f)
+  assert {r['image_id'] for r in results} == {42}
+  np.testing.assert_allclose(results[0]['bbox'], [0, 0, 12, 16])  # original pixels
+  assert Image.open(tmp_path / 'out' / 'b.png').size == (16, 16)
+  c.predict.max_images = 1
+  c.predict.output_dir = str(tmp_path / 'out1')
+  assert train.predict(c, model, v, preprocess) == 1
+  c.predict.input_dir = str(tmp_path / 'missing')
+  with pytest.raises(UserError, match='predict.input_dir'):
+    train.predict(c, model, v, preprocess)

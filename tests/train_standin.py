@@ -8,6 +8,8 @@ there makes that term non-finite.
 """
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -71,14 +73,35 @@ class StandIn(nn.Module):
     return losses, {'mean_logit': jnp.mean(logits)}
 
   def infer(self, image, glm_image, image_shape):
-    del glm_image, image_shape
+    """SLN's output layout: two detections per image, boxes in canvas pixels
+    (a fixed box and one shrunk by the box head), masks from the rpn map."""
+    del glm_image
     r, logits = self(image)
-    return {'scores': jax.nn.sigmoid(logits), 'rpn': r}
+    b = image.shape[0]
+    h, w = image_shape[:, 0], image_shape[:, 1]
+    full = jnp.stack([jnp.zeros_like(h), jnp.zeros_like(w), h / 2, w / 2], -1)
+    shrink = jax.nn.sigmoid(logits[:, :1])
+    part = jnp.stack([h / 4, w / 4, h / 4 + h / 2 * shrink[:, 0], w / 4 + w / 2 * shrink[:, 0]], -1)
+    probs = jax.nn.sigmoid(jax.image.resize(r[..., :1], (b, 8, 8, 1), 'bilinear'))
+    layer = jnp.stack([probs, 1.0 - probs], axis=1)  # (B, 2, 8, 8, 1)
+    return {'boxes': jnp.stack([full, part], axis=1),
+            'scores': jnp.stack([jnp.full((b,), 0.9), jax.nn.sigmoid(logits[:, 1])], 1),
+            'classes': jnp.ones((b, 2), jnp.int32),
+            'valid': jnp.ones((b, 2), bool),
+            'layer_probs': layer,
+            'amodal_probs': jnp.ones_like(layer[..., 0]),
+            'visible_probs': layer[..., 0]}
+
+
+@functools.lru_cache(maxsize=None)
+def _init(seed: int, size: int):
+  model = StandIn()
+  return jax.jit(model.init)(jax.random.PRNGKey(seed), jnp.zeros((1, size, size, 3), jnp.uint8))
 
 
 def init_variables(seed: int = 0, size: int = 16):
   model = StandIn()
-  variables = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, size, size, 3), jnp.uint8))
+  variables = _init(seed, size)
   # Non-trivial frozen BN statistics.
   stats = jax.tree.map(lambda x: x + 0.1, variables['batch_stats'])
   return model, {'params': variables['params'], 'batch_stats': stats}
@@ -95,5 +118,7 @@ def make_batches(num: int, devices: int, per_device: int, size: int = 16, seed: 
         'image': rng.integers(0, 256, shape + (size, size, 3), dtype=np.uint8),
         'gt_boxes': boxes,
         'image_scale': np.ones(shape + (2,), np.float32),
+        'glm_image': np.zeros(shape + (4, 4, 3), np.uint8),
+        'image_shape': np.full(shape + (2,), size, np.float32),
     })
   return out

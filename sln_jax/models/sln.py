@@ -41,7 +41,7 @@ from sln_jax.ops import anchors as anchor_ops
 from sln_jax.ops import boxes as box_ops
 from sln_jax.ops import postprocess, proposals, roi_align, targets
 
-FEATURE_STRIDES = (4, 8, 16, 32, 64)   # P2..P6
+FEATURE_STRIDES = anchor_ops.DEFAULT_STRIDES   # P2..P6: 4, 8, 16, 32, 64
 
 
 class SLN(nn.Module):

@@ -1,0 +1,85 @@
+"""Box head and layered mask head: shapes, dtypes, numerics against torch."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sln_jax.models import heads
+
+
+def _fill(shapes, seed=0):
+  leaves, tree = jax.tree.flatten(shapes)
+  rng = np.random.default_rng(seed)
+  return jax.tree.unflatten(tree, [
+      jnp.asarray(rng.uniform(0.5, 1.5, l.shape) if l.ndim == 1 else
+                  rng.normal(0, 0.2, l.shape), jnp.float32) for l in leaves])
+
+
+def _t(a):
+  return torch.from_numpy(np.array(a, np.float32))
+
+
+def _conv(x, p, padding=0):
+  return F.conv2d(x, _t(p['kernel']).permute(3, 2, 0, 1), _t(p['bias']),
+                  padding=padding)
+
+
+def _bn(x, p, s, eps=1e-3):
+  return F.batch_norm(x, _t(s['mean']), _t(s['var']), _t(p['scale']),
+                      _t(p['bias']), training=False, eps=eps)
+
+
+def test_box_head_matches_torch():
+  x = np.random.default_rng(1).normal(size=(5, 7, 7, 16)).astype(np.float32)
+  model = heads.BoxHead(num_classes=3, channels=32)
+  v = _fill(jax.eval_shape(model.init, jax.random.PRNGKey(0), x))
+  out = jax.jit(model.apply)(v, x)
+  assert out['logits'].shape == (5, 3) and out['deltas'].shape == (5, 3, 4)
+  assert out['probs'].dtype == jnp.float32
+  p, s = v['params'], v['batch_stats']
+  h = F.relu(_bn(_conv(_t(x).permute(0, 3, 1, 2), p['conv1']), p['bn1'], s['bn1']))
+  h = F.relu(_bn(_conv(h, p['conv2']), p['bn2'], s['bn2'])).view(-1, 32)
+  logits = F.linear(h, _t(p['linear_class']['kernel']).T, _t(p['linear_class']['bias']))
+  deltas = F.linear(h, _t(p['linear_bbox']['kernel']).T, _t(p['linear_bbox']['bias']))
+  np.testing.assert_allclose(out['logits'], logits.numpy(), rtol=1e-4, atol=1e-3)
+  np.testing.assert_allclose(out['deltas'], deltas.view(5, 3, 4).numpy(), rtol=1e-4, atol=1e-3)
+  np.testing.assert_allclose(out['probs'], torch.softmax(logits, 1).numpy(), atol=1e-5)
+
+
+def test_mask_head_matches_torch_glm_channels_first():
+  rng = np.random.default_rng(2)
+  fpn = rng.normal(size=(3, 8, 8, 16)).astype(np.float32)
+  glm = rng.uniform(size=(3, 8, 8, 6)).astype(np.float32)
+  model = heads.MaskHead(num_layers=2, channels=8)
+  v = _fill(jax.eval_shape(model.init, jax.random.PRNGKey(0), fpn, glm))
+  p, s = v['params'], v['batch_stats']
+  assert p['conv1']['kernel'].shape == (3, 3, 22, 8)
+  assert p['deconv']['kernel'].shape == (2, 2, 8, 8)
+  assert p['conv5']['kernel'].shape == (1, 1, 8, 3)
+  out = jax.jit(model.apply)(v, fpn, glm)
+  assert out.shape == (3, 16, 16, 2) and out.dtype == jnp.float32
+  # torch reference, release order torch.cat((glm, fpn), 1); ConvTranspose2d
+  # weight (in, out, kh, kw) = our HWIO kernel flipped spatially.
+  h = torch.cat([_t(glm), _t(fpn)], -1).permute(0, 3, 1, 2)
+  for k in range(1, 5):
+    h = F.relu(_bn(_conv(h, p[f'conv{k}'], padding=1), p[f'bn{k}'], s[f'bn{k}']))
+  w = _t(np.asarray(p['deconv']['kernel'])[::-1, ::-1]).permute(2, 3, 0, 1)
+  h = F.relu(F.conv_transpose2d(h, w, _t(p['deconv']['bias']), stride=2))
+  ref = _conv(h, p['conv5']).permute(0, 2, 3, 1).numpy()[..., 1:]
+  np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-3 * np.abs(ref).max())
+
+
+def test_mask_head_without_glm_and_bf16():
+  fpn = jnp.ones((2, 8, 8, 16))
+  model = heads.MaskHead(num_layers=1, channels=8, dtype=jnp.bfloat16)
+  v = _fill(jax.eval_shape(model.init, jax.random.PRNGKey(0), fpn))
+  assert v['params']['conv1']['kernel'].shape == (3, 3, 16, 8)
+  out = jax.jit(model.apply)(v, fpn)
+  assert out.shape == (2, 16, 16, 1) and out.dtype == jnp.float32
+  assert bool(jnp.all(jnp.isfinite(out)))
+  box = heads.BoxHead(num_classes=2, channels=16, dtype=jnp.bfloat16)
+  x = jnp.ones((4, 7, 7, 16))
+  vb = _fill(jax.eval_shape(box.init, jax.random.PRNGKey(0), x))
+  ob = jax.jit(box.apply)(vb, x)
+  assert ob['deltas'].shape == (4, 2, 4) and ob['logits'].dtype == jnp.float32

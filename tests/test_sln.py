@@ -1,0 +1,235 @@
+"""The whole SLN: full-size tracing and parameter count, tiny-model overfit,
+frozen parts, bfloat16 and the legacy GLM flag."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from configs import default, tiny
+from sln_jax.models import sln
+
+FAST = {'xla_backend_optimization_level': 0}  # CPU compile time >> run time here
+
+
+def _compile(fn, *args):
+  return jax.jit(fn).lower(*args).compile(compiler_options=FAST)
+
+
+# ------------------------------------------------------------ release count
+def release_state_dict_sizes(glm: bool = True, num_classes: int = 2,
+                             layers: int = 1) -> tuple[int, int]:
+  """(number of scalars, number of tensors) of the release's COCOA.pth
+  state_dict (without num_batches_tracked), from its PyTorch architecture."""
+  sizes = []
+  conv = lambda o, i, k, bias=True: sizes.extend([o * i * k * k] + ([o] if bias else []))
+  bn = lambda c: sizes.extend([c] * 4)  # weight, bias, running_mean, running_var
+  # Matterport ResNet-101 (conv biases, BN after every conv).
+  conv(64, 3, 7), bn(64)
+  inplanes = 64
+  for planes, blocks in zip((64, 128, 256, 512), (3, 4, 23, 3)):
+    for b in range(blocks):
+      conv(planes, inplanes, 1), bn(planes)
+      conv(planes, planes, 3), bn(planes)
+      conv(planes * 4, planes, 1), bn(planes * 4)
+      if b == 0:
+        conv(planes * 4, inplanes, 1), bn(planes * 4)
+      inplanes = planes * 4
+  for cin in (256, 512, 1024, 2048):  # FPN P2..P5 lateral + output
+    conv(256, cin, 1), conv(256, 256, 3)
+  conv(512, 256, 3), conv(6, 512, 1), conv(12, 512, 1)  # RPN
+  conv(1024, 256, 7), bn(1024), conv(1024, 1024, 1), bn(1024)  # classifier
+  sizes.extend([num_classes * 1024, num_classes, num_classes * 4 * 1024, num_classes * 4])
+  conv(256, 256 + (183 if glm else 0), 3), bn(256)  # mask head
+  for _ in range(3):
+    conv(256, 256, 3), bn(256)
+  sizes.extend([256 * 256 * 4, 256])  # deconv
+  conv(1 + layers, 256, 1)
+  if glm:  # DeepLab v2 ResNet-101, convs without bias, ASPP with bias
+    conv(64, 3, 7, bias=False), bn(64)
+    cin = 64
+    for cout, blocks in zip((256, 512, 1024, 2048), (3, 4, 23, 3)):
+      for k in range(blocks):
+        mid = cout // 4
+        conv(mid, cin, 1, False), bn(mid)
+        conv(mid, mid, 3, False), bn(mid)
+        conv(cout, mid, 1, False), bn(cout)
+        if k == 0:
+          conv(cout, cin, 1, False), bn(cout)
+        cin = cout
+    for _ in range(4):
+      conv(182, 2048, 3)
+  return sum(sizes), len(sizes)
+
+
+def _abstract_batch(cfg, b=1):
+  s, g, m = cfg.input.image_size, cfg.model.glm.image_size, cfg.input.max_instances
+  k, l = cfg.input.gt_mask_size, cfg.model.num_layers
+  sd = jax.ShapeDtypeStruct
+  return {'image': sd((b, s, s, 3), jnp.uint8), 'glm_image': sd((b, g, g, 3), jnp.uint8),
+          'image_shape': sd((b, 2), jnp.float32), 'gt_boxes': sd((b, m, 4), jnp.float32),
+          'gt_classes': sd((b, m), jnp.int32), 'gt_valid': sd((b, m), jnp.bool_),
+          'gt_layers': sd((b, m, k, k, l), jnp.float32)}
+
+
+def test_full_size_model_traces_and_matches_release_parameter_count():
+  cfg = default.get_config()
+  model = sln.build_model(cfg)
+  shapes = sln.variable_shapes(model, cfg.input.image_size)
+  total, tensors = release_state_dict_sizes()
+  assert 115e6 < total < 125e6
+  assert sln.count_parameters(shapes) == total
+  assert len(jax.tree.leaves(shapes)) == tensors
+  assert shapes['params']['mask_head']['conv1']['kernel'].shape == (3, 3, 439, 256)
+  batch = _abstract_batch(cfg)
+  losses, metrics = jax.eval_shape(
+      functools.partial(model.apply, method='train_forward'), shapes, batch,
+      jax.random.PRNGKey(0))
+  assert set(losses) == {'rpn_class', 'rpn_bbox', 'head_class', 'head_bbox',
+                         'layer', 'amodal', 'total'}
+  assert all(v.shape == () and v.dtype == jnp.float32 for v in losses.values())
+  assert all(v.shape == () for v in metrics.values())
+  out = jax.eval_shape(functools.partial(model.apply, method='infer'), shapes,
+                       batch['image'], batch['glm_image'], batch['image_shape'])
+  d = cfg.model.detection.max_detections
+  assert out['boxes'].shape == (1, d, 4) and out['valid'].dtype == jnp.bool_
+  assert out['layer_probs'].shape == (1, d, 32, 32, 1)
+  assert out['amodal_probs'].shape == out['visible_probs'].shape == (1, d, 32, 32)
+  glm_out = jax.eval_shape(
+      functools.partial(model.apply, method=lambda m, x: m.glm(x)), shapes,
+      jax.ShapeDtypeStruct((1, 513, 513, 3), jnp.float32))
+  assert glm_out['logits'].shape == (1, 65, 65, 182)
+  assert glm_out['features'].shape == (1, 65, 65, 183)
+
+
+def test_glm_disabled_removes_it():
+  cfg = default.get_config()
+  cfg.model.glm.enabled = False
+  shapes = sln.variable_shapes(sln.build_model(cfg), cfg.input.image_size)
+  assert 'glm' not in shapes['params'] and 'glm' not in shapes['batch_stats']
+  assert sln.count_parameters(shapes) == release_state_dict_sizes(glm=False)[0]
+
+
+# ------------------------------------------------------------ tiny model
+S, K = 64, 16
+
+
+def _scene():
+  """Three overlapping objects (front rectangle, ellipse, back rectangle)."""
+  yy, xx = np.mgrid[:S, :S]
+  amodal = np.stack([
+      (yy >= 8) & (yy < 30) & (xx >= 6) & (xx < 34),
+      ((yy - 30) / 14.0) ** 2 + ((xx - 38) / 16.0) ** 2 <= 1,
+      (yy >= 36) & (yy < 58) & (xx >= 10) & (xx < 28)])
+  image = np.full((S, S, 3), 30, np.uint8)
+  for i, color in ((2, (50, 80, 230)), (1, (40, 200, 60)), (0, (220, 40, 40))):
+    image[amodal[i]] = color
+  gt_boxes = np.zeros((4, 4), np.float32)
+  layers = np.zeros((4, K, K, 1), np.float32)
+  for i, m in enumerate(amodal):
+    ys, xs = np.nonzero(m)
+    y1, x1, y2, x2 = ys.min(), xs.min(), ys.max() + 1, xs.max() + 1
+    gt_boxes[i] = (y1, x1, y2, x2)
+    # K x K samples whose corner samples sit on the box edges' pixels.
+    sy = np.round(y1 + np.arange(K) * (y2 - y1 - 1) / (K - 1)).astype(int)
+    sx = np.round(x1 + np.arange(K) * (x2 - x1 - 1) / (K - 1)).astype(int)
+    layers[i, :, :, 0] = m[np.ix_(sy, sx)]
+  glm = image[::2, ::2][:33]
+  glm = np.pad(glm, ((0, 33 - glm.shape[0]), (0, 33 - glm.shape[1]), (0, 0)), mode='edge')
+  batch = {'image': image[None], 'glm_image': glm[None],
+           'image_shape': np.array([[S, S]], np.float32), 'gt_boxes': gt_boxes[None],
+           'gt_classes': np.array([[1, 1, 1, 0]], np.int32),
+           'gt_valid': np.array([[True, True, True, False]]), 'gt_layers': layers[None]}
+  return batch, amodal
+
+
+def _paste(prob, box):
+  """Bilinear paste of an (M, M) probability into its pixel box, >= 0.5."""
+  m = prob.shape[0]
+  y1, x1, y2, x2 = box
+  c = np.arange(S) + 0.5
+  ry = np.clip((c - y1) / max(y2 - y1, 1e-3) * m - 0.5, 0, m - 1)
+  rx = np.clip((c - x1) / max(x2 - x1, 1e-3) * m - 0.5, 0, m - 1)
+  y0, x0 = np.floor(ry).astype(int), np.floor(rx).astype(int)
+  ya, xa = np.minimum(y0 + 1, m - 1), np.minimum(x0 + 1, m - 1)
+  wy, wx = (ry - y0)[:, None], (rx - x0)[None]
+  p = ((prob[np.ix_(y0, x0)] * (1 - wx) + prob[np.ix_(y0, xa)] * wx) * (1 - wy)
+       + (prob[np.ix_(ya, x0)] * (1 - wx) + prob[np.ix_(ya, xa)] * wx) * wy)
+  inside = ((c >= y1) & (c < y2))[:, None] & ((c >= x1) & (c < x2))[None]
+  return (p >= 0.5) & inside
+
+
+def test_tiny_model_overfits_one_image_and_frozen_parts_get_no_gradient():
+  cfg = tiny.get_config()
+  model = sln.build_model(cfg)
+  batch, amodal = _scene()
+  variables = sln.init_variables(model, jax.random.PRNGKey(0), S)
+  params, stats = variables['params'], variables['batch_stats']
+  tx = optax.adam(3e-3)
+
+  def step(params, opt, key):
+    def loss_fn(p):
+      (terms, metrics), new_vars = model.apply(
+          {'params': p, 'batch_stats': stats}, batch, key,
+          method='train_forward', mutable=['batch_stats'])
+      return terms['total'], (terms, new_vars)
+    grads, (terms, new_vars) = jax.grad(loss_fn, has_aux=True)(params)
+    updates, opt = tx.update(grads, opt, params)
+    return optax.apply_updates(params, updates), opt, terms, grads, new_vars
+
+  opt = tx.init(params)
+  key = jax.random.PRNGKey(1)
+  step_c = _compile(step, params, opt, key)
+  params, opt, terms, grads, new_vars = step_c(params, opt, key)
+  first = float(terms['total'])
+  # Frozen parts: no gradient reaches the GLM; BN statistics never change.
+  glm_grads = jax.tree.leaves(grads['glm'])
+  assert glm_grads and all(float(jnp.abs(g).max()) == 0.0 for g in glm_grads)
+  assert float(jnp.abs(grads['backbone']['C1_conv']['kernel']).max()) > 0
+  jax.tree.map(np.testing.assert_array_equal, new_vars['batch_stats'], stats)
+  assert set(grads) == set(params)  # batch_stats are not differentiated
+  for i in range(2, 301):
+    params, opt, terms, grads, _ = step_c(params, opt, jax.random.PRNGKey(i))
+  last = float(terms['total'])
+  # Once proposals hit the objects, the mask head (and the GLM input) train.
+  assert float(jnp.abs(grads['mask_head']['conv1']['kernel']).max()) > 0
+  assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads['glm']))
+  assert np.isfinite(last) and last * 5 <= first, (first, last)
+
+  infer = _compile(functools.partial(model.apply, method='infer'),
+                   {'params': params, 'batch_stats': stats}, batch['image'],
+                   batch['glm_image'], batch['image_shape'])
+  out = jax.device_get(infer({'params': params, 'batch_stats': stats},
+                             batch['image'], batch['glm_image'], batch['image_shape']))
+  assert out['valid'][0].sum() >= 3
+  for g in range(3):
+    best = max(((_paste(out['amodal_probs'][0, d], out['boxes'][0, d]) & amodal[g]).sum()
+                / max((_paste(out['amodal_probs'][0, d], out['boxes'][0, d]) | amodal[g]).sum(), 1))
+               for d in np.nonzero(out['valid'][0])[0])
+    assert best >= 0.8, (g, best)
+  # Layer / visible outputs are consistent with L = 1.
+  np.testing.assert_allclose(out['visible_probs'], out['amodal_probs'], atol=1e-6)
+
+
+def test_bfloat16_and_legacy_pixel_boxes_inference():
+  cfg = tiny.get_config()
+  cfg.model.dtype = 'bfloat16'
+  batch, _ = _scene()
+  model = sln.build_model(cfg)
+  v = sln.init_variables(model, jax.random.PRNGKey(0), S)
+  # Untrained: make every ROI a foreground detection.
+  v['params']['box_head']['linear_class']['bias'] = jnp.array([0.0, 5.0])
+  args = (batch['image'], batch['glm_image'], batch['image_shape'])
+  run = lambda m: _compile(functools.partial(m.apply, method='infer'), v, *args)(v, *args)
+  out = run(model)
+  assert out['boxes'].shape == (1, 8, 4) and out['amodal_probs'].shape == (1, 8, 16, 16)
+  assert all(bool(jnp.all(jnp.isfinite(x.astype(jnp.float32)))) for x in jax.tree.leaves(out))
+  # Legacy flag: pixel-unit boxes into the GLM crop change the masks only.
+  cfg.model.glm.legacy_pixel_boxes = True
+  legacy = run(sln.build_model(cfg))
+  np.testing.assert_array_equal(legacy['boxes'], out['boxes'])
+  valid = np.asarray(out['valid'][0])
+  assert valid.all()
+  assert not np.allclose(np.asarray(legacy['layer_probs'])[0, valid],
+                         np.asarray(out['layer_probs'])[0, valid])
