@@ -19,6 +19,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from sln_jax import cliutil
@@ -115,6 +116,9 @@ def _data_sources(config, mode: str):
 
 
 def _main() -> int:
+  if not flags.FLAGS['verbosity'].present:
+    # Library INFO logs (Orbax, TFDS) drown the progress bars; --verbosity=0 shows them.
+    logging.set_verbosity(logging.WARNING)
   import jax  # pylint: disable=g-import-not-at-top
   if _multi_host():
     jax.distributed.initialize()
@@ -148,6 +152,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-  # Library INFO logs (Orbax, TFDS) drown the progress bars; --verbosity=0 shows them.
-  flags.FLAGS.set_default('verbosity', -1)
   app.run(main, flags_parser=_parse_flags)

@@ -1,7 +1,7 @@
 """The embedded default (`make demo`): a small SLN on generated scenes.
 
-Trains from scratch on 2 CPU cores in about 10 minutes and is evaluated on
-the synthetic val split. Data: generated on first use into data/synthetic
+Trains from scratch (900 steps of 4 images, about 0.5 s a step on 2 idle
+CPU cores) and is evaluated on the synthetic val split. Data: generated on first use into data/synthetic
 (COCOA layout) and prepared as TFDS in data/tfds. Small ResNet (1,1,1,1) at
 width 16, FPN 64, 128 x 128 canvas, no GLM (the COCO-Stuff semantics it
 provides mean nothing on synthetic shapes), few proposals and ROIs, every
@@ -54,11 +54,11 @@ def get_config() -> ml_collections.ConfigDict:
   t = c.train
   t.batch_size = 4
   t.warmup_steps = 50
-  t.stages = (('all', 1200, 2e-2), ('all', 300, 2e-3))
+  t.stages = (('all', 700, 2e-2), ('all', 200, 4e-3))
   t.log_every = 50
-  t.checkpoint_every = 500
+  t.checkpoint_every = 300
   t.keep_checkpoints = 2
-  t.image_summary_every = 500
+  t.image_summary_every = 300
 
   c.eval.batch_size = 10
   return c

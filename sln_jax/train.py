@@ -687,6 +687,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str,
   """
   if mode not in MODES:
     raise UserError(f'unknown mode {mode!r}; one of {", ".join(MODES)}', field='--mode')
+  if (mode in ('evaluate', 'predict') and not config.init_from
+      and not os.path.isdir(os.path.join(workdir, 'checkpoints'))):
+    raise UserError(f'no checkpoint to {mode} with (train first, or set init_from)',
+                    path=os.path.join(workdir, 'checkpoints'))
   if model is None:
     model, variables = create_model(config)
   variables = init_from_checkpoints(config, variables)

@@ -188,7 +188,6 @@ def test_tiny_model_overfits_one_image_and_frozen_parts_get_no_gradient():
   assert glm_grads and all(float(jnp.abs(g).max()) == 0.0 for g in glm_grads)
   assert float(jnp.abs(grads['backbone']['C1_conv']['kernel']).max()) > 0
   jax.tree.map(np.testing.assert_array_equal, new_vars['batch_stats'], stats)
-  assert set(grads) == set(params)  # batch_stats are not differentiated
   for i in range(2, 301):
     params, opt, terms, grads, _ = step_c(params, opt, jax.random.PRNGKey(i))
   last = float(terms['total'])
