@@ -289,6 +289,20 @@ def _category_names(data: dict) -> dict:
           if isinstance(c, dict)}
 
 
+def _flat_instances(path: str):
+  """Reads a flat COCO-style file (one annotation per instance).
+
+  Returns ([(image, [(index in ``annotations``, annotation)])] for the images
+  that have annotations, category id -> name, number of images without any).
+  """
+  data = _load_json(path)
+  images = _read_images(data, path)
+  groups = _group_annotations(data, path, images)
+  per_image = [(img, groups[img.image_id]) for img in images
+               if groups.get(img.image_id)]
+  return per_image, _category_names(data), len(images) - len(per_image)
+
+
 def _finish(out: list, stats: Optional[ReadStats], skipped: int) -> list:
   if stats is not None:
     stats.num_images += len(out)
@@ -419,16 +433,9 @@ def load_d2sa(path: str, images_dir: Optional[str] = None,
               stats: Optional[ReadStats] = None
               ) -> list[records.ImageAnnotation]:
   """Reads a D2SA json (flat COCO-style instances); see module doc."""
-  data = _load_json(path)
-  images = _read_images(data, path)
-  groups = _group_annotations(data, path, images)
-  names = _category_names(data)
-  out, skipped = [], 0
-  for img in images:
-    anns = groups.get(img.image_id, [])
-    if not anns:
-      skipped += 1
-      continue
+  per_image, names, skipped = _flat_instances(path)
+  out = []
+  for img, anns in per_image:
     h, w = img.height, img.width
     keyed = []
     for k, ann in anns:
@@ -549,16 +556,9 @@ def load_kins(path: str, images_dir: Optional[str] = None,
               ) -> list[records.ImageAnnotation]:
   """Reads a KINS json (``update_{train,test}_2020.json`` or the 2019
   ``instances_*.json``); instances keep file order, see module doc."""
-  data = _load_json(path)
-  images = _read_images(data, path)
-  groups = _group_annotations(data, path, images)
-  names = _category_names(data)
-  out, skipped = [], 0
-  for img in images:
-    anns = groups.get(img.image_id, [])
-    if not anns:
-      skipped += 1
-      continue
+  per_image, names, skipped = _flat_instances(path)
+  out = []
+  for img, anns in per_image:
     h, w = img.height, img.width
     parts = []
     for k, ann in anns:
