@@ -56,6 +56,10 @@ def main(argv=None) -> int:
   with cliutil.atomic_output_file(args.output) as f:
     json.dump(metrics, f, indent=1)
   print(evaluation.format_table(metrics), end='')
+  if results and all('depth_layer' in r for r in results):
+    depth = evaluation.depth_order_accuracy(gt, results, results_path=args.results)
+    print(f"depth order: {depth['correct']}/{depth['pairs']} pairs of matched, "
+          f"overlapping objects ordered right (accuracy {depth['accuracy']:.3f})")
   print(f'wrote {args.output}')
   return 0
 

@@ -543,7 +543,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, model: Any,
 
   Writes ``workdir/results.json`` (COCO results, original pixels) and
   ``workdir/metrics.json`` (``sln_jax.evaluate`` schema; plus
-  ``per_class_ap.json`` when not category-agnostic), prints the table and
+  ``per_class_ap.json`` when not category-agnostic, ``depth_order.json``:
+  evaluate.depth_order_accuracy), prints the table and
   returns the metrics.
   """
   from sln_jax import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
@@ -581,6 +582,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, model: Any,
       json.dump(results, f)
     with atomic_output_file(os.path.join(workdir, 'metrics.json')) as f:
       json.dump(metrics, f, indent=1)
+    depth = eval_lib.depth_order_accuracy(gt, results)
+    with atomic_output_file(os.path.join(workdir, 'depth_order.json')) as f:
+      json.dump(depth, f, indent=1)
     if not config.dataset.category_agnostic:
       per_class = eval_lib.per_class_ap(gt, results, protocol=config.eval.protocol)
       with atomic_output_file(os.path.join(workdir, 'per_class_ap.json')) as f:
@@ -588,7 +592,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, model: Any,
     print(f'evaluation at step {step} on {len(gt)} images '
           f'({config.dataset.name}/{config.dataset.eval_split}, '
           f'protocol {config.eval.protocol}):')
-    print(eval_lib.format_table(metrics), flush=True)
+    print(eval_lib.format_table(metrics))
+    print(f"depth order: {depth['correct']}/{depth['pairs']} pairs of matched, "
+          f"overlapping objects ordered right (accuracy {depth['accuracy']:.3f})",
+          flush=True)
     if writer is not None:
       scalars = {f'eval/{branch}_{metric}': value
                  for branch, table in metrics.items()

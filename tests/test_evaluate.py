@@ -393,6 +393,14 @@ def test_cli_writes_metrics_and_rejects_bad_input(tmp_path, capsys):
   assert set(metrics['amodal']) == {'all', 'none', 'partial', 'heavy'}
   assert metrics['amodal']['all']['both']['AP'] == ONE
   assert 'AR100' in proc.stdout
+  assert 'depth order' not in proc.stdout   # results carry no depth_layer
+  # With depth layers in file order (front first) every overlapping pair is right.
+  layered = [dict(r, depth_layer=k) for a in gt
+             for k, r in enumerate(x for x in results if x['image_id'] == a.image_id)]
+  dt_path.write_text(json.dumps(layered))
+  proc = _run_cli(*base, '--results', dt_path)
+  assert proc.returncode == 0, proc.stderr
+  assert 'depth order: 1/1 pairs' in proc.stdout and 'accuracy 1.000' in proc.stdout
   # The amodalapi protocol skips image 2 when its detection is removed.
   dt_path.write_text(json.dumps([r for r in results if r['image_id'] == 1]))
   proc = _run_cli(*base, '--results', dt_path, '--protocol', 'amodalapi')

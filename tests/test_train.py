@@ -287,6 +287,10 @@ def test_evaluate_scores_in_original_pixels(tmp_path):
   metrics = train.evaluate(c, str(tmp_path), model, v, batches, gt, step=7, writer=writer)
   with open(tmp_path / 'metrics.json') as f:
     assert json.load(f) == metrics
+  with open(tmp_path / 'depth_order.json') as f:
+    depth = json.load(f)
+  assert set(depth) >= {'accuracy', 'correct', 'pairs'}
+  assert depth['pairs'] == 0 and depth['accuracy'] == -1   # one object per image
   with open(tmp_path / 'results.json') as f:
     results = json.load(f)
   assert sorted({r['image_id'] for r in results}) == [1, 2, 3]
