@@ -1,8 +1,11 @@
 """The release's six training losses, masked over padding.
 
-Every term is a float32 scalar (inputs may be bfloat16) averaged over the
-selected elements of the whole batch (the release trains with batch 1), and
-0 -- not NaN -- when nothing is selected. Cross-entropies use log-softmax /
+Every term is a float32 scalar (inputs may be bfloat16): the mean over the
+batch of per-image means over that image's selected elements, where an
+image with nothing selected contributes 0 -- not NaN. With batch 1 (the
+release) this is the release's mean over the selected elements; with any
+batch it equals running each image alone and averaging, so the loss does
+not depend on how a batch is split over devices. Cross-entropies use log-softmax /
 log-sigmoid forms, so large logits stay finite (torch's
 ``binary_cross_entropy`` on probabilities clamps logs at -100 instead).
 Smooth-L1 is torch's default (beta 1), averaged over all 4 coordinates of
@@ -22,10 +25,13 @@ def _f32(x):
 
 
 def _masked_mean(values: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
-  """Mean of ``values`` where ``mask`` (broadcast to values); 0 if none."""
+  """Mean over the leading (image) axis of each image's mean of ``values``
+  where ``mask`` (broadcast to values); an image with no selected element
+  counts as 0."""
   mask = jnp.broadcast_to(mask, values.shape).astype(jnp.float32)
-  total = jnp.sum(jnp.where(mask > 0, values, 0.0))
-  return total / jnp.maximum(jnp.sum(mask), 1.0)
+  axes = tuple(range(1, values.ndim))
+  total = jnp.sum(jnp.where(mask > 0, values, 0.0), axis=axes)
+  return jnp.mean(total / jnp.maximum(jnp.sum(mask, axis=axes), 1.0))
 
 
 def _cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:

@@ -5,14 +5,15 @@ passes them in. Batches follow docs/architecture.md with leading axes
 (local devices, per-device batch).
 
 Loss normalisation (why N devices give the same step as one device): the
-loss of a step is the mean over the global batch of *per-image* losses. Each
-device runs ``SLN.train_forward`` on every image separately (``jax.vmap`` over
-a batch of one), averages over its images, and ``lax.pmean`` over the axis
-'batch' averages the gradients over devices. Every device holds the same
-number of images, so the result is the global per-image mean whatever the
-model normalises internally (positives, sampled anchors). Each image's PRNG
-key is ``fold_in(fold_in(state.rng, step), global image index)``, so the
-randomness does not depend on the device count either.
+loss of a step is the mean over the global batch of *per-image* losses.
+``SLN.train_forward`` runs batched over a device's images and reduces every
+term per image before averaging over images (``sln_jax.losses``), and
+``lax.pmean`` over the axis 'batch' averages the gradients over devices.
+Every device holds the same number of images, so the result is the global
+per-image mean whatever the model normalises internally (positives, sampled
+anchors). Each image's PRNG key is ``fold_in(fold_in(state.rng, step),
+global image index)``, so the randomness does not depend on the device
+count either.
 
 Optimizer (release, apchenstu/SLN-Amodal model.py): zero the gradients of
 frozen leaves, clip the global norm of the rest to ``train.grad_clip_norm``,
@@ -239,19 +240,13 @@ def make_train_step(model: Any, config: ml_collections.ConfigDict,
   for them (the GLM's backward pass is never built); their gradient is 0.
   """
 
-  def image_loss(params, batch_stats, image_batch, rng):
+  def loss_fn(params, batch_stats, batch, rngs):
     if trainable is not None:
       params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p),
                             params, trainable)
-    one = jax.tree.map(lambda x: x[None], image_batch)
     losses, metrics = model.apply({'params': params, 'batch_stats': batch_stats},
-                                  one, rng, method='train_forward')
+                                  batch, rngs, method='train_forward')
     return losses['total'], (losses, metrics)
-
-  def loss_fn(params, batch_stats, batch, rngs):
-    totals, aux = jax.vmap(image_loss, in_axes=(None, None, 0, 0))(
-        params, batch_stats, batch, rngs)
-    return jnp.mean(totals), jax.tree.map(lambda x: jnp.mean(x, axis=0), aux)
 
   def step(state: TrainState, batch: Batch):
     per_device = jax.tree.leaves(batch)[0].shape[0]

@@ -12,6 +12,14 @@ from sln_jax import losses
 T = lambda x: torch.tensor(np.asarray(x, np.float32))
 
 
+def per_image(fn, *arrays):
+  """The batch loss the module promises: mean over images of ``fn`` on
+  each image's arrays (torch, float), 0 for an image where ``fn`` is NaN
+  (nothing selected)."""
+  vals = [float(fn(*(a[i] for a in arrays))) for i in range(len(arrays[0]))]
+  return float(np.mean([0.0 if np.isnan(v) else v for v in vals]))
+
+
 def _rpn_inputs(rng, b=2, a=30):
   logits = rng.normal(size=(b, a, 2)).astype(np.float32)
   labels = rng.choice([-1, 0, 1], size=(b, a)).astype(np.int32)
@@ -22,16 +30,21 @@ def _rpn_inputs(rng, b=2, a=30):
 
 def test_rpn_losses_match_torch():
   logits, labels, pred, target = _rpn_inputs(np.random.default_rng(0))
-  sel = labels != -1
-  want = F.cross_entropy(T(logits[sel]), torch.tensor(
-      (labels[sel] == 1).astype(np.int64)))
+  want = per_image(lambda lg, lb: F.cross_entropy(
+      T(lg[lb != -1]), torch.tensor((lb[lb != -1] == 1).astype(np.int64))), logits, labels)
   got = jax.jit(losses.rpn_class_loss)(logits, labels)
   assert got.dtype == jnp.float32 and got.shape == ()
-  np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
-  pos = labels == 1
-  want = F.smooth_l1_loss(T(pred[pos]), T(target[pos]))
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+  want = per_image(lambda p, t, lb: F.smooth_l1_loss(T(p[lb == 1]), T(t[lb == 1])),
+                   pred, target, labels)
   got = jax.jit(losses.rpn_bbox_loss)(pred, target, labels)
-  np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+  # Batch 1 is the release's mean over the selected anchors.
+  sel = labels[:1] != -1
+  want = F.cross_entropy(T(logits[:1][sel]), torch.tensor(
+      (labels[:1][sel] == 1).astype(np.int64)))
+  np.testing.assert_allclose(float(losses.rpn_class_loss(logits[:1], labels[:1])),
+                             float(want), rtol=1e-5)
 
 
 def test_head_losses_match_torch():
@@ -42,16 +55,17 @@ def test_head_losses_match_torch():
   valid = rng.uniform(size=(b, r)) > 0.3
   deltas = rng.normal(size=(b, r, c, 4)).astype(np.float32) * 2
   targets = rng.normal(size=(b, r, 4)).astype(np.float32)
-  want = F.cross_entropy(T(logits[valid]), torch.tensor(cls[valid]).long())
+  want = per_image(lambda lg, c, v: F.cross_entropy(T(lg[v]), torch.tensor(c[v]).long()),
+                   logits, cls, valid)
   np.testing.assert_allclose(
-      float(losses.head_class_loss(logits, cls, valid)), float(want),
-      rtol=1e-5)
-  pos = valid & (cls > 0)
-  bi, ri = np.nonzero(pos)
-  want = F.smooth_l1_loss(T(deltas[bi, ri, cls[bi, ri]]), T(targets[bi, ri]))
+      float(losses.head_class_loss(logits, cls, valid)), want, rtol=1e-5)
+
+  def bbox(d, c, t, v):
+    ri = np.nonzero(v & (c > 0))[0]
+    return F.smooth_l1_loss(T(d[ri, c[ri]]), T(t[ri]))
+  want = per_image(bbox, deltas, cls, targets, valid)
   np.testing.assert_allclose(
-      float(losses.head_bbox_loss(deltas, cls, targets, valid)), float(want),
-      rtol=1e-5)
+      float(losses.head_bbox_loss(deltas, cls, targets, valid)), want, rtol=1e-5)
 
 
 def test_mask_losses_match_torch():
@@ -61,21 +75,35 @@ def test_mask_losses_match_torch():
   layer = rng.integers(0, l + 1, (b, r, s, s))     # l = outside the object
   targets = np.eye(l + 1, dtype=np.float32)[layer][..., :l]
   positive = np.array([[1, 0, 1, 1, 0], [0, 0, 1, 0, 0]], bool)
-  want = F.binary_cross_entropy(torch.sigmoid(T(logits[positive])),
-                                T(targets[positive]))
+  want = per_image(lambda lg, t, p: F.binary_cross_entropy(torch.sigmoid(T(lg[p])), T(t[p])),
+                   logits, targets, positive)
   got = jax.jit(losses.layer_loss)(logits, targets, positive)
-  np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
-  want = F.binary_cross_entropy(
-      torch.sigmoid(T(logits[positive]).sum(-1)),
-      T(targets[positive]).sum(-1))
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+  want = per_image(lambda lg, t, p: F.binary_cross_entropy(
+      torch.sigmoid(T(lg[p]).sum(-1)), T(t[p]).sum(-1)), logits, targets, positive)
   got = jax.jit(losses.amodal_loss)(logits, targets, positive)
-  np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+  # torch takes logs of float32 probabilities: sums of logits reach ~15 here.
+  np.testing.assert_allclose(float(got), want, rtol=5e-5)
   # bf16 inputs are computed in float32.
   got = losses.layer_loss(jnp.asarray(logits, jnp.bfloat16),
                           jnp.asarray(targets, jnp.bfloat16), positive)
   assert got.dtype == jnp.float32
-  np.testing.assert_allclose(float(got), float(F.binary_cross_entropy(
-      torch.sigmoid(T(logits[positive])), T(targets[positive]))), rtol=2e-2)
+  np.testing.assert_allclose(float(got), per_image(
+      lambda lg, t, p: F.binary_cross_entropy(torch.sigmoid(T(lg[p])), T(t[p])),
+      logits, targets, positive), rtol=2e-2)
+
+
+def test_batch_loss_is_mean_of_single_image_losses():
+  """Device-count independence rests on this: any term over a batch equals
+  the mean of the term over each image alone (also for an image with
+  nothing selected)."""
+  logits, labels, pred, target = _rpn_inputs(np.random.default_rng(4), b=3)
+  labels[1] = -1                                     # image 1: nothing selected
+  for fn, args in ((losses.rpn_class_loss, (logits, labels)),
+                   (losses.rpn_bbox_loss, (pred, target, labels))):
+    whole = float(fn(*args))
+    alone = np.mean([float(fn(*(a[i:i + 1] for a in args))) for i in range(3)])
+    np.testing.assert_allclose(whole, alone, rtol=1e-6)
 
 
 def test_zero_not_nan_when_nothing_selected_and_finite_grads():

@@ -232,3 +232,42 @@ def test_bfloat16_and_legacy_pixel_boxes_inference():
   assert valid.all()
   assert not np.allclose(np.asarray(legacy['layer_probs'])[0, valid],
                          np.asarray(out['layer_probs'])[0, valid])
+
+
+def test_batched_train_forward_equals_mean_of_single_images():
+  """What device-count independence rests on: a batch of two images with
+  per-image keys gives the mean of each image's terms, metrics and
+  gradients run alone with its key."""
+  cfg = tiny.get_config()
+  model = sln.build_model(cfg)
+  one, _ = _scene()
+  other = jax.tree.map(lambda x: np.flip(x, axis=2) if x.ndim == 4 and x.shape[-1] == 3
+                       else x, one)                        # mirrored image, same targets
+  other['gt_valid'] = np.array([[True, False, False, False]])   # one object only
+  batch = jax.tree.map(lambda a, b: np.concatenate([a, b]), one, other)
+  variables = sln.init_variables(model, jax.random.PRNGKey(0), S)
+  keys = jax.random.split(jax.random.PRNGKey(3), 2)
+
+  def run(p, b, k):
+    def loss(p):
+      terms, metrics = model.apply({'params': p, 'batch_stats': variables['batch_stats']},
+                                   b, k, method='train_forward')
+      return terms['total'], (terms, metrics)
+    return jax.grad(loss, has_aux=True)(p)
+
+  run_c = jax.jit(run)
+  grads, (terms, metrics) = run_c(variables['params'], batch, keys)
+  singles = [run_c(variables['params'], jax.tree.map(lambda x: x[i:i + 1], batch), keys[i:i + 1])
+             for i in range(2)]
+  for name in terms:
+    want = np.mean([float(s[1][0][name]) for s in singles])
+    np.testing.assert_allclose(float(terms[name]), want, rtol=1e-4, atol=1e-6, err_msg=name)
+  for name in metrics:
+    want = np.mean([float(s[1][1][name]) for s in singles])
+    np.testing.assert_allclose(float(metrics[name]), want, rtol=1e-5, err_msg=name)
+  assert float(terms['total']) > 0
+  want = jax.tree.map(lambda a, b: (a + b) / 2, singles[0][0], singles[1][0])
+  for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-3,
+                               atol=2e-5 * float(np.abs(w).max() + 1e-12),
+                               err_msg=jax.tree_util.keystr(path))

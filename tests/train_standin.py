@@ -62,13 +62,16 @@ class StandIn(nn.Module):
     return self.rpn(p), self.box_head(p.mean((1, 2)))
 
   def train_forward(self, batch, rng):
-    keep = jax.random.bernoulli(rng, 0.8, batch['image'].shape[:3] + (1,))
+    """SLN's contract: ``rng`` is (B,) per-image keys, every term a mean over
+    images of per-image values."""
+    shape = batch['image'].shape[1:3] + (1,)
+    keep = jax.vmap(lambda k: jax.random.bernoulli(k, 0.8, shape))(rng)
     p = self._features(batch['image'], keep)
     r = self.rpn(p)
     logits = self.box_head(p.mean((1, 2)))
     target = batch['gt_boxes'][:, 0, :3] / 32.0
     fit = jnp.mean((logits - target) ** 2)
-    act = jnp.mean((r - 0.5) ** 2) * jnp.mean(batch['image_scale'])
+    act = jnp.mean(jnp.mean((r - 0.5) ** 2, axis=(1, 2, 3)) * jnp.mean(batch['image_scale'], -1))
     losses = {'fit': fit, 'scaled': act, 'total': fit + act}
     return losses, {'mean_logit': jnp.mean(logits)}
 

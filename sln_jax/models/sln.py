@@ -143,15 +143,22 @@ class SLN(nn.Module):
       batch: image (B,S,S,3) uint8, glm_image (B,G,G,3) uint8, gt_boxes
         (B,M,4) canvas pixels, gt_classes (B,M) int32, gt_valid (B,M) bool,
         gt_layers (B,M,K,K,L) float32 cropped to gt_boxes.
-      rng: PRNG key (anchor and ROI sampling).
+      rng: PRNG key, or (B,) keys, one per image (anchor and ROI sampling;
+        the train step passes per-image keys so the randomness does not
+        depend on how the batch is split over devices).
       loss_weights: optional override of the module's ``loss_weights``.
 
     Returns:
       (losses: the six float32 terms and 'total', metrics: float32 scalars).
+      Every term and metric is the mean over images of that image's value
+      (:mod:`sln_jax.losses`), so a batch gives the same result as its
+      images run one by one and averaged.
     """
     c = self.config
     size = batch['image'].shape[1]
-    rng_rpn, rng_roi = jax.random.split(rng)
+    keys = jax.vmap(jax.random.split)(
+        targets.per_image_keys(rng, batch['image'].shape[0]))
+    rng_rpn, rng_roi = keys[:, 0], keys[:, 1]
     pyramid, rpn_out = self._features(batch['image'])
     glm_feats = self._glm_features(batch['glm_image'])
 
@@ -202,14 +209,15 @@ class SLN(nn.Module):
     weights = {k: float(weights.get(k, 1.0)) for k in losses.TERMS}
     terms['total'] = losses.total_loss(terms, weights)
     f32 = lambda x: jnp.asarray(x, jnp.float32)
+    per_image = lambda x: jnp.mean(jnp.sum(f32(x), axis=1))
+    correct = (jnp.argmax(head['logits'], -1) == sample['class_targets']) & sample['valid']
     metrics = {
-        'rpn_positives': f32(jnp.sum(rpn_labels == 1)) / rpn_labels.shape[0],
-        'roi_positives': f32(jnp.sum(sample['positive'])) / rois.shape[0],
-        'roi_sampled': f32(jnp.sum(sample['valid'])) / rois.shape[0],
-        'proposals': f32(jnp.sum(rois_valid)) / rois.shape[0],
-        'head_accuracy': f32(jnp.sum(
-            (jnp.argmax(head['logits'], -1) == sample['class_targets'])
-            & sample['valid'])) / jnp.maximum(f32(jnp.sum(sample['valid'])), 1.0),
+        'rpn_positives': per_image(rpn_labels == 1),
+        'roi_positives': per_image(sample['positive']),
+        'roi_sampled': per_image(sample['valid']),
+        'proposals': per_image(rois_valid),
+        'head_accuracy': jnp.mean(jnp.sum(f32(correct), 1) / jnp.maximum(
+            jnp.sum(f32(sample['valid']), 1), 1.0)),
     }
     return terms, metrics
 

@@ -232,22 +232,33 @@ def mask_targets(gt_layers: jnp.ndarray, gt_boxes: jnp.ndarray,
   return crops
 
 
-def _split(rng, n):
-  return jax.random.split(rng, n)
+def per_image_keys(rng: jax.Array, n: int) -> jax.Array:
+  """(n,) PRNG keys: ``rng`` split if it is one key, else ``rng`` itself
+  (raw uint32 keys (2,) / (n, 2) or typed keys () / (n,))."""
+  rng = jnp.asarray(rng)
+  single = (rng.ndim == 0 if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
+            else rng.ndim == 1)
+  if single:
+    return jax.random.split(rng, n)
+  if rng.shape[0] != n:
+    raise ValueError(f'{rng.shape[0]} keys for a batch of {n}')
+  return rng
 
 
 def batched_rpn_targets(rng, anchors, gt_boxes, gt_valid, **kwargs):
   """:func:`rpn_targets` over a batch: gt_boxes (B, M, 4), gt_valid (B, M),
-  shared anchors (A, 4) -> labels (B, A), deltas (B, A, 4)."""
-  keys = _split(rng, gt_boxes.shape[0])
+  shared anchors (A, 4) -> labels (B, A), deltas (B, A, 4). ``rng``: one
+  key (split per image) or (B,) per-image keys."""
+  keys = per_image_keys(rng, gt_boxes.shape[0])
   return jax.vmap(lambda k, b, v: rpn_targets(k, anchors, b, v, **kwargs))(
       keys, gt_boxes, gt_valid)
 
 
 def batched_sample_rois(rng, proposals, proposal_valid, gt_boxes, gt_classes,
                         gt_valid, **kwargs):
-  """:func:`sample_rois` over a batch (every input with a leading B axis)."""
-  keys = _split(rng, proposals.shape[0])
+  """:func:`sample_rois` over a batch (every input with a leading B axis;
+  ``rng`` one key or (B,) keys)."""
+  keys = per_image_keys(rng, proposals.shape[0])
   return jax.vmap(lambda *a: sample_rois(*a, **kwargs))(
       keys, proposals, proposal_valid, gt_boxes, gt_classes, gt_valid)
 
