@@ -125,6 +125,7 @@ def get_config() -> ml_collections.ConfigDict:
   tr.keep_checkpoints = 3
   tr.image_summary_every = 1000
   tr.reset_momentum_per_stage = True  # release: a new SGD (zero momentum) per stage
+  tr.device_prefetch = 2    # batches copied to the devices ahead of the running step
 
   # ---------------------------------------------------------------- eval / predict
   c.eval = e = ml_collections.ConfigDict()

@@ -3,12 +3,20 @@
   python scripts/benchmark.py --config=configs/default.py --mode=train --steps=20
   python scripts/benchmark.py --config=configs/default.py --mode=infer --dtype=bfloat16 --peer
 
-Prints one JSON line per measurement: device, dtype, batch, image size,
-compile_s, step_ms, images_per_s, model FLOPs per image (XLA cost analysis),
-MFU against --peak_tflops, and with --peer the same step of torchvision's
-Mask R-CNN R101-FPN at the same image size, batch and dtype policy (autocast
-for bf16) with the ratio of images/s. Needs no TensorFlow: batches are built
-in numpy and put on the device once; the timed loop only dispatches steps.
+What is timed is what users run: the training loop's step
+(``train.make_train_step`` for ``--stage``: frozen parts, clipping, weight
+decay, momentum, gradient pmean, donated state) and the evaluator's
+inference (``train.make_infer_fn``: proposals, detection, layered masks),
+both pmapped over every local device with the global ``--batch`` split
+evenly. Batches are built in numpy and put on the devices once; the timed
+loop only dispatches steps. Needs no TensorFlow.
+
+Prints one JSON line per measurement: device, stage, dtype, batch, image
+size, compile_s, step_ms, images_per_s, model FLOPs per image (XLA cost
+analysis of the compiled step), MFU against --peak_tflops (default: the
+device's dense bf16 peak), and with --peer the same work in torchvision's
+Mask R-CNN R101-FPN (same image size, batch, dtype policy and trained
+stages) with the ratio of images/s. --profile_dir adds a jax.profiler trace.
 """
 from __future__ import annotations
 
@@ -16,6 +24,7 @@ import json
 import os
 import sys
 import time
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -32,6 +41,10 @@ flags.DEFINE_enum('dtype', '', ['', 'float32', 'bfloat16'], 'Compute dtype; "" =
 flags.DEFINE_float('peak_tflops', 0.0, 'Peak TFLOP/s of the device for MFU (0: guess from the device kind).')
 flags.DEFINE_bool('peer', False, 'Also time torchvision Mask R-CNN R101-FPN (needs torch + torchvision).')
 flags.DEFINE_string('output', '', 'Append the JSON lines to this file too.')
+flags.DEFINE_string('stage', 'all', 'Training stage whose parameters get gradients '
+                    '(heads, 4+, all or a regex; train.STAGE_PATTERNS).')
+flags.DEFINE_string('profile_dir', '', 'Also write a jax.profiler trace of a few '
+                    'timed steps here (TensorBoard / Perfetto).')
 FLAGS = flags.FLAGS
 
 # Dense bf16 peak TFLOP/s by device kind (fp32 runs use TF32 tensor cores on NVIDIA).
@@ -69,71 +82,99 @@ def synthetic_batch(config, batch: int, size: int, rng: np.random.Generator) -> 
   }
 
 
-def _timed(fn, args, steps: int):
-  import jax
+def _compile(fn, args) -> tuple[Any, float, float]:
+  """(compiled, compile seconds, FLOPs per call from XLA's cost analysis;
+  for a pmapped step the FLOPs of one device's program)."""
   t0 = time.perf_counter()
   compiled = fn.lower(*args).compile()
   compile_s = time.perf_counter() - t0
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
-  flops = float((cost or {}).get('flops', 0.0))
-  out = compiled(*args)
-  jax.block_until_ready(out)
-  t0 = time.perf_counter()
-  for _ in range(steps):
-    out = compiled(*args)
-  jax.block_until_ready(out)
-  step_s = (time.perf_counter() - t0) / steps
-  return compile_s, step_s, flops
+  return compiled, compile_s, float((cost or {}).get('flops', 0.0))
 
 
-def benchmark_sln(config, mode: str, batch: int, size: int, steps: int) -> dict:
+def _profile(profile_dir: str):
+  import contextlib
   import jax
-  import optax
+  if not profile_dir:
+    return contextlib.nullcontext()
+  return jax.profiler.trace(profile_dir)
+
+
+def benchmark_sln(config, mode: str, batch: int, size: int, steps: int,
+                  stage: str = 'all', profile_dir: str = '') -> dict:
+  """Times the training loop's own step (``train.make_train_step``: stage
+  masks, clipping, weight decay, momentum, pmean over every local device,
+  donated state) or the evaluator's inference (``train.make_infer_fn``),
+  both ``jax.pmap``ped over the local devices with ``batch`` split evenly.
+  The timed loop feeds each step's state into the next, as training does."""
+  import jax
+  from sln_jax import train as train_lib
   from sln_jax.models import sln as sln_lib
 
-  model = sln_lib.SLN(config.model)
-  variables = sln_lib.init_variables(model, jax.random.PRNGKey(0), size)
+  devices = jax.local_device_count()
+  if batch % devices:
+    raise ValueError(f'batch {batch} is not a multiple of the {devices} local devices')
+  config.input.image_size = size
+  model, variables = train_lib.create_model(config)
   np_batch = synthetic_batch(config, batch, size, np.random.default_rng(0))
-  dev_batch = jax.device_put(np_batch)
+  sharded = jax.tree.map(lambda x: x.reshape((devices, batch // devices) + x.shape[1:]),
+                         np_batch)
+  dev_batch = train_lib.shard(sharded)
   if mode == 'train':
-    tx = optax.chain(optax.clip_by_global_norm(config.train.grad_clip_norm),
-                     optax.sgd(1e-3, momentum=config.train.momentum))
-    params, stats = variables['params'], variables['batch_stats']
-    opt_state = tx.init(params)
+    config.train.stages = ((stage, 1_000_000, 1e-3),)
+    state = train_lib.create_train_state(config, variables, jax.random.PRNGKey(1))
+    tx = train_lib.create_optimizer(config, state.params, state.batch_stats, stage)
+    mask = train_lib.trainable_mask(state.params, state.batch_stats, stage)
+    fn = jax.pmap(train_lib.make_train_step(model, config, tx, mask),
+                  axis_name=train_lib.AXIS, donate_argnums=(0,))
+    compiled, compile_s, flops = _compile(fn, (train_lib.replicate(state), dev_batch))
+    rstate = train_lib.replicate(state)
 
-    def step(params, opt_state, b, rng):
-      def loss_fn(p):
-        losses, _ = model.apply({'params': p, 'batch_stats': stats}, b, rng,
-                                method=sln_lib.SLN.train_forward)
-        return losses['total']
-      loss, grads = jax.value_and_grad(loss_fn)(params)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state, loss
-
-    # No donation: the timed loop re-feeds the same inputs to every call.
-    fn = jax.jit(step)
-    args = (params, opt_state, dev_batch, jax.random.PRNGKey(1))
+    def run(n):
+      nonlocal rstate
+      out = None
+      for _ in range(n):
+        rstate, out = compiled(rstate, dev_batch)
+      jax.block_until_ready((rstate, out))
   else:
-    def infer(v, b):
-      return model.apply(v, b['image'], b['glm_image'], b['image_shape'],
-                         method=sln_lib.SLN.infer)
-    fn = jax.jit(infer)
-    args = (variables, dev_batch)
-  compile_s, step_s, flops = _timed(fn, args, steps)
-  return dict(compile_s=compile_s, step_s=step_s, flops=flops,
+    fn = jax.pmap(train_lib.make_infer_fn(model), axis_name=train_lib.AXIS)
+    rvars = train_lib.replicate(variables)
+    compiled, compile_s, flops = _compile(fn, (rvars, dev_batch))
+
+    def run(n):
+      out = None
+      for _ in range(n):
+        out = compiled(rvars, dev_batch)
+      jax.block_until_ready(out)
+  run(2)                                   # warm-up (first runs allocate)
+  t0 = time.perf_counter()
+  run(steps)
+  step_s = (time.perf_counter() - t0) / steps
+  if profile_dir:
+    with _profile(profile_dir):
+      run(min(steps, 5))
+  return dict(compile_s=compile_s, step_s=step_s, flops=flops * devices,
               params=sln_lib.count_parameters(variables))
 
 
-def benchmark_peer(mode: str, batch: int, size: int, steps: int, dtype: str) -> dict:
-  """torchvision Mask R-CNN R101-FPN, same image size, batch and dtype policy."""
+def benchmark_peer(mode: str, batch: int, size: int, steps: int, dtype: str,
+                   trainable_layers: int = 5) -> dict:
+  """torchvision Mask R-CNN R101-FPN, same image size, batch and dtype policy
+  (bf16: autocast; fp32: TF32 tensor cores allowed, as XLA's default
+  precision on NVIDIA GPUs), cuDNN autotuning on, frozen BatchNorm,
+  ``trainable_layers`` ResNet stages trained (5: all, as SLN's 'all')."""
   import torch
   from torchvision.models.detection import MaskRCNN
   from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
-  backbone = resnet_fpn_backbone(backbone_name='resnet101', weights=None, trainable_layers=3)
+  torch.backends.cudnn.benchmark = True
+  torch.backends.cuda.matmul.allow_tf32 = True
+  torch.backends.cudnn.allow_tf32 = True
+  backbone = resnet_fpn_backbone(backbone_name='resnet101', weights=None,
+                                 trainable_layers=trainable_layers)
   model = MaskRCNN(backbone, num_classes=2, min_size=size, max_size=size).to(device)
   rng = np.random.default_rng(0)
   images = [torch.rand(3, size, size, device=device) for _ in range(batch)]
@@ -186,24 +227,26 @@ def main(argv):
     config.model.dtype = FLAGS.dtype
   batch = FLAGS.batch or config.train.batch_size
   size = FLAGS.image_size or config.input.image_size
-  if FLAGS.image_size:
-    config.input.image_size = size
   dev = jax.devices()[0]
-  r = benchmark_sln(config, FLAGS.mode, batch, size, FLAGS.steps)
+  r = benchmark_sln(config, FLAGS.mode, batch, size, FLAGS.steps, FLAGS.stage,
+                    FLAGS.profile_dir)
   peak = FLAGS.peak_tflops or next(
       (v for k, v in _PEAKS.items() if k.lower() in dev.device_kind.lower()), 0.0)
   images_per_s = batch / r['step_s']
   result = {
       'device': f'{dev.platform}:{dev.device_kind}', 'num_devices': jax.device_count(),
-      'mode': FLAGS.mode, 'dtype': config.model.dtype, 'batch': batch, 'image_size': size,
+      'mode': FLAGS.mode, 'stage': FLAGS.stage if FLAGS.mode == 'train' else None,
+      'dtype': config.model.dtype, 'batch': batch, 'image_size': size,
       'glm': bool(config.model.glm.enabled), 'compile_s': round(r['compile_s'], 3),
       'step_ms': round(r['step_s'] * 1e3, 3), 'images_per_s': round(images_per_s, 3),
       'flops_per_image': r['flops'] / batch, 'params': int(r['params']),
-      'mfu': (round(r['flops'] / r['step_s'] / (peak * 1e12), 4) if peak and r['flops'] else None),
+      'mfu': (round(r['flops'] / r['step_s'] / (peak * 1e12 * jax.local_device_count()), 4)
+              if peak and r['flops'] else None),
   }
   if FLAGS.peer:
     try:
-      p = benchmark_peer(FLAGS.mode, batch, size, FLAGS.steps, config.model.dtype)
+      layers = {'heads': 0, '4+': 2}.get(FLAGS.stage, 5)
+      p = benchmark_peer(FLAGS.mode, batch, size, FLAGS.steps, config.model.dtype, layers)
       result['peer'] = 'torchvision MaskRCNN R101-FPN'
       result['peer_images_per_s'] = round(p['images_per_s'], 3)
       result['ratio'] = round(images_per_s / p['images_per_s'], 3)

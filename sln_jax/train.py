@@ -26,12 +26,14 @@ new SGD optimizer per stage, so momentum restarts at each stage boundary
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
+import itertools
 import json
 import os
 import re
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import flax
 import jax
@@ -284,14 +286,44 @@ def data_parallel_batch(config: ml_collections.ConfigDict) -> tuple[int, int]:
   return jax.local_device_count(), global_batch // devices
 
 
+def _pmap_sharding(devices: Optional[Sequence[Any]] = None) -> jax.sharding.Sharding:
+  devices = list(devices or jax.local_devices())
+  return jax.sharding.NamedSharding(
+      jax.sharding.Mesh(np.asarray(devices), (AXIS,)), jax.sharding.PartitionSpec(AXIS))
+
+
 def replicate(tree: PyTree, devices: Optional[Sequence[Any]] = None) -> PyTree:
   """Copies ``tree`` to ``devices`` (default: every local device) with the
   sharding ``jax.pmap`` returns (so the first step does not recompile)."""
   devices = list(devices or jax.local_devices())
-  sharding = jax.sharding.NamedSharding(
-      jax.sharding.Mesh(np.asarray(devices), (AXIS,)), jax.sharding.PartitionSpec(AXIS))
+  sharding = _pmap_sharding(devices)
   return jax.tree.map(
       lambda x: jax.device_put(np.stack([np.asarray(x)] * len(devices)), sharding), tree)
+
+
+def shard(tree: PyTree) -> PyTree:
+  """Puts host arrays with leading axes (local devices, ...) on the local
+  devices, slice d on device d (the layout ``jax.pmap`` takes). Returns at
+  once: the copies run asynchronously."""
+  sharding = _pmap_sharding()
+  return jax.tree.map(lambda x: jax.device_put(x, sharding), tree)
+
+
+def prefetch_to_devices(batches: Iterable[Batch], depth: int = 2) -> Iterator[Batch]:
+  """Yields ``batches`` (host arrays, leading axes (local devices, ...)) as
+  device arrays (:func:`shard`), keeping ``depth`` batches in flight so the
+  host-to-device copies overlap the running step. ``depth`` 0: no lookahead
+  (each batch is copied when it is asked for)."""
+  it = iter(batches)
+  queue = collections.deque()
+
+  def enqueue(n):
+    for batch in itertools.islice(it, n):
+      queue.append(shard(batch))
+  enqueue(max(1, depth))
+  while queue:
+    yield queue.popleft()
+    enqueue(1)
 
 
 def unreplicate(tree: PyTree) -> PyTree:
@@ -410,6 +442,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, model: Any,
     print(f'skipping {start} batches to continue the data order', flush=True)
     for _ in range(start):
       next(it)
+  device_batches = prefetch_to_devices(it, int(tc.device_prefetch))
   table = schedule(config)
   steps = {}
   rstate = replicate(state)
@@ -417,22 +450,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, model: Any,
   sums, count, t_log = {}, 0, time.perf_counter()
   pbar = tqdm(total=end, initial=start, desc='train', unit='step', mininterval=1.0,
               disable=jax.process_index() != 0)
-  for step in range(start, end):
-    k = stage_index(config, step)
-    name = table[k][0]
-    if k not in steps:
-      tx = create_optimizer(config, state.params, state.batch_stats, name)
-      mask = trainable_mask(state.params, state.batch_stats, name)
-      steps[k] = jax.pmap(make_train_step(model, config, tx, mask), axis_name=AXIS,
-                          donate_argnums=(0,))
-    if step == table[k][1] and step > 0 and tc.reset_momentum_per_stage:
-      rstate = rstate.replace(opt_state=reset_momentum(rstate.opt_state))
-    try:
-      batch = next(it)
-    except StopIteration:
-      raise UserError(f'training data ran out at step {step}',
-                      field='dataset.train_split') from None
-    rstate, out = steps[k](rstate, batch)
+
+  def take(pending):
+    """Reads one finished step's metrics (blocks until that step is done);
+    stops on a non-finite loss."""
+    step, out = pending
     out = jax.device_get(jax.tree.map(lambda x: x[0], out))
     bad = _first_bad_loss({n: v for n, v in out.items() if n.startswith('loss/')})
     if bad is not None:
@@ -445,23 +467,55 @@ def train(config: ml_collections.ConfigDict, workdir: str, model: Any,
           field='train')
     for n, v in out.items():
       sums[n] = sums.get(n, 0.0) + float(v)
-    count += 1
-    pbar.set_postfix(stage=name, loss=f'{float(out["loss/total"]):.4f}', refresh=False)
+    pbar.set_postfix(stage=table[stage_index(config, step)][0],
+                     loss=f'{float(out["loss/total"]):.4f}', refresh=False)
     pbar.update(1)
+
+  # Steps are dispatched ahead of the host: a step's metrics are read after
+  # the next step is queued, and every checkpoint, log line and image summary
+  # first waits for the metrics of the steps before it (so no checkpoint is
+  # written after a non-finite loss).
+  pending = None
+  for step in range(start, end):
+    k = stage_index(config, step)
+    name = table[k][0]
+    if k not in steps:
+      tx = create_optimizer(config, state.params, state.batch_stats, name)
+      mask = trainable_mask(state.params, state.batch_stats, name)
+      steps[k] = jax.pmap(make_train_step(model, config, tx, mask), axis_name=AXIS,
+                          donate_argnums=(0,))
+    if step == table[k][1] and step > 0 and tc.reset_momentum_per_stage:
+      rstate = rstate.replace(opt_state=reset_momentum(rstate.opt_state))
+    try:
+      batch = next(device_batches)
+    except StopIteration:
+      raise UserError(f'training data ran out at step {step}',
+                      field='dataset.train_split') from None
+    rstate, out = steps[k](rstate, batch)
+    if pending is not None:
+      take(pending)
+    pending = (step, out)
+    count += 1
     done = step + 1
-    if done % max(1, tc.log_every) == 0 or done == end:
+    log = done % max(1, tc.log_every) == 0 or done == end
+    summary = (image_summary_fn is not None and tc.image_summary_every > 0
+               and done % tc.image_summary_every == 0 and jax.process_index() == 0)
+    save = done % max(1, tc.checkpoint_every) == 0 or done == end
+    if log or summary or save:
+      take(pending)
+      pending = None
+    if log:
       elapsed = time.perf_counter() - t_log
       scalars = {n: v / count for n, v in sums.items()}
       scalars['images_per_s'] = count * global_batch / max(elapsed, 1e-9)
       writer.write_scalars(done, scalars)
       sums, count, t_log = {}, 0, time.perf_counter()
-    if (image_summary_fn is not None and tc.image_summary_every > 0
-        and done % tc.image_summary_every == 0 and jax.process_index() == 0):
+    if summary:
       params = jax.tree.map(lambda x: x[0], rstate.params)
       stats = jax.tree.map(lambda x: x[0], rstate.batch_stats)
       one = jax.tree.map(lambda x: np.asarray(x)[0, :1], batch)
       writer.write_images(done, image_summary_fn({'params': params, 'batch_stats': stats}, one))
-    if done % max(1, tc.checkpoint_every) == 0 or done == end:
+    if save:
       save_checkpoint(manager, unreplicate(rstate), force=done == end)
       writer.flush()
   pbar.close()

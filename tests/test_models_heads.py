@@ -1,7 +1,9 @@
 """Box head and layered mask head: shapes, dtypes, numerics against torch."""
 import jax
 import jax.numpy as jnp
+import flax.linen as nn
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -83,3 +85,29 @@ def test_mask_head_without_glm_and_bf16():
   vb = _fill(jax.eval_shape(box.init, jax.random.PRNGKey(0), x))
   ob = jax.jit(box.apply)(vb, x)
   assert ob['deltas'].shape == (4, 2, 4) and ob['logits'].dtype == jnp.float32
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_upsample2x_equals_flax_conv_transpose(dtype):
+  """Same parameters, same outputs and gradients as the transposed conv it
+  replaces (so converted checkpoints and the release's deconv carry over)."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 5, 7, 6))
+  up = heads.Upsample2x(4, dtype=dtype)
+  ref = nn.ConvTranspose(4, (2, 2), strides=(2, 2), padding='VALID',
+                         transpose_kernel=False, dtype=dtype, param_dtype=jnp.float32)
+  params = ref.init(jax.random.PRNGKey(1), x)
+  params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(2), p.shape),
+                        params)                                       # non-zero bias
+  assert jax.tree.map(jnp.shape, up.init(jax.random.PRNGKey(1), x)) == jax.tree.map(
+      jnp.shape, params)
+  got, want = up.apply(params, x), ref.apply(params, x)
+  assert got.shape == (3, 10, 14, 4) and got.dtype == want.dtype == dtype
+  tol = 1e-5 if dtype == jnp.float32 else 3e-2
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                             rtol=tol, atol=tol)
+  loss = lambda m: lambda p, x: jnp.sum(jnp.sin(m.apply(p, x).astype(jnp.float32)))
+  g_up = jax.grad(loss(up), argnums=(0, 1))(params, x)
+  g_ref = jax.grad(loss(ref), argnums=(0, 1))(params, x)
+  for a, b in zip(jax.tree.leaves(g_up), jax.tree.leaves(g_ref)):
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                               rtol=tol, atol=tol * 10)

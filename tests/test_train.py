@@ -347,3 +347,19 @@ def test_predict_writes_json_and_png_and_skips_bad_files(tmp_path, capsys):
   c.predict.input_dir = str(tmp_path / 'missing')
   with pytest.raises(UserError, match='predict.input_dir'):
     train.predict(c, model, v, preprocess)
+
+
+def test_prefetch_to_devices_keeps_order_and_looks_ahead_depth_batches():
+  pulled = []
+
+  def source():
+    for i in range(5):
+      pulled.append(i)
+      yield {'x': np.full((jax.local_device_count(), 2), i, np.float32)}
+  out = train.prefetch_to_devices(source(), depth=2)
+  first = next(out)
+  assert pulled == [0, 1]                       # one batch in flight beyond the yielded one
+  assert isinstance(first['x'], jax.Array) and first['x'].sharding.num_devices == jax.local_device_count()
+  rest = [int(np.asarray(b['x'])[0, 0]) for b in out]
+  assert [int(np.asarray(first['x'])[0, 0])] + rest == [0, 1, 2, 3, 4]
+  assert [int(np.asarray(b['x'])[0, 0]) for b in train.prefetch_to_devices(iter([]), 2)] == []
