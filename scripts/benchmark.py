@@ -47,6 +47,8 @@ flags.DEFINE_string('profile_dir', '', 'Also write a jax.profiler trace of a few
                     'timed steps here (TensorBoard / Perfetto).')
 FLAGS = flags.FLAGS
 
+PROFILE_STEPS = 3  # steps inside the --profile_dir trace
+
 # Dense bf16 peak TFLOP/s by device kind (fp32 runs use TF32 tensor cores on NVIDIA).
 _PEAKS = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0, 'TPU v4': 275.0, 'TPU v5': 197.0}
 
@@ -92,14 +94,6 @@ def _compile(fn, args) -> tuple[Any, float, float]:
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
   return compiled, compile_s, float((cost or {}).get('flops', 0.0))
-
-
-def _profile(profile_dir: str):
-  import contextlib
-  import jax
-  if not profile_dir:
-    return contextlib.nullcontext()
-  return jax.profiler.trace(profile_dir)
 
 
 def benchmark_sln(config, mode: str, batch: int, size: int, steps: int,
@@ -153,8 +147,11 @@ def benchmark_sln(config, mode: str, batch: int, size: int, steps: int,
   run(steps)
   step_s = (time.perf_counter() - t0) / steps
   if profile_dir:
-    with _profile(profile_dir):
-      run(min(steps, 5))
+    os.makedirs(profile_dir, exist_ok=True)
+    with open(os.path.join(profile_dir, 'step.hlo.txt'), 'w') as f:
+      f.write(compiled.as_text())          # op -> source layer for profile_summary.py
+    with jax.profiler.trace(profile_dir):
+      run(PROFILE_STEPS)
   return dict(compile_s=compile_s, step_s=step_s, flops=flops * devices,
               params=sln_lib.count_parameters(variables))
 
@@ -219,6 +216,22 @@ def benchmark_peer(mode: str, batch: int, size: int, steps: int, dtype: str,
   return dict(step_s=step_s, images_per_s=batch / step_s, device=device)
 
 
+def run_peer(mode: str, batch: int, size: int, steps: int, dtype: str, stage: str) -> dict:
+  """:func:`benchmark_peer` in a fresh process, before this one touches the
+  accelerator: each framework gets the whole device memory (JAX preallocates
+  most of it). Returns the result, or {'error': why} (torchvision missing or
+  broken, out of memory, ...)."""
+  import concurrent.futures
+  import multiprocessing
+  layers = {'heads': 0, '4+': 2}.get(stage, 5)
+  ctx = multiprocessing.get_context('spawn')
+  try:
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+      return pool.submit(benchmark_peer, mode, batch, size, steps, dtype, layers).result()
+  except Exception as err:  # pylint: disable=broad-except
+    return {'error': f'{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ""}'}
+
+
 def main(argv):
   del argv
   import jax
@@ -227,6 +240,8 @@ def main(argv):
     config.model.dtype = FLAGS.dtype
   batch = FLAGS.batch or config.train.batch_size
   size = FLAGS.image_size or config.input.image_size
+  peer = (run_peer(FLAGS.mode, batch, size, FLAGS.steps, config.model.dtype, FLAGS.stage)
+          if FLAGS.peer else None)
   dev = jax.devices()[0]
   r = benchmark_sln(config, FLAGS.mode, batch, size, FLAGS.steps, FLAGS.stage,
                     FLAGS.profile_dir)
@@ -243,15 +258,15 @@ def main(argv):
       'mfu': (round(r['flops'] / r['step_s'] / (peak * 1e12 * jax.local_device_count()), 4)
               if peak and r['flops'] else None),
   }
-  if FLAGS.peer:
-    try:
-      layers = {'heads': 0, '4+': 2}.get(FLAGS.stage, 5)
-      p = benchmark_peer(FLAGS.mode, batch, size, FLAGS.steps, config.model.dtype, layers)
-      result['peer'] = 'torchvision MaskRCNN R101-FPN'
-      result['peer_images_per_s'] = round(p['images_per_s'], 3)
-      result['ratio'] = round(images_per_s / p['images_per_s'], 3)
-    except ImportError as err:
-      result['peer'] = f'unavailable ({err})'
+  if peer is not None:
+    result['peer'] = 'torchvision MaskRCNN R101-FPN'
+    if 'error' in peer:
+      result['peer_error'] = peer['error']
+    else:
+      result['peer_device'] = peer['device']
+      result['peer_step_ms'] = round(peer['step_s'] * 1e3, 3)
+      result['peer_images_per_s'] = round(peer['images_per_s'], 3)
+      result['ratio'] = round(images_per_s / peer['images_per_s'], 3)
   line = json.dumps(result)
   print(line, flush=True)
   if FLAGS.output:
