@@ -1,7 +1,7 @@
 """The embedded default (`make demo`): a small SLN on generated scenes.
 
-Trains from scratch: 600 steps of 4 images, about 1 s a step on 2 CPU cores
-(900 steps reached amodal AP50 0.72 on the synthetic val split). Data:
+Trains from scratch: 600 steps of 4 images, about 0.25 s a step on 2 CPU
+cores (README: demo results). Data:
 generated on first use into data/synthetic (COCOA layout, 400 train / 50 val
 images) and prepared as TFDS in data/tfds. Small ResNet (1,1,1,1) at
 width 16, FPN 64, 128 x 128 canvas, no GLM (the COCO-Stuff semantics it

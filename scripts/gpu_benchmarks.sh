@@ -1,20 +1,50 @@
 #!/usr/bin/env bash
-# Produces the GPU rows of docs/benchmarks.md on one NVIDIA GPU (H100/H200):
-# full SLN (ResNet-101 FPN + GLM) at 1024x1024, train and infer, fp32 and
-# bf16, batch 1, 2 and 8 where memory allows, each beside torchvision's
-# Mask R-CNN R101-FPN (--peer). Needs jax[cuda], flax, optax, orbax,
-# ml_collections and absl (no TensorFlow). Output: one JSON line per row in
-# ${OUT:-.}/gpu_benchmarks.jsonl.
+# The GPU rows of docs/benchmarks.md: the full SLN (ResNet-101 FPN + GLM) at
+# 1024x1024, each run beside torchvision's Mask R-CNN R101-FPN (--peer, its
+# own process), one JSON line per run in ${OUT:-.}/gpu_benchmarks.jsonl.
+#
+#   bash scripts/gpu_benchmarks.sh                      # every row (~20-30 min)
+#   bash scripts/gpu_benchmarks.sh infer:bfloat16:1 train:bfloat16:2
+#   PROFILE=1 bash scripts/gpu_benchmarks.sh train:bfloat16:2
+#
+# Each argument is MODE:DTYPE:BATCH. PROFILE=1 also traces each run
+# (jax.profiler) and writes the text summary of scripts/profile_summary.py
+# to ${OUT}/profile_MODE_DTYPE_BATCH.txt. RUN_TIMEOUT (s, default 420) caps
+# one run, so a hang or an out-of-memory batch costs one row, not the rest.
+# CONFIG and IMAGE_SIZE (0: the config's) change the model (a CPU dry run:
+# CONFIG=configs/tiny.py bash scripts/gpu_benchmarks.sh infer:float32:1).
+#
+# Needs jax[cuda], flax, optax, orbax, absl, ml_collections (+ torch and
+# torchvision for the peer); no TensorFlow. The device machines here lack
+# ml_collections: fetch its wheel into .whl/ (device README) and start the
+# command with
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
+#     && export PYTHONPATH=/tmp/site
 set -u
-out="${OUT:-.}/gpu_benchmarks.jsonl"
+OUT="${OUT:-.}"
+out="$OUT/gpu_benchmarks.jsonl"
+CONFIG="${CONFIG:-configs/default.py}"
+IMAGE_SIZE="${IMAGE_SIZE:-0}"
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
-for mode in infer train; do
-  for dtype in bfloat16 float32; do
-    for batch in 1 2 8; do
-      python3 scripts/benchmark.py --config=configs/default.py --mode=$mode \
-        --dtype=$dtype --batch=$batch --steps=20 --peer --output="$out" \
-        || echo "{\"mode\": \"$mode\", \"dtype\": \"$dtype\", \"batch\": $batch, \"error\": \"failed (out of memory?)\"}" >> "$out"
-    done
-  done
+runs=("$@")
+if [ ${#runs[@]} -eq 0 ]; then
+  runs=(infer:bfloat16:1 infer:bfloat16:2 infer:bfloat16:8 infer:float32:1 infer:float32:8
+        train:bfloat16:1 train:bfloat16:2 train:bfloat16:8 train:float32:1 train:float32:2)
+fi
+for spec in "${runs[@]}"; do
+  IFS=: read -r mode dtype batch <<<"$spec"
+  extra=()
+  if [ "${PROFILE:-0}" = 1 ]; then
+    extra=(--profile_dir="/tmp/profile_${mode}_${dtype}_${batch}")
+  fi
+  echo "== $spec" >&2
+  timeout "${RUN_TIMEOUT:-420}" python3 scripts/benchmark.py --config="$CONFIG" --image_size="$IMAGE_SIZE" \
+      --mode="$mode" --dtype="$dtype" --batch="$batch" --steps=10 --peer \
+      --output="$out" "${extra[@]}" \
+    || echo "{\"mode\": \"$mode\", \"dtype\": \"$dtype\", \"batch\": $batch, \"config\": \"$CONFIG\", \"error\": \"exit $? (124: over RUN_TIMEOUT; else out of memory?)\"}" >> "$out"
+  if [ "${PROFILE:-0}" = 1 ] && [ -d "/tmp/profile_${mode}_${dtype}_${batch}" ]; then
+    python3 scripts/profile_summary.py "/tmp/profile_${mode}_${dtype}_${batch}" --top 30 \
+      > "$OUT/profile_${mode}_${dtype}_${batch}.txt" 2>&1
+  fi
 done
 cat "$out"

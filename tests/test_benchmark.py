@@ -110,3 +110,25 @@ def test_peer_runs_in_its_own_process_or_reports_why_not():
     assert r['images_per_s'] > 0 and r['step_s'] > 0, r
   else:
     assert set(r) == {'error'} and 'torchvision' in r['error'], r
+
+
+def test_train_and_infer_steps_stay_on_device():
+  """No host round trips inside a step: the lowered programs of the real
+  (tiny) SLN's train step and inference have no host callbacks, no
+  infeed/outfeed and no float64."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from sln_jax import train  # pylint: disable=import-outside-toplevel
+  config = tiny.get_config()
+  model, variables = train.create_model(config)
+  batch = benchmark.synthetic_batch(config, 2, config.input.image_size, np.random.default_rng(0))
+  batch = jax.tree.map(lambda x: x[None], batch)
+  state = train.create_train_state(config, variables, jax.random.PRNGKey(0))
+  tx = train.create_optimizer(config, state.params, state.batch_stats, 'all')
+  step = jax.pmap(train.make_train_step(model, config, tx), axis_name=train.AXIS)
+  infer = jax.pmap(train.make_infer_fn(model), axis_name=train.AXIS)
+  for lowered in (step.lower(train.replicate(state), batch),
+                  infer.lower(train.replicate(variables), batch)):
+    text = lowered.as_text()
+    assert 'stablehlo.while' in text or 'while' in text      # the NMS / sampling loops are there
+    for bad in ('callback', 'infeed', 'outfeed', 'f64'):
+      assert bad not in text, bad
