@@ -14,6 +14,7 @@ MPI job with more than one task); each process reads its own input shard.
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -101,16 +102,18 @@ def _data_sources(config, mode: str):
   builder = tfds_builders.build_dataset(config)
   shard = dict(shard_index=jax.process_index(), num_shards=jax.process_count(),
                num_local_devices=jax.local_device_count(), builder=builder)
+  # functools.partial binds each split's batch size now (a lambda would read
+  # a variable shared by both branches when it is called).
   if mode in ('train', 'train_and_evaluate'):
-    _, per_device = train.data_parallel_batch(config)
-    data.train_batches = lambda: pipeline.create_split(
-        config, config.dataset.train_split, train=True, per_device_batch=per_device,
-        **shard)
+    _, train_per_device = train.data_parallel_batch(config)
+    data.train_batches = functools.partial(
+        pipeline.create_split, config, config.dataset.train_split, train=True,
+        per_device_batch=train_per_device, **shard)
   if mode in ('evaluate', 'train_and_evaluate'):
-    per_device = max(1, -(-int(config.eval.batch_size) // jax.device_count()))
-    data.eval_batches = lambda: pipeline.create_split(
-        config, config.dataset.eval_split, train=False, per_device_batch=per_device,
-        **shard)
+    eval_per_device = max(1, -(-int(config.eval.batch_size) // jax.device_count()))
+    data.eval_batches = functools.partial(
+        pipeline.create_split, config, config.dataset.eval_split, train=False,
+        per_device_batch=eval_per_device, **shard)
     data.eval_annotations = _eval_annotations(config, builder)
   return data
 
