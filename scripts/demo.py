@@ -24,11 +24,16 @@ def _run(args: list[str]) -> None:
 
 
 def main() -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(
+      description=__doc__.splitlines()[0],
+      epilog='Any --config.x=y argument is passed on to main.py.')
   parser.add_argument('--workdir', default='runs/demo')
   parser.add_argument('--config', default='configs/synthetic.py')
-  parser.add_argument('overrides', nargs='*', help='extra --config.x=y overrides')
-  args = parser.parse_args()
+  args, overrides = parser.parse_known_args()
+  bad = [a for a in overrides if not a.startswith('--config.')]
+  if bad:
+    parser.error(f'unrecognized arguments: {" ".join(bad)} (only --config.x=y overrides pass through)')
+  args.overrides = overrides
   workdir = os.path.abspath(args.workdir)
   py = sys.executable
   t0 = time.time()

@@ -95,18 +95,26 @@ def test_modes_without_checkpoint_fail_cleanly(tmp_path, mode):
 
 def test_train_and_evaluate_keeps_each_splits_batch_size(tmp_path):
   """Regression: the train iterator of train_and_evaluate used the eval
-  batch size (a closure read a variable the eval branch reassigned)."""
-  sys.path.insert(0, ROOT)
-  import main  # pylint: disable=import-outside-toplevel
-  from configs import tiny  # pylint: disable=import-outside-toplevel
-  config = tiny.get_config()
-  d = config.dataset
-  d.name, d.manual_dir, d.data_dir = 'synthetic', str(tmp_path / 'raw'), str(tmp_path / 'tfds')
-  d.synthetic.image_size, d.synthetic.num_train, d.synthetic.num_val = 64, 4, 4
-  config.train.batch_size, config.eval.batch_size = 2, 3
-  for mode in ('train_and_evaluate', 'train', 'evaluate'):
-    data = main._data_sources(config, mode)  # pylint: disable=protected-access
-    if mode != 'evaluate':
-      assert next(iter(data.train_batches()))['image'].shape[:2] == (1, 2), mode
-    if mode != 'train':
-      assert next(iter(data.eval_batches()))['image'].shape[:2] == (1, 3), mode
+  batch size (a closure read a variable the eval branch reassigned). Runs in
+  a subprocess: main.py defines absl flags that other test modules define too."""
+  code = f"""
+import sys
+sys.path.insert(0, {ROOT!r})
+import main
+from configs import tiny
+config = tiny.get_config()
+d = config.dataset
+d.name, d.manual_dir, d.data_dir = 'synthetic', {str(tmp_path / 'raw')!r}, {str(tmp_path / 'tfds')!r}
+d.synthetic.image_size, d.synthetic.num_train, d.synthetic.num_val = 64, 4, 4
+config.train.batch_size, config.eval.batch_size = 2, 3
+for mode in ('train_and_evaluate', 'train', 'evaluate'):
+  data = main._data_sources(config, mode)
+  if mode != 'evaluate':
+    assert next(iter(data.train_batches()))['image'].shape[:2] == (1, 2), mode
+  if mode != 'train':
+    assert next(iter(data.eval_batches()))['image'].shape[:2] == (1, 3), mode
+print('ok')
+"""
+  proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=ENV, capture_output=True,
+                        text=True, timeout=300, check=False)
+  assert proc.returncode == 0 and proc.stdout.strip().endswith('ok'), proc.stderr[-3000:]
