@@ -123,8 +123,8 @@ def benchmark_sln(config, mode: str, batch: int, size: int, steps: int,
     mask = train_lib.trainable_mask(state.params, state.batch_stats, stage)
     fn = jax.pmap(train_lib.make_train_step(model, config, tx, mask),
                   axis_name=train_lib.AXIS, donate_argnums=(0,))
-    compiled, compile_s, flops = _compile(fn, (train_lib.replicate(state), dev_batch))
     rstate = train_lib.replicate(state)
+    compiled, compile_s, flops = _compile(fn, (rstate, dev_batch))  # lowering donates nothing
 
     def run(n):
       nonlocal rstate
