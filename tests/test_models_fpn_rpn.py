@@ -5,13 +5,11 @@ import numpy as np
 
 from sln_jax.models import fpn as fpn_lib
 from sln_jax.models import rpn as rpn_lib
+from tests.random_params import random_params
 
 
 def _fill(shapes, seed=0):
-  leaves, tree = jax.tree.flatten(shapes)
-  rng = np.random.default_rng(seed)
-  return jax.tree.unflatten(
-      tree, [jnp.asarray(rng.normal(0, 0.3, l.shape), jnp.float32) for l in leaves])
+  return random_params(shapes, seed, std=0.3, positive_vectors=False)
 
 
 def _feats(seed=1, b=2, c=8):

@@ -8,18 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from sln_jax.models import heads
+from tests.random_params import random_params, to_torch as _t
 
 
 def _fill(shapes, seed=0):
-  leaves, tree = jax.tree.flatten(shapes)
-  rng = np.random.default_rng(seed)
-  return jax.tree.unflatten(tree, [
-      jnp.asarray(rng.uniform(0.5, 1.5, l.shape) if l.ndim == 1 else
-                  rng.normal(0, 0.2, l.shape), jnp.float32) for l in leaves])
-
-
-def _t(a):
-  return torch.from_numpy(np.array(a, np.float32))
+  return random_params(shapes, seed, std=0.2)
 
 
 def _conv(x, p, padding=0):
