@@ -48,6 +48,12 @@ def get_config() -> ml_collections.ConfigDict:
   m.mean_pixel = (123.7, 116.8, 103.9)
   m.num_classes = 2         # background + one foreground class (class-agnostic)
   m.num_layers = 1          # L: sem-dist layer channels (release: 1)
+  # BatchNorm (backbone and heads; the GLM's is always frozen). False: frozen,
+  # inference mode (release). True (Matterport's TRAIN_BN, for training from
+  # scratch or large batches): batch statistics in training, shared by all
+  # devices, scale/bias trained with their stage, running statistics updated.
+  m.train_bn = False
+  m.bn_momentum = 0.99      # running statistics: new = momentum * old + (1 - momentum) * batch
 
   m.backbone = b = ml_collections.ConfigDict()
   b.stage_sizes = (3, 4, 23, 3)   # ResNet-101

@@ -7,8 +7,10 @@ generated on first use into data/synthetic (COCOA layout, 400 train / 50 val
 images) and prepared as TFDS in data/tfds. Small ResNet (1,1,1,1) at
 width 16, FPN 64, 128 x 128 canvas, no GLM (the COCO-Stuff semantics it
 provides mean nothing on synthetic shapes), few proposals and ROIs, every
-layer trained (there are no pretrained weights to protect), NMS on at
-inference so duplicate detections do not cost precision.
+layer trained (there are no pretrained weights to protect) with trainable
+BatchNorm (from scratch, frozen BN would be an identity and the network
+unnormalized), NMS on at inference so duplicate detections do not cost
+precision.
 """
 import ml_collections
 
@@ -36,6 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   m = c.model
   m.num_layers = 2          # visible layer + occluded layer: visible masks and depth order
+  m.train_bn = True         # batch statistics in training (from scratch)
   m.backbone.stage_sizes = (1, 1, 1, 1)
   m.backbone.width = 16
   m.fpn_channels = 64
@@ -57,7 +60,7 @@ def get_config() -> ml_collections.ConfigDict:
   t = c.train
   t.batch_size = 10         # hosts with 4 or 8 devices: --config.train.batch_size=8
   t.warmup_steps = 50
-  t.stages = (('all', 480, 2e-2), ('all', 120, 4e-3))
+  t.stages = (('all', 480, 4e-2), ('all', 120, 8e-3))
   t.log_every = 50
   t.checkpoint_every = 200
   t.keep_checkpoints = 2

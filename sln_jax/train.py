@@ -20,7 +20,11 @@ frozen leaves, clip the global norm of the rest to ``train.grad_clip_norm``,
 add L2 ``weight_decay * w`` to the gradients of trainable non-BN, non-bias
 weights, SGD momentum (heavy ball, no dampening: torch.optim.SGD), LR from
 ``train.stages`` with optional linear warm-up. BatchNorm scale/bias and
-statistics and the GLM (``glm/*``) are never trained. The release builds a
+statistics and the GLM (``glm/*``) are never trained, except with
+``model.train_bn`` (``models.norm``): then the backbone's and heads' BNs
+normalize with the global batch's statistics in the step (every stage),
+update their running statistics, and their scale/bias train with their
+stage's modules. The release builds a
 new SGD optimizer per stage, so momentum restarts at each stage boundary
 (``train.reset_momentum_per_stage``).
 """
@@ -70,7 +74,7 @@ NEVER_TRAINED = r'glm/.*'
 class TrainState:
   step: jax.Array          # () int32: optimizer steps taken
   params: PyTree
-  batch_stats: PyTree      # frozen BatchNorm statistics, never updated
+  batch_stats: PyTree      # BatchNorm statistics (updated only with model.train_bn)
   opt_state: PyTree
   rng: jax.Array           # (2,) uint32 base key; per step fold_in(rng, step)
 
@@ -145,11 +149,12 @@ def batchnorm_modules(batch_stats: PyTree) -> set[str]:
   return {k.rsplit('/', 1)[0] for k in _flat(batch_stats)}
 
 
-def trainable_mask(params: PyTree, batch_stats: PyTree, stage: str) -> PyTree:
+def trainable_mask(params: PyTree, batch_stats: PyTree, stage: str,
+                   train_bn: bool = False) -> PyTree:
   """Bool tree like ``params``: True where ``stage`` trains the leaf.
 
-  BatchNorm parameters (modules that own ``batch_stats``) and the GLM are
-  always frozen.
+  The GLM is always frozen; BatchNorm parameters (modules that own
+  ``batch_stats``) too unless ``train_bn`` (``model.train_bn``).
   """
   pattern = STAGE_PATTERNS.get(stage, stage)
   try:
@@ -161,7 +166,7 @@ def trainable_mask(params: PyTree, batch_stats: PyTree, stage: str) -> PyTree:
   bn = batchnorm_modules(batch_stats)
   flat = _flat(params)
   mask = {k: bool(regex.fullmatch(k)) and not re.fullmatch(NEVER_TRAINED, k)
-          and k.rsplit('/', 1)[0] not in bn for k in flat}
+          and (train_bn or k.rsplit('/', 1)[0] not in bn) for k in flat}
   if not any(mask.values()):
     raise UserError(f'stage {stage!r} trains no parameter', field='train.stages')
   return _unflat(mask)
@@ -178,7 +183,7 @@ def create_optimizer(config: ml_collections.ConfigDict, params: PyTree,
                      batch_stats: PyTree, stage: str) -> optax.GradientTransformation:
   """The optimizer of one stage. Every stage's state has the same structure
   (the per-stage masks are stateless), so a state carries across stages."""
-  train = trainable_mask(params, batch_stats, stage)
+  train = trainable_mask(params, batch_stats, stage, config.model.train_bn)
   labels = jax.tree.map(lambda t: 'train' if t else 'freeze', train)
   decay = jax.tree.map(lambda t, d: t and d, train, decay_mask(params, batch_stats))
   tc = config.train
@@ -240,15 +245,26 @@ def make_train_step(model: Any, config: ml_collections.ConfigDict,
   ``trainable`` (bool tree like params, e.g. ``trainable_mask``): frozen
   leaves enter the loss through ``stop_gradient``, so no gradient is computed
   for them (the GLM's backward pass is never built); their gradient is 0.
+  With ``model.train_bn`` the BNs compute statistics over the whole global
+  batch (summed over ``AXIS``) and the step returns their new running
+  statistics (identical on every device).
   """
+  train_bn = bool(config.model.train_bn)
+  if train_bn:
+    model = model.clone(bn_axis_name=AXIS)
 
   def loss_fn(params, batch_stats, batch, rngs):
     if trainable is not None:
       params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p),
                             params, trainable)
-    losses, metrics = model.apply({'params': params, 'batch_stats': batch_stats},
-                                  batch, rngs, method='train_forward')
-    return losses['total'], (losses, metrics)
+    variables = {'params': params, 'batch_stats': batch_stats}
+    if train_bn:
+      (losses, metrics), new = model.apply(variables, batch, rngs, method='train_forward',
+                                           mutable=['batch_stats'])
+      batch_stats = new['batch_stats']
+    else:
+      losses, metrics = model.apply(variables, batch, rngs, method='train_forward')
+    return losses['total'], (losses, metrics, batch_stats)
 
   def step(state: TrainState, batch: Batch):
     per_device = jax.tree.leaves(batch)[0].shape[0]
@@ -256,7 +272,7 @@ def make_train_step(model: Any, config: ml_collections.ConfigDict,
     first = jax.lax.axis_index(AXIS) * per_device
     rngs = jax.vmap(lambda i: jax.random.fold_in(step_rng, first + i))(
         jnp.arange(per_device))
-    grads, (losses, metrics) = jax.grad(loss_fn, has_aux=True)(
+    grads, (losses, metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(
         state.params, state.batch_stats, batch, rngs)
     grads, losses, metrics = jax.lax.pmean((grads, losses, metrics), AXIS)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -265,7 +281,8 @@ def make_train_step(model: Any, config: ml_collections.ConfigDict,
     out.update({'metric/' + k: v for k, v in metrics.items()})
     out['lr'] = learning_rate_fn(config)(state.step)
     out['grad_norm'] = optax.tree.norm(grads)
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), out
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                         batch_stats=batch_stats), out
   return step
 
 
@@ -481,7 +498,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, model: Any,
     name = table[k][0]
     if k not in steps:
       tx = create_optimizer(config, state.params, state.batch_stats, name)
-      mask = trainable_mask(state.params, state.batch_stats, name)
+      mask = trainable_mask(state.params, state.batch_stats, name,
+                            config.model.train_bn)
       steps[k] = jax.pmap(make_train_step(model, config, tx, mask), axis_name=AXIS,
                           donate_argnums=(0,))
     if step == table[k][1] and step > 0 and tc.reset_momentum_per_stage:

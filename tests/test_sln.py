@@ -115,18 +115,25 @@ def test_glm_disabled_removes_it():
 S, K = 64, 16
 
 
-def _scene():
-  """Three overlapping objects (front rectangle, ellipse, back rectangle)."""
+def _scene(num_layers=1):
+  """Three overlapping objects, back to front: a rectangle (2), an ellipse
+  (1) and a rectangle (0), each in its own colour; the ellipse hides part of
+  rectangle 2 and rectangle 0 part of the ellipse. gt_layers: the amodal
+  mask (num_layers 1), or the visible and the occluded part (2).
+  Returns (batch, amodal (3, S, S) bool, visible (3, S, S) bool)."""
   yy, xx = np.mgrid[:S, :S]
   amodal = np.stack([
       (yy >= 8) & (yy < 30) & (xx >= 6) & (xx < 34),
       ((yy - 30) / 14.0) ** 2 + ((xx - 38) / 16.0) ** 2 <= 1,
       (yy >= 36) & (yy < 58) & (xx >= 10) & (xx < 28)])
+  visible = amodal.copy()
+  visible[1] &= ~amodal[0]
+  visible[2] &= ~(amodal[0] | amodal[1])
   image = np.full((S, S, 3), 30, np.uint8)
   for i, color in ((2, (50, 80, 230)), (1, (40, 200, 60)), (0, (220, 40, 40))):
     image[amodal[i]] = color
   gt_boxes = np.zeros((4, 4), np.float32)
-  layers = np.zeros((4, K, K, 1), np.float32)
+  layers = np.zeros((4, K, K, num_layers), np.float32)
   for i, m in enumerate(amodal):
     ys, xs = np.nonzero(m)
     y1, x1, y2, x2 = ys.min(), xs.min(), ys.max() + 1, xs.max() + 1
@@ -134,14 +141,18 @@ def _scene():
     # K x K samples whose corner samples sit on the box edges' pixels.
     sy = np.round(y1 + np.arange(K) * (y2 - y1 - 1) / (K - 1)).astype(int)
     sx = np.round(x1 + np.arange(K) * (x2 - x1 - 1) / (K - 1)).astype(int)
-    layers[i, :, :, 0] = m[np.ix_(sy, sx)]
+    if num_layers == 1:
+      layers[i, :, :, 0] = m[np.ix_(sy, sx)]
+    else:
+      layers[i, :, :, 0] = visible[i][np.ix_(sy, sx)]
+      layers[i, :, :, 1] = (m & ~visible[i])[np.ix_(sy, sx)]
   glm = image[::2, ::2][:33]
   glm = np.pad(glm, ((0, 33 - glm.shape[0]), (0, 33 - glm.shape[1]), (0, 0)), mode='edge')
   batch = {'image': image[None], 'glm_image': glm[None],
            'image_shape': np.array([[S, S]], np.float32), 'gt_boxes': gt_boxes[None],
            'gt_classes': np.array([[1, 1, 1, 0]], np.int32),
            'gt_valid': np.array([[True, True, True, False]]), 'gt_layers': layers[None]}
-  return batch, amodal
+  return batch, amodal, visible
 
 
 def _paste(prob, box):
@@ -160,10 +171,22 @@ def _paste(prob, box):
   return (p >= 0.5) & inside
 
 
-def test_tiny_model_overfits_one_image_and_frozen_parts_get_no_gradient():
+def _iou(a, b):
+  return (a & b).sum() / max((a | b).sum(), 1)
+
+
+def test_tiny_model_overfits_one_image_in_two_layers_and_frozen_parts_get_no_gradient():
+  """Two sem-dist layers end to end: after 400 steps on one scene every
+  object's amodal and visible masks are found, the ellipse's hidden part is
+  decoded as occluded (amodal, not visible), and the predicted depth layers
+  put rectangle 0 in front of the ellipse."""
+  from sln_jax import predict as predict_lib  # pylint: disable=import-outside-toplevel
+  from pycocotools import mask as mask_utils  # pylint: disable=import-outside-toplevel
   cfg = tiny.get_config()
+  cfg.model.num_layers = 2
+  cfg.model.detection.nms_threshold = 0.5     # one detection per object
   model = sln.build_model(cfg)
-  batch, amodal = _scene()
+  batch, amodal, visible = _scene(num_layers=2)
   variables = sln.init_variables(model, jax.random.PRNGKey(0), S)
   params, stats = variables['params'], variables['batch_stats']
   tx = optax.adam(3e-3)
@@ -179,7 +202,7 @@ def test_tiny_model_overfits_one_image_and_frozen_parts_get_no_gradient():
     return optax.apply_updates(params, updates), opt, terms, grads, new_vars
 
   opt = tx.init(params)
-  key = jax.random.PRNGKey(1)
+  key = jax.random.PRNGKey(0)
   step_c = _compile(step, params, opt, key)
   params, opt, terms, grads, new_vars = step_c(params, opt, key)
   first = float(terms['total'])
@@ -188,7 +211,7 @@ def test_tiny_model_overfits_one_image_and_frozen_parts_get_no_gradient():
   assert glm_grads and all(float(jnp.abs(g).max()) == 0.0 for g in glm_grads)
   assert float(jnp.abs(grads['backbone']['C1_conv']['kernel']).max()) > 0
   jax.tree.map(np.testing.assert_array_equal, new_vars['batch_stats'], stats)
-  for i in range(2, 301):
+  for i in range(1, 400):
     params, opt, terms, grads, _ = step_c(params, opt, jax.random.PRNGKey(i))
   last = float(terms['total'])
   # Once proposals hit the objects, the mask head (and the GLM input) train.
@@ -196,25 +219,31 @@ def test_tiny_model_overfits_one_image_and_frozen_parts_get_no_gradient():
   assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads['glm']))
   assert np.isfinite(last) and last * 5 <= first, (first, last)
 
-  infer = _compile(functools.partial(model.apply, method='infer'),
-                   {'params': params, 'batch_stats': stats}, batch['image'],
-                   batch['glm_image'], batch['image_shape'])
-  out = jax.device_get(infer({'params': params, 'batch_stats': stats},
-                             batch['image'], batch['glm_image'], batch['image_shape']))
+  v = {'params': params, 'batch_stats': stats}
+  args = (batch['image'], batch['glm_image'], batch['image_shape'])
+  out = jax.device_get(_compile(functools.partial(model.apply, method='infer'), v, *args)(v, *args))
   assert out['valid'][0].sum() >= 3
-  for g in range(3):
-    best = max(((_paste(out['amodal_probs'][0, d], out['boxes'][0, d]) & amodal[g]).sum()
-                / max((_paste(out['amodal_probs'][0, d], out['boxes'][0, d]) | amodal[g]).sum(), 1))
-               for d in np.nonzero(out['valid'][0])[0])
-    assert best >= 0.8, (g, best)
-  # Layer / visible outputs are consistent with L = 1.
-  np.testing.assert_allclose(out['visible_probs'], out['amodal_probs'], atol=1e-6)
+  results = predict_lib.detections_to_results(1, {k: x[0] for k, x in out.items()},
+                                              (1.0, 1.0), (S, S))
+  masks = [(mask_utils.decode(r['segmentation']).astype(bool),
+            mask_utils.decode(r['visible_mask']).astype(bool), r['depth_layer'])
+           for r in results]
+  best = [max(range(len(masks)), key=lambda d, g=g: _iou(masks[d][0], amodal[g]))
+          for g in range(3)]
+  for g, d in enumerate(best):
+    assert _iou(masks[d][0], amodal[g]) >= 0.7, (g, _iou(masks[d][0], amodal[g]))
+    assert _iou(masks[d][1], visible[g]) >= 0.7, (g, _iou(masks[d][1], visible[g]))
+  hidden = amodal[1] & ~visible[1]                 # the ellipse behind rectangle 0
+  amodal_1, visible_1, depth_1 = masks[best[1]]
+  assert (amodal_1 & hidden).sum() >= 0.6 * hidden.sum()
+  assert (visible_1 & hidden).sum() <= 0.25 * hidden.sum()
+  assert masks[best[0]][2] < depth_1
 
 
 def test_bfloat16_and_legacy_pixel_boxes_inference():
   cfg = tiny.get_config()
   cfg.model.dtype = 'bfloat16'
-  batch, _ = _scene()
+  batch, _, _ = _scene()
   model = sln.build_model(cfg)
   v = sln.init_variables(model, jax.random.PRNGKey(0), S)
   # Untrained: make every ROI a foreground detection.
@@ -223,6 +252,8 @@ def test_bfloat16_and_legacy_pixel_boxes_inference():
   run = lambda m: _compile(functools.partial(m.apply, method='infer'), v, *args)(v, *args)
   out = run(model)
   assert out['boxes'].shape == (1, 8, 4) and out['amodal_probs'].shape == (1, 8, 16, 16)
+  # One layer (the release): the visible output is the amodal one.
+  np.testing.assert_array_equal(out['visible_probs'], out['amodal_probs'])
   assert all(bool(jnp.all(jnp.isfinite(x.astype(jnp.float32)))) for x in jax.tree.leaves(out))
   # Legacy flag: pixel-unit boxes into the GLM crop change the masks only.
   cfg.model.glm.legacy_pixel_boxes = True
@@ -240,7 +271,7 @@ def test_batched_train_forward_equals_mean_of_single_images():
   gradients run alone with its key."""
   cfg = tiny.get_config()
   model = sln.build_model(cfg)
-  one, _ = _scene()
+  one, _, _ = _scene()
   other = jax.tree.map(lambda x: np.flip(x, axis=2) if x.ndim == 4 and x.shape[-1] == 3
                        else x, one)                        # mirrored image, same targets
   other['gt_valid'] = np.array([[True, False, False, False]])   # one object only
@@ -271,3 +302,59 @@ def test_batched_train_forward_equals_mean_of_single_images():
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-3,
                                atol=2e-5 * float(np.abs(w).max() + 1e-12),
                                err_msg=jax.tree_util.keystr(path))
+
+
+def _two_image_batch():
+  one, _, _ = _scene()
+  other = jax.tree.map(lambda x: np.flip(x, axis=2) if x.ndim == 4 and x.shape[-1] == 3
+                       else x, one)                        # mirrored image, same targets
+  other['gt_valid'] = np.array([[True, False, False, False]])
+  return jax.tree.map(lambda a, b: np.concatenate([a, b]), one, other)
+
+
+def test_train_bn_step_uses_global_batch_statistics_on_any_device_split():
+  """model.train_bn: one training step over 2 'devices' of one image each
+  (vmap with the data-parallel axis name, as pmap) equals one device with
+  both images: BN statistics are those of the global batch. The step moves
+  the running statistics of the backbone and heads, trains BN scale/bias,
+  and leaves the GLM's BN alone."""
+  from sln_jax import train  # pylint: disable=import-outside-toplevel
+  cfg = tiny.get_config()
+  cfg.model.train_bn = True
+  cfg.model.bn_momentum = 0.5
+  cfg.train.stages = (('all', 1, 0.05),)
+  cfg.train.warmup_steps = 0
+  model = sln.build_model(cfg)
+  v = sln.init_variables(model, jax.random.PRNGKey(0), S)
+  state = train.create_train_state(cfg, v, jax.random.PRNGKey(5))
+  tx = train.create_optimizer(cfg, v['params'], v['batch_stats'], 'all')
+  mask = train.trainable_mask(v['params'], v['batch_stats'], 'all', train_bn=True)
+  assert mask['backbone']['C1_bn']['scale'] and not mask['glm']['layer1_bn']['scale']
+  step = jax.vmap(train.make_train_step(model, cfg, tx, mask), axis_name=train.AXIS)
+  batch = _two_image_batch()
+  out = {}
+  for devices in (1, 2):
+    states = jax.tree.map(lambda x: jnp.stack([x] * devices), state)
+    split = jax.tree.map(lambda x: x.reshape((devices, 2 // devices) + x.shape[1:]), batch)
+    new, metrics = _compile(step, states, split)(states, split)
+    out[devices] = jax.tree.map(lambda x: np.asarray(x[0]), (new, metrics))
+  (one, m1), (two, m2) = out[1], out[2]
+  np.testing.assert_allclose(m2['loss/total'], m1['loss/total'], rtol=1e-5)
+  assert np.isfinite(m1['loss/total'])
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(two.batch_stats),
+                          jax.tree.leaves(one.batch_stats)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+  for (path, a), b, p0 in zip(jax.tree_util.tree_leaves_with_path(two.params),
+                              jax.tree.leaves(one.params), jax.tree.leaves(v['params'])):
+    np.testing.assert_allclose(a - p0, b - p0, rtol=2e-3, atol=1e-6,
+                               err_msg=jax.tree_util.keystr(path))
+  bs0, bs1 = v['batch_stats'], one.batch_stats
+  for module in (('backbone', 'C1_bn'), ('backbone', 'C5_0', 'bn3'), ('box_head', 'bn1')):
+    before, after = bs0, bs1
+    for k in module:
+      before, after = before[k], after[k]
+    assert not np.allclose(before['mean'], after['mean']), module
+  jax.tree.map(np.testing.assert_array_equal, bs1['glm'], bs0['glm'])
+  assert not np.array_equal(one.params['backbone']['C1_bn']['scale'],
+                            v['params']['backbone']['C1_bn']['scale'])
+  jax.tree.map(np.testing.assert_array_equal, one.params['glm'], v['params']['glm'])

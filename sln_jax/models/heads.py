@@ -12,7 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sln_jax.models.resnet import conv, frozen_bn
+from sln_jax.models.norm import NormSpec
+from sln_jax.models.resnet import conv
 
 Dtype = Any
 
@@ -53,16 +54,20 @@ class BoxHead(nn.Module):
   num_classes: int = 2
   channels: int = 1024
   bn_eps: float = 1e-3
+  norm: NormSpec = NormSpec()
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
+  def __call__(self, x: jax.Array,
+               mask: Optional[jax.Array] = None) -> dict[str, jax.Array]:
+    """``mask`` (R,) bool: the ROIs that count in batch-mode BN statistics."""
     pool = x.shape[1]
     x = conv(self.channels, pool, dtype=self.dtype, name='conv1')(
         x.astype(self.dtype))
-    x = nn.relu(frozen_bn(self.bn_eps, self.dtype, 'bn1')(x))
+    bn_mask = None if mask is None else mask[:, None, None]
+    x = nn.relu(self.norm(self.bn_eps, self.dtype, 'bn1')(x, bn_mask))
     x = conv(self.channels, 1, dtype=self.dtype, name='conv2')(x)
-    x = nn.relu(frozen_bn(self.bn_eps, self.dtype, 'bn2')(x))
+    x = nn.relu(self.norm(self.bn_eps, self.dtype, 'bn2')(x, bn_mask))
     x = x.reshape(x.shape[0], self.channels)
     init = nn.initializers.normal(0.01)
     logits = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=init,
@@ -83,26 +88,30 @@ class MaskHead(nn.Module):
   channels FIRST, as in the release (torch.cat((cls_feature, x))), so a
   converted conv1 kernel maps channel for channel. Without the GLM
   (model.glm.enabled False) the input is the FPN features alone.
-  4 x (conv 3x3 SAME + frozen BN + ReLU) -> ConvTranspose 2x2/2 + ReLU ->
-  conv 1x1 to 1 + num_layers channels; channel 0 is unused (release).
+  4 x (conv 3x3 SAME + BN (frozen unless model.train_bn) + ReLU) ->
+  ConvTranspose 2x2/2 + ReLU -> conv 1x1 to 1 + num_layers channels;
+  channel 0 is unused (release).
 
   Returns layer logits (R, 2P, 2P, num_layers) float32.
   """
   num_layers: int = 1
   channels: int = 256
   bn_eps: float = 1e-3
+  norm: NormSpec = NormSpec()
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, fpn: jax.Array,
-               glm: Optional[jax.Array] = None) -> jax.Array:
+  def __call__(self, fpn: jax.Array, glm: Optional[jax.Array] = None,
+               mask: Optional[jax.Array] = None) -> jax.Array:
+    """``mask`` (R,) bool: the ROIs that count in batch-mode BN statistics."""
     x = fpn.astype(self.dtype)
     if glm is not None:
       x = jnp.concatenate([glm.astype(self.dtype), x], axis=-1)
+    bn_mask = None if mask is None else mask[:, None, None]
     for k in range(1, 5):
       x = conv(self.channels, 3, padding=((1, 1), (1, 1)), dtype=self.dtype,
                name=f'conv{k}')(x)
-      x = nn.relu(frozen_bn(self.bn_eps, self.dtype, f'bn{k}')(x))
+      x = nn.relu(self.norm(self.bn_eps, self.dtype, f'bn{k}')(x, bn_mask))
     x = Upsample2x(self.channels, dtype=self.dtype, name='deconv')(x)
     x = nn.relu(x)
     x = conv(1 + self.num_layers, 1, dtype=self.dtype, name='conv5')(x)

@@ -2,7 +2,8 @@
 
 Differences from torchvision/FAIR ResNets, all as in the release:
   * every conv has a bias; BatchNorm is frozen (running statistics in the
-    'batch_stats' collection, inference mode always), epsilon 1e-3;
+    'batch_stats' collection, inference mode), epsilon 1e-3, unless
+    ``model.train_bn`` (``norm.NormSpec``);
   * stem: conv 7x7/2 padding 3 -> BN -> ReLU -> TF-"SAME" zero padding ->
     max pool 3x3/2 VALID (``same_pad``: on even sizes 0 before, 1 after);
   * bottleneck: the stride sits on the first 1x1 conv, the 3x3 conv is
@@ -21,6 +22,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from sln_jax.models.norm import NormSpec
 
 Dtype = Any
 
@@ -68,11 +71,12 @@ class Bottleneck(nn.Module):
   stride: int = 1
   downsample: bool = False
   bn_eps: float = 1e-3
+  norm: NormSpec = NormSpec()
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    bn = lambda name: frozen_bn(self.bn_eps, self.dtype, name)
+    bn = lambda name: self.norm(self.bn_eps, self.dtype, name)
     y = conv(self.planes, 1, self.stride, dtype=self.dtype, name='conv1')(x)
     y = nn.relu(bn('bn1')(y))
     y = same_pad(y, 3, 1)
@@ -96,6 +100,7 @@ class ResNet(nn.Module):
   stage_sizes: Sequence[int] = (3, 4, 23, 3)
   width: int = 64
   bn_eps: float = 1e-3
+  norm: NormSpec = NormSpec()
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -103,7 +108,7 @@ class ResNet(nn.Module):
     x = x.astype(self.dtype)
     x = conv(self.width, 7, 2, padding=((3, 3), (3, 3)), dtype=self.dtype,
              name='C1_conv')(x)
-    x = nn.relu(frozen_bn(self.bn_eps, self.dtype, 'C1_bn')(x))
+    x = nn.relu(self.norm(self.bn_eps, self.dtype, 'C1_bn')(x))
     # Zero padding is harmless before the max pool: inputs are >= 0 after ReLU
     # and every window holds at least one real value.
     x = same_pad(x, 3, 2)
@@ -115,6 +120,6 @@ class ResNet(nn.Module):
         x = Bottleneck(planes=self.width * 2 ** i,
                        stride=(2 if (b == 0 and stage > 2) else 1),
                        downsample=(b == 0), bn_eps=self.bn_eps,
-                       dtype=self.dtype, name=f'C{stage}_{b}')(x)
+                       norm=self.norm, dtype=self.dtype, name=f'C{stage}_{b}')(x)
       out[f'c{stage}'] = x
     return out

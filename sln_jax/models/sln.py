@@ -35,6 +35,7 @@ from sln_jax import losses
 from sln_jax.models.deeplab import DeepLabV2
 from sln_jax.models.fpn import FPN
 from sln_jax.models.heads import BoxHead, MaskHead
+from sln_jax.models.norm import NormSpec
 from sln_jax.models.resnet import ResNet
 from sln_jax.models.rpn import RPN
 from sln_jax.ops import anchors as anchor_ops
@@ -48,26 +49,29 @@ class SLN(nn.Module):
   """SLN over ``config`` = the model sub-config (``config.model``)."""
   config: Any
   loss_weights: Optional[Mapping[str, float]] = None
+  bn_axis_name: Optional[str] = None   # batch-mode BN: devices that share statistics
 
   def setup(self):
     c = self.config
     dtype = jnp.dtype(c.dtype)
+    norm = NormSpec(train=bool(c.train_bn), momentum=float(c.bn_momentum),
+                    axis_name=self.bn_axis_name)
     if 2 * c.roi.mask_pool_size != c.roi.mask_size:
       raise ValueError(f'model.roi.mask_size ({c.roi.mask_size}) must be twice '
                        f'model.roi.mask_pool_size ({c.roi.mask_pool_size})')
     self.backbone = ResNet(stage_sizes=tuple(c.backbone.stage_sizes),
                            width=c.backbone.width, bn_eps=c.backbone.bn_eps,
-                           dtype=dtype)
+                           norm=norm, dtype=dtype)
     self.fpn = FPN(channels=c.fpn_channels, dtype=dtype)
     self.rpn = RPN(anchors_per_location=len(c.rpn.anchor_ratios),
                    anchor_stride=c.rpn.anchor_stride,
                    channels=c.rpn.conv_channels, dtype=dtype)
     self.box_head = BoxHead(num_classes=c.num_classes,
                             channels=c.box_head_channels,
-                            bn_eps=c.backbone.bn_eps, dtype=dtype)
+                            bn_eps=c.backbone.bn_eps, norm=norm, dtype=dtype)
     self.mask_head = MaskHead(num_layers=c.num_layers,
                               channels=c.mask_head_channels,
-                              bn_eps=c.backbone.bn_eps, dtype=dtype)
+                              bn_eps=c.backbone.bn_eps, norm=norm, dtype=dtype)
     if c.glm.enabled:
       g = c.glm
       self.glm = DeepLabV2(stage_sizes=tuple(g.stage_sizes), width=g.width,
@@ -114,15 +118,20 @@ class SLN(nn.Module):
         pyramid, rois, crop, image_area=float(size * size),
         aligned=o.aligned, sampling_ratio=o.sampling_ratio)
 
-  def _box_head(self, pyramid, rois: jax.Array, size: int):
+  def _box_head(self, pyramid, rois: jax.Array, size: int,
+                mask: Optional[jax.Array] = None):
+    """``mask`` (B, R) bool: ROIs that count in batch-mode BN statistics."""
     b, r = rois.shape[:2]
     pooled = self._pool(pyramid, rois, self.config.roi.pool_size, size)
-    out = self.box_head(pooled.reshape((b * r,) + pooled.shape[2:]))
+    out = self.box_head(pooled.reshape((b * r,) + pooled.shape[2:]),
+                        None if mask is None else mask.reshape(b * r))
     return jax.tree.map(lambda x: x.reshape((b, r) + x.shape[1:]), out)
 
   def _mask_head(self, pyramid, glm_feats, rois: jax.Array,
-                 glm_rois: jax.Array, size: int) -> jax.Array:
-    """Layer logits (B, N, M, M, L) for normalised ``rois`` (B, N, 4)."""
+                 glm_rois: jax.Array, size: int,
+                 mask: Optional[jax.Array] = None) -> jax.Array:
+    """Layer logits (B, N, M, M, L) for normalised ``rois`` (B, N, 4);
+    ``mask`` (B, N) bool: ROIs that count in batch-mode BN statistics."""
     crop = self.config.roi.mask_pool_size
     b, n = rois.shape[:2]
     flat = lambda x: x.reshape((b * n,) + x.shape[2:])
@@ -131,7 +140,7 @@ class SLN(nn.Module):
     if glm_feats is not None:
       glm = flat(roi_align.crop_and_resize(
           glm_feats, jax.lax.stop_gradient(glm_rois), crop))
-    logits = self.mask_head(fpn, glm)
+    logits = self.mask_head(fpn, glm, None if mask is None else mask.reshape(b * n))
     return logits.reshape((b, n) + logits.shape[1:])
 
   # ------------------------------------------------------------- training
@@ -180,12 +189,12 @@ class SLN(nn.Module):
         num_rois=o.rois_per_image, positive_ratio=o.positive_ratio,
         fg_iou=o.fg_iou, bbox_std=tuple(o.bbox_std))
     sample = jax.tree.map(jax.lax.stop_gradient, sample)
-    head = self._box_head(pyramid, sample['rois'], size)
+    head = self._box_head(pyramid, sample['rois'], size, mask=sample['valid'])
 
     npos = max(1, int(o.rois_per_image * o.positive_ratio))
     pos = {k: v[:, :npos] for k, v in sample.items()}
     layer_logits = self._mask_head(pyramid, glm_feats, pos['rois'],
-                                   pos['rois'], size)
+                                   pos['rois'], size, mask=pos['positive'])
     layer_targets = targets.batched_mask_targets(
         batch['gt_layers'].astype(jnp.float32), gt_boxes, pos['rois'],
         pos['matched_gt'], mask_size=o.mask_size, positive=pos['positive'])
