@@ -26,9 +26,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sln_jax.models.resnet import conv, frozen_bn
+from sln_jax.models.norm import NormSpec
+from sln_jax.models.resnet import conv
 
 Dtype = Any
+
+frozen_bn = NormSpec()  # the GLM is never trained: inference-mode BN always
 
 
 def ceil_pool_out(size: int, kernel: int = 3, stride: int = 2,

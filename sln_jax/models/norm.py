@@ -1,4 +1,4 @@
-"""BatchNorm of the backbone and heads: frozen by default, trainable on request.
+"""The model's BatchNorm: frozen by default, batch mode on request (not the GLM).
 
 ``BatchNorm`` owns exactly the variables of ``flax.linen.BatchNorm`` (params
 ``scale``, ``bias``; batch_stats ``mean``, ``var``; each (C,) float32), so
@@ -62,10 +62,8 @@ class BatchNorm(nn.Module):
   def _batch_stats(self, x, mask, ra_mean, ra_var):
     f32 = jnp.float32
     axes = tuple(range(x.ndim - 1))
-    ones = jnp.ones(x.shape[:-1], bool)
-    w = (ones if mask is None else jnp.broadcast_to(jnp.asarray(mask, bool),
-                                                     x.shape[:-1]))
-    w = w[..., None].astype(f32)
+    w = jnp.ones(x.shape[:-1], bool) if mask is None else mask
+    w = jnp.broadcast_to(jnp.asarray(w, bool), x.shape[:-1])[..., None].astype(f32)
     # Shifted sums (shift = the running mean, a constant): the variance
     # E[(x-s)^2] - E[x-s]^2 keeps its precision when |mean| >> std.
     shift = jax.lax.stop_gradient(ra_mean.value)

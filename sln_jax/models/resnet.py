@@ -49,12 +49,6 @@ def same_pad(x: jax.Array, kernel: int, stride: int) -> jax.Array:
   return jnp.pad(x, ((0, 0), ph, pw, (0, 0)))
 
 
-def frozen_bn(eps: float, dtype: Dtype, name: str) -> nn.BatchNorm:
-  """Inference-mode BatchNorm: statistics read from 'batch_stats', never updated."""
-  return nn.BatchNorm(use_running_average=True, epsilon=eps, dtype=dtype,
-                      param_dtype=jnp.float32, name=name)
-
-
 def conv(features: int, kernel: int, stride: int = 1, padding: Any = 'VALID',
          dtype: Dtype = jnp.float32, name: str | None = None,
          use_bias: bool = True, dilation: int = 1) -> nn.Conv:
