@@ -265,17 +265,22 @@ def test_bfloat16_and_legacy_pixel_boxes_inference():
                          np.asarray(out['layer_probs'])[0, valid])
 
 
+def _two_image_batch():
+  """The scene and its mirror image with only its first object."""
+  one, _, _ = _scene()
+  other = jax.tree.map(lambda x: np.flip(x, axis=2) if x.ndim == 4 and x.shape[-1] == 3
+                       else x, one)                        # mirrored image, same targets
+  other['gt_valid'] = np.array([[True, False, False, False]])   # one object only
+  return jax.tree.map(lambda a, b: np.concatenate([a, b]), one, other)
+
+
 def test_batched_train_forward_equals_mean_of_single_images():
   """What device-count independence rests on: a batch of two images with
   per-image keys gives the mean of each image's terms, metrics and
   gradients run alone with its key."""
   cfg = tiny.get_config()
   model = sln.build_model(cfg)
-  one, _, _ = _scene()
-  other = jax.tree.map(lambda x: np.flip(x, axis=2) if x.ndim == 4 and x.shape[-1] == 3
-                       else x, one)                        # mirrored image, same targets
-  other['gt_valid'] = np.array([[True, False, False, False]])   # one object only
-  batch = jax.tree.map(lambda a, b: np.concatenate([a, b]), one, other)
+  batch = _two_image_batch()
   variables = sln.init_variables(model, jax.random.PRNGKey(0), S)
   keys = jax.random.split(jax.random.PRNGKey(3), 2)
 
@@ -302,14 +307,6 @@ def test_batched_train_forward_equals_mean_of_single_images():
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-3,
                                atol=2e-5 * float(np.abs(w).max() + 1e-12),
                                err_msg=jax.tree_util.keystr(path))
-
-
-def _two_image_batch():
-  one, _, _ = _scene()
-  other = jax.tree.map(lambda x: np.flip(x, axis=2) if x.ndim == 4 and x.shape[-1] == 3
-                       else x, one)                        # mirrored image, same targets
-  other['gt_valid'] = np.array([[True, False, False, False]])
-  return jax.tree.map(lambda a, b: np.concatenate([a, b]), one, other)
 
 
 def test_train_bn_step_uses_global_batch_statistics_on_any_device_split():
