@@ -119,10 +119,8 @@ def benchmark_sln(config, mode: str, batch: int, size: int, steps: int,
   if mode == 'train':
     config.train.stages = ((stage, 1_000_000, 1e-3),)
     state = train_lib.create_train_state(config, variables, jax.random.PRNGKey(1))
-    tx = train_lib.create_optimizer(config, state.params, state.batch_stats, stage)
-    mask = train_lib.trainable_mask(state.params, state.batch_stats, stage,
-                                    config.model.train_bn)
-    fn = jax.pmap(train_lib.make_train_step(model, config, tx, mask),
+    fn = jax.pmap(train_lib.make_stage_step(model, config, state.params, state.batch_stats,
+                                            stage),
                   axis_name=train_lib.AXIS, donate_argnums=(0,))
     rstate = train_lib.replicate(state)
     compiled, compile_s, flops = _compile(fn, (rstate, dev_batch))  # lowering donates nothing

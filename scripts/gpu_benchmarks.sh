@@ -26,6 +26,7 @@ out="$OUT/gpu_benchmarks.jsonl"
 CONFIG="${CONFIG:-configs/default.py}"
 IMAGE_SIZE="${IMAGE_SIZE:-0}"
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
+exec 3>&1
 runs=("$@")
 if [ ${#runs[@]} -eq 0 ]; then
   runs=(infer:bfloat16:1 infer:bfloat16:2 infer:bfloat16:8 infer:float32:1 infer:float32:8
@@ -38,10 +39,23 @@ for spec in "${runs[@]}"; do
     extra=(--profile_dir="/tmp/profile_${mode}_${dtype}_${batch}")
   fi
   echo "== $spec" >&2
+  log="/tmp/gpu_benchmarks_${mode}_${dtype}_${batch}.log"
   timeout "${RUN_TIMEOUT:-420}" python3 scripts/benchmark.py --config="$CONFIG" --image_size="$IMAGE_SIZE" \
       --mode="$mode" --dtype="$dtype" --batch="$batch" --steps=10 --peer \
-      --output="$out" "${extra[@]}" \
-    || echo "{\"mode\": \"$mode\", \"dtype\": \"$dtype\", \"batch\": $batch, \"config\": \"$CONFIG\", \"error\": \"exit $? (124: over RUN_TIMEOUT; else out of memory?)\"}" >> "$out"
+      --output="$out" "${extra[@]}" 2>&1 1>&3 | tee "$log" >&2   # stderr also to $log
+  rc=${PIPESTATUS[0]}
+  if [ $rc -ne 0 ]; then
+    # One JSON line for the failed row: the exit status and stderr's last error line.
+    python3 - "$mode" "$dtype" "$batch" "$CONFIG" "$rc" "$log" >> "$out" <<'PY'
+import json, sys
+mode, dtype, batch, config, rc, log = sys.argv[1:]
+lines = [l.strip() for l in open(log, errors='replace') if l.strip()]
+errors = [l for l in lines if 'error' in l.lower() or 'exhausted' in l.lower()]
+why = 'over RUN_TIMEOUT' if rc in ('124', '137') else (errors or lines or [''])[-1][:300]
+print(json.dumps(dict(mode=mode, dtype=dtype, batch=int(batch), config=config,
+                      error=f'exit {rc}: {why}')))
+PY
+  fi
   if [ "${PROFILE:-0}" = 1 ] && [ -d "/tmp/profile_${mode}_${dtype}_${batch}" ]; then
     python3 scripts/profile_summary.py "/tmp/profile_${mode}_${dtype}_${batch}" --top 30 \
       > "$OUT/profile_${mode}_${dtype}_${batch}.txt" 2>&1

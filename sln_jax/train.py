@@ -286,6 +286,16 @@ def make_train_step(model: Any, config: ml_collections.ConfigDict,
   return step
 
 
+def make_stage_step(model: Any, config: ml_collections.ConfigDict, params: PyTree,
+                    batch_stats: PyTree, stage: str) -> Callable:
+  """:func:`make_train_step` for one stage of ``train.stages``: its optimizer
+  and its trainable mask are built from the same ``(config, stage)``, so what
+  the optimizer updates and what gets a gradient cannot disagree."""
+  tx = create_optimizer(config, params, batch_stats, stage)
+  trainable = trainable_mask(params, batch_stats, stage, config.model.train_bn)
+  return make_train_step(model, config, tx, trainable)
+
+
 def make_infer_fn(model: Any) -> Callable:
   """Per-device ``(variables, batch) -> detections`` for ``jax.pmap``."""
   def infer(variables, batch):
@@ -497,11 +507,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, model: Any,
     k = stage_index(config, step)
     name = table[k][0]
     if k not in steps:
-      tx = create_optimizer(config, state.params, state.batch_stats, name)
-      mask = trainable_mask(state.params, state.batch_stats, name,
-                            config.model.train_bn)
-      steps[k] = jax.pmap(make_train_step(model, config, tx, mask), axis_name=AXIS,
-                          donate_argnums=(0,))
+      steps[k] = jax.pmap(make_stage_step(model, config, state.params, state.batch_stats, name),
+                          axis_name=AXIS, donate_argnums=(0,))
     if step == table[k][1] and step > 0 and tc.reset_momentum_per_stage:
       rstate = rstate.replace(opt_state=reset_momentum(rstate.opt_state))
     try:

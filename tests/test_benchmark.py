@@ -132,3 +132,21 @@ def test_train_and_infer_steps_stay_on_device():
     assert 'stablehlo.while' in text or 'while' in text      # the NMS / sampling loops are there
     for bad in ('callback', 'infeed', 'outfeed', 'f64'):
       assert bad not in text, bad
+
+
+def test_gpu_benchmarks_script_writes_one_row_per_run(tmp_path):
+  """scripts/gpu_benchmarks.sh (the command that produces the GPU rows) on a
+  tiny model: a good run gives a result row, a failing one an error row that
+  says why, and the script goes on after it."""
+  env = dict(os.environ, OUT=str(tmp_path), CONFIG='configs/tiny.py', IMAGE_SIZE='64',
+             PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH'])
+  proc = subprocess.run(['bash', 'scripts/gpu_benchmarks.sh', 'infer:float16:1', 'infer:float32:1'],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  rows = [json.loads(l) for l in (tmp_path / 'gpu_benchmarks.jsonl').read_text().splitlines()]
+  assert len(rows) == 2
+  bad, good = rows
+  assert bad['dtype'] == 'float16' and bad['error'].startswith('exit 1: ')
+  assert 'float16' in bad['error'], bad                  # absl's flag error, not a guess
+  assert good['mode'] == 'infer' and good['batch'] == 1 and good['images_per_s'] > 0
+  assert 'peer' in good                                   # the peer ran or said why not

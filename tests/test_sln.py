@@ -324,10 +324,10 @@ def test_train_bn_step_uses_global_batch_statistics_on_any_device_split():
   model = sln.build_model(cfg)
   v = sln.init_variables(model, jax.random.PRNGKey(0), S)
   state = train.create_train_state(cfg, v, jax.random.PRNGKey(5))
-  tx = train.create_optimizer(cfg, v['params'], v['batch_stats'], 'all')
   mask = train.trainable_mask(v['params'], v['batch_stats'], 'all', train_bn=True)
   assert mask['backbone']['C1_bn']['scale'] and not mask['glm']['layer1_bn']['scale']
-  step = jax.vmap(train.make_train_step(model, cfg, tx, mask), axis_name=train.AXIS)
+  step = jax.vmap(train.make_stage_step(model, cfg, v['params'], v['batch_stats'], 'all'),
+                  axis_name=train.AXIS)
   batch = _two_image_batch()
   out = {}
   for devices in (1, 2):
