@@ -14,7 +14,9 @@ loop only dispatches steps. Needs no TensorFlow.
 Prints one JSON line per measurement: device, stage, dtype, batch, image
 size, compile_s, step_ms, images_per_s, model FLOPs per image (XLA cost
 analysis of the compiled step), MFU against --peak_tflops (default: the
-device's dense bf16 peak), and with --peer the same work in torchvision's
+device's dense bf16 peak), memory (xla_memory_mib: one device's program by
+XLA's buffer assignment; peak_memory_mib: the allocator's peak where the
+backend keeps one, not on CPU), and with --peer the same work in torchvision's
 Mask R-CNN R101-FPN (same image size, batch, dtype policy and trained
 stages) with the ratio of images/s. --profile_dir adds a jax.profiler trace.
 """
@@ -34,7 +36,8 @@ import numpy as np  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/default.py', 'Model/config file.')
 flags.DEFINE_enum('mode', 'train', ['train', 'infer'], 'What to time.')
-flags.DEFINE_integer('steps', 10, 'Timed steps (after one compile + one warm-up step).')
+flags.DEFINE_integer('steps', 10, 'Timed steps (after the compile and two warm-up steps); '
+                     '0: compile only (compile_s, FLOPs, memory; no timing, no peer).')
 flags.DEFINE_integer('batch', 0, 'Global batch; 0 = config.train.batch_size.')
 flags.DEFINE_integer('image_size', 0, 'Canvas size; 0 = config.input.image_size.')
 flags.DEFINE_enum('dtype', '', ['', 'float32', 'bfloat16'], 'Compute dtype; "" = config.model.dtype.')
@@ -96,6 +99,28 @@ def _compile(fn, args) -> tuple[Any, float, float]:
   return compiled, compile_s, float((cost or {}).get('flops', 0.0))
 
 
+def program_memory_bytes(compiled) -> int:
+  """Bytes one device's compiled program needs by XLA's buffer assignment:
+  arguments + outputs + temporaries, less what donation aliases (0 if the
+  backend reports nothing)."""
+  try:
+    m = compiled.memory_analysis()
+  except (AttributeError, NotImplementedError, RuntimeError):
+    return 0
+  if m is None:
+    return 0
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+             - m.alias_size_in_bytes)
+
+
+def device_peak_bytes() -> int:
+  """Peak bytes in use on the first local device (0 where the backend keeps
+  no statistics, e.g. the CPU)."""
+  import jax
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return int(stats.get('peak_bytes_in_use', 0))
+
+
 def benchmark_sln(config, mode: str, batch: int, size: int, steps: int,
                   stage: str = 'all', profile_dir: str = '') -> dict:
   """Times the training loop's own step (``train.make_train_step``: stage
@@ -141,17 +166,20 @@ def benchmark_sln(config, mode: str, batch: int, size: int, steps: int,
       for _ in range(n):
         out = compiled(rvars, dev_batch)
       jax.block_until_ready(out)
-  run(2)                                   # warm-up (first runs allocate)
-  t0 = time.perf_counter()
-  run(steps)
-  step_s = (time.perf_counter() - t0) / steps
-  if profile_dir:
+  step_s = None
+  if steps > 0:
+    run(2)                                 # warm-up (first runs allocate)
+    t0 = time.perf_counter()
+    run(steps)
+    step_s = (time.perf_counter() - t0) / steps
+  if profile_dir and steps > 0:
     os.makedirs(profile_dir, exist_ok=True)
     with open(os.path.join(profile_dir, 'step.hlo.txt'), 'w') as f:
       f.write(compiled.as_text())          # op -> source layer for profile_summary.py
     with jax.profiler.trace(profile_dir):
       run(PROFILE_STEPS)
   return dict(compile_s=compile_s, step_s=step_s, flops=flops * devices,
+              program_bytes=program_memory_bytes(compiled), peak_bytes=device_peak_bytes(),
               params=sln_lib.count_parameters(variables))
 
 
@@ -212,7 +240,8 @@ def benchmark_peer(mode: str, batch: int, size: int, steps: int, dtype: str,
     run_once()
   sync()
   step_s = (time.perf_counter() - t0) / steps
-  return dict(step_s=step_s, images_per_s=batch / step_s, device=device)
+  peak = torch.cuda.max_memory_allocated() if device == 'cuda' else 0
+  return dict(step_s=step_s, images_per_s=batch / step_s, device=device, peak_bytes=peak)
 
 
 def run_peer(mode: str, batch: int, size: int, steps: int, dtype: str, stage: str) -> dict:
@@ -240,22 +269,26 @@ def main(argv):
   batch = FLAGS.batch or config.train.batch_size
   size = FLAGS.image_size or config.input.image_size
   peer = (run_peer(FLAGS.mode, batch, size, FLAGS.steps, config.model.dtype, FLAGS.stage)
-          if FLAGS.peer else None)
+          if FLAGS.peer and FLAGS.steps > 0 else None)
   dev = jax.devices()[0]
   r = benchmark_sln(config, FLAGS.mode, batch, size, FLAGS.steps, FLAGS.stage,
                     FLAGS.profile_dir)
   peak = FLAGS.peak_tflops or next(
       (v for k, v in _PEAKS.items() if k.lower() in dev.device_kind.lower()), 0.0)
-  images_per_s = batch / r['step_s']
+  timed = r['step_s'] is not None
+  images_per_s = batch / r['step_s'] if timed else None
   result = {
       'device': f'{dev.platform}:{dev.device_kind}', 'num_devices': jax.device_count(),
       'mode': FLAGS.mode, 'stage': FLAGS.stage if FLAGS.mode == 'train' else None,
       'dtype': config.model.dtype, 'batch': batch, 'image_size': size,
       'glm': bool(config.model.glm.enabled), 'compile_s': round(r['compile_s'], 3),
-      'step_ms': round(r['step_s'] * 1e3, 3), 'images_per_s': round(images_per_s, 3),
+      'step_ms': round(r['step_s'] * 1e3, 3) if timed else None,
+      'images_per_s': round(images_per_s, 3) if timed else None,
       'flops_per_image': r['flops'] / batch, 'params': int(r['params']),
+      'xla_memory_mib': round(r['program_bytes'] / 2**20, 1),
+      'peak_memory_mib': round(r['peak_bytes'] / 2**20, 1) if r['peak_bytes'] else None,
       'mfu': (round(r['flops'] / r['step_s'] / (peak * 1e12 * jax.local_device_count()), 4)
-              if peak and r['flops'] else None),
+              if peak and r['flops'] and timed else None),
   }
   if peer is not None:
     result['peer'] = 'torchvision MaskRCNN R101-FPN'
@@ -265,6 +298,8 @@ def main(argv):
       result['peer_device'] = peer['device']
       result['peer_step_ms'] = round(peer['step_s'] * 1e3, 3)
       result['peer_images_per_s'] = round(peer['images_per_s'], 3)
+      if peer.get('peak_bytes'):
+        result['peer_peak_memory_mib'] = round(peer['peak_bytes'] / 2**20, 1)
       result['ratio'] = round(images_per_s / peer['images_per_s'], 3)
   line = json.dumps(result)
   print(line, flush=True)

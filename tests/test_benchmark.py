@@ -49,6 +49,7 @@ def test_cli_prints_one_json_line(tmp_path):
     assert key in r
   assert r['mode'] == 'train' and r['batch'] == 1 and r['image_size'] == 64
   assert r['images_per_s'] > 0 and r['flops_per_image'] > 0
+  assert r['xla_memory_mib'] > 1                      # the state + batch + temporaries
   assert json.loads(out.read_text().strip()) == r
 
   # The trace of the same run: every op the model runs is attributed.
@@ -150,3 +151,10 @@ def test_gpu_benchmarks_script_writes_one_row_per_run(tmp_path):
   assert 'float16' in bad['error'], bad                  # absl's flag error, not a guess
   assert good['mode'] == 'infer' and good['batch'] == 1 and good['images_per_s'] > 0
   assert 'peer' in good                                   # the peer ran or said why not
+
+
+def test_compile_only_reports_flops_and_memory():
+  config = tiny.get_config()
+  r = benchmark.benchmark_sln(config, 'train', batch=1, size=64, steps=0)
+  assert r['step_s'] is None and r['compile_s'] > 0 and r['flops'] > 1e6
+  assert r['program_bytes'] > 4 * r['params']          # at least the float32 parameters
