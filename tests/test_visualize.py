@@ -1,5 +1,4 @@
 """scripts/visualize.py: ground truth beside predictions, on generated scenes."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,18 +12,10 @@ from input_pipeline import readers, records, synthetic
 from sln_jax import cliutil
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, 'scripts'))
 SIZE = 64
 
-
-def _load_script():
-  spec = importlib.util.spec_from_file_location(
-      'visualize_script', os.path.join(ROOT, 'scripts', 'visualize.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-vis = _load_script()
+import visualize as vis  # noqa: E402
 
 
 @pytest.fixture(scope='module')
