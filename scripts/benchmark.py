@@ -167,17 +167,17 @@ def benchmark_sln(config, mode: str, batch: int, size: int, steps: int,
         out = compiled(rvars, dev_batch)
       jax.block_until_ready(out)
   step_s = None
-  if steps > 0:
+  if steps > 0:                            # else compile only
     run(2)                                 # warm-up (first runs allocate)
     t0 = time.perf_counter()
     run(steps)
     step_s = (time.perf_counter() - t0) / steps
-  if profile_dir and steps > 0:
-    os.makedirs(profile_dir, exist_ok=True)
-    with open(os.path.join(profile_dir, 'step.hlo.txt'), 'w') as f:
-      f.write(compiled.as_text())          # op -> source layer for profile_summary.py
-    with jax.profiler.trace(profile_dir):
-      run(PROFILE_STEPS)
+    if profile_dir:
+      os.makedirs(profile_dir, exist_ok=True)
+      with open(os.path.join(profile_dir, 'step.hlo.txt'), 'w') as f:
+        f.write(compiled.as_text())        # op -> source layer for profile_summary.py
+      with jax.profiler.trace(profile_dir):
+        run(PROFILE_STEPS)
   return dict(compile_s=compile_s, step_s=step_s, flops=flops * devices,
               program_bytes=program_memory_bytes(compiled), peak_bytes=device_peak_bytes(),
               params=sln_lib.count_parameters(variables))
