@@ -22,16 +22,6 @@ from sln_jax import cliutil  # noqa: E402
 from sln_jax import evaluate as evaluation  # noqa: E402
 
 
-def _read_json(path: str):
-  if not os.path.isfile(path):
-    raise cliutil.UserError('no such file', path=path)
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-    raise cliutil.UserError(f'not readable JSON ({err})', path=path) from None
-
-
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--format', required=True,
@@ -50,7 +40,7 @@ def main(argv=None) -> int:
   if not os.path.isfile(args.annotations):
     raise cliutil.UserError('no such file', path=args.annotations)
   gt = readers.load_annotations(args.format, args.annotations, args.images)
-  results = _read_json(args.results)
+  results = cliutil.read_json(args.results)
   metrics = evaluation.evaluate(gt, results, protocol=args.protocol,
                                 results_path=args.results)
   with cliutil.atomic_output_file(args.output) as f:

@@ -24,7 +24,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 from typing import Optional, Sequence  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -129,13 +128,7 @@ def main(argv=None) -> int:
 
   predictions = None
   if args.results is not None:
-    if not os.path.isfile(args.results):
-      raise cliutil.UserError('no such file', path=args.results)
-    try:
-      with open(args.results) as f:
-        raw = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-      raise cliutil.UserError(f'not readable JSON ({err})', path=args.results) from None
+    raw = cliutil.read_json(args.results)
     predictions = {a.image_id: [] for a in gt}
     for r in evaluation.check_results(raw, gt, path=args.results):
       predictions[r['image_id']].append(r)

@@ -6,6 +6,7 @@ No heavy imports here: input_pipeline scripts use it too.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import sys
@@ -20,6 +21,17 @@ class UserError(Exception):
     parts = [p for p in (path, field) if p]
     super().__init__(': '.join(parts + [message]))
     self.path, self.field, self.message = path, field, message
+
+
+def read_json(path: str):
+  """The JSON value in ``path``; a missing or unreadable file is a UserError."""
+  if not os.path.isfile(path):
+    raise UserError('no such file', path=path)
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    raise UserError(f'not readable JSON ({err})', path=path) from None
 
 
 def run_cli(main: Callable[[], int | None]) -> None:

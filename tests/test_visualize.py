@@ -100,6 +100,9 @@ def test_bad_input_names_the_file_and_writes_nothing(dataset, tmp_path):
                               'segmentation': gt[0].instances[0].amodal_rle}]))
   with pytest.raises(cliutil.UserError, match=r'dt\.json: \[0\]\.image_id'):
     vis.main(_args(dataset, out, '--results', bad))
+  bad.write_text('[{"image_id": ')
+  with pytest.raises(cliutil.UserError, match=r'dt\.json: not readable JSON'):
+    vis.main(_args(dataset, out, '--results', bad))
   with pytest.raises(cliutil.UserError, match=r'--image-ids: image ids \[12345\]'):
     vis.main(_args(dataset, out, '--image-ids', 12345))
   assert not out.exists()
