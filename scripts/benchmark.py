@@ -14,7 +14,7 @@ loop only dispatches steps. Needs no TensorFlow.
 Prints one JSON line per measurement: device, stage, dtype, batch, image
 size, compile_s, step_ms, images_per_s, model FLOPs per image (XLA cost
 analysis of the compiled step), MFU against --peak_tflops (default: the
-device's dense bf16 peak), memory (xla_memory_mib: one device's program by
+device's dense peak for the dtype, peak_tflops()), memory (xla_memory_mib: one device's program by
 XLA's buffer assignment; peak_memory_mib: the allocator's peak where the
 backend keeps one, not on CPU), and with --peer the same work in torchvision's
 Mask R-CNN R101-FPN (same image size, batch, dtype policy and trained
@@ -41,7 +41,8 @@ flags.DEFINE_integer('steps', 10, 'Timed steps (after the compile and two warm-u
 flags.DEFINE_integer('batch', 0, 'Global batch; 0 = config.train.batch_size.')
 flags.DEFINE_integer('image_size', 0, 'Canvas size; 0 = config.input.image_size.')
 flags.DEFINE_enum('dtype', '', ['', 'float32', 'bfloat16'], 'Compute dtype; "" = config.model.dtype.')
-flags.DEFINE_float('peak_tflops', 0.0, 'Peak TFLOP/s of the device for MFU (0: guess from the device kind).')
+flags.DEFINE_float('peak_tflops', 0.0, 'Peak TFLOP/s of the device for MFU (0: from the device '
+                   'kind and dtype, peak_tflops()).')
 flags.DEFINE_bool('peer', False, 'Also time torchvision Mask R-CNN R101-FPN (needs torch + torchvision).')
 flags.DEFINE_string('output', '', 'Append the JSON lines to this file too.')
 flags.DEFINE_string('stage', 'all', 'Training stage whose parameters get gradients '
@@ -52,8 +53,20 @@ FLAGS = flags.FLAGS
 
 PROFILE_STEPS = 3  # steps inside the --profile_dir trace
 
-# Dense bf16 peak TFLOP/s by device kind (fp32 runs use TF32 tensor cores on NVIDIA).
-_PEAKS = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0, 'TPU v4': 275.0, 'TPU v5': 197.0}
+# Dense peak TFLOP/s by device kind (first match wins): (bf16, fp32). fp32
+# matmuls and convolutions run as TF32 on NVIDIA tensor cores (XLA's default
+# precision) and as bf16 passes on TPUs.
+_PEAKS = (('H100', 989.0, 494.5), ('H200', 989.0, 494.5), ('A100', 312.0, 156.0),
+          ('TPU v4', 275.0, 275.0), ('TPU v5 lite', 197.0, 197.0), ('TPU v5e', 197.0, 197.0),
+          ('TPU v5', 459.0, 459.0), ('TPU v6', 918.0, 918.0))
+
+
+def peak_tflops(device_kind: str, dtype: str) -> float:
+  """Dense peak TFLOP/s of ``device_kind`` for ``dtype`` (0.0: unknown)."""
+  for kind, bf16, fp32 in _PEAKS:
+    if kind.lower() in device_kind.lower():
+      return bf16 if dtype == 'bfloat16' else fp32
+  return 0.0
 
 
 def synthetic_batch(config, batch: int, size: int, rng: np.random.Generator) -> dict:
@@ -273,8 +286,7 @@ def main(argv):
   dev = jax.devices()[0]
   r = benchmark_sln(config, FLAGS.mode, batch, size, FLAGS.steps, FLAGS.stage,
                     FLAGS.profile_dir)
-  peak = FLAGS.peak_tflops or next(
-      (v for k, v in _PEAKS.items() if k.lower() in dev.device_kind.lower()), 0.0)
+  peak = FLAGS.peak_tflops or peak_tflops(dev.device_kind, config.model.dtype)
   timed = r['step_s'] is not None
   images_per_s = batch / r['step_s'] if timed else None
   result = {

@@ -158,3 +158,11 @@ def test_compile_only_reports_flops_and_memory():
   r = benchmark.benchmark_sln(config, 'train', batch=1, size=64, steps=0)
   assert r['step_s'] is None and r['compile_s'] > 0 and r['flops'] > 1e6
   assert r['program_bytes'] > 4 * r['params']          # at least the float32 parameters
+
+
+def test_peak_tflops_by_device_and_dtype():
+  assert benchmark.peak_tflops('NVIDIA H100 80GB HBM3', 'bfloat16') == 989.0
+  assert benchmark.peak_tflops('NVIDIA H100 80GB HBM3', 'float32') == 494.5   # TF32
+  assert benchmark.peak_tflops('TPU v5 lite', 'bfloat16') == 197.0
+  assert benchmark.peak_tflops('TPU v5p', 'bfloat16') == 459.0
+  assert benchmark.peak_tflops('cpu', 'float32') == 0.0
