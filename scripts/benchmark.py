@@ -4,7 +4,7 @@
   python scripts/benchmark.py --config=configs/default.py --mode=infer --dtype=bfloat16 --peer
 
 What is timed is what users run: the training loop's step
-(``train.make_train_step`` for ``--stage``: frozen parts, clipping, weight
+(``train.make_stage_step`` for ``--stage``: frozen parts, clipping, weight
 decay, momentum, gradient pmean, donated state) and the evaluator's
 inference (``train.make_infer_fn``: proposals, detection, layered masks),
 both pmapped over every local device with the global ``--batch`` split
@@ -136,7 +136,7 @@ def device_peak_bytes() -> int:
 
 def benchmark_sln(config, mode: str, batch: int, size: int, steps: int,
                   stage: str = 'all', profile_dir: str = '') -> dict:
-  """Times the training loop's own step (``train.make_train_step``: stage
+  """Times the training loop's own step (``train.make_stage_step``: stage
   masks, clipping, weight decay, momentum, pmean over every local device,
   donated state) or the evaluator's inference (``train.make_infer_fn``),
   both ``jax.pmap``ped over the local devices with ``batch`` split evenly.
