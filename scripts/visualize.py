@@ -111,8 +111,6 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
 
   from input_pipeline import readers  # pylint: disable=import-outside-toplevel
-  if not os.path.isfile(args.annotations):
-    raise cliutil.UserError('no such file', path=args.annotations)
   gt = readers.load_annotations(args.format, args.annotations, args.images)  # checks the images
   chosen = gt
   if args.image_ids:
