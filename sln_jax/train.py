@@ -628,13 +628,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, model: Any,
   rvars = replicate(variables)
   limit = int(config.eval.max_images)
   results, seen = [], []
-  for batch in tqdm(eval_batches, desc='eval', unit='batch', mininterval=1.0,
-                    disable=jax.process_index() != 0):
-    inputs = {k: batch[k] for k in ('image', 'glm_image', 'image_shape')}
-    dets = _flatten_devices(jax.device_get(infer(rvars, inputs)))
-    flat = _flatten_devices({k: batch[k] for k in ('image_id', 'image_scale', 'is_valid')})
-    for j, image_id in enumerate(flat['image_id']):
-      if not flat['is_valid'][j] or (0 <= limit <= len(seen)):
+
+  def collect(dets, meta):
+    """Turns one finished batch's detections into COCO results (host side)."""
+    dets = _flatten_devices(jax.device_get(dets))
+    for j, image_id in enumerate(meta['image_id']):
+      if not meta['is_valid'][j] or (0 <= limit <= len(seen)):
         continue
       ann = gt_by_id.get(int(image_id))
       if ann is None:
@@ -642,8 +641,26 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, model: Any,
                         'ground truth', field='dataset.eval_annotations')
       seen.append(int(image_id))
       results.extend(predict_lib.detections_to_results(
-          int(image_id), {k: v[j] for k, v in dets.items()}, flat['image_scale'][j],
+          int(image_id), {k: v[j] for k, v in dets.items()}, meta['image_scale'][j],
           (ann.height, ann.width), mask_threshold=config.eval.mask_threshold))
+
+  # Batch i + 1 is dispatched before batch i's detections are read, so the
+  # device runs while the host pastes masks and encodes RLEs. With
+  # eval.max_images, no batch is read past the one that reaches the limit
+  # (the same count on every process: batches have one size).
+  pending, dispatched = None, 0
+  for batch in tqdm(eval_batches, desc='eval', unit='batch', mininterval=1.0,
+                    disable=jax.process_index() != 0):
+    dets = infer(rvars, shard({k: batch[k] for k in ('image', 'glm_image', 'image_shape')}))
+    if pending is not None:
+      collect(*pending)
+    pending = dets, _flatten_devices(
+        {k: batch[k] for k in ('image_id', 'image_scale', 'is_valid')})
+    dispatched += np.size(batch['is_valid'])
+    if 0 <= limit <= dispatched:
+      break
+  if pending is not None:
+    collect(*pending)
   results = _gather_results(results, workdir)
   if jax.process_count() > 1:
     seen = sorted({r['image_id'] for r in results} | set(seen))

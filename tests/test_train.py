@@ -188,6 +188,56 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
   assert int(again.step) == 6
 
 
+@pytest.fixture(name='compile_counts')
+def fixture_compile_counts(monkeypatch):
+  """Wraps ``jax.pmap`` so every call of a mapped function records how many
+  XLA compilations it triggered; yields that list of counts."""
+  events, counts = [], []
+
+  def listener(name, _, **unused):
+    if name.endswith('backend_compile_duration'):
+      events.append(name)
+  real_pmap = jax.pmap
+
+  def counting_pmap(fun, **kwargs):
+    mapped = real_pmap(fun, **kwargs)
+
+    def call(*args):
+      before = len(events)
+      out = mapped(*args)
+      counts.append(len(events) - before)
+      return out
+    return call
+  monkeypatch.setattr(jax, 'pmap', counting_pmap)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  yield counts
+  jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def test_steps_compile_once_per_stage_and_evaluation_once(tmp_path, compile_counts):
+  """No recompilation: not per step, not at the stage change (momentum reset),
+  not after a checkpoint, not after resuming; the eval loop compiles once."""
+  counts = compile_counts
+  c = _config()  # 3 'heads' steps, then 3 'all' steps; checkpoints every 2
+  batches = ts.make_batches(6, 1, 2)
+  with pytest.raises(KeyboardInterrupt):
+    _run(str(tmp_path), c, batches, stop_after=5)
+  # Killed while reading batch 6 (two batches are read ahead): steps 1-4 ran.
+  assert len(counts) == 4 and counts[0] > 0 and counts[3] > 0, counts
+  assert counts[1:3] == [0, 0], counts
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2', '4']
+  del counts[:]
+  _run(str(tmp_path), c, batches)  # resumes from the step-4 checkpoint
+  assert len(counts) == 2 and counts[0] > 0 and counts[1] == 0, counts
+  del counts[:]
+  model, v = ts.init_variables()
+  gt = [_annotation(i, 32, 24, (0, 0, 16, 12)) for i in (1, 2, 3, 4, 5)]
+  eval_batches = [_eval_batch([1, 2], [True] * 2), _eval_batch([3, 4], [True] * 2),
+                  _eval_batch([5, -1], [True, False])]
+  train.evaluate(c, str(tmp_path), model, v, eval_batches, gt)
+  assert len(counts) == 3 and counts[0] > 0 and counts[1:] == [0, 0], counts
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   c = _config(stages=(('all', 6, 0.05),))
   batches = ts.make_batches(6, 1, 2)
@@ -300,11 +350,18 @@ def test_evaluate_scores_in_original_pixels(tmp_path):
   assert metrics['amodal']['all']['both']['AP'] == pytest.approx(1.0)
   assert metrics['amodal']['all']['stuff']['AP'] == -1
   assert writer.scalars[7]['eval/amodal_AP'] == pytest.approx(1.0)
-  # eval.max_images scores only the first images.
+  # eval.max_images scores only the first images and reads no batch past them.
   c.eval.max_images = 2
-  train.evaluate(c, str(tmp_path), model, v, batches, gt)
+  read = []
+
+  def reading():
+    for b in batches:
+      read.append(b['image_id'].tolist())
+      yield b
+  train.evaluate(c, str(tmp_path), model, v, reading(), gt)
   with open(tmp_path / 'results.json') as f:
     assert sorted({r['image_id'] for r in json.load(f)}) == [1, 2]
+  assert read == [[[1, 2]]]
 
 
 def test_predict_writes_json_and_png_and_skips_bad_files(tmp_path, capsys):
