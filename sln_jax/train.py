@@ -604,6 +604,18 @@ def _gather_results(results: list, workdir: str) -> list:
   return merged
 
 
+def dispatch_lookahead() -> int:
+  """Batches evaluate() and predict() dispatch before reading a batch's
+  detections.
+
+  1 on an accelerator: the device runs batch i + 1 while the host pastes
+  batch i's masks and encodes its RLEs. 0 on a CPU backend, where the two
+  share the same cores: overlapping them made the demo's evaluation 1.65x
+  slower on 2 cores (10.4 s against 6.3 s for 50 images).
+  """
+  return 0 if jax.local_devices()[0].platform == 'cpu' else 1
+
+
 def evaluate(config: ml_collections.ConfigDict, workdir: str, model: Any,
              variables: PyTree, eval_batches: Iterable[Batch],
              annotations: Sequence, step: int = 0,
@@ -644,23 +656,22 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, model: Any,
           int(image_id), {k: v[j] for k, v in dets.items()}, meta['image_scale'][j],
           (ann.height, ann.width), mask_threshold=config.eval.mask_threshold))
 
-  # Batch i + 1 is dispatched before batch i's detections are read, so the
-  # device runs while the host pastes masks and encodes RLEs. With
-  # eval.max_images, no batch is read past the one that reaches the limit
-  # (the same count on every process: batches have one size).
-  pending, dispatched = None, 0
+  # With eval.max_images, no batch is read past the one that reaches the
+  # limit (the same count on every process: batches have one size).
+  lookahead = dispatch_lookahead()
+  pending, dispatched = [], 0
   for batch in tqdm(eval_batches, desc='eval', unit='batch', mininterval=1.0,
                     disable=jax.process_index() != 0):
     dets = infer(rvars, shard({k: batch[k] for k in ('image', 'glm_image', 'image_shape')}))
-    if pending is not None:
-      collect(*pending)
-    pending = dets, _flatten_devices(
-        {k: batch[k] for k in ('image_id', 'image_scale', 'is_valid')})
+    pending.append((dets, _flatten_devices(
+        {k: batch[k] for k in ('image_id', 'image_scale', 'is_valid')})))
+    while len(pending) > lookahead:
+      collect(*pending.pop(0))
     dispatched += np.size(batch['is_valid'])
     if 0 <= limit <= dispatched:
       break
-  if pending is not None:
-    collect(*pending)
+  for item in pending:
+    collect(*item)
   results = _gather_results(results, workdir)
   if jax.process_count() > 1:
     seen = sorted({r['image_id'] for r in results} | set(seen))
@@ -730,7 +741,18 @@ def predict(config: ml_collections.ConfigDict, model: Any, variables: PyTree,
   os.makedirs(pc.output_dir, exist_ok=True)
   infer = jax.jit(make_infer_fn(model))
   names = sorted(os.listdir(pc.input_dir))
-  done = 0
+  lookahead = dispatch_lookahead()
+  pending, done = [], 0
+
+  def write(dets, stem, image_id, image, scale):
+    results = predict_lib.detections_to_results(
+        image_id, {key: v[0] for key, v in jax.device_get(dets).items()}, scale,
+        image.shape[:2], score_threshold=pc.score_threshold,
+        mask_threshold=config.eval.mask_threshold)
+    with atomic_output_file(os.path.join(pc.output_dir, stem + '.json')) as f:
+      json.dump(results, f)
+    predict_lib.draw_prediction(image, results, os.path.join(pc.output_dir, stem + '.png'))
+
   for k, name in enumerate(tqdm(names, desc='predict', unit='image', mininterval=1.0)):
     if 0 <= pc.max_images <= done:
       break
@@ -746,16 +768,14 @@ def predict(config: ml_collections.ConfigDict, model: Any, variables: PyTree,
       tqdm.write(f'skipping {path}: unreadable image ({type(err).__name__}: {err})')
       continue
     canvas, shape, scale, glm = preprocess_image(image, config)
-    dets = jax.device_get(infer(variables, {
-        'image': canvas[None], 'glm_image': glm[None], 'image_shape': shape[None]}))
-    results = predict_lib.detections_to_results(
-        _image_id(stem, k), {key: v[0] for key, v in dets.items()}, scale,
-        image.shape[:2], score_threshold=pc.score_threshold,
-        mask_threshold=config.eval.mask_threshold)
-    with atomic_output_file(os.path.join(pc.output_dir, stem + '.json')) as f:
-      json.dump(results, f)
-    predict_lib.draw_prediction(image, results, os.path.join(pc.output_dir, stem + '.png'))
+    dets = infer(variables, {
+        'image': canvas[None], 'glm_image': glm[None], 'image_shape': shape[None]})
+    pending.append((dets, stem, _image_id(stem, k), image, scale))
+    while len(pending) > lookahead:
+      write(*pending.pop(0))
     done += 1
+  for item in pending:
+    write(*item)
   print(f'wrote predictions for {done} images to {pc.output_dir}', flush=True)
   return done
 

@@ -326,9 +326,14 @@ def _eval_batch(ids, valid, size=16, scale=0.5):
           'is_valid': np.asarray([valid], bool)}
 
 
-def test_evaluate_scores_in_original_pixels(tmp_path):
+@pytest.mark.parametrize('lookahead', [0, 1])
+def test_evaluate_scores_in_original_pixels(tmp_path, monkeypatch, lookahead):
   """Canvas 16 = half of the 32 x 24 originals: the stand-in's first
-  detection, canvas box (0, 0, 8, 6), must land on GT (0, 0, 16, 12)."""
+  detection, canvas box (0, 0, 8, 6), must land on GT (0, 0, 16, 12).
+  Lookahead 1 (accelerators: dispatch the next batch before reading this
+  one) gives the same results as 0 (CPU)."""
+  assert train.dispatch_lookahead() == 0  # the tests run on the CPU
+  monkeypatch.setattr(train, 'dispatch_lookahead', lambda: lookahead)
   model, v = ts.init_variables()
   c = _config()
   gt = [_annotation(i, 32, 24, (0, 0, 16, 12)) for i in (1, 2, 3)]
@@ -364,8 +369,11 @@ def test_evaluate_scores_in_original_pixels(tmp_path):
   assert read == [[[1, 2]]]
 
 
-def test_predict_writes_json_and_png_and_skips_bad_files(tmp_path, capsys):
+@pytest.mark.parametrize('lookahead', [0, 1])
+def test_predict_writes_json_and_png_and_skips_bad_files(tmp_path, capsys, monkeypatch,
+                                                         lookahead):
   from PIL import Image  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(train, 'dispatch_lookahead', lambda: lookahead)
   model, v = ts.init_variables()
   src = tmp_path / 'in'
   src.mkdir()
@@ -401,6 +409,8 @@ def test_predict_writes_json_and_png_and_skips_bad_files(tmp_path, capsys):
   c.predict.max_images = 1
   c.predict.output_dir = str(tmp_path / 'out1')
   assert train.predict(c, model, v, preprocess) == 1
+  assert sorted(os.listdir(tmp_path / 'out1')) == [
+      'COCO_val2014_000000000042.json', 'COCO_val2014_000000000042.png']
   c.predict.input_dir = str(tmp_path / 'missing')
   with pytest.raises(UserError, match='predict.input_dir'):
     train.predict(c, model, v, preprocess)
