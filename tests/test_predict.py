@@ -51,6 +51,21 @@ def test_paste_masks_matches_torch_bilinear():
     np.testing.assert_array_equal(got[i], want)
 
 
+def test_resize_bilinear_with_channels_matches_torch():
+  """(m, n, C) maps, m != n, up and down: each channel as torch resizes it."""
+  rng = np.random.default_rng(1)
+  probs = rng.random((7, 5, 3))
+  for size in ((31, 17), (3, 2), (7, 5), (1, 40)):
+    ref = torch.nn.functional.interpolate(
+        torch.from_numpy(probs.transpose(2, 0, 1))[None], size=size, mode='bilinear',
+        align_corners=False)[0].numpy().transpose(1, 2, 0)
+    got = predict.resize_bilinear(probs, *size)
+    assert got.shape == size + (3,)
+    np.testing.assert_allclose(got, ref, atol=1e-12)
+    np.testing.assert_allclose(predict.resize_bilinear(probs[..., 1], *size), ref[..., 1],
+                               atol=1e-12)
+
+
 def test_pairwise_order_crops_matches_semdist():
   semdist = pytest.importorskip('sln_jax.semdist')
   rng = np.random.default_rng(1)
