@@ -135,7 +135,7 @@ def depth_layers(order: np.ndarray) -> np.ndarray:
 
 # --------------------------------------------------------------- results
 def _rle(mask: np.ndarray) -> dict:
-  rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+  rle = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
   rle['counts'] = rle['counts'].decode('ascii')
   return rle
 
@@ -190,9 +190,9 @@ def detections_to_results(image_id: int, dets: Mapping[str, np.ndarray],
     layer = np.where(visible, 0, layer)
     layer_maps.append(layer)
     int_boxes.append(b)
-    full_amodal = np.zeros((h, w), bool)
+    full_amodal = np.zeros((h, w), np.uint8, order='F')  # the RLE encoder's layout
     full_amodal[b[0]:b[2], b[1]:b[3]] = amodal
-    full_visible = np.zeros((h, w), bool)
+    full_visible = np.zeros((h, w), np.uint8, order='F')
     full_visible[b[0]:b[2], b[1]:b[3]] = visible
     cls = int(classes[i])
     y1, x1, y2, x2 = np.clip(boxes[i], 0, [h, w, h, w])
