@@ -166,3 +166,19 @@ def test_peak_tflops_by_device_and_dtype():
   assert benchmark.peak_tflops('TPU v5 lite', 'bfloat16') == 197.0
   assert benchmark.peak_tflops('TPU v5p', 'bfloat16') == 459.0
   assert benchmark.peak_tflops('cpu', 'float32') == 0.0
+
+
+def test_postprocess_benchmark_times_the_configs_detections():
+  """scripts/benchmark_postprocess.py (a subprocess: its absl flags would
+  clash with benchmark.py's): one JSON line; the detections take the config's
+  mask size; a bad --image is exit code 2."""
+  cmd = [sys.executable, 'scripts/benchmark_postprocess.py', '--config=configs/tiny.py',
+         '--images=2', '--detections=5', '--image=60x80']
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
+  row = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert row['image'] == [60, 80] and row['detections'] == 5 and row['images'] == 2
+  assert row['mask_size'] == tiny.get_config().model.roi.mask_size
+  assert row['ms_per_image'] > 0 and 0 < row['results_per_image'] <= 5
+  bad = subprocess.run(cmd[:-1] + ['--image=60'], cwd=ROOT, capture_output=True, text=True)
+  assert bad.returncode == 2 and bad.stderr.strip() == (
+      "error: --image: '60': expected HxW with positive sides, e.g. 480x640")

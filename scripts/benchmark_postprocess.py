@@ -1,0 +1,95 @@
+"""Host post-processing time per image (no accelerator involved).
+
+  python scripts/benchmark_postprocess.py
+  python scripts/benchmark_postprocess.py --config=configs/kins.py --image=375x1242 --images=50
+
+Times ``predict.detections_to_results``: what evaluate() and predict() run
+on the host for every image after ``SLN.infer`` (paste each detection's
+amodal, visible and layer maps into the original image, threshold, RLE
+encode, pairwise depth order). Inputs are random detections shaped like
+``SLN.infer``'s outputs under the config (``model.detection.max_detections``,
+``model.roi.mask_size``, ``model.num_layers``, ``input.image_size`` canvas),
+with box sides log-uniform between 16 and 512 canvas pixels, for an original
+image of ``--image HxW`` (COCOA's typical 480x640 by default).
+Prints one JSON line: images, detections, image, mask_size, layers,
+ms_per_image, results_per_image.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from sln_jax import cliutil, predict  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/default.py', 'Model/config file.')
+flags.DEFINE_string('image', '480x640', 'Original image size HxW.')
+flags.DEFINE_integer('images', 20, 'Images timed (after one warm-up image).', lower_bound=1)
+flags.DEFINE_integer('detections', -1, 'Detections per image; -1 = '
+                     'config.model.detection.max_detections.')
+flags.DEFINE_integer('seed', 0, 'Seed of the random detections.')
+FLAGS = flags.FLAGS
+
+
+def random_detections(rng: np.random.Generator, num: int, canvas: int,
+                      mask_size: int, layers: int) -> dict:
+  """``SLN.infer``-shaped detections of one image (batch axis removed)."""
+  side = np.exp(rng.uniform(np.log(16), np.log(512), (num, 2)))
+  top_left = rng.uniform(0, canvas, (num, 2)) - side / 2
+  boxes = np.concatenate([top_left, top_left + side], axis=1)
+  return {
+      'boxes': np.clip(boxes, 0, canvas).astype(np.float32),
+      'scores': rng.uniform(0.05, 1.0, num).astype(np.float32),
+      'classes': rng.integers(1, 3, num).astype(np.int32),
+      'valid': np.ones(num, bool),
+      'amodal_probs': rng.random((num, mask_size, mask_size), np.float32),
+      'visible_probs': rng.random((num, mask_size, mask_size), np.float32),
+      'layer_probs': rng.random((num, mask_size, mask_size, layers), np.float32),
+  }
+
+
+def _main(argv) -> int:
+  if len(argv) > 1:
+    raise cliutil.UserError(f'unexpected arguments: {" ".join(argv[1:])}')
+  config = _CONFIG.value
+  try:
+    h, w = (int(v) for v in FLAGS.image.lower().split('x'))
+    if h < 1 or w < 1:
+      raise ValueError
+  except ValueError:
+    raise cliutil.UserError(f'{FLAGS.image!r}: expected HxW with positive sides, '
+                            'e.g. 480x640', field='--image') from None
+  canvas = int(config.input.image_size)
+  num = int(FLAGS.detections if FLAGS.detections >= 0
+            else config.model.detection.max_detections)
+  mask_size, layers = int(config.model.roi.mask_size), int(config.model.num_layers)
+  scale = canvas / max(h, w)   # the inference preprocessing's resize
+  rng = np.random.default_rng(FLAGS.seed)
+  images = [random_detections(rng, num, canvas, mask_size, layers)
+            for _ in range(FLAGS.images + 1)]
+  predict.detections_to_results(0, images[0], (scale, scale), (h, w))  # warm-up
+  count = 0
+  start = time.perf_counter()
+  for k, dets in enumerate(images[1:]):
+    count += len(predict.detections_to_results(k, dets, (scale, scale), (h, w)))
+  elapsed = time.perf_counter() - start
+  print(json.dumps({
+      'images': FLAGS.images, 'detections': num, 'image': [h, w], 'mask_size': mask_size,
+      'layers': layers, 'ms_per_image': round(1e3 * elapsed / FLAGS.images, 2),
+      'results_per_image': round(count / FLAGS.images, 1)}), flush=True)
+  return 0
+
+
+def main(argv) -> None:
+  cliutil.run_cli(lambda: _main(argv))
+
+
+if __name__ == '__main__':
+  app.run(main)
