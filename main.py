@@ -9,8 +9,9 @@
 Any config field can be overridden with --config.<path>=<value>. Errors the
 user can fix (unknown field, missing dataset files, bad paths) print one line
 and exit with code 2. Multi-host: jax.distributed.initialize() runs when the
-environment names a coordinator (JAX_COORDINATOR_ADDRESS, or a SLURM / Open
-MPI job with more than one task); each process reads its own input shard.
+environment names a coordinator (JAX_COORDINATOR_ADDRESS=host:port with
+JAX_NUM_PROCESSES and JAX_PROCESS_ID, or a SLURM / Open MPI job with more
+than one task); each process reads its own input shard.
 """
 from __future__ import annotations
 
@@ -69,6 +70,30 @@ def _multi_host() -> bool:
       int(env.get(k, '1') or 1) > 1 for k in ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE'))
 
 
+def _env_int(name: str):
+  value = os.environ.get(name)
+  if value in (None, ''):
+    return None
+  try:
+    return int(value)
+  except ValueError:
+    raise cliutil.UserError(f'{value!r} is not an integer', field=name) from None
+
+
+def _initialize_distributed(jax) -> None:
+  """jax.distributed.initialize() with JAX_NUM_PROCESSES / JAX_PROCESS_ID
+  from the environment when set (SLURM, Open MPI and TPU pods are detected
+  without them)."""
+  try:
+    jax.distributed.initialize(num_processes=_env_int('JAX_NUM_PROCESSES'),
+                               process_id=_env_int('JAX_PROCESS_ID'))
+  except ValueError as err:
+    raise cliutil.UserError(
+        f'{err} (set JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and '
+        'JAX_PROCESS_ID, or launch under SLURM / Open MPI)',
+        field='jax.distributed.initialize') from None
+
+
 def _eval_annotations(config, builder):
   """Ground truth of the eval split: dataset.eval_annotations or the
   builder's annotation file for dataset.eval_split."""
@@ -88,6 +113,18 @@ def _eval_annotations(config, builder):
   return lambda: readers.load_annotations(builder.FORMAT, path, images)
 
 
+def _build_dataset_once(jax, tfds_builders, config):
+  """Prepares the dataset on process 0 first, then on the others: with a
+  shared data_dir they find it prepared; with local disks each prepares its
+  own copy. (Concurrent preparation into one shared directory races.)"""
+  if jax.process_count() == 1:
+    return tfds_builders.build_dataset(config)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  builder = tfds_builders.build_dataset(config) if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices('sln_dataset_prepared')
+  return builder or tfds_builders.build_dataset(config)
+
+
 def _data_sources(config, mode: str):
   """Builds the input side (TensorFlow lives here, not in sln_jax)."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -99,7 +136,7 @@ def _data_sources(config, mode: str):
   data = train.DataSources(preprocess_image=pipeline.preprocess_image_for_inference)
   if mode == 'predict':
     return data
-  builder = tfds_builders.build_dataset(config)
+  builder = _build_dataset_once(jax, tfds_builders, config)
   shard = dict(shard_index=jax.process_index(), num_shards=jax.process_count(),
                num_local_devices=jax.local_device_count(), builder=builder)
   # functools.partial binds each split's batch size now (a lambda would read
@@ -124,7 +161,7 @@ def _main() -> int:
     logging.set_verbosity(logging.WARNING)
   import jax  # pylint: disable=g-import-not-at-top
   if _multi_host():
-    jax.distributed.initialize()
+    _initialize_distributed(jax)
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
   from sln_jax import train  # pylint: disable=g-import-not-at-top
   config, mode = _CONFIG.value, _MODE.value

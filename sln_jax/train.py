@@ -374,13 +374,34 @@ def _to_tree(state: TrainState) -> dict:
           'opt_state': flax.serialization.to_state_dict(state.opt_state), 'rng': state.rng}
 
 
+def _global_replicated(tree: PyTree) -> PyTree:
+  """Multi-process: host-local leaves (the same values on every process) ->
+  jax.Arrays replicated over every device of every process, the form Orbax
+  saves and restores across processes. One process: ``tree`` as it is."""
+  if jax.process_count() == 1:
+    return tree
+  sharding = jax.sharding.NamedSharding(
+      jax.sharding.Mesh(np.asarray(jax.devices()), ('all',)), jax.sharding.PartitionSpec())
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
+
+
+def _host_local(tree: PyTree) -> PyTree:
+  """Inverse of :func:`_global_replicated`: this process's copy of each leaf."""
+  if jax.process_count() == 1:
+    return tree
+  return jax.tree.map(lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x, tree)
+
+
 def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState,
                     force: bool = False) -> bool:
-  """Saves an unreplicated ``state`` at its step (if the interval or ``force``)."""
+  """Saves an unreplicated ``state`` at its step (if the interval or ``force``).
+  Every process calls it (with equal states) when there are several."""
   step = int(jax.device_get(state.step))
   if manager.latest_step() == step:
     return False
-  saved = manager.save(step, args=ocp.args.StandardSave(_to_tree(state)), force=force)
+  saved = manager.save(step, args=ocp.args.StandardSave(_global_replicated(_to_tree(state))),
+                       force=force)
   manager.wait_until_finished()
   return bool(saved)
 
@@ -391,7 +412,8 @@ def restore_checkpoint(manager: ocp.CheckpointManager, template: TrainState,
   step = manager.latest_step() if step is None else step
   if step is None:
     return None
-  tree = manager.restore(step, args=ocp.args.StandardRestore(_to_tree(template)))
+  tree = _host_local(manager.restore(
+      step, args=ocp.args.StandardRestore(_global_replicated(_to_tree(template)))))
   return TrainState(
       step=jnp.asarray(tree['step'], jnp.int32), params=tree['params'],
       batch_stats=tree['batch_stats'],
@@ -601,6 +623,8 @@ def _gather_results(results: list, workdir: str) -> list:
   for k in range(jax.process_count()):
     with open(os.path.join(workdir, f'.results_part{k}.json')) as f:
       merged.extend(json.load(f))
+  multihost_utils.sync_global_devices('sln_eval_results_read')
+  os.remove(part)
   return merged
 
 
