@@ -610,22 +610,25 @@ def _flatten_devices(tree: PyTree) -> PyTree:
   return jax.tree.map(lambda x: np.asarray(x).reshape((-1,) + np.shape(x)[2:]), tree)
 
 
-def _gather_results(results: list, workdir: str) -> list:
-  """All processes' results on every process (through files in ``workdir``)."""
+def _gather_results(results: list, seen: list, workdir: str) -> tuple[list, list]:
+  """Every process's (results, scored image ids), merged on every process
+  (through files in ``workdir``, removed afterwards)."""
   if jax.process_count() == 1:
-    return results
+    return results, seen
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   part = os.path.join(workdir, f'.results_part{jax.process_index()}.json')
   with atomic_output_file(part) as f:
-    json.dump(results, f)
+    json.dump({'results': results, 'seen': seen}, f)
   multihost_utils.sync_global_devices('sln_eval_results')
-  merged = []
+  merged, merged_seen = [], []
   for k in range(jax.process_count()):
     with open(os.path.join(workdir, f'.results_part{k}.json')) as f:
-      merged.extend(json.load(f))
+      got = json.load(f)
+    merged.extend(got['results'])
+    merged_seen.extend(got['seen'])
   multihost_utils.sync_global_devices('sln_eval_results_read')
   os.remove(part)
-  return merged
+  return merged, merged_seen
 
 
 def dispatch_lookahead() -> int:
@@ -662,7 +665,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, model: Any,
   gt_by_id = {int(a.image_id): a for a in annotations}
   infer = jax.pmap(make_infer_fn(model), axis_name=AXIS)
   rvars = replicate(variables)
-  limit = int(config.eval.max_images)
+  # eval.max_images is split over the processes (each reads its own shard);
+  # every process reads the same number of batches (up to ``read_limit``).
+  limit, read_limit = int(config.eval.max_images), -1
+  if limit >= 0:
+    procs = jax.process_count()
+    read_limit = -(-limit // procs)
+    limit = limit // procs + int(jax.process_index() < limit % procs)
   results, seen = [], []
 
   def collect(dets, meta):
@@ -692,15 +701,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, model: Any,
     while len(pending) > lookahead:
       collect(*pending.pop(0))
     dispatched += np.size(batch['is_valid'])
-    if 0 <= limit <= dispatched:
+    if 0 <= read_limit <= dispatched:
       break
   for item in pending:
     collect(*item)
-  results = _gather_results(results, workdir)
-  if jax.process_count() > 1:
-    seen = sorted({r['image_id'] for r in results} | set(seen))
-    seen = list(gt_by_id) if limit < 0 else seen
-  gt = [gt_by_id[i] for i in seen] if limit >= 0 else list(annotations)
+  results, seen = _gather_results(results, seen, workdir)
+  gt = [gt_by_id[i] for i in sorted(set(seen))] if limit >= 0 else list(annotations)
   metrics = eval_lib.evaluate(gt, results, protocol=config.eval.protocol,
                               category_agnostic=config.dataset.category_agnostic)
   if jax.process_index() == 0:

@@ -163,10 +163,14 @@ def test_two_processes_train_checkpoint_resume_and_evaluate(tmp_path):
     val_ids = {im['id'] for im in json.load(f)['images']}
   assert len(val_ids) == 4 and ids <= val_ids
   assert not [n for n in os.listdir(workdir) if n.startswith('.results_part')]
-  runs = _two_processes(tmp_path, *args, '--mode=train', '--config.train.num_steps=3')
+  # eval.max_images counts images over all processes (2 + 1 here, from the
+  # processes' shards of 2 images each).
+  runs = _two_processes(tmp_path, *args, '--config.train.num_steps=3',
+                        '--config.eval.max_images=3')
   for code, out in runs:
     assert code == 0 and 'resuming from step 2' in out, out[-3000:]
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['1', '2', '3']
+  assert 'evaluation at step 3 on 3 images' in runs[0][1]
 
 
 def test_incomplete_distributed_environment_is_one_line_exit_2(tmp_path):
