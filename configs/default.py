@@ -137,7 +137,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval = e = ml_collections.ConfigDict()
   e.batch_size = 1
   e.protocol = 'coco'       # coco | amodalapi
-  e.max_images = -1         # -1: the whole split; N: its first N images (all processes together)
+  e.max_images = -1         # -1: the whole split; N: N images in all (the first of each process's shard)
   e.mask_threshold = 0.5
 
   c.predict = p = ml_collections.ConfigDict()
