@@ -689,8 +689,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, model: Any,
           int(image_id), {k: v[j] for k, v in dets.items()}, meta['image_scale'][j],
           (ann.height, ann.width), mask_threshold=config.eval.mask_threshold))
 
-  # With eval.max_images, no batch is read past the one that reaches the
-  # limit (the same count on every process: batches have one size).
+  # No batch is read past the one that reaches read_limit (batches have one
+  # size, so every process stops at the same batch).
   lookahead = dispatch_lookahead()
   pending, dispatched = [], 0
   for batch in tqdm(eval_batches, desc='eval', unit='batch', mininterval=1.0,
