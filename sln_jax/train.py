@@ -758,8 +758,8 @@ def predict(config: ml_collections.ConfigDict, model: Any, variables: PyTree,
       image_scale, glm_image)`` (``pipeline.preprocess_image_for_inference``).
 
   Returns:
-    The number of images written. Non-images and unreadable images are
-    reported and skipped.
+    The number of images this process wrote. Non-images and unreadable
+    images are reported and skipped.
   """
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from sln_jax import predict as predict_lib  # pylint: disable=g-import-not-at-top
@@ -770,7 +770,13 @@ def predict(config: ml_collections.ConfigDict, model: Any, variables: PyTree,
     raise UserError('must be set', field='predict.output_dir')
   os.makedirs(pc.output_dir, exist_ok=True)
   infer = jax.jit(make_infer_fn(model))
-  names = sorted(os.listdir(pc.input_dir))
+  # Several processes split the files (file k goes to process k mod P) and
+  # predict.max_images (N in all).
+  procs, me = jax.process_count(), jax.process_index()
+  mine = list(enumerate(sorted(os.listdir(pc.input_dir))))[me::procs]
+  limit = int(pc.max_images)
+  if limit >= 0:
+    limit = limit // procs + int(me < limit % procs)
   lookahead = dispatch_lookahead()
   pending, done = [], 0
 
@@ -783,8 +789,8 @@ def predict(config: ml_collections.ConfigDict, model: Any, variables: PyTree,
       json.dump(results, f)
     predict_lib.draw_prediction(image, results, os.path.join(pc.output_dir, stem + '.png'))
 
-  for k, name in enumerate(tqdm(names, desc='predict', unit='image', mininterval=1.0)):
-    if 0 <= pc.max_images <= done:
+  for k, name in tqdm(mine, desc='predict', unit='image', mininterval=1.0, disable=me != 0):
+    if 0 <= limit <= done:
       break
     path = os.path.join(pc.input_dir, name)
     stem, suffix = os.path.splitext(name)
@@ -806,7 +812,8 @@ def predict(config: ml_collections.ConfigDict, model: Any, variables: PyTree,
     done += 1
   for item in pending:
     write(*item)
-  print(f'wrote predictions for {done} images to {pc.output_dir}', flush=True)
+  by = f' (process {me} of {procs})' if procs > 1 else ''
+  print(f'wrote predictions for {done} images to {pc.output_dir}{by}', flush=True)
   return done
 
 

@@ -411,6 +411,16 @@ def test_predict_writes_json_and_png_and_skips_bad_files(tmp_path, capsys, monke
   assert train.predict(c, model, v, preprocess) == 1
   assert sorted(os.listdir(tmp_path / 'out1')) == [
       'COCO_val2014_000000000042.json', 'COCO_val2014_000000000042.png']
+  # Two processes split the sorted files (42.png, b.jpg, broken.png, notes.txt):
+  # process 1 takes b.jpg and notes.txt.
+  c.predict.max_images = -1
+  c.predict.output_dir = str(tmp_path / 'out2')
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(jax, 'process_index', lambda: 1)
+  assert train.predict(c, model, v, preprocess) == 1
+  assert sorted(os.listdir(tmp_path / 'out2')) == ['b.json', 'b.png']
+  assert 'process 1 of 2' in capsys.readouterr().out
+  monkeypatch.undo()
   c.predict.input_dir = str(tmp_path / 'missing')
   with pytest.raises(UserError, match='predict.input_dir'):
     train.predict(c, model, v, preprocess)
