@@ -631,6 +631,15 @@ def _gather_results(results: list, seen: list, workdir: str) -> tuple[list, list
   return merged, merged_seen
 
 
+def _process_share(total: int) -> int:
+  """This process's part of ``total`` items split over the processes (the
+  first ``total mod P`` processes take one more); -1 (no limit) stays -1."""
+  if total < 0:
+    return total
+  procs = jax.process_count()
+  return total // procs + int(jax.process_index() < total % procs)
+
+
 def dispatch_lookahead() -> int:
   """Batches evaluate() and predict() dispatch before reading a batch's
   detections.
@@ -667,11 +676,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, model: Any,
   rvars = replicate(variables)
   # eval.max_images is split over the processes (each reads its own shard);
   # every process reads the same number of batches (up to ``read_limit``).
-  limit, read_limit = int(config.eval.max_images), -1
-  if limit >= 0:
-    procs = jax.process_count()
-    read_limit = -(-limit // procs)
-    limit = limit // procs + int(jax.process_index() < limit % procs)
+  total = int(config.eval.max_images)
+  limit = _process_share(total)
+  read_limit = -(-total // jax.process_count()) if total >= 0 else -1
   results, seen = [], []
 
   def collect(dets, meta):
@@ -705,8 +712,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, model: Any,
       break
   for item in pending:
     collect(*item)
+  # Scored against the images that were run (a sliced split such as
+  # 'val[:10]' or eval.max_images covers part of the annotation file).
   results, seen = _gather_results(results, seen, workdir)
-  gt = [gt_by_id[i] for i in sorted(set(seen))] if limit >= 0 else list(annotations)
+  gt = [gt_by_id[i] for i in sorted(set(seen))]
   metrics = eval_lib.evaluate(gt, results, protocol=config.eval.protocol,
                               category_agnostic=config.dataset.category_agnostic)
   if jax.process_index() == 0:
@@ -774,9 +783,7 @@ def predict(config: ml_collections.ConfigDict, model: Any, variables: PyTree,
   # predict.max_images (N in all).
   procs, me = jax.process_count(), jax.process_index()
   mine = list(enumerate(sorted(os.listdir(pc.input_dir))))[me::procs]
-  limit = int(pc.max_images)
-  if limit >= 0:
-    limit = limit // procs + int(me < limit % procs)
+  limit = _process_share(int(pc.max_images))
   lookahead = dispatch_lookahead()
   pending, done = [], 0
 

@@ -12,8 +12,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', JAX_PLATFORMS='cpu')
 
 
-def _main(*args, timeout=600):
-  return subprocess.run([sys.executable, 'main.py', *args], cwd=ROOT, env=ENV,
+def _main(*args, timeout=600, env=None):
+  return subprocess.run([sys.executable, 'main.py', *args], cwd=ROOT, env=env or ENV,
                         capture_output=True, text=True, timeout=timeout, check=False)
 
 
@@ -127,7 +127,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _two_processes(tmp_path, *args, timeout=420):
+def _two_processes(*args, timeout=420):
   """main.py as two JAX processes (one CPU device each) joined by
   jax.distributed through JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
   JAX_PROCESS_ID. Returns their (returncode, stdout + stderr)."""
@@ -152,9 +152,10 @@ def test_two_processes_train_checkpoint_resume_and_evaluate(tmp_path):
   args = _tiny_synthetic(tmp_path) + [
       '--config.dataset.synthetic.num_train=4', '--config.dataset.synthetic.num_val=4',
       '--config.train.batch_size=2', '--config.eval.batch_size=2', f'--workdir={workdir}']
-  runs = _two_processes(tmp_path, *args)
+  runs = _two_processes(*args)
   for code, out in runs:
     assert code == 0, out[-3000:]
+  # The scored images are those run, gathered from both processes' shards.
   assert 'evaluation at step 2 on 4 images' in runs[0][1]
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['1', '2']
   with open(workdir / 'results.json') as f:
@@ -165,8 +166,7 @@ def test_two_processes_train_checkpoint_resume_and_evaluate(tmp_path):
   assert not [n for n in os.listdir(workdir) if n.startswith('.results_part')]
   # eval.max_images counts images over all processes (2 + 1 here, from the
   # processes' shards of 2 images each).
-  runs = _two_processes(tmp_path, *args, '--config.train.num_steps=3',
-                        '--config.eval.max_images=3')
+  runs = _two_processes(*args, '--config.train.num_steps=3', '--config.eval.max_images=3')
   for code, out in runs:
     assert code == 0 and 'resuming from step 2' in out, out[-3000:]
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['1', '2', '3']
@@ -175,11 +175,8 @@ def test_two_processes_train_checkpoint_resume_and_evaluate(tmp_path):
 
 def test_incomplete_distributed_environment_is_one_line_exit_2(tmp_path):
   env = dict(ENV, JAX_COORDINATOR_ADDRESS='localhost:1')
-  args = [sys.executable, 'main.py', '--config=configs/tiny.py', f'--workdir={tmp_path}']
-  line = _one_line_error(subprocess.run(args, cwd=ROOT, env=env, capture_output=True,
-                                        text=True, timeout=300, check=False))
+  args = ['--config=configs/tiny.py', f'--workdir={tmp_path}']
+  line = _one_line_error(_main(*args, env=env))
   assert 'JAX_NUM_PROCESSES' in line and 'JAX_PROCESS_ID' in line
-  line = _one_line_error(subprocess.run(args, cwd=ROOT, env=dict(env, JAX_NUM_PROCESSES='two'),
-                                        capture_output=True, text=True, timeout=300,
-                                        check=False))
+  line = _one_line_error(_main(*args, env=dict(env, JAX_NUM_PROCESSES='two')))
   assert line == "error: JAX_NUM_PROCESSES: 'two' is not an integer"

@@ -336,7 +336,9 @@ def test_evaluate_scores_in_original_pixels(tmp_path, monkeypatch, lookahead):
   monkeypatch.setattr(train, 'dispatch_lookahead', lambda: lookahead)
   model, v = ts.init_variables()
   c = _config()
-  gt = [_annotation(i, 32, 24, (0, 0, 16, 12)) for i in (1, 2, 3)]
+  # Image 4 is annotated but not in the evaluated split (e.g. 'val[:3]'): it
+  # must not count as missed.
+  gt = [_annotation(i, 32, 24, (0, 0, 16, 12)) for i in (1, 2, 3, 4)]
   batches = [_eval_batch([1, 2], [True, True]), _eval_batch([3, -1], [True, False])]
   writer = _Writer()
   metrics = train.evaluate(c, str(tmp_path), model, v, batches, gt, step=7, writer=writer)
