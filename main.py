@@ -80,10 +80,11 @@ def _env_int(name: str):
     raise cliutil.UserError(f'{value!r} is not an integer', field=name) from None
 
 
-def _initialize_distributed(jax) -> None:
+def _initialize_distributed() -> None:
   """jax.distributed.initialize() with JAX_NUM_PROCESSES / JAX_PROCESS_ID
   from the environment when set (SLURM, Open MPI and TPU pods are detected
   without them)."""
+  import jax  # pylint: disable=g-import-not-at-top
   try:
     jax.distributed.initialize(num_processes=_env_int('JAX_NUM_PROCESSES'),
                                process_id=_env_int('JAX_PROCESS_ID'))
@@ -113,10 +114,12 @@ def _eval_annotations(config, builder):
   return lambda: readers.load_annotations(builder.FORMAT, path, images)
 
 
-def _build_dataset_once(jax, tfds_builders, config):
+def _build_dataset_once(config):
   """Prepares the dataset on process 0 first, then on the others: with a
   shared data_dir they find it prepared; with local disks each prepares its
   own copy. (Concurrent preparation into one shared directory races.)"""
+  import jax  # pylint: disable=g-import-not-at-top
+  from input_pipeline import tfds_builders  # pylint: disable=g-import-not-at-top
   if jax.process_count() == 1:
     return tfds_builders.build_dataset(config)
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
@@ -129,14 +132,13 @@ def _data_sources(config, mode: str):
   """Builds the input side (TensorFlow lives here, not in sln_jax)."""
   import jax  # pylint: disable=g-import-not-at-top
   from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top
-  from input_pipeline import tfds_builders  # pylint: disable=g-import-not-at-top
   from sln_jax import train  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')  # the accelerator belongs to JAX
   data = train.DataSources(preprocess_image=pipeline.preprocess_image_for_inference)
   if mode == 'predict':
     return data
-  builder = _build_dataset_once(jax, tfds_builders, config)
+  builder = _build_dataset_once(config)
   shard = dict(shard_index=jax.process_index(), num_shards=jax.process_count(),
                num_local_devices=jax.local_device_count(), builder=builder)
   # functools.partial binds each split's batch size now (a lambda would read
@@ -161,7 +163,7 @@ def _main() -> int:
     logging.set_verbosity(logging.WARNING)
   import jax  # pylint: disable=g-import-not-at-top
   if _multi_host():
-    _initialize_distributed(jax)
+    _initialize_distributed()
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
   from sln_jax import train  # pylint: disable=g-import-not-at-top
   config, mode = _CONFIG.value, _MODE.value
