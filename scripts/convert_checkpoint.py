@@ -64,44 +64,6 @@ def _read_input(path: str) -> np.ndarray:
   return x.astype(np.float32)
 
 
-def compute_activations(variables: dict, x: np.ndarray, config) -> dict:
-  """Runs the converted parts of the network on NCHW ``x`` -> numpy dict.
-
-  Uses the SLN model's own submodules (sln_jax.models.sln); only the parts
-  whose parameters the checkpoint holds are run.
-  """
-  import jax
-  import jax.numpy as jnp
-
-  from sln_jax.models import deeplab, sln
-
-  model = sln.build_model(config)
-  params = variables['params']
-  g = config.model.glm.image_size
-  nchw = lambda a: np.asarray(a, np.float32).transpose(0, 3, 1, 2)
-
-  def features(mdl, img):
-    c = mdl.backbone(img)
-    p = mdl.fpn(c)
-    return c, p, mdl.rpn([p[f'p{s}'] for s in range(2, 7)])
-
-  def glm_logits(mdl, img):
-    return mdl.glm(deeplab.resize_bilinear(img, g, g))['logits']
-
-  img = jnp.asarray(x.transpose(0, 2, 3, 1))
-  run = jax.jit(lambda v, i, fn: model.apply(v, i, method=fn),
-                static_argnums=2)
-  out = {}
-  if all(k in params for k in ('backbone', 'fpn', 'rpn')):
-    c, p, r = run(variables, img, features)
-    out.update({k: nchw(v) for k, v in {**c, **p}.items()})
-    out['rpn_class_logits'] = np.asarray(r['logits'], np.float32)
-    out['rpn_bbox'] = np.asarray(r['deltas'], np.float32)
-  if 'glm' in params and config.model.glm.enabled:
-    out['glm_logits'] = nchw(run(variables, img, glm_logits))
-  return out
-
-
 def main() -> int:
   for name in ('pth', 'output', 'config'):
     if FLAGS[name].value is None:
@@ -128,7 +90,7 @@ def main() -> int:
       allow_unexpected=FLAGS['allow-unexpected'].value, skip=FLAGS.skip,
       path=FLAGS.pth)
   del state
-  acts = None if x is None else compute_activations(variables, x, config)
+  acts = None if x is None else checkpoint_port.release_activations(variables, x, config)
   with cliutil.atomic_output_dir(FLAGS.output) as tmp:
     checkpoint_port.save_orbax(variables, tmp)
   if acts is not None:

@@ -450,6 +450,52 @@ def flax_to_torch(variables: Mapping, config, source: str = 'sln',
 # ----------------------------------------------------------------- Orbax
 
 
+def release_activations(variables: Mapping, x: np.ndarray, config) -> dict:
+  """The release's intermediate tensors, computed by the converted network.
+
+  Args:
+    variables: {'params', 'batch_stats'} from ``torch_to_flax``.
+    x: (N, 3, H, W) float32, already mean-subtracted, H and W multiples of 32.
+    config: the config the variables were converted for.
+
+  Returns float32 numpy arrays for the parts ``variables`` holds: c1..c5,
+  p2..p6 (NCHW, c1 after the stem's max pool), rpn_class_logits (N, A, 2),
+  rpn_bbox (N, A, 4) (level P2..P6, then row, column, anchor), glm_logits
+  (N, classes, h, w) of x resized bilinearly to model.glm.image_size. Runs
+  the SLN model's own submodules (sln_jax.models.sln).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  from sln_jax.models import deeplab, sln  # pylint: disable=g-import-not-at-top
+
+  model = sln.build_model(config)
+  params = variables['params']
+  g = config.model.glm.image_size
+  nchw = lambda a: np.asarray(a, np.float32).transpose(0, 3, 1, 2)
+
+  def features(mdl, img):
+    c = mdl.backbone(img)
+    p = mdl.fpn(c)
+    return c, p, mdl.rpn([p[f'p{s}'] for s in range(2, 7)])
+
+  def glm_logits(mdl, img):
+    return mdl.glm(deeplab.resize_bilinear(img, g, g))['logits']
+
+  img = jnp.asarray(x.transpose(0, 2, 3, 1))
+  run = jax.jit(lambda v, i, fn: model.apply(v, i, method=fn),
+                static_argnums=2)
+  out = {}
+  if all(k in params for k in ('backbone', 'fpn', 'rpn')):
+    c, p, r = run(variables, img, features)
+    out.update({k: nchw(v) for k, v in {**c, **p}.items()})
+    out['rpn_class_logits'] = np.asarray(r['logits'], np.float32)
+    out['rpn_bbox'] = np.asarray(r['deltas'], np.float32)
+  if 'glm' in params and config.model.glm.enabled:
+    out['glm_logits'] = nchw(run(variables, img, glm_logits))
+  return out
+
+
 def save_orbax(variables: Mapping, directory: str) -> None:
   """Writes {'params', 'batch_stats'} to ``directory`` (StandardCheckpointer;
   replaces an existing directory)."""
