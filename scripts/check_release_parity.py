@@ -3,13 +3,24 @@
   python scripts/check_release_parity.py --release_dir SLN-Amodal \
       [--pth COCOA.pth] [--config=configs/cocoa.py] [--image photo.jpg]
       [--image_size 256] [--seed 0] [--tolerance 1e-4]
+  python scripts/check_release_parity.py --release_dir SLN-Amodal \
+      --annotations COCO_amodal_val2014.json --results DT.json
 
-RELEASE_DIR is a checkout of github.com/apchenstu/SLN-Amodal. Its network is
-built from its own modules, filled from ``--pth`` (default: seeded random
-weights in the release's layout), converted, and both networks run on the
-same input: the image (squashed to image_size, minus the mean pixel) or
-seeded noise. Prints each compared tensor's relative error
-(``sln_jax.release_parity``). Exit 0 when every tensor is within
+RELEASE_DIR is a checkout of github.com/apchenstu/SLN-Amodal.
+
+Network (default): the release's network is built from its own modules,
+filled from ``--pth`` (default: seeded random weights in the release's
+layout), converted, and both networks run on the same input: the image
+(squashed to image_size, minus the mean pixel) or seeded noise. Prints each
+compared tensor's relative error.
+
+Evaluator (``--annotations`` and ``--results``, a COCOA file and COCO
+results as ``main.py`` writes them): the release's amodal evaluator and
+``sln_jax.evaluate`` with ``--config.eval.protocol=amodalapi`` score the same
+results; prints the largest absolute difference over the 72 numbers of each
+branch (amodal; visible when the results carry ``visible_mask``).
+
+(``sln_jax.release_parity``.) Exit 0 when everything is within
 ``--tolerance``, 1 otherwise, 2 on bad input.
 """
 from __future__ import annotations
@@ -33,7 +44,10 @@ flags.DEFINE_string('pth', None, 'Release checkpoint (default: random weights).'
 flags.DEFINE_string('image', None, 'Image to run on (default: seeded noise).')
 flags.DEFINE_integer('image_size', 256, 'Square input side (multiple of 64).')
 flags.DEFINE_integer('seed', 0, 'Seed of the random weights, input and ROI features.')
-flags.DEFINE_float('tolerance', 1e-4, 'Largest relative error accepted.')
+flags.DEFINE_string('annotations', None, 'COCOA annotation file (evaluator check).')
+flags.DEFINE_string('results', None, 'COCO results JSON (evaluator check).')
+flags.DEFINE_float('tolerance', 1e-4, 'Largest relative error of a tensor, or absolute '
+                   'difference of a metric, accepted.')
 config_flags.DEFINE_config_file('config', os.path.join(ROOT, 'configs', 'cocoa.py'),
                                 'Model config (full-size SLN).')
 
@@ -57,10 +71,39 @@ def _input(config, size: int, seed: int) -> np.ndarray:
   return (rgb - mean).transpose(2, 0, 1)[None].copy()
 
 
+def check_evaluator() -> int:
+  """--annotations/--results: the release's evaluator vs sln_jax.evaluate."""
+  from input_pipeline import readers  # pylint: disable=g-import-not-at-top
+  from sln_jax import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
+  amodal_eval = release_parity.load_release_evaluator(FLAGS.release_dir)
+  gt = readers.load_annotations('cocoa', FLAGS.annotations)  # bad file: a UserError
+  results = cliutil.read_json(FLAGS.results)
+  ours = eval_lib.evaluate(gt, results, protocol='amodalapi', results_path=FLAGS.results)
+  annotations = cliutil.read_json(FLAGS.annotations)
+  worst = 0.0
+  for branch, table in ours.items():
+    theirs = release_parity.release_evaluation(amodal_eval, annotations, results,
+                                               visible=branch == 'visible')
+    diff = max(abs(table[s][p][m] - theirs[s][p][m])
+               for s in table for p in table[s] for m in table[s][p])
+    worst = max(worst, diff)
+    n = sum(len(row) for parts in table.values() for row in parts.values())
+    row = lambda t: ' '.join(f'{k} {v:.4f}' for k, v in t['all']['both'].items())
+    print(f'{branch}: max |sln_jax - release| over {n} numbers = {diff:.2e}')
+    print(f'  release  all/both: {row(theirs)}')
+    print(f'  sln_jax  all/both: {row(ours[branch])}')
+  return 1 if worst > FLAGS.tolerance else 0
+
+
 def main() -> int:
   if not FLAGS.release_dir:
     raise cliutil.UserError('is required (a checkout of apchenstu/SLN-Amodal)',
                             field='--release_dir')
+  if (FLAGS.annotations is None) != (FLAGS.results is None):
+    raise cliutil.UserError('give both --annotations and --results (evaluator check)',
+                            field='--annotations')
+  if FLAGS.annotations:
+    return check_evaluator()
   size = FLAGS.image_size
   if size <= 0 or size % 64:
     raise cliutil.UserError(f'must be a positive multiple of 64 (the release\'s '

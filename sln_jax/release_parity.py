@@ -11,16 +11,24 @@ and deltas, GLM logits, and the two heads on the same pooled ROI features
 (the release pools with a compiled PyTorch 0.4 extension that current
 PyTorch cannot load, so pooling is bypassed; ``ops.roi_align`` is tested
 against TensorFlow's ``crop_and_resize``). Tensors are NCHW as in PyTorch.
+
+``release_evaluation`` runs the release's own amodal evaluator
+(``evaluate/amodalevalCOCOA.py``, as its ``print_result`` does: every
+occlusion subset and thing/stuff part) on a COCOA annotation file and a
+results list, for comparison with ``sln_jax.evaluate`` (``amodalapi``).
+
 CLI: ``scripts/check_release_parity.py``. torch is imported lazily.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
+import io
 import os
 import sys
 import types
 import warnings
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -236,3 +244,105 @@ def compare(net, state: Mapping, config, x: np.ndarray, seed: int = 0,
     want64 = want.astype(np.float64)
     errors[name] = float(np.abs(got - want64).max() / max(np.abs(want64).max(), 1e-12))
   return errors
+
+
+# ----------------------------------------------------------------- evaluator
+_RELEASE_EVAL_FILE = 'evaluate/amodalevalCOCOA.py'
+
+
+@contextlib.contextmanager
+def _numpy_2018() -> Iterator[None]:
+  """What the release's evaluator needs of numpy that numpy 2 removed:
+  ``np.float`` and a float ``num`` for ``np.linspace``; restored on exit."""
+  had_float = hasattr(np, 'float')
+  saved_float, linspace = getattr(np, 'float', None), np.linspace
+  np.float = float
+  np.linspace = lambda start, stop, num=50, **kw: linspace(start, stop, int(num), **kw)
+  try:
+    yield
+  finally:
+    np.linspace = linspace
+    if had_float:
+      np.float = saved_float
+    else:
+      del np.float
+
+
+def load_release_evaluator(release_dir: str):
+  """The release's ``AmodalEval`` class (COCOA), loaded from its file."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path = os.path.join(release_dir, _RELEASE_EVAL_FILE)
+  if not os.path.isfile(path):
+    raise UserError(f'not a checkout of apchenstu/SLN-Amodal (no {_RELEASE_EVAL_FILE})',
+                    path=release_dir, field='--release_dir')
+  spec = importlib.util.spec_from_file_location('sln_release_amodaleval', path)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+    return module.AmodalEval
+  except (ImportError, AttributeError, SyntaxError) as err:
+    raise UserError(f'cannot load the release evaluator ({err})', path=path,
+                    field='--release_dir') from None
+
+
+class _ReleaseGt:
+  """The release's ``amodalGt`` (its Dataset, whose ``.dataset`` is its
+  modified COCO) over a COCOA annotation file: images and per-annotator
+  annotations with ``regions``."""
+
+  def __init__(self, data: Mapping):
+    self.imgs = {im['id']: im for im in data['images']}
+    self.anns = {a['id']: a for a in data['annotations']}
+    self.dataset = self
+
+  def getImgIds(self):  # pylint: disable=invalid-name
+    return list(self.imgs)
+
+  def getAnnIds(self, imgIds=()):  # pylint: disable=invalid-name
+    wanted = set(imgIds)
+    return [a['id'] for a in self.anns.values() if a['image_id'] in wanted]
+
+  def loadAnns(self, ids):  # pylint: disable=invalid-name
+    return [self.anns[i] for i in ids]
+
+
+def release_evaluation(amodal_eval, annotations: Mapping,
+                       results: Sequence[Mapping], visible: bool = False) -> dict:
+  """Runs the release's own amodal evaluator as its training script does
+  (``print_result``: every occlusion subset and thing/stuff part), on every
+  image of ``annotations`` (the release's ``[:-1]`` slice is not applied).
+
+  Args:
+    amodal_eval: the release's ``AmodalEval`` (``load_release_evaluator``).
+    annotations: a COCOA annotation file's JSON.
+    results: COCO results; ``segmentation`` (or ``visible_mask`` when
+      ``visible``) is scored. With ``visible`` the GT is each region's
+      ``visible_mask`` (or its amodal mask when unoccluded).
+
+  Returns ``{subset: {part: {AP, AP50, AP75, AR1, AR10, AR100}}}`` in the
+  layout of ``sln_jax.evaluate.evaluate``'s branches.
+  """
+  from pycocotools.coco import COCO  # pylint: disable=g-import-not-at-top
+  from sln_jax import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
+  key = 'visible_mask' if visible else 'segmentation'
+  dets = [{'image_id': r['image_id'], 'category_id': 1, 'score': r['score'],
+           'segmentation': r[key]} for r in results]
+  gt = _ReleaseGt(copy.deepcopy(annotations))
+  parts = {'both': 0, 'things': 1, 'stuff': 2}    # Params.onlyThings
+  out = {s: {} for s in eval_lib.SUBSETS}
+  with _numpy_2018(), contextlib.redirect_stdout(io.StringIO()):
+    coco = COCO()
+    coco.dataset = {'images': list(gt.imgs.values()), 'annotations': [],
+                    'categories': [{'id': 1}]}
+    coco.createIndex()
+    ev = amodal_eval(gt, coco.loadRes(copy.deepcopy(dets)), None)
+    ev.params.useAmodalGT = ev.params.useAmodalDT = int(not visible)
+    for part, only_things in parts.items():
+      for subset, rng in eval_lib.SUBSETS.items():
+        ev.params.onlyThings = only_things
+        ev.params.occRng = list(rng)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+        out[subset][part] = dict(zip(eval_lib.metric_names(), map(float, ev.stats[:6])))
+  return out

@@ -76,6 +76,9 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path):
       (('--release_dir', str(tmp_path), '--image_size', '100'), 'multiple of 64'),
       (('--release_dir', str(tmp_path), '--config=configs/tiny.py'), 'full-size'),
       (('--release_dir', str(fake)), 'not as expected'),
+      (('--release_dir', str(fake), '--results', 'r.json'), 'give both'),
+      (('--release_dir', str(fake), '--annotations', 'a.json', '--results', 'r.json'),
+       'no evaluate/amodalevalCOCOA.py'),
   ]
   (fake / 'modal').mkdir(parents=True)
   for name in ('modals', 'deeplabv2', 'resnet_deeplab', 'msc_deeplab'):
@@ -86,3 +89,11 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path):
     assert proc.returncode == 2, (args, proc.stderr[-1500:])
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith('error: ') and message in last, (args, last)
+
+
+def test_numpy_shims_for_the_release_evaluator_are_undone():
+  linspace = np.linspace
+  with release_parity._numpy_2018():  # pylint: disable=protected-access
+    assert np.float is float
+    assert len(np.linspace(0.5, 0.95, np.round((0.95 - 0.5) / 0.05) + 1)) == 10
+  assert np.linspace is linspace and not hasattr(np, 'float')
