@@ -171,6 +171,7 @@ def _main() -> int:
     raise cliutil.UserError('is required (e.g. --config=configs/synthetic.py)', field='--config')
   if not _WORKDIR.value:
     raise cliutil.UserError('is required', field='--workdir')
+  train.check_config(config)
   workdir = os.path.abspath(_WORKDIR.value)
   os.makedirs(workdir, exist_ok=True)
   data = _data_sources(config, mode)

@@ -106,6 +106,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.max_detections = 100
   t.min_confidence = 0.0
   t.nms_threshold = -1.0    # < 0: no NMS (release); e.g. 0.3 to enable
+  t.round_boxes = False     # release QUIRK: boxes rounded to whole canvas pixels before the mask head
 
   # ---------------------------------------------------------------- losses
   c.loss = l = ml_collections.ConfigDict()
@@ -139,6 +140,7 @@ def get_config() -> ml_collections.ConfigDict:
   e.protocol = 'coco'       # coco | amodalapi
   e.max_images = -1         # -1: the whole split; N: N images in all (the first of each process's shard)
   e.mask_threshold = 0.5
+  e.mask_paste = 'bilinear'  # bilinear | release (QUIRK: min-max byte-scaled PIL resize, predict.release_paste)
 
   c.predict = p = ml_collections.ConfigDict()
   p.input_dir = ''

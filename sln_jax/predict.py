@@ -68,6 +68,46 @@ def _paste_crop(prob: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
   return resize_bilinear(prob, y2 - y1, x2 - x1)
 
 
+MASK_PASTES = ('bilinear', 'release')
+
+
+def release_paste(prob: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+  """The release's ``utils.unmold_mask`` inside ``box``: (y2-y1, x2-x1) bool.
+
+  QUIRK (``eval.mask_paste='release'``): ``scipy.misc.imresize`` (scipy 1.2)
+  first byte-scales the (m, m) probabilities by their own minimum and maximum
+  (``(p - min) * 255 / (max - min or 1)``, clipped, + 0.5, truncated to
+  uint8, in float32 as numpy 1.16 computed it), PIL resizes that 'L' image
+  bilinearly (antialiased when shrinking), and pixels >= 0.5 * 255 are kept.
+  So a mask's threshold sits halfway between its lowest and highest
+  probability, not at 0.5: a weak mask still gives pixels, a constant one
+  none.
+  """
+  y1, x1, y2, x2 = box
+  if y2 <= y1 or x2 <= x1:
+    return np.zeros((max(y2 - y1, 0), max(x2 - x1, 0)), bool)
+  p = np.asarray(prob, np.float32)
+  lo, hi = p.min(), p.max()
+  scale = np.float32(255.0 / ((hi - lo) or 1))
+  byte = ((np.clip((p - lo) * scale, 0, 255) + np.float32(0.5))).astype(np.uint8)
+  resized = Image.fromarray(byte, 'L').resize((x2 - x1, y2 - y1), Image.BILINEAR)
+  return np.asarray(resized) >= 128
+
+
+def release_box(canvas_box: Sequence[float], image_scale: Sequence[float],
+                height: int, width: int) -> tuple[int, int, int, int]:
+  """The release's ``unmold_detections`` box: canvas pixels times original /
+  canvas extent, truncated to int (its boxes are already whole canvas
+  pixels, ``model.detection.round_boxes``), then clipped to the image."""
+  sy, sx = float(image_scale[0]), float(image_scale[1])
+  fy = height / round(height * sy)   # the release: image_shape / window extent
+  fx = width / round(width * sx)
+  y1, x1, y2, x2 = (int(v * f) for v, f in zip(np.asarray(canvas_box, np.float64),
+                                               (fy, fx, fy, fx)))
+  return (min(max(y1, 0), height), min(max(x1, 0), width),
+          min(max(y2, 0), height), min(max(x2, 0), width))
+
+
 def paste_masks(probs: np.ndarray, boxes: np.ndarray, height: int, width: int,
                 threshold: float = 0.5) -> np.ndarray:
   """Pastes (D, m, m) probabilities into (D, height, width) bool masks.
@@ -144,7 +184,8 @@ def detections_to_results(image_id: int, dets: Mapping[str, np.ndarray],
                           image_scale: Sequence[float], orig_hw: Sequence[int],
                           category_map: Optional[Mapping[int, int]] = None, *,
                           score_threshold: float = 0.0,
-                          mask_threshold: float = 0.5) -> list[dict]:
+                          mask_threshold: float = 0.5,
+                          mask_paste: str = 'bilinear') -> list[dict]:
   """COCO results for one image from ``SLN.infer`` outputs (batch axis removed).
 
   Args:
@@ -154,6 +195,10 @@ def detections_to_results(image_id: int, dets: Mapping[str, np.ndarray],
     image_scale: canvas pixels per original pixel (y, x).
     orig_hw: original image (height, width).
     category_map: model class index -> dataset category id (None: identity).
+    mask_paste: 'bilinear' (probabilities resized with half-pixel bilinear
+      weights into the rounded box, >= ``mask_threshold``) or 'release' (the
+      release's truncated box and byte-scaled PIL resize: ``release_box``,
+      ``release_paste``; ``mask_threshold`` unused).
 
   Returns a list of {image_id, category_id, score, bbox [x, y, w, h] original
   pixels (the float box clipped to the image), segmentation (amodal RLE,
@@ -165,6 +210,9 @@ def detections_to_results(image_id: int, dets: Mapping[str, np.ndarray],
   mask, else 1 + argmax of layer channels 1..L-1 (1 when L == 1), ordered with
   ``pairwise_order_crops`` and ``depth_layers``.
   """
+  if mask_paste not in MASK_PASTES:
+    raise ValueError(f'mask_paste must be one of {MASK_PASTES}, got {mask_paste!r}')
+  release = mask_paste == 'release'
   h, w = int(orig_hw[0]), int(orig_hw[1])
   sy, sx = float(image_scale[0]), float(image_scale[1])
   boxes = np.asarray(dets['boxes'], np.float64) / np.array([sy, sx, sy, sx])
@@ -176,13 +224,19 @@ def detections_to_results(image_id: int, dets: Mapping[str, np.ndarray],
           if valid[i] and scores[i] >= score_threshold]
   results, layer_maps, int_boxes = [], [], []
   for i in keep:
-    b = integer_box(boxes[i], h, w)
+    if release:
+      b = release_box(dets['boxes'][i], image_scale, h, w)
+    else:
+      b = integer_box(boxes[i], h, w)
     if b[2] <= b[0] or b[3] <= b[1]:
       continue
-    amodal = _paste_crop(np.asarray(dets['amodal_probs'][i]), b)
-    amodal = amodal >= mask_threshold
-    visible = _paste_crop(np.asarray(dets['visible_probs'][i]), b)
-    visible = (visible >= mask_threshold) & amodal
+    if release:
+      amodal = release_paste(dets['amodal_probs'][i], b)
+      visible = release_paste(dets['visible_probs'][i], b) & amodal
+    else:
+      amodal = _paste_crop(np.asarray(dets['amodal_probs'][i]), b) >= mask_threshold
+      visible = _paste_crop(np.asarray(dets['visible_probs'][i]), b)
+      visible = (visible >= mask_threshold) & amodal
     layer = np.where(amodal, 1, -1).astype(np.int32)
     if layer_probs is not None and np.shape(layer_probs)[-1] > 1:
       deeper = _paste_crop(np.asarray(layer_probs[i])[..., 1:], b)

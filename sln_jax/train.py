@@ -598,7 +598,8 @@ def make_image_summary_fn(model: Any, config: ml_collections.ConfigDict
     results = predict_lib.detections_to_results(
         0, {k: v[0] for k, v in dets.items()}, (1.0, 1.0), size,
         score_threshold=config.predict.score_threshold,
-        mask_threshold=config.eval.mask_threshold)
+        mask_threshold=config.eval.mask_threshold,
+        mask_paste=config.eval.mask_paste)
     return {'prediction': predict_lib.render_prediction(canvas, results)[None]}
   return fn
 
@@ -694,7 +695,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, model: Any,
       seen.append(int(image_id))
       results.extend(predict_lib.detections_to_results(
           int(image_id), {k: v[j] for k, v in dets.items()}, meta['image_scale'][j],
-          (ann.height, ann.width), mask_threshold=config.eval.mask_threshold))
+          (ann.height, ann.width), mask_threshold=config.eval.mask_threshold,
+          mask_paste=config.eval.mask_paste))
 
   # No batch is read past the one that reaches read_limit (batches have one
   # size, so every process stops at the same batch).
@@ -791,7 +793,8 @@ def predict(config: ml_collections.ConfigDict, model: Any, variables: PyTree,
     results = predict_lib.detections_to_results(
         image_id, {key: v[0] for key, v in jax.device_get(dets).items()}, scale,
         image.shape[:2], score_threshold=pc.score_threshold,
-        mask_threshold=config.eval.mask_threshold)
+        mask_threshold=config.eval.mask_threshold,
+        mask_paste=config.eval.mask_paste)
     with atomic_output_file(os.path.join(pc.output_dir, stem + '.json')) as f:
       json.dump(results, f)
     predict_lib.draw_prediction(image, results, os.path.join(pc.output_dir, stem + '.png'))
@@ -838,6 +841,21 @@ class DataSources:
 MODES = ('train_and_evaluate', 'train', 'evaluate', 'predict')
 
 
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises a UserError for config values that would otherwise fail only
+  after training or a whole inference pass (stages, eval protocol, mask
+  paste). main.py calls it before building any dataset."""
+  from sln_jax import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
+  from sln_jax import predict as predict_lib  # pylint: disable=g-import-not-at-top
+  schedule(config)
+  if config.eval.protocol not in eval_lib.PROTOCOLS:
+    raise UserError(f'{config.eval.protocol!r} is not one of '
+                    f'{", ".join(eval_lib.PROTOCOLS)}', field='eval.protocol')
+  if config.eval.mask_paste not in predict_lib.MASK_PASTES:
+    raise UserError(f'{config.eval.mask_paste!r} is not one of '
+                    f'{", ".join(predict_lib.MASK_PASTES)}', field='eval.mask_paste')
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, mode: str,
         writer: MetricWriter, data: DataSources, model: Any = None,
         variables: PyTree = None) -> Optional[dict]:
@@ -849,6 +867,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str,
   """
   if mode not in MODES:
     raise UserError(f'unknown mode {mode!r}; one of {", ".join(MODES)}', field='--mode')
+  check_config(config)
   if (mode in ('evaluate', 'predict') and not config.init_from
       and not os.path.isdir(os.path.join(workdir, 'checkpoints'))):
     raise UserError(f'no checkpoint to {mode} with (train first, or set init_from)',

@@ -47,6 +47,16 @@ def test_unknown_config_field_is_one_line_exit_2(tmp_path):
   assert 'configs/nope.py' in line
 
 
+@pytest.mark.parametrize('field,value', [('eval.mask_paste', 'nearest'),
+                                         ('eval.protocol', 'cocoa')])
+def test_bad_eval_setting_fails_before_any_work(tmp_path, field, value):
+  line = _one_line_error(_main('--config=configs/tiny.py', f'--workdir={tmp_path}/w',
+                               f'--config.{field}={value}',
+                               f'--config.dataset.manual_dir={tmp_path}/none'))
+  assert field in line and repr(value) in line
+  assert not os.path.exists(tmp_path / 'w')
+
+
 def test_missing_dataset_is_one_line_exit_2(tmp_path):
   missing = tmp_path / 'no_such_dir'
   line = _one_line_error(_main('--config=configs/cocoa.py', f'--workdir={tmp_path}/w',

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pycocotools import mask as mask_utils
 
 from input_pipeline import records
 from sln_jax import evaluate as ev
@@ -168,3 +169,62 @@ def test_draw_prediction_writes_png(tmp_path):
   assert (pixels[14, 14] != 128).any()           # back, visible, away from text
   assert (pixels[0, 31] == 128).all()            # background untouched
   assert predict.instance_colour(0) != predict.instance_colour(1)
+
+
+# --------------------------------------------------------------- release paste
+def _bytescale(p):
+  """scipy 1.2 bytescale, by hand: min-max to 0..255, + 0.5, truncated."""
+  p = np.asarray(p, np.float64)
+  span = p.max() - p.min() or 1.0
+  return np.floor(np.clip((p - p.min()) * 255.0 / span, 0, 255) + 0.5)
+
+
+def test_release_paste_thresholds_between_the_masks_own_min_and_max():
+  rng = np.random.default_rng(0)
+  weak = 0.3 * rng.random((16, 16))                  # every probability < 0.5
+  box = (0, 0, 16, 16)                               # same size: no resampling
+  got = predict.release_paste(weak, box)
+  np.testing.assert_array_equal(got, _bytescale(weak) >= 128)
+  assert got.any() and not (predict.resize_bilinear(weak, 16, 16) >= 0.5).any()
+  # A constant map byte-scales to 0 everywhere: no pixel, even at 0.9.
+  assert not predict.release_paste(np.full((16, 16), 0.9), (2, 3, 40, 30)).any()
+  assert predict.release_paste(weak, (5, 5, 5, 9)).shape == (0, 4)
+
+
+def test_release_paste_upsampling_is_bilinear_up_to_byte_quantisation():
+  rng = np.random.default_rng(1)
+  prob = rng.random((16, 16))
+  prob[0, 0], prob[1, 1] = 0.0, 1.0                   # min 0, max 1: no rescale
+  box = (10, 20, 10 + 37, 20 + 50)
+  got = predict.release_paste(prob, box)
+  ref = predict.resize_bilinear(prob, 37, 50)
+  clear = np.abs(ref - 0.5) > 3 / 255                 # away from the threshold
+  np.testing.assert_array_equal(got[clear], (ref >= 0.5)[clear])
+  assert clear.mean() > 0.9
+
+
+def test_release_box_truncates_after_scaling_back():
+  # 480x640 squashed to 1024x1024: canvas pixels x 480/1024 and x 640/1024.
+  scale = (1024 / 480, 1024 / 640)
+  assert predict.release_box((100, 200, 301, 555), scale, 480, 640) == (46, 125, 141, 346)
+  assert predict.integer_box(np.array([100, 200, 301, 555]) / np.array(
+      scale * 2), 480, 640) == (47, 125, 141, 347)
+
+
+def test_detections_to_results_release_paste():
+  dets = {'boxes': np.array([[100., 200., 301., 555.]]), 'scores': np.array([0.9]),
+          'classes': np.array([1]), 'valid': np.array([True]),
+          'amodal_probs': np.full((1, 8, 8), 0.2), 'visible_probs': np.full((1, 8, 8), 0.2)}
+  dets['amodal_probs'][0, 2:6, 2:6] = 0.4             # weak, but its own maximum
+  dets['visible_probs'] = dets['amodal_probs'].copy()
+  scale = (1024 / 480, 1024 / 640)
+  plain = predict.detections_to_results(1, dets, scale, (480, 640))
+  release = predict.detections_to_results(1, dets, scale, (480, 640), mask_paste='release')
+  assert mask_utils.area(plain[0]['segmentation']) == 0
+  area = mask_utils.area(release[0]['segmentation'])
+  assert 0 < area < (141 - 46) * (346 - 125)
+  m = mask_utils.decode(release[0]['segmentation'])
+  ys, xs = np.nonzero(m)
+  assert ys.min() >= 46 and ys.max() < 141 and xs.min() >= 125 and xs.max() < 346
+  with pytest.raises(ValueError, match='mask_paste'):
+    predict.detections_to_results(1, dets, scale, (480, 640), mask_paste='nearest')

@@ -265,6 +265,25 @@ def test_bfloat16_and_legacy_pixel_boxes_inference():
                          np.asarray(out['layer_probs'])[0, valid])
 
 
+def test_round_boxes_puts_detections_on_whole_canvas_pixels():
+  """model.detection.round_boxes (release QUIRK): boxes rounded half to even
+  before the mask head, so the masks are of the rounded boxes."""
+  cfg = tiny.get_config()
+  batch, _, _ = _scene()
+  v = sln.init_variables(sln.build_model(cfg), jax.random.PRNGKey(1), S)
+  v['params']['box_head']['linear_class']['bias'] = jnp.array([0.0, 5.0])
+  args = (batch['image'], batch['glm_image'], batch['image_shape'])
+  run = lambda m: jax.device_get(
+      _compile(functools.partial(m.apply, method='infer'), v, *args)(v, *args))
+  plain = run(sln.build_model(cfg))
+  cfg.model.detection.round_boxes = True
+  rounded = run(sln.build_model(cfg))
+  np.testing.assert_allclose(rounded['boxes'], np.round(plain['boxes']), atol=1e-4)
+  np.testing.assert_allclose(rounded['boxes'], np.round(rounded['boxes']), atol=1e-4)
+  assert np.abs(plain['boxes'] - np.round(plain['boxes'])).max() > 0.01  # not already whole
+  assert not np.allclose(rounded['amodal_probs'], plain['amodal_probs'])
+
+
 def _two_image_batch():
   """The scene and its mirror image with only its first object."""
   one, _, _ = _scene()

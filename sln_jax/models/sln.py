@@ -260,6 +260,8 @@ class SLN(nn.Module):
         bbox_std=tuple(c.roi.bbox_std), max_detections=t.max_detections,
         min_confidence=t.min_confidence, nms_threshold=t.nms_threshold)
     boxes = jax.lax.stop_gradient(det['boxes'])
+    if t.round_boxes:  # release QUIRK: whole canvas pixels (torch.round, half to even)
+      boxes = jnp.round(boxes * size) / size
     # Release QUIRK (legacy flag): pixel-unit boxes into the GLM crop.
     glm_boxes = boxes * size if c.glm.legacy_pixel_boxes else boxes
     logits = self._mask_head(pyramid, glm_feats, boxes, glm_boxes, size)
