@@ -212,7 +212,6 @@ def detections_to_results(image_id: int, dets: Mapping[str, np.ndarray],
   """
   if mask_paste not in MASK_PASTES:
     raise ValueError(f'mask_paste must be one of {MASK_PASTES}, got {mask_paste!r}')
-  release = mask_paste == 'release'
   h, w = int(orig_hw[0]), int(orig_hw[1])
   sy, sx = float(image_scale[0]), float(image_scale[1])
   boxes = np.asarray(dets['boxes'], np.float64) / np.array([sy, sx, sy, sx])
@@ -222,21 +221,19 @@ def detections_to_results(image_id: int, dets: Mapping[str, np.ndarray],
   layer_probs = dets.get('layer_probs')
   keep = [i for i in np.argsort(-scores, kind='stable')
           if valid[i] and scores[i] >= score_threshold]
+  if mask_paste == 'release':
+    box_of = lambda i: release_box(dets['boxes'][i], image_scale, h, w)
+    paste = release_paste
+  else:
+    box_of = lambda i: integer_box(boxes[i], h, w)
+    paste = lambda prob, b: _paste_crop(np.asarray(prob), b) >= mask_threshold
   results, layer_maps, int_boxes = [], [], []
   for i in keep:
-    if release:
-      b = release_box(dets['boxes'][i], image_scale, h, w)
-    else:
-      b = integer_box(boxes[i], h, w)
+    b = box_of(i)
     if b[2] <= b[0] or b[3] <= b[1]:
       continue
-    if release:
-      amodal = release_paste(dets['amodal_probs'][i], b)
-      visible = release_paste(dets['visible_probs'][i], b) & amodal
-    else:
-      amodal = _paste_crop(np.asarray(dets['amodal_probs'][i]), b) >= mask_threshold
-      visible = _paste_crop(np.asarray(dets['visible_probs'][i]), b)
-      visible = (visible >= mask_threshold) & amodal
+    amodal = paste(dets['amodal_probs'][i], b)
+    visible = paste(dets['visible_probs'][i], b) & amodal
     layer = np.where(amodal, 1, -1).astype(np.int32)
     if layer_probs is not None and np.shape(layer_probs)[-1] > 1:
       deeper = _paste_crop(np.asarray(layer_probs[i])[..., 1:], b)
