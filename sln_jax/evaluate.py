@@ -325,11 +325,12 @@ def _ignore_rule(subset: str, part: str) -> Callable[[dict], bool]:
   return ignore
 
 
-def _check_protocol(protocol: str) -> None:
+def check_protocol(protocol: str, field: str = 'protocol') -> None:
+  """UserError naming ``field`` unless ``protocol`` is one of PROTOCOLS."""
   if protocol not in PROTOCOLS:
     raise UserError(f'unknown protocol {protocol!r}; expected one of '
                     f'{PROTOCOLS}',
-                    field='protocol')
+                    field=field)
 
 
 def _branch(gt: Sequence, dets: Sequence[dict], gt_key: str, dt_key: str, *,
@@ -362,7 +363,7 @@ def evaluate(gt: Sequence, results: Sequence[dict], *, protocol: str = 'coco',
   ``visible_mask``) is present only when the results carry visible masks.
   AP uses the largest of ``max_dets`` detections per image.
   """
-  _check_protocol(protocol)
+  check_protocol(protocol)
   dets = check_results(results, gt, results_path)
   kw = dict(protocol=protocol, category_agnostic=category_agnostic,
             max_dets=max_dets, subsets=subsets, parts=parts)
@@ -380,7 +381,7 @@ def per_class_ap(gt: Sequence, results: Sequence[dict], *,
   For D2SA-style data with category ids; -1 for a category whose AP is
   undefined. Detections of categories absent from the GT are not scored.
   """
-  _check_protocol(protocol)
+  check_protocol(protocol)
   dets = check_results(results, gt, results_path)
   gt_coco = _gt_coco(gt, 'amodal_rle', category_agnostic=False)
   dt_coco = _dt_coco(gt_coco, dets, 'amodal', category_agnostic=False)

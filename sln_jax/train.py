@@ -848,9 +848,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   from sln_jax import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
   from sln_jax import predict as predict_lib  # pylint: disable=g-import-not-at-top
   schedule(config)
-  if config.eval.protocol not in eval_lib.PROTOCOLS:
-    raise UserError(f'{config.eval.protocol!r} is not one of '
-                    f'{", ".join(eval_lib.PROTOCOLS)}', field='eval.protocol')
+  eval_lib.check_protocol(config.eval.protocol, field='eval.protocol')
   if config.eval.mask_paste not in predict_lib.MASK_PASTES:
     raise UserError(f'{config.eval.mask_paste!r} is not one of '
                     f'{", ".join(predict_lib.MASK_PASTES)}', field='eval.mask_paste')
