@@ -132,10 +132,10 @@ def _data_sources(config, mode: str):
   """Builds the input side (TensorFlow lives here, not in sln_jax)."""
   import jax  # pylint: disable=g-import-not-at-top
   from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top
-  from sln_jax import train  # pylint: disable=g-import-not-at-top
+  from sln_jax import modes, train  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')  # the accelerator belongs to JAX
-  data = train.DataSources(preprocess_image=pipeline.preprocess_image_for_inference)
+  data = modes.DataSources(preprocess_image=pipeline.preprocess_image_for_inference)
   if mode == 'predict':
     return data
   builder = _build_dataset_once(config)
@@ -165,13 +165,13 @@ def _main() -> int:
   if _multi_host():
     _initialize_distributed()
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
-  from sln_jax import train  # pylint: disable=g-import-not-at-top
+  from sln_jax import modes  # pylint: disable=g-import-not-at-top
   config, mode = _CONFIG.value, _MODE.value
   if config is None:
     raise cliutil.UserError('is required (e.g. --config=configs/synthetic.py)', field='--config')
   if not _WORKDIR.value:
     raise cliutil.UserError('is required', field='--workdir')
-  train.check_config(config)
+  modes.check_config(config)
   workdir = os.path.abspath(_WORKDIR.value)
   os.makedirs(workdir, exist_ok=True)
   data = _data_sources(config, mode)
@@ -181,7 +181,7 @@ def _main() -> int:
     with cliutil.atomic_output_file(os.path.join(workdir, 'config.txt')) as f:
       f.write(str(config))
   try:
-    train.run(config, workdir, mode, writer, data)
+    modes.run(config, workdir, mode, writer, data)
   finally:
     writer.close()
   return 0

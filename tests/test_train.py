@@ -11,32 +11,15 @@ import sys
 import textwrap
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import default
-from sln_jax import train
+from sln_jax import inference, train
 from sln_jax.cliutil import UserError
 from tests import train_standin as ts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-class _Writer:
-  """Records what the loop writes (clu MetricWriter interface)."""
-
-  def __init__(self):
-    self.scalars, self.images = {}, {}
-
-  def write_scalars(self, step, scalars):
-    self.scalars[step] = dict(scalars)
-
-  def write_images(self, step, images):
-    self.images[step] = dict(images)
-
-  def flush(self):
-    pass
 
 
 def _config(stages=(('heads', 3, 0.1), ('all', 3, 0.05)), batch=2):
@@ -155,7 +138,7 @@ def _run(workdir, c, batches, stop_after=None):
       calls['n'] += 1
       yield b
   model, v = ts.init_variables()
-  writer = _Writer()
+  writer = ts.RecordingWriter()
   summary = train.make_image_summary_fn(model, c) if c.train.image_summary_every else None
   return train.train(c, workdir, model, v, batches_fn, writer, summary), writer
 
@@ -231,10 +214,10 @@ def test_steps_compile_once_per_stage_and_evaluation_once(tmp_path, compile_coun
   assert len(counts) == 2 and counts[0] > 0 and counts[1] == 0, counts
   del counts[:]
   model, v = ts.init_variables()
-  gt = [_annotation(i, 32, 24, (0, 0, 16, 12)) for i in (1, 2, 3, 4, 5)]
-  eval_batches = [_eval_batch([1, 2], [True] * 2), _eval_batch([3, 4], [True] * 2),
-                  _eval_batch([5, -1], [True, False])]
-  train.evaluate(c, str(tmp_path), model, v, eval_batches, gt)
+  gt = [ts.annotation(i, 32, 24, (0, 0, 16, 12)) for i in (1, 2, 3, 4, 5)]
+  eval_batches = [ts.eval_batch([1, 2], [True] * 2), ts.eval_batch([3, 4], [True] * 2),
+                  ts.eval_batch([5, -1], [True, False])]
+  inference.evaluate(c, str(tmp_path), model, v, eval_batches, gt)
   assert len(counts) == 3 and counts[0] > 0 and counts[1:] == [0, 0], counts
 
 
@@ -260,7 +243,7 @@ _DATA_PARALLEL = textwrap.dedent('''
     import jax, numpy as np
     sys.path.insert(0, {root!r})
     from configs import default
-    from sln_jax import train
+    from sln_jax import inference, train
     from tests import train_standin as ts
     assert jax.local_device_count() == 8, jax.devices()
     c = default.get_config()
@@ -302,130 +285,6 @@ def test_eight_devices_equal_one_device(tmp_path):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     # The updates themselves agree too (not only the large parameters).
     np.testing.assert_allclose(a - p0, b - p0, rtol=1e-4, atol=1e-7)
-
-
-def _annotation(image_id, h, w, box):
-  """One ImageAnnotation whose single instance fills ``box`` (y1,x1,y2,x2)."""
-  from input_pipeline import records  # pylint: disable=import-outside-toplevel
-  mask = np.zeros((h, w), bool)
-  mask[box[0]:box[2], box[1]:box[3]] = True
-  rle = records.encode_mask(mask)
-  inst = records.InstanceAnnotation(amodal_rle=rle, visible_rle=rle,
-                                    occluded_rle=records.encode_mask(np.zeros_like(mask)),
-                                    depth_rank=0, occlude_rate=0.0)
-  return records.ImageAnnotation(image_id, f'{image_id}.png', h, w, [inst])
-
-
-def _eval_batch(ids, valid, size=16, scale=0.5):
-  n = len(ids)
-  return {'image': np.full((1, n, size, size, 3), 100, np.uint8),
-          'glm_image': np.zeros((1, n, 4, 4, 3), np.uint8),
-          'image_shape': np.tile(np.float32([16, 12]), (1, n, 1)),
-          'image_scale': np.full((1, n, 2), scale, np.float32),
-          'image_id': np.asarray([ids], np.int32),
-          'is_valid': np.asarray([valid], bool)}
-
-
-@pytest.mark.parametrize('lookahead', [0, 1])
-def test_evaluate_scores_in_original_pixels(tmp_path, monkeypatch, lookahead):
-  """Canvas 16 = half of the 32 x 24 originals: the stand-in's first
-  detection, canvas box (0, 0, 8, 6), must land on GT (0, 0, 16, 12).
-  Lookahead 1 (accelerators: dispatch the next batch before reading this
-  one) gives the same results as 0 (CPU)."""
-  assert train.dispatch_lookahead() == 0  # the tests run on the CPU
-  monkeypatch.setattr(train, 'dispatch_lookahead', lambda: lookahead)
-  model, v = ts.init_variables()
-  c = _config()
-  # Image 4 is annotated but not in the evaluated split (e.g. 'val[:3]'): it
-  # must not count as missed.
-  gt = [_annotation(i, 32, 24, (0, 0, 16, 12)) for i in (1, 2, 3, 4)]
-  batches = [_eval_batch([1, 2], [True, True]), _eval_batch([3, -1], [True, False])]
-  writer = _Writer()
-  metrics = train.evaluate(c, str(tmp_path), model, v, batches, gt, step=7, writer=writer)
-  with open(tmp_path / 'metrics.json') as f:
-    assert json.load(f) == metrics
-  with open(tmp_path / 'depth_order.json') as f:
-    depth = json.load(f)
-  assert set(depth) >= {'accuracy', 'correct', 'pairs'}
-  assert depth['pairs'] == 0 and depth['accuracy'] == -1   # one object per image
-  with open(tmp_path / 'results.json') as f:
-    results = json.load(f)
-  assert sorted({r['image_id'] for r in results}) == [1, 2, 3]
-  full = [r for r in results if r['score'] == pytest.approx(0.9)]
-  assert len(full) == 3
-  np.testing.assert_allclose(full[0]['bbox'], [0, 0, 12, 16])
-  assert metrics['amodal']['all']['both']['AP'] == pytest.approx(1.0)
-  assert metrics['amodal']['all']['stuff']['AP'] == -1
-  assert writer.scalars[7]['eval/amodal_AP'] == pytest.approx(1.0)
-  # eval.max_images scores only the first images and reads no batch past them.
-  c.eval.max_images = 2
-  read = []
-
-  def reading():
-    for b in batches:
-      read.append(b['image_id'].tolist())
-      yield b
-  train.evaluate(c, str(tmp_path), model, v, reading(), gt)
-  with open(tmp_path / 'results.json') as f:
-    assert sorted({r['image_id'] for r in json.load(f)}) == [1, 2]
-  assert read == [[[1, 2]]]
-
-
-@pytest.mark.parametrize('lookahead', [0, 1])
-def test_predict_writes_json_and_png_and_skips_bad_files(tmp_path, capsys, monkeypatch,
-                                                         lookahead):
-  from PIL import Image  # pylint: disable=import-outside-toplevel
-  monkeypatch.setattr(train, 'dispatch_lookahead', lambda: lookahead)
-  model, v = ts.init_variables()
-  src = tmp_path / 'in'
-  src.mkdir()
-  Image.fromarray(np.full((32, 24, 3), 200, np.uint8)).save(src / 'COCO_val2014_000000000042.png')
-  Image.fromarray(np.full((16, 16, 3), 50, np.uint8)).save(src / 'b.jpg')
-  (src / 'notes.txt').write_text('not an image')
-  (src / 'broken.png').write_bytes(b'\x89PNG garbage')
-
-  def preprocess(image, config):
-    del config
-    h, w = image.shape[:2]
-    s = 16 / max(h, w)
-    nh, nw = round(h * s), round(w * s)
-    canvas = np.zeros((16, 16, 3), np.uint8)
-    canvas[:nh, :nw] = np.asarray(Image.fromarray(image).resize((nw, nh)))
-    return canvas, np.float32([nh, nw]), np.float32([nh / h, nw / w]), np.zeros((4, 4, 3), np.uint8)
-
-  c = _config()
-  c.predict.input_dir = str(src)
-  c.predict.output_dir = str(tmp_path / 'out')
-  c.predict.score_threshold = 0.0
-  assert train.predict(c, model, v, preprocess) == 2
-  captured = capsys.readouterr()
-  out = captured.out + captured.err
-  assert 'notes.txt: not an image' in out and 'broken.png: unreadable image' in out
-  assert sorted(os.listdir(tmp_path / 'out')) == sorted([
-      'COCO_val2014_000000000042.json', 'COCO_val2014_000000000042.png', 'b.json', 'b.png'])
-  with open(tmp_path / 'out' / 'COCO_val2014_000000000042.json') as f:
-    results = json.load(f)
-  assert {r['image_id'] for r in results} == {42}
-  np.testing.assert_allclose(results[0]['bbox'], [0, 0, 12, 16])  # original pixels
-  assert Image.open(tmp_path / 'out' / 'b.png').size == (16, 16)
-  c.predict.max_images = 1
-  c.predict.output_dir = str(tmp_path / 'out1')
-  assert train.predict(c, model, v, preprocess) == 1
-  assert sorted(os.listdir(tmp_path / 'out1')) == [
-      'COCO_val2014_000000000042.json', 'COCO_val2014_000000000042.png']
-  # Two processes split the sorted files (42.png, b.jpg, broken.png, notes.txt):
-  # process 1 takes b.jpg and notes.txt.
-  c.predict.max_images = -1
-  c.predict.output_dir = str(tmp_path / 'out2')
-  monkeypatch.setattr(jax, 'process_count', lambda: 2)
-  monkeypatch.setattr(jax, 'process_index', lambda: 1)
-  assert train.predict(c, model, v, preprocess) == 1
-  assert sorted(os.listdir(tmp_path / 'out2')) == ['b.json', 'b.png']
-  assert 'process 1 of 2' in capsys.readouterr().out
-  monkeypatch.undo()
-  c.predict.input_dir = str(tmp_path / 'missing')
-  with pytest.raises(UserError, match='predict.input_dir'):
-    train.predict(c, model, v, preprocess)
 
 
 def test_prefetch_to_devices_keeps_order_and_looks_ahead_depth_batches():

@@ -125,3 +125,43 @@ def make_batches(num: int, devices: int, per_device: int, size: int = 16, seed: 
         'image_shape': np.full(shape + (2,), size, np.float32),
     })
   return out
+
+
+def annotation(image_id, h, w, box):
+  """One ImageAnnotation whose single instance fills ``box`` (y1,x1,y2,x2)."""
+  from input_pipeline import records  # pylint: disable=import-outside-toplevel
+  mask = np.zeros((h, w), bool)
+  mask[box[0]:box[2], box[1]:box[3]] = True
+  rle = records.encode_mask(mask)
+  inst = records.InstanceAnnotation(amodal_rle=rle, visible_rle=rle,
+                                    occluded_rle=records.encode_mask(np.zeros_like(mask)),
+                                    depth_rank=0, occlude_rate=0.0)
+  return records.ImageAnnotation(image_id, f'{image_id}.png', h, w, [inst])
+
+
+def eval_batch(ids, valid, size=16, scale=0.5):
+  """One eval batch on one device: ``ids`` images (uniform grey canvas of
+  ``size``), content 16 x 12 at ``scale`` of the original."""
+  n = len(ids)
+  return {'image': np.full((1, n, size, size, 3), 100, np.uint8),
+          'glm_image': np.zeros((1, n, 4, 4, 3), np.uint8),
+          'image_shape': np.tile(np.float32([16, 12]), (1, n, 1)),
+          'image_scale': np.full((1, n, 2), scale, np.float32),
+          'image_id': np.asarray([ids], np.int32),
+          'is_valid': np.asarray([valid], bool)}
+
+
+class RecordingWriter:
+  """Records what the loop writes (clu MetricWriter interface)."""
+
+  def __init__(self):
+    self.scalars, self.images = {}, {}
+
+  def write_scalars(self, step, scalars):
+    self.scalars[step] = dict(scalars)
+
+  def write_images(self, step, images):
+    self.images[step] = dict(images)
+
+  def flush(self):
+    pass
