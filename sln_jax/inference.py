@@ -22,6 +22,7 @@ from tqdm import tqdm
 from sln_jax.cliutil import UserError, atomic_output_file
 from sln_jax.train import AXIS, Batch, MetricWriter, PyTree, make_infer_fn, replicate, shard
 
+
 def _flatten_devices(tree: PyTree) -> PyTree:
   """(devices, B, ...) -> (devices * B, ...)."""
   return jax.tree.map(lambda x: np.asarray(x).reshape((-1,) + np.shape(x)[2:]), tree)

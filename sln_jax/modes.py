@@ -18,6 +18,7 @@ from sln_jax.cliutil import UserError
 from sln_jax.train import (Batch, MetricWriter, PyTree, create_model, init_from_checkpoints,
                            load_variables, make_image_summary_fn, schedule, train)
 
+
 @dataclasses.dataclass
 class DataSources:
   """Host-side inputs, built by main.py (where TensorFlow may be imported)."""
