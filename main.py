@@ -165,21 +165,18 @@ def _main() -> int:
   if _multi_host():
     _initialize_distributed()
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
-  from sln_jax import modes  # pylint: disable=g-import-not-at-top
+  from sln_jax import config_checks, modes  # pylint: disable=g-import-not-at-top
   config, mode = _CONFIG.value, _MODE.value
   if config is None:
     raise cliutil.UserError('is required (e.g. --config=configs/synthetic.py)', field='--config')
   if not _WORKDIR.value:
     raise cliutil.UserError('is required', field='--workdir')
-  modes.check_config(config)
+  config_checks.check_config(config)
   workdir = os.path.abspath(_WORKDIR.value)
   os.makedirs(workdir, exist_ok=True)
   data = _data_sources(config, mode)
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
-  if jax.process_index() == 0:
-    with cliutil.atomic_output_file(os.path.join(workdir, 'config.txt')) as f:
-      f.write(str(config))
   try:
     modes.run(config, workdir, mode, writer, data)
   finally:

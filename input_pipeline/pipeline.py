@@ -46,7 +46,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from input_pipeline import tfds_builders
-from sln_jax import cliutil
+from sln_jax import cliutil, config_checks
 
 # Keys and dtypes of one example (a batch adds the two leading axes).
 BATCH_KEYS = ('image', 'glm_image', 'image_shape', 'image_scale', 'image_id',
@@ -62,8 +62,9 @@ def resized_size(height, width, image_size: int, resize_mode: str):
   arithmetic, so numpy and TF agree exactly); 'squash': (S, S). Takes python
   / numpy ints or TF int32 scalars and returns the same kind.
   """
-  if resize_mode not in ('pad', 'squash'):
-    raise ValueError(f'input.resize_mode must be pad or squash, got {resize_mode!r}')
+  if resize_mode not in config_checks.RESIZE_MODES:
+    raise ValueError(f'input.resize_mode must be one of {config_checks.RESIZE_MODES}, '
+                     f'got {resize_mode!r}')
   if isinstance(height, tf.Tensor):
     if resize_mode == 'squash':
       return tf.constant(image_size), tf.constant(image_size)

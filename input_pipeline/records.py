@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 from pycocotools import mask as mask_utils

@@ -35,7 +35,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from sln_jax.cliutil import UserError
+from sln_jax.cliutil import UserError, listing
 
 SOURCES = ('sln', 'deeplab', 'maskrcnn')
 EXPANSION = 4
@@ -44,7 +44,6 @@ GLM_PREFIX = {'sln': 'GLM_modual.base.', 'deeplab': 'base.'}
 # head input; 81-class mask output).
 MASKRCNN_SKIP = (r'^classifier\.linear_(class|bbox)\.',
                  r'^mask\.conv[15]\.')
-_MAX_LISTED = 40
 
 # Leaf kinds: how a torch tensor maps onto a Flax leaf.
 CONV, DECONV, LINEAR, VECTOR = 'conv', 'deconv', 'linear', 'vector'
@@ -321,12 +320,6 @@ def _matches(patterns: Sequence[str], *names: str) -> bool:
   return any(re.search(p, n) for p in patterns for n in names)
 
 
-def _listing(title: str, items: list[str]) -> str:
-  shown = items[:_MAX_LISTED]
-  more = f' (+{len(items) - len(shown)} more)' if items[len(shown):] else ''
-  return f'{len(items)} {title}: {", ".join(shown)}{more}'
-
-
 def _set(tree: dict, path: Sequence[str], value) -> None:
   for p in path[:-1]:
     tree = tree.setdefault(p, {})
@@ -397,11 +390,11 @@ def torch_to_flax(state_dict: Mapping, source: str, config,
                 and not _matches(allow_unexpected, k)]
   problems = []
   if missing:
-    problems.append(_listing('missing', missing))
+    problems.append(listing('missing', missing))
   if unexpected:
-    problems.append(_listing('unexpected', unexpected))
+    problems.append(listing('unexpected', unexpected))
   if mismatched:
-    problems.append(_listing('shape mismatches', mismatched))
+    problems.append(listing('shape mismatches', mismatched))
   if problems:
     raise UserError(f'does not fit the {source!r} layout of this config: '
                     + '; '.join(problems), path=path, field='state_dict')
@@ -442,7 +435,7 @@ def flax_to_torch(variables: Mapping, config, source: str = 'sln',
       out[e.key[:-len('running_var')] + 'num_batches_tracked'] = torch.zeros(
           (), dtype=torch.long)
   if missing:
-    raise UserError(_listing('missing or misshapen leaves', missing),
+    raise UserError(listing('missing or misshapen leaves', missing),
                     field='variables')
   return out
 

@@ -23,6 +23,13 @@ class UserError(Exception):
     self.path, self.field, self.message = path, field, message
 
 
+def listing(title: str, items: list[str], limit: int = 40) -> str:
+  """'N title: a, b, ... (+k more)': at most ``limit`` items named."""
+  shown = items[:limit]
+  more = f' (+{len(items) - len(shown)} more)' if items[len(shown):] else ''
+  return f'{len(items)} {title}: {", ".join(shown)}{more}'
+
+
 def read_json(path: str):
   """The JSON value in ``path``; a missing or unreadable file is a UserError."""
   if not os.path.isfile(path):

@@ -10,13 +10,14 @@ import dataclasses
 import os
 from typing import Any, Callable, Iterable, Optional, Sequence
 
+import jax
 import ml_collections
 import numpy as np
 
-from sln_jax import inference
-from sln_jax.cliutil import UserError
-from sln_jax.train import (Batch, MetricWriter, PyTree, create_model, init_from_checkpoints,
-                           load_variables, make_image_summary_fn, schedule, train)
+from sln_jax import config_checks, inference
+from sln_jax.cliutil import UserError, atomic_output_file
+from sln_jax.train import (Batch, MetricWriter, PyTree, check_checkpoint_fits, create_model,
+                           init_from_checkpoints, load_variables, make_image_summary_fn, train)
 
 
 @dataclasses.dataclass
@@ -31,19 +32,6 @@ class DataSources:
 MODES = ('train_and_evaluate', 'train', 'evaluate', 'predict')
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
-  """Raises a UserError for config values that would otherwise fail only
-  after training or a whole inference pass (stages, eval protocol, mask
-  paste). main.py calls it before building any dataset."""
-  from sln_jax import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
-  from sln_jax import predict as predict_lib  # pylint: disable=g-import-not-at-top
-  schedule(config)
-  eval_lib.check_protocol(config.eval.protocol, field='eval.protocol')
-  if config.eval.mask_paste not in predict_lib.MASK_PASTES:
-    raise UserError(f'{config.eval.mask_paste!r} is not one of '
-                    f'{", ".join(predict_lib.MASK_PASTES)}', field='eval.mask_paste')
-
-
 def run(config: ml_collections.ConfigDict, workdir: str, mode: str,
         writer: MetricWriter, data: DataSources, model: Any = None,
         variables: PyTree = None) -> Optional[dict]:
@@ -51,11 +39,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str,
 
   ``model``/``variables`` default to ``create_model(config)`` (tests pass
   stand-ins). evaluate/predict use the latest checkpoint in ``workdir``, or
-  ``config.init_from`` when there is none.
+  ``config.init_from`` when there is none. A checkpoint in ``workdir`` that
+  does not fit the config's model is refused before ``workdir/config.txt``
+  (the config of the run) is written.
   """
   if mode not in MODES:
     raise UserError(f'unknown mode {mode!r}; one of {", ".join(MODES)}', field='--mode')
-  check_config(config)
+  config_checks.check_config(config)
   if (mode in ('evaluate', 'predict') and not config.init_from
       and not os.path.isdir(os.path.join(workdir, 'checkpoints'))):
     raise UserError(f'no checkpoint to {mode} with (train first, or set init_from)',
@@ -63,6 +53,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str,
   if model is None:
     model, variables = create_model(config)
   variables = init_from_checkpoints(config, variables)
+  check_checkpoint_fits(config, workdir, variables)
+  if jax.process_index() == 0:
+    with atomic_output_file(os.path.join(workdir, 'config.txt')) as f:
+      f.write(str(config))
   step = 0
   if mode in ('train', 'train_and_evaluate'):
     summary = make_image_summary_fn(model, config) if config.train.image_summary_every > 0 else None

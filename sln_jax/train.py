@@ -49,7 +49,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 from tqdm import tqdm
 
-from sln_jax.cliutil import UserError
+from sln_jax.cliutil import UserError, listing
 
 if TYPE_CHECKING:  # importing clu.metric_writers at run time would import TensorFlow
   from clu.metric_writers.interface import MetricWriter
@@ -412,13 +412,78 @@ def restore_checkpoint(manager: ocp.CheckpointManager, template: TrainState,
   step = manager.latest_step() if step is None else step
   if step is None:
     return None
-  tree = _host_local(manager.restore(
-      step, args=ocp.args.StandardRestore(_global_replicated(_to_tree(template)))))
+  try:
+    tree = _host_local(manager.restore(
+        step, args=ocp.args.StandardRestore(_global_replicated(_to_tree(template)))))
+  except ValueError as err:   # Orbax: tree structure or shapes differ
+    step_dir = os.path.join(manager.directory, str(step))
+    problem = checkpoint_mismatch(step_dir, _to_tree(template)) or (
+        f'does not match this config\'s model ({str(err).splitlines()[0][:200]}); '
+        f'{MISMATCH_HINT}')
+    raise UserError(problem, path=step_dir) from None
   return TrainState(
       step=jnp.asarray(tree['step'], jnp.int32), params=tree['params'],
       batch_stats=tree['batch_stats'],
       opt_state=flax.serialization.from_state_dict(template.opt_state, tree['opt_state']),
       rng=jnp.asarray(tree['rng']))
+
+
+MISMATCH_HINT = ('was it written for another model config? Use a new --workdir or '
+                 'the config it was trained with')
+
+
+def checkpoint_mismatch(step_dir: str, expected: PyTree) -> Optional[str]:
+  """Why the checkpoint in ``step_dir`` cannot be restored as ``expected``
+  (``_to_tree`` of this config's state; arrays or shape structs): its
+  missing, unexpected and differently shaped leaves, read from the
+  checkpoint's metadata. None when they all fit (or there is no metadata)."""
+  try:
+    meta = ocp.StandardCheckpointer().metadata(os.path.join(step_dir, 'default'))
+    saved = _shapes(getattr(meta, 'item_metadata', meta))
+  except Exception:  # pylint: disable=broad-except - no readable metadata: nothing to compare
+    return None
+  want = _shapes(expected)
+
+  def problems(keep):
+    w = {k: v for k, v in want.items() if keep(k)}
+    h = {k: v for k, v in saved.items() if keep(k)}
+    return [listing(title, items, limit=8) for title, items in (
+        ('missing', sorted(set(w) - set(h))),
+        ('unexpected', sorted(set(h) - set(w))),
+        ('shape mismatches', [f'{k} {h[k]} != expected {w[k]}'
+                              for k in sorted(set(w) & set(h)) if h[k] != w[k]]))
+            if items]
+  # The model's leaves first; the optimizer state mirrors them.
+  found = problems(lambda k: not k.startswith('opt_state/')) or problems(lambda k: True)
+  if not found:
+    return None
+  return f'does not match this config\'s model: {"; ".join(found)}; {MISMATCH_HINT}'
+
+
+def check_checkpoint_fits(config: ml_collections.ConfigDict, workdir: str,
+                          variables: PyTree) -> None:
+  """Raises a UserError when the latest checkpoint in ``workdir`` does not fit
+  this config's model (from its metadata; nothing is read or allocated).
+  main.py's modes call it before writing anything into ``workdir``."""
+  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  if not os.path.isdir(directory):
+    return
+  step = checkpoint_manager(config, workdir, read_only=True).latest_step()
+  if step is None:
+    return
+  expected = jax.eval_shape(
+      lambda v: _to_tree(create_train_state(config, v, jax.random.PRNGKey(0))), variables)
+  step_dir = os.path.join(directory, str(step))
+  problem = checkpoint_mismatch(step_dir, expected)
+  if problem:
+    raise UserError(problem, path=step_dir)
+
+
+def _shapes(tree: PyTree) -> dict[str, tuple]:
+  """'a/b/c' -> shape of every array leaf of ``tree`` (arrays or Orbax metadata)."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {'/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path):
+          tuple(getattr(leaf, 'shape', ()) or ()) for path, leaf in leaves}
 
 
 def load_variables(config: ml_collections.ConfigDict, workdir: str,

@@ -48,8 +48,12 @@ def test_unknown_config_field_is_one_line_exit_2(tmp_path):
 
 
 @pytest.mark.parametrize('field,value', [('eval.mask_paste', 'nearest'),
-                                         ('eval.protocol', 'cocoa')])
-def test_bad_eval_setting_fails_before_any_work(tmp_path, field, value):
+                                         ('eval.protocol', 'cocoa'),
+                                         ('model.dtype', 'bf16'),
+                                         ('input.resize_mode', 'stretch')])
+def test_bad_setting_fails_before_any_work(tmp_path, field, value):
+  """Values that used to fail late (after training, inside tracing or
+  tf.data) end in one line naming the field before the workdir is made."""
   line = _one_line_error(_main('--config=configs/tiny.py', f'--workdir={tmp_path}/w',
                                f'--config.{field}={value}',
                                f'--config.dataset.manual_dir={tmp_path}/none'))
@@ -81,6 +85,17 @@ def test_train_and_evaluate_then_predict(tmp_path):
   assert isinstance(results, list)
   assert 'amodal masks' in proc.stdout  # the printed table
   assert any(n.startswith('events.out.tfevents') for n in os.listdir(workdir))
+  config_txt = (workdir / 'config.txt').read_text()
+  assert 'num_layers: 1' in config_txt
+
+  # Resuming with another model (3 sem-dist layers): one line naming the
+  # leaves that differ; the run's config.txt is not overwritten.
+  line = _one_line_error(_main(*_tiny_synthetic(tmp_path), f'--workdir={workdir}',
+                               '--config.train.num_steps=3', '--config.model.num_layers=3'))
+  assert str(workdir / 'checkpoints' / '2') in line
+  assert 'shape mismatches: params/mask_head/conv5/bias (2,) != expected (4,)' in line, line
+  assert (workdir / 'config.txt').read_text() == config_txt
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['1', '2']
 
   out = tmp_path / 'pred'
   images = tmp_path / 'raw' / 'val2014'

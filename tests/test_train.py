@@ -171,6 +171,29 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
   assert int(again.step) == 6
 
 
+def test_checkpoint_of_another_model_is_one_error_naming_the_leaves(tmp_path):
+  """A workdir trained with another model config: restoring it names the
+  leaves that differ (model leaves, not their optimizer copies) instead of
+  Orbax's tree dump."""
+  c = _config(stages=(('all', 2, 0.1),))
+  _run(str(tmp_path), c, ts.make_batches(2, 1, 2))
+  _, v = ts.init_variables()
+  params = jax.tree.map(lambda x: x, v['params'])
+  params['fpn']['P2_lateral']['kernel'] = np.zeros((1, 1, 9, 9), np.float32)
+  params['extra'] = {'kernel': np.zeros((2,), np.float32)}
+  other = {'params': params, 'batch_stats': v['batch_stats']}
+  with pytest.raises(UserError) as err:
+    train.load_variables(c, str(tmp_path), other)
+  message = str(err.value)
+  assert err.value.path == os.path.join(str(tmp_path), 'checkpoints', '2')
+  assert '1 missing: params/extra/kernel' in message, message
+  assert '1 shape mismatches: params/fpn/P2_lateral/kernel' in message, message
+  assert '(1, 1, 9, 9)' in message and 'opt_state' not in message and '\n' not in message
+  # The same checkpoint still restores into its own model.
+  restored, step = train.load_variables(c, str(tmp_path), v)
+  assert step == 2 and jax.tree.structure(restored['params']) == jax.tree.structure(v['params'])
+
+
 @pytest.fixture(name='compile_counts')
 def fixture_compile_counts(monkeypatch):
   """Wraps ``jax.pmap`` so every call of a mapped function records how many

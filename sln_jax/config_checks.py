@@ -1,0 +1,163 @@
+"""Up-front checks of a config (configs/default.py's tree).
+
+Every value that would otherwise fail deep inside tracing, inside tf.data, or
+only after a whole training run fails here instead: one ``UserError`` naming
+the field, raised by main.py before any data is read or any file written.
+Each check states the rule that the code relying on the value assumes.
+"""
+from __future__ import annotations
+
+import numbers
+import re
+from typing import Any, Sequence
+
+import ml_collections
+
+from sln_jax.cliutil import UserError
+
+RESIZE_MODES = ('pad', 'squash')    # input.resize_mode (input_pipeline.pipeline)
+DTYPES = ('float32', 'bfloat16')    # model.dtype: the compute dtype
+RESNET_STAGES = 4                   # C2..C5
+FPN_LEVELS = 5                      # P2..P6: one anchor scale each
+CANVAS_MULTIPLE = 64                # the stride of P6: every level tiles the canvas
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+  return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _one_of(value: Any, choices: Sequence[str], field: str) -> None:
+  if value not in choices:
+    raise UserError(f'{value!r} is not one of {", ".join(choices)}', field=field)
+
+
+def _int_at_least(value: Any, low: int, field: str) -> None:
+  if not _is_int(value) or value < low:
+    raise UserError(f'{value!r} is not an integer >= {low}', field=field)
+
+
+def _in_range(value: Any, low: float, high: float, field: str, *,
+              low_open: bool = False, high_open: bool = False) -> None:
+  """low <= value <= high; ``low_open`` / ``high_open`` exclude the ends."""
+  ok = (_is_number(value) and (value > low if low_open else value >= low)
+        and (value < high if high_open else value <= high))
+  if not ok:
+    raise UserError(f'{value!r} is not in {"(" if low_open else "["}{low}, {high}'
+                    f'{")" if high_open else "]"}', field=field)
+
+
+def _int_tuple(value: Any, length: int, field: str) -> None:
+  """A tuple of ``length`` integers >= 1."""
+  if (not isinstance(value, (tuple, list)) or len(value) != length
+      or not all(_is_int(v) and v >= 1 for v in value)):
+    raise UserError(f'{value!r} is not {length} integers >= 1', field=field)
+
+
+def _positive_numbers(value: Any, field: str, length: int = -1) -> None:
+  """A non-empty tuple of numbers > 0 (exactly ``length`` of them if >= 0)."""
+  if (not isinstance(value, (tuple, list)) or not value
+      or (length >= 0 and len(value) != length)
+      or not all(_is_number(v) and v > 0 for v in value)):
+    count = f'{length} ' if length >= 0 else ''
+    raise UserError(f'{value!r} is not {count}numbers > 0', field=field)
+
+
+def check_input(i: ml_collections.ConfigDict) -> None:
+  """``config.input``."""
+  _int_at_least(i.image_size, CANVAS_MULTIPLE, 'input.image_size')
+  if i.image_size % CANVAS_MULTIPLE:
+    raise UserError(f'{i.image_size} is not a multiple of {CANVAS_MULTIPLE} '
+                    '(the stride of the coarsest FPN level, P6)', field='input.image_size')
+  _one_of(i.resize_mode, RESIZE_MODES, 'input.resize_mode')
+  _int_at_least(i.max_instances, 1, 'input.max_instances')
+  _int_at_least(i.gt_mask_size, 1, 'input.gt_mask_size')
+  _in_range(i.box_jitter, 0.0, 1.0, 'input.box_jitter')
+
+
+def check_model(m: ml_collections.ConfigDict) -> None:
+  """``config.model``."""
+  _one_of(m.dtype, DTYPES, 'model.dtype')
+  _int_at_least(m.num_classes, 2, 'model.num_classes')
+  _int_at_least(m.num_layers, 1, 'model.num_layers')
+  _int_tuple(m.backbone.stage_sizes, RESNET_STAGES, 'model.backbone.stage_sizes')
+  _int_at_least(m.backbone.width, 1, 'model.backbone.width')
+  _int_at_least(m.fpn_channels, 1, 'model.fpn_channels')
+  r = m.rpn
+  _positive_numbers(r.anchor_scales, 'model.rpn.anchor_scales', FPN_LEVELS)
+  _positive_numbers(r.anchor_ratios, 'model.rpn.anchor_ratios')
+  _int_at_least(r.anchor_stride, 1, 'model.rpn.anchor_stride')
+  _in_range(r.positive_iou, 0.0, 1.0, 'model.rpn.positive_iou')
+  _in_range(r.negative_iou, 0.0, r.positive_iou, 'model.rpn.negative_iou')
+  _in_range(r.positive_fraction, 0.0, 1.0, 'model.rpn.positive_fraction', low_open=True)
+  _in_range(r.nms_threshold, 0.0, 1.0, 'model.rpn.nms_threshold', low_open=True)
+  for name in ('pre_nms_topk', 'post_nms_topk_train', 'post_nms_topk_test', 'anchors_per_image'):
+    _int_at_least(r[name], 1, f'model.rpn.{name}')
+  o = m.roi
+  _int_at_least(o.rois_per_image, 1, 'model.roi.rois_per_image')
+  _in_range(o.positive_ratio, 0.0, 1.0, 'model.roi.positive_ratio', low_open=True)
+  _in_range(o.fg_iou, 0.0, 1.0, 'model.roi.fg_iou', low_open=True)
+  _int_at_least(o.pool_size, 1, 'model.roi.pool_size')
+  _int_at_least(o.mask_pool_size, 1, 'model.roi.mask_pool_size')
+  if o.mask_size != 2 * o.mask_pool_size:
+    raise UserError(f'{o.mask_size!r} is not twice model.roi.mask_pool_size '
+                    f'({o.mask_pool_size}): the mask head upsamples by 2',
+                    field='model.roi.mask_size')
+  _int_at_least(o.sampling_ratio, 1, 'model.roi.sampling_ratio')
+  if m.glm.enabled:
+    g = m.glm
+    _int_tuple(g.stage_sizes, RESNET_STAGES, 'model.glm.stage_sizes')
+    _positive_numbers(g.scales, 'model.glm.scales')
+    _int_at_least(g.image_size, 1, 'model.glm.image_size')
+    _int_at_least(g.num_classes, 1, 'model.glm.num_classes')
+  t = m.detection
+  _int_at_least(t.max_detections, 1, 'model.detection.max_detections')
+  _in_range(t.min_confidence, 0.0, 1.0, 'model.detection.min_confidence')
+  if t.nms_threshold >= 0:   # < 0: no NMS
+    _in_range(t.nms_threshold, 0.0, 1.0, 'model.detection.nms_threshold', low_open=True)
+
+
+def check_stages(stages: Any) -> None:
+  """``train.stages``: (name, steps >= 1, lr >= 0) each; a name that is not
+  one of ``train.STAGE_PATTERNS`` is a regex of Flax paths and must compile."""
+  from sln_jax import train  # pylint: disable=g-import-not-at-top
+  for entry in stages if isinstance(stages, (tuple, list)) else [stages]:
+    if (not isinstance(entry, (tuple, list)) or len(entry) != 3 or not isinstance(entry[0], str)
+        or not _is_int(entry[1]) or entry[1] < 1 or not _is_number(entry[2]) or entry[2] < 0):
+      raise UserError(f'bad stage {entry!r}: expected (name, steps >= 1, lr >= 0)',
+                      field='train.stages')
+    if entry[0] not in train.STAGE_PATTERNS:
+      try:
+        re.compile(entry[0])
+      except re.error as err:
+        raise UserError(f'stage {entry[0]!r} is neither a known stage '
+                        f'({", ".join(train.STAGE_PATTERNS)}) nor a regex: {err}',
+                        field='train.stages') from None
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises a UserError naming the first bad field of ``config`` (input,
+  model, loss weights, train stages and counts, eval and predict settings)."""
+  from sln_jax import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
+  from sln_jax import predict as predict_lib  # pylint: disable=g-import-not-at-top
+  from sln_jax import train  # pylint: disable=g-import-not-at-top
+  check_input(config.input)
+  check_model(config.model)
+  for term, weight in config.loss.items():
+    if not _is_number(weight) or weight < 0:
+      raise UserError(f'{weight!r} is not a number >= 0', field=f'loss.{term}')
+  tc = config.train
+  check_stages(tc.stages)
+  train.schedule(config)
+  _int_at_least(tc.batch_size, 1, 'train.batch_size')
+  _int_at_least(tc.warmup_steps, 0, 'train.warmup_steps')
+  _in_range(tc.momentum, 0.0, 1.0, 'train.momentum')
+  e = config.eval
+  eval_lib.check_protocol(e.protocol, field='eval.protocol')
+  _one_of(e.mask_paste, predict_lib.MASK_PASTES, 'eval.mask_paste')
+  _in_range(e.mask_threshold, 0.0, 1.0, 'eval.mask_threshold', low_open=True, high_open=True)
+  _int_at_least(e.batch_size, 1, 'eval.batch_size')
+  _in_range(config.predict.score_threshold, 0.0, 1.0, 'predict.score_threshold')
