@@ -34,6 +34,8 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 import numpy as np  # noqa: E402
 
+from sln_jax import cliutil, config_checks  # noqa: E402
+
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/default.py', 'Model/config file.')
 flags.DEFINE_enum('mode', 'train', ['train', 'infer'], 'What to time.')
 flags.DEFINE_integer('steps', 10, 'Timed steps (after the compile and two warm-up steps); '
@@ -275,12 +277,21 @@ def run_peer(mode: str, batch: int, size: int, steps: int, dtype: str, stage: st
 
 def main(argv):
   del argv
+  cliutil.run_cli(_main)
+
+
+def _main():
   import jax
   config = _CONFIG.value
   if FLAGS.dtype:
     config.model.dtype = FLAGS.dtype
   batch = FLAGS.batch or config.train.batch_size
   size = FLAGS.image_size or config.input.image_size
+  config.input.image_size = size
+  config_checks.check_input(config.input)   # not check_config: no pycocotools on GPU hosts
+  config_checks.check_model(config.model)
+  if batch < 1:
+    raise cliutil.UserError(f'{batch} is not >= 1', field='--batch')
   peer = (run_peer(FLAGS.mode, batch, size, FLAGS.steps, config.model.dtype, FLAGS.stage)
           if FLAGS.peer and FLAGS.steps > 0 else None)
   dev = jax.devices()[0]

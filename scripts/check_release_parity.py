@@ -36,6 +36,7 @@ from ml_collections import config_flags  # noqa: E402
 import numpy as np  # noqa: E402
 
 from sln_jax import cliutil  # noqa: E402
+from sln_jax import config_checks  # noqa: E402
 from sln_jax import release_parity  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -109,6 +110,7 @@ def main() -> int:
     raise cliutil.UserError(f'must be a positive multiple of 64 (the release\'s '
                             f'rule), got {size}', field='--image_size')
   config = FLAGS.config
+  config_checks.check_model(config.model)
   net = release_parity.ReleaseNetwork(FLAGS.release_dir, config.model)
   if FLAGS.pth:
     from sln_jax import checkpoint_port  # pylint: disable=g-import-not-at-top

@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 
 from sln_jax import checkpoint_port  # noqa: E402
 from sln_jax import cliutil  # noqa: E402
+from sln_jax import config_checks  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('pth', None, 'PyTorch checkpoint (.pth) to convert.')
@@ -80,6 +81,7 @@ def main() -> int:
     raise cliutil.UserError(
         f'cannot load the config file ({type(err).__name__})',
         path=FLAGS['config'].config_filename, field='config') from None
+  config_checks.check_model(config.model)
   x = _read_input(act_in) if act_in is not None else None
   state = checkpoint_port.load_torch_state_dict(FLAGS.pth)
   source = FLAGS.source

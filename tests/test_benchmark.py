@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'scripts'))
@@ -82,6 +83,18 @@ ENTRY %main (p: f32[2,4]) -> f32[2,4] {
   ROOT %dot.1 = f32[2,4]{1,0} add(%loop_fusion.7, %p), metadata={op_name="jit(f)/transpose(jvp(SLN.train_forward))/SLN._mask_head/mask_head/deconv/dot_general"}
 }
 """
+
+
+@pytest.mark.parametrize('args,field', [(['--image_size=100'], 'input.image_size'),
+                                         (['--batch=-1'], '--batch')])
+def test_cli_bad_setting_is_one_line_exit_2(tmp_path, args, field):
+  out = tmp_path / 'bench.jsonl'
+  proc = subprocess.run(
+      [sys.executable, 'scripts/benchmark.py', '--config=configs/tiny.py', '--steps=0',
+       f'--output={out}', *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1].startswith(f'error: {field}:'), proc.stderr
+  assert not out.exists()
 
 
 def test_profile_summary_names_ops_by_module():

@@ -78,3 +78,15 @@ def test_bad_files_exit_2_without_output(reference, tmp_path):
     assert not out.exists()
     assert not [p for p in os.listdir(tmp_path) if p.startswith('.out_')]
   assert 'mask.conv5.weight (3, 16, 1, 1)' in lines[0]
+
+
+def test_bad_model_config_exits_2_before_reading_the_file(tmp_path):
+  """The config's model is checked first: a bad value is named even though
+  the .pth does not exist (it would be read next)."""
+  out = tmp_path / 'out'
+  proc = run('--pth', str(tmp_path / 'missing.pth'), '--output', str(out),
+             '--config.model.roi.mask_size=7')
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('error: model.roi.mask_size: 7'), proc.stderr
+  assert not out.exists()
