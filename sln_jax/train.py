@@ -466,15 +466,19 @@ def check_checkpoint_fits(config: ml_collections.ConfigDict, workdir: str,
   this config's model (from its metadata; nothing is read or allocated).
   main.py's modes call it before writing anything into ``workdir``."""
   directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
-  if not os.path.isdir(directory):
-    return
-  step = checkpoint_manager(config, workdir, read_only=True).latest_step()
-  if step is None:
-    return
-  expected = jax.eval_shape(
-      lambda v: _to_tree(create_train_state(config, v, jax.random.PRNGKey(0))), variables)
-  step_dir = os.path.join(directory, str(step))
-  problem = checkpoint_mismatch(step_dir, expected)
+  # No CheckpointManager here: it synchronises the processes, and a process
+  # that has gone on to create the directory would meet one still checking.
+  steps = [int(n) for n in (os.listdir(directory) if os.path.isdir(directory) else [])
+           if n.isdigit()]
+  problem = step_dir = None
+  if steps:
+    expected = jax.eval_shape(
+        lambda v: _to_tree(create_train_state(config, v, jax.random.PRNGKey(0))), variables)
+    step_dir = os.path.join(directory, str(max(steps)))
+    problem = checkpoint_mismatch(step_dir, expected)
+  if jax.process_count() > 1:   # every process checks before any creates the directory
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices('sln_checkpoint_checked')
   if problem:
     raise UserError(problem, path=step_dir)
 
