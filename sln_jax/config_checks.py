@@ -8,7 +8,6 @@ Each check states the rule that the code relying on the value assumes.
 from __future__ import annotations
 
 import numbers
-import re
 from typing import Any, Sequence
 
 import ml_collections
@@ -22,11 +21,13 @@ FPN_LEVELS = 5                      # P2..P6: one anchor scale each
 CANVAS_MULTIPLE = 64                # the stride of P6: every level tiles the canvas
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+  """An integer, not a bool."""
   return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+  """A real number, not a bool."""
   return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
@@ -36,14 +37,14 @@ def _one_of(value: Any, choices: Sequence[str], field: str) -> None:
 
 
 def _int_at_least(value: Any, low: int, field: str) -> None:
-  if not _is_int(value) or value < low:
+  if not is_int(value) or value < low:
     raise UserError(f'{value!r} is not an integer >= {low}', field=field)
 
 
 def _in_range(value: Any, low: float, high: float, field: str, *,
               low_open: bool = False, high_open: bool = False) -> None:
   """low <= value <= high; ``low_open`` / ``high_open`` exclude the ends."""
-  ok = (_is_number(value) and (value > low if low_open else value >= low)
+  ok = (is_number(value) and (value > low if low_open else value >= low)
         and (value < high if high_open else value <= high))
   if not ok:
     raise UserError(f'{value!r} is not in {"(" if low_open else "["}{low}, {high}'
@@ -53,7 +54,7 @@ def _in_range(value: Any, low: float, high: float, field: str, *,
 def _int_tuple(value: Any, length: int, field: str) -> None:
   """A tuple of ``length`` integers >= 1."""
   if (not isinstance(value, (tuple, list)) or len(value) != length
-      or not all(_is_int(v) and v >= 1 for v in value)):
+      or not all(is_int(v) and v >= 1 for v in value)):
     raise UserError(f'{value!r} is not {length} integers >= 1', field=field)
 
 
@@ -61,7 +62,7 @@ def _positive_numbers(value: Any, field: str, length: int = -1) -> None:
   """A non-empty tuple of numbers > 0 (exactly ``length`` of them if >= 0)."""
   if (not isinstance(value, (tuple, list)) or not value
       or (length >= 0 and len(value) != length)
-      or not all(_is_number(v) and v > 0 for v in value)):
+      or not all(is_number(v) and v > 0 for v in value)):
     count = f'{length} ' if length >= 0 else ''
     raise UserError(f'{value!r} is not {count}numbers > 0', field=field)
 
@@ -120,24 +121,6 @@ def check_model(m: ml_collections.ConfigDict) -> None:
     _in_range(t.nms_threshold, 0.0, 1.0, 'model.detection.nms_threshold', low_open=True)
 
 
-def check_stages(stages: Any) -> None:
-  """``train.stages``: (name, steps >= 1, lr >= 0) each; a name that is not
-  one of ``train.STAGE_PATTERNS`` is a regex of Flax paths and must compile."""
-  from sln_jax import train  # pylint: disable=g-import-not-at-top
-  for entry in stages if isinstance(stages, (tuple, list)) else [stages]:
-    if (not isinstance(entry, (tuple, list)) or len(entry) != 3 or not isinstance(entry[0], str)
-        or not _is_int(entry[1]) or entry[1] < 1 or not _is_number(entry[2]) or entry[2] < 0):
-      raise UserError(f'bad stage {entry!r}: expected (name, steps >= 1, lr >= 0)',
-                      field='train.stages')
-    if entry[0] not in train.STAGE_PATTERNS:
-      try:
-        re.compile(entry[0])
-      except re.error as err:
-        raise UserError(f'stage {entry[0]!r} is neither a known stage '
-                        f'({", ".join(train.STAGE_PATTERNS)}) nor a regex: {err}',
-                        field='train.stages') from None
-
-
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises a UserError naming the first bad field of ``config`` (input,
   model, loss weights, train stages and counts, eval and predict settings)."""
@@ -147,11 +130,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   check_input(config.input)
   check_model(config.model)
   for term, weight in config.loss.items():
-    if not _is_number(weight) or weight < 0:
+    if not is_number(weight) or weight < 0:
       raise UserError(f'{weight!r} is not a number >= 0', field=f'loss.{term}')
   tc = config.train
-  check_stages(tc.stages)
-  train.schedule(config)
+  train.schedule(config)   # each stage: (name or regex, steps >= 1, lr >= 0)
   _int_at_least(tc.batch_size, 1, 'train.batch_size')
   _int_at_least(tc.warmup_steps, 0, 'train.warmup_steps')
   _in_range(tc.momentum, 0.0, 1.0, 'train.momentum')

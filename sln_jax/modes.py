@@ -76,4 +76,4 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str,
     inference.predict(config, model, variables, data.preprocess_image)
     return None
   return inference.evaluate(config, workdir, model, variables, data.eval_batches(),
-                  data.eval_annotations(), step=step, writer=writer)
+                            data.eval_annotations(), step=step, writer=writer)

@@ -50,6 +50,7 @@ from flax import traverse_util
 from tqdm import tqdm
 
 from sln_jax.cliutil import UserError, listing
+from sln_jax.config_checks import is_int, is_number
 
 if TYPE_CHECKING:  # importing clu.metric_writers at run time would import TensorFlow
   from clu.metric_writers.interface import MetricWriter
@@ -89,10 +90,12 @@ def schedule(config: ml_collections.ConfigDict) -> list[tuple[str, int, int, flo
     raise UserError('needs at least one (name, steps, lr) stage', field='train.stages')
   out, start = [], 0
   for entry in stages:
-    if len(entry) != 3 or int(entry[1]) <= 0:
-      raise UserError(f'bad stage {entry!r}: expected (name, steps > 0, lr)',
+    if (len(entry) != 3 or not isinstance(entry[0], str) or not is_int(entry[1])
+        or entry[1] < 1 or not is_number(entry[2]) or entry[2] < 0):
+      raise UserError(f'bad stage {entry!r}: expected (name, steps >= 1, lr >= 0)',
                       field='train.stages')
-    name, steps, lr = str(entry[0]), int(entry[1]), float(entry[2])
+    stage_regex(entry[0])
+    name, steps, lr = entry[0], int(entry[1]), float(entry[2])
     out.append((name, start, start + steps, lr))
     start += steps
   total = int(config.train.num_steps)
@@ -149,6 +152,17 @@ def batchnorm_modules(batch_stats: PyTree) -> set[str]:
   return {k.rsplit('/', 1)[0] for k in _flat(batch_stats)}
 
 
+def stage_regex(stage: str) -> re.Pattern:
+  """The Flax-path pattern of a stage: ``STAGE_PATTERNS[stage]``, or the
+  name itself as a regex."""
+  try:
+    return re.compile(STAGE_PATTERNS.get(stage, stage))
+  except re.error as err:
+    raise UserError(f'stage {stage!r} is neither a known stage '
+                    f'({", ".join(STAGE_PATTERNS)}) nor a regex: {err}',
+                    field='train.stages') from None
+
+
 def trainable_mask(params: PyTree, batch_stats: PyTree, stage: str,
                    train_bn: bool = False) -> PyTree:
   """Bool tree like ``params``: True where ``stage`` trains the leaf.
@@ -156,13 +170,7 @@ def trainable_mask(params: PyTree, batch_stats: PyTree, stage: str,
   The GLM is always frozen; BatchNorm parameters (modules that own
   ``batch_stats``) too unless ``train_bn`` (``model.train_bn``).
   """
-  pattern = STAGE_PATTERNS.get(stage, stage)
-  try:
-    regex = re.compile(pattern)
-  except re.error as err:
-    raise UserError(f'stage {stage!r} is neither a known stage '
-                    f'({", ".join(STAGE_PATTERNS)}) nor a regex: {err}',
-                    field='train.stages') from None
+  regex = stage_regex(stage)
   bn = batchnorm_modules(batch_stats)
   flat = _flat(params)
   mask = {k: bool(regex.fullmatch(k)) and not re.fullmatch(NEVER_TRAINED, k)
