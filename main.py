@@ -26,6 +26,10 @@ from ml_collections import config_flags
 
 from sln_jax import cliutil
 
+# TensorFlow's C++ warnings (grappler cost-model noise about CropAndResize on
+# every tf.data graph) drown the progress bars; TF_CPP_MIN_LOG_LEVEL=0 shows them.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file (configs/*.py); override fields with --config.a.b=v.',
     lock_config=True)

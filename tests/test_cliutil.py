@@ -1,0 +1,118 @@
+"""sln_jax.cliutil: one-line user errors (exit 2) and outputs that are either
+whole or absent."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sln_jax import cliutil
+from sln_jax.cliutil import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _entries(directory):
+  return sorted(os.listdir(directory))
+
+
+def test_user_error_names_file_then_field_then_message():
+  err = UserError('not a number', path='a/b.json', field='annotations[3].area')
+  assert str(err) == 'a/b.json: annotations[3].area: not a number'
+  assert (err.path, err.field, err.message) == ('a/b.json', 'annotations[3].area', 'not a number')
+  assert str(UserError('is required', field='--workdir')) == '--workdir: is required'
+  assert str(UserError('plain')) == 'plain'
+
+
+def test_listing_names_at_most_limit_items():
+  assert cliutil.listing('missing', ['a', 'b']) == '2 missing: a, b'
+  assert cliutil.listing('missing', list('abcde'), limit=2) == '5 missing: a, b (+3 more)'
+  assert cliutil.listing('missing', list('ab'), limit=2) == '2 missing: a, b'
+
+
+def test_read_json_errors_name_the_file(tmp_path):
+  good = tmp_path / 'good.json'
+  good.write_text('{"a": [1, 2]}')
+  assert cliutil.read_json(str(good)) == {'a': [1, 2]}
+  with pytest.raises(UserError, match='no such file') as info:
+    cliutil.read_json(str(tmp_path / 'absent.json'))
+  assert info.value.path.endswith('absent.json')
+  bad = tmp_path / 'bad.json'
+  bad.write_text('{"a": [1, 2')
+  with pytest.raises(UserError, match='not readable JSON') as info:
+    cliutil.read_json(str(bad))
+  assert info.value.path == str(bad)
+  binary = tmp_path / 'binary.json'
+  binary.write_bytes(b'\xff\xfe\x00garbage')
+  with pytest.raises(UserError, match='not readable JSON'):
+    cliutil.read_json(str(binary))
+
+
+def _run_cli(body: str):
+  code = ('import sys; sys.path.insert(0, %r)\n' % ROOT +
+          'from sln_jax import cliutil\n' + body)
+  return subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                        timeout=60, check=False)
+
+
+def test_run_cli_user_error_is_one_line_and_exit_2():
+  proc = _run_cli("def main():\n  raise cliutil.UserError('bad', path='x.json', field='f')\n"
+                  'cliutil.run_cli(main)\n')
+  assert proc.returncode == 2
+  assert proc.stderr == 'error: x.json: f: bad\n'
+  assert proc.stdout == ''
+
+
+def test_run_cli_passes_exit_codes_and_other_errors_through():
+  assert _run_cli('cliutil.run_cli(lambda: None)').returncode == 0
+  assert _run_cli('cliutil.run_cli(lambda: 3)').returncode == 3
+  proc = _run_cli("def main():\n  raise RuntimeError('a bug')\ncliutil.run_cli(main)\n")
+  assert proc.returncode == 1
+  assert 'Traceback' in proc.stderr and 'RuntimeError: a bug' in proc.stderr
+
+
+def test_atomic_output_file_is_whole_or_absent(tmp_path):
+  path = tmp_path / 'sub' / 'out.json'
+  with cliutil.atomic_output_file(str(path)) as f:
+    json.dump({'a': 1}, f)
+    assert not path.exists()          # nothing under the final name while writing
+  assert json.loads(path.read_text()) == {'a': 1}
+  assert _entries(path.parent) == ['out.json']
+
+  with pytest.raises(ValueError):
+    with cliutil.atomic_output_file(str(path)) as f:
+      f.write('{"half": ')
+      raise ValueError('interrupted')
+  assert json.loads(path.read_text()) == {'a': 1}  # the old file is untouched
+  assert _entries(path.parent) == ['out.json']     # and no temporary is left
+
+  with cliutil.atomic_output_file(str(tmp_path / 'b.bin'), 'wb') as f:
+    f.write(b'\x00\x01')
+  assert (tmp_path / 'b.bin').read_bytes() == b'\x00\x01'
+
+
+def test_atomic_output_dir_replaces_whole_or_leaves_the_old_one(tmp_path):
+  out = tmp_path / 'out'
+  with cliutil.atomic_output_dir(str(out)) as tmp:
+    assert not out.exists()
+    open(os.path.join(tmp, 'a.npz'), 'w').close()
+  assert _entries(out) == ['a.npz']
+
+  with pytest.raises(KeyboardInterrupt):
+    with cliutil.atomic_output_dir(str(out)) as tmp:
+      open(os.path.join(tmp, 'b.npz'), 'w').close()
+      raise KeyboardInterrupt
+  assert _entries(out) == ['a.npz']
+  assert _entries(tmp_path) == ['out']
+
+  with pytest.raises(UserError, match='exists; refusing to overwrite'):
+    with cliutil.atomic_output_dir(str(out), overwrite=False) as tmp:
+      open(os.path.join(tmp, 'c.npz'), 'w').close()
+  assert _entries(out) == ['a.npz']
+  assert _entries(tmp_path) == ['out']
+
+  with cliutil.atomic_output_dir(str(out)) as tmp:
+    open(os.path.join(tmp, 'd.npz'), 'w').close()
+  assert _entries(out) == ['d.npz']
+  assert _entries(tmp_path) == ['out']
