@@ -19,8 +19,12 @@ sys.path.insert(0, ROOT)
 
 
 def _run(args: list[str]) -> None:
+  """Runs one main.py mode; its failure ends the demo with its exit code
+  (main.py has already printed the reason)."""
   print('+', ' '.join(args), flush=True)
-  subprocess.run(args, cwd=ROOT, check=True)
+  code = subprocess.run(args, cwd=ROOT, check=False).returncode
+  if code:
+    sys.exit(code)
 
 
 def main() -> int:
