@@ -436,6 +436,28 @@ def restore_checkpoint(manager: ocp.CheckpointManager, template: TrainState,
       rng=jnp.asarray(tree['rng']))
 
 
+_LAYER_COUNT = re.compile(r'(metric/layer\d+)_hit_px')
+
+
+def layer_ratios(scalars: dict[str, float]) -> dict[str, float]:
+  """Replaces the ``metric/layer{k}_{hit,target,pred}_px`` pixel counts
+  (``sln.layer_pixel_counts``, averaged over the log window) by
+  ``metric/layer{k}_recall`` = hit / target and ``metric/layer{k}_precision``
+  = hit / pred; a ratio with no pixels under it is left out."""
+  out = dict(scalars)
+  for name in scalars:
+    match = _LAYER_COUNT.fullmatch(name)
+    if not match:
+      continue
+    base = match.group(1)
+    hit = out.pop(name)
+    for ratio, denominator in (('recall', '_target_px'), ('precision', '_pred_px')):
+      total = out.pop(base + denominator, 0.0)
+      if total > 0:
+        out[f'{base}_{ratio}'] = hit / total
+  return out
+
+
 MISMATCH_HINT = ('was it written for another model config? Use a new --workdir or '
                  'the config it was trained with')
 
@@ -630,7 +652,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, model: Any,
       pending = None
     if log:
       elapsed = time.perf_counter() - t_log
-      scalars = {n: v / count for n, v in sums.items()}
+      scalars = layer_ratios({n: v / count for n, v in sums.items()})
       scalars['images_per_s'] = count * global_batch / max(elapsed, 1e-9)
       writer.write_scalars(done, scalars)
       sums, count, t_log = {}, 0, time.perf_counter()

@@ -374,3 +374,28 @@ def test_train_bn_step_uses_global_batch_statistics_on_any_device_split():
   assert not np.array_equal(one.params['backbone']['C1_bn']['scale'],
                             v['params']['backbone']['C1_bn']['scale'])
   jax.tree.map(np.testing.assert_array_equal, one.params['glm'], v['params']['glm'])
+
+
+def test_layer_pixel_counts_over_positive_rois_mean_over_images():
+  """The per-layer pixel counts behind the training log's layer recall and
+  precision, against a numpy loop; non-positive ROIs count nothing."""
+  rng = np.random.default_rng(0)
+  b, r, m, layers = 2, 3, 4, 2
+  logits = rng.normal(size=(b, r, m, m, layers)).astype(np.float32)
+  targets = rng.random((b, r, m, m, layers)).astype(np.float32)
+  positive = np.array([[True, False, True], [False, False, False]])
+  got = jax.jit(sln.layer_pixel_counts)(logits, targets, positive)
+  assert sorted(got) == sorted(f'layer{k}_{n}_px' for k in (1, 2)
+                               for n in ('hit', 'target', 'pred'))
+  for k in range(layers):
+    hit = tgt = prd = 0
+    for i in range(b):
+      for j in range(r):
+        if positive[i, j]:
+          p, t = logits[i, j, ..., k] > 0, targets[i, j, ..., k] >= 0.5
+          hit, tgt, prd = hit + np.sum(p & t), tgt + np.sum(t), prd + np.sum(p)
+    # Image 1 has no positive ROI: it counts 0 and halves the mean.
+    np.testing.assert_allclose(float(got[f'layer{k + 1}_hit_px']), hit / b)
+    np.testing.assert_allclose(float(got[f'layer{k + 1}_target_px']), tgt / b)
+    np.testing.assert_allclose(float(got[f'layer{k + 1}_pred_px']), prd / b)
+    assert 0 < hit < min(tgt, prd)

@@ -324,3 +324,16 @@ def test_prefetch_to_devices_keeps_order_and_looks_ahead_depth_batches():
   rest = [int(np.asarray(b['x'])[0, 0]) for b in out]
   assert [int(np.asarray(first['x'])[0, 0])] + rest == [0, 1, 2, 3, 4]
   assert [int(np.asarray(b['x'])[0, 0]) for b in train.prefetch_to_devices(iter([]), 2)] == []
+
+
+def test_layer_ratios_pool_the_counts_and_drop_them():
+  scalars = {'loss/total': 1.5, 'metric/head_accuracy': 0.9,
+             'metric/layer1_hit_px': 30.0, 'metric/layer1_target_px': 40.0,
+             'metric/layer1_pred_px': 60.0,
+             'metric/layer2_hit_px': 0.0, 'metric/layer2_target_px': 5.0,
+             'metric/layer2_pred_px': 0.0}
+  assert train.layer_ratios(scalars) == {
+      'loss/total': 1.5, 'metric/head_accuracy': 0.9,
+      'metric/layer1_recall': 0.75, 'metric/layer1_precision': 0.5,
+      'metric/layer2_recall': 0.0}   # no predicted pixels: no precision
+  assert 'metric/layer1_hit_px' in scalars  # the input is not changed

@@ -45,6 +45,35 @@ from sln_jax.ops import postprocess, proposals, roi_align, targets
 FEATURE_STRIDES = anchor_ops.DEFAULT_STRIDES   # P2..P6: 4, 8, 16, 32, 64
 
 
+def layer_pixel_counts(layer_logits: jax.Array, layer_targets: jax.Array,
+                       positive: jax.Array) -> dict[str, jax.Array]:
+  """Per-layer mask pixel counts over the positive ROIs, mean over images.
+
+  Args:
+    layer_logits: (B, R, M, M, L); layer_targets: (B, R, M, M, L) in [0, 1];
+      positive: (B, R) bool.
+
+  Returns:
+    float32 scalars ``layer{k}_hit_px`` (logit > 0 and target >= 0.5),
+    ``layer{k}_target_px`` and ``layer{k}_pred_px`` for k = 1..L (1 = the
+    visible layer, 2.. the occluded ones). The training log turns them into
+    ``layer{k}_recall`` = hit / target and ``layer{k}_precision`` = hit / pred
+    (``train.layer_ratios``); counts, not ratios, so that averaging over
+    images, devices and log steps pools the pixels.
+  """
+  keep = positive[:, :, None, None, None]
+  pred = (layer_logits > 0) & keep
+  target = (layer_targets >= 0.5) & keep
+  count = lambda x: jnp.mean(jnp.sum(x.astype(jnp.float32), axis=(1, 2, 3)), axis=0)
+  hit, tgt, prd = count(pred & target), count(target), count(pred)
+  out = {}
+  for k in range(layer_logits.shape[-1]):
+    out[f'layer{k + 1}_hit_px'] = hit[k]
+    out[f'layer{k + 1}_target_px'] = tgt[k]
+    out[f'layer{k + 1}_pred_px'] = prd[k]
+  return out
+
+
 class SLN(nn.Module):
   """SLN over ``config`` = the model sub-config (``config.model``)."""
   config: Any
@@ -228,6 +257,7 @@ class SLN(nn.Module):
         'head_accuracy': jnp.mean(jnp.sum(f32(correct), 1) / jnp.maximum(
             jnp.sum(f32(sample['valid']), 1), 1.0)),
     }
+    metrics.update(layer_pixel_counts(layer_logits, layer_targets, pos['positive']))
     return terms, metrics
 
   # ------------------------------------------------------------- inference
