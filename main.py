@@ -161,10 +161,22 @@ def _data_sources(config, mode: str):
   return data
 
 
+# TFDS warnings about TFDS itself, printed on every run: its own
+# TensorFeature.decode_example reads the deprecated ``dtype``, and every
+# builder config is "custom".
+_TFDS_NOISE = ('`FeatureConnector.dtype` is deprecated', 'Using custom data configuration')
+
+
+def _drop_tfds_noise(record) -> bool:
+  return not ('tensorflow_datasets' in record.pathname
+              and record.getMessage().startswith(_TFDS_NOISE))
+
+
 def _main() -> int:
   if not flags.FLAGS['verbosity'].present:
     # Library INFO logs (Orbax, TFDS) drown the progress bars; --verbosity=0 shows them.
     logging.set_verbosity(logging.WARNING)
+    logging.get_absl_logger().addFilter(_drop_tfds_noise)
   import jax  # pylint: disable=g-import-not-at-top
   if _multi_host():
     _initialize_distributed()
