@@ -48,6 +48,16 @@ def _unknown_field(argv: list[str], key: str) -> str:
   return key
 
 
+def _config_path(argv: list[str]) -> str:
+  """The value of --config (``path`` or ``path:arg``), '' if not given."""
+  for i, arg in enumerate(argv):
+    if arg.startswith(('--config=', '-config=')):
+      return arg.split('=', 1)[1]
+    if arg in ('--config', '-config') and i + 1 < len(argv):
+      return argv[i + 1]
+  return ''
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing with one-line errors and exit code 2."""
   try:
@@ -62,8 +72,12 @@ def _parse_flags(argv: list[str]) -> list[str]:
     message = (f'--{_unknown_field(argv, key)}: unknown config field {key!r} '
                '(see configs/default.py)')
   except (OSError, SyntaxError, ImportError, ValueError, TypeError) as err:
-    first = str(err).split('\n')
-    message = f'--config: {" ".join(" ".join(first[:4]).split())}'
+    path = _config_path(argv)
+    if path and not os.path.isfile(path.split(':')[0]):
+      message = f'{path}: --config: no such file'
+    else:
+      first = str(err).split('\n')
+      message = f'--config: {" ".join(" ".join(first[:4]).split())}'
   print(f'error: {message}', file=sys.stderr)
   sys.exit(2)
 
@@ -109,6 +123,10 @@ def _eval_annotations(config, builder):
       raise cliutil.UserError('no such file', path=d.eval_annotations,
                               field='dataset.eval_annotations')
     return lambda: readers.load_annotations(builder.FORMAT, d.eval_annotations)
+  if not os.path.isdir(d.manual_dir):
+    raise cliutil.UserError('no such directory (the eval annotations are read from it; '
+                            'or set dataset.eval_annotations)',
+                            path=d.manual_dir, field='dataset.manual_dir')
   files = builder.split_files(os.path.abspath(d.manual_dir))
   if d.eval_split.split('[')[0] not in files:
     raise cliutil.UserError(
@@ -189,8 +207,8 @@ def _main() -> int:
     raise cliutil.UserError('is required', field='--workdir')
   config_checks.check_config(config)
   workdir = os.path.abspath(_WORKDIR.value)
+  data = _data_sources(config, mode)  # input errors end the run before workdir exists
   os.makedirs(workdir, exist_ok=True)
-  data = _data_sources(config, mode)
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
   try:

@@ -44,7 +44,9 @@ def test_unknown_config_field_is_one_line_exit_2(tmp_path):
                                f'--workdir={tmp_path}'))
   assert 'config.train.no_such_field' in line and 'unknown config field' in line
   line = _one_line_error(_main('--config=configs/nope.py', f'--workdir={tmp_path}'))
-  assert 'configs/nope.py' in line
+  assert line == 'error: configs/nope.py: --config: no such file'
+  line = _one_line_error(_main('--config', 'configs/nope.py', f'--workdir={tmp_path}'))
+  assert line == 'error: configs/nope.py: --config: no such file'
 
 
 @pytest.mark.parametrize('field,value', [('eval.mask_paste', 'nearest'),
@@ -59,6 +61,18 @@ def test_bad_setting_fails_before_any_work(tmp_path, field, value):
                                f'--config.dataset.manual_dir={tmp_path}/none'))
   assert field in line and repr(value) in line
   assert not os.path.exists(tmp_path / 'w')
+
+
+def test_missing_manual_dir_of_a_prepared_dataset_names_it_and_makes_no_workdir(tmp_path):
+  """A prepared TFDS dataset needs no raw files to train, but evaluation
+  reads the ground truth from dataset.manual_dir."""
+  args = _tiny_synthetic(tmp_path)
+  _main(*args, f'--workdir={tmp_path / "first"}', '--mode=train')  # prepares the dataset
+  missing = tmp_path / 'moved'
+  line = _one_line_error(_main(*args, f'--config.dataset.manual_dir={missing}',
+                               f'--workdir={tmp_path / "w"}', '--mode=evaluate'))
+  assert line.startswith(f'error: {missing}: dataset.manual_dir: no such directory'), line
+  assert not (tmp_path / 'w').exists()
 
 
 def test_missing_dataset_is_one_line_exit_2(tmp_path):
