@@ -88,3 +88,48 @@ def test_clip_and_normalize():
                              b, rtol=1e-6)
   np.testing.assert_allclose(np.asarray(box_ops.normalize(b, 50.0)), b / 50,
                              rtol=1e-6)
+
+
+# ------------------------------------------------------------ properties
+import hypothesis  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.extra import numpy as hnp  # noqa: E402
+
+PROPERTY = hypothesis.settings(max_examples=40, deadline=None, derandomize=True)
+N = 6  # fixed shapes: one compilation per property
+
+
+@st.composite
+def box_sets(draw, n=N, min_side=0.5):
+  """(n, 4) float32 boxes y1x1y2x2 with sides >= min_side, on a 0.25 grid
+  (so duplicates, shared edges and nested boxes come up)."""
+  corner = draw(hnp.arrays(np.int32, (n, 2), elements=st.integers(-40, 400)))
+  side = draw(hnp.arrays(np.int32, (n, 2), elements=st.integers(int(4 * min_side), 200)))
+  return (np.concatenate([corner, corner + side], 1) / 4).astype(np.float32)
+
+
+_IOU = jax.jit(box_ops.iou)
+_ENCODE, _DECODE = jax.jit(box_ops.encode), jax.jit(box_ops.decode)
+
+
+@PROPERTY
+@hypothesis.given(box_sets(), box_sets())
+def test_property_iou_matches_numpy_symmetric_and_bounded(a, b):
+  got = np.asarray(_IOU(a, b))
+  np.testing.assert_allclose(got, _np_iou(a.astype(np.float64), b.astype(np.float64)),
+                             atol=2e-6)
+  np.testing.assert_allclose(np.asarray(_IOU(b, a)), got.T, atol=1e-7)
+  assert np.all((got >= 0) & (got <= 1))
+  np.testing.assert_allclose(np.diagonal(np.asarray(_IOU(a, a))), 1.0, rtol=1e-6)
+
+
+@PROPERTY
+@hypothesis.given(box_sets(), box_sets(min_side=1.0))
+def test_property_encode_then_decode_returns_the_box(boxes, anchors):
+  deltas = _ENCODE(boxes, anchors, STD)
+  # Sides within [0.5, 50] and [1, 50]: a box is at most 50x its anchor, so
+  # decode's default upper clamp of log dh, log dw (log(1000 / 16)) never binds.
+  assert np.all(np.asarray(deltas)[:, 2:] * STD[2:] < box_ops.DEFAULT_MAX_LOG_SCALE)
+  back = np.asarray(_DECODE(deltas, anchors, STD))
+  scale = np.maximum(np.abs(boxes).max(), 1.0)
+  np.testing.assert_allclose(back, boxes, atol=2e-5 * scale + 1e-4)

@@ -99,3 +99,39 @@ def test_batched_matches_single():
     want = tf.image.non_max_suppression(boxes[b], scores[b], 8, 0.5).numpy()
     n = int(np.asarray(valid[b]).sum())
     np.testing.assert_array_equal(np.asarray(idx[b])[:n], want)
+
+
+# ------------------------------------------------------------ property
+import hypothesis  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.extra import numpy as hnp  # noqa: E402
+
+N = 24
+
+
+def _np_iou(a, b):
+  ih = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
+  iw = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
+  inter = ih * iw
+  area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])
+  return inter / (area(a)[:, None] + area(b)[None, :] - inter)
+
+
+@hypothesis.settings(max_examples=60, deadline=None, derandomize=True)
+@hypothesis.given(
+    corner=hnp.arrays(np.int32, (N, 2), elements=st.integers(0, 12)),
+    side=hnp.arrays(np.int32, (N, 2), elements=st.integers(1, 8)),
+    scores=hnp.arrays(np.int32, (N,), elements=st.integers(0, 5)),
+    k=st.sampled_from([3, N]),
+    thr=st.sampled_from([0.0, 0.2, 0.45, 0.6, 0.85]),
+    score_threshold=st.sampled_from([-np.inf, 1.5]),
+    tile=st.sampled_from([1, 5, N]))
+def test_property_matches_tf_on_crowded_grids(corner, side, scores, k, thr, score_threshold, tile):
+  """Small integer grids: many duplicates, nested boxes, shared edges and
+  score ties. Pairs whose IoU sits within float rounding of the threshold
+  (where float32 arithmetic order decides) are left out."""
+  boxes = np.concatenate([corner, corner + side], 1).astype(np.float32)
+  iou = _np_iou(boxes.astype(np.float64), boxes.astype(np.float64))
+  hypothesis.assume(not np.any((np.abs(iou - thr) < 1e-5) & (iou > 0)))
+  _check(boxes, scores.astype(np.float32), k, thr, tile=tile,
+         score_threshold=score_threshold)

@@ -179,3 +179,61 @@ def test_gradients_flow_to_features():
   boxes = jnp.array([[[0.1, 0.1, 0.8, 0.9]]])
   g = jax.grad(lambda f: roi_align.crop_and_resize(f, boxes, 4).sum())(feats)
   assert g.shape == feats.shape and float(g.sum()) == pytest.approx(32.0)
+
+
+# ------------------------------------------------------------ property
+import fractions  # noqa: E402
+import math  # noqa: E402
+
+import hypothesis  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.extra import numpy as hnp  # noqa: E402
+
+_FEATS = np.random.default_rng(11).normal(size=(2, 7, 10, 2)).astype(np.float32)
+_CROP = jax.jit(roi_align.crop_and_resize, static_argnums=2)
+GRID = 32  # box corners on multiples of 1/32: map edges, flips, empty boxes
+
+
+def _exact_axis(lo, hi, size, crop):
+  """(crop, size) float64 sampling matrix of TF's crop_and_resize along one
+  axis in exact rational arithmetic, and (crop,) bool: the sample lies on an
+  edge of the map (where TF's float32 rounding decides inside or out)."""
+  top = size - 1
+  if crop > 1:
+    coords = [lo * top + i * (hi - lo) * top / (crop - 1) for i in range(crop)]
+  else:
+    coords = [(lo + hi) * top / 2]
+  weights = np.zeros((crop, size))
+  on_edge = np.zeros(crop, bool)
+  for i, y in enumerate(coords):
+    on_edge[i] = y in (0, top)
+    if 0 <= y <= top:
+      f = math.floor(y)
+      weights[i, f] += float(1 - (y - f))
+      weights[i, math.ceil(y)] += float(y - f)
+  return weights, on_edge
+
+
+@hypothesis.settings(max_examples=50, deadline=None, derandomize=True)
+@hypothesis.given(
+    corners=hnp.arrays(np.int32, (2, 5, 4), elements=st.integers(-GRID // 2, GRID * 3 // 2)),
+    crop=st.sampled_from([1, 3, 6]))
+def test_property_crop_and_resize_is_exact_and_matches_tf_off_the_edges(corners, crop):
+  """Any corners (flipped, zero-size, partly or wholly outside the map):
+  equal to TF's formula in exact arithmetic everywhere, and to TF itself
+  except at samples exactly on the map's edge, where TF's float32 sum may
+  land a rounding error outside and return 0."""
+  boxes = (corners / GRID).astype(np.float32)
+  got = np.asarray(_CROP(_FEATS, boxes, crop))
+  want_tf = tf.image.crop_and_resize(_FEATS, boxes.reshape(-1, 4), np.repeat([0, 1], 5),
+                                     (crop, crop)).numpy().reshape(got.shape)
+  _, h, w, _ = _FEATS.shape
+  for b in range(2):
+    for r in range(5):
+      y1, x1, y2, x2 = (fractions.Fraction(int(v), GRID) for v in corners[b, r])
+      wy, edge_y = _exact_axis(y1, y2, h, crop)
+      wx, edge_x = _exact_axis(x1, x2, w, crop)
+      exact = np.einsum('ih,jw,hwc->ijc', wy, wx, _FEATS[b].astype(np.float64))
+      np.testing.assert_allclose(got[b, r], exact, atol=2e-5)
+      off_edge = ~(edge_y[:, None] | edge_x[None, :])
+      np.testing.assert_allclose(got[b, r][off_edge], want_tf[b, r][off_edge], atol=2e-5)
