@@ -125,9 +125,14 @@ def crop_layers(index: tf.Tensor, boxes: tf.Tensor, num_layers: int,
     (N, K, K, L) float32 in {0, 1}: bilinear samples on rows y1 .. y2-1 and
     columns x1 .. x2-1, thresholded at 0.5.
   """
+  # One more row and column, copies of the last ones: TF's float32 sample
+  # positions overshoot the last pixel row of a box that ends on the image
+  # edge by a rounding step for ~4% of boxes (a zero row of target there);
+  # inside the padded map the overshoot reads the copied edge row instead.
+  index = tf.pad(index, [[0, 0], [0, 1], [0, 1]], mode='SYMMETRIC')
   shape = tf.shape(index)
-  hm1 = tf.cast(tf.maximum(shape[1] - 1, 1), tf.float32)
-  wm1 = tf.cast(tf.maximum(shape[2] - 1, 1), tf.float32)
+  hm1 = tf.cast(shape[1] - 1, tf.float32)
+  wm1 = tf.cast(shape[2] - 1, tf.float32)
   y1, x1, y2, x2 = tf.unstack(boxes, axis=1)
   norm = tf.stack([y1 / hm1, x1 / wm1, (y2 - 1.0) / hm1, (x2 - 1.0) / wm1], 1)
   crops = tf.image.crop_and_resize(

@@ -127,6 +127,25 @@ def test_gt_layers_crop_equals_numpy_crop(num_layers):
   assert set(np.unique(out['gt_layers'][:3].sum(-1))) <= {0.0, 1.0}
 
 
+def test_gt_layers_of_boxes_ending_on_the_image_edge_keep_their_last_row():
+  """Objects that run to the bottom-right image edge: every sample of the
+  box lies on the object, so the whole target is 1. TF's crop_and_resize
+  alone would return 0 on the last row or column of ~4% of these boxes
+  (its float32 sample position lands a rounding step outside the image)."""
+  rng = np.random.default_rng(0)
+  h, w, n, k = 97, 131, 200, 28
+  y1 = rng.integers(0, h - 2, n)
+  x1 = rng.integers(0, w - 2, n)
+  index = np.zeros((n, h, w), np.uint8)
+  for i in range(n):
+    index[i, y1[i]:, x1[i]:] = 1
+  boxes = np.stack([y1, x1, np.full(n, h), np.full(n, w)], 1).astype(np.float32)
+  crops = pipeline.crop_layers(tf.constant(index), tf.constant(boxes), 2, k).numpy()
+  assert crops.shape == (n, k, k, 2)
+  np.testing.assert_array_equal(crops[..., 0], 1.0)
+  np.testing.assert_array_equal(crops[..., 1], 0.0)
+
+
 def test_padding_truncation_and_validity():
   h = w = 32
   n = 6
