@@ -189,7 +189,9 @@ def test_tiny_model_overfits_one_image_in_two_layers_and_frozen_parts_get_no_gra
   batch, amodal, visible = _scene(num_layers=2)
   variables = sln.init_variables(model, jax.random.PRNGKey(0), S)
   params, stats = variables['params'], variables['batch_stats']
-  tx = optax.adam(3e-3)
+  # Decayed to the end: at a constant 3e-3 Adam's loss still spikes now and
+  # then, and where step 400 lands on a spike decided the outcome.
+  tx = optax.adam(optax.cosine_decay_schedule(3e-3, 400, alpha=0.05))
 
   def step(params, opt, key):
     def loss_fn(p):
