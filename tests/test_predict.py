@@ -228,3 +228,37 @@ def test_detections_to_results_release_paste():
   assert ys.min() >= 46 and ys.max() < 141 and xs.min() >= 125 and xs.max() < 346
   with pytest.raises(ValueError, match='mask_paste'):
     predict.detections_to_results(1, dets, scale, (480, 640), mask_paste='nearest')
+
+
+# ------------------------------------------------------------ property
+import hypothesis  # noqa: E402
+
+from sln_jax import semdist  # noqa: E402
+from tests.test_semdist import scenes  # noqa: E402
+
+
+@hypothesis.settings(max_examples=60, deadline=None, derandomize=True)
+@hypothesis.given(scenes(max_n=5, size=12))
+def test_property_exact_layers_give_the_true_depth_order(scene):
+  """Layer maps encoded from a scene (semdist), cut to each object's box as
+  detections_to_results sees them: every overlapping pair is ordered as its
+  depth ranks say, and the depth layers respect every such pair."""
+  amodal, _, occluded, rank = scene
+  layer = semdist.layer_index_map(amodal, occluded, rank).astype(np.int32) - 1  # -1 absent
+  boxes, crops = [], []
+  for i in range(len(rank)):
+    ys, xs = np.nonzero(amodal[i])
+    b = (int(ys.min()), int(xs.min()), int(ys.max()) + 1, int(xs.max()) + 1)
+    boxes.append(b)
+    crops.append(layer[i, b[0]:b[2], b[1]:b[3]])
+  order = predict.pairwise_order_crops(crops, boxes)
+  depth = predict.depth_layers(order)
+  for i in range(len(rank)):
+    for j in range(len(rank)):
+      if i != j and (amodal[i] & amodal[j]).any():
+        assert order[i, j] == (1 if rank[i] < rank[j] else -1), (i, j)
+        if rank[i] < rank[j]:
+          assert depth[i] < depth[j], (i, j, depth)
+      elif i != j:
+        assert order[i, j] == 0
+  assert depth.min(initial=0) == 0
