@@ -252,3 +252,39 @@ def test_property_sample_rois_invariants(p_corner, p_side, g_corner, g_side, p_v
                                _encode(gt[m:m + 1], props[row:row + 1])[0], atol=1e-3)
   assert np.all(out['rois'][pc + nc:] == 0)
   assert np.all(out['class_targets'][pc:] == 0) and np.all(out['matched_gt'][pc:] == 0)
+
+
+A = 40
+_RPN = jax.jit(lambda k, a, g, v: targets.rpn_targets(
+    k, a, g, v, num_samples=10000, positive_fraction=0.5, bbox_std=STD))
+
+
+@hypothesis.settings(max_examples=60, deadline=None, derandomize=True)
+@hypothesis.given(
+    a_corner=hnp.arrays(np.int32, (A, 2), elements=st.integers(0, 10)),
+    a_side=hnp.arrays(np.int32, (A, 2), elements=st.integers(1, 6)),
+    g_corner=hnp.arrays(np.int32, (M, 2), elements=st.integers(0, 10)),
+    g_side=hnp.arrays(np.int32, (M, 2), elements=st.integers(1, 6)),
+    g_valid=hnp.arrays(bool, (M,)))
+def test_property_rpn_targets_match_release_on_grids(a_corner, a_side, g_corner, g_side,
+                                                     g_valid):
+  """Crowded grids make ties: several anchors equally best for a GT, a GT
+  with no overlap at all. Without subsampling the labels are the release's
+  (build_rpn_targets: its np.argmax takes the first best anchor per GT),
+  except the documented one: a GT that overlaps no anchor claims none (the
+  release's argmax over a column of zeros makes anchor 0 positive)."""
+  g_valid = g_valid.copy()
+  g_valid[0] = True                         # no valid GT: test_rpn_targets_subsampling
+  anchors, gt = _grid_boxes(a_corner, a_side), _grid_boxes(g_corner, g_side)
+  labels, _ = _RPN(jax.random.key(0), anchors, gt, g_valid)
+  valid_gt = gt[g_valid].astype(np.float64)
+  overlapping = _iou(anchors.astype(np.float64), valid_gt).max(0) > 0
+  match, _ = _release_rpn_match(anchors.astype(np.float64), valid_gt)
+  if not overlapping.all():                 # the release with those GTs left out,
+    match_rest = (_release_rpn_match(anchors.astype(np.float64), valid_gt[overlapping])[0]
+                  if overlapping.any() else np.zeros(A, np.int32))
+    # an anchor's negative test is its max IoU < 0.3 over every valid GT.
+    negative = _iou(anchors.astype(np.float64), valid_gt).max(1) < 0.3
+    match = np.where(match_rest == 1, 1, np.where(negative, -1, 0))
+  want = np.where(match == 1, 1, np.where(match == -1, 0, -1))
+  np.testing.assert_array_equal(np.asarray(labels), want)
