@@ -207,24 +207,22 @@ _SAMPLE = jax.jit(lambda k, *a: targets.sample_rois(
     k, *a, num_rois=R, positive_ratio=0.5, bbox_std=STD))
 
 
-def _grid_boxes(corner, side):
+@st.composite
+def grid_boxes(draw, n):
+  """(n, 4) float32 boxes with corners on a 1/16 grid in [0, 1], sides 1/16
+  to 6/16: crowded, so duplicates and IoU ties are common."""
+  corner = draw(hnp.arrays(np.int32, (n, 2), elements=st.integers(0, 10)))
+  side = draw(hnp.arrays(np.int32, (n, 2), elements=st.integers(1, 6)))
   return (np.concatenate([corner, corner + side], 1) / 16).astype(np.float32)
 
 
 @hypothesis.settings(max_examples=60, deadline=None, derandomize=True)
-@hypothesis.given(
-    p_corner=hnp.arrays(np.int32, (P, 2), elements=st.integers(0, 10)),
-    p_side=hnp.arrays(np.int32, (P, 2), elements=st.integers(1, 6)),
-    g_corner=hnp.arrays(np.int32, (M, 2), elements=st.integers(0, 10)),
-    g_side=hnp.arrays(np.int32, (M, 2), elements=st.integers(1, 6)),
-    p_valid=hnp.arrays(bool, (P,)), g_valid=hnp.arrays(bool, (M,)),
-    seed=st.integers(0, 2 ** 16))
-def test_property_sample_rois_invariants(p_corner, p_side, g_corner, g_side, p_valid,
-                                         g_valid, seed):
+@hypothesis.given(props=grid_boxes(P), gt=grid_boxes(M), p_valid=hnp.arrays(bool, (P,)),
+                  g_valid=hnp.arrays(bool, (M,)), seed=st.integers(0, 2 ** 16))
+def test_property_sample_rois_invariants(props, gt, p_valid, g_valid, seed):
   """On crowded 1/16 grids (duplicate proposals, GT ties): the counts of the
   release's rule, positives from the IoU >= 0.5 set matched to their first
   best valid GT, negatives from the rest, no proposal twice, zero padding."""
-  props, gt = _grid_boxes(p_corner, p_side), _grid_boxes(g_corner, g_side)
   cls = np.arange(1, M + 1, dtype=np.int32)
   out = {k: np.asarray(v) for k, v in
          _SAMPLE(jax.random.key(seed), props, p_valid, gt, cls, g_valid).items()}
@@ -260,14 +258,8 @@ _RPN = jax.jit(lambda k, a, g, v: targets.rpn_targets(
 
 
 @hypothesis.settings(max_examples=60, deadline=None, derandomize=True)
-@hypothesis.given(
-    a_corner=hnp.arrays(np.int32, (A, 2), elements=st.integers(0, 10)),
-    a_side=hnp.arrays(np.int32, (A, 2), elements=st.integers(1, 6)),
-    g_corner=hnp.arrays(np.int32, (M, 2), elements=st.integers(0, 10)),
-    g_side=hnp.arrays(np.int32, (M, 2), elements=st.integers(1, 6)),
-    g_valid=hnp.arrays(bool, (M,)))
-def test_property_rpn_targets_match_release_on_grids(a_corner, a_side, g_corner, g_side,
-                                                     g_valid):
+@hypothesis.given(anchors=grid_boxes(A), gt=grid_boxes(M), g_valid=hnp.arrays(bool, (M,)))
+def test_property_rpn_targets_match_release_on_grids(anchors, gt, g_valid):
   """Crowded grids make ties: several anchors equally best for a GT, a GT
   with no overlap at all. Without subsampling the labels are the release's
   (build_rpn_targets: its np.argmax takes the first best anchor per GT),
@@ -275,16 +267,14 @@ def test_property_rpn_targets_match_release_on_grids(a_corner, a_side, g_corner,
   release's argmax over a column of zeros makes anchor 0 positive)."""
   g_valid = g_valid.copy()
   g_valid[0] = True                         # no valid GT: test_rpn_targets_subsampling
-  anchors, gt = _grid_boxes(a_corner, a_side), _grid_boxes(g_corner, g_side)
   labels, _ = _RPN(jax.random.key(0), anchors, gt, g_valid)
-  valid_gt = gt[g_valid].astype(np.float64)
-  overlapping = _iou(anchors.astype(np.float64), valid_gt).max(0) > 0
-  match, _ = _release_rpn_match(anchors.astype(np.float64), valid_gt)
-  if not overlapping.all():                 # the release with those GTs left out,
-    match_rest = (_release_rpn_match(anchors.astype(np.float64), valid_gt[overlapping])[0]
-                  if overlapping.any() else np.zeros(A, np.int32))
-    # an anchor's negative test is its max IoU < 0.3 over every valid GT.
-    negative = _iou(anchors.astype(np.float64), valid_gt).max(1) < 0.3
-    match = np.where(match_rest == 1, 1, np.where(negative, -1, 0))
+  a64, valid_gt = anchors.astype(np.float64), gt[g_valid].astype(np.float64)
+  ov = _iou(a64, valid_gt)
+  overlapping = ov.max(0) > 0
+  # Positives: the release's, over the GTs that overlap some anchor (all of
+  # them, usually); negatives: max IoU < 0.3 over every valid GT.
+  match = (_release_rpn_match(a64, valid_gt[overlapping])[0] if overlapping.any()
+           else np.zeros(A, np.int32))
+  match = np.where(match == 1, 1, np.where(ov.max(1) < 0.3, -1, 0))
   want = np.where(match == 1, 1, np.where(match == -1, 0, -1))
   np.testing.assert_array_equal(np.asarray(labels), want)
