@@ -578,16 +578,19 @@ def train(config: ml_collections.ConfigDict, workdir: str, model: Any,
   state = create_train_state(config, variables,
                              jax.random.fold_in(jax.random.PRNGKey(config.seed), 1))
   restored = restore_checkpoint(manager, state)
+  chief = jax.process_index() == 0  # one message per run, not per host
   if restored is not None:
     state = restored
-    print(f'resuming from step {int(state.step)} ({manager.directory})', flush=True)
+    if chief:
+      print(f'resuming from step {int(state.step)} ({manager.directory})', flush=True)
   start, end = int(state.step), total_steps(config)
   if start >= end:
     return state
 
   it = iter(make_train_iter())
   if start:
-    print(f'skipping {start} batches to continue the data order', flush=True)
+    if chief:
+      print(f'skipping {start} batches to continue the data order', flush=True)
     for _ in range(start):
       next(it)
   device_batches = prefetch_to_devices(it, int(tc.device_prefetch))

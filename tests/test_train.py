@@ -143,7 +143,7 @@ def _run(workdir, c, batches, stop_after=None):
   return train.train(c, workdir, model, v, batches_fn, writer, summary), writer
 
 
-def test_kill_and_resume_matches_uninterrupted(tmp_path):
+def test_kill_and_resume_matches_uninterrupted(tmp_path, capsys, monkeypatch):
   c = _config()  # 6 steps; stage change (and momentum reset) at step 3
   c.train.image_summary_every = 4
   batches = ts.make_batches(6, 1, 2)
@@ -159,8 +159,11 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
   with pytest.raises(KeyboardInterrupt):
     _run(str(tmp_path / 'b'), c, batches, stop_after=3)
   assert sorted(os.listdir(tmp_path / 'b' / 'checkpoints')) == ['2']
+  capsys.readouterr()
   resumed, _ = _run(str(tmp_path / 'b'), c, batches)
   assert int(resumed.step) == 6
+  out = capsys.readouterr().out
+  assert out.count('resuming from step 2') == 1 and out.count('skipping 2 batches') == 1, out
   for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
   # Training actually moved the trainable weights.
@@ -169,6 +172,11 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
   # A finished run resumes to itself without stepping.
   again, _ = _run(str(tmp_path / 'b'), c, [])
   assert int(again.step) == 6
+  assert 'resuming from step 6' in capsys.readouterr().out
+  # Other hosts restore the same state silently (one message per run).
+  monkeypatch.setattr(jax, 'process_index', lambda *a, **k: 1)
+  again, _ = _run(str(tmp_path / 'b'), c, [])
+  assert int(again.step) == 6 and 'resuming' not in capsys.readouterr().out
 
 
 def test_checkpoint_of_another_model_is_one_error_naming_the_leaves(tmp_path):
