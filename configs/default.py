@@ -116,6 +116,9 @@ def get_config() -> ml_collections.ConfigDict:
   l.head_bbox = 1.0
   l.layer = 1.0
   l.amodal = 1.0
+  # Not a term: pos_weight of the occluded layers' (mask channels 2..L)
+  # target pixels in the layer loss (losses.layer_loss). 1 = release.
+  l.occluded_pos_weight = 1.0
 
   # ---------------------------------------------------------------- training
   c.train = tr = ml_collections.ConfigDict()

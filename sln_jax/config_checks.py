@@ -132,6 +132,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   for term, weight in config.loss.items():
     if not is_number(weight) or weight < 0:
       raise UserError(f'{weight!r} is not a number >= 0', field=f'loss.{term}')
+  if config.loss.get('occluded_pos_weight', 1.0) <= 0:
+    raise UserError(f'{config.loss.occluded_pos_weight!r} is not > 0 (1 = release)',
+                    field='loss.occluded_pos_weight')
   tc = config.train
   train.schedule(config)   # each stage: (name or regex, steps >= 1, lr >= 0)
   _int_at_least(tc.batch_size, 1, 'train.batch_size')

@@ -47,10 +47,22 @@ def smooth_l1(pred: jnp.ndarray, target: jnp.ndarray) -> jnp.ndarray:
   return jnp.where(d < 1.0, 0.5 * d * d, d - 0.5)
 
 
-def sigmoid_bce(logits: jnp.ndarray, targets: jnp.ndarray) -> jnp.ndarray:
-  """Elementwise BCE(sigmoid(logits), targets), stable form."""
+def sigmoid_bce(logits: jnp.ndarray, targets: jnp.ndarray,
+                pos_weight=1.0) -> jnp.ndarray:
+  """Elementwise BCE(sigmoid(logits), targets), stable form.
+
+  ``pos_weight`` (broadcast to the elements) scales the target-1 term as
+  torch's ``binary_cross_entropy_with_logits(pos_weight=...)``:
+  ``-(w t log s + (1 - t) log(1 - s))``, s = sigmoid(logits).
+  """
   x, t = _f32(logits), _f32(targets)
-  return jnp.maximum(x, 0.0) - x * t + jnp.log1p(jnp.exp(-jnp.abs(x)))
+  log1p_exp = jnp.log1p(jnp.exp(-jnp.abs(x)))
+  if isinstance(pos_weight, (int, float)) and pos_weight == 1.0:
+    return jnp.maximum(x, 0.0) - x * t + log1p_exp
+  w = _f32(pos_weight)
+  # -log s = softplus(-x), -log(1 - s) = softplus(x).
+  return (w * t * (jnp.maximum(-x, 0.0) + log1p_exp)
+          + (1.0 - t) * (jnp.maximum(x, 0.0) + log1p_exp))
 
 
 def rpn_class_loss(logits: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
@@ -106,15 +118,25 @@ def head_bbox_loss(deltas: jnp.ndarray, class_targets: jnp.ndarray,
 
 
 def layer_loss(layer_logits: jnp.ndarray, layer_targets: jnp.ndarray,
-               positive: jnp.ndarray) -> jnp.ndarray:
+               positive: jnp.ndarray,
+               occluded_pos_weight: float = 1.0) -> jnp.ndarray:
   """BCE(sigmoid(layer logits), layer targets) over positive ROIs.
 
   Args:
     layer_logits: (B, R, S, S, L) (mask-head channels 1..L).
     layer_targets: (B, R, S, S, L) in [0, 1].
     positive: (B, R) bool.
+    occluded_pos_weight: ``pos_weight`` of the occluded layers (channels
+      2..L) in :func:`sigmoid_bce`; the visible layer keeps 1. 1 is the
+      release. Occluded pixels are a small share of an ROI, so unweighted
+      the occluded layers first learn to be off everywhere
+      (``config.loss.occluded_pos_weight``).
   """
-  return _masked_mean(sigmoid_bce(layer_logits, layer_targets),
+  pos_weight = 1.0
+  if occluded_pos_weight != 1.0:
+    pos_weight = jnp.where(jnp.arange(layer_logits.shape[-1]) >= 1,
+                           jnp.float32(occluded_pos_weight), jnp.float32(1.0))
+  return _masked_mean(sigmoid_bce(layer_logits, layer_targets, pos_weight),
                       positive[:, :, None, None, None])
 
 

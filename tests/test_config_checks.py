@@ -45,6 +45,7 @@ BAD = [
     ('model.detection.max_detections', 0, 'model.detection.max_detections'),
     ('model.detection.nms_threshold', 1.5, 'model.detection.nms_threshold'),
     ('loss.layer', -1.0, 'loss.layer'),
+    ('loss.occluded_pos_weight', 0.0, 'loss.occluded_pos_weight'),
     ('train.stages', (('heads(', 10, 0.1),), 'train.stages'),   # neither a stage nor a regex
     ('train.stages', (('heads', 'ten', 0.1),), 'train.stages'),
     ('train.stages', (('heads', 10, -0.1),), 'train.stages'),

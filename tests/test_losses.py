@@ -93,6 +93,26 @@ def test_mask_losses_match_torch():
       logits, targets, positive), rtol=2e-2)
 
 
+@pytest.mark.parametrize('weight', [1.0, 5.0, 0.5])
+def test_occluded_pos_weight_is_torch_pos_weight_on_channels_2_and_up(weight):
+  """layer_loss(occluded_pos_weight=w) is torch's BCE-with-logits with
+  pos_weight (1, w, w, ...) over the layer channels, soft targets included."""
+  rng = np.random.default_rng(5)
+  b, r, s, l = 2, 4, 3, 3
+  logits = rng.normal(size=(b, r, s, s, l)).astype(np.float32) * 4
+  targets = rng.uniform(size=(b, r, s, s, l)).astype(np.float32)
+  targets[0, 0] = np.round(targets[0, 0])
+  positive = np.array([[1, 1, 0, 1], [0, 1, 1, 0]], bool)
+  pw = torch.tensor([1.0] + [weight] * (l - 1))
+  want = per_image(lambda lg, t, p: F.binary_cross_entropy_with_logits(
+      T(lg[p]), T(t[p]), pos_weight=pw), logits, targets, positive)
+  got = jax.jit(losses.layer_loss, static_argnames='occluded_pos_weight')(
+      logits, targets, positive, occluded_pos_weight=weight)
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+  if weight > 1:  # more weight on the occluded positives: a larger loss
+    assert float(got) > float(losses.layer_loss(logits, targets, positive))
+
+
 def test_batch_loss_is_mean_of_single_image_losses():
   """Device-count independence rests on this: any term over a batch equals
   the mean of the term over each image alone (also for an image with

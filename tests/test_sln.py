@@ -8,6 +8,7 @@ import numpy as np
 import optax
 
 from configs import default, tiny
+from sln_jax import losses
 from sln_jax.models import sln
 
 FAST = {'xla_backend_optimization_level': 0}  # CPU compile time >> run time here
@@ -401,3 +402,25 @@ def test_layer_pixel_counts_over_positive_rois_mean_over_images():
     np.testing.assert_allclose(float(got[f'layer{k + 1}_target_px']), tgt / b)
     np.testing.assert_allclose(float(got[f'layer{k + 1}_pred_px']), prd / b)
     assert 0 < hit < min(tgt, prd)
+
+
+def test_occluded_pos_weight_travels_from_the_config_to_the_layer_loss(monkeypatch):
+  """``config.loss.occluded_pos_weight`` reaches ``losses.layer_loss``
+  (release default 1); a ``loss_weights`` override wins. (The weighting
+  itself: tests/test_losses.py against torch's pos_weight.)"""
+  seen = []
+  real = losses.layer_loss
+  monkeypatch.setattr(losses, 'layer_loss', lambda *a, occluded_pos_weight=1.0: (
+      seen.append(occluded_pos_weight), real(*a, occluded_pos_weight=occluded_pos_weight))[1])
+  cfg = tiny.get_config()
+  cfg.model.num_layers = 2
+  batch, _, _ = _scene(num_layers=2)
+  for weight, override in ((None, None), (6.0, None), (6.0, 2.5)):
+    if weight is not None:
+      cfg.loss.occluded_pos_weight = weight
+    model = sln.build_model(cfg)
+    variables = jax.eval_shape(lambda: sln.init_variables(model, jax.random.PRNGKey(0), S))
+    weights = None if override is None else dict(cfg.loss, occluded_pos_weight=override)
+    jax.eval_shape(lambda v: model.apply(v, batch, jax.random.PRNGKey(1), weights,
+                                         method='train_forward'), variables)
+  assert seen == [1.0, 6.0, 2.5]

@@ -8,7 +8,8 @@ resized, so a normalised canvas box is also a normalised GLM box).
 
 Loss weights: ``SLN(config.model, loss_weights=config.loss)`` (see
 :func:`build_model`); ``train_forward`` also accepts ``loss_weights``, which
-wins. Missing weights default to 1 (the release).
+wins. Missing weights default to 1 (the release). The same mapping may carry
+``occluded_pos_weight`` (:func:`sln_jax.losses.layer_loss`; 1 = release).
 
 Training mask head: it only runs on the positive slots. ``sample_rois``
 places positives first, so the first ``int(rois_per_image * positive_ratio)``
@@ -228,6 +229,8 @@ class SLN(nn.Module):
         batch['gt_layers'].astype(jnp.float32), gt_boxes, pos['rois'],
         pos['matched_gt'], mask_size=o.mask_size, positive=pos['positive'])
 
+    given = dict(loss_weights if loss_weights is not None else
+                 (self.loss_weights or {}))
     terms = {
         'rpn_class': losses.rpn_class_loss(rpn_out['logits'], rpn_labels),
         'rpn_bbox': losses.rpn_bbox_loss(rpn_out['deltas'], rpn_deltas,
@@ -237,14 +240,13 @@ class SLN(nn.Module):
         'head_bbox': losses.head_bbox_loss(
             head['deltas'], sample['class_targets'], sample['bbox_targets'],
             sample['valid']),
-        'layer': losses.layer_loss(layer_logits, layer_targets,
-                                   pos['positive']),
+        'layer': losses.layer_loss(
+            layer_logits, layer_targets, pos['positive'],
+            occluded_pos_weight=float(given.get('occluded_pos_weight', 1.0))),
         'amodal': losses.amodal_loss(layer_logits, layer_targets,
                                      pos['positive']),
     }
-    weights = dict(loss_weights if loss_weights is not None else
-                   (self.loss_weights or {}))
-    weights = {k: float(weights.get(k, 1.0)) for k in losses.TERMS}
+    weights = {k: float(given.get(k, 1.0)) for k in losses.TERMS}
     terms['total'] = losses.total_loss(terms, weights)
     f32 = lambda x: jnp.asarray(x, jnp.float32)
     per_image = lambda x: jnp.mean(jnp.sum(f32(x), axis=1))
