@@ -56,9 +56,9 @@ def sigmoid_bce(logits: jnp.ndarray, targets: jnp.ndarray,
   ``-(w t log s + (1 - t) log(1 - s))``, s = sigmoid(logits).
   """
   x, t = _f32(logits), _f32(targets)
-  log1p_exp = jnp.log1p(jnp.exp(-jnp.abs(x)))
   if isinstance(pos_weight, (int, float)) and pos_weight == 1.0:
-    return jnp.maximum(x, 0.0) - x * t + log1p_exp
+    return jnp.maximum(x, 0.0) - x * t + jnp.log1p(jnp.exp(-jnp.abs(x)))
+  log1p_exp = jnp.log1p(jnp.exp(-jnp.abs(x)))
   w = _f32(pos_weight)
   # -log s = softplus(-x), -log(1 - s) = softplus(x).
   return (w * t * (jnp.maximum(-x, 0.0) + log1p_exp)

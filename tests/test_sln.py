@@ -186,6 +186,12 @@ def test_tiny_model_overfits_one_image_in_two_layers_and_frozen_parts_get_no_gra
   cfg = tiny.get_config()
   cfg.model.num_layers = 2
   cfg.model.detection.nms_threshold = 0.5     # one detection per object
+  # With the release's unweighted layer loss the occluded layer is learnt
+  # late, and whether it is by step 400 hung on float rounding: an equal
+  # but reordered BCE expression left 48 of the 107 hidden pixels visible at
+  # one of three key offsets (0 at the others). Weighted 10x (as the demo),
+  # 0 at all three with either expression.
+  cfg.loss.occluded_pos_weight = 10.0
   model = sln.build_model(cfg)
   batch, amodal, visible = _scene(num_layers=2)
   variables = sln.init_variables(model, jax.random.PRNGKey(0), S)
