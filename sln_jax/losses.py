@@ -56,13 +56,11 @@ def sigmoid_bce(logits: jnp.ndarray, targets: jnp.ndarray,
   ``-(w t log s + (1 - t) log(1 - s))``, s = sigmoid(logits).
   """
   x, t = _f32(logits), _f32(targets)
+  bce = jnp.maximum(x, 0.0) - x * t + jnp.log1p(jnp.exp(-jnp.abs(x)))
   if isinstance(pos_weight, (int, float)) and pos_weight == 1.0:
-    return jnp.maximum(x, 0.0) - x * t + jnp.log1p(jnp.exp(-jnp.abs(x)))
-  log1p_exp = jnp.log1p(jnp.exp(-jnp.abs(x)))
-  w = _f32(pos_weight)
-  # -log s = softplus(-x), -log(1 - s) = softplus(x).
-  return (w * t * (jnp.maximum(-x, 0.0) + log1p_exp)
-          + (1.0 - t) * (jnp.maximum(x, 0.0) + log1p_exp))
+    return bce
+  # The weighted form is bce - (w - 1) t log s, and -log s = softplus(-x).
+  return bce + (_f32(pos_weight) - 1.0) * t * jax.nn.softplus(-x)
 
 
 def rpn_class_loss(logits: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
