@@ -34,6 +34,7 @@ import io
 import json
 import math
 import os
+import re
 import zlib
 from typing import Callable, Optional, Sequence, Union
 
@@ -365,6 +366,23 @@ def annotation_path(out_dir: str, split: str) -> str:
 
 def images_dir(out_dir: str, split: str) -> str:
   return os.path.join(out_dir, f'{split}2014')
+
+
+def looks_generated(out_dir: str) -> bool:
+  """True when ``out_dir`` holds only this module's layout (``annotations/``
+  with ``COCO_amodal_*2014.json``, ``<split>2014/`` image folders, top-level
+  ``*.json`` markers): what ``make_synthetic.py`` may replace."""
+  entries = os.listdir(out_dir)
+  ann_dir = os.path.join(out_dir, 'annotations')
+  if 'annotations' not in entries or not os.path.isdir(ann_dir):
+    return False
+  if not all(re.fullmatch(r'COCO_amodal_\w+2014\.json', name)
+             for name in os.listdir(ann_dir)):
+    return False
+  return all(name == 'annotations' or name.endswith('.json') or
+             (re.fullmatch(r'\w+2014', name) and
+              os.path.isdir(os.path.join(out_dir, name)))
+             for name in entries)
 
 
 def occlusion_stats(rates: Sequence[float]) -> dict:

@@ -4,9 +4,12 @@
       --annotations A.json --images DIR --out DIR
 
 Writes one ``<image stem>.npz`` (array ``layer``, uint64 (H, W)) per image
-with instances, byte-compatible with the original release's files. Output
-goes to a temporary directory renamed to ``--out`` on success; on bad input
-the script prints one line naming the file and the field and exits 2.
+with instances, byte-compatible with the original release's files. ``--out``
+may be the images directory (the release keeps each ``.npz`` beside its
+image): layer files of the same name are replaced, every other file in
+``--out`` is kept. All layers are written to a temporary folder inside
+``--out`` first and moved in only when every one succeeded; on bad input the
+script prints one line naming the file and the field and exits 2.
 """
 from __future__ import annotations
 
@@ -52,7 +55,7 @@ def main(argv=None) -> int:
           f'images {stems[stem]} and {ann.file_name} share the output name '
           f'{stem}.npz', path=args.annotations, field='images.file_name')
     stems[stem] = ann.file_name
-  with cliutil.atomic_output_dir(args.out) as tmp:
+  with cliutil.atomic_files_into(args.out) as tmp:
     for ann in tqdm(anns, desc='layers', unit='image'):
       stem = os.path.splitext(os.path.basename(ann.file_name))[0]
       legacy_layers.write_legacy_layers(os.path.join(tmp, stem + '.npz'), ann,

@@ -82,6 +82,7 @@ def main() -> int:
         f'cannot load the config file ({type(err).__name__})',
         path=FLAGS['config'].config_filename, field='config') from None
   config_checks.check_model(config.model)
+  cliutil.check_output_dir(FLAGS.output, replaceable=checkpoint_port.is_orbax_dir)
   x = _read_input(act_in) if act_in is not None else None
   state = checkpoint_port.load_torch_state_dict(FLAGS.pth)
   source = FLAGS.source
@@ -93,7 +94,8 @@ def main() -> int:
       path=FLAGS.pth)
   del state
   acts = None if x is None else checkpoint_port.release_activations(variables, x, config)
-  with cliutil.atomic_output_dir(FLAGS.output) as tmp:
+  with cliutil.atomic_output_dir(FLAGS.output,
+                                 replaceable=checkpoint_port.is_orbax_dir) as tmp:
     checkpoint_port.save_orbax(variables, tmp)
   if acts is not None:
     with cliutil.atomic_output_file(act_out, 'wb') as f:

@@ -61,10 +61,12 @@ def main(argv=None) -> int:
   if args.no_overwrite and os.path.exists(args.out):
     raise cliutil.UserError('exists; refusing to overwrite (--no-overwrite)',
                             path=args.out)
+  cliutil.check_output_dir(args.out, overwrite=not args.no_overwrite,
+                           replaceable=synthetic.looks_generated)
   splits = {k: v for k, v in (('train', args.num_train), ('val', args.num_val))
             if v > 0}
-  with cliutil.atomic_output_dir(args.out, overwrite=not args.no_overwrite
-                                 ) as tmp:
+  with cliutil.atomic_output_dir(args.out, overwrite=not args.no_overwrite,
+                                 replaceable=synthetic.looks_generated) as tmp:
     stats = synthetic.generate_dataset(
         tmp, splits, image_size=args.image_size, seed=args.seed,
         params=params, image_format=args.format, progress=True)

@@ -501,6 +501,13 @@ def save_orbax(variables: Mapping, directory: str) -> None:
   ckptr.close()
 
 
+def is_orbax_dir(directory: str) -> bool:
+  """True when ``directory`` holds an Orbax checkpoint (its metadata file):
+  what ``convert_checkpoint.py --output`` may replace."""
+  return any(os.path.isfile(os.path.join(directory, name))
+             for name in ('_CHECKPOINT_METADATA', '_METADATA'))
+
+
 def load_orbax(directory: str) -> dict:
   """Reads a checkpoint written by ``save_orbax`` -> nested dict of arrays."""
   import orbax.checkpoint as ocp

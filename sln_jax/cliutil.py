@@ -51,11 +51,40 @@ def run_cli(main: Callable[[], int | None]) -> None:
   sys.exit(code or 0)
 
 
-@contextlib.contextmanager
-def atomic_output_dir(path: str, overwrite: bool = True) -> Iterator[str]:
-  """Yields a temporary directory beside ``path``; renames it to ``path`` on
-  success, removes it on any error (so no partial output is left)."""
+def check_output_dir(path: str, overwrite: bool = True,
+                     replaceable: Callable[[str], bool] | None = None) -> None:
+  """The refusal of ``atomic_output_dir``, for callers to run before slow
+  work: a UserError unless ``path`` is absent, empty, or (``overwrite``)
+  ``replaceable(path)``."""
   path = os.path.abspath(path)
+  if not os.path.lexists(path):
+    return
+  if not os.path.isdir(path) or os.path.islink(path):
+    raise UserError('exists and is not a directory', path=path)
+  if not os.listdir(path):
+    return
+  if not overwrite:
+    raise UserError('exists; refusing to overwrite', path=path)
+  if replaceable is None or not replaceable(path):
+    raise UserError('exists and holds files this tool did not write; '
+                    'refusing to replace it (choose a new directory or remove '
+                    'this one)', path=path)
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: str, overwrite: bool = True,
+                      replaceable: Callable[[str], bool] | None = None
+                      ) -> Iterator[str]:
+  """Yields a temporary directory beside ``path``; renames it to ``path`` on
+  success, removes it on any error (so no partial output is left).
+
+  An existing ``path`` is replaced only when it is empty, or when
+  ``overwrite`` is set and ``replaceable(path)`` says it holds an earlier
+  output of the same tool; anything else is a UserError raised before the
+  caller's work starts (``--out ~`` never deletes a home directory).
+  """
+  path = os.path.abspath(path)
+  check_output_dir(path, overwrite, replaceable)
   parent = os.path.dirname(path)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix='.' + os.path.basename(path) + '.tmp-', dir=parent)
@@ -65,9 +94,6 @@ def atomic_output_dir(path: str, overwrite: bool = True) -> Iterator[str]:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   if os.path.exists(path):
-    if not overwrite:
-      shutil.rmtree(tmp, ignore_errors=True)
-      raise UserError('exists; refusing to overwrite', path=path)
     old = tmp + '.old'
     os.rename(path, old)
     os.rename(tmp, path)
@@ -77,9 +103,42 @@ def atomic_output_dir(path: str, overwrite: bool = True) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def atomic_output_file(path: str, mode: str = 'w') -> Iterator:
-  """Opens a temporary file beside ``path``; renames on success."""
+def atomic_files_into(path: str) -> Iterator[str]:
+  """Yields a temporary directory inside ``path`` (created if needed); on
+  success moves each file written there into ``path`` with ``os.replace``
+  (same names are replaced, every other entry of ``path`` is kept), on any
+  error removes it and leaves ``path`` as it was."""
   path = os.path.abspath(path)
+  if os.path.lexists(path) and not os.path.isdir(path):
+    raise UserError('exists and is not a directory', path=path)
+  created = not os.path.exists(path)
+  os.makedirs(path, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix='.tmp-', dir=path)
+  try:
+    yield tmp
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    if created:
+      shutil.rmtree(path, ignore_errors=True)
+    raise
+  for name in sorted(os.listdir(tmp)):
+    target = os.path.join(path, name)
+    if os.path.isdir(target) and not os.path.islink(target):
+      shutil.rmtree(tmp, ignore_errors=True)
+      raise UserError('is a directory; cannot replace it with a file',
+                      path=target)
+  for name in sorted(os.listdir(tmp)):
+    os.replace(os.path.join(tmp, name), os.path.join(path, name))
+  os.rmdir(tmp)
+
+
+@contextlib.contextmanager
+def atomic_output_file(path: str, mode: str = 'w') -> Iterator:
+  """Opens a temporary file beside ``path``; renames on success. A ``path``
+  that is a directory is a UserError before anything is written."""
+  path = os.path.abspath(path)
+  if os.path.isdir(path):
+    raise UserError('is a directory, expected a file path', path=path)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.tmp-',
                              dir=os.path.dirname(path))
@@ -87,7 +146,8 @@ def atomic_output_file(path: str, mode: str = 'w') -> Iterator:
   try:
     with open(tmp, mode) as f:
       yield f
+    os.replace(tmp, path)
   except BaseException:
-    os.unlink(tmp)
+    if os.path.exists(tmp):
+      os.unlink(tmp)
     raise
-  os.replace(tmp, path)

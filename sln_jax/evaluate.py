@@ -100,7 +100,13 @@ def _check_runs(runs, h: int, w: int, path: str, field: str) -> None:
 def _as_rle(seg: Any, h: int, w: int, path: str, field: str) -> dict:
   """Any COCO mask encoding -> compressed RLE of size (h, w)."""
   if isinstance(seg, dict) and 'counts' in seg and 'size' in seg:
-    if [int(s) for s in seg['size']] != [h, w]:
+    size = seg['size']
+    if not (isinstance(size, list) and len(size) == 2 and all(
+        isinstance(s, numbers.Integral) and not isinstance(s, bool)
+        for s in size)):
+      raise UserError(f'mask size must be [height, width] integers, got '
+                      f'{size!r}', path=path, field=field + '.size')
+    if [int(s) for s in size] != [h, w]:
       raise UserError(f'mask size {list(seg["size"])} != image size {[h, w]}',
                       path=path, field=field)
     if isinstance(seg['counts'], list):

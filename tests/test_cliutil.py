@@ -100,19 +100,103 @@ def test_atomic_output_dir_replaces_whole_or_leaves_the_old_one(tmp_path):
   assert _entries(out) == ['a.npz']
 
   with pytest.raises(KeyboardInterrupt):
-    with cliutil.atomic_output_dir(str(out)) as tmp:
+    with cliutil.atomic_output_dir(str(out), replaceable=_any) as tmp:
       open(os.path.join(tmp, 'b.npz'), 'w').close()
       raise KeyboardInterrupt
   assert _entries(out) == ['a.npz']
   assert _entries(tmp_path) == ['out']
 
   with pytest.raises(UserError, match='exists; refusing to overwrite'):
-    with cliutil.atomic_output_dir(str(out), overwrite=False) as tmp:
+    with cliutil.atomic_output_dir(str(out), overwrite=False,
+                                   replaceable=_any) as tmp:
       open(os.path.join(tmp, 'c.npz'), 'w').close()
   assert _entries(out) == ['a.npz']
   assert _entries(tmp_path) == ['out']
 
-  with cliutil.atomic_output_dir(str(out)) as tmp:
+  with cliutil.atomic_output_dir(str(out), replaceable=_any) as tmp:
     open(os.path.join(tmp, 'd.npz'), 'w').close()
   assert _entries(out) == ['d.npz']
   assert _entries(tmp_path) == ['out']
+
+
+def _any(_):
+  return True
+
+
+def test_atomic_output_dir_refuses_to_replace_what_it_did_not_write(tmp_path):
+  home = tmp_path / 'home'
+  home.mkdir()
+  (home / 'thesis.tex').write_text('years of work')
+  worked = []
+  with pytest.raises(UserError, match='did not write') as info:
+    with cliutil.atomic_output_dir(str(home)) as tmp:
+      worked.append(tmp)
+  assert worked == []                  # refused before the caller's work
+  assert info.value.path == str(home)
+  with pytest.raises(UserError, match='did not write'):
+    with cliutil.atomic_output_dir(
+        str(home), replaceable=lambda p: os.path.exists(os.path.join(p, 'x'))):
+      pass
+  assert _entries(home) == ['thesis.tex']
+  assert _entries(tmp_path) == ['home']
+
+  afile = tmp_path / 'afile'
+  afile.write_text('keep')
+  with pytest.raises(UserError, match='not a directory'):
+    with cliutil.atomic_output_dir(str(afile), replaceable=_any):
+      pass
+  assert afile.read_text() == 'keep'
+
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  with cliutil.atomic_output_dir(str(empty)) as tmp:   # empty: replaced
+    open(os.path.join(tmp, 'a.npz'), 'w').close()
+  assert _entries(empty) == ['a.npz']
+
+
+def test_atomic_files_into_keeps_other_files_and_is_all_or_nothing(tmp_path):
+  images = tmp_path / 'images'
+  images.mkdir()
+  (images / 'a.jpg').write_text('jpeg')
+  (images / 'a.npz').write_text('old layers')
+  with cliutil.atomic_files_into(str(images)) as tmp:
+    for name in ('a.npz', 'b.npz'):
+      (images / 'a.npz').read_text()   # the old file is still in place
+      with open(os.path.join(tmp, name), 'w') as f:
+        f.write('new ' + name)
+  assert _entries(images) == ['a.jpg', 'a.npz', 'b.npz']
+  assert (images / 'a.npz').read_text() == 'new a.npz'
+  assert (images / 'a.jpg').read_text() == 'jpeg'
+
+  with pytest.raises(KeyboardInterrupt):
+    with cliutil.atomic_files_into(str(images)) as tmp:
+      with open(os.path.join(tmp, 'a.npz'), 'w') as f:
+        f.write('half')
+      raise KeyboardInterrupt
+  assert _entries(images) == ['a.jpg', 'a.npz', 'b.npz']
+  assert (images / 'a.npz').read_text() == 'new a.npz'
+
+  fresh = tmp_path / 'fresh'
+  with pytest.raises(RuntimeError):
+    with cliutil.atomic_files_into(str(fresh)):
+      raise RuntimeError
+  assert not fresh.exists()            # created for the run, removed on error
+
+  (images / 'c.npz').mkdir()
+  with pytest.raises(UserError, match='is a directory'):
+    with cliutil.atomic_files_into(str(images)) as tmp:
+      open(os.path.join(tmp, 'c.npz'), 'w').close()
+      open(os.path.join(tmp, 'd.npz'), 'w').close()
+  assert _entries(images) == ['a.jpg', 'a.npz', 'b.npz', 'c.npz']
+  with pytest.raises(UserError, match='not a directory'):
+    with cliutil.atomic_files_into(str(images / 'a.jpg')):
+      pass
+
+
+def test_atomic_output_file_refuses_a_directory_and_leaves_no_temp(tmp_path):
+  target = tmp_path / 'M.json'
+  target.mkdir()
+  with pytest.raises(UserError, match='is a directory'):
+    with cliutil.atomic_output_file(str(target)) as f:
+      f.write('{}')
+  assert _entries(tmp_path) == ['M.json']

@@ -121,3 +121,32 @@ def test_bad_input_exits_2_with_one_line(tmp_path, case):
     assert 'at most 32' in lines[0]
   assert not out.exists()
   assert [p for p in os.listdir(tmp_path) if p.startswith('.')] == []
+
+
+def test_out_may_be_the_images_directory(tmp_path):
+  """The release keeps each layer file beside its image: converting into the
+  images folder replaces same-named .npz files and keeps everything else."""
+  images = tmp_path / 'images'
+  data = fixture('cocoa_tiny.json')
+  write_images(str(images), data)
+  anns = readers.load_annotations('cocoa', os.path.join(FIXTURES, 'cocoa_tiny.json'))
+  stale = images / (os.path.splitext(anns[0].file_name)[0] + '.npz')
+  stale.write_bytes(b'stale')
+  (images / 'notes.txt').write_text('mine')
+  before = sorted(os.listdir(images))
+
+  bad = _cocoa_case(tmp_path, BAD['no_order'][0])[1]
+  proc = run('cocoa', bad, images, images)
+  assert proc.returncode == 2, proc.stdout + proc.stderr
+  assert sorted(os.listdir(images)) == before and stale.read_bytes() == b'stale'
+
+  proc = run('cocoa', os.path.join(FIXTURES, 'cocoa_tiny.json'), images, images)
+  assert proc.returncode == 0, proc.stderr
+  layers = sorted(os.path.splitext(a.file_name)[0] + '.npz' for a in anns)
+  assert sorted(os.listdir(images)) == sorted(set(before) | set(layers))
+  assert (images / 'notes.txt').read_text() == 'mine'
+  for img in data['images']:
+    assert (images / img['file_name']).stat().st_size > 0
+  with np.load(stale) as out:
+    np.testing.assert_array_equal(out['layer'],
+                                  legacy_layers.encode_legacy_layers(anns[0]))

@@ -45,6 +45,7 @@ def test_converts_and_activations_match_reference(reference, tmp_path):
              '--activations-output', str(tmp_path / 'a.npz'))
   assert proc.returncode == 0, proc.stderr[-2000:]
 
+  assert cp.is_orbax_dir(str(out))
   restored = cp.load_orbax(str(out))
   want_vars = cp.torch_to_flax(ref.state_dict(), 'sln', cfg)
   jax.tree.map(np.testing.assert_array_equal, restored, want_vars)
@@ -90,3 +91,17 @@ def test_bad_model_config_exits_2_before_reading_the_file(tmp_path):
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith('error: model.roi.mask_size: 7'), proc.stderr
   assert not out.exists()
+
+
+def test_refuses_to_replace_a_folder_that_is_not_a_checkpoint(tmp_path):
+  """--output naming a folder with other files (a typo, a home directory) is
+  refused before the .pth is read; the folder is left as it was."""
+  out = tmp_path / 'models'
+  out.mkdir()
+  (out / 'notes.txt').write_text('mine')
+  proc = run('--pth', str(tmp_path / 'missing.pth'), '--output', str(out))
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and 'did not write' in lines[0] and str(out) in lines[0]
+  assert os.listdir(out) == ['notes.txt']
+  assert not cp.is_orbax_dir(str(out))

@@ -322,6 +322,15 @@ def test_malformed_rle_is_a_user_error(counts):
   assert err.value.field == '[0].segmentation'
 
 
+@pytest.mark.parametrize('size', [None, ['40', 'x'], [40.7, 30], [H], 7])
+def test_malformed_rle_size_is_a_user_error(size):
+  good = records.encode_mask(A)
+  with pytest.raises(UserError, match=r'\[height, width\] integers') as err:
+    ev.evaluate([image(1, [inst(A)])], [{'image_id': 1, 'score': 0.5,
+                                         'segmentation': dict(good, size=size)}])
+  assert err.value.field == '[0].segmentation.size'
+
+
 def test_format_table():
   m = ev.evaluate([image(1, [inst(A), inst(B)])], [det(1, A, 0.9)])
   text = ev.format_table(m)
@@ -413,6 +422,8 @@ def test_cli_writes_metrics_and_rejects_bad_input(tmp_path, capsys):
       'noid.json': [{'score': 1.0, 'segmentation': results[0]['segmentation']}],
       'noseg.json': [{'image_id': 1, 'score': 1.0}],
       'unknown.json': [dict(results[0], image_id=99)],
+      'nullsize.json': [dict(results[0], segmentation=dict(
+          results[0]['segmentation'], size=None))],
   }
   # One bad input through a real process; the rest in-process (same run_cli).
   proc = _run_cli('--format', 'cocoa', '--annotations', tmp_path / 'nope.json',
@@ -434,3 +445,15 @@ def test_cli_writes_metrics_and_rejects_bad_input(tmp_path, capsys):
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and name in err, err
     assert not out2.exists()
+  # --output naming a folder: one line, exit 2, no temporary file left.
+  folder = tmp_path / 'metrics_dir'
+  folder.mkdir()
+  argv = ['--format', 'cocoa', '--annotations', str(gt_path),
+          '--results', str(dt_path), '--output', str(folder)]
+  with pytest.raises(SystemExit) as exit_info:
+    run_cli(lambda: script.main(argv))
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert 'is a directory' in err and len(err.strip().splitlines()) == 1, err
+  assert os.listdir(folder) == []
+  assert not [p for p in os.listdir(tmp_path) if p.startswith('.metrics_dir')]

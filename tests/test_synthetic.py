@@ -223,6 +223,18 @@ def test_script(tmp_path):
     assert res.stderr.strip().startswith('error:')
     assert len(res.stderr.strip().splitlines()) == 1
   assert os.listdir(tmp_path) == ['data']
+  # Its own earlier output is replaced; a folder holding anything else is not.
+  assert synthetic.looks_generated(str(out))
+  res = _script('--out', str(out), '--num-train', '1', '--num-val', '0',
+                '--image-size', '48')
+  assert res.returncode == 0, res.stderr
+  assert sorted(os.listdir(out)) == ['annotations', 'train2014']
+  (out / 'thesis.tex').write_text('mine')
+  assert not synthetic.looks_generated(str(out))
+  res = _script('--out', str(out), '--num-train', '1', '--image-size', '48')
+  assert res.returncode == 2 and 'did not write' in res.stderr, res.stderr
+  assert sorted(os.listdir(out)) == ['annotations', 'thesis.tex', 'train2014']
+  assert os.listdir(tmp_path) == ['data']
 
 
 def test_cocoa_reader_recovers_masks(dataset):
