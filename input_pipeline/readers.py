@@ -2,7 +2,8 @@
 
 Every reader returns ``list[records.ImageAnnotation]`` in the order of the
 file's ``images`` list. Images without instances are skipped and counted in
-an optional ``ReadStats``. Masks are COCO RLE (``counts`` as str) of size
+an optional ``ReadStats`` (``keep_empty=True`` keeps them as records with no
+instances: the evaluator scores detections on them as false positives). Masks are COCO RLE (``counts`` as str) of size
 [height, width] in image pixels; polygons are rasterised with pycocotools
 (what the COCO-style evaluators use) and also kept raw in
 ``InstanceAnnotation.amodal_polygons`` (the legacy .npz writer rasterises
@@ -52,7 +53,7 @@ class ReadStats:
   """Counts filled in by a reader (pass one in via ``stats=``)."""
   num_images: int = 0        # images returned
   num_instances: int = 0     # instances returned
-  skipped_empty: int = 0     # images skipped for having no instances
+  skipped_empty: int = 0     # images without instances (skipped unless kept)
 
 
 # ------------------------------------------------------------------ basics
@@ -289,18 +290,27 @@ def _category_names(data: dict) -> dict:
           if isinstance(c, dict)}
 
 
-def _flat_instances(path: str):
+def _flat_instances(path: str, keep_empty: bool = False):
   """Reads a flat COCO-style file (one annotation per instance).
 
   Returns ([(image, [(index in ``annotations``, annotation)])] for the images
-  that have annotations, category id -> name, number of images without any).
+  that have annotations (all images with ``keep_empty``), category id -> name,
+  number of images without any).
   """
   data = _load_json(path)
   images = _read_images(data, path)
   groups = _group_annotations(data, path, images)
-  per_image = [(img, groups[img.image_id]) for img in images
-               if groups.get(img.image_id)]
-  return per_image, _category_names(data), len(images) - len(per_image)
+  per_image = [(img, groups.get(img.image_id, [])) for img in images
+               if keep_empty or groups.get(img.image_id)]
+  empty = sum(1 for img in images if not groups.get(img.image_id))
+  return per_image, _category_names(data), empty
+
+
+def _empty(img: _Image, images_dir: Optional[str], path: str
+           ) -> records.ImageAnnotation:
+  _check_image_file(img, images_dir, path)
+  return records.ImageAnnotation(img.image_id, img.file_name, img.height,
+                                 img.width, [], [])
 
 
 def _finish(out: list, stats: Optional[ReadStats], skipped: int) -> list:
@@ -397,7 +407,7 @@ def _cocoa_image(img: _Image, k: int, ann: dict, path: str
 
 
 def load_cocoa(path: str, images_dir: Optional[str] = None,
-               stats: Optional[ReadStats] = None
+               stats: Optional[ReadStats] = None, keep_empty: bool = False
                ) -> list[records.ImageAnnotation]:
   """Reads a COCOA json (``COCO_amodal_*2014.json``); see module doc."""
   data = _load_json(path)
@@ -406,13 +416,11 @@ def load_cocoa(path: str, images_dir: Optional[str] = None,
   out, skipped = [], 0
   for img in images:
     anns = groups.get(img.image_id)
-    if not anns:
+    record = _cocoa_image(img, *anns[0], path) if anns else None  # first pass
+    if record is None or not record.instances:
       skipped += 1
-      continue
-    k, ann = anns[0]                 # the first annotator pass, as evaluated
-    record = _cocoa_image(img, k, ann, path)
-    if not record.instances:
-      skipped += 1
+      if keep_empty:
+        out.append(_empty(img, images_dir, path))
       continue
     _check_image_file(img, images_dir, path)
     out.append(record)
@@ -430,12 +438,15 @@ def _overlaps(masks: list[np.ndarray]) -> np.ndarray:
 
 
 def load_d2sa(path: str, images_dir: Optional[str] = None,
-              stats: Optional[ReadStats] = None
+              stats: Optional[ReadStats] = None, keep_empty: bool = False
               ) -> list[records.ImageAnnotation]:
   """Reads a D2SA json (flat COCO-style instances); see module doc."""
-  per_image, names, skipped = _flat_instances(path)
+  per_image, names, skipped = _flat_instances(path, keep_empty)
   out = []
   for img, anns in per_image:
+    if not anns:
+      out.append(_empty(img, images_dir, path))
+      continue
     h, w = img.height, img.width
     keyed = []
     for k, ann in anns:
@@ -552,13 +563,16 @@ def _pick_key(ann: dict, key: str, legacy_key: str) -> str:
 
 
 def load_kins(path: str, images_dir: Optional[str] = None,
-              stats: Optional[ReadStats] = None
+              stats: Optional[ReadStats] = None, keep_empty: bool = False
               ) -> list[records.ImageAnnotation]:
   """Reads a KINS json (``update_{train,test}_2020.json`` or the 2019
   ``instances_*.json``); instances keep file order, see module doc."""
-  per_image, names, skipped = _flat_instances(path)
+  per_image, names, skipped = _flat_instances(path, keep_empty)
   out = []
   for img, anns in per_image:
+    if not anns:
+      out.append(_empty(img, images_dir, path))
+      continue
     h, w = img.height, img.width
     parts = []
     for k, ann in anns:
@@ -633,21 +647,23 @@ def _release_split(path: str) -> tuple[str, str]:
 
 
 def load_annotations(fmt: str, path: str, images_dir: Optional[str] = None,
-                     stats: Optional[ReadStats] = None
+                     stats: Optional[ReadStats] = None,
+                     keep_empty: bool = False
                      ) -> list[records.ImageAnnotation]:
   """Dispatches on ``fmt`` in FORMATS. For 'release', ``path`` is the json in
   ``<dir>/annotations/`` and ``images_dir`` defaults to
-  ``<dir>/<split>2014``."""
+  ``<dir>/<split>2014``. ``keep_empty`` keeps images without instances
+  (ground truth for evaluation)."""
   if fmt == 'cocoa':
-    return load_cocoa(path, images_dir, stats)
+    return load_cocoa(path, images_dir, stats, keep_empty)
   if fmt == 'd2sa':
-    return load_d2sa(path, images_dir, stats)
+    return load_d2sa(path, images_dir, stats, keep_empty)
   if fmt == 'kins':
-    return load_kins(path, images_dir, stats)
+    return load_kins(path, images_dir, stats, keep_empty)
   if fmt == 'release':
     if images_dir is None:
       dataset_dir, split = _release_split(path)
       images_dir = os.path.join(dataset_dir, f'{split}2014')
-    return load_cocoa(path, images_dir, stats)
+    return load_cocoa(path, images_dir, stats, keep_empty)
   raise AnnotationError(path, 'format', f'unknown annotation format {fmt!r} '
                         f'(one of {", ".join(FORMATS)})')

@@ -39,7 +39,9 @@ def main(argv=None) -> int:
   from input_pipeline import readers  # pylint: disable=import-outside-toplevel
   if not os.path.isfile(args.annotations):
     raise cliutil.UserError('no such file', path=args.annotations)
-  gt = readers.load_annotations(args.format, args.annotations, args.images)
+  # Images without objects stay in: detections on them are false positives.
+  gt = readers.load_annotations(args.format, args.annotations, args.images,
+                                keep_empty=True)
   results = cliutil.read_json(args.results)
   metrics = evaluation.evaluate(gt, results, protocol=args.protocol,
                                 results_path=args.results)

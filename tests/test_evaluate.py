@@ -457,3 +457,34 @@ def test_cli_writes_metrics_and_rejects_bad_input(tmp_path, capsys):
   assert 'is a directory' in err and len(err.strip().splitlines()) == 1, err
   assert os.listdir(folder) == []
   assert not [p for p in os.listdir(tmp_path) if p.startswith('.metrics_dir')]
+
+
+def test_cli_counts_detections_on_images_without_objects(tmp_path):
+  """COCO's rule: an image listed in the annotation file without objects is
+  still evaluated, so a detection on it is a false positive (it used to be
+  refused as an unknown image id)."""
+  pytest.importorskip('input_pipeline.readers')
+  gt_path = _cocoa_file(tmp_path)
+  data = json.loads(gt_path.read_text())
+  data['images'].append({'id': 3, 'file_name': '3.jpg', 'height': H, 'width': W})
+  gt_path.write_text(json.dumps(data))
+  from input_pipeline import readers
+  gt = readers.load_annotations('cocoa', str(gt_path))
+  assert [a.image_id for a in gt] == [1, 2]
+  results = [det(a.image_id, records.decode_rle(i.amodal_rle), 0.9 - 0.1 * k)
+             for a in gt for k, i in enumerate(a.instances)]
+  results.append(det(3, A, 0.95))        # ranks first, matches nothing
+  dt_path, out = tmp_path / 'dt.json', tmp_path / 'm.json'
+  dt_path.write_text(json.dumps(results))
+  base = ['--format', 'cocoa', '--annotations', gt_path, '--results', dt_path,
+          '--output', out]
+  proc = _run_cli(*base)
+  assert proc.returncode == 0, proc.stderr
+  # Ranked FP, TP, TP, TP over 3 objects: interpolated precision 3/4 at
+  # every recall level.
+  ap = json.loads(out.read_text())['amodal']['all']['both']
+  assert ap['AP'] == pytest.approx(0.75) and ap['AR100'] == pytest.approx(1.0)
+  # amodalapi drops images without ground truth, so the detection is not counted.
+  proc = _run_cli(*base, '--protocol', 'amodalapi')
+  assert proc.returncode == 0, proc.stderr
+  assert json.loads(out.read_text())['amodal']['all']['both']['AP'] == ONE

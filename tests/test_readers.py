@@ -351,3 +351,32 @@ def test_corrupt_compressed_rle_is_refused(tmp_path):
   with pytest.raises(AnnotationError, match='invalid RLE') as err:
     readers.load_cocoa(dump(tmp_path, data))
   assert err.value.field == 'annotations[0].regions[0].segmentation.counts'
+
+
+@pytest.mark.parametrize('fmt', ['cocoa', 'd2sa', 'kins'])
+def test_keep_empty_keeps_every_image_in_file_order(tmp_path, fmt):
+  """Evaluation ground truth: images without objects stay, with no instances
+  and their size, so detections on them can count as false positives."""
+  name = f'{fmt}_tiny.json'
+  data = fixture(name)
+  images_dir = str(tmp_path / 'images')
+  write_images(images_dir, data)
+  path = os.path.join(FIXTURES, name)
+  stats = readers.ReadStats()
+  kept = readers.load_annotations(fmt, path, images_dir, stats=stats,
+                                  keep_empty=True)
+  default = readers.load_annotations(fmt, path, images_dir)
+  assert [a.image_id for a in kept] == [img['id'] for img in data['images']]
+  by_id = {a.image_id: a for a in default}
+  empty = [a for a in kept if a.image_id not in by_id]
+  assert len(empty) == stats.skipped_empty == 1
+  img = next(i for i in data['images'] if i['id'] == empty[0].image_id)
+  assert (empty[0].height, empty[0].width, empty[0].file_name) == (
+      img['height'], img['width'], img['file_name'])
+  assert empty[0].instances == [] and list(empty[0].depth_pairs) == []
+  for a in kept:
+    if a.image_id in by_id:
+      assert a == by_id[a.image_id]
+  os.remove(os.path.join(images_dir, img['file_name']))
+  with pytest.raises(AnnotationError, match=img['file_name']):
+    readers.load_annotations(fmt, path, images_dir, keep_empty=True)
