@@ -1,7 +1,10 @@
 """The release's layered annotation files (``<image stem>.npz``, array
 ``layer``, uint64 (H, W)), written exactly as its conversion notebook did.
 
-Encoding (instances i = 0..31 in ``ImageAnnotation.instances`` order):
+Encoding (object i = 0..31: the position in the file's ``regions`` list,
+``extra['region_index']``, for COCOA, as the release indexes
+``anns['regions'][i]``; else the ``ImageAnnotation.instances`` order, which
+for D2SA is the release's ``occl_depth`` sort):
   * bit 32+i where instance i's annotated invisible mask is non-zero;
   * bit i where (amodal XOR invisible) is non-zero, so invisible pixels
     outside the amodal mask get both bits;
@@ -89,7 +92,12 @@ def encode_legacy_layers(ann: records.ImageAnnotation,
   check_capacity(ann, source)
   h, w = ann.height, ann.width
   layer = np.zeros((h, w), np.uint64)
-  for i, inst in enumerate(ann.instances):
+  bits = [inst.extra.get('region_index', i)
+          for i, inst in enumerate(ann.instances)]
+  if sorted(bits) != list(range(len(bits))):
+    raise AnnotationError(source or ann.file_name, f'image {ann.file_name}',
+                          f'region indices {bits} are not 0..N-1')
+  for i, inst in zip(bits, ann.instances):
     amodal = _amodal_mask(inst, h, w)
     if inst.extra.get('invisible_annotated', True):
       invisible = records.decode_rle(inst.occluded_rle)

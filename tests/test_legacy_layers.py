@@ -45,6 +45,19 @@ def test_bit_rule_hand_computed():
   np.testing.assert_array_equal(legacy_layers.encode_legacy_layers(ann), expected)
 
 
+def test_bits_follow_the_regions_list_not_the_depth_sort():
+  """COCOA: the reader sorts instances by ``order``; the release numbers
+  objects by their position in the file's ``regions`` list."""
+  h, w = 20, 20
+  front, back = inst(rect(h, w, 0, 0, 10, 10)), inst(rect(h, w, 10, 0, 20, 20))
+  front.extra['region_index'], back.extra['region_index'] = 1, 0
+  layer = legacy_layers.encode_legacy_layers(image(h, w, [front, back]))
+  assert (layer[0:10, 0:10] == 2).all() and (layer[10:20] == 1).all()
+  back.extra['region_index'] = 1
+  with pytest.raises(AnnotationError, match='region indices'):
+    legacy_layers.encode_legacy_layers(image(h, w, [front, back]))
+
+
 def test_invisible_outside_amodal_gets_both_bits():
   h, w = 10, 20
   ann = image(h, w, [inst(rect(h, w, 0, 0, 10, 10), rect(h, w, 0, 0, 10, 20))])

@@ -258,7 +258,8 @@ def test_release_folder_and_legacy_layers(tmp_path):
       legacy_layers.legacy_path(images_dir, anns[0].file_name),
       anns[0].num_instances)
   dog = anns[0].instances[1]
-  np.testing.assert_array_equal(layers['invisible'][1],
+  assert dog.extra['region_index'] == 0      # first in the regions list
+  np.testing.assert_array_equal(layers['invisible'][0],
                                 records.decode_rle(dog.occluded_rle))
   with pytest.raises(AnnotationError):
     readers.load_release(str(root), 'train')
