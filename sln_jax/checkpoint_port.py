@@ -538,20 +538,46 @@ def _flatten(tree: Mapping, prefix: tuple = ()) -> dict:
 
 @dataclasses.dataclass
 class LoadReport:
-  """What ``partial_load`` did; names are 'collection/module/.../leaf'."""
+  """What ``partial_load`` did; names are 'collection/module/.../leaf'.
+
+  ``missing`` and ``shape_mismatch`` together are the model's leaves that kept
+  their initial values: ``missing`` the ones no source holds (or whose names
+  the source's regexes leave out), ``shape_mismatch`` ('name (checkpoint
+  shape) != (model shape)') the ones every source holds with another shape.
+  ``not_in_target``: checkpoint leaves the model lacks.
+  """
   loaded: list = dataclasses.field(default_factory=list)
+  missing: list = dataclasses.field(default_factory=list)
   shape_mismatch: list = dataclasses.field(default_factory=list)
   not_in_target: list = dataclasses.field(default_factory=list)
 
-  def summary(self) -> str:
-    return (f'loaded {len(self.loaded)} arrays; skipped '
-            f'{len(self.shape_mismatch)} with other shapes, '
-            f'{len(self.not_in_target)} absent from the model')
+  def not_loaded(self) -> list:
+    """``missing`` then ``shape_mismatch``: every model leaf left as it was."""
+    return self.missing + self.shape_mismatch
+
+  def skipped(self, limit: int = 5) -> list[str]:
+    """'N kind: first names' for each non-empty kind of model leaf not loaded."""
+    kinds = (('absent from the checkpoint', self.missing),
+             ('with other shapes', self.shape_mismatch))
+    return [listing(title, names, limit) for title, names in kinds if names]
+
+  def summary(self, limit: int = 5) -> str:
+    """One line: counts, and the first ``limit`` names of each skipped kind."""
+    parts = [f'loaded {len(self.loaded)} arrays']
+    if self.not_loaded():
+      parts.append(f'{len(self.not_loaded())} model arrays keep their initial '
+                   'values')
+    parts += self.skipped(limit)
+    if self.not_in_target:
+      parts.append(listing('checkpoint arrays absent from the model',
+                           self.not_in_target, limit))
+    return '; '.join(parts)
 
 
 def partial_load(target_variables: Mapping,
                  sources: Sequence[str | tuple[str, Sequence[str]]],
-                 report: LoadReport | None = None) -> dict:
+                 report: LoadReport | None = None,
+                 strict: bool = False) -> dict:
   """Copies matching leaves of Orbax checkpoints into ``target_variables``.
 
   Args:
@@ -561,22 +587,32 @@ def partial_load(target_variables: Mapping,
       its name 'params/backbone/C1_conv/kernel'. Applied in order (later
       ones win).
     report: optional ``LoadReport`` filled with what was loaded and skipped.
+    strict: every model leaf must be loaded (evaluate / predict: nothing
+      would train a leaf left at its initial value).
 
   Returns:
     New variables with the target's structure and dtypes (loaded leaves as
-    jax arrays). Leaves whose shapes differ from the target's, or that the
-    target lacks, are skipped, reported and logged.
+    jax arrays). Model leaves that no source holds with their shape keep
+    their values and are listed in ``report.missing`` and
+    ``report.shape_mismatch`` (``report.summary()``: the counts and the first
+    names); checkpoint leaves that the model lacks are skipped
+    (``report.not_in_target``).
 
   Raises:
-    UserError: a source that is unreadable or from which nothing was loaded.
+    UserError: a source that is unreadable or from which nothing was loaded;
+      with ``strict``, any model leaf not loaded (field 'init_from', the
+      sources as path, the first names of each kind).
   """
   import jax.numpy as jnp
 
   report = LoadReport() if report is None else report
   flat = {coll: _flatten(tree) for coll, tree in target_variables.items()}
+  loaded, mismatched = set(), {}
+  directories = []
   for source in sources:
     directory, patterns = ((source, ()) if isinstance(source, str)
                            else (source[0], tuple(source[1])))
+    directories.append(directory)
     ckpt = load_orbax(directory)
     count = 0
     for coll, tree in ckpt.items():
@@ -588,19 +624,33 @@ def partial_load(target_variables: Mapping,
         if target is None:
           report.not_in_target.append(name)
         elif tuple(np.shape(value)) != tuple(np.shape(target)):
-          report.shape_mismatch.append(
-              f'{name} {tuple(np.shape(value))} != {tuple(np.shape(target))}')
+          mismatched[name] = (f'{name} {tuple(np.shape(value))} != '
+                              f'{tuple(np.shape(target))}')
         else:
           flat[coll][path] = jnp.asarray(value, dtype=target.dtype)
           report.loaded.append(name)
+          loaded.add(name)
           count += 1
     if not count:
       raise UserError('nothing loaded (no leaf matches '
                       f'{list(patterns) or "any"} with the model\'s shapes)',
                       path=directory, field='init_from')
+  for coll in sorted(flat, key=lambda c: c != 'params'):  # params first
+    for path in flat[coll]:
+      name = '/'.join((coll,) + path)
+      if name in mismatched and name not in loaded:
+        report.shape_mismatch.append(mismatched[name])
+      elif name not in loaded:
+        report.missing.append(name)
+  if strict and report.not_loaded():
+    total = sum(len(leaves) for leaves in flat.values())
+    raise UserError(
+        f'{len(report.not_loaded())} of the model\'s {total} arrays would keep '
+        f'their random initial values ({"; ".join(report.skipped())}); '
+        'evaluate and predict need a checkpoint of this model (the model.* '
+        'settings it was converted or trained with)',
+        path=','.join(directories), field='init_from')
   logging.info('init_from: %s', report.summary())
-  for name in report.shape_mismatch + report.not_in_target:
-    logging.warning('init_from: skipped %s', name)
   out = {}
   for coll, leaves in flat.items():
     out[coll] = {}

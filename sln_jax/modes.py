@@ -16,8 +16,9 @@ import numpy as np
 
 from sln_jax import config_checks, inference
 from sln_jax.cliutil import UserError, atomic_output_file
-from sln_jax.train import (Batch, MetricWriter, PyTree, check_checkpoint_fits, create_model,
-                           init_from_checkpoints, load_variables, make_image_summary_fn, train)
+from sln_jax.train import (Batch, MetricWriter, PyTree, check_checkpoint_fits, checkpoint_steps,
+                           create_model, init_from_checkpoints, load_variables,
+                           make_image_summary_fn, train)
 
 
 @dataclasses.dataclass
@@ -39,20 +40,27 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str,
 
   ``model``/``variables`` default to ``create_model(config)`` (tests pass
   stand-ins). evaluate/predict use the latest checkpoint in ``workdir``, or
-  ``config.init_from`` when there is none. A checkpoint in ``workdir`` that
-  does not fit the config's model is refused before ``workdir/config.txt``
-  (the config of the run) is written.
+  ``config.init_from`` when there is none; then every model leaf must come
+  from init_from (nothing would train a leaf left at its random initial
+  value). The training modes load what fits and start the rest from its
+  initialisation. A checkpoint in ``workdir`` that does not fit the config's
+  model, or an init_from that leaves evaluate/predict leaves unloaded, is
+  refused before ``workdir/config.txt`` (the config of the run) is written.
   """
   if mode not in MODES:
     raise UserError(f'unknown mode {mode!r}; one of {", ".join(MODES)}', field='--mode')
   config_checks.check_config(config)
-  if (mode in ('evaluate', 'predict') and not config.init_from
-      and not os.path.isdir(os.path.join(workdir, 'checkpoints'))):
+  evaluating = mode in ('evaluate', 'predict')
+  from_workdir = evaluating and bool(checkpoint_steps(workdir))
+  if evaluating and not from_workdir and not config.init_from:
     raise UserError(f'no checkpoint to {mode} with (train first, or set init_from)',
                     path=os.path.join(workdir, 'checkpoints'))
   if model is None:
     model, variables = create_model(config)
-  variables = init_from_checkpoints(config, variables)
+  if not from_workdir:
+    variables = init_from_checkpoints(config, variables, strict=evaluating)
+  elif config.init_from:
+    print(f'init_from not used: {mode} uses the latest checkpoint in {workdir}', flush=True)
   check_checkpoint_fits(config, workdir, variables)
   if jax.process_index() == 0:
     with atomic_output_file(os.path.join(workdir, 'config.txt')) as f:
@@ -65,13 +73,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str,
     step = int(state.step)
     if mode == 'train':
       return None
+  elif from_workdir:
+    variables, step = load_variables(config, workdir, variables)
   else:
-    try:
-      variables, step = load_variables(config, workdir, variables)
-    except UserError:
-      if not config.init_from:
-        raise
-      print(f'no checkpoint in {workdir}; using init_from', flush=True)
+    print(f'no checkpoint in {workdir}; using init_from', flush=True)
   if mode == 'predict':
     inference.predict(config, model, variables, data.preprocess_image)
     return None

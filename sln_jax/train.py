@@ -228,17 +228,26 @@ def create_train_state(config: ml_collections.ConfigDict, variables: PyTree,
                     batch_stats=batch_stats, opt_state=tx.init(params), rng=rng)
 
 
-def init_from_checkpoints(config: ml_collections.ConfigDict, variables: PyTree) -> PyTree:
+def init_from_checkpoints(config: ml_collections.ConfigDict, variables: PyTree,
+                          strict: bool = False) -> PyTree:
   """Applies ``config.init_from`` / ``config.init_patterns`` (comma-separated
-  Orbax dirs and Flax-path regexes; ``checkpoint_port.partial_load``)."""
+  Orbax dirs and Flax-path regexes; ``checkpoint_port.partial_load``).
+
+  Model leaves that no checkpoint holds with their shape keep their values
+  (training: a new head starts from its initialisation) and one printed line
+  counts them and names the first. With ``strict`` (evaluate / predict, where
+  nothing would train them) they are a UserError naming ``init_from``.
+  """
   dirs = [d.strip() for d in str(config.init_from).split(',') if d.strip()]
   if not dirs:
     return variables
   from sln_jax import checkpoint_port  # pylint: disable=g-import-not-at-top
   patterns = [p.strip() for p in str(config.init_patterns).split(',') if p.strip()]
   report = checkpoint_port.LoadReport()
-  loaded = checkpoint_port.partial_load(variables, [(d, patterns) for d in dirs], report)
-  print(f'init_from: {report.summary()}', flush=True)
+  loaded = checkpoint_port.partial_load(variables, [(d, patterns) for d in dirs], report,
+                                        strict=strict)
+  if jax.process_index() == 0:
+    print(f'init_from: {report.summary()}', flush=True)
   return loaded
 
 
@@ -490,16 +499,23 @@ def checkpoint_mismatch(step_dir: str, expected: PyTree) -> Optional[str]:
   return f'does not match this config\'s model: {"; ".join(found)}; {MISMATCH_HINT}'
 
 
+def checkpoint_steps(workdir: str) -> list[int]:
+  """Steps of the checkpoints in ``workdir/checkpoints`` (directory names;
+  nothing is read)."""
+  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  # No CheckpointManager here: it synchronises the processes, and a process
+  # that has gone on to create the directory would meet one still checking.
+  return sorted(int(n) for n in (os.listdir(directory) if os.path.isdir(directory) else [])
+                if n.isdigit())
+
+
 def check_checkpoint_fits(config: ml_collections.ConfigDict, workdir: str,
                           variables: PyTree) -> None:
   """Raises a UserError when the latest checkpoint in ``workdir`` does not fit
   this config's model (from its metadata; nothing is read or allocated).
   main.py's modes call it before writing anything into ``workdir``."""
   directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
-  # No CheckpointManager here: it synchronises the processes, and a process
-  # that has gone on to create the directory would meet one still checking.
-  steps = [int(n) for n in (os.listdir(directory) if os.path.isdir(directory) else [])
-           if n.isdigit()]
+  steps = checkpoint_steps(workdir)
   problem = step_dir = None
   if steps:
     expected = jax.eval_shape(

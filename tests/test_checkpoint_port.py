@@ -352,11 +352,64 @@ def test_orbax_round_trip_and_partial_load(setup, tmp_path):
       'params/box_head/linear_class/kernel (32, 2) != (32, 7)']
   assert all(n.startswith(('params/backbone/', 'params/box_head/'))
              for n in report.loaded)
+  # Leaves the regexes leave out keep their values and are listed.
+  assert 'params/fpn/P2_output/kernel' in report.missing
+  assert 'batch_stats/backbone/C1_bn/mean' in report.missing
+  assert not any(n.startswith('params/box_head/') for n in report.missing)
   with pytest.raises(UserError, match='nothing loaded'):
     cp.partial_load(zeros, [str(tmp_path / 'ckpt'),
                             (str(tmp_path / 'ckpt'), ['^params/nothing'])])
   with pytest.raises(UserError, match='no such checkpoint'):
     cp.load_orbax(str(tmp_path / 'absent'))
+
+
+def test_partial_load_lists_model_leaves_it_did_not_load(setup, tmp_path):
+  """A checkpoint without the GLM (glm.enabled=False) and with a mask head of
+  another num_layers: the model leaves left at their initial values are
+  listed; strict (evaluate / predict) makes them one error naming them."""
+  _, _, variables = setup
+  ckpt = {c: {k: v for k, v in t.items() if k != 'glm'}
+          for c, t in variables.items()}
+  ckpt = jax.tree.map(lambda x: x, ckpt)
+  ckpt['params']['mask_head']['conv5']['bias'] = np.zeros((5,), np.float32)
+  cp.save_orbax(ckpt, str(tmp_path / 'ckpt'))
+  zeros = jax.tree.map(lambda a: jnp.zeros(np.shape(a), jnp.float32),
+                       variables)
+  glm = sorted('/'.join((c,) + p) for c, t in variables.items()
+               for p in cp._flatten(t.get('glm', {}), ('glm',)))  # pylint: disable=protected-access
+  report = cp.LoadReport()
+  out = cp.partial_load(zeros, [str(tmp_path / 'ckpt')], report)
+  assert sorted(report.missing) == glm and len(glm) > 10
+  conv5 = np.shape(variables['params']['mask_head']['conv5']['bias'])
+  assert report.shape_mismatch == [
+      f'params/mask_head/conv5/bias (5,) != {conv5}']
+  assert report.not_loaded() == report.missing + report.shape_mismatch
+  assert not report.not_in_target
+  summary = report.summary()
+  assert f'{len(glm) + 1} model arrays keep their initial values' in summary
+  assert f'{len(glm)} absent from the checkpoint: params/glm/' in summary
+  assert '(+' in summary and '1 with other shapes' in summary
+  np.testing.assert_array_equal(
+      out['params']['mask_head']['conv1']['kernel'],
+      variables['params']['mask_head']['conv1']['kernel'])
+  assert not np.any(out['params']['glm']['layer1_conv']['kernel'])
+  first = report.missing[0]
+
+  # A later source that holds the leaf with the model's shape wins.
+  full = str(tmp_path / 'full')
+  cp.save_orbax(variables, full)
+  report = cp.LoadReport()
+  cp.partial_load(zeros, [str(tmp_path / 'ckpt'), full], report, strict=True)
+  assert not report.not_loaded()
+
+  with pytest.raises(UserError) as err:
+    cp.partial_load(zeros, [str(tmp_path / 'ckpt')], strict=True)
+  assert err.value.field == 'init_from'
+  assert err.value.path == str(tmp_path / 'ckpt')
+  message = str(err.value)
+  assert f'{len(glm) + 1} of the model' in message and '\n' not in message
+  assert f'{len(glm)} absent from the checkpoint: {first}, ' in message
+  assert '1 with other shapes: params/mask_head/conv5/bias' in message
 
 
 def test_full_size_conversion_time_and_memory():

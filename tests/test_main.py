@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -136,6 +137,28 @@ def test_modes_without_checkpoint_fail_cleanly(tmp_path, mode):
                                f'--config.dataset.manual_dir={tmp_path}/none',
                                f'--config.dataset.data_dir={tmp_path}/tfds'))
   assert 'checkpoint' in line or 'dataset.manual_dir' in line
+
+
+def test_predicting_with_a_checkpoint_of_another_model_is_one_line_exit_2(tmp_path):
+  """init_from converted without the GLM: predicting would run on a random
+  GLM; one line names the checkpoint, init_from and the first GLM leaves."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from sln_jax import checkpoint_port  # pylint: disable=g-import-not-at-top
+  from sln_jax.models import sln  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config.model.glm.enabled = False
+  shapes = sln.variable_shapes(sln.build_model(config), config.input.image_size)
+  ckpt = str(tmp_path / 'no_glm')
+  checkpoint_port.save_orbax(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), dict(shapes)),
+                             ckpt)
+  line = _one_line_error(_main('--config=configs/tiny.py', f'--workdir={tmp_path}/w',
+                               '--mode=predict', f'--config.init_from={ckpt}',
+                               f'--config.predict.input_dir={tmp_path}',
+                               f'--config.predict.output_dir={tmp_path}/out'))
+  assert line.startswith(f'error: {ckpt}: init_from: '), line
+  assert 'absent from the checkpoint: params/glm/' in line, line
+  assert not os.path.exists(tmp_path / 'out')
 
 
 def test_train_and_evaluate_keeps_each_splits_batch_size(tmp_path):

@@ -1,0 +1,125 @@
+"""main.py's modes in process (``modes.run``): which weights evaluate, predict
+and train start from with ``config.init_from``.
+
+Variables are zeros of configs/tiny.py's shapes (``jax.eval_shape``, no
+model is run); inference and training are replaced by recorders.
+"""
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny
+from sln_jax import checkpoint_port as cp
+from sln_jax import inference, modes
+from sln_jax.cliutil import UserError
+from sln_jax.models import sln
+
+
+def _variables(config, value=0.0):
+  shapes = sln.variable_shapes(sln.build_model(config), config.input.image_size)
+  return jax.tree.map(lambda s: np.full(s.shape, value, s.dtype), dict(shapes))
+
+
+def _config(init_from='', glm=True, num_layers=1):
+  c = tiny.get_config()
+  c.init_from = init_from
+  c.model.glm.enabled = glm
+  c.model.num_layers = num_layers
+  c.train.image_summary_every = 0
+  return c
+
+
+@pytest.fixture(name='ones_checkpoint', scope='module')
+def fixture_ones_checkpoint(tmp_path_factory):
+  """A checkpoint of configs/tiny.py's model, every leaf 1."""
+  directory = str(tmp_path_factory.mktemp('ckpt') / 'tiny')
+  cp.save_orbax(_variables(_config(), 1.0), directory)
+  return directory
+
+
+@pytest.fixture(name='recorded')
+def fixture_recorded(monkeypatch):
+  """The variables that inference / training would run on, by mode."""
+  seen = {}
+
+  def evaluate(config, workdir, model, variables, *args, **kwargs):
+    del config, workdir, model, args, kwargs
+    seen['evaluate'] = variables
+    return {}
+
+  def predict(config, model, variables, preprocess):
+    del config, model, preprocess
+    seen['predict'] = variables
+
+  def train(config, workdir, model, variables, *args):
+    del config, workdir, model, args
+    seen['train'] = variables
+    return type('State', (), dict(step=0, **variables))
+
+  monkeypatch.setattr(inference, 'evaluate', evaluate)
+  monkeypatch.setattr(inference, 'predict', predict)
+  monkeypatch.setattr(modes, 'train', train)
+  return seen
+
+
+def _run(config, workdir, mode):
+  data = modes.DataSources(eval_batches=lambda: [], eval_annotations=lambda: [])
+  return modes.run(config, str(workdir), mode, None, data, model='model',
+                   variables=_variables(config))
+
+
+@pytest.mark.parametrize('mode', ['evaluate', 'predict'])
+def test_complete_checkpoint_is_what_evaluate_and_predict_run_on(
+    mode, ones_checkpoint, recorded, tmp_path, capsys):
+  _run(_config(ones_checkpoint), tmp_path, mode)
+  assert all(np.all(np.asarray(x) == 1) for x in jax.tree.leaves(recorded[mode]))
+  out = capsys.readouterr().out
+  assert 'init_from: loaded' in out and 'initial values' not in out
+
+
+@pytest.mark.parametrize('model,expected', [
+    (dict(glm=False), ' absent from the checkpoint: params/glm/'),
+    (dict(num_layers=3), '2 with other shapes: params/mask_head/conv5/bias (4,) != (2,)'),
+])
+def test_evaluate_refuses_a_checkpoint_of_another_model(model, expected, recorded, tmp_path):
+  """A checkpoint converted without the GLM, or with another num_layers (the
+  mask head's last conv differs): evaluating it would run on random
+  weights; one error names init_from and the first leaves, before the
+  workdir's config.txt is written."""
+  other = str(tmp_path / 'other')
+  cp.save_orbax(_variables(_config(**model), 1.0), other)
+  with pytest.raises(UserError) as err:
+    _run(_config(other), tmp_path / 'work', 'evaluate')
+  assert err.value.field == 'init_from' and err.value.path == other
+  message = str(err.value)
+  assert expected in message and 'random initial values' in message, message
+  assert not recorded and not (tmp_path / 'work' / 'config.txt').exists()
+
+
+def test_train_loads_what_fits_and_lists_the_rest(tmp_path, recorded, capsys):
+  """Fine-tuning from a checkpoint without the GLM: it loads, the GLM keeps
+  its initialisation, one line counts the rest and names the first."""
+  no_glm = str(tmp_path / 'no_glm')
+  cp.save_orbax(_variables(_config(glm=False), 1.0), no_glm)
+  modes.run(_config(no_glm), str(tmp_path / 'work'), 'train', None, modes.DataSources(),
+            model='model', variables=_variables(_config()))
+  got = recorded['train']
+  assert np.all(np.asarray(got['params']['backbone']['C1_conv']['kernel']) == 1)
+  assert not np.any(np.asarray(got['params']['glm']['layer1_conv']['kernel']))
+  lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith('init_from:')]
+  assert len(lines) == 1, lines
+  assert 'model arrays keep their initial values' in lines[0]
+  assert 'absent from the checkpoint: params/glm/' in lines[0] and '(+' in lines[0]
+
+
+def test_a_workdir_checkpoint_comes_before_init_from(tmp_path, recorded, monkeypatch, capsys):
+  """evaluate with a checkpoint in the workdir runs on it; init_from is not
+  read (here it does not even exist)."""
+  os.makedirs(tmp_path / 'checkpoints' / '2')
+  monkeypatch.setattr(modes, 'check_checkpoint_fits', lambda *a: None)
+  monkeypatch.setattr(modes, 'load_variables', lambda c, w, v: ({'from': 'workdir'}, 2))
+  _run(_config(str(tmp_path / 'absent')), tmp_path, 'evaluate')
+  assert recorded['evaluate'] == {'from': 'workdir'}
+  assert 'init_from not used' in capsys.readouterr().out
