@@ -6,10 +6,17 @@ resized bilinearly to its *integer* box, thresholded (``>= threshold``) and
 placed into an all-zero image. Integer boxes: y1, x1, y2, x2 rounded to the
 nearest integer (halves up) and clipped to the image; the release truncates
 instead (``astype(int32)``), which shrinks boxes by half a pixel on average.
-The bilinear resize samples with half-pixel centres (source coordinate
-``(i + 0.5) * m / n - 0.5``, clamped to the map's edge), the convention of
-PIL/OpenCV upsampling and ``torch.nn.functional.interpolate(...,
-align_corners=False)``; no antialiasing.
+
+Two resize geometries (``eval.mask_paste``). 'aligned' (default): cell i of
+m lands on pixel ``i * (n - 1) / (m - 1)`` of the n-pixel box, so the first
+and last cells sit on the box's first and last pixel rows and columns
+(``torch.nn.functional.interpolate(..., align_corners=True)``): the inverse
+of the training targets, which sample each box on its first .. last pixel
+(``input_pipeline.pipeline.crop_layers``, crop_and_resize). 'bilinear':
+half-pixel centres (source coordinate ``(i + 0.5) * m / n - 0.5``, clamped),
+the convention of PIL/OpenCV and ``align_corners=False`` and the release's
+(``scipy.misc.imresize``); against those targets it shrinks every mask by
+about n / m pixels around the box centre. No antialiasing in either.
 """
 from __future__ import annotations
 
@@ -32,9 +39,17 @@ def integer_box(box: Sequence[float], height: int,
           min(max(y2, 0), height), min(max(x2, 0), width))
 
 
-def _interp_matrix(n_out: int, n_in: int) -> np.ndarray:
-  """(n_out, n_in) bilinear weights, half-pixel centres, edge clamped."""
-  src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+def _interp_matrix(n_out: int, n_in: int,
+                   align_corners: bool = False) -> np.ndarray:
+  """(n_out, n_in) bilinear weights, edge clamped: half-pixel centres, or
+  (``align_corners``) first and last samples on the first and last pixel."""
+  if align_corners:
+    step = (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
+    src = np.arange(n_out, dtype=np.float64) * step
+    if n_out == 1:
+      src = np.full(1, (n_in - 1) / 2)
+  else:
+    src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
   src = np.clip(src, 0.0, n_in - 1)
   lo = np.floor(src).astype(np.int64)
   hi = np.minimum(lo + 1, n_in - 1)
@@ -46,29 +61,31 @@ def _interp_matrix(n_out: int, n_in: int) -> np.ndarray:
   return w
 
 
-def resize_bilinear(prob: np.ndarray, height: int, width: int) -> np.ndarray:
+def resize_bilinear(prob: np.ndarray, height: int, width: int,
+                    align_corners: bool = False) -> np.ndarray:
   """(m, n) or (m, n, C) map -> (height, width[, C]) float64, bilinear.
 
   Two matrix products, rows then columns: O(height * m * n + height * n *
   width) per channel.
   """
   m, n = prob.shape[:2]
-  wy = _interp_matrix(height, m)
-  wx = _interp_matrix(width, n)
+  wy = _interp_matrix(height, m, align_corners)
+  wx = _interp_matrix(width, n, align_corners)
   rows = wy @ prob.astype(np.float64).reshape(m, -1)   # (height, n * C)
   rows = np.moveaxis(rows.reshape((height, n) + prob.shape[2:]), 1, -1)
   return np.moveaxis(rows @ wx.T, -1, 1)               # (height, width[, C])
 
 
-def _paste_crop(prob: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+def _paste_crop(prob: np.ndarray, box: tuple[int, int, int, int],
+                align_corners: bool = False) -> np.ndarray:
   """Resized probabilities inside the integer box: (y2-y1, x2-x1[, C])."""
   y1, x1, y2, x2 = box
   if y2 <= y1 or x2 <= x1:
     return np.zeros((max(y2 - y1, 0), max(x2 - x1, 0)) + prob.shape[2:])
-  return resize_bilinear(prob, y2 - y1, x2 - x1)
+  return resize_bilinear(prob, y2 - y1, x2 - x1, align_corners)
 
 
-MASK_PASTES = ('bilinear', 'release')
+MASK_PASTES = ('aligned', 'bilinear', 'release')
 
 
 def release_paste(prob: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
@@ -195,10 +212,13 @@ def detections_to_results(image_id: int, dets: Mapping[str, np.ndarray],
     image_scale: canvas pixels per original pixel (y, x).
     orig_hw: original image (height, width).
     category_map: model class index -> dataset category id (None: identity).
-    mask_paste: 'bilinear' (probabilities resized with half-pixel bilinear
-      weights into the rounded box, >= ``mask_threshold``) or 'release' (the
-      release's truncated box and byte-scaled PIL resize: ``release_box``,
-      ``release_paste``; ``mask_threshold`` unused).
+    mask_paste: 'aligned' (probabilities resized bilinearly into the rounded
+      box with the first and last cells on its first and last pixel rows and
+      columns, the geometry of the training targets, ``>= mask_threshold``),
+      'bilinear' (the same with half-pixel centres, the release's resize
+      geometry, which shrinks each mask by about box/m pixels) or 'release'
+      (the release's truncated box and byte-scaled PIL resize:
+      ``release_box``, ``release_paste``; ``mask_threshold`` unused).
 
   Returns a list of {image_id, category_id, score, bbox [x, y, w, h] original
   pixels (the float box clipped to the image), segmentation (amodal RLE,
@@ -221,12 +241,14 @@ def detections_to_results(image_id: int, dets: Mapping[str, np.ndarray],
   layer_probs = dets.get('layer_probs')
   keep = [i for i in np.argsort(-scores, kind='stable')
           if valid[i] and scores[i] >= score_threshold]
+  aligned = mask_paste == 'aligned'
   if mask_paste == 'release':
     box_of = lambda i: release_box(dets['boxes'][i], image_scale, h, w)
     paste = release_paste
   else:
     box_of = lambda i: integer_box(boxes[i], h, w)
-    paste = lambda prob, b: _paste_crop(np.asarray(prob), b) >= mask_threshold
+    paste = lambda prob, b: _paste_crop(np.asarray(prob), b,
+                                        aligned) >= mask_threshold
   results, layer_maps, int_boxes = [], [], []
   for i in keep:
     b = box_of(i)
@@ -236,7 +258,8 @@ def detections_to_results(image_id: int, dets: Mapping[str, np.ndarray],
     visible = paste(dets['visible_probs'][i], b) & amodal
     layer = np.where(amodal, 1, -1).astype(np.int32)
     if layer_probs is not None and np.shape(layer_probs)[-1] > 1:
-      deeper = _paste_crop(np.asarray(layer_probs[i])[..., 1:], b)
+      deeper = _paste_crop(np.asarray(layer_probs[i])[..., 1:], b,
+                           aligned)
       layer = np.where(amodal, 1 + np.argmax(deeper, axis=-1), -1)
     layer = np.where(visible, 0, layer)
     layer_maps.append(layer)
