@@ -70,6 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
   r.bbox_std = (0.1, 0.1, 0.2, 0.2)
   r.pre_nms_topk = 6000
   r.nms_threshold = 0.7
+  r.legacy_nms_plus_one = False  # release QUIRK: proposal NMS IoU in canvas pixels, +1 on every side
   r.post_nms_topk_train = 1000
   r.post_nms_topk_test = 1000
   r.anchors_per_image = 256
@@ -143,7 +144,7 @@ def get_config() -> ml_collections.ConfigDict:
   e.protocol = 'coco'       # coco | amodalapi
   e.max_images = -1         # -1: the whole split; N: N images in all (the first of each process's shard)
   e.mask_threshold = 0.5
-  e.mask_paste = 'bilinear'  # bilinear | release (QUIRK: min-max byte-scaled PIL resize, predict.release_paste)
+  e.mask_paste = 'aligned'  # aligned (the targets' geometry) | bilinear (half-pixel: the release's geometry) | release (QUIRK: min-max byte-scaled PIL resize, predict.release_paste)
 
   c.predict = p = ml_collections.ConfigDict()
   p.input_dir = ''

@@ -14,25 +14,32 @@ Per example (``preprocess_example``):
   3. boxes from the (flipped) amodal masks, (y1, x1, y2, x2) with y2/x2
      exclusive, then optional release box jitter (``input.box_jitter``, each
      coordinate moved by U(-1, 1) * jitter * box height/width, clipped to the
-     image);
+     image). As in the release (utils.extract_bboxes), the jitter only moves
+     ``gt_boxes`` (IoU matching and box-delta targets); the masks are cropped
+     with the tight boxes, kept as ``gt_layer_boxes`` (equal to ``gt_boxes``
+     without jitter);
   4. resize: 'pad' keeps the aspect ratio (longer side -> S, other side
      rounded half up) and pads bottom/right with 0 to S x S; 'squash' (release
-     QUIRK) resizes to S x S. Bilinear, half-pixel centres, no antialiasing
-     (``tf.image.resize`` default), rounded to uint8.
-     ``image_scale`` = (new_h / H, new_w / W); ``gt_boxes`` = source boxes x
-     scale, i.e. the boxes of the resized masks in continuous pixel
-     coordinates (computing them from masks resized to S x S would only add
-     quantisation and cost N x S x S work);
+     QUIRK) resizes to S x S. Bilinear with half-pixel centres, antialiased
+     on shrinking as the release's ``scipy.misc.imresize`` (PIL BILINEAR: a
+     triangle filter whose support widens by the shrink factor), rounded to
+     uint8 (``_resize_uint8(antialias=True)``).
+     ``image_scale`` = (new_h / H, new_w / W); ``gt_boxes`` (and
+     ``gt_layer_boxes``) = source boxes x scale, i.e. the boxes of the
+     resized masks in continuous pixel coordinates (computing them from masks
+     resized to S x S would only add quantisation and cost N x S x S work);
   5. ``gt_layers``: the one-hot layer channels (``semdist.layer_channels``:
      L = model.num_layers, layers >= L-1 merged) of each instance,
      ``tf.image.crop_and_resize``d (bilinear) to K x K = gt_mask_size and
      rounded to 0/1. Sampling grid: rows y1 .. y2 - 1 (first to last pixel
-     row of the box, in source pixels) and likewise columns; an axis-aligned
-     box of K x K source pixels is copied exactly. Cropping the source-
-     resolution maps equals cropping the resized ones up to resampling;
+     row of the tight, un-jittered box, in source pixels) and likewise
+     columns; an axis-aligned box of K x K source pixels is copied exactly.
+     Cropping the source-resolution maps equals cropping the resized ones up
+     to resampling;
   6. padding to M = max_instances (``gt_valid`` False, zeros elsewhere);
      instances with an empty amodal mask are kept but invalid;
-  7. ``glm_image``: the uint8 canvas resized bilinearly to model.glm.image_size.
+  7. ``glm_image``: the uint8 canvas resized bilinearly to model.glm.image_size
+     (no antialiasing: the release's GLM input is not resized by PIL).
 """
 from __future__ import annotations
 
@@ -51,7 +58,8 @@ from sln_jax import cliutil, config_checks
 # Keys and dtypes of one example (a batch adds the two leading axes).
 BATCH_KEYS = ('image', 'glm_image', 'image_shape', 'image_scale', 'image_id',
               'gt_boxes', 'gt_classes', 'gt_valid', 'gt_layers',
-              'gt_occlude_rate', 'gt_is_stuff', 'gt_depth_rank', 'is_valid')
+              'gt_layer_boxes', 'gt_occlude_rate', 'gt_is_stuff',
+              'gt_depth_rank', 'is_valid')
 
 
 # ------------------------------------------------------------------ geometry
@@ -79,9 +87,34 @@ def resized_size(height, width, image_size: int, resize_mode: str):
   return rnd(height), rnd(width)
 
 
-def _resize_uint8(image: tf.Tensor, size) -> tf.Tensor:
-  """Bilinear (half-pixel centres, no antialias) resize, rounded to uint8."""
-  out = tf.image.resize(image, size, method='bilinear', antialias=False)
+def _resize_uint8(image: tf.Tensor, size, antialias: bool = False) -> tf.Tensor:
+  """Bilinear resize with half-pixel centres, rounded to uint8.
+
+  Args:
+    image: (H, W, C).
+    size: (new_h, new_w), python ints or int32 scalars / a (2,) tensor.
+    antialias: PIL's ``Image.resize(BILINEAR)`` (the release's
+      ``scipy.misc.imresize``): a triangle filter whose support widens by the
+      shrink factor on shrinking axes, weights normalised per output pixel,
+      taps outside the image dropped; TF's ScaleAndTranslate
+      (``tf.image.resize(antialias=True)``). Used only when an axis shrinks:
+      on enlarging it is plain bilinear, the same filter, but that op's float
+      arithmetic differs from ResizeBilinear's by ~3e-5 (1 level on ~0.01% of
+      pixels), so images that only grow keep the ResizeBilinear result
+      bit for bit. ``resize_bilinear_np`` is the numpy twin of both paths.
+
+  Returns:
+    (new_h, new_w, C) uint8.
+  """
+  def resize(aa):
+    return tf.image.resize(image, size, method='bilinear', antialias=aa)
+
+  if antialias:
+    shrinks = tf.reduce_any(tf.convert_to_tensor(size, tf.int32)
+                            < tf.shape(image)[:2])
+    out = tf.cond(shrinks, lambda: resize(True), lambda: resize(False))
+  else:
+    out = resize(False)
   return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
 
 
@@ -200,8 +233,9 @@ def preprocess_example(example: dict, config, *, train: bool,
   index = tf.cond(flip, lambda: tf.reverse(index, [2]), lambda: index)
 
   h, w = tf.shape(image)[0], tf.shape(image)[1]
-  boxes = boxes_from_masks_tf(index > 0)
-  valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+  tight = boxes_from_masks_tf(index > 0)
+  valid = (tight[:, 2] > tight[:, 0]) & (tight[:, 3] > tight[:, 1])
+  boxes = tight   # matching / delta boxes; the jitter moves only these
   if train and cin.box_jitter > 0:
     bh, bw = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
     noise = tf.random.stateless_uniform(tf.shape(boxes), seed_jitter, -1., 1.)
@@ -211,13 +245,14 @@ def preprocess_example(example: dict, config, *, train: bool,
     boxes = tf.where(valid[:, None], boxes, tf.zeros_like(boxes))
 
   nh, nw = resized_size(h, w, size, cin.resize_mode)
-  resized = _resize_uint8(image, tf.stack([nh, nw]))
+  resized = _resize_uint8(image, tf.stack([nh, nw]), antialias=True)
   canvas = tf.image.pad_to_bounding_box(resized, 0, 0, size, size)
   canvas.set_shape([size, size, 3])
   scale = tf.stack([tf.cast(nh, tf.float32) / tf.cast(h, tf.float32),
                     tf.cast(nw, tf.float32) / tf.cast(w, tf.float32)])
   gt_boxes = boxes * tf.tile(scale, [2])[None]
-  layers = crop_layers(index, boxes, nl, k)
+  layer_boxes = tight * tf.tile(scale, [2])[None]
+  layers = crop_layers(index, tight, nl, k)
   layers = layers * tf.cast(valid, tf.float32)[:, None, None, None]
 
   if config.dataset.category_agnostic:
@@ -225,7 +260,7 @@ def preprocess_example(example: dict, config, *, train: bool,
   else:
     classes = tf.cast(take('category_id'), tf.int32)
   g = config.model.glm.image_size
-  glm_image = _resize_uint8(canvas, [g, g])
+  glm_image = _resize_uint8(canvas, [g, g], antialias=False)
   glm_image.set_shape([g, g, 3])
   return {
       'image': canvas,
@@ -237,6 +272,7 @@ def preprocess_example(example: dict, config, *, train: bool,
       'gt_classes': _pad_to(tf.where(valid, classes, 0), m),
       'gt_valid': _pad_to(valid, m),
       'gt_layers': _pad_to(layers, m),
+      'gt_layer_boxes': _pad_to(tf.where(valid[:, None], layer_boxes, 0.), m),
       'gt_occlude_rate': _pad_to(tf.cast(take('occlude_rate'), tf.float32), m),
       'gt_is_stuff': _pad_to(tf.cast(take('is_stuff'), tf.bool), m),
       'gt_depth_rank': _pad_to(tf.cast(take('depth_rank'), tf.int32), m),
@@ -259,6 +295,7 @@ def dummy_example(config) -> dict:
       'gt_classes': tf.zeros([m], tf.int32),
       'gt_valid': tf.zeros([m], tf.bool),
       'gt_layers': tf.zeros([m, k, k, nl], tf.float32),
+      'gt_layer_boxes': tf.zeros([m, 4], tf.float32),
       'gt_occlude_rate': tf.zeros([m], tf.float32),
       'gt_is_stuff': tf.zeros([m], tf.bool),
       'gt_depth_rank': tf.zeros([m], tf.int32),
@@ -369,11 +406,71 @@ def create_split(config, split: str, *, train: bool, num_local_devices: int,
 
 
 # ------------------------------------------------------------------ inference
-def resize_bilinear_np(image: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
-  """(H, W, C) -> (out_h, out_w, C) float32, same arithmetic as
-  ``tf.image.resize(method='bilinear', antialias=False)`` (half-pixel
-  centres, edge clamping)."""
+def _triangle_spans(in_size: int, out_size: int):
+  """One axis of TF's ScaleAndTranslate (triangle kernel, antialias=True).
+
+  The banded form of the (out_size, in_size) weight matrix of the
+  antialiased bilinear resize: output pixel i is sum_k weights[i, k] *
+  input[index[i, k]]. Half-pixel centres; the kernel radius is
+  max(in_size / out_size, 1) input pixels; taps outside the image are
+  dropped and the rest renormalised to sum 1 (PIL's edge handling). The
+  float32 arithmetic follows ``ComputeSpansCore`` step by step.
+
+  Returns:
+    index (out_size, span) int64 (clipped to the image; their weights are 0
+    where TF's span ends) and weights (out_size, span) float32.
+  """
+  f32 = np.float32
+  scale = f32(out_size) / f32(in_size)
+  inv_scale = f32(1.0 / np.float64(scale))   # C++ ``1.0 / scale``
+  kernel_scale = max(inv_scale, f32(1))
+  span = min(2 * int(np.ceil(kernel_scale)) + 1, in_size)
+  sample = (np.arange(out_size, dtype=f32) + f32(0.5)) * inv_scale
+  start = np.ceil(sample - kernel_scale - f32(0.5)).astype(np.int64)
+  end = np.floor(sample + kernel_scale - f32(0.5)).astype(np.int64)
+  start = np.clip(start, 0, in_size - 1)
+  end = np.clip(end, 0, in_size - 1) + 1
+  index = start[:, None] + np.arange(span)[None]
+  dist = np.abs((index.astype(f32) + f32(0.5) - sample[:, None])
+                * (f32(1) / kernel_scale))
+  weights = np.where((index < end[:, None]) & (dist < 1), f32(1) - dist,
+                     f32(0)).astype(f32)
+  total = np.zeros(out_size, f32)
+  for k in range(span):   # sequential float32 sum, as TF
+    total += weights[:, k]
+  weights *= (f32(1) / total)[:, None]
+  return np.minimum(index, in_size - 1), weights
+
+
+def resize_bilinear_np(image: np.ndarray, out_h: int, out_w: int,
+                       antialias: bool = False) -> np.ndarray:
+  """Numpy twin of ``_resize_uint8`` before its rounding (no TensorFlow).
+
+  Args:
+    image: (H, W, C).
+    out_h, out_w: output size.
+    antialias: as ``_resize_uint8``: when an axis shrinks, TF's
+      ``tf.image.resize(method='bilinear', antialias=True)`` (the triangle
+      filter of PIL's BILINEAR, support widened by the shrink factor) as two
+      banded weight-matrix products, rows then columns in float32 like TF's
+      ScaleAndTranslate. Otherwise (and always with antialias=False)
+      ``tf.image.resize(method='bilinear', antialias=False)``: half-pixel
+      centres, edge clamping, the ResizeBilinear arithmetic.
+
+  Returns:
+    (out_h, out_w, C) float32.
+  """
   image = np.asarray(image, np.float32)
+  if antialias and (out_h < image.shape[0] or out_w < image.shape[1]):
+    rows, row_w = _triangle_spans(image.shape[0], out_h)
+    cols, col_w = _triangle_spans(image.shape[1], out_w)
+    mid = np.zeros((out_h,) + image.shape[1:], np.float32)
+    for k in range(rows.shape[1]):
+      mid += row_w[:, k, None, None] * image[rows[:, k]]
+    out = np.zeros((out_h, out_w) + image.shape[2:], np.float32)
+    for k in range(cols.shape[1]):
+      out += col_w[None, :, k, None] * mid[:, cols[:, k]]
+    return out
 
   def axis(in_size, out_size):
     scale = np.float32(in_size) / np.float32(out_size)
@@ -418,8 +515,9 @@ def preprocess_image_for_inference(image: np.ndarray, config):
   s = config.input.image_size
   nh, nw = resized_size(h, w, s, config.input.resize_mode)
   canvas = np.zeros((s, s, 3), np.uint8)
-  canvas[:nh, :nw] = _to_uint8(resize_bilinear_np(image, nh, nw))
+  canvas[:nh, :nw] = _to_uint8(resize_bilinear_np(image, nh, nw,
+                                                  antialias=True))
   g = config.model.glm.image_size
-  glm_image = _to_uint8(resize_bilinear_np(canvas, g, g))
+  glm_image = _to_uint8(resize_bilinear_np(canvas, g, g, antialias=False))
   return (canvas, np.array([nh, nw], np.float32),
           np.array([nh / h, nw / w], np.float32), glm_image)

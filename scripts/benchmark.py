@@ -95,7 +95,7 @@ def synthetic_batch(config, batch: int, size: int, rng: np.random.Generator) -> 
       'image_scale': np.ones((batch, 2), np.float32),
       'image_id': np.arange(batch, dtype=np.int32),
       'gt_boxes': boxes, 'gt_classes': valid.astype(np.int32), 'gt_valid': valid,
-      'gt_layers': layers,
+      'gt_layers': layers, 'gt_layer_boxes': boxes.copy(),
       'gt_occlude_rate': np.zeros((batch, m), np.float32),
       'gt_is_stuff': np.zeros((batch, m), bool),
       'gt_depth_rank': np.zeros((batch, m), np.int32),

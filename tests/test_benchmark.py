@@ -22,6 +22,7 @@ def test_synthetic_batch_matches_pipeline_layout():
   assert b['image'].shape == (2, 64, 64, 3) and b['image'].dtype == np.uint8
   assert b['gt_layers'].shape == (2, m, k, k, l)
   assert b['gt_boxes'].shape == (2, m, 4)
+  np.testing.assert_array_equal(b['gt_layer_boxes'], b['gt_boxes'])  # no jitter
   boxes = b['gt_boxes'][b['gt_valid']]
   assert np.all(boxes[:, 2] > boxes[:, 0]) and np.all(boxes[:, 3] > boxes[:, 1])
   assert np.all(boxes <= 64)

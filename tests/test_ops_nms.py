@@ -1,4 +1,5 @@
-"""Padded NMS against tf.image.non_max_suppression."""
+"""Padded NMS against tf.image.non_max_suppression; with pixel_scale, against
+the release's +1 pixel NMS (a numpy transcription of its formulas)."""
 import jax
 import numpy as np
 import pytest
@@ -99,6 +100,98 @@ def test_batched_matches_single():
     want = tf.image.non_max_suppression(boxes[b], scores[b], 8, 0.5).numpy()
     n = int(np.asarray(valid[b]).sum())
     np.testing.assert_array_equal(np.asarray(idx[b])[:n], want)
+
+
+# ------------------------------------------------- release +1 pixel IoU
+CANVAS = 1024
+
+
+def _release_nms(boxes, scores, thr, k):
+  """The release's proposal NMS (nms/pth_nms.py, nms_kernel.cu devIoU) in
+  float32: pixel boxes (y1, x1, y2, x2), areas (x2 - x1 + 1) * (y2 - y1 + 1),
+  intersection sides max(right - left + 1, 0), suppress when IoU > thr;
+  greedy by decreasing score; its first k kept (proposal_layer's keep[:k])."""
+  b = boxes.astype(np.float32)
+  one, zero = np.float32(1), np.float32(0)
+  order = np.argsort(-scores, kind='stable')
+  areas = (b[:, 3] - b[:, 1] + one) * (b[:, 2] - b[:, 0] + one)
+  suppressed = np.zeros(len(b), bool)
+  keep = []
+  for i in order:
+    if suppressed[i]:
+      continue
+    keep.append(i)
+    left, right = np.maximum(b[i, 1], b[:, 1]), np.minimum(b[i, 3], b[:, 3])
+    top, bottom = np.maximum(b[i, 0], b[:, 0]), np.minimum(b[i, 2], b[:, 2])
+    inter = (np.maximum(right - left + one, zero)
+             * np.maximum(bottom - top + one, zero))
+    suppressed |= inter / (areas[i] + areas - inter) > np.float32(thr)
+  return np.asarray(keep[:k], np.int64)
+
+
+def _clustered_pixel_boxes(rng, n, canvas=CANVAS, clusters=12):
+  """Proposal-like boxes: clusters of jittered copies, clipped to the
+  canvas, with zero-width / zero-height boxes squashed onto its edges."""
+  centre = rng.uniform(0.05, 0.95, (clusters, 2)) * canvas
+  size = rng.uniform(0.005, 0.08, (clusters, 2)) * canvas
+  c = rng.integers(0, clusters, n)
+  yx = centre[c] + rng.normal(0, 0.15, (n, 2)) * size[c]
+  hw = size[c] * np.exp(rng.normal(0, 0.15, (n, 2)))
+  b = np.concatenate([yx - hw / 2, yx + hw / 2], 1)
+  edge = rng.choice(n, n // 10, replace=False)   # 10% flat on an edge
+  for j, e in zip(edge, rng.integers(0, 4, len(edge))):
+    if e == 0:
+      b[j, [1, 3]] = 0.0                          # x1 = x2 = 0
+    elif e == 1:
+      b[j, [1, 3]] = canvas                       # x1 = x2 = canvas
+    elif e == 2:
+      b[j, [0, 2]] = 0.0
+    else:
+      b[j, [0, 2]] = canvas
+  return np.clip(b, 0, canvas).astype(np.float32)
+
+
+def _plus_one(boxes, scores, k, thr, canvas=CANVAS, tile=256):
+  idx, valid = jax.jit(nms.nms_padded, static_argnums=(2, 6, 7))(
+      boxes, scores, k, thr, -np.inf, None, tile, float(canvas))
+  idx, valid = np.asarray(idx), np.asarray(valid)
+  n = int(valid.sum())
+  assert np.all(valid[:n]) and not np.any(valid[n:]) and np.all(idx[n:] == 0)
+  return idx[:n]
+
+
+@pytest.mark.parametrize('thr,canvas', [(0.7, 1024), (0.5, 1024),
+                                        (0.3, 640)])
+def test_plus_one_matches_release_formulas(thr, canvas):
+  """pixel_scale: the release's NMS on the normalised boxes times the
+  canvas side (clustered boxes, 10% of zero width or height on an edge);
+  the kept set differs from the plain-IoU default."""
+  rng = np.random.default_rng(int(thr * 10))
+  px = _clustered_pixel_boxes(rng, 1500, canvas)
+  scores = rng.permutation(1500).astype(np.float32) / 1500  # no ties
+  norm = px / np.float32(canvas)
+  for k, tile in ((300, 256), (1500, 100)):
+    got = _plus_one(norm, scores, k, thr, canvas, tile)
+    want = _release_nms(norm * np.float32(canvas), scores, thr, k)
+    np.testing.assert_array_equal(got, want)
+    plain, valid = _JIT(norm, scores, k, thr, -np.inf, None, tile)
+    plain = np.asarray(plain)[np.asarray(valid)]
+    assert len(set(plain) ^ set(got)) > 0.05 * len(got)
+
+
+def test_plus_one_suppresses_what_plain_iou_keeps():
+  """Two cases where only the +1 convention suppresses: boxes shifted by one
+  pixel (IoU 0.5 plain, 0.6 with +1) and two zero-width boxes on the right
+  edge (0 plain, 1 with +1)."""
+  px = np.array([[0, 0, 3, 3], [0, 1, 3, 4],
+                 [100, 1024, 120, 1024], [101, 1024, 121, 1024]], np.float32)
+  scores = np.array([0.9, 0.8, 0.7, 0.6], np.float32)
+  norm = px / CANVAS
+  plain, valid = _JIT(norm, scores, 4, 0.55, -np.inf, None, 4)
+  assert list(np.asarray(plain)[np.asarray(valid)]) == [0, 1, 2, 3]
+  got = _plus_one(norm, scores, 4, 0.55, tile=4)
+  assert list(got) == [0, 2]
+  np.testing.assert_array_equal(got, _release_nms(px, scores, 0.55, 4))
 
 
 # ------------------------------------------------------------ property

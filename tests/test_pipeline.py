@@ -194,6 +194,39 @@ def test_box_jitter_is_bounded_and_seeded():
   assert np.all(np.abs(a['gt_boxes'][:2] - p) <= size / 15 + 1e-4)
 
 
+def test_box_jitter_moves_only_the_matching_boxes_never_the_masks():
+  """Release: the jitter changes the GT boxes of IoU matching and box
+  deltas, not the masks. gt_layers stay cropped to the tight boxes
+  (gt_layer_boxes), so mask targets keep the object pixels beyond a jittered
+  edge that moved inward (cropping to the jittered box cut them off)."""
+  from sln_jax.ops import targets  # pylint: disable=import-outside-toplevel
+  yy, xx = np.mgrid[:64, :64]
+  amodal = np.stack([((yy - 24) / 16.) ** 2 + ((xx - 26) / 20.) ** 2 <= 1,
+                     ((yy - 40) / 18.) ** 2 + ((xx - 38) / 14.) ** 2 <= 1])
+  occluded = np.zeros_like(amodal)
+  occluded[1] = amodal[0] & amodal[1]
+  index = semdist.layer_index_map(amodal, occluded, np.array([0, 1]))
+  c = _config(box_jitter=1 / 15, random_flip=False)
+  ex = _example(np.zeros((64, 64, 3), np.uint8), index, [0, 1])
+  jit = _np(pipeline.preprocess_example(ex, c, train=True,
+                                        seed=tf.constant([3, 4], tf.int64)))
+  plain = _np(pipeline.preprocess_example(ex, c, train=False))
+  tight = plain['gt_boxes']
+  # The seed moves some edge of each object inward.
+  box = jit['gt_boxes'][:2]
+  assert ((box[:, :2] > tight[:2, :2]).any(1)
+          | (box[:, 2:] < tight[:2, 2:]).any(1)).all()
+  np.testing.assert_array_equal(jit['gt_layers'], plain['gt_layers'])
+  np.testing.assert_array_equal(plain['gt_layer_boxes'], tight)
+  np.testing.assert_array_equal(jit['gt_layer_boxes'], tight)
+  # Through the targets: ROI = the true box, S = K -> the whole crop.
+  k, size = c.input.gt_mask_size, c.input.image_size
+  got = np.asarray(targets.mask_targets(
+      jit['gt_layers'], jit['gt_layer_boxes'] / size, tight[:2] / size,
+      np.arange(2), k))
+  np.testing.assert_array_equal(got, plain['gt_layers'][:2])
+
+
 @pytest.mark.parametrize('mode,shape', [('pad', (37, 53)), ('pad', (90, 70)),
                                         ('squash', (48, 100))])
 def test_inference_preprocessing_matches_pipeline(mode, shape):
@@ -209,6 +242,73 @@ def test_inference_preprocessing_matches_pipeline(mode, shape):
   assert np.abs(glm.astype(int) - out['glm_image']).max() <= 1
   np.testing.assert_array_equal(image_shape, out['image_shape'])
   np.testing.assert_allclose(image_scale, out['image_scale'], rtol=1e-6)
+
+
+
+# Image -> canvas resizes: D2SA and KINS shrink into 1024, COCOA grows; the
+# squashed KINS image and the last one grow on one axis and shrink on the other.
+RESIZES = [((1440, 1920), (768, 1024)), ((375, 1242), (309, 1024)),
+           ((61, 97), (29, 64)), ((480, 640), (768, 1024)),
+           ((37, 53), (45, 64)), ((375, 1242), (1024, 1024)),
+           ((300, 90), (150, 200))]
+
+
+@pytest.mark.parametrize('src,dst', RESIZES)
+def test_antialiased_numpy_twin_matches_tf(src, dst):
+  rng = np.random.default_rng(3)
+  image = rng.integers(0, 256, src + (3,), dtype=np.uint8)
+  aa = tf.image.resize(image, dst, method='bilinear', antialias=True).numpy()
+  plain = tf.image.resize(image, dst, method='bilinear').numpy()
+  twin = pipeline.resize_bilinear_np(image, *dst, antialias=True)
+  ours = pipeline._resize_uint8(tf.constant(image), dst, antialias=True).numpy()
+  diff = np.abs(ours.astype(int) - pipeline._to_uint8(twin))
+  assert diff.max() <= 1 and (diff == 0).mean() >= 0.999
+  if dst[0] < src[0] or dst[1] < src[1]:
+    np.testing.assert_allclose(twin, aa, atol=1e-3)
+    np.testing.assert_array_equal(ours, pipeline._to_uint8(aa))
+  else:
+    # Enlarging: the triangle filter is plain bilinear (up to float rounding),
+    # and the pipeline keeps ResizeBilinear's result exactly.
+    np.testing.assert_allclose(aa, plain, atol=1e-3)
+    np.testing.assert_array_equal(ours, pipeline._to_uint8(plain))
+    np.testing.assert_allclose(twin, plain, atol=1e-3)
+
+
+@pytest.mark.parametrize('src,dst', [((375, 1242), (309, 1024)),
+                                     ((375, 1242), (1024, 1024)),
+                                     ((1440, 1920), (768, 1024))])
+def test_antialiased_resize_is_pil_bilinear(src, dst):
+  """The release resizes with scipy.misc.imresize = PIL BILINEAR (uint8)."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(4)
+  image = rng.integers(0, 256, src + (3,), dtype=np.uint8)
+  pil = np.asarray(Image.fromarray(image).resize(
+      dst[::-1], Image.Resampling.BILINEAR)).astype(int)
+  for antialias in (True, False):
+    ours = pipeline._resize_uint8(tf.constant(image), dst, antialias).numpy()
+    twin = pipeline._to_uint8(
+        pipeline.resize_bilinear_np(image, *dst, antialias=antialias))
+    for got in (ours, twin):
+      diff = np.abs(got.astype(int) - pil)
+      if antialias:   # PIL rounds to uint8 between its two passes
+        assert diff.mean() < 0.3 and diff.max() <= 1
+      else:
+        assert diff.mean() > 2
+
+
+def test_canvas_is_antialiased_and_glm_image_is_not():
+  image = np.random.default_rng(5).integers(0, 256, (150, 100, 3), np.uint8)
+  out = _np(pipeline.preprocess_example(
+      _example(image, np.zeros((1, 150, 100), np.uint8), [0]), _config(),
+      train=False))
+  np.testing.assert_array_equal(out['image_shape'], [64, 43])
+  aa = tf.image.resize(image, [64, 43], method='bilinear', antialias=True)
+  np.testing.assert_array_equal(out['image'][:, :43],
+                                pipeline._to_uint8(aa.numpy()))
+  glm = tf.image.resize(out['image'], [33, 33], method='bilinear',
+                        antialias=False)
+  np.testing.assert_array_equal(out['glm_image'],
+                                pipeline._to_uint8(glm.numpy()))
 
 
 # ------------------------------------------------------------ end to end
@@ -243,6 +343,7 @@ def _expected_shapes(c, d, b):
       'gt_classes': ((d, b, m), np.int32),
       'gt_valid': ((d, b, m), np.bool_),
       'gt_layers': ((d, b, m, k, k, nl), np.float32),
+      'gt_layer_boxes': ((d, b, m, 4), np.float32),
       'gt_occlude_rate': ((d, b, m), np.float32),
       'gt_is_stuff': ((d, b, m), np.bool_),
       'gt_depth_rank': ((d, b, m), np.int32),
@@ -269,6 +370,7 @@ def test_train_batch_shapes_and_dtypes(synthetic_config):
   valid = batch['gt_valid']
   boxes = batch['gt_boxes'][valid]
   assert np.all(boxes[:, 2] > boxes[:, 0]) and np.all(boxes[:, 3] > boxes[:, 1])
+  np.testing.assert_array_equal(batch['gt_layer_boxes'][~valid], 0)
   hw = np.repeat(batch['image_shape'][:, :, None, :], c.input.max_instances, 2)
   assert np.all(boxes[:, 2:] <= hw[valid] + 1e-4)
   # One-hot layers: at most one channel per pixel.
@@ -314,6 +416,8 @@ def test_eval_targets_match_numpy_reference(synthetic_config):
       box = inst['bbox'][i]
       np.testing.assert_allclose(batch['gt_boxes'][0, b, j],
                                  box * np.tile(scale, 2), rtol=1e-5)
+      np.testing.assert_array_equal(batch['gt_layer_boxes'][0, b, j],
+                                    batch['gt_boxes'][0, b, j])
       ref = _crop_np(semdist.layer_channels(inst['layer_index'][i], nl), box, k)
       # Bilinear weights can land within float error of 0.5: allow a pixel.
       assert np.abs(batch['gt_layers'][0, b, j] - ref).sum() <= 1

@@ -430,3 +430,36 @@ def test_occluded_pos_weight_travels_from_the_config_to_the_layer_loss(monkeypat
     jax.eval_shape(lambda v: model.apply(v, batch, jax.random.PRNGKey(1), weights,
                                          method='train_forward'), variables)
   assert seen == [1.0, 6.0, 2.5]
+
+
+def test_mask_targets_are_framed_by_the_layer_crop_boxes(monkeypatch):
+  """train_forward reads gt_layers in the frame of gt_layer_boxes (the
+  tight boxes they were cropped to; gt_boxes when absent), while gt_boxes
+  (jittered with input.box_jitter) drive matching and box deltas only."""
+  cfg = tiny.get_config()
+  model = sln.build_model(cfg)
+  batch, _, _ = _scene()
+  n = cfg.model.rpn.post_nms_topk_train
+  # Proposals on the three objects, so that there are positive ROIs.
+  props = np.zeros((1, n, 4), np.float32)
+  props[0, :3] = batch['gt_boxes'][0, :3] / S
+  props[0, 3:6] = (batch['gt_boxes'][0, :3] + [1, -1, 1, 1]) / S
+  valid = np.arange(n)[None] < 6
+  monkeypatch.setattr(sln.SLN, '_proposals',
+                      lambda self, *a: (jnp.asarray(props), jnp.asarray(valid)))
+  variables = sln.init_variables(model, jax.random.PRNGKey(0), S)
+  fwd = lambda v, b: model.apply(v, b, jax.random.PRNGKey(1),
+                                 method='train_forward')[0]
+  same = dict(batch, gt_layer_boxes=batch['gt_boxes'])
+  moved = batch['gt_boxes'].copy()
+  moved[0, :3] += np.array([3, 3, -3, -3], np.float32)
+  run = _compile(fwd, variables, same)
+  base = jax.device_get(run(variables, same))
+  other = jax.device_get(run(variables, dict(batch, gt_layer_boxes=moved)))
+  absent = jax.device_get(_compile(fwd, variables, batch)(variables, batch))
+  assert base['layer'] > 0
+  for name in base:
+    np.testing.assert_array_equal(absent[name], base[name], err_msg=name)
+  for name in ('rpn_class', 'rpn_bbox', 'head_class', 'head_bbox'):
+    np.testing.assert_array_equal(other[name], base[name], err_msg=name)
+  assert other['layer'] != base['layer'] and other['amodal'] != base['amodal']

@@ -139,7 +139,9 @@ class SLN(nn.Module):
     rois, valid = proposals.generate_proposals(
         rpn_out['probs'][..., 1], rpn_out['deltas'], self._anchors(size),
         pre_nms_topk=r.pre_nms_topk, nms_threshold=r.nms_threshold,
-        post_nms_topk=post_nms_topk, bbox_std=tuple(r.bbox_std))
+        post_nms_topk=post_nms_topk, bbox_std=tuple(r.bbox_std),
+        # release QUIRK: NMS IoU in canvas pixels with the +1 convention
+        nms_pixel_scale=float(size) if r.legacy_nms_plus_one else None)
     return jax.lax.stop_gradient(rois), valid
 
   def _pool(self, pyramid, rois: jax.Array, crop: int, size: int) -> jax.Array:
@@ -180,8 +182,11 @@ class SLN(nn.Module):
 
     Args:
       batch: image (B,S,S,3) uint8, glm_image (B,G,G,3) uint8, gt_boxes
-        (B,M,4) canvas pixels, gt_classes (B,M) int32, gt_valid (B,M) bool,
-        gt_layers (B,M,K,K,L) float32 cropped to gt_boxes.
+        (B,M,4) canvas pixels (matching and box-delta targets; jittered
+        with input.box_jitter), gt_classes (B,M) int32, gt_valid (B,M)
+        bool, gt_layers (B,M,K,K,L) float32 cropped to gt_layer_boxes
+        (B,M,4) canvas pixels, the tight mask boxes (optional: gt_boxes
+        when absent, right for batches without box jitter).
       rng: PRNG key, or (B,) keys, one per image (anchor and ROI sampling;
         the train step passes per-image keys so the randomness does not
         depend on how the batch is split over devices).
@@ -225,8 +230,11 @@ class SLN(nn.Module):
     pos = {k: v[:, :npos] for k, v in sample.items()}
     layer_logits = self._mask_head(pyramid, glm_feats, pos['rois'],
                                    pos['rois'], size, mask=pos['positive'])
+    layer_boxes = box_ops.normalize(
+        batch.get('gt_layer_boxes', batch['gt_boxes']).astype(jnp.float32),
+        size)
     layer_targets = targets.batched_mask_targets(
-        batch['gt_layers'].astype(jnp.float32), gt_boxes, pos['rois'],
+        batch['gt_layers'].astype(jnp.float32), layer_boxes, pos['rois'],
         pos['matched_gt'], mask_size=o.mask_size, positive=pos['positive'])
 
     given = dict(loss_weights if loss_weights is not None else

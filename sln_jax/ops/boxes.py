@@ -109,6 +109,35 @@ def iou(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
   return jnp.where(ok, inter / jnp.where(ok, union, 1.0), 0.0)
 
 
+def iou_plus_one(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+  """Pairwise IoU with the py-faster-rcnn "+1" pixel convention.
+
+  A box spans ``y2 - y1 + 1`` by ``x2 - x1 + 1`` pixels (inclusive integer
+  corners), so a zero-width box still has an area of one pixel column. As the
+  release's NMS (``nms/src/cuda/nms_kernel.cu`` ``devIoU``, ``pth_nms.py``):
+  intersection sides ``max(min(b2) - max(b1) + 1, 0)``, IoU
+  ``inter / (area_a + area_b - inter)``. Only meaningful in pixel units.
+
+  Args:
+    a: (..., N, 4) boxes (y1, x1, y2, x2) in pixels.
+    b: (..., M, 4) boxes, same units and leading axes (broadcastable).
+
+  Returns:
+    (..., N, M) float32 IoU; 0 where the union is not positive (only for
+    boxes flipped by more than a pixel, which the release never forms).
+  """
+  a = a.astype(jnp.float32)[..., :, None, :]
+  b = b.astype(jnp.float32)[..., None, :, :]
+  ih = jnp.minimum(a[..., 2], b[..., 2]) - jnp.maximum(a[..., 0], b[..., 0])
+  iw = jnp.minimum(a[..., 3], b[..., 3]) - jnp.maximum(a[..., 1], b[..., 1])
+  inter = jnp.maximum(iw + 1.0, 0.0) * jnp.maximum(ih + 1.0, 0.0)
+  area_a = (a[..., 3] - a[..., 1] + 1.0) * (a[..., 2] - a[..., 0] + 1.0)
+  area_b = (b[..., 3] - b[..., 1] + 1.0) * (b[..., 2] - b[..., 0] + 1.0)
+  union = area_a + area_b - inter
+  ok = union > 0
+  return jnp.where(ok, inter / jnp.where(ok, union, 1.0), 0.0)
+
+
 def clip(boxes: jnp.ndarray, window: ArrayLike) -> jnp.ndarray:
   """Clamps ``boxes (..., 4)`` into ``window (..., 4)`` = (y1, x1, y2, x2)."""
   window = jnp.asarray(window, boxes.dtype)

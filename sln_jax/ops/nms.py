@@ -8,6 +8,13 @@ group); at most ``max_output`` boxes are kept. Any threshold works (no
 built-in self-suppression constant). IoU is :func:`boxes.iou` (boxes without
 area overlap nothing; TF would first reorder flipped corners).
 
+With ``pixel_scale`` (release QUIRK, ``model.rpn.legacy_nms_plus_one``) IoU is
+instead the release's (py-faster-rcnn ``nms_kernel.cu`` / ``pth_nms.py``):
+boxes multiplied by ``pixel_scale`` (the canvas side, for normalised boxes:
+the release's pixel boxes), then :func:`boxes.iou_plus_one`, one pixel added
+to every width and height of areas and intersections, so zero-area boxes
+overlap and can be suppressed; the test stays ``IoU > iou_threshold``.
+
 Algorithm: sort once, then walk the sorted boxes in tiles of ``tile`` boxes
 (``lax.while_loop``, stopping early once ``max_output`` boxes are kept). A
 tile is first suppressed by the boxes kept so far (an IoU block of
@@ -26,9 +33,9 @@ import jax.numpy as jnp
 from sln_jax.ops import boxes as box_ops
 
 
-def _suppresses(a, b, ga, gb, thr):
+def _suppresses(a, b, ga, gb, thr, iou_fn):
   """(n, m) bool: box a_i suppresses box b_j (IoU > thr, same group)."""
-  hit = box_ops.iou(a, b) > thr
+  hit = iou_fn(a, b) > thr
   if ga is not None:
     hit &= ga[:, None] == gb[None, :]
   return hit
@@ -37,7 +44,9 @@ def _suppresses(a, b, ga, gb, thr):
 def nms_padded(boxes: jnp.ndarray, scores: jnp.ndarray, max_output: int,
                iou_threshold: float, score_threshold: float = -jnp.inf,
                groups: Optional[jnp.ndarray] = None,
-               tile: int = 256) -> Tuple[jnp.ndarray, jnp.ndarray]:
+               tile: int = 256,
+               pixel_scale: Optional[float] = None
+               ) -> Tuple[jnp.ndarray, jnp.ndarray]:
   """Greedy NMS of one image.
 
   Args:
@@ -50,6 +59,10 @@ def nms_padded(boxes: jnp.ndarray, scores: jnp.ndarray, max_output: int,
     groups: optional (N,) int; boxes only suppress boxes of the same group
       (per-class NMS).
     tile: static tile size (a performance knob; results do not depend on it).
+    pixel_scale: None (default): plain IoU (:func:`boxes.iou`). A number:
+      the release's IoU, on ``boxes * pixel_scale`` with the +1 pixel
+      convention (:func:`boxes.iou_plus_one`); for normalised boxes pass the
+      canvas side in pixels.
 
   Returns:
     indices: (K,) int32 into ``boxes``, kept boxes by decreasing score,
@@ -68,6 +81,11 @@ def nms_padded(boxes: jnp.ndarray, scores: jnp.ndarray, max_output: int,
   scores = scores.astype(jnp.float32)
   order = jnp.argsort(-scores, stable=True).astype(jnp.int32)
   s_boxes = jnp.pad(boxes.astype(jnp.float32)[order], ((0, pad), (0, 0)))
+  if pixel_scale is None:
+    iou_fn = box_ops.iou
+  else:
+    iou_fn = box_ops.iou_plus_one
+    s_boxes = s_boxes * jnp.float32(pixel_scale)
   cand = jnp.pad(scores[order] > score_threshold, (0, pad))
   s_idx = jnp.pad(order, (0, pad))
   s_grp = None if groups is None else jnp.pad(groups[order], (0, pad))
@@ -82,9 +100,9 @@ def nms_padded(boxes: jnp.ndarray, scores: jnp.ndarray, max_output: int,
     tg = (None if s_grp is None
           else jax.lax.dynamic_slice_in_dim(s_grp, start, tile))
     slot_used = jnp.arange(k) < count
-    cross = _suppresses(kept_boxes, tb, kept_grp, tg, iou_threshold)
+    cross = _suppresses(kept_boxes, tb, kept_grp, tg, iou_threshold, iou_fn)
     tc = tc & ~jnp.any(cross & slot_used[:, None], axis=0)
-    inner = _suppresses(tb, tb, tg, tg, iou_threshold) & lower
+    inner = _suppresses(tb, tb, tg, tg, iou_threshold, iou_fn) & lower
 
     def sweep(c):
       keep, _ = c
@@ -117,11 +135,13 @@ def batched_nms_padded(boxes: jnp.ndarray, scores: jnp.ndarray,
                        max_output: int, iou_threshold: float,
                        score_threshold: float = -jnp.inf,
                        groups: Optional[jnp.ndarray] = None,
-                       tile: int = 256) -> Tuple[jnp.ndarray, jnp.ndarray]:
+                       tile: int = 256,
+                       pixel_scale: Optional[float] = None
+                       ) -> Tuple[jnp.ndarray, jnp.ndarray]:
   """:func:`nms_padded` over a batch: boxes (B, N, 4), scores (B, N)
   [, groups (B, N)] -> indices (B, K) int32, valid (B, K) bool."""
   fn = lambda b, s, g: nms_padded(b, s, max_output, iou_threshold,
-                                  score_threshold, g, tile)
+                                  score_threshold, g, tile, pixel_scale)
   if groups is None:
     return jax.vmap(lambda b, s: fn(b, s, None))(boxes, scores)
   return jax.vmap(fn)(boxes, scores, groups)

@@ -13,7 +13,8 @@ def generate_proposals(rpn_probs: jnp.ndarray, rpn_deltas: jnp.ndarray,
                        nms_threshold: float, post_nms_topk: int,
                        bbox_std: Sequence[float],
                        window: Optional[Sequence[float]] = None,
-                       nms_tile: int = 256
+                       nms_tile: int = 256,
+                       nms_pixel_scale: Optional[float] = None
                        ) -> Tuple[jnp.ndarray, jnp.ndarray]:
   """Top-k anchors by foreground score -> decoded, clipped boxes -> NMS.
 
@@ -28,6 +29,11 @@ def generate_proposals(rpn_probs: jnp.ndarray, rpn_deltas: jnp.ndarray,
     window: normalised clip window (y1, x1, y2, x2); default the whole
       canvas (0, 0, 1, 1) as the release.
     nms_tile: tile size of :func:`nms.nms_padded`.
+    nms_pixel_scale: None (default): NMS on plain IoU of the normalised
+      boxes. The canvas side in pixels (release QUIRK,
+      ``model.rpn.legacy_nms_plus_one``): NMS as the release's, on the boxes
+      in canvas pixels with one pixel added to every width and height
+      (:func:`nms.nms_padded` ``pixel_scale``). The rois stay normalised.
 
   Returns:
     rois: (B, P, 4) float32 normalised (y1, x1, y2, x2), by decreasing
@@ -44,7 +50,8 @@ def generate_proposals(rpn_probs: jnp.ndarray, rpn_deltas: jnp.ndarray,
     boxes = box_ops.decode(deltas[idx], anchors[idx], bbox_std)
     boxes = box_ops.clip(boxes, win)
     keep, valid = nms_ops.nms_padded(boxes, scores, post_nms_topk,
-                                     nms_threshold, tile=nms_tile)
+                                     nms_threshold, tile=nms_tile,
+                                     pixel_scale=nms_pixel_scale)
     rois = jnp.where(valid[:, None], boxes[keep], 0.0)
     return rois, valid
 

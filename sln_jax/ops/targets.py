@@ -192,21 +192,24 @@ def sample_rois(rng: jax.Array, proposals: jnp.ndarray,
   )
 
 
-def mask_targets(gt_layers: jnp.ndarray, gt_boxes: jnp.ndarray,
+def mask_targets(gt_layers: jnp.ndarray, layer_boxes: jnp.ndarray,
                  rois: jnp.ndarray, matched_gt: jnp.ndarray,
                  mask_size: int = 32,
                  positive: Optional[jnp.ndarray] = None) -> jnp.ndarray:
   """Layered mask targets of one image's ROIs.
 
-  Each ROI's window is expressed in its GT box's frame (0 at the GT's first,
-  1 at its last edge, as the release's mini-mask path) and crop-and-resized
-  (TF semantics) out of that GT's crop, then rounded (half to even, as
-  torch.round). ``gt_layers[m]`` must sample ``gt_boxes[m]`` with corner
-  samples on the box edges (crop_and_resize alignment).
+  Each ROI's window is expressed in the frame of its GT's crop (0 at the
+  crop box's first, 1 at its last edge, as the release's mini-mask path) and
+  crop-and-resized (TF semantics) out of that crop, then rounded (half to
+  even, as torch.round); samples outside the crop box are 0.
+  ``gt_layers[m]`` must sample ``layer_boxes[m]`` with corner samples on the
+  box edges (crop_and_resize alignment). Pass the tight mask boxes the crops
+  were taken with (the batch's ``gt_layer_boxes``), not jittered matching
+  boxes: a jittered edge that moved inward would cut the object there.
 
   Args:
-    gt_layers: (M, K, K, L) per-GT layered masks cropped to gt_boxes.
-    gt_boxes: (M, 4) boxes, same units as ``rois``.
+    gt_layers: (M, K, K, L) per-GT layered masks cropped to layer_boxes.
+    layer_boxes: (M, 4) the crop boxes of gt_layers, same units as ``rois``.
     rois: (R, 4) boxes.
     matched_gt: (R,) int32 GT index per ROI.
     mask_size: output side S.
@@ -216,7 +219,7 @@ def mask_targets(gt_layers: jnp.ndarray, gt_boxes: jnp.ndarray,
     (R, S, S, L) float32 of 0/1.
   """
   matched_gt = jnp.asarray(matched_gt, jnp.int32)
-  g = jnp.asarray(gt_boxes, jnp.float32)[matched_gt]
+  g = jnp.asarray(layer_boxes, jnp.float32)[matched_gt]
   r = jnp.asarray(rois, jnp.float32)
   gh = g[:, 2] - g[:, 0]
   gw = g[:, 3] - g[:, 1]
@@ -263,12 +266,13 @@ def batched_sample_rois(rng, proposals, proposal_valid, gt_boxes, gt_classes,
       keys, proposals, proposal_valid, gt_boxes, gt_classes, gt_valid)
 
 
-def batched_mask_targets(gt_layers, gt_boxes, rois, matched_gt, mask_size=32,
-                         positive=None):
-  """:func:`mask_targets` over a batch: (B, M, K, K, L), (B, M, 4),
-  (B, R, 4), (B, R)[, (B, R)] -> (B, R, S, S, L)."""
+def batched_mask_targets(gt_layers, layer_boxes, rois, matched_gt,
+                         mask_size=32, positive=None):
+  """:func:`mask_targets` over a batch: gt_layers (B, M, K, K, L),
+  layer_boxes (B, M, 4) (their crop boxes), rois (B, R, 4), matched_gt
+  (B, R)[, positive (B, R)] -> (B, R, S, S, L)."""
   if positive is None:
     return jax.vmap(lambda a, b, c, d: mask_targets(a, b, c, d, mask_size))(
-        gt_layers, gt_boxes, rois, matched_gt)
+        gt_layers, layer_boxes, rois, matched_gt)
   return jax.vmap(lambda a, b, c, d, e: mask_targets(a, b, c, d, mask_size, e))(
-      gt_layers, gt_boxes, rois, matched_gt, positive)
+      gt_layers, layer_boxes, rois, matched_gt, positive)
