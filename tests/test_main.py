@@ -6,7 +6,6 @@ import socket
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,18 +63,6 @@ def test_bad_setting_fails_before_any_work(tmp_path, field, value):
   assert not os.path.exists(tmp_path / 'w')
 
 
-def test_missing_manual_dir_of_a_prepared_dataset_names_it_and_makes_no_workdir(tmp_path):
-  """A prepared TFDS dataset needs no raw files to train, but evaluation
-  reads the ground truth from dataset.manual_dir."""
-  args = _tiny_synthetic(tmp_path)
-  _main(*args, f'--workdir={tmp_path / "first"}', '--mode=train')  # prepares the dataset
-  missing = tmp_path / 'moved'
-  line = _one_line_error(_main(*args, f'--config.dataset.manual_dir={missing}',
-                               f'--workdir={tmp_path / "w"}', '--mode=evaluate'))
-  assert line.startswith(f'error: {missing}: dataset.manual_dir: no such directory'), line
-  assert not (tmp_path / 'w').exists()
-
-
 def test_missing_dataset_is_one_line_exit_2(tmp_path):
   missing = tmp_path / 'no_such_dir'
   line = _one_line_error(_main('--config=configs/cocoa.py', f'--workdir={tmp_path}/w',
@@ -128,6 +115,16 @@ def test_train_and_evaluate_then_predict(tmp_path):
   with open(out / written[0]) as f:
     assert isinstance(json.load(f), list)
 
+  # The TFDS dataset is prepared now and needs no raw files to train, but
+  # evaluation reads the ground truth from dataset.manual_dir: a moved one is
+  # named in one line, before the workdir is made.
+  missing = tmp_path / 'moved'
+  line = _one_line_error(_main(*_tiny_synthetic(tmp_path),
+                               f'--config.dataset.manual_dir={missing}',
+                               f'--workdir={tmp_path / "w"}', '--mode=evaluate'))
+  assert line.startswith(f'error: {missing}: dataset.manual_dir: no such directory'), line
+  assert not (tmp_path / 'w').exists()
+
 
 @pytest.mark.parametrize('mode', ['evaluate', 'predict'])
 def test_modes_without_checkpoint_fail_cleanly(tmp_path, mode):
@@ -137,28 +134,6 @@ def test_modes_without_checkpoint_fail_cleanly(tmp_path, mode):
                                f'--config.dataset.manual_dir={tmp_path}/none',
                                f'--config.dataset.data_dir={tmp_path}/tfds'))
   assert 'checkpoint' in line or 'dataset.manual_dir' in line
-
-
-def test_predicting_with_a_checkpoint_of_another_model_is_one_line_exit_2(tmp_path):
-  """init_from converted without the GLM: predicting would run on a random
-  GLM; one line names the checkpoint, init_from and the first GLM leaves."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from configs import tiny  # pylint: disable=g-import-not-at-top
-  from sln_jax import checkpoint_port  # pylint: disable=g-import-not-at-top
-  from sln_jax.models import sln  # pylint: disable=g-import-not-at-top
-  config = tiny.get_config()
-  config.model.glm.enabled = False
-  shapes = sln.variable_shapes(sln.build_model(config), config.input.image_size)
-  ckpt = str(tmp_path / 'no_glm')
-  checkpoint_port.save_orbax(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), dict(shapes)),
-                             ckpt)
-  line = _one_line_error(_main('--config=configs/tiny.py', f'--workdir={tmp_path}/w',
-                               '--mode=predict', f'--config.init_from={ckpt}',
-                               f'--config.predict.input_dir={tmp_path}',
-                               f'--config.predict.output_dir={tmp_path}/out'))
-  assert line.startswith(f'error: {ckpt}: init_from: '), line
-  assert 'absent from the checkpoint: params/glm/' in line, line
-  assert not os.path.exists(tmp_path / 'out')
 
 
 def test_train_and_evaluate_keeps_each_splits_batch_size(tmp_path):
