@@ -52,33 +52,26 @@ def test_paste_masks_matches_torch_bilinear():
     np.testing.assert_array_equal(got[i], want)
 
 
-def test_resize_bilinear_with_channels_matches_torch():
-  """(m, n, C) maps, m != n, up and down: each channel as torch resizes it."""
+@pytest.mark.parametrize('align_corners', [False, True])
+def test_resize_bilinear_with_channels_matches_torch(align_corners):
+  """(m, n, C) maps, m != n, up and down: each channel as torch resizes it,
+  with half-pixel centres or (align_corners) corner-aligned samples."""
   rng = np.random.default_rng(1)
   probs = rng.random((7, 5, 3))
-  for size in ((31, 17), (3, 2), (7, 5), (1, 40)):
+  # One output row: torch's align_corners samples the first row, ours the middle.
+  for size in ((31, 17), (3, 2), (7, 5), (2, 40) if align_corners else (1, 40)):
     ref = torch.nn.functional.interpolate(
         torch.from_numpy(probs.transpose(2, 0, 1))[None], size=size, mode='bilinear',
-        align_corners=False)[0].numpy().transpose(1, 2, 0)
-    got = predict.resize_bilinear(probs, *size)
+        align_corners=align_corners)[0].numpy().transpose(1, 2, 0)
+    got = predict.resize_bilinear(probs, *size, align_corners=align_corners)
     assert got.shape == size + (3,)
     np.testing.assert_allclose(got, ref, atol=1e-12)
-    np.testing.assert_allclose(predict.resize_bilinear(probs[..., 1], *size), ref[..., 1],
-                               atol=1e-12)
-
-
-def test_aligned_resize_matches_torch_align_corners():
-  rng = np.random.default_rng(2)
-  probs = rng.random((7, 5, 3))
-  for size in ((31, 17), (3, 2), (7, 5), (2, 40)):
-    ref = torch.nn.functional.interpolate(
-        torch.from_numpy(probs.transpose(2, 0, 1))[None], size=size, mode='bilinear',
-        align_corners=True)[0].numpy().transpose(1, 2, 0)
-    got = predict.resize_bilinear(probs, *size, align_corners=True)
-    np.testing.assert_allclose(got, ref, atol=1e-12)
-  # One output row samples the map's middle, not its first row.
-  col = np.arange(5.0)[:, None]
-  assert predict.resize_bilinear(col, 1, 1, align_corners=True)[0, 0] == 2.0
+    np.testing.assert_allclose(
+        predict.resize_bilinear(probs[..., 1], *size, align_corners=align_corners),
+        ref[..., 1], atol=1e-12)
+  col = np.arange(7.0)[:, None]
+  mid = predict.resize_bilinear(col, 1, 1, align_corners=align_corners)[0, 0]
+  assert mid == 3.0
 
 
 def _target_then_paste(mask, box, size, paste):
