@@ -61,8 +61,7 @@ def main(argv=None) -> int:
   if args.no_overwrite and os.path.exists(args.out):
     raise cliutil.UserError('exists; refusing to overwrite (--no-overwrite)',
                             path=args.out)
-  cliutil.check_output_dir(args.out, overwrite=not args.no_overwrite,
-                           replaceable=synthetic.looks_generated)
+  cliutil.check_output_dir(args.out, replaceable=synthetic.looks_generated)
   splits = {k: v for k, v in (('train', args.num_train), ('val', args.num_val))
             if v > 0}
   with cliutil.atomic_output_dir(args.out, overwrite=not args.no_overwrite,

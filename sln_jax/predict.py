@@ -43,11 +43,10 @@ def _interp_matrix(n_out: int, n_in: int,
                    align_corners: bool = False) -> np.ndarray:
   """(n_out, n_in) bilinear weights, edge clamped: half-pixel centres, or
   (``align_corners``) first and last samples on the first and last pixel."""
-  if align_corners:
-    step = (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
-    src = np.arange(n_out, dtype=np.float64) * step
-    if n_out == 1:
-      src = np.full(1, (n_in - 1) / 2)
+  if align_corners and n_out == 1:
+    src = np.full(1, (n_in - 1) / 2)
+  elif align_corners:
+    src = np.arange(n_out, dtype=np.float64) * ((n_in - 1) / (n_out - 1))
   else:
     src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
   src = np.clip(src, 0.0, n_in - 1)
