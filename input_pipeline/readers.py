@@ -3,9 +3,10 @@
 Every reader returns ``list[records.ImageAnnotation]`` in the order of the
 file's ``images`` list. Images without instances are skipped and counted in
 an optional ``ReadStats`` (``keep_empty=True`` keeps them as records with no
-instances: the evaluator scores detections on them as false positives). Masks are COCO RLE (``counts`` as str) of size
-[height, width] in image pixels; polygons are rasterised with pycocotools
-(what the COCO-style evaluators use) and also kept raw in
+instances: the evaluator scores detections on them as false positives).
+Masks are COCO RLE (``counts`` as str) of size [height, width] in image
+pixels; polygons are rasterised with pycocotools (what the COCO-style
+evaluators use) and also kept raw in
 ``InstanceAnnotation.amodal_polygons`` (the legacy .npz writer rasterises
 them with PIL as the release did).
 
