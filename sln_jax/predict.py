@@ -141,19 +141,18 @@ def paste_masks(probs: np.ndarray, boxes: np.ndarray, height: int, width: int,
 
 
 # --------------------------------------------------------------- depth order
-def pairwise_order_crops(
+def pairwise_votes_crops(
     layers: Sequence[np.ndarray],
     boxes: Sequence[tuple[int, int, int, int]]) -> np.ndarray:
-  """Pairwise depth order of instances given box-local layer maps.
+  """Pixel votes for the pairwise depth order of instances.
 
   ``layers[i]``: int map over ``boxes[i]`` (-1 absent, 0 visible, k occluded
-  behind k objects). Same semantics as ``sln_jax.semdist.pairwise_order`` on
-  the full-image maps: at pixels where both instances are present the lower
-  layer is in front; the majority of such pixels decides. Returns (N, N) int8:
-  +1 i in front of j, -1 behind, 0 no overlap or undecided.
+  behind k objects). At each pixel where both i and j are present the lower
+  layer is in front. Returns (N, N) int64, antisymmetric: entry [i, j] =
+  (pixels where i is in front of j) - (pixels where j is in front of i).
   """
   n = len(layers)
-  order = np.zeros((n, n), np.int8)
+  votes = np.zeros((n, n), np.int64)
   for i in range(n):
     for j in range(i + 1, n):
       bi, bj = boxes[i], boxes[j]
@@ -164,25 +163,57 @@ def pairwise_order_crops(
       li = layers[i][y1 - bi[0]:y2 - bi[0], x1 - bi[1]:x2 - bi[1]]
       lj = layers[j][y1 - bj[0]:y2 - bj[0], x1 - bj[1]:x2 - bj[1]]
       both = (li >= 0) & (lj >= 0)
-      vote = int(np.sum(both & (li < lj))) - int(np.sum(both & (li > lj)))
-      order[i, j] = np.sign(vote)
-      order[j, i] = -order[i, j]
-  return order
+      votes[i, j] = int(np.sum(both & (li < lj))) - int(np.sum(both & (li > lj)))
+      votes[j, i] = -votes[i, j]
+  return votes
 
 
-def depth_layers(order: np.ndarray) -> np.ndarray:
+def pairwise_order_crops(
+    layers: Sequence[np.ndarray],
+    boxes: Sequence[tuple[int, int, int, int]]) -> np.ndarray:
+  """Pairwise depth order of instances given box-local layer maps.
+
+  The sign of :func:`pairwise_votes_crops`: the majority of the pixels where
+  both are present decides. Same semantics as ``sln_jax.semdist.pairwise_order``
+  on the full-image maps. Returns (N, N) int8: +1 i in front of j, -1 behind,
+  0 no overlap or undecided.
+  """
+  return np.sign(pairwise_votes_crops(layers, boxes)).astype(np.int8)
+
+
+def depth_layers(order: np.ndarray,
+                 strength: Optional[np.ndarray] = None) -> np.ndarray:
   """(N, N) pairwise order -> (N,) int depth layer, 0 = front-most.
 
-  Longest chain of detections in front: layer[j] >= layer[i] + 1 whenever
-  i is in front of j. Cyclic (inconsistent) orders are cut after N rounds, so
-  values stay below N.
+  ``order[i, j] == 1``: i in front of j. The relations are taken strongest
+  first (``|strength[i, j]|``, e.g. the pixel margin of
+  :func:`pairwise_votes_crops`; ties, and all relations when ``strength`` is
+  None: those whose later detection comes earlier first, so with detections
+  sorted by score the confident ones win), and a relation that contradicts
+  the ones already taken (directly or through a chain) is dropped, so a cycle
+  costs its weakest link rather than the whole ordering. The layer is the
+  longest chain of kept relations in front: layer[j] >= layer[i] + 1 for
+  every kept i-in-front-of-j. A consistent (acyclic) order keeps every
+  relation.
   """
+  order = np.asarray(order)
   n = order.shape[0]
-  front = order == 1  # front[i, j]: i in front of j
+  src, dst = np.nonzero(order == 1)
+  weight = (np.ones(len(src)) if strength is None
+            else np.abs(np.asarray(strength, np.float64)[src, dst]))
+  first = np.lexsort((np.minimum(src, dst), np.maximum(src, dst), -weight))
+  reach = np.eye(n, dtype=bool)  # reach[a, b]: a is in front of b via kept relations
+  kept = np.zeros((n, n), bool)
+  for e in first:
+    a, b = src[e], dst[e]
+    if reach[b, a]:
+      continue  # b is already in front of a
+    kept[a, b] = True
+    if not reach[a, b]:
+      reach[reach[:, a]] |= reach[b]
   layer = np.zeros(n, np.int64)
-  for _ in range(n):
-    cand = np.where(front, layer[:, None] + 1, 0).max(axis=0, initial=0)
-    new = np.minimum(np.maximum(layer, cand), max(n - 1, 0))
+  for _ in range(n):  # longest path in a DAG: at most N - 1 rounds change it
+    new = np.maximum(layer, np.where(kept, layer[:, None] + 1, 0).max(axis=0, initial=0))
     if np.array_equal(new, layer):
       break
     layer = new
@@ -227,7 +258,8 @@ def detections_to_results(image_id: int, dets: Mapping[str, np.ndarray],
   (dropped by the release too) are left out. ``depth_layer`` comes from the
   pasted masks: per detection, -1 outside the amodal mask, 0 on the visible
   mask, else 1 + argmax of layer channels 1..L-1 (1 when L == 1), ordered with
-  ``pairwise_order_crops`` and ``depth_layers``.
+  ``pairwise_votes_crops`` and ``depth_layers`` (relations weighted by their
+  pixel margin).
   """
   if mask_paste not in MASK_PASTES:
     raise ValueError(f'mask_paste must be one of {MASK_PASTES}, got {mask_paste!r}')
@@ -277,7 +309,8 @@ def detections_to_results(image_id: int, dets: Mapping[str, np.ndarray],
         'segmentation': _rle(full_amodal),
         'visible_mask': _rle(full_visible),
     })
-  layers = depth_layers(pairwise_order_crops(layer_maps, int_boxes))
+  votes = pairwise_votes_crops(layer_maps, int_boxes)
+  layers = depth_layers(np.sign(votes), strength=votes)
   for r, d in zip(results, layers):
     r['depth_layer'] = int(d)
   return results
