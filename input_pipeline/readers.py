@@ -45,6 +45,7 @@ from pycocotools import mask as mask_utils
 
 from input_pipeline import records
 from input_pipeline.records import AnnotationError
+from sln_jax import depth_order
 
 FORMATS = ('cocoa', 'd2sa', 'kins', 'release')
 
@@ -514,7 +515,8 @@ def derive_depth_order(visible: np.ndarray, occluded: np.ndarray
   Cycles (A over B and B over A, or longer) are broken deterministically:
   candidate edges are accepted greedily by decreasing overlap (pixels of
   vis_front & occ_back; ties by smaller front, then back index) and an edge
-  that would close a cycle is dropped, so the weakest overlap loses.
+  that would close a cycle is dropped, so the weakest overlap loses
+  (``sln_jax.depth_order``, the rule the predictions' depth layers follow).
   """
   n = visible.shape[0]
   if n == 0:
@@ -523,39 +525,9 @@ def derive_depth_order(visible: np.ndarray, occluded: np.ndarray
   occ = occluded.reshape(n, -1).astype(np.float32)
   weight = np.rint(vis @ occ.T).astype(np.int64)   # [a, b] = |vis_a & occ_b|
   np.fill_diagonal(weight, 0)
-  candidates = sorted(((int(weight[a, b]), int(a), int(b))
-                       for a, b in zip(*np.nonzero(weight > 0))),
-                      key=lambda e: (-e[0], e[1], e[2]))
-  children: list[set] = [set() for _ in range(n)]
-
-  def reaches(src: int, dst: int) -> bool:
-    stack, seen = [src], {src}
-    while stack:
-      node = stack.pop()
-      if node == dst:
-        return True
-      for nxt in children[node] - seen:
-        seen.add(nxt)
-        stack.append(nxt)
-    return False
-
-  for _, a, b in candidates:
-    if not reaches(b, a):
-      children[a].add(b)
-  pairs = sorted((a, b) for a in range(n) for b in children[a])
-  indegree = np.zeros((n,), np.int64)
-  for _, b in pairs:
-    indegree[b] += 1
-  rank = np.zeros((n,), np.int32)
-  ready = [v for v in range(n) if indegree[v] == 0]
-  while ready:                     # Kahn's topological order (a DAG here)
-    v = ready.pop()
-    for c in children[v]:
-      rank[c] = max(rank[c], rank[v] + 1)
-      indegree[c] -= 1
-      if indegree[c] == 0:
-        ready.append(c)
-  return pairs, rank
+  kept = depth_order.acyclic_relations(weight)
+  pairs = [(int(a), int(b)) for a, b in zip(*np.nonzero(kept))]
+  return pairs, depth_order.chain_depth(kept).astype(np.int32)
 
 
 def _pick_key(ann: dict, key: str, legacy_key: str) -> str:

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from pycocotools import mask as mask_utils
 
-from sln_jax import cliutil
+from sln_jax import cliutil, depth_order
 
 
 # --------------------------------------------------------------- pasting
@@ -188,36 +188,16 @@ def depth_layers(order: np.ndarray,
   ``order[i, j] == 1``: i in front of j. The relations are taken strongest
   first (``|strength[i, j]|``, e.g. the pixel margin of
   :func:`pairwise_votes_crops`; ties, and all relations when ``strength`` is
-  None: those whose later detection comes earlier first, so with detections
-  sorted by score the confident ones win), and a relation that contradicts
-  the ones already taken (directly or through a chain) is dropped, so a cycle
-  costs its weakest link rather than the whole ordering. The layer is the
-  longest chain of kept relations in front: layer[j] >= layer[i] + 1 for
-  every kept i-in-front-of-j. A consistent (acyclic) order keeps every
-  relation.
+  None: smaller i, then smaller j, so with detections sorted by score the
+  confident ones win) and one that contradicts those taken is dropped
+  (``depth_order.acyclic_relations``); the layer is the longest chain of kept
+  relations in front (``depth_order.chain_depth``). A consistent order keeps
+  every relation.
   """
   order = np.asarray(order)
-  n = order.shape[0]
-  src, dst = np.nonzero(order == 1)
-  weight = (np.ones(len(src)) if strength is None
-            else np.abs(np.asarray(strength, np.float64)[src, dst]))
-  first = np.lexsort((np.minimum(src, dst), np.maximum(src, dst), -weight))
-  reach = np.eye(n, dtype=bool)  # reach[a, b]: a is in front of b via kept relations
-  kept = np.zeros((n, n), bool)
-  for e in first:
-    a, b = src[e], dst[e]
-    if reach[b, a]:
-      continue  # b is already in front of a
-    kept[a, b] = True
-    if not reach[a, b]:
-      reach[reach[:, a]] |= reach[b]
-  layer = np.zeros(n, np.int64)
-  for _ in range(n):  # longest path in a DAG: at most N - 1 rounds change it
-    new = np.maximum(layer, np.where(kept, layer[:, None] + 1, 0).max(axis=0, initial=0))
-    if np.array_equal(new, layer):
-      break
-    layer = new
-  return layer
+  weight = np.ones(order.shape) if strength is None else 1 + np.abs(strength)
+  return depth_order.chain_depth(
+      depth_order.acyclic_relations(np.where(order == 1, weight, 0)))
 
 
 # --------------------------------------------------------------- results
