@@ -50,8 +50,7 @@ def main(argv=None) -> int:
   print(evaluation.format_table(metrics), end='')
   if results and all('depth_layer' in r for r in results):
     depth = evaluation.depth_order_accuracy(gt, results, results_path=args.results)
-    print(f"depth order: {depth['correct']}/{depth['pairs']} pairs of matched, "
-          f"overlapping objects ordered right (accuracy {depth['accuracy']:.3f})")
+    print(evaluation.format_depth_order(depth))
   print(f'wrote {args.output}')
   return 0
 

@@ -417,14 +417,15 @@ def depth_order_accuracy(gt: Sequence, results: Sequence[dict], *,
   otherwise from ``depth_layer`` (lower = in front). Undecided (equal layers,
   0) counts as wrong.
 
-  Returns ``{'accuracy': float (-1 if no pair), 'correct': int,
-  'pairs': int}``.
+  Returns ``{'accuracy': float (-1 if no pair), 'correct': int, 'wrong':
+  int, 'undecided': int, 'pairs': int}`` (correct + wrong + undecided =
+  pairs).
   """
   dets = check_results(results, gt, results_path)
   by_image: dict[int, list] = {}
   for k, d in enumerate(dets):
     by_image.setdefault(d['image_id'], []).append((k, d))
-  correct = pairs = 0
+  tally = {1: 0, -1: 0, 0: 0}  # right, wrong, undecided
   for ann in gt:
     image_id = int(ann.image_id)
     image_dets = by_image.get(image_id, [])
@@ -457,10 +458,17 @@ def depth_order_accuracy(gt: Sequence, results: Sequence[dict], *,
         a, b = det_of_gt[gi], det_of_gt[gj]
         pred = _predicted_order(dets, a, b, local, image_id, pairwise,
                                 results_path)
-        pairs += 1
-        correct += int(pred == (1 if ri < rj else -1))
-  return {'accuracy': correct / pairs if pairs else -1.0,
-          'correct': correct, 'pairs': pairs}
+        tally[pred * (1 if ri < rj else -1)] += 1
+  pairs = sum(tally.values())
+  return {'accuracy': tally[1] / pairs if pairs else -1.0, 'correct': tally[1],
+          'wrong': tally[-1], 'undecided': tally[0], 'pairs': pairs}
+
+
+def format_depth_order(depth: Mapping[str, Any]) -> str:
+  """One line for a :func:`depth_order_accuracy` result."""
+  return (f"depth order: {depth['correct']}/{depth['pairs']} pairs of matched, "
+          f"overlapping objects ordered right, {depth['wrong']} wrong, "
+          f"{depth['undecided']} undecided (accuracy {depth['accuracy']:.3f})")
 
 
 def _predicted_order(dets, a, b, local, image_id, pairwise, path) -> int:

@@ -169,9 +169,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, model: Any,
           f'({config.dataset.name}/{config.dataset.eval_split}, '
           f'protocol {config.eval.protocol}):')
     print(eval_lib.format_table(metrics))
-    print(f"depth order: {depth['correct']}/{depth['pairs']} pairs of matched, "
-          f"overlapping objects ordered right (accuracy {depth['accuracy']:.3f})",
-          flush=True)
+    print(eval_lib.format_depth_order(depth), flush=True)
     if writer is not None:
       scalars = {f'eval/{branch}_{metric}': value
                  for branch, table in metrics.items()

@@ -265,11 +265,15 @@ def test_depth_order_accuracy():
   right = [det(1, front, 0.9, depth_layer=0), det(1, back, 0.8, depth_layer=1),
            det(1, far, 0.7, depth_layer=0)]
   r = ev.depth_order_accuracy(gt, right)
-  assert r == {'accuracy': 1.0, 'correct': 1, 'pairs': 1}
+  assert r == {'accuracy': 1.0, 'correct': 1, 'wrong': 0, 'undecided': 0, 'pairs': 1}
+  assert ev.format_depth_order(r) == ('depth order: 1/1 pairs of matched, overlapping objects '
+                                      'ordered right, 0 wrong, 0 undecided (accuracy 1.000)')
   wrong = [dict(d, depth_layer=1 - d['depth_layer']) for d in right]
-  assert ev.depth_order_accuracy(gt, wrong)['accuracy'] == 0.0
+  assert ev.depth_order_accuracy(gt, wrong) == {'accuracy': 0.0, 'correct': 0, 'wrong': 1,
+                                                'undecided': 0, 'pairs': 1}
   tie = [dict(d, depth_layer=0) for d in right]
-  assert ev.depth_order_accuracy(gt, tie)['accuracy'] == 0.0
+  assert ev.depth_order_accuracy(gt, tie) == {'accuracy': 0.0, 'correct': 0, 'wrong': 0,
+                                              'undecided': 1, 'pairs': 1}
   # Below the score threshold: no matched pair.
   low = [dict(d, score=0.3) for d in right]
   assert ev.depth_order_accuracy(gt, low)['pairs'] == 0
