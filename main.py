@@ -39,49 +39,6 @@ _MODE = flags.DEFINE_enum('mode', 'train_and_evaluate',
                           'What to run.')
 
 
-def _unknown_field(argv: list[str], key: str) -> str:
-  """The --config.* override whose path ends in ``key`` (for the message)."""
-  for arg in argv:
-    name = arg.split('=', 1)[0].lstrip('-')
-    if name.startswith('config.') and key in name.split('.')[1:]:
-      return name
-  return key
-
-
-def _config_path(argv: list[str]) -> str:
-  """The value of --config (``path`` or ``path:arg``), '' if not given."""
-  for i, arg in enumerate(argv):
-    if arg.startswith(('--config=', '-config=')):
-      return arg.split('=', 1)[1]
-    if arg in ('--config', '-config') and i + 1 < len(argv):
-      return argv[i + 1]
-  return ''
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing with one-line errors and exit code 2."""
-  try:
-    rest = flags.FLAGS(argv)
-    if _CONFIG.value is not None:
-      _ = _CONFIG.value.to_dict  # a failed config file raises on first access
-    return rest
-  except flags.Error as err:
-    message = ' '.join(str(err).split())
-  except (AttributeError, KeyError) as err:  # an override of an unknown field
-    key = str(err.args[0] if err.args else err).strip('"\'')
-    message = (f'--{_unknown_field(argv, key)}: unknown config field {key!r} '
-               '(see configs/default.py)')
-  except (OSError, SyntaxError, ImportError, ValueError, TypeError) as err:
-    path = _config_path(argv)
-    if path and not os.path.isfile(path.split(':')[0]):
-      message = f'{path}: --config: no such file'
-    else:
-      first = str(err).split('\n')
-      message = f'--config: {" ".join(" ".join(first[:4]).split())}'
-  print(f'error: {message}', file=sys.stderr)
-  sys.exit(2)
-
-
 def _multi_host() -> bool:
   env = os.environ
   return bool(env.get('JAX_COORDINATOR_ADDRESS')) or any(
@@ -226,4 +183,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=functools.partial(cliutil.parse_flags, config_flag=_CONFIG))

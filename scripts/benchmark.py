@@ -22,6 +22,7 @@ stages) with the ratio of images/s. --profile_dir adds a jax.profiler trace.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -292,6 +293,11 @@ def _main():
   config_checks.check_model(config.model)
   if batch < 1:
     raise cliutil.UserError(f'{batch} is not >= 1', field='--batch')
+  if FLAGS.output:  # before the measurement, not after it
+    if os.path.isdir(FLAGS.output):
+      raise cliutil.UserError('is a directory, expected a file path', path=FLAGS.output,
+                              field='--output')
+    cliutil.make_dirs(os.path.dirname(os.path.abspath(FLAGS.output)))
   peer = (run_peer(FLAGS.mode, batch, size, FLAGS.steps, config.model.dtype, FLAGS.stage)
           if FLAGS.peer and FLAGS.steps > 0 else None)
   dev = jax.devices()[0]
@@ -332,4 +338,4 @@ def _main():
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=functools.partial(cliutil.parse_flags, config_flag=_CONFIG))

@@ -16,6 +16,7 @@ ms_per_image, results_per_image.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -92,4 +93,4 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=functools.partial(cliutil.parse_flags, config_flag=_CONFIG))

@@ -25,13 +25,14 @@ branch (amodal; visible when the results carry ``visible_mask``).
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from absl import flags  # noqa: E402
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -49,7 +50,7 @@ flags.DEFINE_string('annotations', None, 'COCOA annotation file (evaluator check
 flags.DEFINE_string('results', None, 'COCO results JSON (evaluator check).')
 flags.DEFINE_float('tolerance', 1e-4, 'Largest relative error of a tensor, or absolute '
                    'difference of a metric, accepted.')
-config_flags.DEFINE_config_file('config', os.path.join(ROOT, 'configs', 'cocoa.py'),
+_CONFIG = config_flags.DEFINE_config_file('config', os.path.join(ROOT, 'configs', 'cocoa.py'),
                                 'Model config (full-size SLN).')
 
 
@@ -109,7 +110,7 @@ def main() -> int:
   if size <= 0 or size % 64:
     raise cliutil.UserError(f'must be a positive multiple of 64 (the release\'s '
                             f'rule), got {size}', field='--image_size')
-  config = FLAGS.config
+  config = _CONFIG.value
   config_checks.check_model(config.model)
   net = release_parity.ReleaseNetwork(FLAGS.release_dir, config.model)
   if FLAGS.pth:
@@ -133,14 +134,6 @@ def main() -> int:
   return 1 if bad else 0
 
 
-def _cli() -> int:
-  try:
-    FLAGS(sys.argv)
-  except (flags.Error, OSError, ValueError, KeyError, AttributeError) as err:
-    msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-    raise cliutil.UserError(f'bad command line ({msg})', field='flags') from None
-  return main()
-
-
 if __name__ == '__main__':
-  cliutil.run_cli(_cli)
+  app.run(lambda argv: cliutil.run_cli(main),
+          flags_parser=functools.partial(cliutil.parse_flags, config_flag=_CONFIG))

@@ -17,13 +17,14 @@ Outputs are written atomically; a bad file ends in one line, exit code 2.
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from absl import flags  # noqa: E402
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -44,7 +45,7 @@ flags.DEFINE_multi_string('skip', None, 'Regex of torch keys not to convert '
                           '(default: the source\'s, see MASKRCNN_SKIP).')
 flags.DEFINE_string('activations-input', None, 'X.npy (N,3,H,W) float32.')
 flags.DEFINE_string('activations-output', None, 'A.npz to write.')
-config_flags.DEFINE_config_file('config', None, 'Model config file.')
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Model config file.')
 
 
 def _read_input(path: str) -> np.ndarray:
@@ -75,7 +76,7 @@ def main() -> int:
     raise cliutil.UserError('give both --activations-input and '
                             '--activations-output', field='activations')
   try:
-    config = FLAGS.config
+    config = _CONFIG.value
     config.model  # pylint: disable=pointless-statement
   except (OSError, AttributeError, SyntaxError, ImportError) as err:
     raise cliutil.UserError(
@@ -114,15 +115,6 @@ def _leaves(tree):
       yield v
 
 
-def _cli() -> int:
-  try:
-    FLAGS(sys.argv)
-  except (flags.Error, OSError, ValueError, KeyError, AttributeError) as err:
-    msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-    raise cliutil.UserError(f'bad command line ({msg})',
-                            field='flags') from None
-  return main()
-
-
 if __name__ == '__main__':
-  cliutil.run_cli(_cli)
+  app.run(lambda argv: cliutil.run_cli(main),
+          flags_parser=functools.partial(cliutil.parse_flags, config_flag=_CONFIG))

@@ -43,7 +43,11 @@ def main() -> int:
   t0 = time.time()
   common = [f'--config={args.config}', f'--workdir={workdir}'] + args.overrides
   _run([py, 'main.py', '--mode=train_and_evaluate'] + common)
-  val_images = os.path.join(ROOT, 'data', 'synthetic', 'val2014')
+  manual_dir = os.path.join(ROOT, 'data', 'synthetic')
+  for arg in args.overrides:
+    if arg.startswith('--config.dataset.manual_dir='):
+      manual_dir = arg.split('=', 1)[1]
+  val_images = os.path.join(manual_dir, 'val2014')
   _run([py, 'main.py', '--mode=predict'] + common + [
       f'--config.predict.input_dir={val_images}',
       f'--config.predict.output_dir={os.path.join(workdir, "predictions")}',

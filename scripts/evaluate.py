@@ -1,4 +1,4 @@
-"""Scores a COCO-style amodal results file (amodalAPI protocol).
+"""Scores a COCO-style amodal results file (COCO's rules by default, or amodalAPI's).
 
   python scripts/evaluate.py --format cocoa --annotations GT.json \
       --results DT.json --output M.json [--protocol coco|amodalapi]

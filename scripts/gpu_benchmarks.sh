@@ -22,6 +22,7 @@
 #     && export PYTHONPATH=/tmp/site
 set -u
 OUT="${OUT:-.}"
+mkdir -p "$OUT"
 out="$OUT/gpu_benchmarks.jsonl"
 CONFIG="${CONFIG:-configs/default.py}"
 IMAGE_SIZE="${IMAGE_SIZE:-0}"

@@ -42,13 +42,109 @@ def read_json(path: str):
 
 
 def run_cli(main: Callable[[], int | None]) -> None:
-  """Runs ``main``; user errors print one line to stderr and exit 2."""
+  """Runs ``main``; user errors, and file-system errors naming a path (an
+  output under a regular file, a read-only directory), print one line to
+  stderr and exit 2."""
   try:
     code = main()
   except UserError as err:
     print(f'error: {err}', file=sys.stderr)
     sys.exit(2)
+  except OSError as err:
+    if not err.filename:
+      raise
+    print(f'error: {err.filename}: {err.strerror or err}', file=sys.stderr)
+    sys.exit(2)
   sys.exit(code or 0)
+
+
+def _config_path(argv: list[str]) -> str:
+  """The value of --config (``path`` or ``path:arg``), '' if not given."""
+  for i, arg in enumerate(argv):
+    if arg.startswith(('--config=', '-config=')):
+      return arg.split('=', 1)[1]
+    if arg in ('--config', '-config') and i + 1 < len(argv):
+      return argv[i + 1]
+  return ''
+
+
+def _override_flag(argv: list[str], key: str) -> str:
+  """The --config.* override whose path holds ``key`` (for the message)."""
+  for arg in argv:
+    name = arg.split('=', 1)[0].lstrip('-')
+    if name.startswith('config.') and key in name.split('.')[1:]:
+      return name
+  return key
+
+
+def _config_error(argv: list[str], err: BaseException) -> str:
+  """The one-line message for an exception raised while loading --config."""
+  path = _config_path(argv)
+  inner = err.args[0] if err.args else err
+  text = str(inner.args[0] if isinstance(inner, KeyError) and inner.args else inner)
+  if isinstance(err, (AttributeError, KeyError)):
+    if "has no attribute 'get_config'" in text:
+      return f'{path}: --config: defines no get_config()'
+    # ml_collections: "'name'" or "'name'\nDid you mean \"x\" instead of \"name\"?"
+    first, _, hint = text.partition('\n')
+    key = first.strip('"\' ')
+    suggestion = hint.split('"')[1] if hint.count('"') >= 2 else ''
+    return (f'--{_override_flag(argv, key)}: unknown config field {key!r}'
+            + (f' (did you mean {suggestion!r}?)' if suggestion else '')
+            + ' (see configs/default.py)')
+  if path and not os.path.isfile(path.split(':')[0]):
+    return f'{path}: --config: no such file'
+  lines = str(err).split('\n')
+  return f'--config: {" ".join(" ".join(lines[:4]).split())}'
+
+
+def parse_flags(argv: list[str], config_flag=None) -> list[str]:
+  """absl flag parsing (``app.run(..., flags_parser=...)``) with one-line
+  errors and exit code 2: unknown flags, bad values, a missing or broken
+  --config file, an override of an unknown config field. ``config_flag``: the
+  holder returned by ``config_flags.DEFINE_config_file``, loaded here so its
+  errors are reported too."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  try:
+    rest = flags.FLAGS(argv)
+    if config_flag is not None and config_flag.value is not None:
+      _ = config_flag.value.to_dict  # a failed config file raises on first access
+    return rest
+  except flags.Error as err:
+    message = ' '.join(str(err).split())
+  except BrokenPipeError:  # --help piped into head
+    raise
+  except (OSError, SyntaxError, ImportError, ValueError, TypeError, AttributeError,
+          KeyError, NameError) as err:
+    message = _config_error(argv, err)
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def make_dirs(path: str) -> None:
+  """``os.makedirs(path, exist_ok=True)``, with a UserError naming the first
+  part of ``path`` that exists but is not a directory."""
+  probe = os.path.abspath(path)
+  while not os.path.lexists(probe) and os.path.dirname(probe) != probe:
+    probe = os.path.dirname(probe)
+  if not os.path.isdir(probe):
+    raise UserError(f'is not a directory, so {path} cannot be made', path=probe)
+  os.makedirs(path, exist_ok=True)
+
+
+def _umask() -> int:
+  """The process umask, read without changing it where Linux allows (setting
+  it, even briefly, races with files other threads create)."""
+  try:
+    with open('/proc/self/status') as f:
+      for line in f:
+        if line.startswith('Umask:'):
+          return int(line.split()[1], 8)
+  except OSError:
+    pass
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
 
 
 def check_output_dir(path: str, overwrite: bool = True,
@@ -86,8 +182,9 @@ def atomic_output_dir(path: str, overwrite: bool = True,
   path = os.path.abspath(path)
   check_output_dir(path, overwrite, replaceable)
   parent = os.path.dirname(path)
-  os.makedirs(parent, exist_ok=True)
+  make_dirs(parent)
   tmp = tempfile.mkdtemp(prefix='.' + os.path.basename(path) + '.tmp-', dir=parent)
+  os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700
   try:
     yield tmp
   except BaseException:
@@ -112,7 +209,7 @@ def atomic_files_into(path: str) -> Iterator[str]:
   if os.path.lexists(path) and not os.path.isdir(path):
     raise UserError('exists and is not a directory', path=path)
   created = not os.path.exists(path)
-  os.makedirs(path, exist_ok=True)
+  make_dirs(path)
   tmp = tempfile.mkdtemp(prefix='.tmp-', dir=path)
   try:
     yield tmp
@@ -139,10 +236,11 @@ def atomic_output_file(path: str, mode: str = 'w') -> Iterator:
   path = os.path.abspath(path)
   if os.path.isdir(path):
     raise UserError('is a directory, expected a file path', path=path)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
+  make_dirs(os.path.dirname(path))
   fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.tmp-',
                              dir=os.path.dirname(path))
   os.close(fd)
+  os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600
   try:
     with open(tmp, mode) as f:
       yield f

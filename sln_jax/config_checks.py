@@ -8,6 +8,7 @@ Each check states the rule that the code relying on the value assumes.
 from __future__ import annotations
 
 import numbers
+import re
 from typing import Any, Sequence
 
 import ml_collections
@@ -146,3 +147,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   _in_range(e.mask_threshold, 0.0, 1.0, 'eval.mask_threshold', low_open=True, high_open=True)
   _int_at_least(e.batch_size, 1, 'eval.batch_size')
   _in_range(config.predict.score_threshold, 0.0, 1.0, 'predict.score_threshold')
+  for pattern in str(config.get('init_patterns', '')).split(','):
+    try:
+      re.compile(pattern.strip())
+    except re.error as err:
+      raise UserError(f'{pattern.strip()!r} is not a regular expression ({err})',
+                      field='init_patterns') from None

@@ -466,6 +466,8 @@ def depth_order_accuracy(gt: Sequence, results: Sequence[dict], *,
 
 def format_depth_order(depth: Mapping[str, Any]) -> str:
   """One line for a :func:`depth_order_accuracy` result."""
+  if not depth['pairs']:
+    return 'depth order: no matched pair of overlapping objects to score'
   return (f"depth order: {depth['correct']}/{depth['pairs']} pairs of matched, "
           f"overlapping objects ordered right, {depth['wrong']} wrong, "
           f"{depth['undecided']} undecided (accuracy {depth['accuracy']:.3f})")

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from sln_jax.cliutil import UserError, atomic_output_file
+from sln_jax.cliutil import UserError, atomic_output_file, make_dirs
 from sln_jax.train import AXIS, Batch, MetricWriter, PyTree, make_infer_fn, replicate, shard
 
 
@@ -210,7 +210,14 @@ def predict(config: ml_collections.ConfigDict, model: Any, variables: PyTree,
     raise UserError('not a directory', path=str(pc.input_dir), field='predict.input_dir')
   if not pc.output_dir:
     raise UserError('must be set', field='predict.output_dir')
-  os.makedirs(pc.output_dir, exist_ok=True)
+  by_stem = {}
+  for name in sorted(os.listdir(pc.input_dir)):
+    stem, suffix = os.path.splitext(name)
+    if suffix.lower() in IMAGE_SUFFIXES and stem in by_stem:
+      raise UserError(f'{by_stem[stem]} and {name} would both write {stem}.json and '
+                      f'{stem}.png', path=str(pc.input_dir), field='predict.input_dir')
+    by_stem.setdefault(stem, name)
+  make_dirs(pc.output_dir)
   infer = jax.jit(make_infer_fn(model))
   # Several processes split the files (file k goes to process k mod P) and
   # predict.max_images (N in all).

@@ -99,10 +99,11 @@ def schedule(config: ml_collections.ConfigDict) -> list[tuple[str, int, int, flo
     out.append((name, start, start + steps, lr))
     start += steps
   total = int(config.train.num_steps)
-  if total < 0:
+  if total == -1:
     return out
-  if total == 0:
-    raise UserError('must be -1 or positive', field='train.num_steps')
+  if total < 1:
+    raise UserError(f'{total} is not -1 (the stages\' total) or positive',
+                    field='train.num_steps')
   kept = [(n, s, min(e, total), lr) for n, s, e, lr in out if s < total]
   name, s, _, lr = kept[-1]
   kept[-1] = (name, s, total, lr)  # the last stage absorbs any extra steps

@@ -161,7 +161,7 @@ def test_gpu_benchmarks_script_writes_one_row_per_run(tmp_path):
   rows = [json.loads(l) for l in (tmp_path / 'gpu_benchmarks.jsonl').read_text().splitlines()]
   assert len(rows) == 2
   bad, good = rows
-  assert bad['dtype'] == 'float16' and bad['error'].startswith('exit 1: ')
+  assert bad['dtype'] == 'float16' and bad['error'].startswith('exit 2: error: flag --dtype')
   assert 'float16' in bad['error'], bad                  # absl's flag error, not a guess
   assert good['mode'] == 'infer' and good['batch'] == 1 and good['images_per_s'] > 0
   assert 'peer' in good                                   # the peer ran or said why not

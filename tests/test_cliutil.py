@@ -49,11 +49,11 @@ def test_read_json_errors_name_the_file(tmp_path):
     cliutil.read_json(str(binary))
 
 
-def _run_cli(body: str):
+def _run_cli(body: str, *args: str):
   code = ('import sys; sys.path.insert(0, %r)\n' % ROOT +
           'from sln_jax import cliutil\n' + body)
-  return subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
-                        timeout=60, check=False)
+  return subprocess.run([sys.executable, '-c', code, *args], capture_output=True, text=True,
+                        timeout=60, check=False, cwd=ROOT)
 
 
 def test_run_cli_user_error_is_one_line_and_exit_2():
@@ -200,3 +200,55 @@ def test_atomic_output_file_refuses_a_directory_and_leaves_no_temp(tmp_path):
     with cliutil.atomic_output_file(str(target)) as f:
       f.write('{}')
   assert _entries(tmp_path) == ['M.json']
+
+
+def test_run_cli_path_errors_are_one_line_and_other_os_errors_pass(tmp_path):
+  blocker = tmp_path / 'afile'
+  blocker.write_text('x')
+  proc = _run_cli(f"def main():\n  open({str(blocker / 'out.json')!r}, 'w')\ncliutil.run_cli(main)\n")
+  assert proc.returncode == 2 and proc.stderr == f'error: {blocker / "out.json"}: Not a directory\n'
+  proc = _run_cli("def main():\n  raise OSError('no path')\ncliutil.run_cli(main)\n")
+  assert proc.returncode == 1 and 'OSError: no path' in proc.stderr
+
+
+def test_outputs_under_a_file_name_it_before_anything_is_written(tmp_path):
+  blocker = tmp_path / 'afile'
+  blocker.write_text('x')
+  for make in (lambda: cliutil.atomic_output_file(str(blocker / 'sub' / 'm.json')),
+               lambda: cliutil.atomic_output_dir(str(blocker / 'd')),
+               lambda: cliutil.atomic_files_into(str(blocker / 'd'))):
+    with pytest.raises(UserError, match=f'^{blocker}: is not a directory'):
+      with make():
+        pass
+  assert _entries(tmp_path) == ['afile'] and blocker.read_text() == 'x'
+
+
+def test_outputs_get_the_umask_modes_not_the_temp_files_0600(tmp_path):
+  old = os.umask(0o022)
+  try:
+    with cliutil.atomic_output_file(str(tmp_path / 'm.json')) as f:
+      f.write('{}')
+    with cliutil.atomic_output_dir(str(tmp_path / 'd')) as d:
+      with open(os.path.join(d, 'x'), 'w') as f:
+        f.write('1')
+  finally:
+    os.umask(old)
+  assert os.stat(tmp_path / 'm.json').st_mode & 0o777 == 0o644
+  assert os.stat(tmp_path / 'd').st_mode & 0o777 == 0o755
+
+
+@pytest.mark.parametrize('override,message', [
+    ('--config.train.num_step=3', "error: --config.train.num_step: unknown config field "
+     "'num_step' (did you mean 'num_steps'?) (see configs/default.py)"),
+    ('--config.trian.num_steps=3', "error: --config.trian.num_steps: unknown config field "
+     "'trian' (did you mean 'train'?) (see configs/default.py)"),
+    ('--config.model.nope=1', "error: --config.model.nope: unknown config field 'nope' "
+     '(see configs/default.py)')])
+def test_parse_flags_names_the_override_and_the_close_match(override, message):
+  code = ('import functools, sys\nfrom absl import app\n'
+          'from ml_collections import config_flags\n'
+          "c = config_flags.DEFINE_config_file('config', None, 'x', lock_config=True)\n"
+          'app.run(lambda argv: None, flags_parser=functools.partial(cliutil.parse_flags, '
+          'config_flag=c))\n')
+  proc = _run_cli(code, '--config=configs/tiny.py', override)
+  assert proc.returncode == 2 and proc.stderr == message + '\n', proc.stderr

@@ -57,6 +57,9 @@ BAD = [
     ('eval.mask_threshold', 1.0, 'eval.mask_threshold'),
     ('eval.batch_size', 0, 'eval.batch_size'),
     ('predict.score_threshold', -0.1, 'predict.score_threshold'),
+    ('train.num_steps', -5, 'train.num_steps'),   # ran the whole schedule
+    ('train.num_steps', 0, 'train.num_steps'),
+    ('init_patterns', 'backbone/.*,(', 'init_patterns'),   # re.error after the data was built
 ]
 
 

@@ -278,6 +278,8 @@ def test_depth_order_accuracy():
   low = [dict(d, score=0.3) for d in right]
   assert ev.depth_order_accuracy(gt, low)['pairs'] == 0
   assert ev.depth_order_accuracy(gt, low)['accuracy'] == -1
+  assert ev.format_depth_order(ev.depth_order_accuracy(gt, low)) == (
+      'depth order: no matched pair of overlapping objects to score')
   # A per-pair order (results order of the image) overrides depth_layer.
   pw = np.array([[0, 1, 0], [-1, 0, 0], [0, 0, 0]])
   assert ev.depth_order_accuracy(gt, wrong, pairwise={1: pw})['accuracy'] == ONE

@@ -138,3 +138,9 @@ def test_predict_writes_json_and_png_and_skips_bad_files(tmp_path, capsys, monke
   c.predict.input_dir = str(tmp_path / 'missing')
   with pytest.raises(UserError, match='predict.input_dir'):
     inference.predict(c, model, v, preprocess)
+  # b.jpg and b.png would write the same b.json / b.png: refused up front.
+  Image.fromarray(np.full((16, 16, 3), 9, np.uint8)).save(src / 'b.png')
+  c.predict.input_dir, c.predict.output_dir = str(src), str(tmp_path / 'out3')
+  with pytest.raises(UserError, match=r'predict.input_dir: b.jpg and b.png would both write'):
+    inference.predict(c, model, v, preprocess)
+  assert not (tmp_path / 'out3').exists()

@@ -47,6 +47,10 @@ def test_unknown_config_field_is_one_line_exit_2(tmp_path):
   assert line == 'error: configs/nope.py: --config: no such file'
   line = _one_line_error(_main('--config', 'configs/nope.py', f'--workdir={tmp_path}'))
   assert line == 'error: configs/nope.py: --config: no such file'
+  not_a_config = tmp_path / 'settings.py'
+  not_a_config.write_text('x = 1\n')
+  line = _one_line_error(_main(f'--config={not_a_config}', f'--workdir={tmp_path}'))
+  assert line == f'error: {not_a_config}: --config: defines no get_config()'
 
 
 @pytest.mark.parametrize('field,value', [('eval.mask_paste', 'nearest'),
