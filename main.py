@@ -147,6 +147,21 @@ def _drop_tfds_noise(record) -> bool:
               and record.getMessage().startswith(_TFDS_NOISE))
 
 
+class _LazyWriter:
+  """A clu metric writer made (with ``workdir``) on first use, so a run
+  refused before its first metric leaves no empty events file or workdir."""
+
+  def __init__(self, make):
+    self._make, self._writer = make, None
+
+  def __getattr__(self, name):
+    if self._writer is None:
+      if name == 'close':
+        return lambda: None
+      self._writer = self._make()
+    return getattr(self._writer, name)
+
+
 def _main() -> int:
   if not flags.FLAGS['verbosity'].present:
     # Library INFO logs (Orbax, TFDS) drown the progress bars; --verbosity=0 shows them.
@@ -165,9 +180,8 @@ def _main() -> int:
   config_checks.check_config(config)
   workdir = os.path.abspath(_WORKDIR.value)
   data = _data_sources(config, mode)  # input errors end the run before workdir exists
-  os.makedirs(workdir, exist_ok=True)
-  writer = metric_writers.create_default_writer(
-      workdir, just_logging=jax.process_index() > 0)
+  writer = _LazyWriter(lambda: metric_writers.create_default_writer(
+      workdir, just_logging=jax.process_index() > 0))
   try:
     modes.run(config, workdir, mode, writer, data)
   finally:

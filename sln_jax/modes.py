@@ -45,7 +45,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str,
   value). The training modes load what fits and start the rest from its
   initialisation. A checkpoint in ``workdir`` that does not fit the config's
   model, or an init_from that leaves evaluate/predict leaves unloaded, is
-  refused before ``workdir/config.txt`` (the config of the run) is written.
+  refused before anything is written. The training modes write their config
+  to ``workdir/config.txt``; evaluate writes ``workdir/config_evaluate.txt``
+  beside metrics.json (the training config stays as it was); predict writes
+  only into ``predict.output_dir``.
   """
   if mode not in MODES:
     raise UserError(f'unknown mode {mode!r}; one of {", ".join(MODES)}', field='--mode')
@@ -62,11 +65,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str,
   elif config.init_from:
     print(f'init_from not used: {mode} uses the latest checkpoint in {workdir}', flush=True)
   check_checkpoint_fits(config, workdir, variables)
-  if jax.process_index() == 0:
-    with atomic_output_file(os.path.join(workdir, 'config.txt')) as f:
-      f.write(str(config))
   step = 0
   if mode in ('train', 'train_and_evaluate'):
+    _write_config(config, workdir, 'config.txt')
     summary = make_image_summary_fn(model, config) if config.train.image_summary_every > 0 else None
     state = train(config, workdir, model, variables, data.train_batches, writer, summary)
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
@@ -80,5 +81,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str,
   if mode == 'predict':
     inference.predict(config, model, variables, data.preprocess_image)
     return None
-  return inference.evaluate(config, workdir, model, variables, data.eval_batches(),
-                            data.eval_annotations(), step=step, writer=writer)
+  metrics = inference.evaluate(config, workdir, model, variables, data.eval_batches(),
+                               data.eval_annotations(), step=step, writer=writer)
+  if mode == 'evaluate':
+    _write_config(config, workdir, 'config_evaluate.txt')
+  return metrics
+
+
+def _write_config(config: ml_collections.ConfigDict, workdir: str, name: str) -> None:
+  """``workdir/name``: the config of the run (process 0)."""
+  if jax.process_index() == 0:
+    with atomic_output_file(os.path.join(workdir, name)) as f:
+      f.write(str(config))

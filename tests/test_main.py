@@ -99,13 +99,17 @@ def test_train_and_evaluate_then_predict(tmp_path):
   config_txt = (workdir / 'config.txt').read_text()
   assert 'num_layers: 1' in config_txt
 
+  events = sorted(os.listdir(workdir))
+
   # Resuming with another model (3 sem-dist layers): one line naming the
-  # leaves that differ; the run's config.txt is not overwritten.
+  # leaves that differ; nothing in the workdir changes (no config.txt
+  # overwritten, no empty TensorBoard events file).
   line = _one_line_error(_main(*_tiny_synthetic(tmp_path), f'--workdir={workdir}',
                                '--config.train.num_steps=3', '--config.model.num_layers=3'))
   assert str(workdir / 'checkpoints' / '2') in line
   assert 'shape mismatches: params/mask_head/conv5/bias (2,) != expected (4,)' in line, line
   assert (workdir / 'config.txt').read_text() == config_txt
+  assert sorted(os.listdir(workdir)) == events
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['1', '2']
 
   out = tmp_path / 'pred'
@@ -118,6 +122,7 @@ def test_train_and_evaluate_then_predict(tmp_path):
   assert len(written) == 2 and written[0].endswith('.json') and written[1].endswith('.png')
   with open(out / written[0]) as f:
     assert isinstance(json.load(f), list)
+  assert (workdir / 'config.txt').read_text() == config_txt  # predict writes no config
 
   # The TFDS dataset is prepared now and needs no raw files to train, but
   # evaluation reads the ground truth from dataset.manual_dir: a moved one is
@@ -132,12 +137,13 @@ def test_train_and_evaluate_then_predict(tmp_path):
 
 @pytest.mark.parametrize('mode', ['evaluate', 'predict'])
 def test_modes_without_checkpoint_fail_cleanly(tmp_path, mode):
-  line = _one_line_error(_main('--config=configs/tiny.py', f'--workdir={tmp_path}',
+  line = _one_line_error(_main('--config=configs/tiny.py', f'--workdir={tmp_path}/w',
                                f'--mode={mode}', f'--config.predict.input_dir={tmp_path}',
                                f'--config.predict.output_dir={tmp_path}/out',
                                f'--config.dataset.manual_dir={tmp_path}/none',
                                f'--config.dataset.data_dir={tmp_path}/tfds'))
   assert 'checkpoint' in line or 'dataset.manual_dir' in line
+  assert not (tmp_path / 'w').exists()
 
 
 def test_train_and_evaluate_keeps_each_splits_batch_size(tmp_path):

@@ -87,7 +87,7 @@ def test_evaluate_refuses_a_checkpoint_of_another_model(model, expected, recorde
   """A checkpoint converted without the GLM, or with another num_layers (the
   mask head's last conv differs): evaluating it would run on random
   weights; one error names init_from and the first leaves, before the
-  workdir's config.txt is written."""
+  workdir is made."""
   other = str(tmp_path / 'other')
   cp.save_orbax(_variables(_config(**model), 1.0), other)
   with pytest.raises(UserError) as err:
@@ -95,7 +95,7 @@ def test_evaluate_refuses_a_checkpoint_of_another_model(model, expected, recorde
   assert err.value.field == 'init_from' and err.value.path == other
   message = str(err.value)
   assert expected in message and 'random initial values' in message, message
-  assert not recorded and not (tmp_path / 'work' / 'config.txt').exists()
+  assert not recorded and not (tmp_path / 'work').exists()
 
 
 def test_train_loads_what_fits_and_lists_the_rest(tmp_path, recorded, capsys):
@@ -123,3 +123,25 @@ def test_a_workdir_checkpoint_comes_before_init_from(tmp_path, recorded, monkeyp
   _run(_config(str(tmp_path / 'absent')), tmp_path, 'evaluate')
   assert recorded['evaluate'] == {'from': 'workdir'}
   assert 'init_from not used' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('mode,written', [
+    ('train', ['config.txt']), ('train_and_evaluate', ['config.txt']),
+    ('evaluate', ['config.txt', 'config_evaluate.txt']), ('predict', ['config.txt'])])
+def test_only_training_writes_the_run_config(mode, written, ones_checkpoint, recorded,
+                                             tmp_path):
+  """config.txt records the training run; evaluating or predicting from its
+  workdir (here with init_from and num_layers changed) leaves it as it was;
+  evaluate puts its own config beside metrics.json."""
+  del recorded
+  (tmp_path / 'config.txt').write_text('training config')
+  config = _config(ones_checkpoint)
+  _run(config, tmp_path, mode)
+  assert sorted(os.listdir(tmp_path)) == written
+  if mode == 'evaluate':
+    assert (tmp_path / 'config.txt').read_text() == 'training config'
+    assert (tmp_path / 'config_evaluate.txt').read_text() == str(config)
+  elif mode != 'predict':
+    assert (tmp_path / 'config.txt').read_text() == str(config)
+  else:
+    assert (tmp_path / 'config.txt').read_text() == 'training config'
