@@ -136,15 +136,22 @@ def _data_sources(config, mode: str):
   return data
 
 
-# TFDS warnings about TFDS itself, printed on every run: its own
-# TensorFeature.decode_example reads the deprecated ``dtype``, and every
-# builder config is "custom".
-_TFDS_NOISE = ('`FeatureConnector.dtype` is deprecated', 'Using custom data configuration')
+# Library warnings about the libraries themselves, printed on every run:
+# TFDS's own TensorFeature.decode_example reads the deprecated ``dtype`` and
+# every builder config is "custom"; Orbax announces the options a read-only
+# CheckpointManager (evaluate / predict) sets, and misses a step-level
+# metadata file inside the item directory it restores.
+_LIBRARY_NOISE = {
+    'tensorflow_datasets': ('`FeatureConnector.dtype` is deprecated',
+                            'Using custom data configuration'),
+    'orbax': ('CheckpointManagerOptions.read_only=True', 'Given directory is read only',
+              'Metadata file does not exist'),
+}
 
 
-def _drop_tfds_noise(record) -> bool:
-  return not ('tensorflow_datasets' in record.pathname
-              and record.getMessage().startswith(_TFDS_NOISE))
+def _drop_library_noise(record) -> bool:
+  return not any(package in record.pathname and record.getMessage().startswith(noise)
+                 for package, noise in _LIBRARY_NOISE.items())
 
 
 class _LazyWriter:
@@ -166,7 +173,7 @@ def _main() -> int:
   if not flags.FLAGS['verbosity'].present:
     # Library INFO logs (Orbax, TFDS) drown the progress bars; --verbosity=0 shows them.
     logging.set_verbosity(logging.WARNING)
-    logging.get_absl_logger().addFilter(_drop_tfds_noise)
+    logging.get_absl_logger().addFilter(_drop_library_noise)
   import jax  # pylint: disable=g-import-not-at-top
   if _multi_host():
     _initialize_distributed()

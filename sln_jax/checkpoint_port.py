@@ -26,12 +26,14 @@ arrays, Flax module paths). ``load_orbax`` restores it without a target;
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import pickle
 import re
-from typing import Mapping, Sequence
+import sys
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -508,6 +510,59 @@ def is_orbax_dir(directory: str) -> bool:
              for name in ('_CHECKPOINT_METADATA', '_METADATA'))
 
 
+def _orbax_read_noise(unraisable) -> bool:
+  """True for what a failed Orbax read leaves behind: each array read still
+  pending ends as an unraisable exception (its coroutine's own error, or
+  ``RuntimeError('Event loop is closed')`` from TensorStore callbacks posting
+  to Orbax's closed loop), printed as one traceback each, thousands of lines
+  after the one-line error."""
+  if (isinstance(unraisable.exc_value, RuntimeError)
+      and str(unraisable.exc_value) == 'Event loop is closed'):
+    return True
+  code = getattr(unraisable.object, 'cr_code', None)
+  return code is not None and 'orbax' in code.co_filename
+
+
+def _unretrieved_read_noise(record: logging.LogRecord) -> bool:
+  """False for asyncio's '<Task|Future> exception was never retrieved': the
+  same failed array reads, logged by asyncio instead of raised (the futures
+  are TensorStore's or Orbax's; their tracebacks need not name either)."""
+  return 'exception was never retrieved' not in record.getMessage()
+
+
+@contextlib.contextmanager
+def quiet_failed_reads() -> Iterator[None]:
+  """Around an Orbax restore: drops the reports of a failed read's pending
+  array reads (``_orbax_read_noise`` through ``sys.unraisablehook``, and
+  asyncio's log of them) while it runs, and for the rest of the process if
+  it fails (those reads end later). Any other report is kept."""
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if not _orbax_read_noise(unraisable):
+      previous(unraisable)
+  sys.unraisablehook = hook
+  asyncio_log = logging.getLogger('asyncio')
+  asyncio_log.addFilter(_unretrieved_read_noise)
+  yield
+  sys.unraisablehook = previous
+  asyncio_log.removeFilter(_unretrieved_read_noise)
+
+
+def unreadable_checkpoint(directory: str, err: BaseException, hint: str) -> UserError:
+  """The UserError for an Orbax checkpoint in ``directory`` whose arrays
+  cannot be read (a damaged, truncated or partly copied file): Orbax's first
+  line of the reason (its own message wraps the TensorStore spec) and
+  ``hint``."""
+  cause = err
+  while cause.__cause__ is not None:
+    cause = cause.__cause__
+  reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+  if len(reason) > 300:
+    reason = reason[:300] + '...'
+  return UserError(f'cannot be read ({type(cause).__name__}: {reason}); {hint}', path=directory)
+
+
 def load_orbax(directory: str) -> dict:
   """Reads a checkpoint written by ``save_orbax`` -> nested dict of arrays."""
   import orbax.checkpoint as ocp
@@ -517,10 +572,15 @@ def load_orbax(directory: str) -> dict:
     raise UserError('no such checkpoint directory', path=directory)
   ckptr = ocp.StandardCheckpointer()
   try:
-    tree = ckptr.restore(directory)
+    with quiet_failed_reads():
+      tree = ckptr.restore(directory)
   except Exception as err:  # pylint: disable=broad-except
-    raise UserError(f'not an Orbax checkpoint ({type(err).__name__})',
-                    path=directory) from None
+    if not is_orbax_dir(directory):
+      raise UserError(f'not an Orbax checkpoint (no _CHECKPOINT_METADATA or _METADATA; '
+                      f'{type(err).__name__})', path=directory) from None
+    raise unreadable_checkpoint(
+        directory, err, 'the checkpoint is damaged or incomplete; convert or copy it again'
+    ) from None
   finally:
     ckptr.close()
   return {k: tree.get(k, {}) for k in ('params', 'batch_stats')}

@@ -430,15 +430,23 @@ def restore_checkpoint(manager: ocp.CheckpointManager, template: TrainState,
   step = manager.latest_step() if step is None else step
   if step is None:
     return None
+  from sln_jax import checkpoint_port  # pylint: disable=g-import-not-at-top
   try:
-    tree = _host_local(manager.restore(
-        step, args=ocp.args.StandardRestore(_global_replicated(_to_tree(template)))))
-  except ValueError as err:   # Orbax: tree structure or shapes differ
+    with checkpoint_port.quiet_failed_reads():
+      tree = _host_local(manager.restore(
+          step, args=ocp.args.StandardRestore(_global_replicated(_to_tree(template)))))
+  except Exception as err:  # pylint: disable=broad-except - reported as a UserError
+    # Orbax raises ValueError when the tree structure or shapes differ (the
+    # metadata says which), and a bare Exception over TensorStore's error
+    # when an array file is damaged or truncated.
     step_dir = os.path.join(manager.directory, str(step))
-    problem = checkpoint_mismatch(step_dir, _to_tree(template)) or (
-        f'does not match this config\'s model ({str(err).splitlines()[0][:200]}); '
-        f'{MISMATCH_HINT}')
-    raise UserError(problem, path=step_dir) from None
+    problem = checkpoint_mismatch(step_dir, _to_tree(template))
+    if problem:
+      raise UserError(problem, path=step_dir) from None
+    raise checkpoint_port.unreadable_checkpoint(
+        step_dir, err, 'a damaged or partly copied checkpoint? Remove this step '
+        'directory to go back to the one before it; or, if it was written for another '
+        'model config, use a new --workdir or that config') from None
   return TrainState(
       step=jnp.asarray(tree['step'], jnp.int32), params=tree['params'],
       batch_stats=tree['batch_stats'],
@@ -481,6 +489,8 @@ def checkpoint_mismatch(step_dir: str, expected: PyTree) -> Optional[str]:
     meta = ocp.StandardCheckpointer().metadata(os.path.join(step_dir, 'default'))
     saved = _shapes(getattr(meta, 'item_metadata', meta))
   except Exception:  # pylint: disable=broad-except - no readable metadata: nothing to compare
+    return None
+  if not saved:  # Orbax gives empty metadata when it cannot read it (a damaged file)
     return None
   want = _shapes(expected)
 

@@ -2,6 +2,7 @@
 PyTorch reference of the release (tests/torch_reference.py), stage by stage."""
 from __future__ import annotations
 
+import os
 import time
 import tracemalloc
 
@@ -361,6 +362,15 @@ def test_orbax_round_trip_and_partial_load(setup, tmp_path):
                             (str(tmp_path / 'ckpt'), ['^params/nothing'])])
   with pytest.raises(UserError, match='no such checkpoint'):
     cp.load_orbax(str(tmp_path / 'absent'))
+  os.makedirs(tmp_path / 'empty')
+  with pytest.raises(UserError, match='not an Orbax checkpoint'):
+    cp.load_orbax(str(tmp_path / 'empty'))
+  for directory, _, names in os.walk(tmp_path / 'ckpt'):  # a copy cut short
+    for name in names if os.path.basename(directory) == 'd' else ():
+      with open(os.path.join(directory, name), 'r+b') as f:
+        f.truncate(os.path.getsize(f.name) // 2)
+  with pytest.raises(UserError, match=r'ckpt: cannot be read \(.*damaged or incomplete'):
+    cp.load_orbax(str(tmp_path / 'ckpt'))
 
 
 def test_partial_load_lists_model_leaves_it_did_not_load(setup, tmp_path):

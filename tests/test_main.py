@@ -118,6 +118,9 @@ def test_train_and_evaluate_then_predict(tmp_path):
                f'--config.predict.input_dir={images}', f'--config.predict.output_dir={out}',
                '--config.predict.max_images=1')
   assert proc.returncode == 0, proc.stderr[-3000:]
+  # Orbax's notes on the read-only checkpoint manager stay out too.
+  for noise in ('read_only=True', 'Given directory is read only', 'Metadata file does not'):
+    assert noise not in proc.stderr, noise
   written = sorted(os.listdir(out))
   assert len(written) == 2 and written[0].endswith('.json') and written[1].endswith('.png')
   with open(out / written[0]) as f:

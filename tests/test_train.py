@@ -4,13 +4,17 @@ parallelism on 8 fake devices, kill-and-resume, non-finite stop.
 Uses the small stand-in module of tests/train_standin.py (same module paths
 and entry points as SLN) so every test compiles in seconds.
 """
+import gc
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import time
+
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -267,6 +271,36 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   good = train.restore_checkpoint(manager, template)
   assert int(good.step) == 4
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(good.params))
+
+
+def test_damaged_checkpoint_is_one_user_error(tmp_path, monkeypatch, caplog):
+  """A truncated data file (a copy cut short): one UserError naming the step
+  directory and Orbax's reason, and none of the reports (hundreds of
+  tracebacks on a real checkpoint) its pending array reads leave behind."""
+  c = _config()
+  _, v = ts.init_variables()
+  template = train.create_train_state(c, v, jax.random.PRNGKey(0))
+  manager = train.checkpoint_manager(c, str(tmp_path))
+  assert train.save_checkpoint(manager, template.replace(step=jnp.asarray(2)), force=True)
+  for directory, _, names in os.walk(tmp_path / 'checkpoints' / '2' / 'default'):
+    for name in names if os.path.basename(directory) == 'd' else ():
+      with open(os.path.join(directory, name), 'r+b') as f:  # data files cut to half
+        f.truncate(os.path.getsize(f.name) // 2)
+  reported = []
+  monkeypatch.setattr(sys, 'unraisablehook', reported.append)
+  with pytest.raises(UserError) as err:
+    train.restore_checkpoint(train.checkpoint_manager(c, str(tmp_path), read_only=True),
+                             template)
+  assert err.value.path == str(tmp_path / 'checkpoints' / '2')
+  assert 'cannot be read (ValueError: ' in str(err.value)
+  assert 'damaged or partly copied' in str(err.value)
+  for _ in range(3):  # the pending reads end on Orbax's threads
+    time.sleep(0.5)
+    gc.collect()
+  assert not reported, [str(r.exc_value)[:200] for r in reported]
+  assert not [r for r in caplog.records if 'never retrieved' in r.getMessage()]
+  sys.unraisablehook(type('Report', (), {'exc_value': RuntimeError('other'), 'object': None})())
+  assert len(reported) == 1  # other reports still reach the hook
 
 
 _DATA_PARALLEL = textwrap.dedent('''
