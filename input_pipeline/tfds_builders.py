@@ -23,11 +23,16 @@ One example per image (images without instances are skipped and counted):
     category_id  (N,) int32
 ``info.metadata['num_instances'][split]`` lists N per example (in generation
 order) so the input pipeline can report truncation to ``max_instances``
-without reading the data.
+without reading the data. ``info.metadata['sources'][split]`` records the
+annotation file it was built from (path, size, mtime, SHA-256):
+``build_dataset`` refuses a prepared dataset whose manual_dir annotations
+have changed since, instead of training on the old ones while evaluation
+reads the new ones.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from typing import Any, Iterator, Optional
@@ -171,6 +176,7 @@ class _AmodalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     stats = readers.ReadStats()
     anns = readers.load_annotations(self.FORMAT, annotations_path, images_dir,
                                     stats=stats)
+    self.info.metadata.setdefault('sources', {})[split] = source_fingerprint(annotations_path)
     counts, skipped = [], stats.skipped_empty
     for ann in anns:
       if ann.num_instances == 0:
@@ -315,6 +321,49 @@ def make_builder(config) -> _AmodalBuilder:
   return BUILDERS[d.name](data_dir=os.path.abspath(d.data_dir), **kwargs)
 
 
+def source_fingerprint(path: str) -> dict:
+  """What identifies an annotation file: its name, size, mtime and SHA-256."""
+  digest = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for block in iter(lambda: f.read(1 << 22), b''):
+      digest.update(block)
+  stat = os.stat(path)
+  return {'file': os.path.basename(path), 'size': stat.st_size,
+          'mtime_ns': stat.st_mtime_ns, 'sha256': digest.hexdigest()}
+
+
+def _same_source(recorded: dict, path: str) -> bool:
+  """Whether ``path`` is the file ``recorded`` describes (size and mtime
+  first; the hash only when the mtime moved, e.g. after a copy)."""
+  stat = os.stat(path)
+  if stat.st_size != recorded.get('size'):
+    return False
+  if stat.st_mtime_ns == recorded.get('mtime_ns'):
+    return True
+  return source_fingerprint(path)['sha256'] == recorded.get('sha256')
+
+
+def check_sources(builder: _AmodalBuilder, manual_dir: str) -> None:
+  """Raises a UserError when a prepared dataset's annotation files in
+  ``manual_dir`` differ from those it was built from (an edited, replaced
+  or newly added split file). A manual_dir that is gone, or a dataset
+  prepared before sources were recorded, is not checked."""
+  recorded = builder.info.metadata.get('sources')
+  if not recorded or not os.path.isdir(manual_dir):
+    return
+  present = builder.split_files(manual_dir)
+  changed = [f'{split}: {os.path.basename(path)} '
+             + ('is new' if split not in recorded else 'has changed')
+             for split, (path, _) in sorted(present.items())
+             if split not in recorded or not _same_source(recorded[split], path)]
+  if changed:
+    raise cliutil.UserError(
+        f'the dataset prepared in {builder.data_dir} was built from other annotation '
+        f'files than those now in {manual_dir} ({"; ".join(changed)}); remove '
+        f'{builder.data_dir} to rebuild it, or set dataset.data_dir to a new directory',
+        path=manual_dir, field='dataset.manual_dir')
+
+
 def build_dataset(config, builder: Optional[_AmodalBuilder] = None):
   """Prepares ``config.dataset`` (no-op when already prepared).
 
@@ -327,13 +376,15 @@ def build_dataset(config, builder: Optional[_AmodalBuilder] = None):
     The prepared builder (``builder.as_dataset(split)``).
 
   Raises:
-    cliutil.UserError: manual_dir lacks the raw files (naming the path), or an
-      annotation / image problem found while preparing.
+    cliutil.UserError: manual_dir lacks the raw files (naming the path), an
+      annotation / image problem found while preparing, or a prepared dataset
+      whose annotation files have changed since (``check_sources``).
   """
   builder = builder or make_builder(config)
-  if builder.is_prepared():
-    return builder
   manual_dir = os.path.abspath(config.dataset.manual_dir)
+  if builder.is_prepared():
+    check_sources(builder, manual_dir)
+    return builder
   builder.prepare_manual_dir(manual_dir)
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))

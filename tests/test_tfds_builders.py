@@ -175,6 +175,38 @@ def test_cocoa_builder(tmp_path):
   assert again.info.metadata['num_instances'] == {'val': [2]}  # persisted
 
 
+def test_prepared_dataset_refuses_changed_annotations(tmp_path):
+  """A dataset prepared from one annotation file is not reused once that file
+  changes or a split file is added (training would read the old examples and
+  evaluation the new ground truth); a copy with a new mtime but the same
+  bytes, or a manual_dir that is gone, is fine."""
+  manual = tmp_path / 'cocoa'
+  ann = _write_cocoa(str(manual), 'val')
+  config = _config('cocoa', tmp_path, manual)
+  builder = tfds_builders.build_dataset(config)
+  recorded = builder.info.metadata['sources']['val']
+  assert recorded['file'] == 'COCO_amodal_val2014.json'
+  assert recorded['size'] == os.path.getsize(ann)
+  text = open(ann).read()
+  os.utime(ann, ns=(1, 1))  # same bytes, other mtime: hashed, accepted
+  tfds_builders.build_dataset(config)
+  with open(ann, 'w') as f:
+    f.write(text.replace('"name": "b"', '"name": "c"'))
+  with pytest.raises(cliutil.UserError) as err:
+    tfds_builders.build_dataset(config)
+  message = str(err.value)
+  assert message.startswith(f'{manual}: dataset.manual_dir: the dataset prepared in ')
+  assert 'val: COCO_amodal_val2014.json has changed' in message
+  assert f'remove {builder.data_dir} to rebuild it' in message
+  with open(ann, 'w') as f:
+    f.write(text)
+  _write_cocoa(str(manual), 'train')
+  with pytest.raises(cliutil.UserError, match='train: COCO_amodal_train2014.json is new'):
+    tfds_builders.build_dataset(config)
+  config.dataset.manual_dir = str(tmp_path / 'moved')
+  assert tfds_builders.build_dataset(config).info.splits['val'].num_examples == 1
+
+
 def test_d2sa_builder(tmp_path):
   manual = tmp_path / 'd2sa'
   ann = _write_d2sa(str(manual))
