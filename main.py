@@ -185,6 +185,8 @@ def _main() -> int:
   if not _WORKDIR.value:
     raise cliutil.UserError('is required', field='--workdir')
   config_checks.check_config(config)
+  if mode in ('train', 'train_and_evaluate'):
+    modes.check_stages(config)
   workdir = os.path.abspath(_WORKDIR.value)
   data = _data_sources(config, mode)  # input errors end the run before workdir exists
   writer = _LazyWriter(lambda: metric_writers.create_default_writer(

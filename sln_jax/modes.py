@@ -33,6 +33,23 @@ class DataSources:
 MODES = ('train_and_evaluate', 'train', 'evaluate', 'predict')
 
 
+def check_stages(config: ml_collections.ConfigDict) -> None:
+  """Refuses, before any data is read, a ``train.stages`` regex (a stage
+  name other than heads / 4+ / all) that trains no parameter of the
+  config's model. Costs one ``jax.eval_shape`` of the model (seconds) when
+  there is such a stage, nothing otherwise."""
+  from sln_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  from sln_jax.models import sln  # pylint: disable=g-import-not-at-top
+  custom = [name for name, *_ in train_lib.schedule(config)
+            if name not in train_lib.STAGE_PATTERNS]
+  if not custom:
+    return
+  shapes = sln.variable_shapes(sln.build_model(config), config.input.image_size)
+  for name in custom:
+    train_lib.trainable_mask(shapes['params'], shapes.get('batch_stats', {}), name,
+                             config.model.train_bn)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, mode: str,
         writer: MetricWriter, data: DataSources, model: Any = None,
         variables: PyTree = None) -> Optional[dict]:

@@ -145,3 +145,21 @@ def test_only_training_writes_the_run_config(mode, written, ones_checkpoint, rec
     assert (tmp_path / 'config.txt').read_text() == str(config)
   else:
     assert (tmp_path / 'config.txt').read_text() == 'training config'
+
+
+def test_a_stage_regex_that_trains_nothing_is_refused_before_data(monkeypatch):
+  """check_stages (main.py runs it before building the dataset): a regex
+  stage matching no trainable parameter is one UserError; a regex that
+  matches passes; named stages cost no model trace."""
+  config = _config()
+  config.train.stages = (('heads', 2, 0.1), ('bogus', 2, 0.1))
+  with pytest.raises(UserError, match="train.stages: stage 'bogus' trains no parameter"):
+    modes.check_stages(config)
+  config.train.stages = (('glm/.*', 2, 0.1),)  # the GLM is never trained
+  with pytest.raises(UserError, match='trains no parameter'):
+    modes.check_stages(config)
+  config.train.stages = (('mask_head/.*', 2, 0.1),)
+  modes.check_stages(config)
+  monkeypatch.setattr(sln, 'variable_shapes', lambda *a: pytest.fail('traced the model'))
+  config.train.stages = (('heads', 2, 0.1), ('all', 2, 0.01))
+  modes.check_stages(config)
