@@ -600,30 +600,40 @@ def _flatten(tree: Mapping, prefix: tuple = ()) -> dict:
 class LoadReport:
   """What ``partial_load`` did; names are 'collection/module/.../leaf'.
 
-  ``missing`` and ``shape_mismatch`` together are the model's leaves that kept
-  their initial values: ``missing`` the ones no source holds (or whose names
-  the source's regexes leave out), ``shape_mismatch`` ('name (checkpoint
-  shape) != (model shape)') the ones every source holds with another shape.
+  ``loaded``: the model leaves loaded (each once, however many sources gave
+  it); ``sources``: (directory, leaves loaded from it) in order.
+  ``missing``, ``excluded`` and ``shape_mismatch`` together are the model's
+  leaves that kept their initial values: ``missing`` the ones no source
+  holds, ``excluded`` the ones a source holds but its regexes
+  (init_patterns) leave out, ``shape_mismatch`` ('name (checkpoint shape) !=
+  (model shape)') the ones every source holds with another shape.
   ``not_in_target``: checkpoint leaves the model lacks.
   """
   loaded: list = dataclasses.field(default_factory=list)
   missing: list = dataclasses.field(default_factory=list)
+  excluded: list = dataclasses.field(default_factory=list)
   shape_mismatch: list = dataclasses.field(default_factory=list)
   not_in_target: list = dataclasses.field(default_factory=list)
+  sources: list = dataclasses.field(default_factory=list)
 
   def not_loaded(self) -> list:
-    """``missing`` then ``shape_mismatch``: every model leaf left as it was."""
-    return self.missing + self.shape_mismatch
+    """``missing``, ``excluded`` then ``shape_mismatch``: every model leaf
+    left as it was."""
+    return self.missing + self.excluded + self.shape_mismatch
 
   def skipped(self, limit: int = 5) -> list[str]:
     """'N kind: first names' for each non-empty kind of model leaf not loaded."""
     kinds = (('absent from the checkpoint', self.missing),
+             ('left out by init_patterns', self.excluded),
              ('with other shapes', self.shape_mismatch))
     return [listing(title, names, limit) for title, names in kinds if names]
 
   def summary(self, limit: int = 5) -> str:
     """One line: counts, and the first ``limit`` names of each skipped kind."""
     parts = [f'loaded {len(self.loaded)} arrays']
+    if len(self.sources) > 1:
+      parts[0] += (' (' + ', '.join(f'{os.path.basename(os.path.normpath(d)) or d}: {n}'
+                                    for d, n in self.sources) + '; later ones win)')
     if self.not_loaded():
       parts.append(f'{len(self.not_loaded())} model arrays keep their initial '
                    'values')
@@ -667,7 +677,7 @@ def partial_load(target_variables: Mapping,
 
   report = LoadReport() if report is None else report
   flat = {coll: _flatten(tree) for coll, tree in target_variables.items()}
-  loaded, mismatched = set(), {}
+  loaded, mismatched, excluded, not_in_target = set(), {}, set(), set()
   directories = []
   for source in sources:
     directory, patterns = ((source, ()) if isinstance(source, str)
@@ -678,19 +688,25 @@ def partial_load(target_variables: Mapping,
     for coll, tree in ckpt.items():
       for path, value in _flatten(tree).items():
         name = '/'.join((coll,) + path)
-        if patterns and not _matches(patterns, name):
-          continue
         target = flat.get(coll, {}).get(path)
+        if patterns and not _matches(patterns, name):
+          if target is not None:
+            excluded.add(name)
+          continue
         if target is None:
-          report.not_in_target.append(name)
+          if name not in not_in_target:
+            not_in_target.add(name)
+            report.not_in_target.append(name)
         elif tuple(np.shape(value)) != tuple(np.shape(target)):
           mismatched[name] = (f'{name} {tuple(np.shape(value))} != '
                               f'{tuple(np.shape(target))}')
         else:
           flat[coll][path] = jnp.asarray(value, dtype=target.dtype)
-          report.loaded.append(name)
-          loaded.add(name)
+          if name not in loaded:
+            report.loaded.append(name)
+            loaded.add(name)
           count += 1
+    report.sources.append((directory, count))
     if not count:
       raise UserError('nothing loaded (no leaf matches '
                       f'{list(patterns) or "any"} with the model\'s shapes)',
@@ -698,9 +714,13 @@ def partial_load(target_variables: Mapping,
   for coll in sorted(flat, key=lambda c: c != 'params'):  # params first
     for path in flat[coll]:
       name = '/'.join((coll,) + path)
-      if name in mismatched and name not in loaded:
+      if name in loaded:
+        continue
+      if name in mismatched:
         report.shape_mismatch.append(mismatched[name])
-      elif name not in loaded:
+      elif name in excluded:
+        report.excluded.append(name)
+      else:
         report.missing.append(name)
   if strict and report.not_loaded():
     total = sum(len(leaves) for leaves in flat.values())

@@ -353,10 +353,14 @@ def test_orbax_round_trip_and_partial_load(setup, tmp_path):
       'params/box_head/linear_class/kernel (32, 2) != (32, 7)']
   assert all(n.startswith(('params/backbone/', 'params/box_head/'))
              for n in report.loaded)
-  # Leaves the regexes leave out keep their values and are listed.
-  assert 'params/fpn/P2_output/kernel' in report.missing
-  assert 'batch_stats/backbone/C1_bn/mean' in report.missing
-  assert not any(n.startswith('params/box_head/') for n in report.missing)
+  # Leaves the regexes leave out keep their values and are listed as such
+  # (the checkpoint holds them).
+  assert 'params/fpn/P2_output/kernel' in report.excluded
+  assert 'batch_stats/backbone/C1_bn/mean' in report.excluded
+  assert not report.missing
+  assert not any(n.startswith('params/box_head/') for n in report.excluded)
+  assert 'left out by init_patterns: ' in report.summary()
+  assert 'absent from the checkpoint' not in report.summary()
   with pytest.raises(UserError, match='nothing loaded'):
     cp.partial_load(zeros, [str(tmp_path / 'ckpt'),
                             (str(tmp_path / 'ckpt'), ['^params/nothing'])])
@@ -394,6 +398,7 @@ def test_partial_load_lists_model_leaves_it_did_not_load(setup, tmp_path):
   assert report.shape_mismatch == [
       f'params/mask_head/conv5/bias (5,) != {conv5}']
   assert report.not_loaded() == report.missing + report.shape_mismatch
+  assert not report.excluded
   assert not report.not_in_target
   summary = report.summary()
   assert f'{len(glm) + 1} model arrays keep their initial values' in summary
@@ -405,12 +410,18 @@ def test_partial_load_lists_model_leaves_it_did_not_load(setup, tmp_path):
   assert not np.any(out['params']['glm']['layer1_conv']['kernel'])
   first = report.missing[0]
 
-  # A later source that holds the leaf with the model's shape wins.
+  # A later source that holds the leaf with the model's shape wins; each
+  # leaf counts once, each source says how many it gave.
   full = str(tmp_path / 'full')
   cp.save_orbax(variables, full)
   report = cp.LoadReport()
   cp.partial_load(zeros, [str(tmp_path / 'ckpt'), full], report, strict=True)
   assert not report.not_loaded()
+  total = len(jax.tree.leaves(variables))
+  assert len(report.loaded) == len(set(report.loaded)) == total
+  assert report.sources == [(str(tmp_path / 'ckpt'), total - len(glm) - 1), (full, total)]
+  assert report.summary() == (f'loaded {total} arrays (ckpt: {total - len(glm) - 1}, '
+                              f'full: {total}; later ones win)')
 
   with pytest.raises(UserError) as err:
     cp.partial_load(zeros, [str(tmp_path / 'ckpt')], strict=True)
