@@ -66,9 +66,9 @@ def _load_json(path: str) -> dict:
     with open(path, 'r', encoding='utf-8') as f:
       text = f.read()
   except FileNotFoundError:
-    raise AnnotationError(path, 'file', 'annotation file not found') from None
+    raise AnnotationError(path, '', 'annotation file not found') from None
   except (OSError, UnicodeDecodeError) as err:
-    raise AnnotationError(path, 'file', f'cannot read: {err}') from None
+    raise AnnotationError(path, '', f'cannot read: {err}') from None
   try:
     data = json.loads(text)
   except json.JSONDecodeError as err:

@@ -69,7 +69,7 @@ def _read_input(path: str) -> np.ndarray:
 def main() -> int:
   for name in ('pth', 'output', 'config'):
     if FLAGS[name].value is None:
-      raise cliutil.UserError(f'--{name} is required', field=name)
+      raise cliutil.UserError('is required', field=f'--{name}')
   act_in, act_out = FLAGS['activations-input'].value, FLAGS[
       'activations-output'].value
   if (act_in is None) != (act_out is None):

@@ -82,13 +82,22 @@ def source(op_name: str) -> tuple[str, str]:
   return phase, module or '?'
 
 
+def _fail(message: str) -> None:
+  """One line on stderr and exit code 2 (the repository's user-error rule)."""
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
 def load_events(trace_dir: str) -> list[dict]:
   files = sorted(glob.glob(os.path.join(trace_dir, '**', '*.trace.json.gz'), recursive=True),
                  key=os.path.getmtime)
   if not files:
-    raise SystemExit(f'error: {trace_dir}: no *.trace.json.gz (run benchmark.py --profile_dir)')
-  with gzip.open(files[-1]) as f:
-    trace = json.load(f)
+    _fail(f'{trace_dir}: no *.trace.json.gz (run benchmark.py --profile_dir)')
+  try:
+    with gzip.open(files[-1]) as f:
+      trace = json.load(f)
+  except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    _fail(f'{files[-1]}: not a readable gzipped JSON trace ({err})')
   events = trace.get('traceEvents', [])
   pids = {e['pid']: e.get('args', {}).get('name', '') for e in events
           if e.get('ph') == 'M' and e.get('name') == 'process_name'}

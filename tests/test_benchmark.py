@@ -112,6 +112,17 @@ def test_profile_summary_names_ops_by_module():
   assert '  85.7     3.000  fwd    SLN._features/fpn/P2_lateral' in text, text
 
 
+def test_profile_summary_bad_trace_dir_is_one_line_exit_2(tmp_path):
+  (tmp_path / 'bad').mkdir()
+  (tmp_path / 'bad' / 'x.trace.json.gz').write_bytes(b'not gzip')
+  for trace_dir, needle in ((tmp_path / 'none', 'no *.trace.json.gz'),
+                            (tmp_path / 'bad', 'not a readable gzipped JSON trace')):
+    proc = subprocess.run([sys.executable, 'scripts/profile_summary.py', str(trace_dir)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [proc.stderr.strip()] and needle in proc.stderr
+
+
 def test_peer_runs_in_its_own_process_or_reports_why_not():
   """torchvision's Mask R-CNN R101-FPN where torchvision works (the GPU
   machines); elsewhere one error string and no crash, so our row still prints."""

@@ -81,6 +81,12 @@ def test_bad_files_exit_2_without_output(reference, tmp_path):
   assert 'mask.conv5.weight (3, 16, 1, 1)' in lines[0]
 
 
+def test_a_missing_flag_is_named(tmp_path):
+  proc = run('--output', str(tmp_path / 'out'))
+  assert proc.returncode == 2
+  assert proc.stderr.strip() == 'error: --pth: is required', proc.stderr
+
+
 def test_bad_model_config_exits_2_before_reading_the_file(tmp_path):
   """The config's model is checked first: a bad value is named even though
   the .pth does not exist (it would be read next)."""

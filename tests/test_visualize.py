@@ -105,7 +105,7 @@ def test_bad_input_names_the_file_and_writes_nothing(dataset, tmp_path):
     vis.main(_args(dataset, out, '--results', bad))
   with pytest.raises(cliutil.UserError, match=r'--image-ids: image ids \[12345\]'):
     vis.main(_args(dataset, out, '--image-ids', 12345))
-  with pytest.raises(cliutil.UserError, match=r'nothere\.json: file: annotation file not found'):
+  with pytest.raises(cliutil.UserError, match=r'nothere\.json: annotation file not found'):
     vis.main(['--format', 'cocoa', '--annotations', str(tmp_path / 'nothere.json'),
               '--images', images, '--out', str(out)])
   assert not out.exists()
