@@ -138,6 +138,17 @@ class _AmodalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         metadata=tfds.core.MetadataDict(),
         homepage='https://github.com/apchenstu/SLN-Amodal')
 
+  # TFDS's own lines around preparation announce download sizes ("Unknown
+  # size" for a manual dataset); these say what is read and where it goes.
+  def _log_download_bytes(self) -> None:
+    print(f'preparing dataset {self.name} into {self.data_dir} (once; later runs '
+          'reuse it)...', flush=True)
+
+  def _log_download_done(self) -> None:
+    counts = ', '.join(f'{split} {info.num_examples}'
+                       for split, info in sorted(self.info.splits.items()))
+    print(f'dataset {self.name} prepared: {counts} examples', flush=True)
+
   @classmethod
   def split_files(cls, manual_dir: str) -> dict:
     """{split: (annotation path, images dir)} for the splits present."""

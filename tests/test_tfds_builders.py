@@ -156,10 +156,13 @@ def _check_examples(builder, split, ann_path, images_dir, fmt):
   return got
 
 
-def test_cocoa_builder(tmp_path):
+def test_cocoa_builder(tmp_path, capsys):
   manual = tmp_path / 'cocoa'
   ann = _write_cocoa(str(manual), 'val')
   builder = tfds_builders.build_dataset(_config('cocoa', tmp_path, manual))
+  out = capsys.readouterr().out
+  assert f'preparing dataset cocoa into {builder.data_dir}' in out
+  assert 'dataset cocoa prepared: val 1 examples' in out and 'Unknown size' not in out
   assert set(builder.info.splits) == {'val'}  # train/test files absent
   got = _check_examples(builder, 'val', ann, str(manual / 'val2014'), 'cocoa')
   assert len(got) == 1   # image 2 has no instances: skipped
