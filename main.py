@@ -103,8 +103,18 @@ def _build_dataset_once(config):
   if jax.process_count() == 1:
     return tfds_builders.build_dataset(config)
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  builder = tfds_builders.build_dataset(config) if jax.process_index() == 0 else None
+  builder = refused = None
+  if jax.process_index() == 0:
+    try:
+      builder = tfds_builders.build_dataset(config)
+    except cliutil.UserError as err:  # still meet the others at the barrier
+      refused = err
   multihost_utils.sync_global_devices('sln_dataset_prepared')
+  if refused is not None:
+    raise refused
+  # The others find it prepared (shared data_dir; checked against their
+  # manual_dir) or prepare their own copy; a refusal of process 0's data
+  # is theirs too.
   return builder or tfds_builders.build_dataset(config)
 
 
@@ -142,13 +152,14 @@ def _data_sources(config, mode: str):
 # every builder config is "custom", and the dataset directory it is about to
 # prepare has no dataset_info.json yet; Orbax announces the options a
 # read-only CheckpointManager (evaluate / predict) sets, and misses a
-# step-level metadata file inside the item directory it restores.
+# step-level metadata file inside the item directory it restores (or, for a
+# damaged one, its item metadata: the one-line error that follows says so).
 _LIBRARY_NOISE = {
     'tensorflow_datasets': re.compile(r'`FeatureConnector\.dtype` is deprecated'
                                       r'|Using custom data configuration'
                                       r'|Variant folder .* has no dataset_info\.json$'),
     'orbax': re.compile(r'CheckpointManagerOptions\.read_only=True|Given directory is read only'
-                        r'|Metadata file does not exist'),
+                        r'|Metadata file does not exist|Failed to get item metadata'),
 }
 
 
@@ -191,6 +202,8 @@ def _main() -> int:
   if mode in ('train', 'train_and_evaluate'):
     modes.check_stages(config)
   workdir = os.path.abspath(_WORKDIR.value)
+  if mode != 'predict':  # predict only reads the workdir (it may be read-only)
+    cliutil.check_dir_makeable(workdir, field='--workdir')  # before hours of work
   data = _data_sources(config, mode)  # input errors end the run before workdir exists
   writer = _LazyWriter(lambda: metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0))

@@ -134,10 +134,9 @@ def read_legacy_layers(path: str,
         raise AnnotationError(path, 'layer', 'no array named "layer"')
       layer = data['layer']
   except FileNotFoundError:
-    raise AnnotationError(path, 'file', 'layer file not found') from None
+    raise AnnotationError(path, '', 'layer file not found') from None
   except (OSError, ValueError, zipfile.BadZipFile) as err:
-    raise AnnotationError(path, 'file',
-                          f'not a .npz layer file: {err}') from None
+    raise AnnotationError(path, '', f'not a .npz layer file: {err}') from None
   if layer.dtype != np.uint64 or layer.ndim != 2:
     raise AnnotationError(path, 'layer', f'expected uint64 (H, W), got '
                           f'{layer.dtype} {layer.shape}')

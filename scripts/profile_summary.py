@@ -98,11 +98,14 @@ def load_events(trace_dir: str) -> list[dict]:
       trace = json.load(f)
   except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as err:
     _fail(f'{files[-1]}: not a readable gzipped JSON trace ({err})')
-  events = trace.get('traceEvents', [])
-  pids = {e['pid']: e.get('args', {}).get('name', '') for e in events
-          if e.get('ph') == 'M' and e.get('name') == 'process_name'}
-  ops = [e for e in events if e.get('ph') == 'X' and 'hlo_op' in e.get('args', {})]
-  device = [e for e in ops if pids.get(e['pid'], '').startswith('/device:')]
+  try:
+    events = trace.get('traceEvents', [])
+    pids = {e['pid']: e.get('args', {}).get('name', '') for e in events
+            if e.get('ph') == 'M' and e.get('name') == 'process_name'}
+    ops = [e for e in events if e.get('ph') == 'X' and 'hlo_op' in e.get('args', {})]
+    device = [e for e in ops if pids.get(e['pid'], '').startswith('/device:')]
+  except (AttributeError, TypeError, KeyError) as err:
+    _fail(f'{files[-1]}: not a jax.profiler trace (traceEvents: {type(err).__name__}: {err})')
   return device or ops
 
 

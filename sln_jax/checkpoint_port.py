@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import pickle
@@ -541,12 +542,38 @@ def quiet_failed_reads() -> Iterator[None]:
   def hook(unraisable):
     if not _orbax_read_noise(unraisable):
       previous(unraisable)
+
+  def log_filter(record):  # one object per call: removeFilter takes out this one
+    return _unretrieved_read_noise(record)
   sys.unraisablehook = hook
   asyncio_log = logging.getLogger('asyncio')
-  asyncio_log.addFilter(_unretrieved_read_noise)
+  asyncio_log.addFilter(log_filter)
   yield
   sys.unraisablehook = previous
-  asyncio_log.removeFilter(_unretrieved_read_noise)
+  asyncio_log.removeFilter(log_filter)
+
+
+# TensorStore's status codes for a file it cannot read as the checkpoint
+# says it should (truncated, corrupted, missing); not RESOURCE_EXHAUSTED
+# (memory), UNAVAILABLE or DEADLINE_EXCEEDED (transient).
+_READ_FAILURE = re.compile(r'(OUT_OF_RANGE|DATA_LOSS|NOT_FOUND|INVALID_ARGUMENT|'
+                           r'FAILED_PRECONDITION): ')
+
+
+def is_read_failure(err: BaseException) -> bool:
+  """True when ``err`` comes from checkpoint files that cannot be read as
+  written (TensorStore's read errors, malformed JSON metadata, a missing
+  file): what ``unreadable_checkpoint`` reports. Out of memory, transient
+  file-system or coordination errors are not."""
+  seen = set()
+  while err is not None and id(err) not in seen:
+    seen.add(id(err))
+    if isinstance(err, (json.JSONDecodeError, FileNotFoundError)):
+      return True
+    if isinstance(err, ValueError) and _READ_FAILURE.match(str(err)):
+      return True
+    err = err.__cause__ or err.__context__
+  return False
 
 
 def unreadable_checkpoint(directory: str, err: BaseException, hint: str) -> UserError:
@@ -570,6 +597,9 @@ def load_orbax(directory: str) -> dict:
   directory = os.path.abspath(directory)
   if not os.path.isdir(directory):
     raise UserError('no such checkpoint directory', path=directory)
+  if (not os.path.isfile(os.path.join(directory, '_METADATA'))
+      and os.path.isfile(os.path.join(directory, 'default', '_METADATA'))):
+    directory = os.path.join(directory, 'default')  # a training step: <workdir>/checkpoints/<step>
   ckptr = ocp.StandardCheckpointer()
   try:
     with quiet_failed_reads():
@@ -578,6 +608,8 @@ def load_orbax(directory: str) -> dict:
     if not is_orbax_dir(directory):
       raise UserError(f'not an Orbax checkpoint (no _CHECKPOINT_METADATA or _METADATA; '
                       f'{type(err).__name__})', path=directory) from None
+    if not is_read_failure(err):
+      raise
     raise unreadable_checkpoint(
         directory, err, 'the checkpoint is damaged or incomplete; convert or copy it again'
     ) from None
@@ -632,8 +664,8 @@ class LoadReport:
     """One line: counts, and the first ``limit`` names of each skipped kind."""
     parts = [f'loaded {len(self.loaded)} arrays']
     if len(self.sources) > 1:
-      parts[0] += (' (' + ', '.join(f'{os.path.basename(os.path.normpath(d)) or d}: {n}'
-                                    for d, n in self.sources) + '; later ones win)')
+      parts[0] += (' (' + ', '.join(f'{d}: {n}' for d, n in self.sources)
+                   + '; later ones win)')
     if self.not_loaded():
       parts.append(f'{len(self.not_loaded())} model arrays keep their initial '
                    'values')
@@ -663,10 +695,10 @@ def partial_load(target_variables: Mapping,
   Returns:
     New variables with the target's structure and dtypes (loaded leaves as
     jax arrays). Model leaves that no source holds with their shape keep
-    their values and are listed in ``report.missing`` and
-    ``report.shape_mismatch`` (``report.summary()``: the counts and the first
-    names); checkpoint leaves that the model lacks are skipped
-    (``report.not_in_target``).
+    their values and are listed in ``report.missing``, ``report.excluded``
+    (held, but left out by the regexes) and ``report.shape_mismatch``
+    (``report.summary()``: the counts and the first names); checkpoint
+    leaves that the model lacks are skipped (``report.not_in_target``).
 
   Raises:
     UserError: a source that is unreadable or from which nothing was loaded;

@@ -121,14 +121,26 @@ def parse_flags(argv: list[str], config_flag=None) -> list[str]:
   sys.exit(2)
 
 
-def make_dirs(path: str) -> None:
-  """``os.makedirs(path, exist_ok=True)``, with a UserError naming the first
-  part of ``path`` that exists but is not a directory."""
+def check_dir_makeable(path: str, field: str = '') -> None:
+  """The refusal of ``make_dirs`` without making anything, for callers to
+  run before slow work: a UserError naming the first part of ``path`` that
+  exists but is not a directory, or the directory it would be made in when
+  that is not writable."""
   probe = os.path.abspath(path)
   while not os.path.lexists(probe) and os.path.dirname(probe) != probe:
     probe = os.path.dirname(probe)
   if not os.path.isdir(probe):
-    raise UserError(f'is not a directory, so {path} cannot be made', path=probe)
+    raise UserError(f'is not a directory, so {path} cannot be made', path=probe, field=field)
+  if not os.access(probe, os.W_OK | os.X_OK):
+    raise UserError('is not writable' + (f', so {path} cannot be made'
+                                         if probe != os.path.abspath(path) else ''),
+                    path=probe, field=field)
+
+
+def make_dirs(path: str) -> None:
+  """``os.makedirs(path, exist_ok=True)``, with a UserError naming the first
+  part of ``path`` that exists but is not a directory."""
+  check_dir_makeable(path)
   os.makedirs(path, exist_ok=True)
 
 

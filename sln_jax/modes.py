@@ -84,9 +84,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str,
   check_checkpoint_fits(config, workdir, variables)
   step = 0
   if mode in ('train', 'train_and_evaluate'):
-    _write_config(config, workdir, 'config.txt')
     summary = make_image_summary_fn(model, config) if config.train.image_summary_every > 0 else None
-    state = train(config, workdir, model, variables, data.train_batches, writer, summary)
+    # config.txt once the workdir's checkpoint (if any) has been read: a
+    # resume refused there leaves the run's config as it was.
+    state = train(config, workdir, model, variables, data.train_batches, writer, summary,
+                  on_start=lambda: _write_config(config, workdir, 'config.txt'))
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
     step = int(state.step)
     if mode == 'train':

@@ -177,7 +177,9 @@ def trainable_mask(params: PyTree, batch_stats: PyTree, stage: str,
   mask = {k: bool(regex.fullmatch(k)) and not re.fullmatch(NEVER_TRAINED, k)
           and (train_bn or k.rsplit('/', 1)[0] not in bn) for k in flat}
   if not any(mask.values()):
-    raise UserError(f'stage {stage!r} trains no parameter', field='train.stages')
+    raise UserError(f'stage {stage!r} trains no parameter (a regex fully matching Flax '
+                    'paths such as mask_head/.*; the GLM is always frozen, BatchNorm '
+                    'parameters unless model.train_bn)', field='train.stages')
   return _unflat(mask)
 
 
@@ -443,6 +445,11 @@ def restore_checkpoint(manager: ocp.CheckpointManager, template: TrainState,
     problem = checkpoint_mismatch(step_dir, _to_tree(template))
     if problem:
       raise UserError(problem, path=step_dir) from None
+    if isinstance(err, ValueError) and not checkpoint_port.is_read_failure(err):
+      raise UserError(f'does not match this config\'s model ({str(err).splitlines()[0][:200]}); '
+                      f'{MISMATCH_HINT}', path=step_dir) from None
+    if not checkpoint_port.is_read_failure(err):
+      raise  # out of memory, a transient file-system error: not the checkpoint's fault
     raise checkpoint_port.unreadable_checkpoint(
         step_dir, err, 'a damaged or partly copied checkpoint? Remove this step '
         'directory to go back to the one before it; or, if it was written for another '
@@ -577,6 +584,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, model: Any,
           variables: PyTree, make_train_iter: Callable[[], Iterable[Batch]],
           writer: MetricWriter,
           image_summary_fn: Optional[Callable[[PyTree, Batch], dict]] = None,
+          on_start: Optional[Callable[[], None]] = None,
           ) -> TrainState:
   """Trains to ``total_steps(config)``, resuming from the latest checkpoint.
 
@@ -591,6 +599,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, model: Any,
     writer: TensorBoard scalars (losses, lr, images/s) and images.
     image_summary_fn: ``(variables, one-image batch) -> {name: (N,H,W,3) uint8}``
       written every ``train.image_summary_every`` steps.
+    on_start: called once the state is initialised or restored (a checkpoint
+      that cannot be read has been refused), before any batch is read.
 
   Returns:
     The final, unreplicated state.
@@ -610,6 +620,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, model: Any,
     state = restored
     if chief:
       print(f'resuming from step {int(state.step)} ({manager.directory})', flush=True)
+  if on_start is not None:
+    on_start()
   start, end = int(state.step), total_steps(config)
   if start >= end:
     return state

@@ -1,4 +1,5 @@
 """scripts/benchmark.py: one tiny timed step of each mode on the CPU."""
+import gzip
 import json
 import os
 import subprocess
@@ -115,8 +116,12 @@ def test_profile_summary_names_ops_by_module():
 def test_profile_summary_bad_trace_dir_is_one_line_exit_2(tmp_path):
   (tmp_path / 'bad').mkdir()
   (tmp_path / 'bad' / 'x.trace.json.gz').write_bytes(b'not gzip')
+  (tmp_path / 'odd').mkdir()
+  with gzip.open(tmp_path / 'odd' / 'x.trace.json.gz', 'wt') as f:
+    f.write('{"traceEvents": 5}')
   for trace_dir, needle in ((tmp_path / 'none', 'no *.trace.json.gz'),
-                            (tmp_path / 'bad', 'not a readable gzipped JSON trace')):
+                            (tmp_path / 'bad', 'not a readable gzipped JSON trace'),
+                            (tmp_path / 'odd', 'not a jax.profiler trace')):
     proc = subprocess.run([sys.executable, 'scripts/profile_summary.py', str(trace_dir)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr

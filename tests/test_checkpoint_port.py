@@ -2,6 +2,7 @@
 PyTorch reference of the release (tests/torch_reference.py), stage by stage."""
 from __future__ import annotations
 
+import json
 import os
 import time
 import tracemalloc
@@ -377,6 +378,34 @@ def test_orbax_round_trip_and_partial_load(setup, tmp_path):
     cp.load_orbax(str(tmp_path / 'ckpt'))
 
 
+def test_read_failures_are_told_from_other_errors():
+  def chained(outer, inner):
+    try:
+      try:
+        raise inner
+      except Exception as err:  # pylint: disable=broad-except
+        raise outer from err
+    except Exception as err:  # pylint: disable=broad-except
+      return err
+  damaged = ValueError('OUT_OF_RANGE: Error reading "params.a/0" in OCDBT database')
+  assert cp.is_read_failure(chained(Exception('Encountered error while reading'), damaged))
+  assert cp.is_read_failure(FileNotFoundError('Metadata file (named _METADATA) does not exist'))
+  assert cp.is_read_failure(json.JSONDecodeError('Expecting value', '', 0))
+  assert not cp.is_read_failure(RuntimeError('RESOURCE_EXHAUSTED: Out of memory'))
+  assert not cp.is_read_failure(chained(Exception('x'), ValueError('UNAVAILABLE: try again')))
+  assert not cp.is_read_failure(ValueError('Dict key mismatch'))
+
+
+def test_init_from_accepts_a_training_step_directory(tmp_path):
+  """<workdir>/checkpoints/<step> holds the tree in default/: init_from may
+  name either."""
+  tree = {'params': {'a': np.arange(3, dtype=np.float32)}}
+  cp.save_orbax(tree, str(tmp_path / 'step' / 'default'))
+  with open(tmp_path / 'step' / '_CHECKPOINT_METADATA', 'w') as f:
+    f.write('{}')
+  np.testing.assert_array_equal(cp.load_orbax(str(tmp_path / 'step'))['params']['a'], [0, 1, 2])
+
+
 def test_partial_load_lists_model_leaves_it_did_not_load(setup, tmp_path):
   """A checkpoint without the GLM (glm.enabled=False) and with a mask head of
   another num_layers: the model leaves left at their initial values are
@@ -420,8 +449,8 @@ def test_partial_load_lists_model_leaves_it_did_not_load(setup, tmp_path):
   total = len(jax.tree.leaves(variables))
   assert len(report.loaded) == len(set(report.loaded)) == total
   assert report.sources == [(str(tmp_path / 'ckpt'), total - len(glm) - 1), (full, total)]
-  assert report.summary() == (f'loaded {total} arrays (ckpt: {total - len(glm) - 1}, '
-                              f'full: {total}; later ones win)')
+  assert report.summary() == (f'loaded {total} arrays ({tmp_path / "ckpt"}: '
+                              f'{total - len(glm) - 1}, {full}: {total}; later ones win)')
 
   with pytest.raises(UserError) as err:
     cp.partial_load(zeros, [str(tmp_path / 'ckpt')], strict=True)

@@ -223,6 +223,22 @@ def test_outputs_under_a_file_name_it_before_anything_is_written(tmp_path):
   assert _entries(tmp_path) == ['afile'] and blocker.read_text() == 'x'
 
 
+def test_check_dir_makeable_refuses_without_making_anything(tmp_path, monkeypatch):
+  blocker = tmp_path / 'afile'
+  blocker.write_text('x')
+  for path in (blocker, blocker / 'sub' / 'w'):
+    with pytest.raises(UserError, match=f'^{blocker}: --workdir: is not a directory, so '):
+      cliutil.check_dir_makeable(str(path), field='--workdir')
+  cliutil.check_dir_makeable(str(tmp_path / 'new' / 'w'))
+  cliutil.check_dir_makeable(str(tmp_path))
+  assert _entries(tmp_path) == ['afile']
+  monkeypatch.setattr(os, 'access', lambda *a: False)  # a read-only parent (root passes access)
+  with pytest.raises(UserError, match=f'^{tmp_path}: is not writable, so {tmp_path}/new cannot'):
+    cliutil.check_dir_makeable(str(tmp_path / 'new'))
+  with pytest.raises(UserError, match=f'^{tmp_path}: is not writable$'):
+    cliutil.check_dir_makeable(str(tmp_path))
+
+
 def test_outputs_get_the_umask_modes_not_the_temp_files_0600(tmp_path):
   old = os.umask(0o022)
   try:

@@ -149,6 +149,15 @@ def test_modes_without_checkpoint_fail_cleanly(tmp_path, mode):
   assert not (tmp_path / 'w').exists()
 
 
+def test_a_workdir_that_cannot_be_made_is_refused_before_any_work(tmp_path):
+  blocker = tmp_path / 'afile'
+  blocker.write_text('x')
+  line = _one_line_error(_main('--config=configs/tiny.py', f'--workdir={blocker}',
+                               '--mode=evaluate', '--config.init_from=/nowhere',
+                               f'--config.dataset.manual_dir={tmp_path}/none'))
+  assert line == f'error: {blocker}: --workdir: is not a directory, so {blocker} cannot be made'
+
+
 def test_train_and_evaluate_keeps_each_splits_batch_size(tmp_path):
   """Regression: the train iterator of train_and_evaluate used the eval
   batch size (a closure read a variable the eval branch reassigned). Runs in

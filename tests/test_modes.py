@@ -53,9 +53,10 @@ def fixture_recorded(monkeypatch):
     del config, model, preprocess
     seen['predict'] = variables
 
-  def train(config, workdir, model, variables, *args):
+  def train(config, workdir, model, variables, *args, on_start=None):
     del config, workdir, model, args
     seen['train'] = variables
+    on_start()
     return type('State', (), dict(step=0, **variables))
 
   monkeypatch.setattr(inference, 'evaluate', evaluate)

@@ -294,6 +294,14 @@ def test_damaged_checkpoint_is_one_user_error(tmp_path, monkeypatch, caplog):
   assert err.value.path == str(tmp_path / 'checkpoints' / '2')
   assert 'cannot be read (ValueError: ' in str(err.value)
   assert 'damaged or partly copied' in str(err.value)
+  # Resuming from it: the same error before on_start (main.py writes the
+  # run's config.txt there) and before any batch is read.
+  started = []
+  model, _ = ts.init_variables()
+  with pytest.raises(UserError, match='cannot be read'):
+    train.train(c, str(tmp_path), model, v, lambda: pytest.fail('read a batch'),
+                ts.RecordingWriter(), on_start=lambda: started.append(1))
+  assert not started
   for _ in range(3):  # the pending reads end on Orbax's threads
     time.sleep(0.5)
     gc.collect()
@@ -301,6 +309,23 @@ def test_damaged_checkpoint_is_one_user_error(tmp_path, monkeypatch, caplog):
   assert not [r for r in caplog.records if 'never retrieved' in r.getMessage()]
   sys.unraisablehook(type('Report', (), {'exc_value': RuntimeError('other'), 'object': None})())
   assert len(reported) == 1  # other reports still reach the hook
+
+
+def test_a_failure_that_is_not_the_checkpoints_is_not_blamed_on_it(tmp_path, monkeypatch):
+  """Out of memory while restoring propagates as it is: 'remove this step
+  directory' would be destructive advice."""
+  c = _config()
+  _, v = ts.init_variables()
+  template = train.create_train_state(c, v, jax.random.PRNGKey(0))
+  manager = train.checkpoint_manager(c, str(tmp_path))
+  assert train.save_checkpoint(manager, template.replace(step=jnp.asarray(1)), force=True)
+
+  def out_of_memory(*args, **kwargs):
+    del args, kwargs
+    raise RuntimeError('RESOURCE_EXHAUSTED: Out of memory while trying to allocate')
+  monkeypatch.setattr(type(manager), 'restore', out_of_memory)
+  with pytest.raises(RuntimeError, match='RESOURCE_EXHAUSTED'):
+    train.restore_checkpoint(manager, template)
 
 
 _DATA_PARALLEL = textwrap.dedent('''
