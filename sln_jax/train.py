@@ -440,15 +440,16 @@ def restore_checkpoint(manager: ocp.CheckpointManager, template: TrainState,
   except Exception as err:  # pylint: disable=broad-except - reported as a UserError
     # Orbax raises ValueError when the tree structure or shapes differ (the
     # metadata says which), and a bare Exception over TensorStore's error
-    # when an array file is damaged or truncated.
+    # when an array file is damaged or truncated (is_read_failure).
     step_dir = os.path.join(manager.directory, str(step))
     problem = checkpoint_mismatch(step_dir, _to_tree(template))
     if problem:
       raise UserError(problem, path=step_dir) from None
-    if isinstance(err, ValueError) and not checkpoint_port.is_read_failure(err):
-      raise UserError(f'does not match this config\'s model ({str(err).splitlines()[0][:200]}); '
-                      f'{MISMATCH_HINT}', path=step_dir) from None
     if not checkpoint_port.is_read_failure(err):
+      if isinstance(err, ValueError):
+        raise UserError(f'does not match this config\'s model '
+                        f'({str(err).splitlines()[0][:200]}); {MISMATCH_HINT}',
+                        path=step_dir) from None
       raise  # out of memory, a transient file-system error: not the checkpoint's fault
     raise checkpoint_port.unreadable_checkpoint(
         step_dir, err, 'a damaged or partly copied checkpoint? Remove this step '
