@@ -297,7 +297,8 @@ def _main():
     if os.path.isdir(FLAGS.output):
       raise cliutil.UserError('is a directory, expected a file path', path=FLAGS.output,
                               field='--output')
-    cliutil.make_dirs(os.path.dirname(os.path.abspath(FLAGS.output)))
+    cliutil.check_dir_makeable(os.path.dirname(os.path.abspath(FLAGS.output)),
+                               field='--output')
   peer = (run_peer(FLAGS.mode, batch, size, FLAGS.steps, config.model.dtype, FLAGS.stage)
           if FLAGS.peer and FLAGS.steps > 0 else None)
   dev = jax.devices()[0]
@@ -333,6 +334,7 @@ def _main():
   line = json.dumps(result)
   print(line, flush=True)
   if FLAGS.output:
+    cliutil.make_dirs(os.path.dirname(os.path.abspath(FLAGS.output)))
     with open(FLAGS.output, 'a') as f:
       f.write(line + '\n')
 

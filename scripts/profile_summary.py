@@ -24,6 +24,9 @@ import os
 import re
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from sln_jax import cliutil  # noqa: E402  pylint: disable=g-import-not-at-top
+
 _INSTR = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*.*$')
 _META = re.compile(r'op_name="([^"]*)"')
 _CALLS = re.compile(r'calls=%?([\w.\-]+)')
@@ -82,22 +85,18 @@ def source(op_name: str) -> tuple[str, str]:
   return phase, module or '?'
 
 
-def _fail(message: str) -> None:
-  """One line on stderr and exit code 2 (the repository's user-error rule)."""
-  print(f'error: {message}', file=sys.stderr)
-  sys.exit(2)
-
-
 def load_events(trace_dir: str) -> list[dict]:
   files = sorted(glob.glob(os.path.join(trace_dir, '**', '*.trace.json.gz'), recursive=True),
                  key=os.path.getmtime)
   if not files:
-    _fail(f'{trace_dir}: no *.trace.json.gz (run benchmark.py --profile_dir)')
+    raise cliutil.UserError('no *.trace.json.gz (run benchmark.py --profile_dir)',
+                            path=trace_dir)
   try:
     with gzip.open(files[-1]) as f:
       trace = json.load(f)
   except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as err:
-    _fail(f'{files[-1]}: not a readable gzipped JSON trace ({err})')
+    raise cliutil.UserError(f'not a readable gzipped JSON trace ({err})',
+                            path=files[-1]) from None
   try:
     events = trace.get('traceEvents', [])
     pids = {e['pid']: e.get('args', {}).get('name', '') for e in events
@@ -105,7 +104,8 @@ def load_events(trace_dir: str) -> list[dict]:
     ops = [e for e in events if e.get('ph') == 'X' and 'hlo_op' in e.get('args', {})]
     device = [e for e in ops if pids.get(e['pid'], '').startswith('/device:')]
   except (AttributeError, TypeError, KeyError) as err:
-    _fail(f'{files[-1]}: not a jax.profiler trace (traceEvents: {type(err).__name__}: {err})')
+    raise cliutil.UserError(f'not a jax.profiler trace (traceEvents: {type(err).__name__}: '
+                            f'{err})', path=files[-1]) from None
   return device or ops
 
 
@@ -156,4 +156,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  cliutil.run_cli(main)
