@@ -71,6 +71,57 @@ def _initialize_distributed() -> None:
         field='jax.distributed.initialize') from None
 
 
+def _check_workdir(workdir: str) -> None:
+  """Refuses, before any work, a ``workdir`` that cannot be made and, in a
+  multi-host run, one that the processes do not all see as one directory
+  (Orbax writes each checkpoint from all processes and reads it back on
+  each; evaluation merges the processes' results there). Process 0 leaves a
+  file in the workdir, or its nearest existing parent, for the others to
+  find. Every process learns every refusal, so none is left waiting at a
+  barrier (on local disks the run would otherwise hang or fail at the first
+  checkpoint read)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  refusal = None
+  try:
+    cliutil.check_dir_makeable(workdir, field='--workdir')
+  except cliutil.UserError as err:
+    refusal = err
+  if jax.process_count() == 1:
+    if refusal is not None:
+      raise refusal
+    return
+  token = int(multihost_utils.broadcast_one_to_all(
+      np.frombuffer(os.urandom(4), np.int32)[0])) & 0xffffffff
+  probe = os.path.join(cliutil.nearest_existing(workdir), f'.sln_shared_check_{token:08x}')
+  chief = jax.process_index() == 0
+  try:
+    if chief and refusal is None:
+      with open(probe, 'w') as f:
+        f.write('written by process 0 of a multi-host sln_jax run; removed once all have looked\n')
+    multihost_utils.sync_global_devices('sln_workdir_probe_written')
+    flags_all = np.asarray(multihost_utils.process_allgather(
+        np.array([refusal is None, os.path.exists(probe)], np.int32))).reshape(-1, 2)
+  finally:
+    if chief and os.path.exists(probe):
+      os.remove(probe)
+  if refusal is not None:
+    raise refusal
+  refused = [k for k in range(len(flags_all)) if not flags_all[k, 0]]
+  if refused:
+    raise cliutil.UserError(
+        f'refused by process {", ".join(map(str, refused))} (see its error)',
+        path=workdir, field='--workdir')
+  blind = [k for k in range(len(flags_all)) if not flags_all[k, 1]]
+  if blind:
+    raise cliutil.UserError(
+        f'is not one directory shared by all {len(flags_all)} processes (process '
+        f'{", ".join(map(str, blind))} cannot see the file process 0 wrote there); '
+        'multi-host runs need a --workdir on a filesystem every host sees',
+        path=workdir, field='--workdir')
+
+
 def _eval_annotations(config, builder):
   """Ground truth of the eval split: dataset.eval_annotations or the
   builder's annotation file for dataset.eval_split."""
@@ -203,7 +254,7 @@ def _main() -> int:
     modes.check_stages(config)
   workdir = os.path.abspath(_WORKDIR.value)
   if mode != 'predict':  # predict only reads the workdir (it may be read-only)
-    cliutil.check_dir_makeable(workdir, field='--workdir')  # before hours of work
+    _check_workdir(workdir)  # before hours of work
   data = _data_sources(config, mode)  # input errors end the run before workdir exists
   writer = _LazyWriter(lambda: metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0))

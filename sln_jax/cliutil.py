@@ -121,14 +121,20 @@ def parse_flags(argv: list[str], config_flag=None) -> list[str]:
   sys.exit(2)
 
 
+def nearest_existing(path: str) -> str:
+  """``path`` made absolute, or its nearest ancestor that exists."""
+  probe = os.path.abspath(path)
+  while not os.path.lexists(probe) and os.path.dirname(probe) != probe:
+    probe = os.path.dirname(probe)
+  return probe
+
+
 def check_dir_makeable(path: str, field: str = '') -> None:
   """The refusal of ``make_dirs`` without making anything, for callers to
   run before slow work: a UserError naming the first part of ``path`` that
   exists but is not a directory, or the directory it would be made in when
   that is not writable."""
-  probe = os.path.abspath(path)
-  while not os.path.lexists(probe) and os.path.dirname(probe) != probe:
-    probe = os.path.dirname(probe)
+  probe = nearest_existing(path)
   if not os.path.isdir(probe):
     raise UserError(f'is not a directory, so {path} cannot be made', path=probe, field=field)
   if not os.access(probe, os.W_OK | os.X_OK):

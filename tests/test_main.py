@@ -191,12 +191,13 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _two_processes(*args, timeout=420):
+def _two_processes(*args, timeout=420, own_args=((), ())):
   """main.py as two JAX processes (one CPU device each) joined by
   jax.distributed through JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
-  JAX_PROCESS_ID. Returns their (returncode, stdout + stderr)."""
+  JAX_PROCESS_ID; ``own_args[k]`` go to process k only. Returns their
+  (returncode, stdout + stderr)."""
   env = dict(ENV, JAX_COORDINATOR_ADDRESS=f'localhost:{_free_port()}', JAX_NUM_PROCESSES='2')
-  procs = [subprocess.Popen([sys.executable, 'main.py', *args], cwd=ROOT,
+  procs = [subprocess.Popen([sys.executable, 'main.py', *args, *own_args[k]], cwd=ROOT,
                             env=dict(env, JAX_PROCESS_ID=str(k)), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True) for k in (0, 1)]
   try:
@@ -228,6 +229,7 @@ def test_two_processes_train_checkpoint_resume_and_evaluate(tmp_path):
     val_ids = {im['id'] for im in json.load(f)['images']}
   assert len(val_ids) == 4 and ids <= val_ids
   assert not [n for n in os.listdir(workdir) if n.startswith('.results_part')]
+  assert not [n for n in os.listdir(tmp_path) if n.startswith('.sln_shared_check')]
   # eval.max_images counts images over all processes (2 + 1 here, from the
   # processes' shards of 2 images each).
   runs = _two_processes(*args, '--config.train.num_steps=3', '--config.eval.max_images=3')
@@ -238,6 +240,25 @@ def test_two_processes_train_checkpoint_resume_and_evaluate(tmp_path):
   assert 'resuming' not in runs[1][1], runs[1][1][-3000:]
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['1', '2', '3']
   assert 'evaluation at step 3 on 3 images' in runs[0][1]
+
+
+def test_two_processes_refuse_a_workdir_they_do_not_share(tmp_path):
+  """Hosts with local disks see two directories under one --workdir name
+  (simulated by two paths): both processes are refused in one line before
+  any data or work, and process 0's probe file is gone."""
+  disks = [tmp_path / 'host0', tmp_path / 'host1']
+  for disk in disks:
+    disk.mkdir()
+  runs = _two_processes(*_tiny_synthetic(tmp_path), '--mode=train', timeout=240,
+                        own_args=[[f'--workdir={disk}/work'] for disk in disks])
+  for (code, out), disk in zip(runs, disks):
+    assert code == 2, out[-3000:]
+    errors = [l for l in out.splitlines() if l.startswith('error: ')]
+    assert errors == [f'error: {disk}/work: --workdir: is not one directory shared by all 2 '
+                      'processes (process 1 cannot see the file process 0 wrote there); '
+                      'multi-host runs need a --workdir on a filesystem every host sees'], out
+  assert [sorted(os.listdir(disk)) for disk in disks] == [[], []]
+  assert not os.path.exists(tmp_path / 'tfds')  # refused before the data
 
 
 def test_incomplete_distributed_environment_is_one_line_exit_2(tmp_path):
