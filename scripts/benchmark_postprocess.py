@@ -75,15 +75,19 @@ def _main(argv) -> int:
   rng = np.random.default_rng(FLAGS.seed)
   images = [random_detections(rng, num, canvas, mask_size, layers)
             for _ in range(FLAGS.images + 1)]
-  predict.detections_to_results(0, images[0], (scale, scale), (h, w))  # warm-up
+  # The evaluator's call (sln_jax.inference.evaluate).
+  to_results = functools.partial(predict.detections_to_results,
+                                 mask_threshold=config.eval.mask_threshold,
+                                 mask_paste=config.eval.mask_paste)
+  to_results(0, images[0], (scale, scale), (h, w))  # warm-up
   count = 0
   start = time.perf_counter()
   for k, dets in enumerate(images[1:]):
-    count += len(predict.detections_to_results(k, dets, (scale, scale), (h, w)))
+    count += len(to_results(k, dets, (scale, scale), (h, w)))
   elapsed = time.perf_counter() - start
   print(json.dumps({
       'images': FLAGS.images, 'detections': num, 'image': [h, w], 'mask_size': mask_size,
-      'layers': layers, 'ms_per_image': round(1e3 * elapsed / FLAGS.images, 2),
+      'layers': layers, 'mask_paste': config.eval.mask_paste, 'ms_per_image': round(1e3 * elapsed / FLAGS.images, 2),
       'results_per_image': round(count / FLAGS.images, 1)}), flush=True)
   return 0
 

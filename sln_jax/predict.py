@@ -212,7 +212,7 @@ def detections_to_results(image_id: int, dets: Mapping[str, np.ndarray],
                           category_map: Optional[Mapping[int, int]] = None, *,
                           score_threshold: float = 0.0,
                           mask_threshold: float = 0.5,
-                          mask_paste: str = 'bilinear') -> list[dict]:
+                          mask_paste: str = 'aligned') -> list[dict]:
   """COCO results for one image from ``SLN.infer`` outputs (batch axis removed).
 
   Args:

@@ -132,8 +132,9 @@ def test_things_stuff_parts():
 
 
 @pytest.mark.parametrize('rate,inside', [
-    (0.0, {'none'}), (1e-5, {'none', 'partial'}), (0.1, {'partial'}),
-    (0.25, {'partial', 'heavy'}), (1.0, {'heavy'})])
+    (0.0, {'none'}), (5e-6, {'none'}), (1e-5, {'none', 'partial'}),
+    (2e-5, {'partial'}), (0.1, {'partial'}), (0.25, {'partial', 'heavy'}),
+    (0.3, {'heavy'}), (1.0, {'heavy'})])
 def test_subset_boundaries_are_inclusive(rate, inside):
   m = ev.evaluate([image(1, [inst(A, rate=rate)])], [det(1, A, 0.9)])
   for subset in ('none', 'partial', 'heavy'):
@@ -152,6 +153,39 @@ def test_visible_branch_uses_visible_masks():
   # amodal_mask takes precedence over segmentation for the amodal branch.
   m = ev.evaluate(gt, [dict(det(1, B, 0.9), amodal_mask=records.encode_mask(A))])
   assert cell(m)['AP'] == ONE
+
+
+def test_single_cell_applies_its_ignore_rule():
+  """A cell evaluated first (not only on a re-run) ignores GT outside it."""
+  heavy = inst(A, visible=rect(2, 3, 10, 6), rate=0.6)
+  gt = [image(1, [heavy, inst(B, rate=0.0, stuff=True)])]
+  results = [det(1, A, 0.6)]
+  full = ev.evaluate(gt, results)
+  assert cell(full, 'heavy')['AP'] == ONE and cell(full, 'all', 'things')['AP'] == ONE
+  for subset in ev.SUBSETS:
+    for part in ev.PARTS:
+      one = ev.evaluate(gt, results, subsets=(subset,), parts=(part,))
+      assert cell(one, subset, part) == cell(full, subset, part), (subset, part)
+
+
+def test_category_aware_cell_averages_only_categories_with_gt():
+  """COCO's summary: a category without GT in the cell (-1) is left out of
+  the mean, not averaged in."""
+  heavy = inst(A, visible=rect(2, 3, 10, 6), rate=0.6, cat=1)
+  gt = [image(1, [heavy, inst(B, rate=0.0, cat=2)])]
+  results = [det(1, A, 0.9, category_id=1), det(1, B, 0.8, category_id=2)]
+  m = ev.evaluate(gt, results, category_agnostic=False)
+  for subset in ('all', 'none', 'heavy'):
+    assert all(v == ONE for v in cell(m, subset).values()), subset
+  assert all(v == -1 for v in cell(m, 'partial').values())
+
+
+def test_max_dets_order_does_not_matter():
+  gt = [image(1, [inst(A)])]
+  m = cell(ev.evaluate(gt, [det(1, A, 0.8), det(1, B, 0.9)], max_dets=(10, 1)))
+  assert list(m) == ev.metric_names((10, 1)) == ['AP', 'AP50', 'AP75', 'AR1', 'AR10']
+  assert m['AR1'] == 0.0 and m['AR10'] == ONE   # the top-1 detection is the FP
+  assert m['AP'] == pytest.approx(0.5)
 
 
 # --------------------------------------------------------------- vs COCOeval
@@ -256,6 +290,24 @@ def test_category_aware_and_per_class_match_cocoeval():
       assert per_class[c] == (np.mean(p[p > -1]) if (p > -1).any() else -1)
 
 
+def test_category_agnostic_erases_gt_categories():
+  """Agnostic matching is COCOeval with every GT in category 1, also where
+  the GT order decides a tie: d1 has IoU 80/120 with both g1 and g2."""
+  g1, g2 = rect(0, 0, 10, 10), rect(0, 4, 10, 14)
+  gt = [image(1, [inst(g1, cat=2), inst(g2, cat=1)])]
+  results = [det(1, rect(0, 2, 10, 12), 0.9), det(1, g1, 0.8)]
+  m = ev.evaluate(gt, results, subsets=('all',), parts=('both',))
+  want, _ = _cocoeval_stats(gt, results, 'amodal_rle', 'segmentation', False)
+  assert [cell(m)[n] for n in ev.metric_names()] == want
+
+
+def test_per_class_ap_amodalapi_skips_images_without_detections():
+  gt = [image(1, [inst(A)]), image(2, [inst(B)])]
+  results = [det(1, A, 0.9)]
+  assert ev.per_class_ap(gt, results) == {1: pytest.approx(51 / 101)}
+  assert ev.per_class_ap(gt, results, protocol='amodalapi') == {1: ONE}
+
+
 # --------------------------------------------------------------- depth order
 def test_depth_order_accuracy():
   front, back = rect(2, 2, 12, 14), rect(6, 8, 18, 24)
@@ -284,6 +336,45 @@ def test_depth_order_accuracy():
   pw = np.array([[0, 1, 0], [-1, 0, 0], [0, 0, 0]])
   assert ev.depth_order_accuracy(gt, wrong, pairwise={1: pw})['accuracy'] == ONE
   assert ev.depth_order_accuracy(gt, right, pairwise={1: -pw})['accuracy'] == 0.0
+
+
+def test_depth_order_thresholds_are_inclusive():
+  """score >= score_threshold and IoU >= iou_threshold are matched."""
+  front, back = rect(2, 2, 12, 14), rect(6, 8, 18, 24)
+  gt = [image(1, [inst(front, rank=0), inst(back, visible=back & ~front, rank=1)])]
+  half = rect(2, 2, 12, 8)   # IoU 60/120 = 0.5 with front, 0 with back
+  results = [det(1, half, 0.5, depth_layer=0), det(1, back, 0.9, depth_layer=1)]
+  assert ev.depth_order_accuracy(gt, results)['correct'] == 1
+  assert ev.depth_order_accuracy(gt, results, score_threshold=0.51)['pairs'] == 0
+  assert ev.depth_order_accuracy(gt, results, iou_threshold=0.51)['pairs'] == 0
+
+
+def test_depth_order_matching_is_greedy_by_score_and_best_iou():
+  left, right = rect(0, 0, 10, 10), rect(0, 2, 10, 12)   # IoU 80/120
+  gt = [image(1, [inst(left, rank=0), inst(right, visible=right & ~left, rank=1)])]
+  # Each detection takes the GT it overlaps best, not any one >= 0.5.
+  results = [det(1, left, 0.9, depth_layer=0), det(1, right, 0.8, depth_layer=1)]
+  assert ev.depth_order_accuracy(gt, results)['correct'] == 1
+  # The higher-scored of two detections of `right` takes it, whatever the
+  # results order.
+  results.insert(0, det(1, right, 0.6, depth_layer=0))
+  assert ev.depth_order_accuracy(gt, results) == {
+      'accuracy': 1.0, 'correct': 1, 'wrong': 0, 'undecided': 0, 'pairs': 1}
+  # Overlapping GT of equal depth rank is not a pair.
+  tied = [image(1, [inst(left, rank=0), inst(right, rank=0)])]
+  assert ev.depth_order_accuracy(tied, results)['pairs'] == 0
+
+
+def test_depth_order_pairwise_indexes_each_images_own_detections():
+  front, back = rect(2, 2, 12, 14), rect(6, 8, 18, 24)
+  gt = [image(1, [inst(A)]),
+        image(2, [inst(front, rank=0), inst(back, visible=back & ~front, rank=1)])]
+  results = [det(1, A, 0.9), det(2, back, 0.8), det(2, front, 0.9)]
+  # Image 2's detections in results order: [back, front].
+  pw = {1: np.zeros((1, 1)), 2: np.array([[0, -1], [1, 0]])}
+  assert ev.depth_order_accuracy(gt, results, pairwise=pw)['correct'] == 1
+  assert ev.depth_order_accuracy(gt, results, pairwise={1: pw[1], 2: -pw[2]}
+                                 )['wrong'] == 1
 
 
 # --------------------------------------------------------------- errors, table

@@ -135,6 +135,13 @@ def test_depth_layers_longest_chain():
   assert predict.depth_layers(np.zeros((0, 0), np.int8)).shape == (0,)
 
 
+def test_depth_layers_strength_only_orders_relations():
+  """A zero strength still keeps a relation of ``order`` (1 + |strength|)."""
+  order = np.array([[0, 1, 0], [-1, 0, 1], [0, -1, 0]], np.int8)
+  np.testing.assert_array_equal(predict.depth_layers(order, strength=np.zeros((3, 3))),
+                                [0, 1, 2])
+
+
 def test_depth_layers_break_a_cycle_at_its_weakest_margin():
   """0 before 1 (300 px), 1 before 2 (200), 2 before 0 (5): the 5-px relation
   goes (the longest-chain rule alone pushed all three to the last layer);
@@ -211,6 +218,98 @@ def test_detections_to_results_round_trip_scores_perfectly():
   assert len(kept) == 1 and kept[0]['depth_layer'] == 0
 
 
+def _dets(boxes, amodal, visible=None, scores=None, layer_probs=None):
+  """SLN.infer-style outputs for ``len(boxes)`` valid detections of class 1."""
+  n = len(boxes)
+  dets = {'boxes': np.array(boxes, np.float64),
+          'scores': np.array(scores if scores is not None else [0.9] * n),
+          'classes': np.ones(n, int), 'valid': np.ones(n, bool),
+          'amodal_probs': np.asarray(amodal, np.float64),
+          'visible_probs': np.asarray(amodal if visible is None else visible,
+                                      np.float64)}
+  if layer_probs is not None:
+    dets['layer_probs'] = np.asarray(layer_probs, np.float64)
+  return dets
+
+
+@pytest.mark.parametrize('paste', ['aligned', 'bilinear'])
+def test_detections_to_results_thresholds_are_inclusive(paste):
+  """score >= score_threshold is kept; probability >= mask_threshold is on
+  (a constant 0.5 map resizes to exactly 0.5)."""
+  dets = _dets([[2, 3, 6, 9]], np.full((1, 4, 4), 0.5), scores=[0.75])
+  r = predict.detections_to_results(1, dets, (1.0, 1.0), (8, 10), score_threshold=0.75,
+                                    mask_paste=paste)
+  assert len(r) == 1
+  want = np.zeros((8, 10), np.uint8)
+  want[2:6, 3:9] = 1
+  np.testing.assert_array_equal(mask_utils.decode(r[0]['segmentation']), want)
+  np.testing.assert_array_equal(mask_utils.decode(r[0]['visible_mask']), want)
+
+
+def test_detections_to_results_visible_mask_within_amodal():
+  amodal = np.ones((1, 4, 4))
+  amodal[0, :, 2:] = 0.0                           # right half off (box = map: no resampling)
+  dets = _dets([[0, 0, 4, 4]], amodal, visible=np.ones((1, 4, 4)))
+  r = predict.detections_to_results(1, dets, (1.0, 1.0), (4, 6))[0]
+  want = np.zeros((4, 6), np.uint8)
+  want[:, :2] = 1
+  np.testing.assert_array_equal(mask_utils.decode(r['segmentation']), want)
+  np.testing.assert_array_equal(mask_utils.decode(r['visible_mask']), want)
+
+
+def test_detections_to_results_anisotropic_scale_clip_and_empty_box():
+  """Canvas boxes / (sy, sx, sy, sx); bbox [x, y, w, h] of the box clipped to
+  the image; a box empty after rounding is dropped."""
+  # y: 8..40 / 2 -> 4..20; x: 16..160 / 4 -> 4..40, clipped to 32.
+  # The second box: y 10..10.6 / 2 -> 5..5.3, rounds to empty.
+  dets = _dets([[8, 16, 40, 160], [10, 4, 10.6, 60]], np.ones((2, 4, 4)),
+               scores=[0.9, 0.95])
+  r = predict.detections_to_results(3, dets, (2.0, 4.0), (24, 32))
+  assert len(r) == 1 and r[0]['image_id'] == 3 and r[0]['score'] == 0.9
+  assert r[0]['bbox'] == [4.0, 4.0, 28.0, 16.0]
+  want = np.zeros((24, 32), np.uint8)
+  want[4:20, 4:32] = 1
+  np.testing.assert_array_equal(mask_utils.decode(r[0]['segmentation']), want)
+
+
+def test_detections_to_results_breaks_a_cycle_at_its_weakest_pixel_margin():
+  """Three masks in one 8x8 box (identity resize), layer 0 where visible,
+  1 where occluded: 0 over 1 on 8 pixels, 1 over 2 on 32, 2 over 0 on 24.
+  The 8-pixel relation goes: 1 in front, then 2, then 0 (without margins
+  the higher-scored pair 0-1 would be kept and 0 put in front)."""
+  a = np.zeros((8, 8), bool)
+  a[:, :4] = True                                  # 32 px
+  b = np.zeros((8, 8), bool)
+  b[:6, 4:] = True                                 # 24 px
+  c = ~(a | b)                                     # 8 px
+  amodal = np.stack([b | c, a | c, a | b])
+  visible = np.stack([c, a, b])
+  dets = _dets([[0, 0, 8, 8]] * 3, amodal, visible, scores=[0.9, 0.8, 0.7])
+  r = predict.detections_to_results(1, dets, (1.0, 1.0), (8, 8))
+  assert [x['score'] for x in r] == [0.9, 0.8, 0.7]
+  assert [x['depth_layer'] for x in r] == [2, 0, 1]
+
+
+def test_detections_to_results_pastes_layer_channels_like_masks():
+  """Deeper layers (L = 4) are resized with the masks' geometry. Both
+  detections are fully occluded over a 2x4 box; B's layer is 1 + argmax of
+  channels 1..3 = (1 - t, 0, 0.4 t) at column t, C's is 2 everywhere.
+  'aligned' samples t = 0, 1/3, 2/3, 1: B is on layer 1 in three columns
+  (in front of C) and 3 in one. Half-pixel centres would give t = 0, 1/4,
+  3/4, 1: two columns each way, no order."""
+  t = np.array([0.0, 1.0])
+  layer_b = np.zeros((2, 2, 4))
+  layer_b[..., 1], layer_b[..., 3] = 1 - t, 0.4 * t
+  layer_c = np.zeros((2, 2, 4))
+  layer_c[..., 2] = 1.0
+  dets = _dets([[0, 0, 2, 4]] * 2, np.ones((2, 2, 2)), np.zeros((2, 2, 2)),
+               scores=[0.9, 0.8], layer_probs=[layer_b, layer_c])
+  r = predict.detections_to_results(1, dets, (1.0, 1.0), (2, 4), mask_paste='aligned')
+  assert [x['depth_layer'] for x in r] == [0, 1]
+  r = predict.detections_to_results(1, dets, (1.0, 1.0), (2, 4), mask_paste='bilinear')
+  assert [x['depth_layer'] for x in r] == [0, 0]
+
+
 def test_draw_prediction_writes_png(tmp_path):
   gt, dets = _scene()
   results = predict.detections_to_results(7, dets, (2.0, 2.0), (24, 32))
@@ -246,6 +345,14 @@ def test_release_paste_thresholds_between_the_masks_own_min_and_max():
   # A constant map byte-scales to 0 everywhere: no pixel, even at 0.9.
   assert not predict.release_paste(np.full((16, 16), 0.9), (2, 3, 40, 30)).any()
   assert predict.release_paste(weak, (5, 5, 5, 9)).shape == (0, 4)
+
+
+def test_release_paste_keeps_the_half_byte():
+  """Kept: bytes >= 0.5 * 255, i.e. 128 on, 127 off (same size: no resampling)."""
+  prob = np.array([[0.0, 128 / 255], [1.0, 127 / 255]])
+  np.testing.assert_array_equal(_bytescale(prob), [[0, 128], [255, 127]])
+  np.testing.assert_array_equal(predict.release_paste(prob, (0, 0, 2, 2)),
+                                [[False, True], [True, False]])
 
 
 def test_release_paste_upsampling_is_bilinear_up_to_byte_quantisation():
