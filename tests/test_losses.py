@@ -113,6 +113,40 @@ def test_occluded_pos_weight_is_torch_pos_weight_on_channels_2_and_up(weight):
     assert float(got) > float(losses.layer_loss(logits, targets, positive))
 
 
+def test_amodal_loss_clips_overlapping_layer_targets():
+  """Rounded layer targets may overlap (sum 2): the amodal target is
+  clip(sum, 0, 1), as torch's BCE on the clamped sum."""
+  rng = np.random.default_rng(6)
+  logits = rng.normal(size=(1, 2, 3, 3, 2)).astype(np.float32) * 2
+  targets = rng.integers(0, 2, (1, 2, 3, 3, 2)).astype(np.float32)
+  targets[0, 0, 0, 0] = 1                            # both layers on
+  positive = np.ones((1, 2), bool)
+  want = F.binary_cross_entropy_with_logits(
+      T(logits).sum(-1), T(targets).sum(-1).clamp(0, 1))
+  np.testing.assert_allclose(
+      float(losses.amodal_loss(logits, targets, positive)), float(want), rtol=1e-5)
+
+
+def test_non_finite_values_where_not_selected_do_not_leak():
+  """Elements that are not selected (ignored anchors, non-positive ROIs)
+  drop out of the value even when they hold NaN or inf."""
+  logits, labels, pred, target = _rpn_inputs(np.random.default_rng(7))
+  rpn_class, rpn_bbox = jax.jit(losses.rpn_class_loss), jax.jit(losses.rpn_bbox_loss)
+  nan_logits = np.where((labels == -1)[..., None], np.nan, logits)
+  np.testing.assert_allclose(float(rpn_class(nan_logits, labels)),
+                             float(rpn_class(logits, labels)), rtol=1e-6)
+  inf_pred = np.where((labels != 1)[..., None], np.inf, pred)
+  np.testing.assert_allclose(float(rpn_bbox(inf_pred, target, labels)),
+                             float(rpn_bbox(pred, target, labels)), rtol=1e-6)
+  layer = np.random.default_rng(8).normal(size=(2, 3, 4, 4, 2)).astype(np.float32)
+  targets = (layer > 0.5).astype(np.float32)
+  positive = np.array([[1, 0, 1], [0, 1, 0]], bool)
+  bad = np.where(positive[:, :, None, None, None], layer, np.nan)
+  for fn in (jax.jit(losses.layer_loss), jax.jit(losses.amodal_loss)):
+    np.testing.assert_allclose(float(fn(bad, targets, positive)),
+                               float(fn(layer, targets, positive)), rtol=1e-6)
+
+
 def test_batch_loss_is_mean_of_single_image_losses():
   """Device-count independence rests on this: any term over a batch equals
   the mean of the term over each image alone (also for an image with

@@ -150,6 +150,19 @@ def test_round_trip_and_order(scene):
   np.testing.assert_array_equal(glm, count)
 
 
+@pytest.mark.parametrize('n', [254, 255, 300])
+def test_layer_index_map_many_stacked_saturates(n):
+  """n objects hidden on one pixel, listed front to back: object k is on
+  layer k + 1 (value k + 2), saturating at 255 without wrapping around."""
+  amodal = np.ones((n, 1, 2), bool)
+  occluded = np.zeros_like(amodal)
+  occluded[:, 0, 0] = True
+  idx = semdist.layer_index_map(amodal, occluded, np.arange(n))
+  assert idx.dtype == np.uint8
+  np.testing.assert_array_equal(idx[:, 0, 0], np.minimum(np.arange(n) + 2, 255))
+  np.testing.assert_array_equal(idx[:, 0, 1], np.ones(n))
+
+
 def test_layer_channels_merge_and_batch_dims():
   idx = np.array([[[0, 1, 2, 3, 4, 9]]], np.uint8)          # (1, 1, 6)
   ch = semdist.layer_channels(idx, 3)
@@ -201,6 +214,23 @@ def test_decode_logits_matches_sigmoid_definitions():
   assert not d1['occluded'].any() and (d1['layer'] <= 0).all()
 
 
+def test_decode_threshold_is_strict():
+  """Presence is p > t (logit > log(t / (1 - t))): exactly at the threshold
+  a layer is absent. Pixel 0: all layers at t; pixel 1: layer 0 at t,
+  layer 1 above."""
+  p = np.array([[0.5, 0.5], [0.5, 0.7]], np.float32).T.reshape(1, 2, 1, 2)
+  dec = semdist.decode(p)
+  np.testing.assert_array_equal(dec['amodal'][0, 0], [False, True])
+  np.testing.assert_array_equal(dec['visible'][0, 0], [False, False])
+  np.testing.assert_array_equal(dec['layer'][0, 0], [-1, 1])
+  x = np.array([[0.0, 0.0], [0.0, 1.0]], np.float32).T.reshape(1, 2, 1, 2)
+  for fn in (semdist.decode_logits, jax.jit(semdist.decode_logits)):
+    dec = fn(x)                              # sigmoid(0) = 0.5 = threshold
+    np.testing.assert_array_equal(np.asarray(dec['amodal'])[0, 0], [False, True])
+    np.testing.assert_array_equal(np.asarray(dec['visible'])[0, 0], [False, False])
+    np.testing.assert_array_equal(np.asarray(dec['layer'])[0, 0], [-1, 1])
+
+
 def _naive_order(layer):
   n = layer.shape[0]
   out = np.zeros((n, n), np.int8)
@@ -228,6 +258,21 @@ def test_pairwise_order_majority_vote_and_jax_paths():
   # Tie: one pixel each way -> 0.
   tie = np.array([[[0, 1]], [[1, 0]]])
   np.testing.assert_array_equal(semdist.pairwise_order(tie), np.zeros((2, 2)))
+
+
+@pytest.mark.parametrize('num_levels', [2, 4])
+def test_pairwise_order_num_levels_drops_higher_layers(num_levels):
+  """Layers >= num_levels count as absent (numpy, and jax's one-hot path):
+  the plain vote with those pixels set to -1."""
+  rng = np.random.default_rng(3)
+  layer = rng.integers(-1, 6, (5, 6, 7)).astype(np.int32)
+  ref = _naive_order(np.where(layer < num_levels, layer, -1))
+  assert not np.array_equal(ref, _naive_order(layer))
+  np.testing.assert_array_equal(
+      semdist.pairwise_order(layer, num_levels=num_levels), ref)
+  onehot = jax.jit(lambda v: semdist.pairwise_order(v, num_levels=num_levels))(
+      jnp.asarray(layer))
+  np.testing.assert_array_equal(np.asarray(onehot), ref)
 
 
 def test_layer_index_map_shape_errors():
