@@ -46,3 +46,21 @@ def test_hand_values():
   # P6 anchor (last), ratio 2: wide 512 * sqrt 2 by 512 / sqrt 2, centre 0.
   np.testing.assert_allclose(a[-1], [-256 / s, -256 * s, 256 / s, 256 * s],
                              rtol=1e-6)
+
+
+def test_non_multiple_canvas_rounds_cells_up():
+  """Cells per level are ceil(size / stride) (Matterport
+  compute_backbone_shapes; TF-SAME strided convs): 100x130 has 25x33 P2 cells."""
+  args = ((100, 130), (32, 64, 128, 256, 512), (0.5, 1.0, 2.0),
+          (4, 8, 16, 32, 64))
+  assert anchors.feature_shapes(args[0], args[3]) == (
+      (25, 33), (13, 17), (7, 9), (4, 5), (2, 3))
+  got = anchors.generate_anchors(*args)
+  assert len(got) == 3 * (25 * 33 + 13 * 17 + 7 * 9 + 4 * 5 + 2 * 3)
+  assert len(got) == anchors.num_anchors(args[0], 3, args[3])
+  np.testing.assert_allclose(got, _loop_anchors(*args, 1), rtol=1e-6)
+  # Last P2 cell: centre (24 * 4, 32 * 4), ratio 2.
+  s = np.sqrt(2.0)
+  np.testing.assert_allclose(got[3 * 25 * 33 - 1],
+                             [96 - 16 / s, 128 - 16 * s, 96 + 16 / s,
+                              128 + 16 * s], rtol=1e-6)

@@ -133,3 +133,10 @@ def test_property_encode_then_decode_returns_the_box(boxes, anchors):
   back = np.asarray(_DECODE(deltas, anchors, STD))
   scale = np.maximum(np.abs(boxes).max(), 1.0)
   np.testing.assert_allclose(back, boxes, atol=2e-5 * scale + 1e-4)
+
+
+def test_area_hand_values():
+  """Flipped (either side) and empty boxes have area 0."""
+  b = np.array([[0, 0, 2, 3], [5, 5, 4, 9], [5, 5, 9, 4], [0, 0, -1, -1],
+                [1, 1, 1, 4]], np.float32)
+  np.testing.assert_array_equal(np.asarray(box_ops.area(b)), [6, 0, 0, 0, 0])

@@ -94,3 +94,46 @@ def test_batched():
   for i, inp in enumerate((a, b)):
     _check({k: v[i] for k, v in out.items()},
            _reference(*inp, ones, 8, 0.0, -1))
+
+
+def test_min_confidence_is_inclusive():
+  """Matterport keeps class_scores >= DETECTION_MIN_CONFIDENCE: scores equal
+  to the bar stay (exact binary fractions), lower ones and background go."""
+  rng = np.random.default_rng(3)
+  rois, _, deltas = _inputs(rng, 4, 3)
+  probs = np.array([[0.25, 0.5, 0.25], [0.5, 0.25, 0.25],
+                    [0.3125, 0.4375, 0.25], [0.125, 0.375, 0.5]], np.float32)
+  out = jax.jit(lambda a, b, c: postprocess.detect(
+      a, b, c, WINDOW, bbox_std=STD, max_detections=4, min_confidence=0.5))(
+          rois, probs, deltas)
+  assert list(np.asarray(out['roi_index'])[:2]) == [0, 3]
+  _check(out, _reference(rois, probs, deltas, np.ones(4, bool), 4, 0.5, -1))
+
+
+def test_zero_nms_threshold_runs_nms():
+  """nms_threshold 0 is a threshold (suppress any overlap), not "no NMS"."""
+  rng = np.random.default_rng(4)
+  rois, probs, deltas = _inputs(rng, 40, 3)
+  out = jax.jit(lambda a, b, c: postprocess.detect(
+      a, b, c, WINDOW, bbox_std=STD, max_detections=40, nms_threshold=0.0))(
+          rois, probs, deltas)
+  ref = _reference(rois, probs, deltas, np.ones(40, bool), 40, 0.0, 0.0)
+  assert len(ref[3]) < len(_reference(rois, probs, deltas, np.ones(40, bool),
+                                      40, 0.0, -1)[3])
+  _check(out, ref)
+
+
+def test_unused_slots_are_zero():
+  """Slots past the detections: every output zero / False, both paths."""
+  rng = np.random.default_rng(5)
+  rois, probs, deltas = _inputs(rng, 30, 3)
+  roi_valid = np.arange(30) % 3 == 0
+  for nms in (-1.0, 0.3):
+    out = jax.jit(lambda a, b, c, v: postprocess.detect(
+        a, b, c, WINDOW, bbox_std=STD, max_detections=40, nms_threshold=nms,
+        roi_valid=v))(rois, probs, deltas, roi_valid)
+    out = {k: np.asarray(v) for k, v in out.items()}
+    n = int(out['valid'].sum())
+    assert 0 < n <= 10 and np.all(out['valid'][:n])
+    for key in ('valid', 'scores', 'classes', 'roi_index', 'boxes'):
+      assert np.all(out[key][n:] == 0), key

@@ -101,3 +101,16 @@ def test_release_plus_one_nms():
     np.testing.assert_allclose(np.asarray(rois[b])[:n], want, atol=1e-5)
     assert np.all(np.asarray(rois[b])[n:] == 0)
     assert n < int(np.asarray(plain_valid[b]).sum())  # +1 suppresses more
+
+
+def test_window_clips_proposals():
+  """A given normalised window, not the whole canvas, bounds the rois."""
+  anchors = np.array([[0.2, 0.1, 0.6, 0.9], [0.0, 0.0, 0.1, 0.1]], np.float32)
+  rois, valid = jax.jit(lambda p, d: proposals.generate_proposals(
+      p, d, anchors, pre_nms_topk=10, nms_threshold=0.7, post_nms_topk=2,
+      bbox_std=STD, window=(0.0, 0.25, 0.5, 0.75)))(
+          np.array([[0.9, 0.1]], np.float32), np.zeros((1, 2, 4), np.float32))
+  assert list(np.asarray(valid[0])) == [True, True]
+  np.testing.assert_allclose(np.asarray(rois[0]),
+                             [[0.2, 0.25, 0.5, 0.75], [0.0, 0.25, 0.1, 0.25]],
+                             atol=1e-6)

@@ -278,3 +278,90 @@ def test_property_rpn_targets_match_release_on_grids(anchors, gt, g_valid):
   match = np.where(match == 1, 1, np.where(ov.max(1) < 0.3, -1, 0))
   want = np.where(match == 1, 1, np.where(match == -1, 0, -1))
   np.testing.assert_array_equal(np.asarray(labels), want)
+
+
+def test_rpn_targets_iou_bars_are_release_rules():
+  """Exact IoUs at the bars: max IoU 0.7 is positive (>= 0.7), 0.3 is not
+  negative (< 0.3). Integer boxes: 70 / 100 and 30 / 100."""
+  anchors = np.array([[0, 0, 10, 10],      # IoU 0.7 with GT 0
+                      [20, 0, 30, 10],     # IoU 0.3 with GT 1
+                      [40, 0, 50, 10],     # no overlap
+                      [0, 0, 10, 7],       # GT 0 itself (its best anchor)
+                      [20, 0, 30, 3]], np.float32)  # GT 1 itself
+  gt = anchors[3:].copy()
+  labels, _ = _RPN(jax.random.key(0), anchors, gt, np.ones(2, bool))
+  match, _ = _release_rpn_match(anchors.astype(np.float64),
+                                gt.astype(np.float64))
+  np.testing.assert_array_equal(match, [1, 0, -1, 1, 1])
+  np.testing.assert_array_equal(np.asarray(labels), [1, -1, 0, 1, 1])
+
+
+def test_rpn_targets_positive_cap_leaves_extras_neutral():
+  """At most int(num_samples * positive_fraction) positives; a positive
+  dropped by the cap becomes neutral (release: rpn_match[extra] = 0), even
+  when its max IoU is below the negative bar."""
+  anchors = np.array([[0, 0, .1, .1], [.5, .5, .6, .6], [.8, .8, .9, .9],
+                      [0, .5, .1, .6]], np.float32)
+  gt = np.array([[0, 0, .3, .3], [.45, .45, .75, .75]], np.float32)
+  # Each GT's best anchor (0, 1) overlaps it at IoU 1/9 < 0.3.
+  fn = jax.jit(lambda k: targets.rpn_targets(
+      k, anchors, gt, np.ones(2, bool), num_samples=100,
+      positive_fraction=0.01, bbox_std=STD))
+  seen = set()
+  for seed in range(6):
+    labels = np.asarray(fn(jax.random.key(seed))[0])
+    assert sorted(labels[:2]) == [-1, 1], labels
+    np.testing.assert_array_equal(labels[2:], [0, 0])
+    seen.add(int(np.argmax(labels[:2])))
+  assert seen == {0, 1}                    # a random one of the two is kept
+
+
+def test_negative_counts_truncate():
+  """int(), not round(): 10 ROIs at 0.7, pc / 0.7 - pc by hand."""
+  assert targets.negative_counts(10, 0.7) == (0, 0, 0, 1, 1, 2, 2, 3)
+  assert targets.negative_counts(100, 0.7)[2] == 0   # 0.857 truncates
+
+
+def test_sample_rois_fg_iou_is_inclusive():
+  """Release: positive_roi_bool = roi_iou_max >= 0.5; an exact 0.5 is a
+  positive, 0.4 a negative (integer boxes)."""
+  props = np.array([[0, 0, 10, 4], [0, 0, 10, 5]], np.float32)
+  gt = np.array([[0, 0, 10, 10]], np.float32)
+  out = jax.jit(lambda k: targets.sample_rois(
+      k, props, np.ones(2, bool), gt, np.array([3], np.int32),
+      np.ones(1, bool), num_rois=4, positive_ratio=0.5, bbox_std=STD))(
+          jax.random.key(0))
+  out = {k: np.asarray(v) for k, v in out.items()}
+  np.testing.assert_array_equal(out['positive'], [1, 0, 0, 0])
+  np.testing.assert_array_equal(out['valid'], [1, 1, 0, 0])
+  np.testing.assert_array_equal(out['rois'][:2], props[[1, 0]])
+  assert out['class_targets'][0] == 3
+  np.testing.assert_allclose(out['bbox_targets'][0],
+                             [0, 5, 0, np.log(2) / 0.2], atol=1e-5)
+
+
+def test_sample_rois_include_gt_skips_padded_gt():
+  """include_gt appends only the valid GT boxes: a padded GT row (any box)
+  is never sampled, not even as a negative."""
+  gt = np.array([[0.1, 0.1, 0.4, 0.4], [0.6, 0.6, 0.9, 0.9]], np.float32)
+  props = np.zeros((4, 4), np.float32)
+  out = jax.jit(lambda k: targets.sample_rois(
+      k, props, np.zeros(4, bool), gt, np.array([1, 1], np.int32),
+      np.array([True, False]), num_rois=4, positive_ratio=0.5,
+      bbox_std=STD, include_gt=True))(jax.random.key(0))
+  np.testing.assert_array_equal(np.asarray(out['valid']), [1, 0, 0, 0])
+  np.testing.assert_array_equal(np.asarray(out['positive']), [1, 0, 0, 0])
+  np.testing.assert_allclose(np.asarray(out['rois'])[0], gt[0])
+
+
+def test_mask_targets_round_half_to_even():
+  """Samples exactly halfway between 0 and 1 round to 0 (torch.round, half
+  to even), as np.round of TF crop_and_resize."""
+  gt_layers = np.array([[0, 1], [0, 1]], np.float32)[None, :, :, None]
+  box = np.array([[0.2, 0.3, 0.6, 0.5]], np.float32)
+  got = np.asarray(jax.jit(targets.mask_targets, static_argnums=4)(
+      gt_layers, box, box, np.zeros(1, np.int32), 3))
+  want = np.round(tf.image.crop_and_resize(
+      gt_layers, [[0, 0, 1, 1]], [0], (3, 3)).numpy())
+  np.testing.assert_array_equal(got, want)
+  np.testing.assert_array_equal(got[0, :, :, 0], [[0, 0, 1]] * 3)
