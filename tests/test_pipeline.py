@@ -98,6 +98,33 @@ def test_flip_is_consistent():
   np.testing.assert_allclose(b['gt_boxes'][:2], flipped, rtol=1e-6)
 
 
+def test_flip_of_a_tall_image_keeps_padding_right_and_flips_glm_image():
+  """The source image is flipped before resizing, so the valid region stays
+  at the left of the canvas (padding right), and the GLM image is the
+  resize of the flipped canvas."""
+  h, w = 40, 20
+  image = np.random.default_rng(6).integers(0, 256, (h, w, 3), dtype=np.uint8)
+  amodal = np.zeros((2, h, w), bool)
+  amodal[0, 3:30, 2:9] = True
+  amodal[1, 10:38, 5:17] = True
+  occluded = np.zeros_like(amodal)
+  occluded[1] = amodal[0] & amodal[1]
+  index = semdist.layer_index_map(amodal, occluded, np.array([0, 1]))
+  c = _config()
+  ex = _example(image, index, [0, 1])
+  a = _np(pipeline.preprocess_example(ex, c, train=True, flip=tf.constant(False)))
+  b = _np(pipeline.preprocess_example(ex, c, train=True, flip=tf.constant(True)))
+  np.testing.assert_array_equal(b['image_shape'], [64, 32])
+  np.testing.assert_array_equal(b['image'][:, :32], a['image'][:, :32][:, ::-1])
+  assert not b['image'][:, 32:].any()
+  glm = tf.image.resize(b['image'], [33, 33], method='bilinear', antialias=False)
+  np.testing.assert_array_equal(b['glm_image'], pipeline._to_uint8(glm.numpy()))
+  assert not np.array_equal(b['glm_image'], a['glm_image'])
+  flipped = tfds_builders.boxes_from_masks(index[:, :, ::-1] > 0) * 1.6
+  np.testing.assert_allclose(b['gt_boxes'][:2], flipped, rtol=1e-6)
+  np.testing.assert_array_equal(b['gt_layers'], a['gt_layers'][:, :, ::-1])
+
+
 @pytest.mark.parametrize('num_layers', [1, 3])
 def test_gt_layers_crop_equals_numpy_crop(num_layers):
   # Box of exactly K x K source pixels, scale 1 -> crop is an exact copy.
@@ -146,6 +173,41 @@ def test_gt_layers_of_boxes_ending_on_the_image_edge_keep_their_last_row():
   np.testing.assert_array_equal(crops[..., 1], 0.0)
 
 
+def test_crop_layers_half_way_sample_counts_as_inside():
+  """Thresholding at 0.5 keeps a sample that falls exactly between an object
+  pixel and a background one (as ``_crop_np``); reachable with odd K."""
+  index = np.array([[[1, 0, 0, 0]]], np.uint8)   # 1 x 4 image, object at x=0
+  box = np.array([0, 0, 1, 2], np.float32)        # columns 0..1 -> K=3 at 0, .5, 1
+  crops = pipeline.crop_layers(tf.constant(index), tf.constant(box[None]), 1, 3)
+  ref = _crop_np(semdist.layer_channels(index[0], 1), box, 3)
+  np.testing.assert_array_equal(ref[..., 0], [[1, 1, 0]] * 3)
+  np.testing.assert_array_equal(crops.numpy()[0], ref)
+
+
+def test_per_instance_fields_follow_the_depth_sort():
+  """Every per-instance output is gathered in the same (stable) depth order
+  and cut to M: class, occlusion rate, stuff flag, rank and box."""
+  h = w = 32
+  n = 6
+  index = np.zeros((n, h, w), np.uint8)
+  for i in range(n):
+    index[i, i:i + 5, 2 * i:2 * i + 6] = 1
+  depth = np.array([3, 1, 4, 1, 0, 2])
+  c = _config()
+  c.dataset.category_agnostic = False
+  ex = _example(np.zeros((h, w, 3), np.uint8), index, depth)
+  out = _np(pipeline.preprocess_example(ex, c, train=False))
+  order = np.argsort(depth, kind='stable')[:4]
+  np.testing.assert_array_equal(order, [4, 1, 3, 5])
+  np.testing.assert_array_equal(out['gt_classes'], order + 3)
+  np.testing.assert_allclose(out['gt_occlude_rate'],
+                             np.linspace(0, 0.5, n)[order], rtol=1e-6)
+  np.testing.assert_array_equal(out['gt_is_stuff'], order % 2 == 1)
+  np.testing.assert_array_equal(out['gt_depth_rank'], depth[order])
+  np.testing.assert_allclose(
+      out['gt_boxes'], tfds_builders.boxes_from_masks(index[order] > 0) * 2)
+
+
 def test_padding_truncation_and_validity():
   h = w = 32
   n = 6
@@ -179,8 +241,9 @@ def test_padding_truncation_and_validity():
     assert dummy[key].dtype == out2[key].dtype, key
 
 
-def test_box_jitter_is_bounded_and_seeded():
-  image, index = _scene(32, 32)
+@pytest.mark.parametrize('shape', [(32, 32), (20, 40)])
+def test_box_jitter_is_bounded_and_seeded(shape):
+  image, index = _scene(*shape)
   c = _config(box_jitter=1 / 15, random_flip=False)
   ex = _example(image, index, [0, 1])
   seed = tf.constant([3, 4], tf.int64)
@@ -192,6 +255,8 @@ def test_box_jitter_is_bounded_and_seeded():
   p = plain['gt_boxes'][:2]
   size = np.stack([p[:, 2] - p[:, 0], p[:, 3] - p[:, 1]] * 2, 1)
   assert np.all(np.abs(a['gt_boxes'][:2] - p) <= size / 15 + 1e-4)
+  assert np.all(a['gt_boxes'] >= 0)
+  assert np.all(a['gt_boxes'] <= np.tile(a['image_shape'], 2) + 1e-4)
 
 
 def test_box_jitter_moves_only_the_matching_boxes_never_the_masks():
@@ -243,6 +308,21 @@ def test_inference_preprocessing_matches_pipeline(mode, shape):
   np.testing.assert_array_equal(image_shape, out['image_shape'])
   np.testing.assert_allclose(image_scale, out['image_scale'], rtol=1e-6)
 
+
+def test_inference_preprocessing_of_gray_and_rgba_images():
+  """Grayscale (H, W) is broadcast to RGB; an alpha channel is dropped."""
+  rng = np.random.default_rng(7)
+  rgb = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+  gray = rgb[..., 0]
+  rgba = np.concatenate([rgb, rng.integers(0, 256, (37, 53, 1), np.uint8)], 2)
+  c = _config()
+  pairs = [(gray, np.repeat(gray[..., None], 3, axis=2)), (rgba, rgb)]
+  for image, same_as in pairs:
+    got = pipeline.preprocess_image_for_inference(image, c)
+    want = pipeline.preprocess_image_for_inference(same_as, c)
+    assert got[0].shape == (64, 64, 3) and got[3].shape == (33, 33, 3)
+    for g, e in zip(got, want):
+      np.testing.assert_array_equal(g, e)
 
 
 # Image -> canvas resizes: D2SA and KINS shrink into 1024, COCOA grows; the
@@ -376,6 +456,43 @@ def test_train_batch_shapes_and_dtypes(synthetic_config):
   # One-hot layers: at most one channel per pixel.
   assert batch['gt_layers'].sum(-1).max() <= 1
   next(it)  # repeats past the end of the split
+
+
+def test_train_split_flips_some_examples_and_not_others(synthetic_config):
+  """Training applies the random horizontal flip (input.random_flip, no
+  jitter in the tiny config), one decision per example: each training
+  example is its evaluation twin or that twin mirrored, and both occur."""
+  c = synthetic_config
+  builder = tfds_builders.build_dataset(c)
+  assert c.input.random_flip and c.input.box_jitter == 0
+  plain = {}
+  for b in pipeline.create_split(c, 'train', train=False, num_local_devices=1,
+                                 per_device_batch=1, builder=builder):
+    plain[int(b['image_id'][0, 0])] = {k: v[0, 0] for k, v in b.items()}
+  it = pipeline.create_split(c, 'train', train=True, num_local_devices=1,
+                             per_device_batch=4, builder=builder)
+  seen = set()
+  for _ in range(3):
+    batch = next(it)
+    for j in range(4):
+      got = {k: v[0, j] for k, v in batch.items()}
+      ref = plain[int(got['image_id'])]
+      v = got['gt_valid']
+      nw = ref['image_shape'][1]
+      if np.array_equal(got['image'], ref['image']):
+        seen.add(False)
+        np.testing.assert_array_equal(got['gt_layers'], ref['gt_layers'])
+        np.testing.assert_array_equal(got['gt_boxes'], ref['gt_boxes'])
+      else:
+        seen.add(True)
+        np.testing.assert_array_equal(got['image'], ref['image'][:, ::-1])
+        np.testing.assert_array_equal(got['gt_layers'][v],
+                                      ref['gt_layers'][v][:, :, ::-1])
+        y1, x1, y2, x2 = ref['gt_boxes'][v].T
+        np.testing.assert_allclose(got['gt_boxes'][v],
+                                   np.stack([y1, nw - x2, y2, nw - x1], 1),
+                                   atol=1e-4)
+  assert seen == {False, True}
 
 
 def _crop_np(channels, box, k):

@@ -33,6 +33,13 @@ def poly_mask(polys):
       mask_utils.frPyObjects(polys, H, W))).astype(bool)
 
 
+def rle_json(m):
+  """(H, W) bool -> COCO compressed RLE as it appears in the json files."""
+  out = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+  return {'size': [int(v) for v in out['size']],
+          'counts': out['counts'].decode('ascii')}
+
+
 def fixture(name):
   with open(os.path.join(FIXTURES, name)) as f:
     return json.load(f)
@@ -134,6 +141,25 @@ def test_cocoa_occlude_rate_computed_when_absent(tmp_path):
   assert anns[0].instances[1].occlude_rate == pytest.approx(176 / 625)
 
 
+def test_cocoa_visible_mask_is_read_and_rate_counts_hidden_object_pixels(tmp_path):
+  """An annotated visible_mask is taken as is (not amodal - invisible); an
+  invisible_mask spilling outside the amodal mask is kept as the occluded
+  mask, but only its pixels on the object count in the computed rate."""
+  data = fixture('cocoa_tiny.json')
+  dog = data['annotations'][0]['regions'][0]       # amodal rect(10, 20, 35, 45)
+  invisible = rect(4, 20, 26, 31)                  # rows 4..9 lie above the dog
+  visible = rect(12, 31, 35, 45)                   # annotator's own visible part
+  dog['invisible_mask'] = rle_json(invisible)
+  dog['visible_mask'] = rle_json(visible)
+  del dog['occlude_rate']
+  anns = readers.load_cocoa(dump(tmp_path, data))
+  amodal, got_visible, occluded = masks(anns[0].instances[1])
+  np.testing.assert_array_equal(amodal, rect(10, 20, 35, 45))
+  np.testing.assert_array_equal(got_visible, visible)
+  np.testing.assert_array_equal(occluded, invisible)
+  assert anns[0].instances[1].occlude_rate == pytest.approx(16 * 11 / 625)
+
+
 # ------------------------------------------------------------------- D2SA
 def test_d2sa_groups_sorts_and_derives(tmp_path):
   data = fixture('d2sa_tiny.json')
@@ -178,6 +204,29 @@ def test_d2sa_equal_depths_keep_file_order(tmp_path):
   assert anns[0].depth_pairs == []
 
 
+def test_d2sa_depth_pairs_need_overlap_and_region_name_wins(tmp_path):
+  """A pair needs different occl_depth AND overlapping amodal masks; the
+  amodal_region's name is preferred over the category's."""
+  data = fixture('d2sa_tiny.json')
+  apart = rect(30, 45, 38, 55)                     # touches no other object
+  data['annotations'].append({
+      'id': 104, 'image_id': 1, 'category_id': 5, 'iscrowd': 0, 'area': 80,
+      'segmentation': rle_json(apart), 'visible_mask': rle_json(apart),
+      'occl_depth': 1, 'amodal_region': {'name': 'pear', 'order': 3}})
+  a = readers.load_d2sa(dump(tmp_path, data))[0]
+  # Depths 0, 1, 1 (file order kept), 2.
+  assert [i.extra['annotation_id'] for i in a.instances] == [102, 103, 104, 100]
+  assert [i.depth_rank for i in a.instances] == [0, 1, 1, 2]
+  amodal = [masks(i)[0] for i in a.instances]
+  np.testing.assert_array_equal(amodal[2], apart)
+  depth = [0, 1, 1, 2]
+  expected = [(p, q) for p in range(4) for q in range(4)
+              if depth[p] < depth[q] and (amodal[p] & amodal[q]).any()]
+  assert expected == [(0, 1), (0, 3), (1, 3)]
+  assert a.depth_pairs == expected
+  assert [i.name for i in a.instances] == ['banana', 'apple', 'pear', 'apple']
+
+
 # ------------------------------------------------------------------- KINS
 def test_kins_derives_order_for_three_objects(tmp_path):
   data = fixture('kins_tiny.json')
@@ -204,6 +253,21 @@ def test_kins_derives_order_for_three_objects(tmp_path):
     np.testing.assert_array_equal(occluded, amodal & ~visible)
     assert inst.occlude_rate == pytest.approx(occluded.sum() / amodal.sum())
   assert a.instances[1].occlude_rate == 0.0
+
+
+def test_kins_2019_keys_read_like_2020_ones(tmp_path):
+  """The 2019 files name the masks segmentation (amodal) / inmodal_seg."""
+  data = fixture('kins_tiny.json')
+  for ann in data['annotations']:
+    ann['segmentation'] = ann.pop('a_segm')
+    ann['inmodal_seg'] = ann.pop('i_segm')
+  old = readers.load_kins(dump(tmp_path, data))
+  new = readers.load_kins(os.path.join(FIXTURES, 'kins_tiny.json'))
+  for inst, ann in zip(old[0].instances, data['annotations']):
+    amodal, visible, _ = masks(inst)
+    np.testing.assert_array_equal(amodal, poly_mask(ann['segmentation']))
+    np.testing.assert_array_equal(visible, poly_mask(ann['inmodal_seg']))
+  assert old == new
 
 
 def test_derive_depth_order_breaks_cycles_by_overlap():
@@ -285,6 +349,8 @@ def _bad_cases():
     del region(data, 2)['order']
   def no_height(data):
     del data['images'][1]['height']
+  def zero_height(data):
+    data['images'][0]['height'] = 0
   def bad_counts(data):
     region(data, 2)['segmentation']['counts'][0] += 1
   def unknown_image(data):
@@ -304,6 +370,7 @@ def _bad_cases():
                         'fewer than 3 points'),
       'no_order': (cocoa(no_order), 'annotations[0].regions[2].order', 'missing'),
       'no_height': (cocoa(no_height), 'images[1].height', 'missing'),
+      'zero_height': (cocoa(zero_height), 'images[0].height', 'non-positive size'),
       'bad_counts': (cocoa(bad_counts), 'annotations[0].regions[2].segmentation.counts',
                      'sum'),
       'unknown_image': (cocoa(unknown_image), 'annotations[1].image_id', '99'),
