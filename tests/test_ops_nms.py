@@ -194,6 +194,30 @@ def test_plus_one_suppresses_what_plain_iou_keeps():
   np.testing.assert_array_equal(got, _release_nms(px, scores, 0.55, 4))
 
 
+def test_empty_output_slots_suppress_nothing():
+  """Output slots not filled yet are no boxes: with the +1 convention a box
+  flat on the canvas corner (0, 0, 0, 0) has IoU 1 with its duplicate and is
+  still kept first; with a negative threshold (every pair overlaps) the best
+  box of each group is kept."""
+  px = np.array([[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 2, 2], [10, 10, 20, 20]],
+                np.float32)
+  scores = np.array([0.9, 0.8, 0.7, 0.6], np.float32)
+  got = _plus_one(px / CANVAS, scores, 4, 0.7, tile=4)
+  np.testing.assert_array_equal(got, _release_nms(px, scores, 0.7, 4))
+  assert list(got) == [0, 2, 3]
+  rng = np.random.default_rng(10)
+  boxes, scores = _boxes(rng, 9), rng.permutation(9).astype(np.float32)
+  idx, valid = _JIT(boxes, scores, 3, -1.0, -np.inf, None, 4)
+  assert list(np.asarray(valid)) == [True, False, False]
+  assert int(idx[0]) == int(np.argmax(scores))
+  groups = np.arange(9, dtype=np.int32) % 2
+  idx, valid = _JIT(boxes, scores, 3, -1.0, -np.inf, groups, 4)
+  want = sorted((int(np.flatnonzero(groups == g)[np.argmax(scores[groups == g])])
+                 for g in (0, 1)), key=lambda i: -scores[i])
+  assert list(np.asarray(valid)) == [True, True, False]
+  assert list(np.asarray(idx)[:2]) == want
+
+
 # ------------------------------------------------------------ property
 import hypothesis  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402

@@ -142,6 +142,17 @@ def test_roi_levels_hand_cases():
   assert int(got[0]) == round(4 + np.log2(np.sqrt(0.25 * 512 * 256) / 224))
 
 
+def test_roi_levels_of_nan_and_negative_area_boxes():
+  """A NaN box (a diverged proposal) or one of negative area goes to
+  min_level like an empty box, so its level always names a map."""
+  boxes = np.array([[np.nan] * 4, [0.5, 0.5, 0.1, 0.9], [0, 0, 0, 0]],
+                   np.float32)
+  np.testing.assert_array_equal(roi_align.roi_levels(boxes, 1024.0 ** 2),
+                                [2, 2, 2])
+  np.testing.assert_array_equal(
+      roi_align.roi_levels(boxes, 1024.0 ** 2, 3, 6), [3, 3, 3])
+
+
 def test_multilevel_matches_per_level_tf():
   rng = np.random.default_rng(6)
   size = 64
@@ -169,6 +180,44 @@ def test_multilevel_matches_per_level_tf():
     for n in range(9):
       lv = levels[b, n] - 2
       f = feats[lv][b]
+      px = boxes[b, n] * np.array(f.shape[:2] * 2)
+      want = _roi_align_loop(f, px, 3, 1.0, 2, True)
+      np.testing.assert_allclose(got[b, n], want, atol=1e-5)
+
+
+def test_multilevel_non_square_maps_and_levels_from_three():
+  """Three non-square maps P3..P5 (min_level=3) of a 128 x 64 canvas: every
+  ROI is pooled from the level of the documented rule clamped to [3, 5]
+  (TF's crop_and_resize on that map; ROIAlign on its pixels, y by H_l and
+  x by W_l, when aligned)."""
+  rng = np.random.default_rng(13)
+  h, w = 128, 64
+  feats = [rng.normal(size=(2, h // s, w // s, 3)).astype(np.float32)
+           for s in (8, 16, 32)]
+  side = np.exp(rng.uniform(np.log(2), np.log(64), (2, 9, 2))) / [h, w]
+  yx = rng.uniform(0, 1, (2, 9, 2)) * (1 - side)
+  boxes = np.concatenate([yx, yx + side], -1).astype(np.float32)
+  area = float(h * w) * 256  # levels 2..6 before the clamp
+  hw = ((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1]))
+  raw = np.round(4 + np.log2(np.sqrt(hw.astype(np.float64))
+                             / (224 / np.sqrt(area))))
+  assert raw.min() < 3 and raw.max() > 5
+  levels = np.clip(raw, 3, 5).astype(int)
+  np.testing.assert_array_equal(roi_align.roi_levels(boxes, area, 3, 5),
+                                levels)
+  got = np.asarray(roi_align.multilevel_crop_and_resize(
+      feats, boxes, 4, area, min_level=3))
+  img = np.repeat([0, 1], 9)
+  per_level = np.stack([
+      tf.image.crop_and_resize(f, boxes.reshape(-1, 4), img, (4, 4)).numpy()
+      for f in feats])
+  want = per_level[levels.reshape(-1) - 3, np.arange(18)]
+  np.testing.assert_allclose(got.reshape(want.shape), want, atol=1e-5)
+  got = np.asarray(roi_align.multilevel_crop_and_resize(
+      feats, boxes, 3, area, aligned=True, sampling_ratio=2, min_level=3))
+  for b in range(2):
+    for n in range(9):
+      f = feats[levels[b, n] - 3][b]
       px = boxes[b, n] * np.array(f.shape[:2] * 2)
       want = _roi_align_loop(f, px, 3, 1.0, 2, True)
       np.testing.assert_allclose(got[b, n], want, atol=1e-5)
@@ -237,3 +286,21 @@ def test_property_crop_and_resize_is_exact_and_matches_tf_off_the_edges(corners,
       np.testing.assert_allclose(got[b, r], exact, atol=2e-5)
       off_edge = ~(edge_y[:, None] | edge_x[None, :])
       np.testing.assert_allclose(got[b, r][off_edge], want_tf[b, r][off_edge], atol=2e-5)
+
+
+def test_boxes_ending_on_the_far_edge_sample_the_edge_row_and_column():
+  """Boxes clipped to the map (y2 = x2 = 1, as clipped proposals): their
+  last samples lie exactly on the last row and column, equal to TF's formula
+  in exact arithmetic, although float32 y1 * (H - 1) + i * step lands a
+  rounding error beyond H - 1 for some of them (EDGE_TOLERANCE)."""
+  rng = np.random.default_rng(12)
+  feats = rng.normal(size=(1, 16, 33, 2)).astype(np.float32)
+  start = rng.uniform(0, 1, (40, 2)).astype(np.float32)
+  boxes = np.concatenate([start, np.ones_like(start)], 1)
+  got = np.asarray(_CROP(feats, boxes[None], 7))[0]
+  for r, box in enumerate(boxes):
+    y1, x1, y2, x2 = (fractions.Fraction(float(v)) for v in box)
+    wy, _ = _exact_axis(y1, y2, 16, 7)
+    wx, _ = _exact_axis(x1, x2, 33, 7)
+    exact = np.einsum('ih,jw,hwc->ijc', wy, wx, feats[0].astype(np.float64))
+    np.testing.assert_allclose(got[r], exact, atol=2e-5)

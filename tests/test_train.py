@@ -18,9 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import default
+from configs import default, tiny
 from sln_jax import inference, train
 from sln_jax.cliutil import UserError
+from sln_jax.models import sln
 from tests import train_standin as ts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,6 +60,17 @@ def test_schedule_and_learning_rate():
     train.schedule(c)
 
 
+def test_schedule_truncated_on_a_stage_boundary():
+  """num_steps on a stage's first step: that stage is left out, not kept
+  with no steps (modes.check_stages would refuse a regex that never runs)."""
+  c = _config(stages=(('heads', 4, 1e-3), ('4+', 6, 1e-3), ('all', 5, 1e-4)))
+  c.train.num_steps = 10
+  assert train.schedule(c) == [('heads', 0, 4, 1e-3), ('4+', 4, 10, 1e-3)]
+  assert train.total_steps(c) == 10 and train.stage_index(c, 9) == 1
+  c.train.num_steps = 4
+  assert train.schedule(c) == [('heads', 0, 4, 1e-3)]
+
+
 def test_stage_masks():
   _, v = ts.init_variables()
   p, bs = v['params'], v['batch_stats']
@@ -73,6 +85,30 @@ def test_stage_masks():
   assert decay == {k for k in _flat(p) if k.endswith('/kernel')}
   with pytest.raises(UserError, match='trains no parameter'):
     train.trainable_mask(p, bs, 'glm/.*')
+
+
+def test_stage_masks_on_the_model():
+  """configs/tiny.py's SLN paths: 'heads' trains fpn, rpn, box_head and
+  mask_head; '4+' adds the backbone's C4 and C5 blocks (not C1-C3); 'all'
+  the whole backbone; never the GLM; BatchNorm ('bn' in the module name, as
+  the release) only with train_bn; weight decay on kernels only."""
+  c = tiny.get_config()
+  shapes = sln.variable_shapes(sln.build_model(c), c.input.image_size)
+  p, bs = shapes['params'], shapes['batch_stats']
+  flat = _flat(p)
+  module = lambda k: k.rsplit('/', 1)[0]
+  heads = {k for k in flat if k.split('/')[0] in ('fpn', 'rpn', 'box_head', 'mask_head')}
+  four = heads | {k for k in flat if k.startswith(('backbone/C4_', 'backbone/C5_'))}
+  every = {k for k in flat if not k.startswith('glm/')}
+  assert every > four > heads and any(k.startswith('backbone/C3_') for k in every - four)
+  assert any(k.startswith('mask_head/') for k in heads)
+  is_bn = lambda k: 'bn' in module(k).rsplit('/', 1)[-1]
+  for stage, want in (('heads', heads), ('4+', four), ('all', every)):
+    for train_bn in (False, True):
+      got = {k for k, t in _flat(train.trainable_mask(p, bs, stage, train_bn)).items() if t}
+      assert got == {k for k in want if train_bn or not is_bn(k)}, (stage, train_bn)
+  decay = {k for k, d in _flat(train.decay_mask(p, bs)).items() if d}
+  assert decay == {k for k in flat if k.endswith('/kernel') and not is_bn(k)}
 
 
 def test_optimizer_matches_torch_sgd():
@@ -105,6 +141,54 @@ def test_optimizer_matches_torch_sgd():
   np.testing.assert_allclose(p['fpn']['P2_lateral']['kernel'], w.detach().numpy(), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(p['fpn']['P2_lateral']['bias'], b.detach().numpy(), rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(p['glm']['aspp_c0']['kernel'], params['glm']['aspp_c0']['kernel'])
+
+
+def test_momentum_across_stages_and_its_reset():
+  """One state through the stages' optimizers (fixed params, no clipping,
+  momentum 0.8): a leaf trained throughout follows torch's momentum SGD,
+  -lr_t * b_t with b_t = g_t + wd * w + 0.8 * b_{t-1}; a leaf the new stage
+  unfreezes starts with no momentum (a frozen leaf gets no gradient and no
+  decay); one it freezes stops at once; after reset_momentum the step is a
+  fresh SGD's first, -lr * (g + wd * w), at the schedule's LR."""
+  c = _config(stages=(('heads', 2, 0.1), ('all', 2, 0.05)))
+  c.train.momentum = 0.8
+  c.train.weight_decay = 0.01
+  c.train.grad_clip_norm = 1e6
+  _, v = ts.init_variables()
+  p, bs = v['params'], v['batch_stats']
+  rng = np.random.default_rng(1)
+  grads = [jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), p)
+           for _ in range(3)]
+  tx = {s: train.create_optimizer(c, p, bs, s) for s in ('heads', 'all')}
+
+  def run(stages, reset=False):
+    state = tx[stages[0]].init(p)
+    for t, (s, g) in enumerate(zip(stages, grads)):
+      if reset and t == 2:
+        state = train.reset_momentum(state)
+      updates, state = tx[s].update(g, state, p)
+    return _flat(updates)
+  f_p, f_g = _flat(p), [_flat(g) for g in grads]
+
+  def sgd(k, steps):  # torch.optim.SGD's update at the last of ``steps``
+    wd = 0.01 if k.endswith('kernel') else 0.0
+    buf = 0.0
+    for t in steps:
+      buf = f_g[t][k] + wd * f_p[k] + 0.8 * buf
+    return -0.05 * buf
+  conv, head = 'backbone/C4_0/conv1/', 'fpn/P2_lateral/'
+  heads_then_all = run(('heads', 'heads', 'all'))
+  for k in (head + 'kernel', head + 'bias'):
+    np.testing.assert_allclose(heads_then_all[k], sgd(k, (0, 1, 2)), rtol=1e-5, atol=1e-7)
+  for k in (conv + 'kernel', conv + 'bias'):
+    np.testing.assert_allclose(heads_then_all[k], sgd(k, (2,)), rtol=1e-5, atol=1e-7)
+  all_then_heads = run(('all', 'all', 'heads'))
+  for k in (conv + 'kernel', 'backbone/C1_conv/kernel', 'backbone/C1_bn/scale',
+            'glm/layer1_conv/kernel'):
+    assert not np.any(all_then_heads[k]), k
+  reset = run(('all', 'all', 'all'), reset=True)
+  for k in (conv + 'kernel', conv + 'bias', head + 'kernel'):
+    np.testing.assert_allclose(reset[k], sgd(k, (2,)), rtol=1e-5, atol=1e-7)
 
 
 def _leaves_changed(before, after):
@@ -181,6 +265,26 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path, capsys, monkeypatch):
   monkeypatch.setattr(jax, 'process_index', lambda *a, **k: 1)
   again, _ = _run(str(tmp_path / 'b'), c, [])
   assert int(again.step) == 6 and 'resuming' not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('reset', [True, False])
+def test_loop_resets_momentum_once_per_stage_change(tmp_path, monkeypatch, reset):
+  """train.reset_momentum_per_stage: the loop zeroes the momentum at each
+  stage's first step but the first (release: a new SGD per stage). The
+  steps themselves are stand-ins that only count."""
+  c = _config(stages=(('heads', 1, 0.1), ('all', 2, 0.05), ('4+', 1, 0.05)))
+  c.train.reset_momentum_per_stage = reset
+  c.train.checkpoint_every = c.train.log_every = 10
+  calls = []
+  real = train.reset_momentum
+  monkeypatch.setattr(train, 'reset_momentum', lambda s: calls.append(1) or real(s))
+
+  def stage_step(*unused):
+    return lambda state, batch: (state.replace(step=state.step + 1),
+                                 {'loss/total': jnp.zeros(())})
+  monkeypatch.setattr(train, 'make_stage_step', stage_step)
+  state, _ = _run(str(tmp_path), c, ts.make_batches(4, 1, 2))
+  assert int(state.step) == 4 and len(calls) == (2 if reset else 0)
 
 
 def test_checkpoint_of_another_model_is_one_error_naming_the_leaves(tmp_path):
