@@ -125,7 +125,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.train = tr = ml_collections.ConfigDict()
   tr.batch_size = 1         # global batch (split over devices)
   tr.momentum = 0.9
-  tr.weight_decay = 1e-4    # not applied to BatchNorm or biases
+  tr.weight_decay = 1e-4    # on every trained parameter but BatchNorm's (the release)
+  tr.decay_biases = True    # False: kernels only (biases excluded too)
   tr.grad_clip_norm = 5.0
   tr.warmup_steps = 0
   # Release schedule: 2 epochs heads, 3 epochs 4+, 1 epoch all at LR/10; 2,500 steps/epoch.
@@ -136,6 +137,9 @@ def get_config() -> ml_collections.ConfigDict:
   tr.keep_checkpoints = 3
   tr.image_summary_every = 1000
   tr.reset_momentum_per_stage = True  # release: a new SGD (zero momentum) per stage
+  # QUIRK: the release's set_trainable only ever freezes, so in one run its
+  # '4+' and 'all' stages train no more than 'heads' did. True reproduces it.
+  tr.legacy_sticky_freeze = False
   tr.device_prefetch = 2    # batches copied to the devices ahead of the running step
 
   # ---------------------------------------------------------------- eval / predict

@@ -36,18 +36,21 @@ MODES = ('train_and_evaluate', 'train', 'evaluate', 'predict')
 def check_stages(config: ml_collections.ConfigDict) -> None:
   """Refuses, before any data is read, a ``train.stages`` regex (a stage
   name other than heads / 4+ / all) that trains no parameter of the
-  config's model. Costs one ``jax.eval_shape`` of the model (seconds) when
-  there is such a stage, nothing otherwise."""
+  config's model, or, with ``train.legacy_sticky_freeze``, a stage that
+  trains nothing the earlier stages trained. Costs one ``jax.eval_shape``
+  of the model (seconds) when there is such a stage to check, nothing
+  otherwise."""
   from sln_jax import train as train_lib  # pylint: disable=g-import-not-at-top
   from sln_jax.models import sln  # pylint: disable=g-import-not-at-top
-  custom = [name for name, *_ in train_lib.schedule(config)
-            if name not in train_lib.STAGE_PATTERNS]
-  if not custom:
+  names = [name for name, *_ in train_lib.schedule(config)]
+  check = [k for k, name in enumerate(names) if name not in train_lib.STAGE_PATTERNS
+           or train_lib.stage_freeze_history(config, k)]
+  if not check:
     return
   shapes = sln.variable_shapes(sln.build_model(config), config.input.image_size)
-  for name in custom:
-    train_lib.trainable_mask(shapes['params'], shapes.get('batch_stats', {}), name,
-                             config.model.train_bn)
+  for k in check:
+    train_lib.trainable_mask(shapes['params'], shapes.get('batch_stats', {}), names[k],
+                             config.model.train_bn, train_lib.stage_freeze_history(config, k))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, mode: str,

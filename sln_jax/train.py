@@ -19,8 +19,9 @@ count either.
 
 Optimizer (release, apchenstu/SLN-Amodal model.py): zero the gradients of
 frozen leaves, clip the global norm of the rest to ``train.grad_clip_norm``,
-add L2 ``weight_decay * w`` to the gradients of trainable non-BN, non-bias
-weights, SGD momentum (heavy ball, no dampening: torch.optim.SGD), LR from
+add L2 ``weight_decay * w`` to the gradients of every trained non-BN
+parameter, biases included (``train.decay_biases=False``: kernels only),
+SGD momentum (heavy ball, no dampening: torch.optim.SGD), LR from
 ``train.stages`` with optional linear warm-up. BatchNorm scale/bias and
 statistics and the GLM (``glm/*``) are never trained, except with
 ``model.train_bn`` (``models.norm``): then the backbone's and heads' BNs
@@ -28,7 +29,11 @@ normalize with the global batch's statistics in the step (every stage),
 update their running statistics, and their scale/bias train with their
 stage's modules. The release builds a
 new SGD optimizer per stage, so momentum restarts at each stage boundary
-(``train.reset_momentum_per_stage``).
+(``train.reset_momentum_per_stage``). QUIRK (``train.legacy_sticky_freeze``):
+the release's ``set_trainable`` only ever freezes, so after its 'heads'
+stage the '4+' and 'all' stages of one run train the heads alone
+(pytorch-mask-rcnn issues #20 and #45); the flag reproduces that by
+training, in each stage, only what every earlier stage trained too.
 """
 from __future__ import annotations
 
@@ -165,38 +170,56 @@ def stage_regex(stage: str) -> re.Pattern:
 
 
 def trainable_mask(params: PyTree, batch_stats: PyTree, stage: str,
-                   train_bn: bool = False) -> PyTree:
+                   train_bn: bool = False, earlier: Sequence[str] = ()) -> PyTree:
   """Bool tree like ``params``: True where ``stage`` trains the leaf.
 
   The GLM is always frozen; BatchNorm parameters (modules that own
-  ``batch_stats``) too unless ``train_bn`` (``model.train_bn``).
+  ``batch_stats``) too unless ``train_bn`` (``model.train_bn``). A leaf
+  that one of the ``earlier`` stages does not match stays frozen
+  (``train.legacy_sticky_freeze``; ``stage_freeze_history``).
   """
-  regex = stage_regex(stage)
+  regexes = [stage_regex(s) for s in (*earlier, stage)]
   bn = batchnorm_modules(batch_stats)
   flat = _flat(params)
-  mask = {k: bool(regex.fullmatch(k)) and not re.fullmatch(NEVER_TRAINED, k)
+  mask = {k: all(r.fullmatch(k) for r in regexes) and not re.fullmatch(NEVER_TRAINED, k)
           and (train_bn or k.rsplit('/', 1)[0] not in bn) for k in flat}
   if not any(mask.values()):
-    raise UserError(f'stage {stage!r} trains no parameter (a regex fully matching Flax '
-                    'paths such as mask_head/.*; the GLM is always frozen, BatchNorm '
+    after = (f' after {", ".join(map(repr, earlier))} (train.legacy_sticky_freeze '
+             'trains only what every earlier stage trained)' if earlier else '')
+    raise UserError(f'stage {stage!r} trains no parameter{after} (a regex fully matching '
+                    'Flax paths such as mask_head/.*; the GLM is always frozen, BatchNorm '
                     'parameters unless model.train_bn)', field='train.stages')
   return _unflat(mask)
 
 
-def decay_mask(params: PyTree, batch_stats: PyTree) -> PyTree:
-  """Bool tree like ``params``: weight decay on kernels, not on BN or biases."""
+def stage_freeze_history(config: ml_collections.ConfigDict, index: int) -> tuple[str, ...]:
+  """The stages before stage ``index`` of ``train.stages`` whose freezing
+  stays in force there: all of them with ``train.legacy_sticky_freeze``
+  (the release's one-way ``set_trainable``), none otherwise."""
+  if not config.train.legacy_sticky_freeze:
+    return ()
+  return tuple(name for name, *_ in schedule(config)[:index])
+
+
+def decay_mask(params: PyTree, batch_stats: PyTree, biases: bool = True) -> PyTree:
+  """Bool tree like ``params``: weight decay on every parameter but
+  BatchNorm's (the release: all trained parameters without 'bn' in their
+  name), biases only when ``biases`` (``train.decay_biases``)."""
   bn = batchnorm_modules(batch_stats)
-  return _unflat({k: k.rsplit('/', 1)[-1] != 'bias' and k.rsplit('/', 1)[0] not in bn
-                  for k in _flat(params)})
+  return _unflat({k: (biases or k.rsplit('/', 1)[-1] != 'bias')
+                  and k.rsplit('/', 1)[0] not in bn for k in _flat(params)})
 
 
 def create_optimizer(config: ml_collections.ConfigDict, params: PyTree,
-                     batch_stats: PyTree, stage: str) -> optax.GradientTransformation:
-  """The optimizer of one stage. Every stage's state has the same structure
-  (the per-stage masks are stateless), so a state carries across stages."""
-  train = trainable_mask(params, batch_stats, stage, config.model.train_bn)
+                     batch_stats: PyTree, stage: str,
+                     earlier: Sequence[str] = ()) -> optax.GradientTransformation:
+  """The optimizer of one stage (``earlier``: ``stage_freeze_history``).
+  Every stage's state has the same structure (the per-stage masks are
+  stateless), so a state carries across stages."""
+  train = trainable_mask(params, batch_stats, stage, config.model.train_bn, earlier)
   labels = jax.tree.map(lambda t: 'train' if t else 'freeze', train)
-  decay = jax.tree.map(lambda t, d: t and d, train, decay_mask(params, batch_stats))
+  decay = jax.tree.map(lambda t, d: t and d, train,
+                       decay_mask(params, batch_stats, config.train.decay_biases))
   tc = config.train
 
   def freeze():
@@ -307,12 +330,13 @@ def make_train_step(model: Any, config: ml_collections.ConfigDict,
 
 
 def make_stage_step(model: Any, config: ml_collections.ConfigDict, params: PyTree,
-                    batch_stats: PyTree, stage: str) -> Callable:
-  """:func:`make_train_step` for one stage of ``train.stages``: its optimizer
-  and its trainable mask are built from the same ``(config, stage)``, so what
-  the optimizer updates and what gets a gradient cannot disagree."""
-  tx = create_optimizer(config, params, batch_stats, stage)
-  trainable = trainable_mask(params, batch_stats, stage, config.model.train_bn)
+                    batch_stats: PyTree, stage: str, earlier: Sequence[str] = ()) -> Callable:
+  """:func:`make_train_step` for one stage of ``train.stages`` (``earlier``:
+  ``stage_freeze_history``): its optimizer and its trainable mask are built
+  from the same ``(config, stage, earlier)``, so what the optimizer updates
+  and what gets a gradient cannot disagree."""
+  tx = create_optimizer(config, params, batch_stats, stage, earlier)
+  trainable = trainable_mask(params, batch_stats, stage, config.model.train_bn, earlier)
   return make_train_step(model, config, tx, trainable)
 
 
@@ -671,7 +695,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, model: Any,
     k = stage_index(config, step)
     name = table[k][0]
     if k not in steps:
-      steps[k] = jax.pmap(make_stage_step(model, config, state.params, state.batch_stats, name),
+      steps[k] = jax.pmap(make_stage_step(model, config, state.params, state.batch_stats, name,
+                                          stage_freeze_history(config, k)),
                           axis_name=AXIS, donate_argnums=(0,))
     if step == table[k][1] and step > 0 and tc.reset_momentum_per_stage:
       rstate = rstate.replace(opt_state=reset_momentum(rstate.opt_state))

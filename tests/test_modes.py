@@ -161,6 +161,15 @@ def test_a_stage_regex_that_trains_nothing_is_refused_before_data(monkeypatch):
     modes.check_stages(config)
   config.train.stages = (('mask_head/.*', 2, 0.1),)
   modes.check_stages(config)
+  # legacy_sticky_freeze: a stage must keep something the earlier ones trained.
+  config.train.stages = (('rpn/.*', 2, 0.1), ('mask_head/.*', 2, 0.1))
+  modes.check_stages(config)
+  config.train.legacy_sticky_freeze = True
+  with pytest.raises(UserError, match=r"stage 'mask_head/\.\*' trains no parameter after 'rpn"):
+    modes.check_stages(config)
+  config.train.stages = (('heads', 2, 0.1), ('4+', 2, 0.1))
+  modes.check_stages(config)
+  config.train.legacy_sticky_freeze = False
   monkeypatch.setattr(sln, 'variable_shapes', lambda *a: pytest.fail('traced the model'))
   config.train.stages = (('heads', 2, 0.1), ('all', 2, 0.01))
   modes.check_stages(config)

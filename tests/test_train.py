@@ -81,8 +81,13 @@ def test_stage_masks():
   # 'all': everything but BatchNorm and the GLM.
   assert set(trained('all')) == set(trained('4+')) | {'backbone/C1_conv'}
   assert set(trained(r'rpn/.*')) == {'rpn/conv_class'}  # release-style regex
+  # Weight decay: every parameter but BatchNorm's (the release), biases
+  # only with decay_biases.
   decay = {k for k, d in _flat(train.decay_mask(p, bs)).items() if d}
-  assert decay == {k for k in _flat(p) if k.endswith('/kernel')}
+  assert decay == {k for k in _flat(p) if not k.rsplit('/', 1)[0].endswith('_bn')}
+  assert any(k.endswith('/bias') for k in decay)
+  kernels = {k for k, d in _flat(train.decay_mask(p, bs, biases=False)).items() if d}
+  assert kernels == {k for k in _flat(p) if k.endswith('/kernel')}
   with pytest.raises(UserError, match='trains no parameter'):
     train.trainable_mask(p, bs, 'glm/.*')
 
@@ -91,7 +96,8 @@ def test_stage_masks_on_the_model():
   """configs/tiny.py's SLN paths: 'heads' trains fpn, rpn, box_head and
   mask_head; '4+' adds the backbone's C4 and C5 blocks (not C1-C3); 'all'
   the whole backbone; never the GLM; BatchNorm ('bn' in the module name, as
-  the release) only with train_bn; weight decay on kernels only."""
+  the release) only with train_bn; weight decay on all but BatchNorm
+  (kernels only without biases)."""
   c = tiny.get_config()
   shapes = sln.variable_shapes(sln.build_model(c), c.input.image_size)
   p, bs = shapes['params'], shapes['batch_stats']
@@ -108,15 +114,38 @@ def test_stage_masks_on_the_model():
       got = {k for k, t in _flat(train.trainable_mask(p, bs, stage, train_bn)).items() if t}
       assert got == {k for k in want if train_bn or not is_bn(k)}, (stage, train_bn)
   decay = {k for k, d in _flat(train.decay_mask(p, bs)).items() if d}
+  assert decay == {k for k in flat if not is_bn(k)}
+  decay = {k for k, d in _flat(train.decay_mask(p, bs, biases=False)).items() if d}
   assert decay == {k for k in flat if k.endswith('/kernel') and not is_bn(k)}
+  # legacy_sticky_freeze: a stage trains only what every earlier one did, so
+  # the release's heads -> 4+ -> all trains the heads throughout.
+  for stage, earlier in (('4+', ('heads',)), ('all', ('heads', '4+'))):
+    got = {k for k, t in _flat(train.trainable_mask(p, bs, stage, False, earlier)).items() if t}
+    assert got == {k for k in heads if not is_bn(k)}, stage
+  got = {k for k, t in _flat(train.trainable_mask(p, bs, 'heads', False, ('all',))).items() if t}
+  assert got == {k for k in heads if not is_bn(k)}
+  with pytest.raises(UserError, match=r"trains no parameter after 'rpn/\.\*'"):
+    train.trainable_mask(p, bs, 'mask_head/.*', False, ('rpn/.*',))
 
 
-def test_optimizer_matches_torch_sgd():
-  """clip -> L2 on kernels -> momentum SGD equals torch's release recipe."""
+def test_stage_freeze_history():
+  c = _config(stages=(('heads', 2, 0.1), ('4+', 2, 0.1), ('all', 2, 0.01)))
+  assert [train.stage_freeze_history(c, k) for k in range(3)] == [(), (), ()]
+  c.train.legacy_sticky_freeze = True
+  assert [train.stage_freeze_history(c, k) for k in range(3)] == [
+      (), ('heads',), ('heads', '4+')]
+
+
+@pytest.mark.parametrize('decay_biases', [True, False])
+def test_optimizer_matches_torch_sgd(decay_biases):
+  """clip -> L2 -> momentum SGD equals torch's release recipe (its
+  train_model: weight decay on every trainable parameter without 'bn' in
+  its name, biases included), or L2 on kernels only."""
   torch = pytest.importorskip('torch')
   c = _config(stages=(('all', 10, 0.05),))
   c.train.grad_clip_norm = 1.0
   c.train.weight_decay = 0.01
+  c.train.decay_biases = decay_biases
   rng = np.random.default_rng(0)
   params = {'fpn': {'P2_lateral': {'kernel': rng.normal(size=(3, 4)).astype(np.float32),
                                    'bias': rng.normal(size=(4,)).astype(np.float32)}},
@@ -131,7 +160,8 @@ def test_optimizer_matches_torch_sgd():
 
   w = torch.tensor(params['fpn']['P2_lateral']['kernel'], requires_grad=True)
   b = torch.tensor(params['fpn']['P2_lateral']['bias'], requires_grad=True)
-  opt = torch.optim.SGD([{'params': [w], 'weight_decay': 0.01}, {'params': [b]}],
+  decayed, plain = ([w, b], []) if decay_biases else ([w], [b])
+  opt = torch.optim.SGD([{'params': decayed, 'weight_decay': 0.01}, {'params': plain}],
                         lr=0.05, momentum=0.9)
   for g in grads:
     w.grad = torch.tensor(g['fpn']['P2_lateral']['kernel'])
@@ -274,17 +304,21 @@ def test_loop_resets_momentum_once_per_stage_change(tmp_path, monkeypatch, reset
   steps themselves are stand-ins that only count."""
   c = _config(stages=(('heads', 1, 0.1), ('all', 2, 0.05), ('4+', 1, 0.05)))
   c.train.reset_momentum_per_stage = reset
+  c.train.legacy_sticky_freeze = reset    # the step builders get the history
   c.train.checkpoint_every = c.train.log_every = 10
-  calls = []
+  calls, built = [], []
   real = train.reset_momentum
   monkeypatch.setattr(train, 'reset_momentum', lambda s: calls.append(1) or real(s))
 
-  def stage_step(*unused):
+  def stage_step(*args):
+    built.append(args[4:])
     return lambda state, batch: (state.replace(step=state.step + 1),
                                  {'loss/total': jnp.zeros(())})
   monkeypatch.setattr(train, 'make_stage_step', stage_step)
   state, _ = _run(str(tmp_path), c, ts.make_batches(4, 1, 2))
   assert int(state.step) == 4 and len(calls) == (2 if reset else 0)
+  history = [(), ('heads',), ('heads', 'all')] if reset else [(), (), ()]
+  assert built == [(name, h) for name, h in zip(('heads', 'all', '4+'), history)]
 
 
 def test_checkpoint_of_another_model_is_one_error_naming_the_leaves(tmp_path):
