@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from sln_jax.models import heads
+from sln_jax.models.norm import NormSpec
 from tests.random_params import random_params, to_torch as _t
 
 
@@ -104,3 +105,31 @@ def test_upsample2x_equals_flax_conv_transpose(dtype):
   for a, b in zip(jax.tree.leaves(g_up), jax.tree.leaves(g_ref)):
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
                                rtol=tol, atol=tol * 10)
+
+
+def test_heads_batch_mode_bn_counts_only_the_masked_rois():
+  """model.train_bn: the box and mask heads hand their ROI mask to every BN,
+  so the selected ROIs' outputs and the new running statistics are those of
+  the selected ROIs run alone, whatever the other ROIs hold."""
+  rng = np.random.default_rng(4)
+  mask = np.array([True, False, True, True, False])
+  norm = NormSpec(train=True, momentum=0.5)
+  box_in = (rng.normal(size=(5, 7, 7, 16)).astype(np.float32),)
+  mask_in = (rng.normal(size=(5, 8, 8, 16)).astype(np.float32),
+             rng.uniform(size=(5, 8, 8, 6)).astype(np.float32))
+  for model, args in ((heads.BoxHead(num_classes=3, channels=8, norm=norm), box_in),
+                      (heads.MaskHead(num_layers=2, channels=8, norm=norm), mask_in)):
+    v = _fill(jax.eval_shape(model.init, jax.random.PRNGKey(0), *args))
+    junk = []
+    for a in args:                      # unselected ROIs: large, other values
+      a = a.copy()
+      a[~mask] = 40 + 30 * rng.normal(size=a[~mask].shape)
+      junk.append(a)
+    got, got_stats = model.apply(v, *junk, mask=jnp.asarray(mask), mutable=['batch_stats'])
+    want, want_stats = model.apply(v, *[a[mask] for a in args], mutable=['batch_stats'])
+    assert not np.allclose(jax.tree.leaves(got_stats)[0], jax.tree.leaves(v['batch_stats'])[0])
+    for g, w in zip(jax.tree.leaves(jax.tree.map(lambda a: a[mask], got)),
+                    jax.tree.leaves(want)):
+      np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+    for g, w in zip(jax.tree.leaves(got_stats), jax.tree.leaves(want_stats)):
+      np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from configs import default, tiny
 from sln_jax import losses
@@ -463,3 +464,201 @@ def test_mask_targets_are_framed_by_the_layer_crop_boxes(monkeypatch):
   for name in ('rpn_class', 'rpn_bbox', 'head_class', 'head_bbox'):
     np.testing.assert_array_equal(other[name], base[name], err_msg=name)
   assert other['layer'] != base['layer'] and other['amodal'] != base['amodal']
+
+
+def _decode_clip(rois, deltas, std, window):
+  """numpy apply_box_deltas (y2 = y1 + h) and clip to window (y1, x1, y2, x2)."""
+  d = deltas * np.asarray(std)
+  h, w = rois[:, 2] - rois[:, 0], rois[:, 3] - rois[:, 1]
+  cy, cx = rois[:, 0] + (0.5 + d[:, 0]) * h, rois[:, 1] + (0.5 + d[:, 1]) * w
+  h, w = h * np.exp(d[:, 2]), w * np.exp(d[:, 3])
+  y1, x1 = cy - 0.5 * h, cx - 0.5 * w
+  boxes = np.stack([y1, x1, y1 + h, x1 + w], -1)
+  return np.clip(boxes, np.tile(window[:2], 2), np.tile(window[2:], 2)), boxes
+
+
+@pytest.mark.parametrize('round_boxes', [False, True])
+def test_infer_follows_the_documented_pipeline(round_boxes):
+  """infer against the pipeline rebuilt from its pieces: detections are the
+  valid proposals' foreground ROIs by decreasing score, refined by their
+  class's deltas and clipped to the image_shape window (h != w; rounded to
+  whole pixels with round_boxes); the masks are the mask head's on exactly
+  those boxes (normalised for the GLM crop too); layer = sigmoid(logits),
+  amodal = sigmoid(sum of the layer logits), visible = sigmoid(layer 1);
+  unused slots are zero."""
+  cfg = tiny.get_config()
+  m = cfg.model
+  m.num_layers = 2
+  m.rpn.post_nms_topk_test = 256      # NMS leaves proposal slots empty
+  m.detection.max_detections = 256    # room for every foreground ROI
+  m.detection.round_boxes = round_boxes
+  model = sln.build_model(cfg)
+  batch, _, _ = _scene(num_layers=2)
+  v = sln.init_variables(model, jax.random.PRNGKey(2), S)
+  # Untrained, nearly every ROI is background: about half foreground instead.
+  v['params']['box_head']['linear_class']['kernel'] *= 4.0
+  v['params']['box_head']['linear_class']['bias'] = jnp.array([0.0, 3.0])
+  shape = np.array([[40, 24]], np.float32)
+  args = (batch['image'], batch['glm_image'], shape)
+  out = jax.device_get(_compile(functools.partial(model.apply, method='infer'),
+                                v, *args)(v, *args))
+
+  def pieces(mdl, image):
+    pyramid, rpn_out = mdl._features(image)              # pylint: disable=protected-access
+    rois, valid = mdl._proposals(rpn_out, S, 256)        # pylint: disable=protected-access
+    head = mdl._box_head(pyramid, rois, S)               # pylint: disable=protected-access
+    return rois, valid, head['probs'], head['deltas']
+
+  run = functools.partial(model.apply, method=pieces)
+  rois, rois_valid, probs, deltas = (np.asarray(a, np.float64)[0] for a in jax.device_get(
+      _compile(run, v, batch['image'])(v, batch['image'])))
+  cls = probs.argmax(-1)
+  score = probs.max(-1)
+  keep = (rois_valid > 0) & (cls > 0)
+  assert 30 < keep.sum() < rois_valid.sum() < 256
+  assert np.abs(probs[:, 1] - probs[:, 0]).min() > 1e-4   # no near-ties to flip
+  window = np.array([0, 0, 40 / S, 24 / S])
+  boxes, unclipped = _decode_clip(rois, deltas[np.arange(len(cls)), cls], m.roi.bbox_std, window)
+  order = np.flatnonzero(keep)[np.argsort(-score[keep], kind='stable')]
+  n = len(order)
+  want = boxes[order] * S
+  if round_boxes:
+    want = np.round(want)
+  valid = out['valid'][0]
+  assert valid.sum() == n and valid[:n].all()
+  np.testing.assert_allclose(out['scores'][0, :n], score[order], rtol=1e-5)
+  np.testing.assert_array_equal(out['classes'][0, :n], cls[order])
+  np.testing.assert_allclose(out['boxes'][0, :n], want, atol=2e-3)
+  assert (unclipped[order, 2] * S > 40.5).any() and (unclipped[order, 3] * S > 24.5).any()
+  for name in ('boxes', 'scores', 'classes', 'layer_probs', 'amodal_probs', 'visible_probs'):
+    assert not np.any(out[name][0, n:]), name
+
+  def masks(mdl, image, glm_image, boxes):
+    pyramid, _ = mdl._features(image)                    # pylint: disable=protected-access
+    glm = mdl._glm_features(glm_image)                   # pylint: disable=protected-access
+    return mdl._mask_head(pyramid, glm, boxes, boxes, S)  # pylint: disable=protected-access
+
+  run = functools.partial(model.apply, method=masks)
+  boxes = jnp.asarray(out['boxes'] / S, jnp.float32)
+  logits = np.asarray(jax.device_get(_compile(run, v, batch['image'], batch['glm_image'], boxes)(
+      v, batch['image'], batch['glm_image'], boxes)), np.float64)[0, :n]
+  sig = lambda x: 1 / (1 + np.exp(-x))
+  tol = dict(rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(out['layer_probs'][0, :n], sig(logits), **tol)
+  np.testing.assert_allclose(out['amodal_probs'][0, :n], sig(logits.sum(-1)), **tol)
+  np.testing.assert_allclose(out['visible_probs'][0, :n], sig(logits[..., 0]), **tol)
+  assert np.abs(sig(logits.sum(-1)) - sig(logits[..., 0])).max() > 0.05
+
+
+def _box_iou(a, b):
+  """(N, 4) x (M, 4) IoU, numpy."""
+  area = lambda x: np.maximum(x[..., 2] - x[..., 0], 0) * np.maximum(x[..., 3] - x[..., 1], 0)
+  lo, hi = np.maximum(a[:, None, :2], b[None, :, :2]), np.minimum(a[:, None, 2:], b[None, :, 2:])
+  inter = np.prod(np.maximum(hi - lo, 0), -1)
+  return inter / np.maximum(area(a)[:, None] + area(b)[None] - inter, 1e-12)
+
+
+def test_train_forward_feeds_the_sampled_rois_to_the_heads_and_losses(monkeypatch):
+  """Fixed proposals (6 on the objects, 3 off them): the GLM crop reads the
+  mask head's ROIs, which are the box head's first slots, normalised; the
+  layer and amodal losses count exactly the slots whose IoU with a GT is
+  >= fg_iou, and so does the mask head's batch-mode BN (the box head's:
+  every sampled slot); head_bbox reads the true class's deltas (class 1
+  predicts 2, class 0 nothing), against numpy box targets; and the ROIs
+  are constants: no gradient of the head and mask losses reaches the RPN
+  through them (as the release's crop_and_resize, which has none for its
+  boxes)."""
+  from sln_jax.ops import roi_align  # pylint: disable=import-outside-toplevel
+  cfg = tiny.get_config()
+  model = sln.build_model(cfg)
+  batch, _, _ = _scene()
+  gt = batch['gt_boxes'][0, :3].astype(np.float64) / S
+  n = cfg.model.rpn.post_nms_topk_train
+  props = np.zeros((1, n, 4), np.float32)
+  props[0, :3] = gt
+  props[0, 3:6] = gt + np.array([1, -1, 1, 1]) / S
+  props[0, 6:9] = np.array([[0, 40, 6, 46], [58, 50, 63, 63], [0, 0, 5, 5]]) / S
+  from sln_jax.ops import proposals  # pylint: disable=import-outside-toplevel
+  # The proposals move (by < 0.01 px) with the RPN deltas: a gradient path.
+  monkeypatch.setattr(proposals, 'generate_proposals', lambda scores, deltas, *a, **k: (
+      props + 1e-4 * jnp.tanh(deltas[:, :n]), jnp.arange(n)[None] < 9))
+  seen = {}
+  real_crop, real_pool = roi_align.crop_and_resize, roi_align.multilevel_crop_and_resize
+  real_layer, real_amodal = losses.layer_loss, losses.amodal_loss
+
+  def crop(feats, boxes, size):
+    seen['glm'] = boxes
+    return real_crop(feats, boxes, size)
+
+  def pool(pyramid, rois, size, **kw):
+    seen[f'pool{size}'] = rois
+    return real_pool(pyramid, rois, size, **kw)
+
+  def layer(logits, targets, positive, **kw):
+    seen['layer_positive'] = positive
+    return real_layer(logits, targets, positive, **kw)
+
+  def amodal(logits, targets, positive):
+    seen['amodal_positive'] = positive
+    return real_amodal(logits, targets, positive)
+
+  real_box, real_mask = sln.SLN._box_head, sln.SLN._mask_head
+
+  def box_head(self, *a, mask=None):
+    seen['box_bn_mask'] = mask
+    return real_box(self, *a, mask=mask)
+
+  def mask_head(self, *a, mask=None):
+    seen['mask_bn_mask'] = mask
+    return real_mask(self, *a, mask=mask)
+
+  monkeypatch.setattr(sln.SLN, '_box_head', box_head)
+  monkeypatch.setattr(sln.SLN, '_mask_head', mask_head)
+  monkeypatch.setattr(roi_align, 'crop_and_resize', crop)
+  monkeypatch.setattr(roi_align, 'multilevel_crop_and_resize', pool)
+  monkeypatch.setattr(losses, 'layer_loss', layer)
+  monkeypatch.setattr(losses, 'amodal_loss', amodal)
+  v = sln.init_variables(model, jax.random.PRNGKey(0), S)
+  bbox = v['params']['box_head']['linear_bbox']
+  bbox['kernel'] = jnp.zeros_like(bbox['kernel'])
+  bbox['bias'] = jnp.array([0.0] * 4 + [2.0] * 4)          # (class, coordinate)
+
+  def fwd(params, b):
+    def heads_loss(p):
+      seen.clear()
+      terms = model.apply({'params': p, 'batch_stats': v['batch_stats']}, b,
+                          jax.random.PRNGKey(1), method='train_forward')[0]
+      return sum(terms[k] for k in ('head_class', 'head_bbox', 'layer', 'amodal')), (
+          terms, dict(seen))
+    grads, aux = jax.grad(heads_loss, has_aux=True)(params)
+    return grads, aux
+
+  grads, (terms, got) = jax.device_get(_compile(fwd, v['params'], batch)(v['params'], batch))
+  assert all(float(np.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads['rpn']))
+  assert float(np.abs(grads['box_head']['conv1']['kernel']).max()) > 0
+  assert float(np.abs(grads['mask_head']['conv1']['kernel']).max()) > 0
+  got = {k: np.asarray(x)[0] for k, x in got.items()}
+  o = cfg.model.roi
+  npos = int(o.rois_per_image * o.positive_ratio)
+  box_rois, mask_rois = got[f'pool{o.pool_size}'], got[f'pool{o.mask_pool_size}']
+  assert box_rois.shape == (o.rois_per_image, 4) and mask_rois.shape == (npos, 4)
+  np.testing.assert_array_equal(mask_rois, box_rois[:npos])
+  np.testing.assert_array_equal(got['glm'], mask_rois)
+  assert box_rois.max() <= 1.0
+  iou = _box_iou(box_rois.astype(np.float64), gt)
+  positive = iou.max(1) >= o.fg_iou
+  sampled = (box_rois[:npos, 2] > box_rois[:npos, 0])
+  assert positive.sum() == 6 and sampled.sum() > 6      # negatives among the mask slots
+  np.testing.assert_array_equal(got['layer_positive'], positive[:npos])
+  np.testing.assert_array_equal(got['amodal_positive'], positive[:npos])
+  # model.train_bn: the box head's BN counts the sampled ROIs, the mask head's the positives.
+  np.testing.assert_array_equal(got['box_bn_mask'], box_rois[:, 2] > box_rois[:, 0])
+  np.testing.assert_array_equal(got['mask_bn_mask'], positive[:npos])
+  r, g = box_rois[positive].astype(np.float64), gt[iou[positive].argmax(1)]
+  rh, rw, gh, gw = r[:, 2] - r[:, 0], r[:, 3] - r[:, 1], g[:, 2] - g[:, 0], g[:, 3] - g[:, 1]
+  t = np.stack([(g[:, 0] + 0.5 * gh - r[:, 0] - 0.5 * rh) / rh,
+                (g[:, 1] + 0.5 * gw - r[:, 1] - 0.5 * rw) / rw,
+                np.log(gh / rh), np.log(gw / rw)], -1) / np.asarray(o.bbox_std)
+  d = np.abs(2.0 - t)
+  want = np.mean(np.where(d < 1, 0.5 * d * d, d - 0.5))
+  np.testing.assert_allclose(terms['head_bbox'], want, rtol=1e-4)
