@@ -102,14 +102,7 @@ def test_flip_of_a_tall_image_keeps_padding_right_and_flips_glm_image():
   """The source image is flipped before resizing, so the valid region stays
   at the left of the canvas (padding right), and the GLM image is the
   resize of the flipped canvas."""
-  h, w = 40, 20
-  image = np.random.default_rng(6).integers(0, 256, (h, w, 3), dtype=np.uint8)
-  amodal = np.zeros((2, h, w), bool)
-  amodal[0, 3:30, 2:9] = True
-  amodal[1, 10:38, 5:17] = True
-  occluded = np.zeros_like(amodal)
-  occluded[1] = amodal[0] & amodal[1]
-  index = semdist.layer_index_map(amodal, occluded, np.array([0, 1]))
+  image, index = _scene(40, 20, seed=6)   # tall: 40 x 20 -> 64 x 32 on the canvas
   c = _config()
   ex = _example(image, index, [0, 1])
   a = _np(pipeline.preprocess_example(ex, c, train=True, flip=tf.constant(False)))
