@@ -87,7 +87,8 @@ def _main(argv) -> int:
   elapsed = time.perf_counter() - start
   print(json.dumps({
       'images': FLAGS.images, 'detections': num, 'image': [h, w], 'mask_size': mask_size,
-      'layers': layers, 'mask_paste': config.eval.mask_paste, 'ms_per_image': round(1e3 * elapsed / FLAGS.images, 2),
+      'layers': layers, 'mask_paste': config.eval.mask_paste,
+      'ms_per_image': round(1e3 * elapsed / FLAGS.images, 2),
       'results_per_image': round(count / FLAGS.images, 1)}), flush=True)
   return 0
 

@@ -42,15 +42,16 @@ def check_stages(config: ml_collections.ConfigDict) -> None:
   otherwise."""
   from sln_jax import train as train_lib  # pylint: disable=g-import-not-at-top
   from sln_jax.models import sln  # pylint: disable=g-import-not-at-top
-  names = [name for name, *_ in train_lib.schedule(config)]
-  check = [k for k, name in enumerate(names) if name not in train_lib.STAGE_PATTERNS
-           or train_lib.stage_freeze_history(config, k)]
+  stages = [(name, train_lib.stage_freeze_history(config, k))
+            for k, (name, *_) in enumerate(train_lib.schedule(config))]
+  check = [(name, earlier) for name, earlier in stages
+           if name not in train_lib.STAGE_PATTERNS or earlier]
   if not check:
     return
   shapes = sln.variable_shapes(sln.build_model(config), config.input.image_size)
-  for k in check:
-    train_lib.trainable_mask(shapes['params'], shapes.get('batch_stats', {}), names[k],
-                             config.model.train_bn, train_lib.stage_freeze_history(config, k))
+  for name, earlier in check:
+    train_lib.trainable_mask(shapes['params'], shapes.get('batch_stats', {}), name,
+                             config.model.train_bn, earlier)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, mode: str,
