@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 from sln_jax.ops import nms
+from tests import box_reference
 
 
 def _boxes(rng, n, extent=1.0):
@@ -226,14 +227,6 @@ from hypothesis.extra import numpy as hnp  # noqa: E402
 N = 24
 
 
-def _np_iou(a, b):
-  ih = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
-  iw = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
-  inter = ih * iw
-  area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])
-  return inter / (area(a)[:, None] + area(b)[None, :] - inter)
-
-
 @hypothesis.settings(max_examples=60, deadline=None, derandomize=True)
 @hypothesis.given(
     corner=hnp.arrays(np.int32, (N, 2), elements=st.integers(0, 12)),
@@ -248,7 +241,7 @@ def test_property_matches_tf_on_crowded_grids(corner, side, scores, k, thr, scor
   score ties. Pairs whose IoU sits within float rounding of the threshold
   (where float32 arithmetic order decides) are left out."""
   boxes = np.concatenate([corner, corner + side], 1).astype(np.float32)
-  iou = _np_iou(boxes.astype(np.float64), boxes.astype(np.float64))
+  iou = box_reference.iou(boxes.astype(np.float64), boxes.astype(np.float64))
   hypothesis.assume(not np.any((np.abs(iou - thr) < 1e-5) & (iou > 0)))
   _check(boxes, scores.astype(np.float32), k, thr, tile=tile,
          score_threshold=score_threshold)

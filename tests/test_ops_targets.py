@@ -5,18 +5,9 @@ import numpy as np
 import tensorflow as tf
 
 from sln_jax.ops import targets
+from tests import box_reference
 
 STD = np.array([0.1, 0.1, 0.2, 0.2])
-
-
-def _iou(a, b):
-  ih = np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0],
-                                                             b[None, :, 0])
-  iw = np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1],
-                                                             b[None, :, 1])
-  inter = np.maximum(ih, 0) * np.maximum(iw, 0)
-  ar = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])
-  return inter / (ar(a)[:, None] + ar(b)[None] - inter)
 
 
 def _encode(box, ref):
@@ -35,7 +26,7 @@ def _boxes(rng, n, lo=0.05, hi=0.4):
 
 def _release_rpn_match(anchors, gt):
   """build_rpn_targets before subsampling: 1 pos, -1 neg, 0 neutral."""
-  ov = _iou(anchors, gt)
+  ov = box_reference.iou(anchors, gt)
   match = np.zeros(len(anchors), np.int32)
   best = ov.max(1)
   match[best < 0.3] = -1
@@ -109,7 +100,7 @@ def test_sample_rois():
   props[:, 2:] = np.maximum(props[:, 2:], props[:, :2] + 0.01)
   pvalid = np.ones(100, bool)
   pvalid[-5:] = False
-  ov = _iou(props, gt[:3])
+  ov = box_reference.iou(props, gt[:3])
   best = ov.max(1)
   pos_set = np.flatnonzero(pvalid & (best >= 0.5))
   neg_set = np.flatnonzero(pvalid & (best < 0.5))
@@ -226,7 +217,8 @@ def test_property_sample_rois_invariants(props, gt, p_valid, g_valid, seed):
   cls = np.arange(1, M + 1, dtype=np.int32)
   out = {k: np.asarray(v) for k, v in
          _SAMPLE(jax.random.key(seed), props, p_valid, gt, cls, g_valid).items()}
-  ov = np.where(g_valid[None], _iou(props.astype(np.float64), gt.astype(np.float64)), -1.0)
+  ov = np.where(g_valid[None],
+                box_reference.iou(props.astype(np.float64), gt.astype(np.float64)), -1.0)
   best = ov.max(1) if g_valid.any() else np.full(P, -1.0)
   # Exact IoU 0.5 on a grid: float32 and float64 agree on which side it falls.
   pos_set = np.flatnonzero(p_valid & (best >= 0.5))
@@ -269,7 +261,7 @@ def test_property_rpn_targets_match_release_on_grids(anchors, gt, g_valid):
   g_valid[0] = True                         # no valid GT: test_rpn_targets_subsampling
   labels, _ = _RPN(jax.random.key(0), anchors, gt, g_valid)
   a64, valid_gt = anchors.astype(np.float64), gt[g_valid].astype(np.float64)
-  ov = _iou(a64, valid_gt)
+  ov = box_reference.iou(a64, valid_gt)
   overlapping = ov.max(0) > 0
   # Positives: the release's, over the GTs that overlap some anchor (all of
   # them, usually); negatives: max IoU < 0.3 over every valid GT.

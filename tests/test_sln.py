@@ -11,6 +11,7 @@ import pytest
 from configs import default, tiny
 from sln_jax import losses
 from sln_jax.models import sln
+from tests import box_reference
 
 FAST = {'xla_backend_optimization_level': 0}  # CPU compile time >> run time here
 
@@ -550,14 +551,6 @@ def test_infer_follows_the_documented_pipeline(round_boxes):
   assert np.abs(sig(logits.sum(-1)) - sig(logits[..., 0])).max() > 0.05
 
 
-def _box_iou(a, b):
-  """(N, 4) x (M, 4) IoU, numpy."""
-  area = lambda x: np.maximum(x[..., 2] - x[..., 0], 0) * np.maximum(x[..., 3] - x[..., 1], 0)
-  lo, hi = np.maximum(a[:, None, :2], b[None, :, :2]), np.minimum(a[:, None, 2:], b[None, :, 2:])
-  inter = np.prod(np.maximum(hi - lo, 0), -1)
-  return inter / np.maximum(area(a)[:, None] + area(b)[None] - inter, 1e-12)
-
-
 def test_train_forward_feeds_the_sampled_rois_to_the_heads_and_losses(monkeypatch):
   """Fixed proposals (6 on the objects, 3 off them): the GLM crop reads the
   mask head's ROIs, which are the box head's first slots, normalised; the
@@ -645,7 +638,7 @@ def test_train_forward_feeds_the_sampled_rois_to_the_heads_and_losses(monkeypatc
   np.testing.assert_array_equal(mask_rois, box_rois[:npos])
   np.testing.assert_array_equal(got['glm'], mask_rois)
   assert box_rois.max() <= 1.0
-  iou = _box_iou(box_rois.astype(np.float64), gt)
+  iou = box_reference.iou(box_rois.astype(np.float64), gt)
   positive = iou.max(1) >= o.fg_iou
   sampled = (box_rois[:npos, 2] > box_rois[:npos, 0])
   assert positive.sum() == 6 and sampled.sum() > 6      # negatives among the mask slots
