@@ -43,13 +43,13 @@ def main(argv=None) -> int:
   gt = readers.load_annotations(args.format, args.annotations, args.images,
                                 keep_empty=True)
   results = cliutil.read_json(args.results)
-  metrics = evaluation.evaluate(gt, results, protocol=args.protocol,
-                                results_path=args.results)
+  checked = evaluation.check_results(results, gt, args.results)   # once for both scorings
+  metrics = evaluation.evaluate(gt, checked, protocol=args.protocol)
   with cliutil.atomic_output_file(args.output) as f:
     json.dump(metrics, f, indent=1)
   print(evaluation.format_table(metrics), end='')
   if results and all('depth_layer' in r for r in results):
-    depth = evaluation.depth_order_accuracy(gt, results, results_path=args.results)
+    depth = evaluation.depth_order_accuracy(gt, checked)
     print(evaluation.format_depth_order(depth))
   print(f'wrote {args.output}')
   return 0

@@ -151,18 +151,20 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, model: Any,
   # 'val[:10]' or eval.max_images covers part of the annotation file).
   results, seen = _gather_results(results, seen, workdir)
   gt = [gt_by_id[i] for i in sorted(set(seen))]
-  metrics = eval_lib.evaluate(gt, results, protocol=config.eval.protocol,
+  # Once for the three scorings; the RLEs are pycocotools' own encoding.
+  checked = eval_lib.check_results(results, gt, check_counts=False)
+  metrics = eval_lib.evaluate(gt, checked, protocol=config.eval.protocol,
                               category_agnostic=config.dataset.category_agnostic)
   if jax.process_index() == 0:
     with atomic_output_file(os.path.join(workdir, 'results.json')) as f:
       json.dump(results, f)
     with atomic_output_file(os.path.join(workdir, 'metrics.json')) as f:
       json.dump(metrics, f, indent=1)
-    depth = eval_lib.depth_order_accuracy(gt, results)
+    depth = eval_lib.depth_order_accuracy(gt, checked)
     with atomic_output_file(os.path.join(workdir, 'depth_order.json')) as f:
       json.dump(depth, f, indent=1)
     if not config.dataset.category_agnostic:
-      per_class = eval_lib.per_class_ap(gt, results, protocol=config.eval.protocol)
+      per_class = eval_lib.per_class_ap(gt, checked, protocol=config.eval.protocol)
       with atomic_output_file(os.path.join(workdir, 'per_class_ap.json')) as f:
         json.dump({str(k): v for k, v in per_class.items()}, f, indent=1)
     print(f'evaluation at step {step} on {len(gt)} images '

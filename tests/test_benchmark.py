@@ -212,3 +212,20 @@ def test_postprocess_benchmark_times_the_configs_detections():
   bad = subprocess.run(cmd[:-1] + ['--image=60'], cwd=ROOT, capture_output=True, text=True)
   assert bad.returncode == 2 and bad.stderr.strip() == (
       "error: --image: '60': expected HxW with positive sides, e.g. 480x640")
+
+
+def test_evaluate_benchmark_times_both_callers():
+  """scripts/benchmark_evaluate.py: one JSON line with the time of each part
+  on its synthetic case (every object found, false positives up to
+  --detections); a bad --image is exit code 2."""
+  cmd = [sys.executable, 'scripts/benchmark_evaluate.py', '--images=3', '--detections=15',
+         '--image=40x50']
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
+  row = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert row['images'] == 3 and row['image'] == [40, 50] and row['detections'] == 45
+  parts = ('check_results_own', 'check_results', 'evaluate', 'depth_order')
+  assert all(row[f'{p}_ms_per_image'] > 0 for p in parts)
+  assert row['scripts_evaluate_ms_per_image'] >= row['evaluate_ms_per_image']
+  bad = subprocess.run(cmd[:-1] + ['--image=8x8'], cwd=ROOT, capture_output=True, text=True)
+  assert bad.returncode == 2 and bad.stderr.strip() == (
+      "error: --image: '8x8': expected HxW with sides of at least 16, e.g. 480x640")

@@ -13,6 +13,8 @@ import os
 import subprocess
 import sys
 
+import hypothesis
+import hypothesis.strategies as st
 import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
@@ -189,6 +191,13 @@ def test_max_dets_order_does_not_matter():
 
 
 # --------------------------------------------------------------- vs COCOeval
+def same(want):
+  """Equal to pycocotools' numbers up to float rounding: faster-coco-eval
+  (C++) sums in another order, a last-bit difference; one match more or
+  less moves a metric by 1e-4 or more."""
+  return pytest.approx(want, rel=1e-12, abs=1e-15)
+
+
 def _random_case(rng, n_images=6, category_agnostic=True):
   gt, results = [], []
   for image_id in range(1, n_images + 1):
@@ -260,10 +269,10 @@ def test_matches_cocoeval_on_random_cases(seed):
   m = ev.evaluate(gt, results, subsets=('heavy', 'all'), parts=('things', 'both'))
   names = ev.metric_names()
   want, _ = _cocoeval_stats(gt, results, 'amodal_rle', 'segmentation', False)
-  assert [m['amodal']['all']['both'][n] for n in names] == want
+  assert [m['amodal']['all']['both'][n] for n in names] == same(want)
   assert 0 < want[0] < 1   # a non-trivial case
   want, _ = _cocoeval_stats(gt, results, 'visible_rle', 'visible_mask', False)
-  assert [m['visible']['all']['both'][n] for n in names] == want
+  assert [m['visible']['all']['both'][n] for n in names] == same(want)
   # amodalapi == COCOeval restricted to images with both GT and detections.
   both = sorted({a.image_id for a in gt if a.instances} &
                 {r['image_id'] for r in results})
@@ -272,7 +281,7 @@ def test_matches_cocoeval_on_random_cases(seed):
                   parts=('both',))
   want, _ = _cocoeval_stats(gt, results, 'amodal_rle', 'segmentation', False,
                             img_ids=both)
-  assert [m['amodal']['all']['both'][n] for n in names] == want
+  assert [m['amodal']['all']['both'][n] for n in names] == same(want)
 
 
 def test_category_aware_and_per_class_match_cocoeval():
@@ -280,14 +289,14 @@ def test_category_aware_and_per_class_match_cocoeval():
   m = ev.evaluate(gt, results, category_agnostic=False, subsets=('all',),
                   parts=('both',))
   want, e = _cocoeval_stats(gt, results, 'amodal_rle', 'segmentation', True)
-  assert [m['amodal']['all']['both'][n] for n in ev.metric_names()] == want
+  assert [m['amodal']['all']['both'][n] for n in ev.metric_names()] == same(want)
   per_class = ev.per_class_ap(gt, results)
   gt_cats = sorted({i.category_id for a in gt for i in a.instances})
   assert sorted(per_class) == gt_cats
   for k, c in enumerate(e.params.catIds):
     if c in per_class:
       p = e.eval['precision'][:, :, k, 0, -1]
-      assert per_class[c] == (np.mean(p[p > -1]) if (p > -1).any() else -1)
+      assert per_class[c] == same(np.mean(p[p > -1]) if (p > -1).any() else -1)
 
 
 def test_category_agnostic_erases_gt_categories():
@@ -298,7 +307,7 @@ def test_category_agnostic_erases_gt_categories():
   results = [det(1, rect(0, 2, 10, 12), 0.9), det(1, g1, 0.8)]
   m = ev.evaluate(gt, results, subsets=('all',), parts=('both',))
   want, _ = _cocoeval_stats(gt, results, 'amodal_rle', 'segmentation', False)
-  assert [cell(m)[n] for n in ev.metric_names()] == want
+  assert [cell(m)[n] for n in ev.metric_names()] == same(want)
 
 
 def test_per_class_ap_amodalapi_skips_images_without_detections():
@@ -408,6 +417,107 @@ def test_rle_counts_decodes_pycocotools_strings():
   for bad in ('0\x7f', 'a'):      # out of alphabet; truncated group
     with pytest.raises(ValueError):
       ev.rle_counts(bad)
+
+
+def _counts_or_none(counts):
+  """(sum of runs, none negative) by rle_counts, or None when malformed."""
+  try:
+    runs = ev.rle_counts(counts)
+  except (ValueError, UnicodeEncodeError):
+    return None
+  return int(runs.sum()), bool((runs >= 0).all())
+
+
+@hypothesis.settings(max_examples=60, deadline=None, derandomize=True)
+@hypothesis.given(st.lists(st.one_of(
+    st.tuples(st.integers(1, 30), st.integers(1, 30), st.integers(0, 2 ** 31)),   # a mask
+    st.binary(max_size=12),                                    # any bytes
+    st.text(alphabet=st.characters(min_codepoint=40, max_codepoint=130), max_size=8),
+), max_size=12))
+def test_rle_totals_agree_with_rle_counts_string_by_string(items):
+  """The batched decoder gives each string what rle_counts gives it alone,
+  whatever its neighbours: pycocotools strings, garbage, truncated values,
+  non-ASCII text (sum -1 for the malformed)."""
+  strings = []
+  for item in items:
+    if isinstance(item, tuple):
+      h, w, seed = item
+      rng = np.random.default_rng(seed)
+      m = rng.random((h, w)) < rng.random()
+      strings.append(mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))['counts'])
+    else:
+      strings.append(item)
+  total, nonneg = ev.rle_totals(strings)
+  for s, t, ok in zip(strings, total.tolist(), nonneg.tolist()):
+    want = _counts_or_none(s)
+    assert (None if t == -1 else (t, ok)) == want, s
+
+
+def test_rle_totals_of_masks_cover_their_images():
+  rng = np.random.default_rng(5)
+  sizes = [(int(h), int(w)) for h, w in rng.integers(1, 50, (30, 2))]
+  strings = [mask_utils.encode(np.asfortranarray(
+      (rng.random(hw) < 0.5).astype(np.uint8)))['counts'] for hw in sizes]
+  total, nonneg = ev.rle_totals(strings)
+  assert total.tolist() == [h * w for h, w in sizes] and nonneg.all()
+  assert ev.rle_totals([])[0].shape == (0,)
+
+
+def test_string_rle_totals_do_not_depend_on_the_chunks():
+  _, results = _random_case(np.random.default_rng(6))
+  results[1] = dict(results[1], segmentation={'size': [H, W], 'counts': 'a'})  # truncated
+  whole = ev._string_rle_totals(results, chunk_chars=1 << 30)
+  assert len(whole) == 2 * len(results) and whole[1, 'segmentation'][0] == -1
+  assert all(t == H * W and ok for key, (t, ok) in whole.items() if key[0] != 1)
+  for chunk in (1, 7, 100):
+    assert ev._string_rle_totals(results, chunk_chars=chunk) == whole
+
+
+def test_checked_results_are_scored_without_a_second_check():
+  gt, results = _random_case(np.random.default_rng(4))
+  checked = ev.check_results(results, gt)
+  assert ev.evaluate(gt, checked) == ev.evaluate(gt, results)
+  assert ev.depth_order_accuracy(gt, checked) == ev.depth_order_accuracy(gt, results)
+  assert ev.check_results(checked, gt) is not None
+  # Against other images: only those that hold every detection's image.
+  with pytest.raises(UserError) as err:
+    ev.evaluate(gt[:2], checked, results_path='dt.json')
+  assert err.value.path == 'dt.json' and err.value.field.endswith('.image_id')
+
+
+def test_check_counts_false_skips_only_the_run_check():
+  short = dict(records.encode_mask(A), counts=records.encode_mask(A[:, :-1])['counts'])
+  results = [{'image_id': 1, 'score': 0.5, 'segmentation': short}]
+  with pytest.raises(UserError, match='do not cover'):
+    ev.check_results(results, [image(1, [inst(A)])])
+  (d,) = ev.check_results(results, [image(1, [inst(A)])], check_counts=False)
+  assert d['amodal'] == {'size': [H, W], 'counts': short['counts']}
+  with pytest.raises(UserError, match='image id 2'):   # the structure is still checked
+    ev.check_results([dict(results[0], image_id=2)], [image(1, [inst(A)])],
+                     check_counts=False)
+
+
+def test_matches_cocoeval_past_max_dets_and_with_tied_scores():
+  """More detections than maxDets, scores with ties (C++ and pycocotools
+  must keep the same ones and order them the same way)."""
+  rng = np.random.default_rng(11)
+  gt, results = [], []
+  for image_id in (1, 2, 3):
+    instances = []
+    for _ in range(6):
+      y1, x1 = rng.integers(0, H - 6), rng.integers(0, W - 6)
+      m = rect(y1, x1, y1 + 6, x1 + 6)
+      instances.append(inst(m, rate=float(rng.random())))
+    for _ in range(120):
+      y1, x1 = rng.integers(0, H - 6), rng.integers(0, W - 6)
+      results.append(det(image_id, rect(y1, x1, y1 + int(rng.integers(4, 8)),
+                                        x1 + int(rng.integers(4, 8))),
+                         float(rng.integers(1, 6)) / 5))
+    gt.append(image(image_id, instances))
+  m = ev.evaluate(gt, results, subsets=('all',), parts=('both',))
+  want, _ = _cocoeval_stats(gt, results, 'amodal_rle', 'segmentation', False)
+  assert [cell(m)[n] for n in ev.metric_names()] == same(want)
+  assert 0 < want[0] < 1 and want[3] < want[5]
 
 
 @pytest.mark.parametrize('counts', ['abc', 'P', [10, 5], [800]])
