@@ -36,11 +36,11 @@ import io
 import numbers
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+from faster_coco_eval import COCOeval_faster
+from faster_coco_eval import faster_eval_api_cpp
 import numpy as np
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
-from faster_coco_eval import COCOeval_faster
-from faster_coco_eval import faster_eval_api_cpp
 
 from sln_jax.cliutil import UserError
 

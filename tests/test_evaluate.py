@@ -318,6 +318,21 @@ def test_per_class_ap_amodalapi_skips_images_without_detections():
 
 
 # --------------------------------------------------------------- depth order
+def test_amodalapi_skips_per_category_when_categories_are_used():
+  """Image 1 has GT of categories 1 and 2 but detections of category 1 only:
+  amodalapi drops the (image 1, category 2) pair, coco counts its GT as a
+  miss; image 2 (category 2 GT and detection) is scored by both."""
+  gt = [image(1, [inst(A, cat=1), inst(B, cat=2)]), image(2, [inst(B, cat=2)])]
+  results = [det(1, A, 0.9, category_id=1), det(2, B, 0.8, category_id=2)]
+  assert ev.per_class_ap(gt, results) == {1: ONE, 2: pytest.approx(51 / 101)}
+  assert ev.per_class_ap(gt, results, protocol='amodalapi') == {1: ONE, 2: ONE}
+  m = ev.evaluate(gt, results, protocol='amodalapi', category_agnostic=False,
+                  subsets=('all',), parts=('both',))
+  assert cell(m)['AP'] == ONE
+  m = ev.evaluate(gt, results, category_agnostic=False, subsets=('all',), parts=('both',))
+  assert cell(m)['AP'] == pytest.approx((1 + 51 / 101) / 2)
+
+
 def test_depth_order_accuracy():
   front, back = rect(2, 2, 12, 14), rect(6, 8, 18, 24)
   far = rect(19, 0, 24, 6)   # overlaps nobody
