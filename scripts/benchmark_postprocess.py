@@ -9,8 +9,9 @@ amodal, visible and layer maps into the original image, threshold, RLE
 encode, pairwise depth order). Inputs are random detections shaped like
 ``SLN.infer``'s outputs under the config (``model.detection.max_detections``,
 ``model.roi.mask_size``, ``model.num_layers``, ``input.image_size`` canvas),
-with box sides log-uniform between 16 and 512 canvas pixels, for an original
-image of ``--image HxW`` (COCOA's typical 480x640 by default).
+with box sides log-uniform between 16 and 512 canvas pixels and probability
+maps that are one noisy elliptic blob each (a mask, not noise), for an
+original image of ``--image HxW`` (COCOA's typical 480x640 by default).
 Prints one JSON line: images, detections, image, mask_size, layers,
 ms_per_image, results_per_image.
 """
@@ -39,6 +40,22 @@ flags.DEFINE_integer('seed', 0, 'Seed of the random detections.')
 FLAGS = flags.FLAGS
 
 
+def _blobs(rng: np.random.Generator, num: int, size: int, channels: int = 0) -> np.ndarray:
+  """(num, size, size[, channels]) float32 probabilities of one elliptic blob
+  each (centre, radii and sharpness random) with a little noise: shaped like
+  a mask head's output, so the pasted masks have a mask's few runs per
+  column (pure noise would have one run every other pixel)."""
+  shape = (num,) + ((channels,) if channels else ())
+  grid = (np.arange(size, dtype=np.float32) + 0.5) / size
+  cy, cx = (rng.uniform(0.3, 0.7, shape + (1, 1)).astype(np.float32) for _ in range(2))
+  ry, rx = (rng.uniform(0.2, 0.5, shape + (1, 1)).astype(np.float32) for _ in range(2))
+  d = ((grid[:, None] - cy) / ry) ** 2 + ((grid[None, :] - cx) / rx) ** 2
+  logits = np.clip(rng.uniform(3, 8, shape + (1, 1)).astype(np.float32) * (1 - d), -30, 30)
+  probs = 1 / (1 + np.exp(-logits)) + rng.normal(0, 0.05, d.shape).astype(np.float32)
+  probs = np.clip(probs, 0, 1)
+  return np.moveaxis(probs, 1, -1) if channels else probs
+
+
 def random_detections(rng: np.random.Generator, num: int, canvas: int,
                       mask_size: int, layers: int) -> dict:
   """``SLN.infer``-shaped detections of one image (batch axis removed)."""
@@ -50,9 +67,9 @@ def random_detections(rng: np.random.Generator, num: int, canvas: int,
       'scores': rng.uniform(0.05, 1.0, num).astype(np.float32),
       'classes': rng.integers(1, 3, num).astype(np.int32),
       'valid': np.ones(num, bool),
-      'amodal_probs': rng.random((num, mask_size, mask_size), np.float32),
-      'visible_probs': rng.random((num, mask_size, mask_size), np.float32),
-      'layer_probs': rng.random((num, mask_size, mask_size, layers), np.float32),
+      'amodal_probs': _blobs(rng, num, mask_size),
+      'visible_probs': _blobs(rng, num, mask_size),
+      'layer_probs': _blobs(rng, num, mask_size, layers),
   }
 
 

@@ -21,6 +21,7 @@ about n / m pixels around the box centre. No antialiasing in either.
 from __future__ import annotations
 
 import colorsys
+import functools
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
@@ -39,10 +40,13 @@ def integer_box(box: Sequence[float], height: int,
           min(max(y2, 0), height), min(max(x2, 0), width))
 
 
+@functools.lru_cache(maxsize=1024)
 def _interp_matrix(n_out: int, n_in: int,
                    align_corners: bool = False) -> np.ndarray:
   """(n_out, n_in) bilinear weights, edge clamped: half-pixel centres, or
-  (``align_corners``) first and last samples on the first and last pixel."""
+  (``align_corners``) first and last samples on the first and last pixel.
+
+  Cached (read-only): pasted boxes come in a few hundred sizes."""
   if align_corners and n_out == 1:
     src = np.full(1, (n_in - 1) / 2)
   elif align_corners:
@@ -55,8 +59,9 @@ def _interp_matrix(n_out: int, n_in: int,
   frac = src - lo
   w = np.zeros((n_out, n_in), np.float64)
   rows = np.arange(n_out)
-  np.add.at(w, (rows, lo), 1.0 - frac)
-  np.add.at(w, (rows, hi), frac)
+  w[rows, lo] = 1.0 - frac
+  w[rows, hi] += frac      # a second statement: adds where hi == lo (the clamped edge)
+  w.flags.writeable = False
   return w
 
 
@@ -70,6 +75,8 @@ def resize_bilinear(prob: np.ndarray, height: int, width: int,
   m, n = prob.shape[:2]
   wy = _interp_matrix(height, m, align_corners)
   wx = _interp_matrix(width, n, align_corners)
+  if prob.ndim == 2:
+    return wy @ prob.astype(np.float64) @ wx.T
   rows = wy @ prob.astype(np.float64).reshape(m, -1)   # (height, n * C)
   rows = np.moveaxis(rows.reshape((height, n) + prob.shape[2:]), 1, -1)
   return np.moveaxis(rows @ wx.T, -1, 1)               # (height, width[, C])
@@ -153,18 +160,19 @@ def pairwise_votes_crops(
   """
   n = len(layers)
   votes = np.zeros((n, n), np.int64)
-  for i in range(n):
-    for j in range(i + 1, n):
-      bi, bj = boxes[i], boxes[j]
-      y1, x1 = max(bi[0], bj[0]), max(bi[1], bj[1])
-      y2, x2 = min(bi[2], bj[2]), min(bi[3], bj[3])
-      if y2 <= y1 or x2 <= x1:
-        continue
-      li = layers[i][y1 - bi[0]:y2 - bi[0], x1 - bi[1]:x2 - bi[1]]
-      lj = layers[j][y1 - bj[0]:y2 - bj[0], x1 - bj[1]:x2 - bj[1]]
-      both = (li >= 0) & (lj >= 0)
-      votes[i, j] = int(np.sum(both & (li < lj))) - int(np.sum(both & (li > lj)))
-      votes[j, i] = -votes[i, j]
+  b = np.asarray(boxes, np.int64).reshape(n, 4)
+  lo = np.maximum(b[:, None, :2], b[None, :, :2])        # (n, n, 2) overlap top-left
+  hi = np.minimum(b[:, None, 2:], b[None, :, 2:])
+  overlap = np.triu(np.all(hi > lo, axis=-1), 1)
+  for i, j in zip(*np.nonzero(overlap)):                 # i < j, boxes overlap
+    bi, bj = boxes[i], boxes[j]
+    y1, x1 = max(bi[0], bj[0]), max(bi[1], bj[1])
+    y2, x2 = min(bi[2], bj[2]), min(bi[3], bj[3])
+    li = layers[i][y1 - bi[0]:y2 - bi[0], x1 - bi[1]:x2 - bi[1]]
+    lj = layers[j][y1 - bj[0]:y2 - bj[0], x1 - bj[1]:x2 - bj[1]]
+    both = (li >= 0) & (lj >= 0)
+    votes[i, j] = int(np.sum(np.sign(lj - li), where=both))   # +1 where i is in front
+    votes[j, i] = -votes[i, j]
   return votes
 
 
@@ -203,6 +211,39 @@ def depth_layers(order: np.ndarray,
 # --------------------------------------------------------------- results
 def _rle(mask: np.ndarray) -> dict:
   rle = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
+  rle['counts'] = rle['counts'].decode('ascii')
+  return rle
+
+
+def rle_of_crop(crop: np.ndarray, box: Sequence[int], height: int, width: int) -> dict:
+  """COCO RLE (counts str) of a (height, width) mask that is ``crop`` inside
+  the integer ``box`` (y1, x1, y2, x2) and 0 elsewhere: the string
+  pycocotools' ``encode`` gives the full mask, at the cost of the crop
+  (5x less for a 20-pixel box in a 480x640 image, the same for one covering
+  half of it).
+
+  Runs follow the column-major order: a run starts at each pixel whose value
+  differs from the one before it, found in the crop's columns, each followed
+  by a 0; a crop touching the bottom edge ends a column where the next
+  column's first pixel may start, so starts met twice cancel.
+  """
+  y1, x1 = int(box[0]), int(box[1])
+  crop = np.asarray(crop, bool)
+  ch, cw = crop.shape
+  cols = np.zeros((cw, ch + 1), np.int8)             # column-major, a 0 after each column
+  cols[:, :ch] = crop.T
+  flat = cols.reshape(-1)
+  p = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+  if flat.size and flat[0]:
+    p = np.concatenate([[0], p])
+  col, row = np.divmod(p, ch + 1)
+  at = (x1 + col) * height + y1 + row                # first pixel of each new run
+  if y1 + ch == height and at.size:
+    at, n = np.unique(at, return_counts=True)
+    at = at[(n % 2 == 1) & (at < height * width)]    # nothing starts after the last pixel
+  counts = np.diff(np.concatenate([[0], at, [height * width]]))
+  rle = mask_utils.frPyObjects({'size': [height, width], 'counts': counts.tolist()},
+                               height, width)
   rle['counts'] = rle['counts'].decode('ascii')
   return rle
 
@@ -275,10 +316,6 @@ def detections_to_results(image_id: int, dets: Mapping[str, np.ndarray],
     layer = np.where(visible, 0, layer)
     layer_maps.append(layer)
     int_boxes.append(b)
-    full_amodal = np.zeros((h, w), np.uint8, order='F')  # the RLE encoder's layout
-    full_amodal[b[0]:b[2], b[1]:b[3]] = amodal
-    full_visible = np.zeros((h, w), np.uint8, order='F')
-    full_visible[b[0]:b[2], b[1]:b[3]] = visible
     cls = int(classes[i])
     y1, x1, y2, x2 = np.clip(boxes[i], 0, [h, w, h, w])
     results.append({
@@ -286,8 +323,8 @@ def detections_to_results(image_id: int, dets: Mapping[str, np.ndarray],
         'category_id': int(category_map[cls]) if category_map else cls,
         'score': float(scores[i]),
         'bbox': [float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
-        'segmentation': _rle(full_amodal),
-        'visible_mask': _rle(full_visible),
+        'segmentation': rle_of_crop(amodal, b, h, w),
+        'visible_mask': rle_of_crop(visible, b, h, w),
     })
   votes = pairwise_votes_crops(layer_maps, int_boxes)
   layers = depth_layers(np.sign(votes), strength=votes)

@@ -2,6 +2,7 @@
 import json
 
 import hypothesis
+import hypothesis.strategies as st
 import numpy as np
 import pytest
 import torch
@@ -126,6 +127,35 @@ def test_pairwise_order_crops_matches_semdist():
   got = predict.pairwise_order_crops(crops, boxes)
   np.testing.assert_array_equal(got, np.asarray(semdist.pairwise_order(full)))
   assert np.abs(got).sum() > 0
+
+
+@hypothesis.settings(max_examples=300, deadline=None, derandomize=True)
+@hypothesis.given(st.integers(1, 16), st.integers(1, 16), st.data())
+def test_rle_of_crop_is_pycocotools_encoding_of_the_full_mask(h, w, data):
+  """The same counts string as pycocotools' encode of the pasted mask, for
+  boxes touching any edge, empty, full and single-pixel crops."""
+  y1, y2 = sorted(data.draw(st.lists(st.integers(0, h), min_size=2, max_size=2)))
+  x1, x2 = sorted(data.draw(st.lists(st.integers(0, w), min_size=2, max_size=2)))
+  seed = data.draw(st.integers(0, 2 ** 31))
+  density = data.draw(st.sampled_from([0.0, 0.2, 0.7, 1.0]))
+  crop = np.random.default_rng(seed).random((y2 - y1, x2 - x1)) < density
+  full = np.zeros((h, w), np.uint8, order='F')
+  full[y1:y2, x1:x2] = crop
+  want = mask_utils.encode(full)
+  got = predict.rle_of_crop(crop, (y1, x1, y2, x2), h, w)
+  assert got == {'size': [h, w], 'counts': want['counts'].decode('ascii')}
+
+
+def test_pairwise_votes_crops_counts_only_pixels_both_cover():
+  """Three crops: 0 and 1 overlap on a 2x2 block (0 in front on 3 pixels,
+  behind on 1), 2 touches 1 only along an edge (no shared pixel)."""
+  layers = [np.zeros((4, 4), int), np.ones((4, 4), int), np.zeros((2, 2), int)]
+  layers[1][0, 0] = -1          # absent there: not a vote
+  layers[0][3, 3] = 2           # behind 1's layer 1 here
+  votes = predict.pairwise_votes_crops(layers, [(0, 0, 4, 4), (2, 2, 6, 6), (6, 0, 8, 2)])
+  # Overlap rows/cols 2..3 of 0 = rows/cols 0..1 of 1: (0,0) of 1 absent.
+  assert votes[0, 1] == 2 - 1 and votes[1, 0] == -1
+  assert votes[0, 2] == votes[2, 0] == votes[1, 2] == votes[2, 1] == 0
 
 
 def test_depth_layers_longest_chain():
