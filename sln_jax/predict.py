@@ -209,12 +209,6 @@ def depth_layers(order: np.ndarray,
 
 
 # --------------------------------------------------------------- results
-def _rle(mask: np.ndarray) -> dict:
-  rle = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
-  rle['counts'] = rle['counts'].decode('ascii')
-  return rle
-
-
 def rle_of_crop(crop: np.ndarray, box: Sequence[int], height: int, width: int) -> dict:
   """COCO RLE (counts str) of a (height, width) mask that is ``crop`` inside
   the integer ``box`` (y1, x1, y2, x2) and 0 elsewhere: the string
