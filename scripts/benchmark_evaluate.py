@@ -89,13 +89,7 @@ def _parse(argv=None) -> argparse.Namespace:
 
 def _main(argv=None) -> int:
   args = _parse(argv)
-  try:
-    h, w = (int(v) for v in args.image.lower().split('x'))
-    if h < 16 or w < 16:
-      raise ValueError
-  except ValueError:
-    raise cliutil.UserError(f'{args.image!r}: expected HxW with sides of at least 16, '
-                            'e.g. 480x640', field='--image') from None
+  h, w = cliutil.parse_size(args.image, '--image', minimum=16)
   if args.images < 1:
     raise cliutil.UserError(f'{args.images}: must be at least 1', field='--images')
   if args.detections < 0:

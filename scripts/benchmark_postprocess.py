@@ -77,13 +77,7 @@ def _main(argv) -> int:
   if len(argv) > 1:
     raise cliutil.UserError(f'unexpected arguments: {" ".join(argv[1:])}')
   config = _CONFIG.value
-  try:
-    h, w = (int(v) for v in FLAGS.image.lower().split('x'))
-    if h < 1 or w < 1:
-      raise ValueError
-  except ValueError:
-    raise cliutil.UserError(f'{FLAGS.image!r}: expected HxW with positive sides, '
-                            'e.g. 480x640', field='--image') from None
+  h, w = cliutil.parse_size(FLAGS.image, '--image')
   canvas = int(config.input.image_size)
   num = int(FLAGS.detections if FLAGS.detections >= 0
             else config.model.detection.max_detections)

@@ -30,6 +30,20 @@ def listing(title: str, items: list[str], limit: int = 40) -> str:
   return f'{len(items)} {title}: {", ".join(shown)}{more}'
 
 
+def parse_size(text: str, field: str, minimum: int = 1) -> tuple[int, int]:
+  """'HxW' (e.g. '480x640') -> (H, W), each at least ``minimum``; anything
+  else is a UserError naming ``field``."""
+  try:
+    h, w = (int(v) for v in text.lower().split('x'))
+    if h < minimum or w < minimum:
+      raise ValueError
+  except ValueError:
+    sides = 'positive sides' if minimum == 1 else f'sides of at least {minimum}'
+    raise UserError(f'{text!r}: expected HxW with {sides}, e.g. 480x640',
+                    field=field) from None
+  return h, w
+
+
 def read_json(path: str):
   """The JSON value in ``path``; a missing or unreadable file is a UserError."""
   if not os.path.isfile(path):

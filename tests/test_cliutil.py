@@ -268,3 +268,12 @@ def test_parse_flags_names_the_override_and_the_close_match(override, message):
           'config_flag=c))\n')
   proc = _run_cli(code, '--config=configs/tiny.py', override)
   assert proc.returncode == 2 and proc.stderr == message + '\n', proc.stderr
+
+
+def test_parse_size_reads_hxw_and_names_the_field():
+  assert cliutil.parse_size('480x640', '--image') == (480, 640)
+  assert cliutil.parse_size('16X20', '--image', minimum=16) == (16, 20)
+  for bad, minimum in (('480', 1), ('0x5', 1), ('ax5', 1), ('15x20', 16), ('1x2x3', 1)):
+    with pytest.raises(cliutil.UserError) as err:
+      cliutil.parse_size(bad, '--image', minimum=minimum)
+    assert err.value.field == '--image' and repr(bad) in str(err.value)
