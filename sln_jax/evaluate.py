@@ -62,34 +62,59 @@ def metric_names(max_dets: Sequence[int] = (1, 10, 100)) -> list[str]:
 
 
 # --------------------------------------------------------------- validation
-def rle_counts(counts: str | bytes) -> np.ndarray:
-  """Run lengths of a compressed COCO RLE string (pycocotools' rleFrString).
+def _decode_rle_strings(raw: Sequence[bytes]) -> tuple[np.ndarray, ...]:
+  """Run lengths of compressed COCO RLE strings (pycocotools' rleFrString),
+  all strings in one vectorised pass.
 
-  Vectorised: 6 bits per char (offset 48), 5 value bits, 0x20 = more chars
-  follow, sign bit 0x10 in a value's last char, runs from the third on stored
-  as differences to the run two before. Raises ValueError when malformed.
+  6 bits per char (offset 48), 5 value bits, 0x20 = more chars follow, sign
+  bit 0x10 in a value's last char, runs from the third on stored as
+  differences to the run two before. Returns (runs, owner: the string of
+  each run, first: index of each string's first run, count: runs per
+  string, bad_char, truncated); the runs of a malformed string are
+  meaningless.
   """
-  raw = counts.encode('ascii') if isinstance(counts, str) else bytes(counts)
-  c = np.frombuffer(raw, np.uint8).astype(np.int64) - 48
-  if c.size == 0:
-    return np.zeros(0, np.int64)
-  if (c < 0).any() or (c > 63).any():
-    raise ValueError('character outside the RLE alphabet')
+  n = len(raw)
+  lens = np.fromiter((len(r) for r in raw), np.int64, n)
+  c = np.frombuffer(b''.join(raw), np.uint8).astype(np.int64) - 48
+  sid = np.repeat(np.arange(n), lens)                     # string of each char
+  bad_char = np.bincount(sid, (c < 0) | (c > 63), n) > 0
+  last = np.cumsum(lens) - 1
   more = (c & 0x20) != 0
-  if more[-1]:
-    raise ValueError('truncated')
-  ends = np.flatnonzero(~more)
-  gid = np.concatenate([[0], np.cumsum(~more)[:-1]])
-  starts = np.concatenate([[0], ends[:-1] + 1])
+  truncated = np.zeros(n, bool)
+  truncated[lens > 0] = more[last[lens > 0]]
+  ends = ~more
+  ends[last[lens > 0]] = True                             # no value spans two strings
+  end_at = np.flatnonzero(ends)
+  starts = np.concatenate([[0], end_at[:-1] + 1])
+  gid = np.cumsum(ends) - ends                            # value of each char
   k = np.arange(c.size) - starts[gid]
-  x = np.zeros(ends.size, np.int64)
-  np.add.at(x, gid, (c & 0x1f) << (5 * k))
-  neg = (c[ends] & 0x10) != 0
-  x[neg] -= np.left_shift(1, 5 * (k[ends][neg] + 1))
+  x = np.add.reduceat((c & 0x1f) << (5 * k), starts) if c.size else np.zeros(0, np.int64)
+  neg = (c[end_at] & 0x10) != 0
+  x[neg] -= np.left_shift(1, 5 * (k[end_at][neg] + 1))
+  owner = sid[end_at]                                     # string of each value
+  count = np.bincount(owner, minlength=n)
+  first = np.concatenate([[0], np.cumsum(count)[:-1]])
+  j = np.arange(x.size) - first[owner]                    # run index in its string
+  # Per parity of j, a running sum (run 0 left out) minus its value before
+  # the string's first run.
   runs = x.copy()
+  before = first[owner] - 1                               # last value of the previous string
   for parity in (0, 1):
-    first = 2 if parity == 0 else 1   # runs 0, 1 and 2 are stored as is
-    runs[first::2] = np.cumsum(x[first::2])
+    sel = (j % 2 == parity) & (j > 0)
+    csum = np.cumsum(np.where(sel, x, 0))
+    runs[sel] = csum[sel] - np.where(before[sel] >= 0, csum[np.maximum(before[sel], 0)], 0)
+  return runs, owner, first, count, bad_char, truncated
+
+
+def rle_counts(counts: str | bytes) -> np.ndarray:
+  """Run lengths of one compressed COCO RLE string (:func:`_decode_rle_strings`).
+  Raises ValueError when malformed (UnicodeEncodeError for non-ASCII text)."""
+  raw = counts.encode('ascii') if isinstance(counts, str) else bytes(counts)
+  runs, _, _, _, bad_char, truncated = _decode_rle_strings([raw])
+  if bad_char[0]:
+    raise ValueError('character outside the RLE alphabet')
+  if truncated[0]:
+    raise ValueError('truncated')
   return runs
 
 
@@ -102,51 +127,21 @@ def rle_totals(counts: Sequence[str | bytes]) -> tuple[np.ndarray, np.ndarray]:
   malformed string (outside the alphabet, truncated, not ASCII) gets sum -1:
   :func:`rle_counts` says what is wrong with it.
   """
-  n = len(counts)
-  raw, ascii_ok = [], np.ones(n, bool)
+  raw, ascii_ok = [], np.ones(len(counts), bool)
   for i, s in enumerate(counts):
     try:
       raw.append(s.encode('ascii') if isinstance(s, str) else bytes(s))
     except UnicodeEncodeError:
       raw.append(b'')
       ascii_ok[i] = False
-  lens = np.fromiter((len(r) for r in raw), np.int64, n)
-  c = np.frombuffer(b''.join(raw), np.uint8).astype(np.int64) - 48
-  sid = np.repeat(np.arange(n), lens)                     # string of each char
-  bad = np.bincount(sid, (c < 0) | (c > 63), n) > 0
-  last = np.cumsum(lens) - 1
-  more = (c & 0x20) != 0
-  bad[lens > 0] |= more[last[lens > 0]]                  # truncated value
-  ends = ~more
-  ends[last[lens > 0]] = True                             # no value spans two strings
-  end_at = np.flatnonzero(ends)
-  starts = np.concatenate([[0], end_at[:-1] + 1])
-  gid = np.cumsum(ends) - ends                            # value of each char
-  k = np.arange(c.size) - starts[gid]
-  x = np.add.reduceat((c & 0x1f) << (5 * k), starts) if c.size else np.zeros(0, np.int64)
-  neg = (c[end_at] & 0x10) != 0
-  x[neg] -= np.left_shift(1, 5 * (k[end_at][neg] + 1))
-  vsid = sid[end_at]                                      # string of each value
-  vcount = np.bincount(vsid, minlength=n)
-  vstart = np.concatenate([[0], np.cumsum(vcount)[:-1]])
-  j = np.arange(x.size) - vstart[vsid]                    # run index in its string
-  # Runs 0, 1, 2 are stored as is, run j > 2 as the difference to run j - 2:
-  # per parity of j, a running sum (run 0 left out) minus its value before
-  # the string's first run.
-  runs = x.copy()
-  before = vstart[vsid] - 1                                # last value of the previous string
-  for parity in (0, 1):
-    part = np.where((j % 2 == parity) & (j > 0), x, 0)
-    csum = np.cumsum(part)
-    sel = (j % 2 == parity) & (j > 0)
-    runs[sel] = csum[sel] - np.where(before[sel] >= 0, csum[np.maximum(before[sel], 0)], 0)
-  has = vcount > 0
-  total = np.zeros(n, np.int64)
-  nonneg = np.ones(n, bool)
-  if x.size:
-    total[has] = np.add.reduceat(runs, vstart[has])
-    nonneg[has] = np.minimum.reduceat(runs, vstart[has]) >= 0
-  total[bad | ~ascii_ok] = -1
+  runs, _, first, count, bad_char, truncated = _decode_rle_strings(raw)
+  has = count > 0
+  total = np.zeros(len(raw), np.int64)
+  nonneg = np.ones(len(raw), bool)
+  if runs.size:
+    total[has] = np.add.reduceat(runs, first[has])
+    nonneg[has] = np.minimum.reduceat(runs, first[has]) >= 0
+  total[bad_char | truncated | ~ascii_ok] = -1
   return total, nonneg
 
 

@@ -21,6 +21,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from input_pipeline import readers
 from input_pipeline import records
 from sln_jax import evaluate as ev
 from sln_jax.cliutil import UserError, run_cli
@@ -435,12 +436,15 @@ def test_rle_counts_decodes_pycocotools_strings():
 
 
 def _counts_or_none(counts):
-  """(sum of runs, none negative) by rle_counts, or None when malformed."""
+  """(sum of runs, none negative) by the readers' loop decoder (an
+  independent transcription of pycocotools' rleFrString), or None when
+  malformed."""
+  text = counts.decode('latin-1') if isinstance(counts, bytes) else counts
   try:
-    runs = ev.rle_counts(counts)
-  except (ValueError, UnicodeEncodeError):
+    runs = readers._compressed_counts(text)   # pylint: disable=protected-access
+  except ValueError:
     return None
-  return int(runs.sum()), bool((runs >= 0).all())
+  return sum(runs), all(r >= 0 for r in runs)
 
 
 @hypothesis.settings(max_examples=60, deadline=None, derandomize=True)
@@ -449,10 +453,11 @@ def _counts_or_none(counts):
     st.binary(max_size=12),                                    # any bytes
     st.text(alphabet=st.characters(min_codepoint=40, max_codepoint=130), max_size=8),
 ), max_size=12))
-def test_rle_totals_agree_with_rle_counts_string_by_string(items):
-  """The batched decoder gives each string what rle_counts gives it alone,
-  whatever its neighbours: pycocotools strings, garbage, truncated values,
-  non-ASCII text (sum -1 for the malformed)."""
+def test_rle_totals_agree_with_a_loop_decoder_string_by_string(items):
+  """The batched decoder gives each string what a plain loop decoder gives
+  it alone, whatever its neighbours: pycocotools strings, garbage, truncated
+  values, non-ASCII text (sum -1 for the malformed); rle_counts, one string
+  through the same decoder, agrees and raises on the malformed."""
   strings = []
   for item in items:
     if isinstance(item, tuple):
@@ -466,6 +471,12 @@ def test_rle_totals_agree_with_rle_counts_string_by_string(items):
   for s, t, ok in zip(strings, total.tolist(), nonneg.tolist()):
     want = _counts_or_none(s)
     assert (None if t == -1 else (t, ok)) == want, s
+    if want is None:
+      with pytest.raises((ValueError, UnicodeEncodeError)):
+        ev.rle_counts(s)
+    else:
+      runs = ev.rle_counts(s)
+      assert (int(runs.sum()), bool((runs >= 0).all())) == want
 
 
 def test_rle_totals_of_masks_cover_their_images():
