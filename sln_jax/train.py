@@ -397,8 +397,30 @@ def prefetch_to_devices(batches: Iterable[Batch], depth: int = 2) -> Iterator[Ba
     enqueue(1)
 
 
+def _first_shard(x: Any) -> Any:
+  """The first local device's shard of a device array (leading axis of
+  length 1 kept); other leaves as they are. Taking it queues no computation."""
+  return x.addressable_data(0) if isinstance(x, jax.Array) else x
+
+
 def unreplicate(tree: PyTree) -> PyTree:
-  return jax.tree.map(lambda x: x[0], tree)
+  """One copy of a tree replicated along a leading device axis, as arrays on
+  the first local device. Slices that device's shard: ``x[0]`` on the whole
+  array would run a computation across every device (0.45 s against 0.04 s
+  for the synthetic model's train state on 8 CPU devices)."""
+  return jax.tree.map(lambda x: _first_shard(x)[0], tree)
+
+
+def first_replica(tree: PyTree) -> PyTree:
+  """The host (numpy) values of the first local device's copy of each leaf
+  (leading device axis dropped), e.g. a step's pmean-ed metrics.
+
+  Copies one shard per leaf and queues no computation on the devices, so it
+  waits only for the step that produced ``tree``; ``x[0]`` would queue a
+  slice on every device behind the steps dispatched since, and the host
+  would wait for those too.
+  """
+  return jax.tree.map(lambda x: np.asarray(x)[0], jax.device_get(jax.tree.map(_first_shard, tree)))
 
 
 # --------------------------------------------------------------------- checkpoints
@@ -670,7 +692,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, model: Any,
     """Reads one finished step's metrics (blocks until that step is done);
     stops on a non-finite loss."""
     step, out = pending
-    out = jax.device_get(jax.tree.map(lambda x: x[0], out))
+    out = first_replica(out)
     bad = _first_bad_loss({n: v for n, v in out.items() if n.startswith('loss/')})
     if bad is not None:
       pbar.close()
@@ -725,8 +747,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, model: Any,
       writer.write_scalars(done, scalars)
       sums, count, t_log = {}, 0, time.perf_counter()
     if summary:
-      params = jax.tree.map(lambda x: x[0], rstate.params)
-      stats = jax.tree.map(lambda x: x[0], rstate.batch_stats)
+      params, stats = unreplicate((rstate.params, rstate.batch_stats))
       one = jax.tree.map(lambda x: np.asarray(x)[0, :1], batch)
       writer.write_images(done, image_summary_fn({'params': params, 'batch_stats': stats}, one))
     if save:

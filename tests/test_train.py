@@ -6,6 +6,7 @@ and entry points as SLN) so every test compiles in seconds.
 """
 import gc
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -489,8 +490,13 @@ _DATA_PARALLEL = textwrap.dedent('''
       s = train.replicate(state, devices)
       for _ in range(2):
         s, out = p(s, batch)
-      outs[name] = dict(params=[np.asarray(x[0]).tolist() for x in jax.tree.leaves(s.params)],
-                        loss=float(out['loss/total'][0]))
+      first = train.unreplicate(s.params)          # the first device's shard
+      for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(s.params)):
+        assert a.shape == b.shape[1:] and np.array_equal(np.asarray(b)[0], np.asarray(a))
+      metrics = train.first_replica(out)
+      assert set(metrics) == set(out) and metrics['loss/total'] == np.asarray(out['loss/total'])[0]
+      outs[name] = dict(params=[np.asarray(x).tolist() for x in jax.tree.leaves(first)],
+                        loss=float(metrics['loss/total']))
     print(json.dumps(outs))
 ''')
 
@@ -542,3 +548,28 @@ def test_layer_ratios_pool_the_counts_and_drop_them():
       'metric/layer1_recall': 0.75, 'metric/layer1_precision': 0.5,
       'metric/layer2_recall': 0.0}   # no predicted pixels: no precision
   assert 'metric/layer1_hit_px' in scalars  # the input is not changed
+
+
+def test_first_replica_and_unreplicate_read_the_first_devices_copy(caplog):
+  n = jax.local_device_count()
+  stacked = {'loss': np.arange(n, dtype=np.float32) * 0 + 2.5,
+             'w': np.stack([np.arange(15, dtype=np.int32).reshape(3, 5)] * n),
+             'h': np.stack([np.full((2, 7), 0.25, jnp.bfloat16)] * n)}
+  tree = train.shard(stacked)
+  with jax.log_compiles(), caplog.at_level(logging.WARNING):
+    host = train.first_replica(tree)
+  # A host copy of one shard: no computation compiled (nor run) on the devices.
+  assert not [r for r in caplog.records if 'Compiling' in r.getMessage()]
+  for k, v in stacked.items():
+    assert isinstance(host[k], (np.ndarray, np.generic)) and host[k].dtype == v.dtype
+    np.testing.assert_array_equal(host[k], v[0])
+  dev = train.unreplicate(tree)
+  for k, v in stacked.items():
+    assert isinstance(dev[k], jax.Array) and dev[k].shape == v.shape[1:]
+    np.testing.assert_array_equal(np.asarray(dev[k]), v[0])
+  # The check above can see a device computation: indexing the global array
+  # compiles one (a shape no other test uses).
+  caplog.clear()
+  with jax.log_compiles(), caplog.at_level(logging.WARNING):
+    jax.tree.map(lambda x: x[0], train.shard({'x': np.zeros((n, 11, 13), np.float32)}))
+  assert [r for r in caplog.records if 'Compiling' in r.getMessage()]
