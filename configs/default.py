@@ -149,6 +149,7 @@ def get_config() -> ml_collections.ConfigDict:
   e.max_images = -1         # -1: the whole split; N: N images in all (the first of each process's shard)
   e.mask_threshold = 0.5
   e.mask_paste = 'aligned'  # aligned (the targets' geometry) | bilinear (half-pixel: the release's geometry) | release (QUIRK: min-max byte-scaled PIL resize, predict.release_paste)
+  e.host_workers = -1       # processes turning detections into results (paste, RLE, depth order); -1: none on a CPU backend, else CPUs - 2 (at most 16)
 
   c.predict = p = ml_collections.ConfigDict()
   p.input_dir = ''

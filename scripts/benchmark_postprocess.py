@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from sln_jax import cliutil, predict  # noqa: E402
+from sln_jax import cliutil, host_workers, predict  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/default.py', 'Model/config file.')
 flags.DEFINE_string('image', '480x640', 'Original image size HxW.')
@@ -37,6 +37,8 @@ flags.DEFINE_integer('images', 20, 'Images timed (after one warm-up image).', lo
 flags.DEFINE_integer('detections', -1, 'Detections per image; -1 = '
                      'config.model.detection.max_detections.')
 flags.DEFINE_integer('seed', 0, 'Seed of the random detections.')
+flags.DEFINE_integer('workers', 0, 'Worker processes (eval.host_workers; 0: in this process).',
+                     lower_bound=0)
 FLAGS = flags.FLAGS
 
 
@@ -87,19 +89,21 @@ def _main(argv) -> int:
   images = [random_detections(rng, num, canvas, mask_size, layers)
             for _ in range(FLAGS.images + 1)]
   # The evaluator's call (sln_jax.inference.evaluate).
-  to_results = functools.partial(predict.detections_to_results,
-                                 mask_threshold=config.eval.mask_threshold,
-                                 mask_paste=config.eval.mask_paste)
-  to_results(0, images[0], (scale, scale), (h, w))  # warm-up
-  count = 0
-  start = time.perf_counter()
-  for k, dets in enumerate(images[1:]):
-    count += len(to_results(k, dets, (scale, scale), (h, w)))
-  elapsed = time.perf_counter() - start
+  kwargs = dict(mask_threshold=config.eval.mask_threshold, mask_paste=config.eval.mask_paste)
+  with host_workers.OrderedWorkers(FLAGS.workers) as workers:
+    for _ in range(max(1, FLAGS.workers)):  # warm-up (and start) every worker
+      workers.submit(predict.detections_to_results, 0, images[0], (scale, scale), (h, w), **kwargs)
+    workers.results()
+    start, cpu = time.perf_counter(), time.process_time()
+    for k, dets in enumerate(images[1:]):
+      workers.submit(predict.detections_to_results, k, dets, (scale, scale), (h, w), **kwargs)
+    count = sum(len(r) for r in workers.results())
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
   print(json.dumps({
       'images': FLAGS.images, 'detections': num, 'image': [h, w], 'mask_size': mask_size,
       'layers': layers, 'mask_paste': config.eval.mask_paste,
-      'ms_per_image': round(1e3 * elapsed / FLAGS.images, 2),
+      'workers': FLAGS.workers, 'ms_per_image': round(1e3 * elapsed / FLAGS.images, 2),
+      'main_process_cpu_ms_per_image': round(1e3 * cpu / FLAGS.images, 2),
       'results_per_image': round(count / FLAGS.images, 1)}), flush=True)
   return 0
 

@@ -146,6 +146,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   _one_of(e.mask_paste, predict_lib.MASK_PASTES, 'eval.mask_paste')
   _in_range(e.mask_threshold, 0.0, 1.0, 'eval.mask_threshold', low_open=True, high_open=True)
   _int_at_least(e.batch_size, 1, 'eval.batch_size')
+  _int_at_least(e.host_workers, -1, 'eval.host_workers')
   _in_range(config.predict.score_threshold, 0.0, 1.0, 'predict.score_threshold')
   for pattern in str(config.get('init_patterns', '')).split(','):
     try:

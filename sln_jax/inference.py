@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
+from sln_jax import host_workers
 from sln_jax.cliutil import UserError, atomic_output_file, make_dirs
 from sln_jax.train import AXIS, Batch, MetricWriter, PyTree, make_infer_fn, replicate, shard
 
@@ -70,6 +71,13 @@ def dispatch_lookahead() -> int:
   return 0 if jax.local_devices()[0].platform == 'cpu' else 1
 
 
+def num_host_workers(config: ml_collections.ConfigDict) -> int:
+  """``eval.host_workers``, with -1 resolved for this backend
+  (``host_workers.default_workers``)."""
+  n = int(config.eval.host_workers)
+  return host_workers.default_workers(jax.local_devices()[0].platform) if n < 0 else n
+
+
 def finish_in_order(dispatched: Iterable[tuple], finish: Callable[..., None],
                     lookahead: int) -> None:
   """Calls ``finish(*item)`` on every item of ``dispatched``, in order, once
@@ -115,10 +123,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, model: Any,
   total = int(config.eval.max_images)
   limit = _process_share(total)
   read_limit = -(-total // jax.process_count()) if total >= 0 else -1
-  results, seen = [], []
+  seen = []
 
   def collect(dets, meta):
-    """Turns one finished batch's detections into COCO results (host side)."""
+    """Hands one finished batch's detections to the host workers, which turn
+    them into COCO results (``workers.results()``: per image, in order)."""
     dets = _flatten_devices(jax.device_get(dets))
     for j, image_id in enumerate(meta['image_id']):
       if not meta['is_valid'][j] or (0 <= limit <= len(seen)):
@@ -128,10 +137,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, model: Any,
         raise UserError(f'image_id {int(image_id)} of the eval split is not in the '
                         'ground truth', field='dataset.eval_annotations')
       seen.append(int(image_id))
-      results.extend(predict_lib.detections_to_results(
-          int(image_id), {k: v[j] for k, v in dets.items()}, meta['image_scale'][j],
-          (ann.height, ann.width), mask_threshold=config.eval.mask_threshold,
-          mask_paste=config.eval.mask_paste))
+      workers.submit(predict_lib.detections_to_results,
+                     int(image_id), {k: v[j] for k, v in dets.items()}, meta['image_scale'][j],
+                     (ann.height, ann.width), mask_threshold=config.eval.mask_threshold,
+                     mask_paste=config.eval.mask_paste)
 
   def dispatch():
     """Launches each batch; no batch is read past the one that reaches
@@ -146,7 +155,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, model: Any,
       if 0 <= read_limit <= dispatched:
         return
 
-  finish_in_order(dispatch(), collect, dispatch_lookahead())
+  with host_workers.OrderedWorkers(num_host_workers(config)) as workers:
+    finish_in_order(dispatch(), collect, dispatch_lookahead())
+    results = [r for image in workers.results() for r in image]
   # Scored against the images that were run (a sliced split such as
   # 'val[:10]' or eval.max_images covers part of the annotation file).
   results, seen = _gather_results(results, seen, workdir)
@@ -226,7 +237,6 @@ def predict(config: ml_collections.ConfigDict, model: Any, variables: PyTree,
   procs, me = jax.process_count(), jax.process_index()
   mine = list(enumerate(sorted(os.listdir(pc.input_dir))))[me::procs]
   limit = _process_share(int(pc.max_images))
-  written = 0
 
   def dispatch():
     """Launches each readable image of this process's share."""
@@ -252,18 +262,19 @@ def predict(config: ml_collections.ConfigDict, model: Any, variables: PyTree,
       launched += 1
 
   def write(dets, stem, image_id, image, scale):
-    nonlocal written
-    results = predict_lib.detections_to_results(
-        image_id, {key: v[0] for key, v in jax.device_get(dets).items()}, scale,
-        image.shape[:2], score_threshold=pc.score_threshold,
-        mask_threshold=config.eval.mask_threshold,
-        mask_paste=config.eval.mask_paste)
-    with atomic_output_file(os.path.join(pc.output_dir, stem + '.json')) as f:
-      json.dump(results, f)
-    predict_lib.draw_prediction(image, results, os.path.join(pc.output_dir, stem + '.png'))
-    written += 1
+    """Hands one image's detections to the host workers, which write its
+    results and picture."""
+    workers.submit(predict_lib.write_prediction, image_id,
+                   {key: v[0] for key, v in jax.device_get(dets).items()}, scale, image,
+                   os.path.join(pc.output_dir, stem + '.json'),
+                   os.path.join(pc.output_dir, stem + '.png'),
+                   score_threshold=pc.score_threshold,
+                   mask_threshold=config.eval.mask_threshold,
+                   mask_paste=config.eval.mask_paste)
 
-  finish_in_order(dispatch(), write, dispatch_lookahead())
+  with host_workers.OrderedWorkers(num_host_workers(config)) as workers:
+    finish_in_order(dispatch(), write, dispatch_lookahead())
+    written = len(workers.results())
   by = f' (process {me} of {procs})' if procs > 1 else ''
   print(f'wrote predictions for {written} images to {pc.output_dir}{by}', flush=True)
   return written

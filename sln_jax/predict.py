@@ -385,3 +385,17 @@ def draw_prediction(image: np.ndarray, results: Sequence[dict],
   picture = Image.fromarray(render_prediction(image, results))
   with cliutil.atomic_output_file(path, 'wb') as f:
     picture.save(f, format='PNG')
+
+
+def write_prediction(image_id: int, dets: Mapping[str, np.ndarray],
+                     image_scale: Sequence[float], image: np.ndarray, json_path: str,
+                     png_path: str, **kwargs) -> int:
+  """Writes one image's COCO results (``detections_to_results(image_id,
+  dets, image_scale, image.shape[:2], **kwargs)``) to ``json_path`` and its
+  picture to ``png_path`` (both atomic); returns the number of results."""
+  import json  # pylint: disable=g-import-not-at-top
+  results = detections_to_results(image_id, dets, image_scale, image.shape[:2], **kwargs)
+  with cliutil.atomic_output_file(json_path) as f:
+    json.dump(results, f)
+  draw_prediction(image, results, png_path)
+  return len(results)

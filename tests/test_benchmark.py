@@ -209,6 +209,12 @@ def test_postprocess_benchmark_times_the_configs_detections():
   assert row['image'] == [60, 80] and row['detections'] == 5 and row['images'] == 2
   assert row['mask_size'] == tiny.get_config().model.roi.mask_size
   assert row['ms_per_image'] > 0 and 0 < row['results_per_image'] <= 5
+  assert row['workers'] == 0 and row['main_process_cpu_ms_per_image'] > 0
+  # In a worker process: the same detections give the same number of results.
+  pooled = subprocess.run(cmd + ['--workers=1'], cwd=ROOT, capture_output=True, text=True,
+                          check=True)
+  prow = json.loads(pooled.stdout.strip().splitlines()[-1])
+  assert prow['workers'] == 1 and prow['results_per_image'] == row['results_per_image']
   bad = subprocess.run(cmd[:-1] + ['--image=60'], cwd=ROOT, capture_output=True, text=True)
   assert bad.returncode == 2 and bad.stderr.strip() == (
       "error: --image: '60': expected HxW with positive sides, e.g. 480x640")

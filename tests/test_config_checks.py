@@ -56,6 +56,7 @@ BAD = [
     ('eval.mask_paste', 'nearest', 'eval.mask_paste'),
     ('eval.mask_threshold', 1.0, 'eval.mask_threshold'),
     ('eval.batch_size', 0, 'eval.batch_size'),
+    ('eval.host_workers', -2, 'eval.host_workers'),
     ('predict.score_threshold', -0.1, 'predict.score_threshold'),
     ('train.num_steps', -5, 'train.num_steps'),   # ran the whole schedule
     ('train.num_steps', 0, 'train.num_steps'),

@@ -38,16 +38,19 @@ def test_finish_in_order_finishes_each_item_after_lookahead_later_launches():
   inference.finish_in_order(iter([]), lambda *_: pytest.fail('nothing to finish'), 1)
 
 
-@pytest.mark.parametrize('lookahead', [0, 1])
-def test_evaluate_scores_in_original_pixels(tmp_path, monkeypatch, lookahead):
+@pytest.mark.parametrize('lookahead,workers', [(0, 0), (1, 2)])
+def test_evaluate_scores_in_original_pixels(tmp_path, monkeypatch, lookahead, workers):
   """Canvas 16 = half of the 32 x 24 originals: the stand-in's first
   detection, canvas box (0, 0, 8, 6), must land on GT (0, 0, 16, 12).
   Lookahead 1 (accelerators: dispatch the next batch before reading this
-  one) gives the same results as 0 (CPU)."""
+  one) with two host worker processes gives the same results as 0 with
+  none (the CPU defaults)."""
   assert inference.dispatch_lookahead() == 0  # the tests run on the CPU
   monkeypatch.setattr(inference, 'dispatch_lookahead', lambda: lookahead)
   model, v = ts.init_variables()
   c = _config()
+  assert inference.num_host_workers(c) == 0   # -1 on a CPU backend
+  c.eval.host_workers = workers
   # Image 4 is annotated but not in the evaluated split (e.g. 'val[:3]'): it
   # must not count as missed.
   gt = [ts.annotation(i, 32, 24, (0, 0, 16, 12)) for i in (1, 2, 3, 4)]
@@ -69,6 +72,11 @@ def test_evaluate_scores_in_original_pixels(tmp_path, monkeypatch, lookahead):
   assert metrics['amodal']['all']['both']['AP'] == pytest.approx(1.0)
   assert metrics['amodal']['all']['stuff']['AP'] == -1
   assert writer.scalars[7]['eval/amodal_AP'] == pytest.approx(1.0)
+  if workers:   # the same file as the host computes it in this process
+    c.eval.host_workers = 0
+    inference.evaluate(c, str(tmp_path / 'inline'), model, v, batches, gt)
+    with open(tmp_path / 'inline' / 'results.json') as f:
+      assert json.load(f) == results
   # eval.max_images scores only the first images and reads no batch past them.
   c.eval.max_images = 2
   read = []
@@ -83,9 +91,9 @@ def test_evaluate_scores_in_original_pixels(tmp_path, monkeypatch, lookahead):
   assert read == [[[1, 2]]]
 
 
-@pytest.mark.parametrize('lookahead', [0, 1])
+@pytest.mark.parametrize('lookahead,workers', [(0, 0), (1, 2)])
 def test_predict_writes_json_and_png_and_skips_bad_files(tmp_path, capsys, monkeypatch,
-                                                         lookahead):
+                                                         lookahead, workers):
   from PIL import Image  # pylint: disable=import-outside-toplevel
   monkeypatch.setattr(inference, 'dispatch_lookahead', lambda: lookahead)
   model, v = ts.init_variables()
@@ -106,6 +114,7 @@ def test_predict_writes_json_and_png_and_skips_bad_files(tmp_path, capsys, monke
     return canvas, np.float32([nh, nw]), np.float32([nh / h, nw / w]), np.zeros((4, 4, 3), np.uint8)
 
   c = _config()
+  c.eval.host_workers = workers
   c.predict.input_dir = str(src)
   c.predict.output_dir = str(tmp_path / 'out')
   c.predict.score_threshold = 0.0
