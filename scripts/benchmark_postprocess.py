@@ -12,8 +12,10 @@ encode, pairwise depth order). Inputs are random detections shaped like
 with box sides log-uniform between 16 and 512 canvas pixels and probability
 maps that are one noisy elliptic blob each (a mask, not noise), for an
 original image of ``--image HxW`` (COCOA's typical 480x640 by default).
-Prints one JSON line: images, detections, image, mask_size, layers,
-ms_per_image, results_per_image.
+``--workers N`` runs the calls in N worker processes as ``eval.host_workers``
+does (``sln_jax.host_workers``). Prints one JSON line: images, detections,
+image, mask_size, layers, workers, ms_per_image, main_process_cpu_ms_per_image
+(what the calling process spends), results_per_image.
 """
 from __future__ import annotations
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import colorsys
 import functools
+import json
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
@@ -393,7 +394,6 @@ def write_prediction(image_id: int, dets: Mapping[str, np.ndarray],
   """Writes one image's COCO results (``detections_to_results(image_id,
   dets, image_scale, image.shape[:2], **kwargs)``) to ``json_path`` and its
   picture to ``png_path`` (both atomic); returns the number of results."""
-  import json  # pylint: disable=g-import-not-at-top
   results = detections_to_results(image_id, dets, image_scale, image.shape[:2], **kwargs)
   with cliutil.atomic_output_file(json_path) as f:
     json.dump(results, f)
