@@ -552,7 +552,7 @@ def test_layer_ratios_pool_the_counts_and_drop_them():
 
 def test_first_replica_and_unreplicate_read_the_first_devices_copy(caplog):
   n = jax.local_device_count()
-  stacked = {'loss': np.arange(n, dtype=np.float32) * 0 + 2.5,
+  stacked = {'loss': np.full((n,), 2.5, np.float32),
              'w': np.stack([np.arange(15, dtype=np.int32).reshape(3, 5)] * n),
              'h': np.stack([np.full((2, 7), 0.25, jnp.bfloat16)] * n)}
   tree = train.shard(stacked)
