@@ -324,18 +324,15 @@ def build_model(config) -> SLN:
 
 
 # ----------------------------------------------------------------- variables
-def _sample_args(model: SLN, image_size: int):
-  g = int(model.config.glm.image_size)
-  return (jnp.zeros((1, image_size, image_size, 3), jnp.uint8),
-          jnp.zeros((1, g, g, 3), jnp.uint8),
-          jnp.full((1, 2), float(image_size), jnp.float32))
-
-
 def variable_shapes(model: SLN, image_size: int):
   """ShapeDtypeStruct tree of {'params', 'batch_stats'} (no computation)."""
+  g = int(model.config.glm.image_size)
   return jax.eval_shape(
       functools.partial(model.init, method=SLN.infer),
-      jax.random.PRNGKey(0), *_sample_args(model, image_size))
+      jax.random.PRNGKey(0),
+      jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.uint8),
+      jax.ShapeDtypeStruct((1, g, g, 3), jnp.uint8),
+      jax.ShapeDtypeStruct((1, 2), jnp.float32))
 
 
 def _leaf_init(path: tuple[str, ...], shape: tuple[int, ...]):
@@ -378,13 +375,14 @@ def init_variables(model: SLN, rng: jax.Array, image_size: int):
   for k, (kind, scale) in specs.items():
     shape = flat[k].shape
     if kind == 'const':
-      out[k] = jnp.full(shape, scale, jnp.float32)
+      out[k] = np.full(shape, scale, np.float32)
       continue
     n = math.prod(shape)
     chunk = pools[kind][offsets[kind]:offsets[kind] + n]
     offsets[kind] += n
-    out[k] = jnp.asarray((chunk * np.float32(scale)).reshape(shape))
-  return traverse_util.unflatten_dict(out)
+    out[k] = (chunk * np.float32(scale)).reshape(shape)
+  # device_put copies; jnp.asarray / jnp.full would compile a program per shape.
+  return traverse_util.unflatten_dict(jax.device_put(out))
 
 
 def count_parameters(variables) -> int:
