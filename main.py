@@ -242,6 +242,8 @@ def _main() -> int:
   import jax  # pylint: disable=g-import-not-at-top
   if _multi_host():
     _initialize_distributed()
+  from sln_jax import compilation_cache  # pylint: disable=g-import-not-at-top
+  compilation_cache.enable()
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
   from sln_jax import config_checks, modes  # pylint: disable=g-import-not-at-top
   config, mode = _CONFIG.value, _MODE.value

@@ -283,6 +283,9 @@ def main(argv):
 
 def _main():
   import jax
+  # compile_s is a compilation: never an executable loaded from jax's
+  # persistent cache (JAX_COMPILATION_CACHE_DIR in the environment).
+  jax.config.update('jax_enable_compilation_cache', False)
   config = _CONFIG.value
   if FLAGS.dtype:
     config.model.dtype = FLAGS.dtype

@@ -39,11 +39,14 @@ def test_infer_step_reports_speed_and_flops():
 
 def test_cli_prints_one_json_line(tmp_path):
   out = tmp_path / 'bench.jsonl'
+  # compile_s is a compilation: the script ignores jax's persistent cache.
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'xla'))
   proc = subprocess.run(
       [sys.executable, 'scripts/benchmark.py', '--config=configs/tiny.py', '--mode=train',
        '--steps=1', f'--output={out}', f'--profile_dir={tmp_path / "trace"}'],
-      cwd=ROOT, capture_output=True, text=True, timeout=600)
+      cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
   assert proc.returncode == 0, proc.stderr[-2000:]
+  assert not (tmp_path / 'xla').exists() or not os.listdir(tmp_path / 'xla')
   line = [l for l in proc.stdout.splitlines() if l.startswith('{')]
   assert len(line) == 1
   r = json.loads(line[0])

@@ -114,10 +114,15 @@ def test_train_and_evaluate_then_predict(tmp_path):
 
   out = tmp_path / 'pred'
   images = tmp_path / 'raw' / 'val2014'
+  # Without JAX_COMPILATION_CACHE_DIR (which the test run sets), main.py keeps
+  # its compiled programs under $XDG_CACHE_HOME/sln_jax/xla.
+  env = {k: v for k, v in ENV.items() if k != 'JAX_COMPILATION_CACHE_DIR'}
+  env['XDG_CACHE_HOME'] = str(tmp_path / 'xdg')
   proc = _main(*_tiny_synthetic(tmp_path), f'--workdir={workdir}', '--mode=predict',
                f'--config.predict.input_dir={images}', f'--config.predict.output_dir={out}',
-               '--config.predict.max_images=1')
+               '--config.predict.max_images=1', env=env)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  assert [n for n in os.listdir(tmp_path / 'xdg' / 'sln_jax' / 'xla') if n.endswith('-cache')]
   # Orbax's notes on the read-only checkpoint manager stay out too.
   for noise in ('read_only=True', 'Given directory is read only', 'Metadata file does not'):
     assert noise not in proc.stderr, noise
