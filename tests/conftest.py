@@ -30,3 +30,4 @@ def pytest_unconfigure(config):
   del config
   if os.environ.get(_OWNER) == str(os.getpid()):
     shutil.rmtree(os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
+
