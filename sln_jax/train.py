@@ -236,10 +236,13 @@ def create_optimizer(config: ml_collections.ConfigDict, params: PyTree,
 
 
 def reset_momentum(opt_state: PyTree) -> PyTree:
-  """Zeroes the momentum buffers (a fresh SGD, as at each release stage)."""
-  return optax.tree_utils.tree_set(
-      opt_state, trace=jax.tree.map(
-          jnp.zeros_like, optax.tree_utils.tree_get(opt_state, 'trace')))
+  """Zeroes the momentum buffers (a fresh SGD, as at each release stage) in
+  one program that keeps each buffer's sharding, so the next step takes them
+  as they are (eager ``zeros_like`` would compile one program per shape)."""
+  trace = optax.tree_utils.tree_get(opt_state, 'trace')
+  zeros = jax.jit(lambda t: jax.tree.map(jnp.zeros_like, t),
+                  out_shardings=jax.tree.map(lambda x: x.sharding, trace))(trace)
+  return optax.tree_utils.tree_set(opt_state, trace=zeros)
 
 
 # --------------------------------------------------------------------- state

@@ -17,6 +17,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs import default, tiny
@@ -603,3 +604,28 @@ def test_model_state_and_unreplicate_compile_a_handful_of_programs():
   assert n_model <= 5 and n_state <= 1 and n_unreplicate == 1, (n_model, n_state, n_unreplicate)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                host, state)
+
+
+def test_reset_momentum_zeroes_in_one_program_keeping_each_sharding():
+  """At a stage change the replicated momentum is zeroed by one program and
+  keeps the sharding the pmapped step takes (a different one would make the
+  next step copy or recompile)."""
+  params = {'a': np.ones((3, 5), np.float32), 'b': np.ones((7,), np.float32),
+            'c': {'k': np.ones((2, 2, 4), np.float32)}}
+  opt_state = optax.trace(decay=0.9).init(params)
+  opt_state = optax.tree_utils.tree_set(opt_state, trace=jax.tree.map(np.ones_like, params))
+  replicated = train.replicate(opt_state)
+  compiles = []
+  listener = lambda name, *_, **__: compiles.append(name) if name.endswith(
+      'backend_compile_duration') else None
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    reset = train.reset_momentum(replicated)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert len(compiles) == 1, compiles
+  before = optax.tree_utils.tree_get(replicated, 'trace')
+  after = optax.tree_utils.tree_get(reset, 'trace')
+  for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+    assert y.sharding == x.sharding and y.shape == x.shape and y.dtype == x.dtype
+    assert not np.asarray(y).any() and np.asarray(x).all()
