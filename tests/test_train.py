@@ -4,6 +4,7 @@ parallelism on 8 fake devices, kill-and-resume, non-finite stop.
 Uses the small stand-in module of tests/train_standin.py (same module paths
 and entry points as SLN) so every test compiles in seconds.
 """
+import contextlib
 import gc
 import json
 import logging
@@ -346,15 +347,28 @@ def test_checkpoint_of_another_model_is_one_error_naming_the_leaves(tmp_path):
   assert step == 2 and jax.tree.structure(restored['params']) == jax.tree.structure(v['params'])
 
 
+@contextlib.contextmanager
+def _backend_compiles():
+  """Yields a list that gets one entry per XLA program this process obtains
+  meanwhile (``backend_compile_duration``: compiled, or loaded from the
+  persistent cache)."""
+  events = []
+
+  def listener(name, *_, **__):
+    if name.endswith('backend_compile_duration'):
+      events.append(name)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield events
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+
 @pytest.fixture(name='compile_counts')
 def fixture_compile_counts(monkeypatch):
   """Wraps ``jax.pmap`` so every call of a mapped function records how many
   XLA compilations it triggered; yields that list of counts."""
-  events, counts = [], []
-
-  def listener(name, _, **unused):
-    if name.endswith('backend_compile_duration'):
-      events.append(name)
+  counts = []
   real_pmap = jax.pmap
 
   def counting_pmap(fun, **kwargs):
@@ -367,9 +381,8 @@ def fixture_compile_counts(monkeypatch):
       return out
     return call
   monkeypatch.setattr(jax, 'pmap', counting_pmap)
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  yield counts
-  jax.monitoring.unregister_event_duration_listener(listener)
+  with _backend_compiles() as events:
+    yield counts
 
 
 def test_steps_compile_once_per_stage_and_evaluation_once(tmp_path, compile_counts):
@@ -581,12 +594,8 @@ def test_model_state_and_unreplicate_compile_a_handful_of_programs():
   tiny compile each; hundreds for the full model): the initial variables
   and the step counter are host copies, the optimizer state comes from one
   program, unreplicate drops the device axis of every leaf in one."""
-  compiles = []  # backend_compile_duration: compiled, or loaded from the persistent cache
-  listener = lambda name, *_, **__: compiles.append(name) if name.endswith(
-      'backend_compile_duration') else None
   jax.clear_caches()  # what this process compiled before counts again
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
+  with _backend_compiles() as compiles:
     config = tiny.get_config()
     _, variables = train.create_model(config)
     n_model = len(compiles)
@@ -596,8 +605,6 @@ def test_model_state_and_unreplicate_compile_a_handful_of_programs():
     del compiles[:]
     host = train.unreplicate(rstate)
     n_unreplicate = len(compiles)
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
   shapes = {x.shape for x in jax.tree.leaves(variables)}
   assert len(shapes) > 20, len(shapes)
   # create_model: the PRNG key's seed, fold-in and casts, and the draw.
@@ -615,14 +622,8 @@ def test_reset_momentum_zeroes_in_one_program_keeping_each_sharding():
   opt_state = optax.trace(decay=0.9).init(params)
   opt_state = optax.tree_utils.tree_set(opt_state, trace=jax.tree.map(np.ones_like, params))
   replicated = train.replicate(opt_state)
-  compiles = []
-  listener = lambda name, *_, **__: compiles.append(name) if name.endswith(
-      'backend_compile_duration') else None
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
+  with _backend_compiles() as compiles:
     reset = train.reset_momentum(replicated)
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
   assert len(compiles) == 1, compiles
   before = optax.tree_utils.tree_get(replicated, 'trace')
   after = optax.tree_utils.tree_get(reset, 'trace')
