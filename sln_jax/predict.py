@@ -66,6 +66,18 @@ def _interp_matrix(n_out: int, n_in: int,
   return w
 
 
+def _argmax_last(x: np.ndarray) -> np.ndarray:
+  """``np.argmax(x, axis=-1)`` (ties: the first) for a few channels, in int8:
+  one comparison per channel instead of numpy's per-pixel reduction."""
+  best = x[..., 0]
+  index = np.zeros(x.shape[:-1], np.int8 if x.shape[-1] < 127 else np.int32)
+  for k in range(1, x.shape[-1]):
+    better = x[..., k] > best
+    index[better] = k
+    best = np.where(better, x[..., k], best)
+  return index
+
+
 def resize_bilinear(prob: np.ndarray, height: int, width: int,
                     align_corners: bool = False) -> np.ndarray:
   """(m, n) or (m, n, C) map -> (height, width[, C]) float64, bilinear.
@@ -78,9 +90,11 @@ def resize_bilinear(prob: np.ndarray, height: int, width: int,
   wx = _interp_matrix(width, n, align_corners)
   if prob.ndim == 2:
     return wy @ prob.astype(np.float64) @ wx.T
-  rows = wy @ prob.astype(np.float64).reshape(m, -1)   # (height, n * C)
-  rows = np.moveaxis(rows.reshape((height, n) + prob.shape[2:]), 1, -1)
-  return np.moveaxis(rows @ wx.T, -1, 1)               # (height, width[, C])
+  # Channel-first (C, m, n) so each channel takes the 2-D path's two products
+  # (the same numbers as resizing it alone); returned as a channel-last view.
+  chans = np.moveaxis(prob.astype(np.float64).reshape(m, n, -1), -1, 0)
+  out = np.moveaxis(wy @ chans @ wx.T, 0, -1)                 # (height, width, C)
+  return out.reshape((height, width) + prob.shape[2:])
 
 
 def _paste_crop(prob: np.ndarray, box: tuple[int, int, int, int],
@@ -164,16 +178,30 @@ def pairwise_votes_crops(
   b = np.asarray(boxes, np.int64).reshape(n, 4)
   lo = np.maximum(b[:, None, :2], b[None, :, :2])        # (n, n, 2) overlap top-left
   hi = np.minimum(b[:, None, 2:], b[None, :, 2:])
-  overlap = np.triu(np.all(hi > lo, axis=-1), 1)
-  for i, j in zip(*np.nonzero(overlap)):                 # i < j, boxes overlap
-    bi, bj = boxes[i], boxes[j]
-    y1, x1 = max(bi[0], bj[0]), max(bi[1], bj[1])
-    y2, x2 = min(bi[2], bj[2]), min(bi[3], bj[3])
-    li = layers[i][y1 - bi[0]:y2 - bi[0], x1 - bi[1]:x2 - bi[1]]
-    lj = layers[j][y1 - bj[0]:y2 - bj[0], x1 - bj[1]:x2 - bj[1]]
-    both = (li >= 0) & (lj >= 0)
-    votes[i, j] = int(np.sum(np.sign(lj - li), where=both))   # +1 where i is in front
-    votes[j, i] = -votes[i, j]
+  ii, jj = np.nonzero(np.triu(np.all(hi > lo, axis=-1), 1))   # i < j, boxes overlap
+  if not ii.size:
+    return votes
+  # Each map twice, absent pixels -1 in `low` and the dtype's maximum in
+  # `high`: `high_i < low_j` holds exactly where both are present and i is in
+  # front, so a pair costs two comparisons and two counts of 1-byte pixels.
+  layers = [np.asarray(l) for l in layers]
+  fits = all(l.dtype == np.int8 or (np.min(l, initial=0) >= -128 and np.max(l, initial=0) < 127)
+             for l in layers)
+  dtype = np.int8 if fits else np.int64
+  low = [l.astype(dtype, copy=False) for l in layers]
+  high = [np.where(l < 0, np.iinfo(dtype).max, l).astype(dtype, copy=False) for l in low]
+  # Overlap rows and columns in each crop's own frame, as Python ints.
+  frame = np.stack([lo[ii, jj, 0] - b[ii, 0], hi[ii, jj, 0] - b[ii, 0],
+                    lo[ii, jj, 1] - b[ii, 1], hi[ii, jj, 1] - b[ii, 1],
+                    lo[ii, jj, 0] - b[jj, 0], hi[ii, jj, 0] - b[jj, 0],
+                    lo[ii, jj, 1] - b[jj, 1], hi[ii, jj, 1] - b[jj, 1]], axis=1).tolist()
+  count = np.count_nonzero
+  margin = []
+  for i, j, (a0, a1, a2, a3, c0, c1, c2, c3) in zip(ii.tolist(), jj.tolist(), frame):
+    si, sj = np.s_[a0:a1, a2:a3], np.s_[c0:c1, c2:c3]
+    margin.append(count(high[i][si] < low[j][sj]) - count(high[j][sj] < low[i][si]))
+  votes[ii, jj] = margin
+  votes[jj, ii] = -votes[ii, jj]
   return votes
 
 
@@ -294,8 +322,13 @@ def detections_to_results(image_id: int, dets: Mapping[str, np.ndarray],
     paste = release_paste
   else:
     box_of = lambda i: integer_box(boxes[i], h, w)
-    paste = lambda prob, b: _paste_crop(np.asarray(prob), b,
-                                        aligned) >= mask_threshold
+    paste = lambda prob, b: _paste_crop(np.asarray(prob), b, aligned) >= mask_threshold
+  deeper_probs = None
+  if layer_probs is not None and np.shape(layer_probs)[-1] > 1:
+    deeper_probs = np.asarray(layer_probs)[..., 1:]     # layer channels 1..L-1
+  # Layer maps hold -1 .. L - 1: one byte each for the depth votes.
+  num_layers = 1 if layer_probs is None else np.shape(layer_probs)[-1]
+  layer_dtype = np.int8 if num_layers < 127 else np.int32
   results, layer_maps, int_boxes = [], [], []
   for i in keep:
     b = box_of(i)
@@ -303,12 +336,12 @@ def detections_to_results(image_id: int, dets: Mapping[str, np.ndarray],
       continue
     amodal = paste(dets['amodal_probs'][i], b)
     visible = paste(dets['visible_probs'][i], b) & amodal
-    layer = np.where(amodal, 1, -1).astype(np.int32)
-    if layer_probs is not None and np.shape(layer_probs)[-1] > 1:
-      deeper = _paste_crop(np.asarray(layer_probs[i])[..., 1:], b,
-                           aligned)
-      layer = np.where(amodal, 1 + np.argmax(deeper, axis=-1), -1)
-    layer = np.where(visible, 0, layer)
+    # -1 outside the amodal mask, 0 on the visible one, else 1 + the argmax
+    # of layer channels 1..L-1 (1 with one layer).
+    deeper = 1 if deeper_probs is None else 1 + _argmax_last(
+        _paste_crop(deeper_probs[i], b, aligned))
+    layer = np.where(amodal, deeper, -1)
+    layer = np.where(visible, 0, layer).astype(layer_dtype)
     layer_maps.append(layer)
     int_boxes.append(b)
     cls = int(classes[i])

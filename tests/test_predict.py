@@ -68,12 +68,25 @@ def test_resize_bilinear_with_channels_matches_torch(align_corners):
     got = predict.resize_bilinear(probs, *size, align_corners=align_corners)
     assert got.shape == size + (3,)
     np.testing.assert_allclose(got, ref, atol=1e-12)
-    np.testing.assert_allclose(
-        predict.resize_bilinear(probs[..., 1], *size, align_corners=align_corners),
-        ref[..., 1], atol=1e-12)
+    alone = predict.resize_bilinear(probs[..., 1], *size, align_corners=align_corners)
+    np.testing.assert_allclose(alone, ref[..., 1], atol=1e-12)
+    np.testing.assert_array_equal(got[..., 1], alone)   # same numbers, stacked or not
   col = np.arange(7.0)[:, None]
   mid = predict.resize_bilinear(col, 1, 1, align_corners=align_corners)[0, 0]
   assert mid == 3.0
+
+
+@hypothesis.settings(max_examples=100, deadline=None, derandomize=True)
+@hypothesis.given(st.integers(1, 6), st.integers(0, 2 ** 31), st.booleans())
+def test_argmax_last_is_numpys_argmax(channels, seed, coarse):
+  """First index of the largest channel, ties (coarse values) included."""
+  rng = np.random.default_rng(seed)
+  x = rng.random((5, 7, channels))
+  if coarse:
+    x = np.round(x * 2) / 2
+  got = predict._argmax_last(x)  # pylint: disable=protected-access
+  assert got.dtype == np.int8
+  np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
 
 
 def _target_then_paste(mask, box, size, paste):
@@ -156,6 +169,43 @@ def test_pairwise_votes_crops_counts_only_pixels_both_cover():
   # Overlap rows/cols 2..3 of 0 = rows/cols 0..1 of 1: (0,0) of 1 absent.
   assert votes[0, 1] == 2 - 1 and votes[1, 0] == -1
   assert votes[0, 2] == votes[2, 0] == votes[1, 2] == votes[2, 1] == 0
+
+
+def _votes_on_the_full_image(layers, boxes):
+  """Reference for pairwise_votes_crops: every map pasted into one image
+  (-1 elsewhere), sign(layer_j - layer_i) summed where both are present."""
+  n = len(layers)
+  h = max([b[2] for b in boxes], default=0)
+  w = max([b[3] for b in boxes], default=0)
+  full = np.full((n, h, w), -1, np.int64)
+  for i, (y1, x1, y2, x2) in enumerate(boxes):
+    full[i, y1:y2, x1:x2] = np.maximum(layers[i], -1)
+  votes = np.zeros((n, n), np.int64)
+  for i in range(n):
+    for j in range(n):
+      both = (full[i] >= 0) & (full[j] >= 0)
+      votes[i, j] = np.sign(full[j] - full[i])[both].sum()
+  return votes
+
+
+@hypothesis.settings(max_examples=200, deadline=None, derandomize=True)
+@hypothesis.given(st.integers(0, 6), st.sampled_from([3, 130, 400]), st.data())
+def test_pairwise_votes_crops_equal_the_full_image_count(n, deepest, data):
+  """Any boxes (empty, touching, nested) and layer values, including maps
+  too deep for one byte and absent pixels coded below -1."""
+  boxes, layers = [], []
+  for _ in range(n):
+    y1, y2 = sorted(data.draw(st.lists(st.integers(0, 12), min_size=2, max_size=2)))
+    x1, x2 = sorted(data.draw(st.lists(st.integers(0, 12), min_size=2, max_size=2)))
+    seed = data.draw(st.integers(0, 2 ** 31))
+    layer = np.random.default_rng(seed).integers(-1, deepest + 1, (y2 - y1, x2 - x1))
+    if data.draw(st.booleans()):
+      layer = np.where(layer < 0, -300, layer)
+    boxes.append((y1, x1, y2, x2))
+    layers.append(layer)
+  got = predict.pairwise_votes_crops(layers, boxes)
+  assert got.shape == (n, n) and got.dtype == np.int64
+  np.testing.assert_array_equal(got, _votes_on_the_full_image(layers, boxes))
 
 
 def test_depth_layers_longest_chain():
