@@ -3,10 +3,13 @@
 XLA compiles the training step and the inference step at every launch (tens
 of seconds on a CPU, minutes for the full model on a GPU). With the cache, a
 launch that compiles a program an earlier one compiled (a resumed run, the
-``evaluate`` or ``predict`` mode after training, a second host) loads the
-executable from disk instead. Entries are keyed by the program, the compile
-options, the devices and the jax/jaxlib versions, so a stale entry is never
-used for a different program.
+``evaluate`` or ``predict`` mode after training) loads the executable from
+disk instead. Entries are keyed by the program, the compile options, the
+devices and the jax/jaxlib versions, so a stale entry is never used for a
+different program. In a multi-process job jax writes from process 0 only;
+the others read those entries where the directory is shared and the keys
+agree (jax strips the per-process device assignment from GPU keys; on CPU
+every process has its own keys, so processes other than 0 miss).
 
 The directory is jax's own setting when given (``JAX_COMPILATION_CACHE_DIR``),
 else ``$XDG_CACHE_HOME/sln_jax/xla`` (``~/.cache/sln_jax/xla``);
