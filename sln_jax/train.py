@@ -38,11 +38,12 @@ training, in each stage, only what every earlier stage trained too.
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import os
 import re
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import flax
 import jax
@@ -83,6 +84,10 @@ class TrainState:
   batch_stats: PyTree      # BatchNorm statistics (updated only with model.train_bn)
   opt_state: PyTree
   rng: jax.Array           # (2,) uint32 base key; per step fold_in(rng, step)
+  # ``lr_tables(config)``: the learning-rate schedule as data of the step (not
+  # constants of its program, so another schedule reuses the compiled step);
+  # from the config, never checkpointed. None: the step's config's constants.
+  lr_schedule: Optional[dict] = None
 
 
 # --------------------------------------------------------------------- schedule
@@ -127,20 +132,29 @@ def stage_index(config: ml_collections.ConfigDict, step: int) -> int:
   return len(schedule(config)) - 1
 
 
-def learning_rate_fn(config: ml_collections.ConfigDict) -> Callable[[jax.Array], jax.Array]:
-  """step -> LR: the stage's LR times a linear warm-up over ``train.warmup_steps``."""
+def lr_tables(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+  """The schedule's numbers for :func:`learning_rate_at`: ``ends`` (S - 1,)
+  int32 end step of every stage but the last, ``lrs`` (S,) float32 and
+  ``warmup`` () int32 (``train.warmup_steps``)."""
   table = schedule(config)
-  ends = np.asarray([e for _, _, e, _ in table[:-1]], np.int32)
-  lrs = np.asarray([lr for *_, lr in table], np.float32)
-  warmup = int(config.train.warmup_steps)
+  return {'ends': np.asarray([e for _, _, e, _ in table[:-1]], np.int32),
+          'lrs': np.asarray([lr for *_, lr in table], np.float32),
+          'warmup': np.asarray(int(config.train.warmup_steps), np.int32)}
 
-  def fn(step):
-    step = jnp.asarray(step, jnp.int32)
-    lr = jnp.asarray(lrs)[jnp.searchsorted(ends, step, side='right')]
-    if warmup > 0:
-      lr = lr * jnp.minimum(1.0, (step + 1).astype(jnp.float32) / warmup)
-    return lr
-  return fn
+
+def learning_rate_at(tables: dict, step: jax.Array) -> jax.Array:
+  """LR at ``step`` (0-based): the stage's LR times a linear warm-up, min(1,
+  (step + 1) / warmup), over the first ``warmup`` steps (none when 0)."""
+  step = jnp.asarray(step, jnp.int32)
+  lr = jnp.asarray(tables['lrs'])[jnp.searchsorted(jnp.asarray(tables['ends']), step,
+                                                   side='right')]
+  warmup = jnp.maximum(jnp.asarray(tables['warmup'], jnp.int32), 1).astype(jnp.float32)
+  return lr * jnp.minimum(1.0, (step + 1).astype(jnp.float32) / warmup)
+
+
+def learning_rate_fn(config: ml_collections.ConfigDict) -> Callable[[jax.Array], jax.Array]:
+  """step -> LR under ``config`` (:func:`learning_rate_at` of its tables)."""
+  return functools.partial(learning_rate_at, lr_tables(config))
 
 
 # --------------------------------------------------------------------- masks
@@ -212,8 +226,11 @@ def decay_mask(params: PyTree, batch_stats: PyTree, biases: bool = True) -> PyTr
 
 def create_optimizer(config: ml_collections.ConfigDict, params: PyTree,
                      batch_stats: PyTree, stage: str,
-                     earlier: Sequence[str] = ()) -> optax.GradientTransformation:
-  """The optimizer of one stage (``earlier``: ``stage_freeze_history``).
+                     earlier: Sequence[str] = (),
+                     learning_rate: Optional[Callable[[jax.Array], jax.Array]] = None
+                     ) -> optax.GradientTransformation:
+  """The optimizer of one stage (``earlier``: ``stage_freeze_history``;
+  ``learning_rate``: optimizer step -> LR, default ``learning_rate_fn(config)``).
   Every stage's state has the same structure (the per-stage masks are
   stateless), so a state carries across stages."""
   train = trainable_mask(params, batch_stats, stage, config.model.train_bn, earlier)
@@ -230,7 +247,7 @@ def create_optimizer(config: ml_collections.ConfigDict, params: PyTree,
       optax.clip_by_global_norm(tc.grad_clip_norm),
       optax.add_decayed_weights(tc.weight_decay, mask=decay),
       optax.trace(decay=tc.momentum, nesterov=False),
-      optax.scale_by_learning_rate(learning_rate_fn(config)),
+      optax.scale_by_learning_rate(learning_rate or learning_rate_fn(config)),
       freeze(),                                    # momentum left from an earlier stage
   )
 
@@ -256,7 +273,8 @@ def create_train_state(config: ml_collections.ConfigDict, variables: PyTree,
   # One program builds the optimizer state (eagerly, each zeros_like would
   # compile one per parameter shape).
   return TrainState(step=jax.device_put(np.zeros((), np.int32)), params=params,
-                    batch_stats=batch_stats, opt_state=jax.jit(tx.init)(params), rng=rng)
+                    batch_stats=batch_stats, opt_state=jax.jit(tx.init)(params), rng=rng,
+                    lr_schedule=jax.device_put(lr_tables(config)))
 
 
 def init_from_checkpoints(config: ml_collections.ConfigDict, variables: PyTree,
@@ -285,10 +303,16 @@ def init_from_checkpoints(config: ml_collections.ConfigDict, variables: PyTree,
 # --------------------------------------------------------------------- steps
 
 def make_train_step(model: Any, config: ml_collections.ConfigDict,
-                    tx: optax.GradientTransformation,
+                    tx: Union[optax.GradientTransformation,
+                              Callable[[Callable], optax.GradientTransformation]],
                     trainable: Optional[PyTree] = None) -> Callable:
   """Per-device step ``(state, batch) -> (state, metrics)`` for ``jax.pmap``
   with ``axis_name='batch'``; ``batch`` has a leading per-device batch axis.
+
+  ``tx``: the optimizer, or a function of the learning rate (step -> LR)
+  that builds it: the step then passes the schedule of ``state.lr_schedule``,
+  so the LRs, stage lengths and warm-up are inputs of the compiled program
+  and a launch with another schedule loads it from the persistent cache.
 
   ``trainable`` (bool tree like params, e.g. ``trainable_mask``): frozen
   leaves enter the loss through ``stop_gradient``, so no gradient is computed
@@ -323,11 +347,14 @@ def make_train_step(model: Any, config: ml_collections.ConfigDict,
     grads, (losses, metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(
         state.params, state.batch_stats, batch, rngs)
     grads, losses, metrics = jax.lax.pmean((grads, losses, metrics), AXIS)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    lr_fn = (learning_rate_fn(config) if state.lr_schedule is None
+             else functools.partial(learning_rate_at, state.lr_schedule))
+    opt = tx(lr_fn) if callable(tx) else tx
+    updates, opt_state = opt.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     out = {'loss/' + k: v for k, v in losses.items()}
     out.update({'metric/' + k: v for k, v in metrics.items()})
-    out['lr'] = learning_rate_fn(config)(state.step)
+    out['lr'] = lr_fn(state.step)
     out['grad_norm'] = optax.tree.norm(grads)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                          batch_stats=batch_stats), out
@@ -339,10 +366,11 @@ def make_stage_step(model: Any, config: ml_collections.ConfigDict, params: PyTre
   """:func:`make_train_step` for one stage of ``train.stages`` (``earlier``:
   ``stage_freeze_history``): its optimizer and its trainable mask are built
   from the same ``(config, stage, earlier)``, so what the optimizer updates
-  and what gets a gradient cannot disagree."""
-  tx = create_optimizer(config, params, batch_stats, stage, earlier)
+  and what gets a gradient cannot disagree. The optimizer takes its learning
+  rate from ``state.lr_schedule`` (:func:`make_train_step`)."""
+  tx = functools.partial(create_optimizer, config, params, batch_stats, stage, earlier)
   trainable = trainable_mask(params, batch_stats, stage, config.model.train_bn, earlier)
-  return make_train_step(model, config, tx, trainable)
+  return make_train_step(model, config, lambda lr: tx(learning_rate=lr), trainable)
 
 
 def make_infer_fn(model: Any) -> Callable:
@@ -520,7 +548,7 @@ def restore_checkpoint(manager: ocp.CheckpointManager, template: TrainState,
       step=jnp.asarray(tree['step'], jnp.int32), params=tree['params'],
       batch_stats=tree['batch_stats'],
       opt_state=flax.serialization.from_state_dict(template.opt_state, tree['opt_state']),
-      rng=jnp.asarray(tree['rng']))
+      rng=jnp.asarray(tree['rng']), lr_schedule=template.lr_schedule)
 
 
 _LAYER_COUNT = re.compile(r'(metric/layer\d+)_hit_px')

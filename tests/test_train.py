@@ -224,6 +224,40 @@ def test_momentum_across_stages_and_its_reset():
     np.testing.assert_allclose(reset[k], sgd(k, (2,)), rtol=1e-5, atol=1e-7)
 
 
+def test_the_schedule_is_data_of_the_compiled_step():
+  """Two schedules with the same stage names (other LRs, lengths, warm-up,
+  num_steps) lower to the same program, so a launch with the other one
+  loads it from the persistent cache; that program follows whichever
+  schedule the state carries (reported LR and parameter update)."""
+  model, v = ts.init_variables()
+  a = _config(stages=(('heads', 3, 0.1), ('all', 3, 0.05)))
+  b = _config(stages=(('heads', 40, 0.02), ('all', 9, 0.3)))
+  b.train.warmup_steps, b.train.num_steps = 5, 60
+  batch = ts.make_batches(1, 1, 2)[0]
+  states, texts = {}, {}
+  for name, c in (('a', a), ('b', b)):
+    states[name] = train.replicate(train.create_train_state(c, v, jax.random.PRNGKey(0)))
+    step = jax.pmap(train.make_stage_step(model, c, v['params'], v['batch_stats'], 'heads'),
+                    axis_name=train.AXIS)
+    texts[name] = step.lower(states[name], batch).as_text()
+  assert texts['a'] == texts['b']
+  # The one program on each state: each schedule's LR (b: 0.02 warmed up
+  # by 1/5 at step 0) and an update that scales with it (float32 params
+  # minus their old values: compared to the largest change).
+  changes = {}
+  for name in ('a', 'b'):
+    new, out = step(states[name], batch)
+    lr = float(train.first_replica(out)['lr'])
+    want = float(train.learning_rate_fn(b if name == 'b' else a)(0))
+    np.testing.assert_allclose(lr, want, rtol=1e-6)
+    before = _flat(v['params'])['fpn/P2_lateral/kernel']
+    changes[name] = np.asarray(train.unreplicate(new.params)['fpn']['P2_lateral']['kernel']) - before
+  assert float(train.learning_rate_fn(b)(0)) == pytest.approx(0.004)
+  want = changes['a'] * 0.004 / 0.1
+  assert np.abs(want).max() > 0
+  np.testing.assert_allclose(changes['b'], want, rtol=0, atol=1e-3 * np.abs(want).max())
+
+
 def _leaves_changed(before, after):
   a, b = _flat(before), _flat(after)
   return {k.rsplit('/', 1)[0] for k in a if not np.array_equal(np.asarray(a[k]), np.asarray(b[k]))}
