@@ -11,6 +11,13 @@ both pmapped over every local device with the global ``--batch`` split
 evenly. Batches are built in numpy and put on the devices once; the timed
 loop only dispatches steps. Needs no TensorFlow.
 
+``--runs`` measures several MODE:DTYPE:BATCH in one process (one jax and
+torch start-up, the model's variables built once, the peer in one worker
+process kept for the sweep), printing each run's line as it ends; a run
+that fails (out of memory) gives a line with ``error`` and the sweep goes
+on, and ``--budget_s`` starts no run after that many seconds, so a device
+lease of a few minutes yields the runs listed first (scripts/gpu_benchmarks.sh).
+
 Prints one JSON line per measurement: device, stage, dtype, batch, image
 size, compile_s, step_ms, images_per_s, model FLOPs per image (XLA cost
 analysis of the compiled step), MFU against --peak_tflops (default: the
@@ -22,12 +29,15 @@ stages) with the ratio of images/s. --profile_dir adds a jax.profiler trace.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import functools
+import gc
 import json
+import multiprocessing
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -51,7 +61,14 @@ flags.DEFINE_string('output', '', 'Append the JSON lines to this file too.')
 flags.DEFINE_string('stage', 'all', 'Training stage whose parameters get gradients '
                     '(heads, 4+, all or a regex; train.STAGE_PATTERNS).')
 flags.DEFINE_string('profile_dir', '', 'Also write a jax.profiler trace of a few '
-                    'timed steps here (TensorBoard / Perfetto).')
+                    'timed steps here (TensorBoard / Perfetto); with --runs, one '
+                    'MODE_DTYPE_BATCH folder in it per run.')
+flags.DEFINE_list('runs', [], 'Several runs in one process, MODE:DTYPE:BATCH each (e.g. '
+                  'infer:bfloat16:1,train:bfloat16:2); replaces --mode, --dtype and --batch. '
+                  'A failing run gives a line with "error" and the next one starts.')
+flags.DEFINE_float('budget_s', 0.0, 'With --runs: start no run once this many seconds have '
+                   'passed since the first started (the first always runs); each run left '
+                   'gives a line with "error": "skipped: ...". 0: no limit.')
 FLAGS = flags.FLAGS
 
 PROFILE_STEPS = 3  # steps inside the --profile_dir trace
@@ -70,6 +87,61 @@ def peak_tflops(device_kind: str, dtype: str) -> float:
     if kind.lower() in device_kind.lower():
       return bf16 if dtype == 'bfloat16' else fp32
   return 0.0
+
+
+class Run(NamedTuple):
+  """One measurement of a sweep: ``MODE:DTYPE:BATCH``."""
+  mode: str
+  dtype: str
+  batch: int
+
+  @property
+  def name(self) -> str:
+    return f'{self.mode}_{self.dtype}_{self.batch}'
+
+
+def parse_runs(items: list[str]) -> list[Run]:
+  """``['infer:bfloat16:1', ...]`` -> Runs; a malformed item is a UserError
+  naming --runs."""
+  runs = []
+  for item in items:
+    parts = item.strip().split(':')
+    try:
+      mode, dtype, batch = parts
+      run = Run(mode, dtype, int(batch))
+      if mode not in ('train', 'infer') or dtype not in ('float32', 'bfloat16') or run.batch < 1:
+        raise ValueError
+    except ValueError:
+      raise cliutil.UserError(
+          f'{item!r}: expected MODE:DTYPE:BATCH with MODE train or infer, DTYPE float32 '
+          f'or bfloat16 and BATCH >= 1, e.g. infer:bfloat16:1', field='--runs') from None
+    runs.append(run)
+  return runs
+
+
+def sweep(runs: list[Run], measure: Callable[[Run], dict], budget_s: float = 0.0,
+          clock: Callable[[], float] = time.perf_counter) -> Iterator[dict]:
+  """Yields one row per run, in order: ``measure(run)``; where it raised,
+  ``{mode, dtype, batch, error}`` with the exception's first line; once
+  ``budget_s`` (> 0) seconds have passed since the first run started, the
+  runs left are not started and yield ``error`` = 'skipped: ...'."""
+  start = None
+  for run in runs:
+    base = {'mode': run.mode, 'dtype': run.dtype, 'batch': run.batch}
+    now = clock()
+    if start is None:
+      start = now
+    elif budget_s > 0 and now - start >= budget_s:
+      yield dict(base, error=f'skipped: --budget_s={budget_s:g} spent '
+                             f'({now - start:.0f} s since the first run)')
+      continue
+    try:
+      row = measure(run)
+    except Exception as err:  # pylint: disable=broad-except - the row says why; the next runs
+      first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ''
+      row = dict(base, error=f'{type(err).__name__}: {first}')
+    gc.collect()                            # the failed run's device buffers, before the next
+    yield row
 
 
 def synthetic_batch(config, batch: int, size: int, rng: np.random.Generator) -> dict:
@@ -130,20 +202,27 @@ def program_memory_bytes(compiled) -> int:
 
 
 def device_peak_bytes() -> int:
-  """Peak bytes in use on the first local device (0 where the backend keeps
-  no statistics, e.g. the CPU)."""
+  """Peak bytes in use on the first local device since the process started
+  (0 where the backend keeps no statistics, e.g. the CPU)."""
   import jax
   stats = jax.local_devices()[0].memory_stats() or {}
   return int(stats.get('peak_bytes_in_use', 0))
 
 
 def benchmark_sln(config, mode: str, batch: int, size: int, steps: int,
-                  stage: str = 'all', profile_dir: str = '') -> dict:
+                  stage: str = 'all', profile_dir: str = '',
+                  variables: Optional[dict] = None) -> dict:
   """Times the training loop's own step (``train.make_stage_step``: stage
   masks, clipping, weight decay, momentum, pmean over every local device,
   donated state) or the evaluator's inference (``train.make_infer_fn``),
   both ``jax.pmap``ped over the local devices with ``batch`` split evenly.
-  The timed loop feeds each step's state into the next, as training does."""
+  The timed loop feeds each step's state into the next, as training does.
+
+  ``variables``: initial variables of this config's model (float32 whatever
+  ``model.dtype``, so one set serves both dtypes of a sweep); None: fresh
+  ones. The result's ``variables`` are the ones used. ``peak_bytes`` is the
+  allocator's peak if this run raised it, else 0 (jax keeps one peak per
+  process, not per run)."""
   import jax
   from sln_jax import train as train_lib
   from sln_jax.models import sln as sln_lib
@@ -152,7 +231,11 @@ def benchmark_sln(config, mode: str, batch: int, size: int, steps: int,
   if batch % devices:
     raise ValueError(f'batch {batch} is not a multiple of the {devices} local devices')
   config.input.image_size = size
-  model, variables = train_lib.create_model(config)
+  peak_before = device_peak_bytes()
+  if variables is None:
+    model, variables = train_lib.create_model(config)
+  else:
+    model = sln_lib.build_model(config)
   np_batch = synthetic_batch(config, batch, size, np.random.default_rng(0))
   sharded = jax.tree.map(lambda x: x.reshape((devices, batch // devices) + x.shape[1:]),
                          np_batch)
@@ -194,9 +277,11 @@ def benchmark_sln(config, mode: str, batch: int, size: int, steps: int,
         f.write(compiled.as_text())        # op -> source layer for profile_summary.py
       with jax.profiler.trace(profile_dir):
         run(PROFILE_STEPS)
+  peak = device_peak_bytes()
   return dict(compile_s=compile_s, step_s=step_s, flops=flops * devices,
-              program_bytes=program_memory_bytes(compiled), peak_bytes=device_peak_bytes(),
-              params=sln_lib.count_parameters(variables))
+              program_bytes=program_memory_bytes(compiled),
+              peak_bytes=peak if peak > peak_before else 0,
+              params=sln_lib.count_parameters(variables), variables=variables)
 
 
 def benchmark_peer(mode: str, batch: int, size: int, steps: int, dtype: str,
@@ -210,6 +295,8 @@ def benchmark_peer(mode: str, batch: int, size: int, steps: int, dtype: str,
   from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
+  if device == 'cuda':
+    torch.cuda.reset_peak_memory_stats()    # per run, in a worker that serves a sweep
   torch.backends.cudnn.benchmark = True
   torch.backends.cuda.matmul.allow_tf32 = True
   torch.backends.cudnn.allow_tf32 = True
@@ -260,20 +347,61 @@ def benchmark_peer(mode: str, batch: int, size: int, steps: int, dtype: str,
   return dict(step_s=step_s, images_per_s=batch / step_s, device=device, peak_bytes=peak)
 
 
+def _peer_and_release(*args) -> dict:
+  """:func:`benchmark_peer`, then torch's cached device memory handed back
+  (the worker outlives the run; jax's next run may need that memory)."""
+  result = benchmark_peer(*args)
+  import torch
+  gc.collect()
+  if torch.cuda.is_available():
+    torch.cuda.empty_cache()
+  return result
+
+
+class PeerWorker:
+  """Runs :func:`benchmark_peer` in one spawned process, started at the
+  first call and kept for the next ones (torch and CUDA start once per
+  sweep). Each call returns the result, or {'error': why} (torchvision
+  missing or broken, out of memory, the worker killed: a fresh one serves
+  the next call)."""
+
+  def __init__(self):
+    self._pool: Optional[concurrent.futures.ProcessPoolExecutor] = None
+
+  def __call__(self, mode: str, batch: int, size: int, steps: int, dtype: str,
+               stage: str) -> dict:
+    layers = {'heads': 0, '4+': 2}.get(stage, 5)
+    if self._pool is None:
+      self._pool = concurrent.futures.ProcessPoolExecutor(
+          1, mp_context=multiprocessing.get_context('spawn'))
+    try:
+      return self._pool.submit(_peer_and_release, mode, batch, size, steps, dtype,
+                               layers).result()
+    except concurrent.futures.process.BrokenProcessPool as err:
+      self.close()
+      return {'error': f'BrokenProcessPool: {err}'}
+    except Exception as err:  # pylint: disable=broad-except
+      return {'error': f'{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ""}'}
+
+  def close(self) -> None:
+    """Ends the worker (its device memory goes back)."""
+    if self._pool is not None:
+      self._pool.shutdown()
+      self._pool = None
+
+  def __enter__(self) -> 'PeerWorker':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
 def run_peer(mode: str, batch: int, size: int, steps: int, dtype: str, stage: str) -> dict:
-  """:func:`benchmark_peer` in a fresh process, before this one touches the
-  accelerator: each framework gets the whole device memory (JAX preallocates
-  most of it). Returns the result, or {'error': why} (torchvision missing or
-  broken, out of memory, ...)."""
-  import concurrent.futures
-  import multiprocessing
-  layers = {'heads': 0, '4+': 2}.get(stage, 5)
-  ctx = multiprocessing.get_context('spawn')
-  try:
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
-      return pool.submit(benchmark_peer, mode, batch, size, steps, dtype, layers).result()
-  except Exception as err:  # pylint: disable=broad-except
-    return {'error': f'{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ""}'}
+  """:func:`benchmark_peer` in a fresh process that ends before this one
+  touches the accelerator: each framework gets the whole device memory (JAX
+  preallocates most of it). Returns the result, or {'error': why}."""
+  with PeerWorker() as worker:
+    return worker(mode, batch, size, steps, dtype, stage)
 
 
 def main(argv):
@@ -286,34 +414,77 @@ def _main():
   # compile_s is a compilation: never an executable loaded from jax's
   # persistent cache (JAX_COMPILATION_CACHE_DIR in the environment).
   jax.config.update('jax_enable_compilation_cache', False)
-  config = _CONFIG.value
-  if FLAGS.dtype:
-    config.model.dtype = FLAGS.dtype
-  batch = FLAGS.batch or config.train.batch_size
-  size = FLAGS.image_size or config.input.image_size
-  config.input.image_size = size
-  config_checks.check_input(config.input)   # not check_config: no pycocotools on GPU hosts
-  config_checks.check_model(config.model)
-  if batch < 1:
-    raise cliutil.UserError(f'{batch} is not >= 1', field='--batch')
+  base = _CONFIG.value
+  if FLAGS.runs:
+    runs = parse_runs(FLAGS.runs)
+  else:
+    runs = [Run(FLAGS.mode, FLAGS.dtype or base.model.dtype, FLAGS.batch or base.train.batch_size)]
+  size = FLAGS.image_size or base.input.image_size
+  base.input.image_size = size
+  config_checks.check_input(base.input)   # not check_config: no pycocotools on GPU hosts
+  for dtype in sorted({r.dtype for r in runs}):
+    base.model.dtype = dtype
+    config_checks.check_model(base.model)
+  for run in runs:
+    if run.batch < 1:
+      raise cliutil.UserError(f'{run.batch} is not >= 1', field='--batch')
+  if FLAGS.budget_s < 0:
+    raise cliutil.UserError(f'{FLAGS.budget_s:g} is not >= 0', field='--budget_s')
   if FLAGS.output:  # before the measurement, not after it
     if os.path.isdir(FLAGS.output):
       raise cliutil.UserError('is a directory, expected a file path', path=FLAGS.output,
                               field='--output')
     cliutil.check_dir_makeable(os.path.dirname(os.path.abspath(FLAGS.output)),
                                field='--output')
-  peer = (run_peer(FLAGS.mode, batch, size, FLAGS.steps, config.model.dtype, FLAGS.stage)
-          if FLAGS.peer and FLAGS.steps > 0 else None)
+  peer_on = FLAGS.peer and FLAGS.steps > 0
+  if peer_on and len(runs) > 1:
+    # The peer's worker lives beside this process for the whole sweep: jax
+    # takes device memory as its runs need it instead of 75% up front
+    # (timing is unchanged: the warm-up steps allocate).
+    os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+  shared = {}                               # the variables, built by the first run
+
+  def measure(run: Run) -> dict:
+    config = base.copy_and_resolve_references()
+    config.model.dtype = run.dtype
+    peer = None
+    if peer_on:
+      peer = worker(run.mode, run.batch, size, FLAGS.steps, run.dtype, FLAGS.stage)
+      if len(runs) == 1:
+        worker.close()                      # before jax takes the device's memory
+    profile_dir = FLAGS.profile_dir
+    if profile_dir and FLAGS.runs:
+      profile_dir = os.path.join(profile_dir, run.name)
+    r = benchmark_sln(config, run.mode, run.batch, size, FLAGS.steps, FLAGS.stage,
+                      profile_dir, variables=shared.get('variables'))
+    shared['variables'] = r['variables']
+    return result_row(r, run, config, size, peer)
+
+  with PeerWorker() as worker:
+    for row in (sweep(runs, measure, FLAGS.budget_s) if FLAGS.runs else map(measure, runs)):
+      if 'error' in row:
+        row = dict(row, image_size=size)
+      line = json.dumps(row)
+      print(line, flush=True)
+      if FLAGS.output:
+        cliutil.make_dirs(os.path.dirname(os.path.abspath(FLAGS.output)))
+        with open(FLAGS.output, 'a') as f:
+          f.write(line + '\n')
+
+
+def result_row(r: dict, run: Run, config, size: int, peer: Optional[dict]) -> dict:
+  """The JSON row of one measurement (:func:`benchmark_sln`'s ``r``, the
+  peer's result or None)."""
+  import jax
   dev = jax.devices()[0]
-  r = benchmark_sln(config, FLAGS.mode, batch, size, FLAGS.steps, FLAGS.stage,
-                    FLAGS.profile_dir)
-  peak = FLAGS.peak_tflops or peak_tflops(dev.device_kind, config.model.dtype)
+  batch = run.batch
+  peak = FLAGS.peak_tflops or peak_tflops(dev.device_kind, run.dtype)
   timed = r['step_s'] is not None
   images_per_s = batch / r['step_s'] if timed else None
   result = {
       'device': f'{dev.platform}:{dev.device_kind}', 'num_devices': jax.device_count(),
-      'mode': FLAGS.mode, 'stage': FLAGS.stage if FLAGS.mode == 'train' else None,
-      'dtype': config.model.dtype, 'batch': batch, 'image_size': size,
+      'mode': run.mode, 'stage': FLAGS.stage if run.mode == 'train' else None,
+      'dtype': run.dtype, 'batch': batch, 'image_size': size,
       'glm': bool(config.model.glm.enabled), 'compile_s': round(r['compile_s'], 3),
       'step_ms': round(r['step_s'] * 1e3, 3) if timed else None,
       'images_per_s': round(images_per_s, 3) if timed else None,
@@ -334,12 +505,7 @@ def _main():
       if peer.get('peak_bytes'):
         result['peer_peak_memory_mib'] = round(peer['peak_bytes'] / 2**20, 1)
       result['ratio'] = round(images_per_s / peer['images_per_s'], 3)
-  line = json.dumps(result)
-  print(line, flush=True)
-  if FLAGS.output:
-    cliutil.make_dirs(os.path.dirname(os.path.abspath(FLAGS.output)))
-    with open(FLAGS.output, 'a') as f:
-      f.write(line + '\n')
+  return result
 
 
 if __name__ == '__main__':

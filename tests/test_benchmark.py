@@ -146,6 +146,19 @@ def test_peer_runs_in_its_own_process_or_reports_why_not():
     assert set(r) == {'error'} and 'torchvision' in r['error'], r
 
 
+def test_peer_worker_serves_a_sweep_from_one_process():
+  """The sweep's peer worker starts once and serves every run (an error in
+  a run, here or torchvision missing, leaves it up); close ends it."""
+  with benchmark.PeerWorker() as worker:
+    first = worker('infer', 1, 64, 1, 'float32', 'all')
+    pool = worker._pool  # pylint: disable=protected-access
+    pids = set(pool._processes)  # pylint: disable=protected-access
+    second = worker('infer', 1, 64, 1, 'float32', 'all')
+    assert worker._pool is pool and set(pool._processes) == pids and len(pids) == 1  # pylint: disable=protected-access
+    assert ('error' in first) == ('error' in second)
+  assert worker._pool is None  # pylint: disable=protected-access
+
+
 def test_train_and_infer_steps_stay_on_device():
   """No host round trips inside a step: the lowered programs of the real
   (tiny) SLN's train step and inference have no host callbacks, no
@@ -170,20 +183,93 @@ def test_train_and_infer_steps_stay_on_device():
 
 def test_gpu_benchmarks_script_writes_one_row_per_run(tmp_path):
   """scripts/gpu_benchmarks.sh (the command that produces the GPU rows) on a
-  tiny model: a good run gives a result row, a failing one an error row that
-  says why, and the script goes on after it."""
+  tiny model: both runs of the sweep give result rows, each beside the peer;
+  a command refused as a whole (a malformed run) still leaves one row per
+  run saying why."""
   env = dict(os.environ, OUT=str(tmp_path), CONFIG='configs/tiny.py', IMAGE_SIZE='64',
              PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH'])
+  proc = subprocess.run(['bash', 'scripts/gpu_benchmarks.sh', 'infer:float32:1', 'train:bfloat16:2'],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  rows = [json.loads(l) for l in (tmp_path / 'gpu_benchmarks.jsonl').read_text().splitlines()]
+  assert [(r['mode'], r['dtype'], r['batch']) for r in rows] == [
+      ('infer', 'float32', 1), ('train', 'bfloat16', 2)]
+  for r in rows:
+    assert 'error' not in r and r['images_per_s'] > 0 and r['image_size'] == 64, r
+    assert 'peer' in r                                   # the peer ran or said why not
+
   proc = subprocess.run(['bash', 'scripts/gpu_benchmarks.sh', 'infer:float16:1', 'infer:float32:1'],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-2000:]
   rows = [json.loads(l) for l in (tmp_path / 'gpu_benchmarks.jsonl').read_text().splitlines()]
-  assert len(rows) == 2
-  bad, good = rows
-  assert bad['dtype'] == 'float16' and bad['error'].startswith('exit 2: error: flag --dtype')
-  assert 'float16' in bad['error'], bad                  # absl's flag error, not a guess
-  assert good['mode'] == 'infer' and good['batch'] == 1 and good['images_per_s'] > 0
-  assert 'peer' in good                                   # the peer ran or said why not
+  assert len(rows) == 4
+  for r, dtype in zip(rows[2:], ('float16', 'float32')):
+    assert r['dtype'] == dtype and r['error'].startswith("exit 2: error: --runs: 'infer:float16:1'"), r
+
+
+class _Clock:
+  def __init__(self):
+    self.t = 100.0
+
+  def __call__(self):
+    return self.t
+
+
+def test_sweep_rows_errors_and_budget():
+  """One row per run in order; a run that raises gives an error row and the
+  next one starts; no run starts once the budget is spent (the first always
+  does)."""
+  clock = _Clock()
+  runs = benchmark.parse_runs(['infer:bfloat16:1', 'train:float32:2', 'train:bfloat16:8',
+                               'infer:float32:8'])
+  seen = []
+
+  def measure(run):
+    seen.append(run)
+    clock.t += 30.0
+    if run.batch == 2:
+      raise RuntimeError('RESOURCE_EXHAUSTED: Out of memory while trying to allocate\nmore')
+    return {'mode': run.mode, 'ok': True}
+
+  rows = list(benchmark.sweep(runs, measure, budget_s=60.0, clock=clock))
+  assert seen == runs[:2]          # the third would start 60 s after the first: over budget
+  assert rows[0] == {'mode': 'infer', 'ok': True}
+  assert rows[1] == {'mode': 'train', 'dtype': 'float32', 'batch': 2,
+                     'error': 'RuntimeError: RESOURCE_EXHAUSTED: Out of memory while trying '
+                              'to allocate'}
+  for r, run in zip(rows[2:], runs[2:]):
+    assert (r['mode'], r['dtype'], r['batch']) == run
+    assert r['error'] == 'skipped: --budget_s=60 spent (60 s since the first run)'
+  clock.t = 0.0
+  seen.clear()
+  assert len(list(benchmark.sweep(runs, measure, budget_s=1e-9, clock=clock))) == 4
+  assert seen == runs[:1]          # a budget shorter than one run still measures the first
+  seen.clear()
+  assert len(list(benchmark.sweep(runs, measure, clock=clock))) == 4 and seen == runs
+
+
+@pytest.mark.parametrize('item', ['infer:bfloat16', 'infer:float16:1', 'eval:float32:1',
+                                  'train:float32:0', 'train:float32:x', 'a:b:c:d'])
+def test_parse_runs_refuses_malformed_items(item):
+  assert benchmark.parse_runs(['train:bfloat16:8', ' infer:float32:1']) == [
+      ('train', 'bfloat16', 8), ('infer', 'float32', 1)]
+  with pytest.raises(benchmark.cliutil.UserError, match=f"--runs: '{item}': expected MODE:DTYPE:BATCH"):
+    benchmark.parse_runs([item])
+
+
+def test_runs_share_one_set_of_variables():
+  """A sweep builds the variables once: the second run (other dtype) takes
+  the first's and reports the same parameter count; the allocator peak is
+  only reported by a run that raised it (none on the CPU)."""
+  config = tiny.get_config()
+  first = benchmark.benchmark_sln(config, 'infer', batch=1, size=64, steps=0)
+  config = tiny.get_config()
+  config.model.dtype = 'bfloat16'
+  second = benchmark.benchmark_sln(config, 'train', batch=1, size=64, steps=0,
+                                   variables=first['variables'])
+  assert second['variables'] is first['variables']
+  assert second['params'] == first['params'] and second['flops'] > first['flops']
+  assert first['peak_bytes'] == second['peak_bytes'] == 0   # the CPU keeps no statistics
 
 
 def test_compile_only_reports_flops_and_memory():
