@@ -135,21 +135,25 @@ def stage_index(config: ml_collections.ConfigDict, step: int) -> int:
 def lr_tables(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
   """The schedule's numbers for :func:`learning_rate_at`: ``ends`` (S - 1,)
   int32 end step of every stage but the last, ``lrs`` (S,) float32 and
-  ``warmup`` () int32 (``train.warmup_steps``)."""
+  ``warmup_scale`` () float32 = 1 / max(1, ``train.warmup_steps``)."""
   table = schedule(config)
   return {'ends': np.asarray([e for _, _, e, _ in table[:-1]], np.int32),
           'lrs': np.asarray([lr for *_, lr in table], np.float32),
-          'warmup': np.asarray(int(config.train.warmup_steps), np.int32)}
+          'warmup_scale': np.float32(1) / np.float32(max(1, int(config.train.warmup_steps)))}
 
 
 def learning_rate_at(tables: dict, step: jax.Array) -> jax.Array:
   """LR at ``step`` (0-based): the stage's LR times a linear warm-up, min(1,
-  (step + 1) / warmup), over the first ``warmup`` steps (none when 0)."""
+  (step + 1) * warmup_scale), i.e. over the first 1 / warmup_scale steps.
+
+  The warm-up multiplies by the float32 reciprocal, as XLA compiled the
+  division by a constant warm-up length when the schedule was constants
+  of the step: the same LRs to the last bit, so runs train as before."""
   step = jnp.asarray(step, jnp.int32)
   lr = jnp.asarray(tables['lrs'])[jnp.searchsorted(jnp.asarray(tables['ends']), step,
                                                    side='right')]
-  warmup = jnp.maximum(jnp.asarray(tables['warmup'], jnp.int32), 1).astype(jnp.float32)
-  return lr * jnp.minimum(1.0, (step + 1).astype(jnp.float32) / warmup)
+  ramp = (step + 1).astype(jnp.float32) * jnp.asarray(tables['warmup_scale'], jnp.float32)
+  return lr * jnp.minimum(1.0, ramp)
 
 
 def learning_rate_fn(config: ml_collections.ConfigDict) -> Callable[[jax.Array], jax.Array]:
