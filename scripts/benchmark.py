@@ -439,7 +439,7 @@ def _main():
   peer_on = FLAGS.peer and FLAGS.steps > 0
   if peer_on and len(runs) > 1:
     # The peer's worker lives beside this process for the whole sweep: jax
-    # takes device memory as its runs need it instead of 75% up front
+    # takes device memory as its runs need it instead of most of it up front
     # (timing is unchanged: the warm-up steps allocate).
     os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
   shared = {}                               # the variables, built by the first run
