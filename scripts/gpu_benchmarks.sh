@@ -14,6 +14,7 @@
 # 10-minute device command; a run that fails (out of memory) gets a row
 # with its error and the next one starts. Every run the sweep did not reach
 # (killed by TIMEOUT_S, or the command refused) also gets a row that says why.
+# ${OUT}/gpu_benchmarks.md has the rows as a markdown table.
 # PROFILE=1 also traces each run (jax.profiler) and writes the text summary
 # of scripts/profile_summary.py to ${OUT}/profile_MODE_DTYPE_BATCH.txt.
 # CONFIG and IMAGE_SIZE (0: the config's) change the model (a CPU dry run:
@@ -86,3 +87,5 @@ if [ "${PROFILE:-0}" = 1 ]; then
   done
 fi
 cat "$out"
+# The same rows as a markdown table (docs/benchmarks.md's columns).
+python3 scripts/benchmark_table.py "$out" | tee "$OUT/gpu_benchmarks.md"

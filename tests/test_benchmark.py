@@ -197,6 +197,8 @@ def test_gpu_benchmarks_script_writes_one_row_per_run(tmp_path):
   for r in rows:
     assert 'error' not in r and r['images_per_s'] > 0 and r['image_size'] == 64, r
     assert 'peer' in r                                   # the peer ran or said why not
+  md = (tmp_path / 'gpu_benchmarks.md').read_text().splitlines()
+  assert len(md) == 4 and md[2].startswith('| cpu | SLN (GLM) | infer | fp32 | 1 | 64 |'), md
 
   proc = subprocess.run(['bash', 'scripts/gpu_benchmarks.sh', 'infer:float16:1', 'infer:float32:1'],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -205,6 +207,36 @@ def test_gpu_benchmarks_script_writes_one_row_per_run(tmp_path):
   assert len(rows) == 4
   for r, dtype in zip(rows[2:], ('float16', 'float32')):
     assert r['dtype'] == dtype and r['error'].startswith("exit 2: error: --runs: 'infer:float16:1'"), r
+
+
+def test_benchmark_table_rows():
+  """benchmark_table.py: one markdown row per JSON line with the docs'
+  columns; failed and skipped runs keep their row with the reason."""
+  import benchmark_table  # pylint: disable=import-outside-toplevel
+  ok = {'device': 'gpu:NVIDIA H200', 'mode': 'train', 'stage': 'all', 'dtype': 'bfloat16',
+        'batch': 8, 'image_size': 1024, 'glm': True, 'compile_s': 61.234, 'step_ms': 512.3,
+        'images_per_s': 15.616, 'flops_per_image': 3.061e12, 'mfu': 0.04833,
+        'xla_memory_mib': 27545.6, 'peak_memory_mib': 30105.0, 'peer_images_per_s': 9.5,
+        'peer_peak_memory_mib': 20480.0, 'ratio': 1.644}
+  bad = {'mode': 'infer', 'dtype': 'float32', 'batch': 8, 'image_size': 1024,
+         'error': 'skipped: --budget_s=400 spent (412 s since the first run)'}
+  lines = benchmark_table.table([ok, dict(ok, stage='heads', peer_error='x', ratio=None,
+                                          peer_images_per_s=None, peak_memory_mib=None), bad]
+                                ).splitlines()
+  assert len(lines) == 5 and all(l.count('|') == 16 for l in lines), lines
+  assert lines[2] == ('| NVIDIA H200 | SLN (GLM) | train | bf16 | 8 | 1024 | 61.2 | 512.3 | '
+                      '15.62 | 3,061 | 4.8% | 29.4 | 9.50 | 20.0 | 1.64 |')
+  assert '| train (heads) |' in lines[3] and '| 26.9 |' in lines[3]   # XLA's when no peak
+  assert lines[4].startswith('|  |  | infer | fp32 | 8 | 1024 | skipped: --budget_s=400 spent')
+
+
+def test_benchmark_table_cli_refuses_a_line_that_is_not_a_row(tmp_path):
+  path = tmp_path / 'rows.jsonl'
+  path.write_text('{"mode": "infer"}\n\nnot json\n')
+  proc = subprocess.run([sys.executable, 'scripts/benchmark_table.py', str(path)], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2 and proc.stdout == '', proc.stderr
+  assert proc.stderr.strip() == f"error: {path}: line 3: not a JSON object, one of benchmark.py's lines"
 
 
 class _Clock:
