@@ -313,10 +313,12 @@ def make_train_step(model: Any, config: ml_collections.ConfigDict,
   """Per-device step ``(state, batch) -> (state, metrics)`` for ``jax.pmap``
   with ``axis_name='batch'``; ``batch`` has a leading per-device batch axis.
 
-  ``tx``: the optimizer, or a function of the learning rate (step -> LR)
-  that builds it: the step then passes the schedule of ``state.lr_schedule``,
-  so the LRs, stage lengths and warm-up are inputs of the compiled program
-  and a launch with another schedule loads it from the persistent cache.
+  ``tx``: a function of the learning rate (step -> LR) that builds the
+  optimizer: the step passes it the schedule of ``state.lr_schedule``, so
+  the LRs, stage lengths and warm-up are inputs of the compiled program and
+  a launch with another schedule loads it from the persistent cache; or an
+  optimizer built with its LRs (it and the reported ``lr`` then follow
+  ``config``, whatever the state carries).
 
   ``trainable`` (bool tree like params, e.g. ``trainable_mask``): frozen
   leaves enter the loss through ``stop_gradient``, so no gradient is computed
@@ -351,8 +353,10 @@ def make_train_step(model: Any, config: ml_collections.ConfigDict,
     grads, (losses, metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(
         state.params, state.batch_stats, batch, rngs)
     grads, losses, metrics = jax.lax.pmean((grads, losses, metrics), AXIS)
-    lr_fn = (learning_rate_fn(config) if state.lr_schedule is None
-             else functools.partial(learning_rate_at, state.lr_schedule))
+    if callable(tx) and state.lr_schedule is not None:   # the state's schedule
+      lr_fn = functools.partial(learning_rate_at, state.lr_schedule)
+    else:                                                # the config's, as constants
+      lr_fn = learning_rate_fn(config)
     opt = tx(lr_fn) if callable(tx) else tx
     updates, opt_state = opt.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -372,9 +376,10 @@ def make_stage_step(model: Any, config: ml_collections.ConfigDict, params: PyTre
   from the same ``(config, stage, earlier)``, so what the optimizer updates
   and what gets a gradient cannot disagree. The optimizer takes its learning
   rate from ``state.lr_schedule`` (:func:`make_train_step`)."""
-  tx = functools.partial(create_optimizer, config, params, batch_stats, stage, earlier)
+  def tx(learning_rate):
+    return create_optimizer(config, params, batch_stats, stage, earlier, learning_rate)
   trainable = trainable_mask(params, batch_stats, stage, config.model.train_bn, earlier)
-  return make_train_step(model, config, lambda lr: tx(learning_rate=lr), trainable)
+  return make_train_step(model, config, tx, trainable)
 
 
 def make_infer_fn(model: Any) -> Callable:
