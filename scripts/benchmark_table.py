@@ -7,7 +7,8 @@ dtype, batch, image, compile s, ms/step, images/s, GFLOP per image, MFU,
 memory (the allocator's peak where reported, else XLA's buffer
 assignment), the peer's images/s and peak, and the ratio of images/s. A
 run that failed or was skipped keeps its row, with the reason in place of
-the numbers. Needs only the standard library (runs on the device machine).
+the numbers. Needs only the standard library and sln_jax.cliutil (runs on
+the device machine).
 """
 from __future__ import annotations
 
@@ -25,10 +26,8 @@ COLUMNS = ('device', 'model', 'mode', 'dtype', 'batch', 'image', 'compile s', 'm
            'peer memory GiB', 'ratio')
 
 
-def _num(value, digits: int = 1, thousands: bool = True) -> str:
-  if value is None:
-    return ''
-  return f'{value:,.{digits}f}' if thousands else f'{value:.{digits}f}'
+def _num(value, digits: int = 1) -> str:
+  return '' if value is None else f'{value:,.{digits}f}'
 
 
 def _gflop(g: float) -> str:
