@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from sln_jax.models.materialize import materialize
 from sln_jax.models.norm import NormSpec
 from sln_jax.models.resnet import conv
 
@@ -87,7 +88,7 @@ class DeepLabBottleneck(nn.Module):
     h = cbr(h, 'increase', self.out_channels, 1, relu=False)
     if self.downsample:
       x = cbr(x, 'shortcut', self.out_channels, 1, self.stride, relu=False)
-    return nn.relu(h + x)
+    return materialize(nn.relu(h + x))  # stored once on XLA:CPU (materialize.py)
 
 
 class DeepLabV2(nn.Module):

@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sln_jax.models.materialize import materialize
 from sln_jax.models.norm import NormSpec
 
 Dtype = Any
@@ -82,7 +83,7 @@ class Bottleneck(nn.Module):
       x = conv(self.planes * 4, 1, self.stride, dtype=self.dtype,
                name='downsample_conv')(x)
       x = bn('downsample_bn')(x)
-    return nn.relu(y + x)
+    return materialize(nn.relu(y + x))  # stored once on XLA:CPU (materialize.py)
 
 
 class ResNet(nn.Module):
