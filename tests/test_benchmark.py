@@ -356,3 +356,19 @@ def test_evaluate_benchmark_times_both_callers():
   bad = subprocess.run(cmd[:-1] + ['--image=8x8'], cwd=ROOT, capture_output=True, text=True)
   assert bad.returncode == 2 and bad.stderr.strip() == (
       "error: --image: '8x8': expected HxW with sides of at least 16, e.g. 480x640")
+
+
+def test_flops_are_counted_with_xla_kernel_gradients(monkeypatch):
+  """cpu_conv's loop over kernel taps hides 8/9 of a 3x3 kernel gradient
+  from XLA's cost analysis; a step that took that path is counted as the
+  same step with XLA's own kernel gradients."""
+  from sln_jax.models import cpu_conv
+  config = tiny.get_config()
+  plain = benchmark.benchmark_sln(config, 'train', batch=1, size=64, steps=0)
+  monkeypatch.setattr(cpu_conv, 'MIN_GFLOP', 0.0)
+  before = cpu_conv.traced_count()
+  config = tiny.get_config()
+  fast = benchmark.benchmark_sln(config, 'train', batch=1, size=64, steps=0,
+                                 variables=plain['variables'])
+  assert cpu_conv.traced_count() > before
+  assert fast['flops'] == pytest.approx(plain['flops'], rel=1e-3)

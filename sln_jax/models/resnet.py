@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sln_jax.models.cpu_conv import conv_general_dilated
 from sln_jax.models.materialize import materialize
 from sln_jax.models.norm import NormSpec
 
@@ -53,11 +54,12 @@ def same_pad(x: jax.Array, kernel: int, stride: int) -> jax.Array:
 def conv(features: int, kernel: int, stride: int = 1, padding: Any = 'VALID',
          dtype: Dtype = jnp.float32, name: str | None = None,
          use_bias: bool = True, dilation: int = 1) -> nn.Conv:
-  """nn.Conv with square kernel/stride, float32 params and compute ``dtype``."""
+  """nn.Conv with square kernel/stride, float32 params and compute ``dtype``
+  (kernel gradients as matrix products on XLA:CPU: ``cpu_conv``)."""
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                  padding=padding, kernel_dilation=(dilation, dilation),
                  use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-                 name=name)
+                 conv_general_dilated=conv_general_dilated, name=name)
 
 
 class Bottleneck(nn.Module):

@@ -1,0 +1,123 @@
+"""cpu_conv: lax.conv_general_dilated with a matrix-product kernel gradient on XLA:CPU.
+
+The reference is XLA's own convolution and its VJP (jax's transpose rules):
+forward and input gradient must match bit for bit, the kernel gradient to
+float32 summation order.
+"""
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sln_jax.models import cpu_conv
+
+pytestmark = pytest.mark.skipif(jax.default_backend() != 'cpu',
+                                reason='the matrix-product path is XLA:CPU only')
+
+DN = ('NHWC', 'HWIO', 'NHWC')
+
+
+def _vjps(x, w, g, stride, padding, dilation):
+  ref = lambda a, b: jax.lax.conv_general_dilated(
+      a, b, stride, padding, rhs_dilation=dilation, dimension_numbers=DN)
+  new = lambda a, b: cpu_conv.conv_general_dilated(
+      a, b, stride, padding, rhs_dilation=dilation,
+      dimension_numbers=jax.lax.conv_dimension_numbers(a.shape, b.shape, DN))
+  run = lambda f: jax.jit(lambda a, b, c: (f(a, b),) + jax.vjp(f, a, b)[1](c))(x, w, g)
+  return run(ref), run(new)
+
+
+def _case(rng, batch, size, cin, cout, kernel, stride, padding, dilation, dtype=jnp.float32):
+  x = jnp.asarray(rng.normal(size=(batch, size, size + 1, cin)), dtype)
+  w = jnp.asarray(rng.normal(size=(kernel, kernel, cin, cout)) * 0.1, dtype)
+  out = jax.eval_shape(lambda a, b: jax.lax.conv_general_dilated(
+      a, b, stride, padding, rhs_dilation=dilation, dimension_numbers=DN), x, w)
+  g = jnp.asarray(rng.normal(size=out.shape), dtype)
+  return x, w, g
+
+
+def _check(ref, new, rtol=2e-6):
+  (y_ref, dx_ref, dw_ref), (y, dx, dw) = ref, new
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
+  np.testing.assert_array_equal(np.asarray(dx), np.asarray(dx_ref))
+  assert dw.dtype == dw_ref.dtype and dw.shape == dw_ref.shape
+  dw, dw_ref = np.asarray(dw, np.float64), np.asarray(dw_ref, np.float64)
+  np.testing.assert_allclose(dw, dw_ref, rtol=0, atol=rtol * np.abs(dw_ref).max())
+
+
+@pytest.mark.parametrize('kernel,stride,padding,dilation', [
+    (1, (1, 1), 'VALID', (1, 1)),
+    (1, (2, 2), 'VALID', (1, 1)),
+    (3, (1, 1), 'SAME', (1, 1)),
+    (3, (1, 1), ((1, 1), (1, 1)), (1, 1)),
+    (3, (2, 2), ((0, 1), (0, 1)), (1, 1)),   # the release's TF-SAME stride 2
+    (3, (1, 1), ((2, 2), (2, 2)), (2, 2)),   # atrous
+    (7, (2, 2), ((3, 3), (3, 3)), (1, 1)),   # the stem
+    (3, (1, 2), ((1, -1), (0, 2)), (2, 1)),  # uneven: crop, asymmetric
+])
+def test_matches_xla_convolution_and_its_vjp(monkeypatch, kernel, stride, padding, dilation):
+  monkeypatch.setattr(cpu_conv, 'MIN_GFLOP', 0.0)
+  rng = np.random.default_rng(kernel * 10 + stride[0])
+  x, w, g = _case(rng, 2, 13, 5, 4, kernel, stride, padding, dilation)
+  before = cpu_conv.traced_count()
+  ref, new = _vjps(x, w, g, stride, padding, dilation)
+  assert cpu_conv.traced_count() > before     # the matrix-product path ran
+  _check(ref, new)
+
+
+def test_bfloat16_kernel_gradient_keeps_the_dtype(monkeypatch):
+  monkeypatch.setattr(cpu_conv, 'MIN_GFLOP', 0.0)
+  x, w, g = _case(np.random.default_rng(3), 2, 16, 8, 8, 3, (1, 1), 'SAME', (1, 1),
+                  jnp.bfloat16)
+  ref, new = _vjps(x, w, g, (1, 1), 'SAME', (1, 1))
+  _check(ref, new, rtol=2e-2)   # XLA's bf16 kernel gradient rounds as it goes
+
+
+@hypothesis.settings(max_examples=25, deadline=None)
+@hypothesis.given(kernel=st.integers(1, 3), stride=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+                  dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+                  pads=st.lists(st.integers(-1, 2), min_size=4, max_size=4),
+                  size=st.integers(6, 11), seed=st.integers(0, 2 ** 16))
+def test_any_geometry_matches_xla(kernel, stride, dilation, pads, size, seed):
+  padding = ((pads[0], pads[1]), (pads[2], pads[3]))
+  x, w, g = _case(np.random.default_rng(seed), 1, size, 3, 2, kernel, stride, padding,
+                  dilation)
+  old = cpu_conv.MIN_GFLOP
+  cpu_conv.MIN_GFLOP = 0.0
+  try:
+    ref, new = _vjps(x, w, g, stride, padding, dilation)
+  finally:
+    cpu_conv.MIN_GFLOP = old
+  _check(ref, new)
+
+
+def test_small_convolutions_other_backends_and_the_switch_keep_xla(monkeypatch):
+  rng = np.random.default_rng(0)
+  x, w, g = _case(rng, 2, 13, 5, 4, 3, (1, 1), 'SAME', (1, 1))
+  before = cpu_conv.traced_count()
+  ref, new = _vjps(x, w, g, (1, 1), 'SAME', (1, 1))   # far below MIN_GFLOP
+  assert cpu_conv.traced_count() == before
+  for a, b in zip(ref, new):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  monkeypatch.setattr(cpu_conv, 'MIN_GFLOP', 0.0)
+  with cpu_conv.xla_kernel_gradients():
+    _vjps(x, w, g, (1, 1), 'SAME', (1, 1))
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  _vjps(x, w, g, (1, 1), 'SAME', (1, 1))
+  assert cpu_conv.traced_count() == before
+
+
+def test_full_model_sized_layers_take_the_matrix_product_path():
+  """The threshold admits the layers that gain (the C4 1x1 convolutions at
+  a 1024 canvas) and leaves the synthetic config's alone."""
+  big = jax.ShapeDtypeStruct((1, 64, 64, 1024), jnp.float32)
+  small = jax.ShapeDtypeStruct((4, 32, 32, 64), jnp.float32)
+  before = cpu_conv.traced_count()
+  for x, cout in ((big, 256), (small, 64)):
+    w = jax.ShapeDtypeStruct((1, 1, x.shape[-1], cout), jnp.float32)
+    jax.eval_shape(lambda a, b: cpu_conv.conv_general_dilated(
+        a, b, (1, 1), 'VALID', dimension_numbers=jax.lax.conv_dimension_numbers(
+            a.shape, b.shape, DN)), x, w)
+  assert cpu_conv.traced_count() == before + 1
