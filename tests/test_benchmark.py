@@ -366,6 +366,7 @@ def test_flops_are_counted_with_xla_kernel_gradients(monkeypatch):
   config = tiny.get_config()
   plain = benchmark.benchmark_sln(config, 'train', batch=1, size=64, steps=0)
   monkeypatch.setattr(cpu_conv, 'MIN_GFLOP', 0.0)
+  monkeypatch.setattr(cpu_conv, 'MIN_CHANNELS', 0)
   before = cpu_conv.traced_count()
   config = tiny.get_config()
   fast = benchmark.benchmark_sln(config, 'train', batch=1, size=64, steps=0,

@@ -59,6 +59,7 @@ def _check(ref, new, rtol=2e-6):
 ])
 def test_matches_xla_convolution_and_its_vjp(monkeypatch, kernel, stride, padding, dilation):
   monkeypatch.setattr(cpu_conv, 'MIN_GFLOP', 0.0)
+  monkeypatch.setattr(cpu_conv, 'MIN_CHANNELS', 0)
   rng = np.random.default_rng(kernel * 10 + stride[0])
   x, w, g = _case(rng, 2, 13, 5, 4, kernel, stride, padding, dilation)
   before = cpu_conv.traced_count()
@@ -69,6 +70,7 @@ def test_matches_xla_convolution_and_its_vjp(monkeypatch, kernel, stride, paddin
 
 def test_bfloat16_kernel_gradient_keeps_the_dtype(monkeypatch):
   monkeypatch.setattr(cpu_conv, 'MIN_GFLOP', 0.0)
+  monkeypatch.setattr(cpu_conv, 'MIN_CHANNELS', 0)
   x, w, g = _case(np.random.default_rng(3), 2, 16, 8, 8, 3, (1, 1), 'SAME', (1, 1),
                   jnp.bfloat16)
   ref, new = _vjps(x, w, g, (1, 1), 'SAME', (1, 1))
@@ -84,12 +86,12 @@ def test_any_geometry_matches_xla(kernel, stride, dilation, pads, size, seed):
   padding = ((pads[0], pads[1]), (pads[2], pads[3]))
   x, w, g = _case(np.random.default_rng(seed), 1, size, 3, 2, kernel, stride, padding,
                   dilation)
-  old = cpu_conv.MIN_GFLOP
-  cpu_conv.MIN_GFLOP = 0.0
+  old = cpu_conv.MIN_GFLOP, cpu_conv.MIN_CHANNELS
+  cpu_conv.MIN_GFLOP, cpu_conv.MIN_CHANNELS = 0.0, 0
   try:
     ref, new = _vjps(x, w, g, stride, padding, dilation)
   finally:
-    cpu_conv.MIN_GFLOP = old
+    cpu_conv.MIN_GFLOP, cpu_conv.MIN_CHANNELS = old
   _check(ref, new)
 
 
@@ -102,6 +104,7 @@ def test_small_convolutions_other_backends_and_the_switch_keep_xla(monkeypatch):
   for a, b in zip(ref, new):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   monkeypatch.setattr(cpu_conv, 'MIN_GFLOP', 0.0)
+  monkeypatch.setattr(cpu_conv, 'MIN_CHANNELS', 0)
   with cpu_conv.xla_kernel_gradients():
     _vjps(x, w, g, (1, 1), 'SAME', (1, 1))
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
@@ -109,15 +112,20 @@ def test_small_convolutions_other_backends_and_the_switch_keep_xla(monkeypatch):
   assert cpu_conv.traced_count() == before
 
 
-def test_full_model_sized_layers_take_the_matrix_product_path():
-  """The threshold admits the layers that gain (the C4 1x1 convolutions at
-  a 1024 canvas) and leaves the synthetic config's alone."""
-  big = jax.ShapeDtypeStruct((1, 64, 64, 1024), jnp.float32)
-  small = jax.ShapeDtypeStruct((4, 32, 32, 64), jnp.float32)
-  before = cpu_conv.traced_count()
-  for x, cout in ((big, 256), (small, 64)):
-    w = jax.ShapeDtypeStruct((1, 1, x.shape[-1], cout), jnp.float32)
+def test_the_layers_that_gain_take_the_matrix_product_path():
+  """The rule admits the full model's layers that measured faster (C4's 1x1
+  convolutions, the 256-channel 3x3 ones on P2 at a 1024 canvas) and leaves
+  narrow 3x3 ones (64-channel C2 at 1024) and the synthetic config's alone."""
+  def takes(x_shape, kernel, cin, cout):
+    x = jax.ShapeDtypeStruct(x_shape + (cin,), jnp.float32)
+    w = jax.ShapeDtypeStruct((kernel, kernel, cin, cout), jnp.float32)
+    before = cpu_conv.traced_count()
     jax.eval_shape(lambda a, b: cpu_conv.conv_general_dilated(
-        a, b, (1, 1), 'VALID', dimension_numbers=jax.lax.conv_dimension_numbers(
+        a, b, (1, 1), 'SAME', dimension_numbers=jax.lax.conv_dimension_numbers(
             a.shape, b.shape, DN)), x, w)
-  assert cpu_conv.traced_count() == before + 1
+    return cpu_conv.traced_count() > before
+  assert takes((1, 64, 64), 1, 1024, 256)        # C4 conv1
+  assert takes((1, 256, 256), 3, 256, 512)       # RPN shared conv on P2
+  assert not takes((1, 256, 256), 3, 64, 64)     # C2 conv2: narrow
+  assert not takes((10, 32, 32), 3, 64, 512)     # synthetic RPN: narrow
+  assert not takes((10, 32, 32), 1, 64, 256)     # synthetic 1x1: small

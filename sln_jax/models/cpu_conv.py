@@ -3,8 +3,9 @@
 ``conv_general_dilated`` takes ``lax.conv_general_dilated``'s arguments
 (Flax's ``nn.Conv(conv_general_dilated=...)`` hook) and returns the same
 output. On the CPU backend, for a 2-D NHWC/HWIO convolution without groups
-or input dilation whose kernel gradient is at least ``MIN_GFLOP``, its VJP
-computes the kernel gradient tap by tap:
+or input dilation where it pays (``_pays``: a kernel gradient of at least
+``MIN_GFLOP``, and for kernels wider than 1x1 at least ``MIN_CHANNELS``
+channels in and out), its VJP computes the kernel gradient tap by tap:
 
   dW[i, j] = sum over (b, y, x) of X_pad[b, y*sy + i*dy, x*sx + j*dx, :]^T
              dY[b, y, x, :]
@@ -14,13 +15,13 @@ taps, so one strided window of the padded input exists at a time),
 accumulated in float32, instead of XLA:CPU's kernel-gradient convolution.
 On a 2-core AVX-512 CPU that convolution ran 1x1 kernel gradients at 35-62
 GFLOP/s and 3x3 ones at 63-77, against about 450 for the forward pass; the
-whole VJP (input and kernel gradients) is now 2.2-5x faster at the full
-model's sizes (docs/benchmarks.md). The input gradient is jax's own (the
+whole VJP (input and kernel gradients) is now 1.6-5x faster on the full
+model's 1x1 convolutions and 256-channel 3x3 ones on P2 (docs/benchmarks.md). The input gradient is jax's own (the
 transposed convolution) and the forward pass is ``lax.conv_general_dilated``
 itself, so inference is unchanged bit for bit; the kernel gradient differs
 from XLA's by float32 summation order (relative 1e-5 at 3x3 on 256x256).
 
-Small convolutions (the synthetic and test configs) gain nothing and keep
+Small or narrow convolutions (all of the synthetic and test configs') keep
 XLA's kernel gradient, as do other backends (cuDNN / TPU convolutions) and
 convolutions outside those cases. XLA's cost analysis counts a loop's body
 once, so FLOP counts come from a program traced inside
@@ -39,6 +40,7 @@ from jax import lax
 
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 MIN_GFLOP = 1.0   # kernel-gradient GFLOP (2 * B * OH * OW * kh * kw * C_in * C_out)
+MIN_CHANNELS = 256  # kernels wider than 1x1: min(C_in, C_out)
 _ENABLED = [True]
 _TRACED = [0]     # convolutions traced on the matrix-product path so far
 
@@ -83,8 +85,7 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding,
       or lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
       != lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)):
     return plain(lhs, rhs)
-  out_shape = jax.eval_shape(plain, lhs, rhs).shape
-  if 2 * math.prod(out_shape) * math.prod(rhs.shape[:3]) < MIN_GFLOP * 1e9:
+  if not _pays(rhs.shape, jax.eval_shape(plain, lhs, rhs).shape):
     return plain(lhs, rhs)
   strides = tuple(int(s) for s in window_strides)
   dilation = tuple(int(d) for d in (rhs_dilation or (1, 1)))
@@ -94,6 +95,20 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding,
   pads = tuple((int(lo), int(hi)) for lo, hi in padding)
   _TRACED[0] += 1
   return _conv(lhs, rhs, strides, pads, dilation, precision)
+
+
+def _pays(rhs_shape, out_shape) -> bool:
+  """Whether the matrix-product kernel gradient is worth it (measured on a
+  2-core AVX-512 CPU, docs/benchmarks.md): at least ``MIN_GFLOP``, and for
+  kernels wider than 1x1 at least ``MIN_CHANNELS`` in and out channels
+  (the backbone's 64- and 128-channel 3x3 convolutions ran 0.77-0.97x
+  XLA's speed). The mask head's 256-channel 3x3s on 14x14 maps are in
+  (0.91x alone; leaving them out made no measurable difference to the
+  training step)."""
+  kh, kw, cin, cout = rhs_shape
+  if 2 * math.prod(out_shape) * kh * kw * cin < MIN_GFLOP * 1e9:
+    return False
+  return kh * kw == 1 or min(cin, cout) >= MIN_CHANNELS
 
 
 def _forward(lhs, rhs, strides, pads, dilation, precision):
