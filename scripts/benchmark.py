@@ -244,20 +244,17 @@ def benchmark_sln(config, mode: str, batch: int, size: int, steps: int,
   if mode == 'train':
     config.train.stages = ((stage, 1_000_000, 1e-3),)
     state = train_lib.create_train_state(config, variables, jax.random.PRNGKey(1))
-    fn = jax.pmap(train_lib.make_stage_step(model, config, state.params, state.batch_stats,
-                                            stage),
-                  axis_name=train_lib.AXIS, donate_argnums=(0,))
+    step = lambda: jax.pmap(train_lib.make_stage_step(model, config, state.params,
+                                                      state.batch_stats, stage),
+                            axis_name=train_lib.AXIS, donate_argnums=(0,))
     rstate = train_lib.replicate(state)
     traced = cpu_conv.traced_count()
-    compiled, compile_s, flops = _compile(fn, (rstate, dev_batch))  # lowering donates nothing
+    compiled, compile_s, flops = _compile(step(), (rstate, dev_batch))  # lowering donates nothing
     if cpu_conv.traced_count() > traced:
       # XLA counts the body of cpu_conv's loop over kernel taps once: count
       # the FLOPs of the same step with XLA's own kernel gradients.
       with cpu_conv.xla_kernel_gradients():
-        count_fn = jax.pmap(train_lib.make_stage_step(model, config, state.params,
-                                                      state.batch_stats, stage),
-                            axis_name=train_lib.AXIS)
-        flops = _compile(count_fn, (rstate, dev_batch))[2]
+        flops = _compile(step(), (rstate, dev_batch))[2]
 
     def run(n):
       nonlocal rstate

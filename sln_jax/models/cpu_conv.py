@@ -16,10 +16,11 @@ accumulated in float32, instead of XLA:CPU's kernel-gradient convolution.
 On a 2-core AVX-512 CPU that convolution ran 1x1 kernel gradients at 35-62
 GFLOP/s and 3x3 ones at 63-77, against about 450 for the forward pass; the
 whole VJP (input and kernel gradients) is now 1.6-5x faster on the full
-model's 1x1 convolutions and 256-channel 3x3 ones on P2 (docs/benchmarks.md). The input gradient is jax's own (the
-transposed convolution) and the forward pass is ``lax.conv_general_dilated``
-itself, so inference is unchanged bit for bit; the kernel gradient differs
-from XLA's by float32 summation order (relative 1e-5 at 3x3 on 256x256).
+model's 1x1 convolutions and 256-channel 3x3 ones on P2
+(docs/benchmarks.md). The input gradient is jax's own (the transposed
+convolution) and the forward pass is ``lax.conv_general_dilated`` itself,
+so inference is unchanged bit for bit; the kernel gradient differs from
+XLA's by float32 summation order (relative 1e-5 at 3x3 on 256x256).
 
 Small or narrow convolutions (all of the synthetic and test configs') keep
 XLA's kernel gradient, as do other backends (cuDNN / TPU convolutions) and
