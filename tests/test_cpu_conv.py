@@ -4,6 +4,8 @@ The reference is XLA's own convolution and its VJP (jax's transpose rules):
 forward and input gradient must match bit for bit, the kernel gradient to
 float32 summation order.
 """
+import contextlib
+
 import hypothesis
 import hypothesis.strategies as st
 import jax
@@ -17,6 +19,18 @@ pytestmark = pytest.mark.skipif(jax.default_backend() != 'cpu',
                                 reason='the matrix-product path is XLA:CPU only')
 
 DN = ('NHWC', 'HWIO', 'NHWC')
+
+
+@contextlib.contextmanager
+def _every_convolution():
+  """Within: the matrix-product path takes any size and width (the tests'
+  convolutions are far below the rule's thresholds)."""
+  old = cpu_conv.MIN_GFLOP, cpu_conv.MIN_CHANNELS
+  cpu_conv.MIN_GFLOP, cpu_conv.MIN_CHANNELS = 0.0, 0
+  try:
+    yield
+  finally:
+    cpu_conv.MIN_GFLOP, cpu_conv.MIN_CHANNELS = old
 
 
 def _vjps(x, w, g, stride, padding, dilation):
@@ -57,23 +71,21 @@ def _check(ref, new, rtol=2e-6):
     (7, (2, 2), ((3, 3), (3, 3)), (1, 1)),   # the stem
     (3, (1, 2), ((1, -1), (0, 2)), (2, 1)),  # uneven: crop, asymmetric
 ])
-def test_matches_xla_convolution_and_its_vjp(monkeypatch, kernel, stride, padding, dilation):
-  monkeypatch.setattr(cpu_conv, 'MIN_GFLOP', 0.0)
-  monkeypatch.setattr(cpu_conv, 'MIN_CHANNELS', 0)
+def test_matches_xla_convolution_and_its_vjp(kernel, stride, padding, dilation):
   rng = np.random.default_rng(kernel * 10 + stride[0])
   x, w, g = _case(rng, 2, 13, 5, 4, kernel, stride, padding, dilation)
   before = cpu_conv.traced_count()
-  ref, new = _vjps(x, w, g, stride, padding, dilation)
+  with _every_convolution():
+    ref, new = _vjps(x, w, g, stride, padding, dilation)
   assert cpu_conv.traced_count() > before     # the matrix-product path ran
   _check(ref, new)
 
 
-def test_bfloat16_kernel_gradient_keeps_the_dtype(monkeypatch):
-  monkeypatch.setattr(cpu_conv, 'MIN_GFLOP', 0.0)
-  monkeypatch.setattr(cpu_conv, 'MIN_CHANNELS', 0)
+def test_bfloat16_kernel_gradient_keeps_the_dtype():
   x, w, g = _case(np.random.default_rng(3), 2, 16, 8, 8, 3, (1, 1), 'SAME', (1, 1),
                   jnp.bfloat16)
-  ref, new = _vjps(x, w, g, (1, 1), 'SAME', (1, 1))
+  with _every_convolution():
+    ref, new = _vjps(x, w, g, (1, 1), 'SAME', (1, 1))
   _check(ref, new, rtol=2e-2)   # XLA's bf16 kernel gradient rounds as it goes
 
 
@@ -86,12 +98,8 @@ def test_any_geometry_matches_xla(kernel, stride, dilation, pads, size, seed):
   padding = ((pads[0], pads[1]), (pads[2], pads[3]))
   x, w, g = _case(np.random.default_rng(seed), 1, size, 3, 2, kernel, stride, padding,
                   dilation)
-  old = cpu_conv.MIN_GFLOP, cpu_conv.MIN_CHANNELS
-  cpu_conv.MIN_GFLOP, cpu_conv.MIN_CHANNELS = 0.0, 0
-  try:
+  with _every_convolution():
     ref, new = _vjps(x, w, g, stride, padding, dilation)
-  finally:
-    cpu_conv.MIN_GFLOP, cpu_conv.MIN_CHANNELS = old
   _check(ref, new)
 
 
@@ -103,12 +111,11 @@ def test_small_convolutions_other_backends_and_the_switch_keep_xla(monkeypatch):
   assert cpu_conv.traced_count() == before
   for a, b in zip(ref, new):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  monkeypatch.setattr(cpu_conv, 'MIN_GFLOP', 0.0)
-  monkeypatch.setattr(cpu_conv, 'MIN_CHANNELS', 0)
-  with cpu_conv.xla_kernel_gradients():
+  with _every_convolution():
+    with cpu_conv.xla_kernel_gradients():
+      _vjps(x, w, g, (1, 1), 'SAME', (1, 1))
+    monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
     _vjps(x, w, g, (1, 1), 'SAME', (1, 1))
-  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
-  _vjps(x, w, g, (1, 1), 'SAME', (1, 1))
   assert cpu_conv.traced_count() == before
 
 
