@@ -119,6 +119,12 @@ def parse_runs(items: list[str]) -> list[Run]:
   return runs
 
 
+def error_text(err: BaseException, limit: int) -> str:
+  """``'Type: first non-blank line of the message'``, the line cut at ``limit``."""
+  lines = [l for l in str(err).strip().splitlines() if l.strip()]
+  return f'{type(err).__name__}: {lines[0][:limit] if lines else ""}'
+
+
 def sweep(runs: list[Run], measure: Callable[[Run], dict], budget_s: float = 0.0,
           clock: Callable[[], float] = time.perf_counter) -> Iterator[dict]:
   """Yields one row per run, in order: ``measure(run)``; where it raised,
@@ -138,8 +144,7 @@ def sweep(runs: list[Run], measure: Callable[[Run], dict], budget_s: float = 0.0
     try:
       row = measure(run)
     except Exception as err:  # pylint: disable=broad-except - the row says why; the next runs
-      first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ''
-      row = dict(base, error=f'{type(err).__name__}: {first}')
+      row = dict(base, error=error_text(err, 300))
     gc.collect()                            # the failed run's device buffers, before the next
     yield row
 
@@ -388,7 +393,7 @@ class PeerWorker:
       self.close()
       return {'error': f'BrokenProcessPool: {err}'}
     except Exception as err:  # pylint: disable=broad-except
-      return {'error': f'{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ""}'}
+      return {'error': error_text(err, 200)}
 
   def close(self) -> None:
     """Ends the worker (its device memory goes back)."""
@@ -401,14 +406,6 @@ class PeerWorker:
 
   def __exit__(self, *exc) -> None:
     self.close()
-
-
-def run_peer(mode: str, batch: int, size: int, steps: int, dtype: str, stage: str) -> dict:
-  """:func:`benchmark_peer` in a fresh process that ends before this one
-  touches the accelerator: each framework gets the whole device memory (JAX
-  preallocates most of it). Returns the result, or {'error': why}."""
-  with PeerWorker() as worker:
-    return worker(mode, batch, size, steps, dtype, stage)
 
 
 def main(argv):

@@ -134,7 +134,8 @@ def test_profile_summary_bad_trace_dir_is_one_line_exit_2(tmp_path):
 def test_peer_runs_in_its_own_process_or_reports_why_not():
   """torchvision's Mask R-CNN R101-FPN where torchvision works (the GPU
   machines); elsewhere one error string and no crash, so our row still prints."""
-  r = benchmark.run_peer('infer', 1, 64, 1, 'float32', 'all')
+  with benchmark.PeerWorker() as worker:
+    r = worker('infer', 1, 64, 1, 'float32', 'all')
   try:
     import torchvision  # noqa: F401  pylint: disable=import-outside-toplevel
     usable = True
