@@ -304,3 +304,31 @@ def test_boxes_ending_on_the_far_edge_sample_the_edge_row_and_column():
     wx, _ = _exact_axis(x1, x2, 33, 7)
     exact = np.einsum('ih,jw,hwc->ijc', wy, wx, feats[0].astype(np.float64))
     np.testing.assert_allclose(got[r], exact, atol=2e-5)
+
+
+@pytest.mark.parametrize('aligned', [False, True])
+def test_bfloat16_gradient_accumulates_in_float32(aligned):
+  """A bfloat16 pyramid's gradient is the float32 gradient rounded once:
+  hundreds of ROIs sampling the same pixels sum in float32 (torchvision's
+  autocast runs roi_align in float32), not in bfloat16 per sample."""
+  rng = np.random.default_rng(7)
+  maps = [jnp.asarray(rng.normal(size=(1, s, s, 8)), jnp.bfloat16)
+          for s in (32, 16, 8)]
+  lo = rng.uniform(0.0, 0.5, (1, 300, 2))
+  boxes = jnp.asarray(np.concatenate(
+      [lo, lo + rng.uniform(0.05, 0.3, (1, 300, 2))], -1), jnp.float32)
+  cot = jnp.asarray(rng.normal(size=(1, 300, 7, 7, 8)), jnp.bfloat16)
+
+  def loss(fs):
+    out = roi_align.multilevel_crop_and_resize(
+        fs, boxes, 7, 1024.0 * 1024.0, aligned=aligned, sampling_ratio=2)
+    return jnp.sum(out.astype(jnp.float32) * cot.astype(jnp.float32))
+
+  got = jax.grad(loss)(maps)
+  want = jax.grad(loss)([m.astype(jnp.float32) for m in maps])
+  for g, w in zip(got, want):
+    assert g.dtype == jnp.bfloat16
+    g, w = np.asarray(g, np.float32), np.asarray(w)
+    assert np.abs(w).max() > 5.0  # every level has pixels shared by many ROIs
+    # within one bfloat16 rounding of the float32 gradient (2^-8 relative)
+    np.testing.assert_array_less(np.abs(g - w), np.abs(w) * 2.0 ** -8 + 1e-6)

@@ -23,6 +23,9 @@ O(N * c * H * W * C) FLOPs for the one-hot-einsum formulation (for P2 at
 256x256 and 1000 ROIs that is ~100 GFLOP vs ~50 M reads), so gathers win on
 CPU and GPU at these sizes; their gradient is a scatter-add. All levels are
 concatenated into one flat table so a pyramid costs a single gather pass.
+Sampling and the gradient's scatter-add run in float32 whatever the map's
+dtype (torchvision's autocast policy for roi_align): a bfloat16 map gets a
+gradient rounded once per pixel, not once per accumulated sample.
 """
 from typing import Sequence, Tuple
 
@@ -92,13 +95,17 @@ def _sample(flat: jnp.ndarray, base: jnp.ndarray, width: jnp.ndarray,
   """
   y_lo, y_hi, wy_lo, wy_hi, vy = ay
   x_lo, x_hi, wx_lo, wx_hi, vx = ax
+  # float32 table: the same forward values, and the gradient's scatter-add
+  # accumulates in float32 (as torchvision's autocast runs roi_align in
+  # float32), rounding to a bfloat16 map once per pixel, not once per sample.
+  flat = flat.astype(jnp.float32)
   row0 = base[:, None, None]
   w = width[:, None, None]
   out = 0.0
   for yi, wy in ((y_lo, wy_lo), (y_hi, wy_hi)):
     for xi, wx in ((x_lo, wx_lo), (x_hi, wx_hi)):
       idx = row0 + yi[:, :, None] * w + xi[:, None, :]
-      vals = jnp.take(flat, idx, axis=0, mode='clip').astype(jnp.float32)
+      vals = jnp.take(flat, idx, axis=0, mode='clip')
       out = out + (wy[:, :, None] * wx[:, None, :])[..., None] * vals
   valid = (vy[:, :, None] & vx[:, None, :])[..., None]
   return jnp.where(valid, out, 0.0)
