@@ -15,12 +15,13 @@ def _boxes(rng, n, extent=1.0):
   return np.concatenate([yx, yx + hw], 1).astype(np.float32)
 
 
-_JIT = jax.jit(nms.nms_padded, static_argnums=(2, 6))
+_JIT = jax.jit(nms.nms_padded, static_argnums=(2, 6, 8))
 
 
 def _check(boxes, scores, k, thr, tile=4, score_threshold=-np.inf,
-           groups=None):
-  idx, valid = _JIT(boxes, scores, k, thr, score_threshold, groups, tile)
+           groups=None, sweeps=4):
+  idx, valid = _JIT(boxes, scores, k, thr, score_threshold, groups, tile,
+                    None, sweeps)
   idx, valid = np.asarray(idx), np.asarray(valid)
   assert idx.shape == (k,) and idx.dtype == np.int32 and valid.dtype == bool
   if groups is None:
@@ -61,7 +62,8 @@ def test_ties_duplicates_and_tile_independence():
   boxes[10:15] = boxes[3]                 # exact duplicates
   scores = rng.choice([0.2, 0.5, 0.9], 30).astype(np.float32)  # many ties
   for tile in (1, 4, 7, 64):
-    _check(boxes, scores, 30, 0.5, tile=tile)
+    for sweeps in (1, 2, 5):
+      _check(boxes, scores, 30, 0.5, tile=tile, sweeps=sweeps)
   _check(boxes, scores, 30, 1.0, tile=5)  # nothing suppressed (IoU > 1)
   _check(boxes, scores, 30, 0.0, tile=5)  # any overlap suppresses
 
@@ -235,8 +237,10 @@ N = 24
     k=st.sampled_from([3, N]),
     thr=st.sampled_from([0.0, 0.2, 0.45, 0.6, 0.85]),
     score_threshold=st.sampled_from([-np.inf, 1.5]),
-    tile=st.sampled_from([1, 5, N]))
-def test_property_matches_tf_on_crowded_grids(corner, side, scores, k, thr, score_threshold, tile):
+    tile=st.sampled_from([1, 5, N]),
+    sweeps=st.sampled_from([1, 2, 4]))
+def test_property_matches_tf_on_crowded_grids(corner, side, scores, k, thr, score_threshold, tile,
+                                              sweeps):
   """Small integer grids: many duplicates, nested boxes, shared edges and
   score ties. Pairs whose IoU sits within float rounding of the threshold
   (where float32 arithmetic order decides) are left out."""
@@ -244,4 +248,17 @@ def test_property_matches_tf_on_crowded_grids(corner, side, scores, k, thr, scor
   iou = box_reference.iou(boxes.astype(np.float64), boxes.astype(np.float64))
   hypothesis.assume(not np.any((np.abs(iou - thr) < 1e-5) & (iou > 0)))
   _check(boxes, scores.astype(np.float32), k, thr, tile=tile,
-         score_threshold=score_threshold)
+         score_threshold=score_threshold, sweeps=sweeps)
+
+
+def test_one_loop_without_an_inner_loop():
+  """Each tile's fixed point runs inside the single tile loop (XLA:GPU waits
+  on the host for every loop condition): one while, none nested in it."""
+  rng = np.random.default_rng(5)
+  boxes, scores = _boxes(rng, 40), rng.uniform(size=40).astype(np.float32)
+  jaxpr = jax.make_jaxpr(lambda b, s: nms.nms_padded(b, s, 10, 0.5, tile=8))(
+      boxes, scores).jaxpr
+  loops = [e for e in jaxpr.eqns if e.primitive.name == 'while']
+  assert len(loops) == 1
+  body = loops[0].params['body_jaxpr'].jaxpr
+  assert not [e for e in body.eqns if e.primitive.name in ('while', 'cond')]

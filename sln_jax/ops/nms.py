@@ -16,14 +16,18 @@ to every width and height of areas and intersections, so zero-area boxes
 overlap and can be suppressed; the test stays ``IoU > iou_threshold``.
 
 Algorithm: sort once, then walk the sorted boxes in tiles of ``tile`` boxes
-(``lax.while_loop``, stopping early once ``max_output`` boxes are kept). A
-tile is first suppressed by the boxes kept so far (an IoU block of
+(one ``lax.while_loop``, stopping early once ``max_output`` boxes are kept).
+A tile is first suppressed by the boxes kept so far (an IoU block of
 max_output x tile), then resolved internally by iterating the greedy
 recurrence ``keep_j = cand_j & !any_{i<j}(keep_i & iou_ij > t)`` on its
-tile x tile IoU matrix to its fixed point (exact: entry j is final after j
-sweeps; usually a few sweeps suffice). Work O(N log N + N * (max_output +
-tile)) IoUs, sequential depth N / tile tiles; memory O(tile * (max_output +
-tile)).
+tile x tile IoU matrix to its fixed point (unique, as entry j depends only
+on entries before it; reached from any start within j sweeps, usually a
+few). Each loop step runs ``sweeps`` sweeps and commits the tile only when
+the last one changed nothing, else the next step resumes the same tile, so
+the loop runs about one step per tile: a single loop with no inner one,
+since on XLA:GPU every loop step waits for its condition on the host.
+Work O(N log N + N * (max_output + tile)) IoUs, sequential depth about N /
+tile steps; memory O(tile * (max_output + tile)).
 """
 from typing import Optional, Tuple
 
@@ -45,7 +49,8 @@ def nms_padded(boxes: jnp.ndarray, scores: jnp.ndarray, max_output: int,
                iou_threshold: float, score_threshold: float = -jnp.inf,
                groups: Optional[jnp.ndarray] = None,
                tile: int = 256,
-               pixel_scale: Optional[float] = None
+               pixel_scale: Optional[float] = None,
+               sweeps: int = 4
                ) -> Tuple[jnp.ndarray, jnp.ndarray]:
   """Greedy NMS of one image.
 
@@ -63,6 +68,8 @@ def nms_padded(boxes: jnp.ndarray, scores: jnp.ndarray, max_output: int,
       the release's IoU, on ``boxes * pixel_scale`` with the +1 pixel
       convention (:func:`boxes.iou_plus_one`); for normalised boxes pass the
       canvas side in pixels.
+    sweeps: static sweeps of a tile's recurrence per loop step (a
+      performance knob; results do not depend on it).
 
   Returns:
     indices: (K,) int32 into ``boxes``, kept boxes by decreasing score,
@@ -91,8 +98,10 @@ def nms_padded(boxes: jnp.ndarray, scores: jnp.ndarray, max_output: int,
   s_grp = None if groups is None else jnp.pad(groups[order], (0, pad))
   lower = jnp.tril(jnp.ones((tile, tile), bool), -1).T  # [i, j]: i < j
 
-  def tile_body(state):
-    t, count, kept_boxes, kept_grp, out_idx = state
+  sweeps = max(1, int(sweeps))
+
+  def step(state):
+    t, count, kept_boxes, kept_grp, out_idx, keep, fresh = state
     start = t * tile
     tb = jax.lax.dynamic_slice_in_dim(s_boxes, start, tile)
     tc = jax.lax.dynamic_slice_in_dim(cand, start, tile)
@@ -103,21 +112,21 @@ def nms_padded(boxes: jnp.ndarray, scores: jnp.ndarray, max_output: int,
     cross = _suppresses(kept_boxes, tb, kept_grp, tg, iou_threshold, iou_fn)
     tc = tc & ~jnp.any(cross & slot_used[:, None], axis=0)
     inner = _suppresses(tb, tb, tg, tg, iou_threshold, iou_fn) & lower
-
-    def sweep(c):
-      keep, _ = c
-      new = tc & ~jnp.any(inner & keep[:, None], axis=0)
-      return new, jnp.any(new != keep)
-
-    keep, _ = jax.lax.while_loop(lambda c: c[1], sweep, (tc, jnp.array(True)))
+    # sweep: keep_j = tc_j & no kept i < j suppresses j, as a 0/1 product
+    inner = inner.astype(jnp.float32)
+    keep = jnp.where(fresh, tc, keep)  # a new tile starts from its candidates
+    for _ in range(sweeps):
+      prev, keep = keep, tc & (keep.astype(jnp.float32) @ inner == 0)
+    done = jnp.all(keep == prev)  # a fixed point: commit the tile
     pos = count + jnp.cumsum(keep) - 1
-    dest = jnp.where(keep & (pos < k), pos, k)  # k = dropped
+    dest = jnp.where(done & keep & (pos < k), pos, k)  # k = dropped
     kept_boxes = kept_boxes.at[dest].set(tb, mode='drop')
     if kept_grp is not None:
       kept_grp = kept_grp.at[dest].set(tg, mode='drop')
     out_idx = out_idx.at[dest].set(ti, mode='drop')
-    count = jnp.minimum(count + jnp.sum(keep), k)
-    return t + 1, count, kept_boxes, kept_grp, out_idx
+    count = jnp.where(done, jnp.minimum(count + jnp.sum(keep), k), count)
+    return (t + done.astype(jnp.int32), count, kept_boxes, kept_grp, out_idx,
+            keep, done)
 
   def cond(state):
     t, count = state[0], state[1]
@@ -125,8 +134,9 @@ def nms_padded(boxes: jnp.ndarray, scores: jnp.ndarray, max_output: int,
 
   grp0 = None if groups is None else jnp.zeros((k,), s_grp.dtype)
   init = (jnp.array(0, jnp.int32), jnp.array(0, jnp.int32),
-          jnp.zeros((k, 4), jnp.float32), grp0, jnp.zeros((k,), jnp.int32))
-  _, count, _, _, out_idx = jax.lax.while_loop(cond, tile_body, init)
+          jnp.zeros((k, 4), jnp.float32), grp0, jnp.zeros((k,), jnp.int32),
+          jnp.zeros((tile,), bool), jnp.array(True))
+  _, count, _, _, out_idx, _, _ = jax.lax.while_loop(cond, step, init)
   valid = jnp.arange(k) < count
   return jnp.where(valid, out_idx, 0), valid
 
@@ -136,12 +146,14 @@ def batched_nms_padded(boxes: jnp.ndarray, scores: jnp.ndarray,
                        score_threshold: float = -jnp.inf,
                        groups: Optional[jnp.ndarray] = None,
                        tile: int = 256,
-                       pixel_scale: Optional[float] = None
+                       pixel_scale: Optional[float] = None,
+                       sweeps: int = 4
                        ) -> Tuple[jnp.ndarray, jnp.ndarray]:
   """:func:`nms_padded` over a batch: boxes (B, N, 4), scores (B, N)
   [, groups (B, N)] -> indices (B, K) int32, valid (B, K) bool."""
   fn = lambda b, s, g: nms_padded(b, s, max_output, iou_threshold,
-                                  score_threshold, g, tile, pixel_scale)
+                                  score_threshold, g, tile, pixel_scale,
+                                  sweeps)
   if groups is None:
     return jax.vmap(lambda b, s: fn(b, s, None))(boxes, scores)
   return jax.vmap(fn)(boxes, scores, groups)
