@@ -15,14 +15,21 @@ def _boxes(rng, n, extent=1.0):
   return np.concatenate([yx, yx + hw], 1).astype(np.float32)
 
 
-_JIT = jax.jit(nms.nms_padded, static_argnums=(2, 6, 8))
+_JIT = jax.jit(nms.nms_padded, static_argnums=(2, 6, 8, 9))
 
 
 def _check(boxes, scores, k, thr, tile=4, score_threshold=-np.inf,
            groups=None, sweeps=4):
+  """Against TF; and ``presorted`` on the same boxes sorted by score
+  (stable) gives the same boxes."""
   idx, valid = _JIT(boxes, scores, k, thr, score_threshold, groups, tile,
-                    None, sweeps)
+                    None, sweeps, False)
   idx, valid = np.asarray(idx), np.asarray(valid)
+  order = np.argsort(-scores, kind='stable')
+  s_idx, s_valid = _JIT(boxes[order], scores[order], k, thr, score_threshold,
+                        None if groups is None else groups[order], tile, None, sweeps, True)
+  np.testing.assert_array_equal(np.asarray(s_valid), valid)
+  np.testing.assert_array_equal(np.where(valid, order[np.asarray(s_idx)], 0), idx)
   assert idx.shape == (k,) and idx.dtype == np.int32 and valid.dtype == bool
   if groups is None:
     want = tf.image.non_max_suppression(
@@ -262,3 +269,24 @@ def test_one_loop_without_an_inner_loop():
   assert len(loops) == 1
   body = loops[0].params['body_jaxpr'].jaxpr
   assert not [e for e in body.eqns if e.primitive.name in ('while', 'cond')]
+
+
+def test_presorted_skips_the_sort_and_its_gathers():
+  rng = np.random.default_rng(6)
+  boxes, scores = _boxes(rng, 40), np.sort(rng.uniform(size=40))[::-1].astype(np.float32)
+
+  def outside_the_loop(jaxpr):
+    for e in jaxpr.eqns:
+      if e.primitive.name != 'while':
+        yield e.primitive.name
+        for sub in e.params.values():
+          sub = getattr(sub, 'jaxpr', sub)          # a ClosedJaxpr's Jaxpr
+          if hasattr(sub, 'eqns'):
+            yield from outside_the_loop(sub)
+
+  def prims(presorted):
+    jaxpr = jax.make_jaxpr(lambda b, s: nms.nms_padded(b, s, 10, 0.5, tile=8,
+                                                       presorted=presorted))(boxes, scores)
+    return set(outside_the_loop(jaxpr.jaxpr))
+  assert {'sort', 'gather'} <= prims(False)
+  assert not {'sort', 'gather'} & prims(True)

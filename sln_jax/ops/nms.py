@@ -15,7 +15,7 @@ the release's pixel boxes), then :func:`boxes.iou_plus_one`, one pixel added
 to every width and height of areas and intersections, so zero-area boxes
 overlap and can be suppressed; the test stays ``IoU > iou_threshold``.
 
-Algorithm: sort once, then walk the sorted boxes in tiles of ``tile`` boxes
+Algorithm: sort once (unless ``presorted``), then walk the sorted boxes in tiles of ``tile`` boxes
 (one ``lax.while_loop``, stopping early once ``max_output`` boxes are kept).
 A tile is first suppressed by the boxes kept so far (an IoU block of
 max_output x tile), then resolved internally by iterating the greedy
@@ -50,7 +50,8 @@ def nms_padded(boxes: jnp.ndarray, scores: jnp.ndarray, max_output: int,
                groups: Optional[jnp.ndarray] = None,
                tile: int = 256,
                pixel_scale: Optional[float] = None,
-               sweeps: int = 4
+               sweeps: int = 4,
+               presorted: bool = False
                ) -> Tuple[jnp.ndarray, jnp.ndarray]:
   """Greedy NMS of one image.
 
@@ -70,6 +71,10 @@ def nms_padded(boxes: jnp.ndarray, scores: jnp.ndarray, max_output: int,
       canvas side in pixels.
     sweeps: static sweeps of a tile's recurrence per loop step (a
       performance knob; results do not depend on it).
+    presorted: static; True when ``scores`` are already non-increasing
+      (e.g. ``lax.top_k``'s output): the sort, a no-op then, is skipped.
+      Results are the same as without it for such scores, undefined for
+      others.
 
   Returns:
     indices: (K,) int32 into ``boxes``, kept boxes by decreasing score,
@@ -86,16 +91,22 @@ def nms_padded(boxes: jnp.ndarray, scores: jnp.ndarray, max_output: int,
   num_tiles = -(-n // tile)
   pad = num_tiles * tile - n
   scores = scores.astype(jnp.float32)
-  order = jnp.argsort(-scores, stable=True).astype(jnp.int32)
-  s_boxes = jnp.pad(boxes.astype(jnp.float32)[order], ((0, pad), (0, 0)))
+  if presorted:   # stable argsort of non-increasing scores: the identity
+    order = jnp.arange(n, dtype=jnp.int32)
+    s_boxes, s_scores, s_groups = boxes, scores, groups
+  else:
+    order = jnp.argsort(-scores, stable=True).astype(jnp.int32)
+    s_boxes, s_scores = boxes[order], scores[order]
+    s_groups = None if groups is None else groups[order]
+  s_boxes = jnp.pad(s_boxes, ((0, pad), (0, 0)))
   if pixel_scale is None:
     iou_fn = box_ops.iou
   else:
     iou_fn = box_ops.iou_plus_one
     s_boxes = s_boxes * jnp.float32(pixel_scale)
-  cand = jnp.pad(scores[order] > score_threshold, (0, pad))
+  cand = jnp.pad(s_scores > score_threshold, (0, pad))
   s_idx = jnp.pad(order, (0, pad))
-  s_grp = None if groups is None else jnp.pad(groups[order], (0, pad))
+  s_grp = None if groups is None else jnp.pad(s_groups, (0, pad))
   lower = jnp.tril(jnp.ones((tile, tile), bool), -1).T  # [i, j]: i < j
 
   sweeps = max(1, int(sweeps))
@@ -147,13 +158,14 @@ def batched_nms_padded(boxes: jnp.ndarray, scores: jnp.ndarray,
                        groups: Optional[jnp.ndarray] = None,
                        tile: int = 256,
                        pixel_scale: Optional[float] = None,
-                       sweeps: int = 4
+                       sweeps: int = 4,
+                       presorted: bool = False
                        ) -> Tuple[jnp.ndarray, jnp.ndarray]:
   """:func:`nms_padded` over a batch: boxes (B, N, 4), scores (B, N)
   [, groups (B, N)] -> indices (B, K) int32, valid (B, K) bool."""
   fn = lambda b, s, g: nms_padded(b, s, max_output, iou_threshold,
                                   score_threshold, g, tile, pixel_scale,
-                                  sweeps)
+                                  sweeps, presorted)
   if groups is None:
     return jax.vmap(lambda b, s: fn(b, s, None))(boxes, scores)
   return jax.vmap(fn)(boxes, scores, groups)

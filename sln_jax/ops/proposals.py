@@ -51,7 +51,8 @@ def generate_proposals(rpn_probs: jnp.ndarray, rpn_deltas: jnp.ndarray,
     boxes = box_ops.clip(boxes, win)
     keep, valid = nms_ops.nms_padded(boxes, scores, post_nms_topk,
                                      nms_threshold, tile=nms_tile,
-                                     pixel_scale=nms_pixel_scale)
+                                     pixel_scale=nms_pixel_scale,
+                                     presorted=True)   # top_k's order
     rois = jnp.where(valid[:, None], boxes[keep], 0.0)
     return rois, valid
 
