@@ -277,6 +277,18 @@ def test_bfloat16_and_legacy_pixel_boxes_inference():
                          np.asarray(out['layer_probs'])[0, valid])
 
 
+def _fixed_proposals(batch, n):
+  """(1, n, 4) normalised proposals for :func:`_scene`'s batch: the three
+  objects' boxes, the same shifted by a pixel, three boxes off the objects,
+  then zeros (the first 9 are valid)."""
+  gt = batch['gt_boxes'][0, :3].astype(np.float64) / S
+  props = np.zeros((1, n, 4), np.float32)
+  props[0, :3] = gt
+  props[0, 3:6] = gt + np.array([1, -1, 1, 1]) / S
+  props[0, 6:9] = np.array([[0, 40, 6, 46], [58, 50, 63, 63], [0, 0, 5, 5]]) / S
+  return props
+
+
 def _relative_errors(got, want):
   """Per top-level module: ||got - want|| / ||want|| over all its leaves
   (None where ``want`` is all zeros)."""
@@ -302,10 +314,7 @@ def test_bfloat16_training_gradients_are_as_close_to_float32_as_bfloat16_weights
   cfg = tiny.get_config()
   batch, _, _ = _scene()
   n = cfg.model.rpn.post_nms_topk_train
-  gt = batch['gt_boxes'][0, :3].astype(np.float64) / S
-  props = np.zeros((1, n, 4), np.float32)
-  props[0, :3], props[0, 3:6] = gt, gt + np.array([1, -1, 1, 1]) / S
-  props[0, 6:9] = np.array([[0, 40, 6, 46], [58, 50, 63, 63], [0, 0, 5, 5]]) / S
+  props = _fixed_proposals(batch, n)
   monkeypatch.setattr(proposals, 'generate_proposals', lambda *a, **k: (
       jnp.asarray(props), jnp.arange(n)[None] < 9))
 
@@ -625,12 +634,9 @@ def test_train_forward_feeds_the_sampled_rois_to_the_heads_and_losses(monkeypatc
   cfg = tiny.get_config()
   model = sln.build_model(cfg)
   batch, _, _ = _scene()
-  gt = batch['gt_boxes'][0, :3].astype(np.float64) / S
   n = cfg.model.rpn.post_nms_topk_train
-  props = np.zeros((1, n, 4), np.float32)
-  props[0, :3] = gt
-  props[0, 3:6] = gt + np.array([1, -1, 1, 1]) / S
-  props[0, 6:9] = np.array([[0, 40, 6, 46], [58, 50, 63, 63], [0, 0, 5, 5]]) / S
+  props = _fixed_proposals(batch, n)
+  gt = batch['gt_boxes'][0, :3].astype(np.float64) / S
   from sln_jax.ops import proposals  # pylint: disable=import-outside-toplevel
   # The proposals move (by < 0.01 px) with the RPN deltas: a gradient path.
   monkeypatch.setattr(proposals, 'generate_proposals', lambda scores, deltas, *a, **k: (

@@ -15,8 +15,9 @@ the release's pixel boxes), then :func:`boxes.iou_plus_one`, one pixel added
 to every width and height of areas and intersections, so zero-area boxes
 overlap and can be suppressed; the test stays ``IoU > iou_threshold``.
 
-Algorithm: sort once (unless ``presorted``), then walk the sorted boxes in tiles of ``tile`` boxes
-(one ``lax.while_loop``, stopping early once ``max_output`` boxes are kept).
+Algorithm: sort once (unless ``presorted``), then walk the sorted boxes in
+tiles of ``tile`` boxes (one ``lax.while_loop``, stopping early once
+``max_output`` boxes are kept).
 A tile is first suppressed by the boxes kept so far (an IoU block of
 max_output x tile), then resolved internally by iterating the greedy
 recurrence ``keep_j = cand_j & !any_{i<j}(keep_i & iou_ij > t)`` on its
