@@ -17,18 +17,17 @@ overlap and can be suppressed; the test stays ``IoU > iou_threshold``.
 
 Algorithm: sort once (unless ``presorted``), then walk the sorted boxes in
 tiles of ``tile`` boxes (one ``lax.while_loop``, stopping early once
-``max_output`` boxes are kept).
-A tile is first suppressed by the boxes kept so far (an IoU block of
-max_output x tile), then resolved internally by iterating the greedy
-recurrence ``keep_j = cand_j & !any_{i<j}(keep_i & iou_ij > t)`` on its
-tile x tile IoU matrix to its fixed point (unique, as entry j depends only
-on entries before it; reached from any start within j sweeps, usually a
-few). Each loop step runs ``sweeps`` sweeps and commits the tile only when
-the last one changed nothing, else the next step resumes the same tile, so
-the loop runs about one step per tile: a single loop with no inner one,
-since on XLA:GPU every loop step waits for its condition on the host.
-Work O(N log N + N * (max_output + tile)) IoUs, sequential depth about N /
-tile steps; memory O(tile * (max_output + tile)).
+``max_output`` boxes are kept). A tile is first suppressed by the boxes kept
+so far (an IoU block of max_output x tile), then resolved internally by
+iterating the greedy recurrence ``keep_j = cand_j & !any_{i<j}(keep_i &
+iou_ij > t)`` on its tile x tile IoU matrix to its fixed point (unique, as
+entry j depends only on entries before it; reached from any start within j
+sweeps, usually a few). Each loop step runs ``sweeps`` sweeps and commits
+the tile only when the last one changed nothing, else the next step resumes
+the same tile, so the loop runs about one step per tile: a single loop with
+no inner one, since on XLA:GPU every loop step waits for its condition on
+the host. Work O(N log N + N * (max_output + tile)) IoUs, sequential depth
+about N / tile steps; memory O(tile * (max_output + tile)).
 """
 from typing import Optional, Tuple
 
@@ -91,7 +90,6 @@ def nms_padded(boxes: jnp.ndarray, scores: jnp.ndarray, max_output: int,
   tile = max(1, min(int(tile), n))
   num_tiles = -(-n // tile)
   pad = num_tiles * tile - n
-  scores = scores.astype(jnp.float32)
   if presorted:   # stable argsort of non-increasing scores: the identity
     order = jnp.arange(n, dtype=jnp.int32)
     s_boxes, s_scores, s_groups = boxes, scores, groups
