@@ -18,9 +18,10 @@ the division is neither simplified away nor turned into a product), forces
 one stored copy that every consumer reads; the ones are a broadcast fused
 into the division, never stored. ``x / 1`` is ``x`` bit for bit (NaN,
 infinities and signed zeros included), in the forward and, as its own
-transpose, in the backward pass. Other backends get ``x`` unchanged: XLA:GPU's priority fusion fuses a
-producer into all of its consumers or none, and a block's output always
-feeds a convolution, so it is stored anyway.
+transpose, in the backward pass. Other backends get ``x`` unchanged:
+XLA:GPU's priority fusion fuses a producer into all of its consumers or
+none, and a block's output always feeds a convolution, so it is stored
+anyway.
 """
 from __future__ import annotations
 
