@@ -95,7 +95,7 @@ import hypothesis  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from hypothesis.extra import numpy as hnp  # noqa: E402
 
-PROPERTY = hypothesis.settings(max_examples=40, deadline=None, derandomize=True)
+PROPERTY = hypothesis.settings(max_examples=40, deadline=None)
 N = 6  # fixed shapes: one compilation per property
 
 

@@ -236,7 +236,7 @@ from hypothesis.extra import numpy as hnp  # noqa: E402
 N = 24
 
 
-@hypothesis.settings(max_examples=60, deadline=None, derandomize=True)
+@hypothesis.settings(max_examples=60, deadline=None)
 @hypothesis.given(
     corner=hnp.arrays(np.int32, (N, 2), elements=st.integers(0, 12)),
     side=hnp.arrays(np.int32, (N, 2), elements=st.integers(1, 8)),

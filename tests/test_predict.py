@@ -76,7 +76,7 @@ def test_resize_bilinear_with_channels_matches_torch(align_corners):
   assert mid == 3.0
 
 
-@hypothesis.settings(max_examples=100, deadline=None, derandomize=True)
+@hypothesis.settings(max_examples=100, deadline=None)
 @hypothesis.given(st.integers(1, 6), st.integers(0, 2 ** 31), st.booleans())
 def test_argmax_last_is_numpys_argmax(channels, seed, coarse):
   """First index of the largest channel, ties (coarse values) included."""
@@ -142,7 +142,7 @@ def test_pairwise_order_crops_matches_semdist():
   assert np.abs(got).sum() > 0
 
 
-@hypothesis.settings(max_examples=300, deadline=None, derandomize=True)
+@hypothesis.settings(max_examples=300, deadline=None)
 @hypothesis.given(st.integers(1, 16), st.integers(1, 16), st.data())
 def test_rle_of_crop_is_pycocotools_encoding_of_the_full_mask(h, w, data):
   """The same counts string as pycocotools' encode of the pasted mask, for
@@ -188,7 +188,7 @@ def _votes_on_the_full_image(layers, boxes):
   return votes
 
 
-@hypothesis.settings(max_examples=200, deadline=None, derandomize=True)
+@hypothesis.settings(max_examples=200, deadline=None)
 @hypothesis.given(st.integers(0, 6), st.sampled_from([3, 130, 400]), st.data())
 def test_pairwise_votes_crops_equal_the_full_image_count(n, deepest, data):
   """Any boxes (empty, touching, nested) and layer values, including maps
@@ -480,7 +480,7 @@ from sln_jax import semdist  # noqa: E402
 from tests.test_semdist import scenes  # noqa: E402
 
 
-@hypothesis.settings(max_examples=60, deadline=None, derandomize=True)
+@hypothesis.settings(max_examples=60, deadline=None)
 @hypothesis.given(scenes(max_n=5, size=12))
 def test_property_exact_layers_give_the_true_depth_order(scene):
   """Layer maps encoded from a scene (semdist), cut to each object's box as

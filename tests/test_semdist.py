@@ -12,8 +12,7 @@ import pytest
 
 from sln_jax import semdist
 
-SETTINGS = hypothesis.settings(max_examples=25, deadline=None,
-                               derandomize=True)
+SETTINGS = hypothesis.settings(max_examples=25, deadline=None)
 
 
 def _scene(draw_rects, depth_rank, size):

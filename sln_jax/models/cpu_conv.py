@@ -150,6 +150,8 @@ def kernel_gradient(lhs: jax.Array, g: jax.Array, kernel: Sequence[int],
   """
   b, _, _, cin = lhs.shape
   oh, ow = g.shape[1:3]
+  if oh == 0 or ow == 0:  # the kernel covers no output position
+    return jnp.zeros(tuple(kernel) + (cin, g.shape[3]), jnp.float32)
   strides = tuple(strides)
   x = lax.pad(lhs, jnp.zeros((), lhs.dtype),
               ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
