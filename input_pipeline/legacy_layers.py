@@ -21,8 +21,8 @@ release, more than 32 instances are refused, never dropped.
 from __future__ import annotations
 
 import os
-import zipfile
 from typing import Optional
+import zipfile
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -30,7 +30,7 @@ from scipy import ndimage
 
 from input_pipeline import records
 from input_pipeline.records import AnnotationError
-from sln_jax import cliutil
+from sln_jax import files
 
 MAX_INSTANCES = 32       # bits 0..31 visible, 32..63 invisible
 MIN_COMPONENT_SIZE = 64  # a value survives if one component has >= 64 pixels
@@ -110,7 +110,7 @@ def encode_legacy_layers(ann: records.ImageAnnotation,
 
 def save_layer(path: str, layer: np.ndarray):
   """Writes ``layer`` atomically, as the release did (np.savez_compressed)."""
-  with cliutil.atomic_output_file(path, 'wb') as f:
+  with files.atomic_output_file(path, 'wb') as f:
     np.savez_compressed(f, layer=np.asarray(layer, np.uint64))
 
 

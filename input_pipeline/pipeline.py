@@ -53,7 +53,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from input_pipeline import tfds_builders
-from sln_jax import cliutil, config_checks
+from sln_jax import config_checks, errors
 
 # Keys and dtypes of one example (a batch adds the two leading axes).
 BATCH_KEYS = ('image', 'glm_image', 'image_shape', 'image_scale', 'image_id',
@@ -347,7 +347,7 @@ def create_dataset(config, split: str, *, train: bool, num_local_devices: int,
   available = sorted(builder.info.splits)
   if split.split('[')[0] not in available:
     field = 'dataset.train_split' if train else 'dataset.eval_split'
-    raise cliutil.UserError(
+    raise errors.UserError(
         f'split {split!r} not in dataset {builder.name!r} (available: '
         f'{", ".join(available)})', path=os.fspath(builder.data_dir), field=field)
   _log_truncation(builder, split, cin.max_instances)

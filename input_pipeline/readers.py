@@ -45,7 +45,7 @@ from pycocotools import mask as mask_utils
 
 from input_pipeline import records
 from input_pipeline.records import AnnotationError
-from sln_jax import depth_order
+from sln_jax.evaluation import depth_order
 
 FORMATS = ('cocoa', 'd2sa', 'kins', 'release')
 

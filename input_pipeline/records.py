@@ -23,7 +23,7 @@ from typing import Optional
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from sln_jax.cliutil import UserError
+from sln_jax.errors import UserError
 
 
 @dataclasses.dataclass

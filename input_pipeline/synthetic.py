@@ -35,15 +35,16 @@ import json
 import math
 import os
 import re
-import zlib
 from typing import Callable, Optional, Sequence, Union
+import zlib
 
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
+import tqdm
 
 from input_pipeline import records
-from sln_jax import cliutil
+from sln_jax import errors, files
 
 THING_KINDS = ('ellipse', 'rectangle', 'triangle', 'polygon')
 STUFF_KINDS = ('band', 'blob')
@@ -74,12 +75,12 @@ class SceneParams:
 
   def validate(self) -> None:
     if not 1 <= self.min_objects <= self.max_objects:
-      raise cliutil.UserError(
+      raise errors.UserError(
           f'need 1 <= min_objects <= max_objects, got {self.min_objects}, '
           f'{self.max_objects}', field='min_objects')
     for name in ('occlusion', 'stuff_prob', 'min_visible_fraction'):
       if not 0.0 <= getattr(self, name) <= 1.0:
-        raise cliutil.UserError(f'must be in [0, 1], got '
+        raise errors.UserError(f'must be in [0, 1], got '
                                 f'{getattr(self, name)}', field=name)
 
 
@@ -407,7 +408,7 @@ def _size_hw(image_size: Union[int, Sequence[int]]) -> tuple[int, int]:
   else:
     h, w = (int(v) for v in image_size)
   if min(h, w) < 32:
-    raise cliutil.UserError(f'must be at least 32 pixels, got {h}x{w}',
+    raise errors.UserError(f'must be at least 32 pixels, got {h}x{w}',
                             field='image_size')
   return h, w
 
@@ -435,10 +436,10 @@ def generate_split(out_dir: str, split: str, num_images: int,
   params.validate()
   h, w = _size_hw(image_size)
   if num_images < 0:
-    raise cliutil.UserError(f'must be >= 0, got {num_images}',
+    raise errors.UserError(f'must be >= 0, got {num_images}',
                             field='num_images')
   if image_format not in ('png', 'jpg'):
-    raise cliutil.UserError(f"must be 'png' or 'jpg', got {image_format!r}",
+    raise errors.UserError(f"must be 'png' or 'jpg', got {image_format!r}",
                             field='image_format')
   img_dir = images_dir(out_dir, split)
   os.makedirs(img_dir, exist_ok=True)
@@ -465,7 +466,7 @@ def generate_split(out_dir: str, split: str, num_images: int,
     rates.extend(image_rates)
     if progress is not None:
       progress(1)
-  with cliutil.atomic_output_file(annotation_path(out_dir, split)) as f:
+  with files.atomic_output_file(annotation_path(out_dir, split)) as f:
     json.dump({'images': images, 'annotations': annotations}, f,
               separators=(',', ':'))
   return {'num_images': num_images, **occlusion_stats(rates)}
@@ -485,10 +486,9 @@ def generate_dataset(out_dir: str, splits: Optional[dict] = None,
   """
   splits = dict(splits if splits is not None else {'train': 400, 'val': 50})
   if 'all' in splits:
-    raise cliutil.UserError("'all' is reserved for the totals", field='splits')
+    raise errors.UserError("'all' is reserved for the totals", field='splits')
   bar = None
   if progress:
-    import tqdm  # pylint: disable=g-import-not-at-top
     bar = tqdm.tqdm(total=sum(splits.values()), unit='img', desc='synthetic')
   try:
     out = {}

@@ -42,10 +42,9 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
-from input_pipeline import readers
-from input_pipeline import records
-from sln_jax import cliutil
-from sln_jax import semdist
+from input_pipeline import readers, records, synthetic
+from sln_jax import errors, semdist
+from sln_jax import files as files_lib
 
 VERSION = tfds.core.Version('1.0.0')
 
@@ -71,12 +70,12 @@ def encode_example(ann: records.ImageAnnotation, images_dir: str,
   """One TFDS example (feature dict above) from an image's annotation.
 
   Raises:
-    cliutil.UserError: the image file is missing or its size differs from the
+    errors.UserError: the image file is missing or its size differs from the
       annotated (height, width).
   """
   rec = records.to_record(ann, images_dir)
   if not os.path.isfile(rec.image_path):
-    raise cliutil.UserError('image file not found (listed in '
+    raise errors.UserError('image file not found (listed in '
                             f'{annotations_path or "the annotations"})',
                             path=rec.image_path, field='file_name')
   with Image.open(rec.image_path) as im:
@@ -169,7 +168,7 @@ class _AmodalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def prepare_manual_dir(self, manual_dir: str) -> None:
     """Checks that ``manual_dir`` holds at least one split's annotations."""
     if not self.split_files(manual_dir):
-      raise cliutil.UserError(
+      raise errors.UserError(
           f'no annotation files for dataset {self.name!r}; expected '
           f'{self.expected_layout()}', path=manual_dir, field='dataset.manual_dir')
 
@@ -296,18 +295,17 @@ class Synthetic(_AmodalBuilder, skip_registration=True):
         with open(marker) as f:
           found = json.load(f)
         if found != params:
-          raise cliutil.UserError(
+          raise errors.UserError(
               f'generated with {found}, config asks for {params}; remove the '
               'directory or choose another dataset.manual_dir',
               path=marker, field='dataset.synthetic')
       return
     if os.path.isdir(manual_dir) and os.listdir(manual_dir):
-      raise cliutil.UserError(
+      raise errors.UserError(
           'not empty but holds no synthetic annotations; refusing to generate '
           'into it', path=manual_dir, field='dataset.manual_dir')
-    from input_pipeline import synthetic  # pylint: disable=g-import-not-at-top
     logging.info('generating synthetic dataset %s into %s', params, manual_dir)
-    with cliutil.atomic_output_dir(manual_dir) as tmp:
+    with files_lib.atomic_output_dir(manual_dir) as tmp:
       synthetic.generate_dataset(
           tmp, splits={'train': cfg.num_train, 'val': cfg.num_val},
           image_size=cfg.image_size, seed=cfg.seed)
@@ -322,7 +320,7 @@ def make_builder(config) -> _AmodalBuilder:
   """The (unprepared) builder for ``config.dataset``."""
   d = config.dataset
   if d.name not in BUILDERS:
-    raise cliutil.UserError(f'unknown dataset {d.name!r}; one of '
+    raise errors.UserError(f'unknown dataset {d.name!r}; one of '
                             f'{sorted(BUILDERS)}', field='dataset.name')
   kwargs = {}
   if d.name == 'synthetic':
@@ -368,7 +366,7 @@ def check_sources(builder: _AmodalBuilder, manual_dir: str) -> None:
              for split, (path, _) in sorted(present.items())
              if split not in recorded or not _same_source(recorded[split], path)]
   if changed:
-    raise cliutil.UserError(
+    raise errors.UserError(
         f'the dataset prepared in {builder.data_dir} was built from other annotation '
         f'files than those now in {manual_dir} ({"; ".join(changed)}); remove '
         f'{builder.data_dir} to rebuild it, or set dataset.data_dir to a new directory',
@@ -387,7 +385,7 @@ def build_dataset(config, builder: Optional[_AmodalBuilder] = None):
     The prepared builder (``builder.as_dataset(split)``).
 
   Raises:
-    cliutil.UserError: manual_dir lacks the raw files (naming the path), an
+    errors.UserError: manual_dir lacks the raw files (naming the path), an
       annotation / image problem found while preparing, or a prepared dataset
       whose annotation files have changed since (``check_sources``).
   """

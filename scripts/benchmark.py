@@ -45,7 +45,12 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sln_jax import cliutil, config_checks  # noqa: E402
+from sln_jax import (
+  cli,  # noqa: E402
+  config_checks,  # noqa: E402
+  errors,  # noqa: E402
+  files,  # noqa: E402
+)
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/default.py', 'Model/config file.')
 flags.DEFINE_enum('mode', 'train', ['train', 'infer'], 'What to time.')
@@ -112,7 +117,7 @@ def parse_runs(items: list[str]) -> list[Run]:
       if mode not in ('train', 'infer') or dtype not in ('float32', 'bfloat16') or run.batch < 1:
         raise ValueError
     except ValueError:
-      raise cliutil.UserError(
+      raise errors.UserError(
           f'{item!r}: expected MODE:DTYPE:BATCH with MODE train or infer, DTYPE float32 '
           f'or bfloat16 and BATCH >= 1, e.g. infer:bfloat16:1', field='--runs') from None
     runs.append(run)
@@ -229,9 +234,12 @@ def benchmark_sln(config, mode: str, batch: int, size: int, steps: int,
   allocator's peak if this run raised it, else 0 (jax keeps one peak per
   process, not per run)."""
   import jax
-  from sln_jax import train as train_lib
+
+  from sln_jax import parallel
   from sln_jax.models import cpu_conv
   from sln_jax.models import sln as sln_lib
+  from sln_jax.training import state as state_lib
+  from sln_jax.training import step as step_lib
 
   devices = jax.local_device_count()
   if batch % devices:
@@ -239,20 +247,20 @@ def benchmark_sln(config, mode: str, batch: int, size: int, steps: int,
   config.input.image_size = size
   peak_before = device_peak_bytes()
   if variables is None:
-    model, variables = train_lib.create_model(config)
+    model, variables = state_lib.create_model(config)
   else:
     model = sln_lib.build_model(config)
   np_batch = synthetic_batch(config, batch, size, np.random.default_rng(0))
   sharded = jax.tree.map(lambda x: x.reshape((devices, batch // devices) + x.shape[1:]),
                          np_batch)
-  dev_batch = train_lib.shard(sharded)
+  dev_batch = parallel.shard(sharded)
   if mode == 'train':
     config.train.stages = ((stage, 1_000_000, 1e-3),)
-    state = train_lib.create_train_state(config, variables, jax.random.PRNGKey(1))
-    step = lambda: jax.pmap(train_lib.make_stage_step(model, config, state.params,
+    state = state_lib.create_train_state(config, variables, jax.random.PRNGKey(1))
+    step = lambda: jax.pmap(step_lib.make_stage_step(model, config, state.params,
                                                       state.batch_stats, stage),
-                            axis_name=train_lib.AXIS, donate_argnums=(0,))
-    rstate = train_lib.replicate(state)
+                            axis_name=parallel.AXIS, donate_argnums=(0,))
+    rstate = parallel.replicate(state)
     traced = cpu_conv.traced_count()
     compiled, compile_s, flops = _compile(step(), (rstate, dev_batch))  # lowering donates nothing
     if cpu_conv.traced_count() > traced:
@@ -268,8 +276,8 @@ def benchmark_sln(config, mode: str, batch: int, size: int, steps: int,
         rstate, out = compiled(rstate, dev_batch)
       jax.block_until_ready((rstate, out))
   else:
-    fn = jax.pmap(train_lib.make_infer_fn(model), axis_name=train_lib.AXIS)
-    rvars = train_lib.replicate(variables)
+    fn = jax.pmap(step_lib.make_infer_fn(model), axis_name=parallel.AXIS)
+    rvars = parallel.replicate(variables)
     compiled, compile_s, flops = _compile(fn, (rvars, dev_batch))
 
     def run(n):
@@ -410,7 +418,7 @@ class PeerWorker:
 
 def main(argv):
   del argv
-  cliutil.run_cli(_main)
+  cli.run_cli(_main)
 
 
 def _main():
@@ -431,14 +439,14 @@ def _main():
     config_checks.check_model(base.model)
   for run in runs:
     if run.batch < 1:
-      raise cliutil.UserError(f'{run.batch} is not >= 1', field='--batch')
+      raise errors.UserError(f'{run.batch} is not >= 1', field='--batch')
   if FLAGS.budget_s < 0:
-    raise cliutil.UserError(f'{FLAGS.budget_s:g} is not >= 0', field='--budget_s')
+    raise errors.UserError(f'{FLAGS.budget_s:g} is not >= 0', field='--budget_s')
   if FLAGS.output:  # before the measurement, not after it
     if os.path.isdir(FLAGS.output):
-      raise cliutil.UserError('is a directory, expected a file path', path=FLAGS.output,
+      raise errors.UserError('is a directory, expected a file path', path=FLAGS.output,
                               field='--output')
-    cliutil.check_dir_makeable(os.path.dirname(os.path.abspath(FLAGS.output)),
+    files.check_dir_makeable(os.path.dirname(os.path.abspath(FLAGS.output)),
                                field='--output')
   peer_on = FLAGS.peer and FLAGS.steps > 0
   if peer_on and len(runs) > 1:
@@ -471,7 +479,7 @@ def _main():
       line = json.dumps(row)
       print(line, flush=True)
       if FLAGS.output:
-        cliutil.make_dirs(os.path.dirname(os.path.abspath(FLAGS.output)))
+        files.make_dirs(os.path.dirname(os.path.abspath(FLAGS.output)))
         with open(FLAGS.output, 'a') as f:
           f.write(line + '\n')
 
@@ -513,4 +521,4 @@ def result_row(r: dict, run: Run, config, size: int, peer: Optional[dict]) -> di
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=functools.partial(cliutil.parse_flags, config_flag=_CONFIG))
+  app.run(main, flags_parser=functools.partial(cli.parse_flags, config_flag=_CONFIG))

@@ -4,11 +4,11 @@
   python scripts/benchmark_evaluate.py --images 100 --image 375x1242 --detections 100
 
 Times what ``--mode=evaluate`` and ``scripts/evaluate.py`` run on the host
-once the results exist: ``evaluate.check_results`` (``scripts/evaluate.py``
+once the results exist: ``results_check.check_results`` (``scripts/evaluate.py``
 decodes every RLE string to check it covers its image; ``--mode=evaluate``
-skips that for its own results), ``evaluate.evaluate`` (the 24 tables: 4
+skips that for its own results), ``metrics_lib.evaluate`` (the 24 tables: 4
 occlusion subsets x 3 thing/stuff parts, amodal and visible) and
-``evaluate.depth_order_accuracy``. No model and no accelerator: the ground
+``metrics_lib.depth_order_accuracy``. No model and no accelerator: the ground
 truth is random rectangles (2-10 per image, occlusion rate and thing/stuff
 random) and the results are every object, moved a few pixels (amodal and
 visible mask), plus false positives up to ``--detections`` per image.
@@ -28,8 +28,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from input_pipeline import records  # noqa: E402
-from sln_jax import cliutil  # noqa: E402
-from sln_jax import evaluate  # noqa: E402
+from sln_jax import (
+  cli,  # noqa: E402
+  errors,  # noqa: E402
+)
+from sln_jax.evaluation import metrics as metrics_lib  # noqa: E402
+from sln_jax.evaluation import results_check  # noqa: E402
 
 
 def _rect(h: int, w: int, y1: int, x1: int, y2: int, x2: int) -> np.ndarray:
@@ -82,32 +86,32 @@ def _parse(argv=None) -> argparse.Namespace:
   p.add_argument('--images', type=int, default=200)
   p.add_argument('--image', default='480x640', help='image size HxW (COCOA-like)')
   p.add_argument('--detections', type=int, default=100, help='results per image')
-  p.add_argument('--protocol', choices=evaluate.PROTOCOLS, default='coco')
+  p.add_argument('--protocol', choices=metrics_lib.PROTOCOLS, default='coco')
   p.add_argument('--seed', type=int, default=0)
   return p.parse_args(argv)
 
 
 def _main(argv=None) -> int:
   args = _parse(argv)
-  h, w = cliutil.parse_size(args.image, '--image', minimum=16)
+  h, w = cli.parse_size(args.image, '--image', minimum=16)
   if args.images < 1:
-    raise cliutil.UserError(f'{args.images}: must be at least 1', field='--images')
+    raise errors.UserError(f'{args.images}: must be at least 1', field='--images')
   if args.detections < 0:
-    raise cliutil.UserError(f'{args.detections}: must be at least 0', field='--detections')
+    raise errors.UserError(f'{args.detections}: must be at least 0', field='--detections')
   gt, results = make_case(np.random.default_rng(args.seed), args.images, h, w,
                           args.detections)
   times = {}
   start = time.perf_counter()
-  evaluate.check_results(results, gt, check_counts=False)   # as --mode=evaluate does
+  results_check.check_results(results, gt, check_counts=False)   # as --mode=evaluate does
   times['check_results_own'] = time.perf_counter() - start
   start = time.perf_counter()
-  checked = evaluate.check_results(results, gt)   # as scripts/evaluate.py does
+  checked = results_check.check_results(results, gt)   # as scripts/evaluate.py does
   times['check_results'] = time.perf_counter() - start
   start = time.perf_counter()
-  evaluate.evaluate(gt, checked, protocol=args.protocol)
+  metrics_lib.evaluate(gt, checked, protocol=args.protocol)
   times['evaluate'] = time.perf_counter() - start
   start = time.perf_counter()
-  evaluate.depth_order_accuracy(gt, checked)
+  metrics_lib.depth_order_accuracy(gt, checked)
   times['depth_order'] = time.perf_counter() - start
   row = {'images': args.images, 'detections': len(results), 'image': [h, w],
          'protocol': args.protocol}
@@ -122,4 +126,4 @@ def _main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-  cliutil.run_cli(_main)
+  cli.run_cli(_main)

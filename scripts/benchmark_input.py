@@ -26,7 +26,10 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import default  # noqa: E402
-from sln_jax import cliutil  # noqa: E402
+from sln_jax import (
+  cli,  # noqa: E402
+  files,  # noqa: E402
+)
 
 # scenario -> (canvas S, source (h, w), GLM image size, gt_mask_size, format)
 SCENARIOS = {'1024': (1024, (480, 640), 513, 64, 'jpg'),
@@ -55,15 +58,17 @@ def _generate(config, scenario: str, num_images: int) -> None:
   if os.path.isdir(manual):
     return
   _, source_hw, _, _, image_format = SCENARIOS[scenario]
-  with cliutil.atomic_output_dir(manual) as tmp:
+  with files.atomic_output_dir(manual) as tmp:
     synthetic.generate_dataset(tmp, splits={'train': num_images},
                                image_size=source_hw, seed=0,
                                image_format=image_format)
 
 
 def run(scenario: str, work: str, args) -> dict:
-  from input_pipeline import pipeline  # pylint: disable=import-outside-toplevel
-  from input_pipeline import tfds_builders  # pylint: disable=import-outside-toplevel
+  from input_pipeline import (
+    pipeline,  # pylint: disable=import-outside-toplevel
+    tfds_builders,  # pylint: disable=import-outside-toplevel
+  )
   config = _config(scenario, work, args)
   _generate(config, scenario, args.images)
   builder = tfds_builders.build_dataset(config)
@@ -114,4 +119,4 @@ def main() -> int:
 
 
 if __name__ == '__main__':
-  cliutil.run_cli(main)
+  cli.run_cli(main)

@@ -3,7 +3,7 @@
   python scripts/benchmark_postprocess.py
   python scripts/benchmark_postprocess.py --config=configs/kins.py --image=375x1242 --images=50
 
-Times ``predict.detections_to_results``: what evaluate() and predict() run
+Times ``results_lib.detections_to_results``: what evaluate() and predict() run
 on the host for every image after ``SLN.infer`` (paste each detection's
 amodal, visible and layer maps into the original image, threshold, RLE
 encode, pairwise depth order). Inputs are random detections shaped like
@@ -27,11 +27,16 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+import numpy as np  # noqa: E402
 
-from sln_jax import cliutil, host_workers, predict  # noqa: E402
+from sln_jax import (
+  cli,  # noqa: E402
+  errors,  # noqa: E402
+  host_workers,  # noqa: E402
+)
+from sln_jax.evaluation import results as results_lib  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/default.py', 'Model/config file.')
 flags.DEFINE_string('image', '480x640', 'Original image size HxW.')
@@ -79,9 +84,9 @@ def random_detections(rng: np.random.Generator, num: int, canvas: int,
 
 def _main(argv) -> int:
   if len(argv) > 1:
-    raise cliutil.UserError(f'unexpected arguments: {" ".join(argv[1:])}')
+    raise errors.UserError(f'unexpected arguments: {" ".join(argv[1:])}')
   config = _CONFIG.value
-  h, w = cliutil.parse_size(FLAGS.image, '--image')
+  h, w = cli.parse_size(FLAGS.image, '--image')
   canvas = int(config.input.image_size)
   num = int(FLAGS.detections if FLAGS.detections >= 0
             else config.model.detection.max_detections)
@@ -94,11 +99,11 @@ def _main(argv) -> int:
   kwargs = dict(mask_threshold=config.eval.mask_threshold, mask_paste=config.eval.mask_paste)
   with host_workers.OrderedWorkers(FLAGS.workers) as workers:
     for _ in range(max(1, FLAGS.workers)):  # warm-up (and start) every worker
-      workers.submit(predict.detections_to_results, 0, images[0], (scale, scale), (h, w), **kwargs)
+      workers.submit(results_lib.detections_to_results, 0, images[0], (scale, scale), (h, w), **kwargs)
     workers.results()
     start, cpu = time.perf_counter(), time.process_time()
     for k, dets in enumerate(images[1:]):
-      workers.submit(predict.detections_to_results, k, dets, (scale, scale), (h, w), **kwargs)
+      workers.submit(results_lib.detections_to_results, k, dets, (scale, scale), (h, w), **kwargs)
     count = sum(len(r) for r in workers.results())
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
   print(json.dumps({
@@ -111,8 +116,8 @@ def _main(argv) -> int:
 
 
 def main(argv) -> None:
-  cliutil.run_cli(lambda: _main(argv))
+  cli.run_cli(lambda: _main(argv))
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=functools.partial(cliutil.parse_flags, config_flag=_CONFIG))
+  app.run(main, flags_parser=functools.partial(cli.parse_flags, config_flag=_CONFIG))

@@ -19,7 +19,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sln_jax import cliutil  # noqa: E402
+from sln_jax import (
+  cli,  # noqa: E402
+  errors,  # noqa: E402
+)
 
 COLUMNS = ('device', 'model', 'mode', 'dtype', 'batch', 'image', 'compile s', 'ms/step',
            'images/s', 'GFLOP/image', 'MFU', 'memory GiB', 'peer images/s',
@@ -72,7 +75,7 @@ def read_rows(path: str) -> list[dict]:
   """The JSON objects of ``path``, one a line (blank lines skipped); a line
   that is not one is a UserError naming the file and the line."""
   if not os.path.isfile(path):
-    raise cliutil.UserError('no such file', path=path)
+    raise errors.UserError('no such file', path=path)
   rows = []
   with open(path, errors='replace') as f:
     for n, line in enumerate(f, 1):
@@ -83,7 +86,7 @@ def read_rows(path: str) -> list[dict]:
         if not isinstance(r, dict):
           raise ValueError
       except ValueError:
-        raise cliutil.UserError('not a JSON object, one of benchmark.py\'s lines',
+        raise errors.UserError('not a JSON object, one of benchmark.py\'s lines',
                                 path=path, field=f'line {n}') from None
       rows.append(r)
   return rows
@@ -97,4 +100,4 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-  cliutil.run_cli(main)
+  cli.run_cli(main)

@@ -36,9 +36,13 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sln_jax import cliutil  # noqa: E402
-from sln_jax import config_checks  # noqa: E402
-from sln_jax import release_parity  # noqa: E402
+from sln_jax import (
+  cli,  # noqa: E402
+  config_checks,  # noqa: E402
+  files,  # noqa: E402
+  release_parity,  # noqa: E402
+)
+from sln_jax import errors as errors_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('release_dir', None, 'Checkout of apchenstu/SLN-Amodal.')
@@ -61,11 +65,11 @@ def _input(config, size: int, seed: int) -> np.ndarray:
   if FLAGS.image:
     from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
     if not os.path.isfile(FLAGS.image):
-      raise cliutil.UserError('no such file', path=FLAGS.image, field='--image')
+      raise errors_lib.UserError('no such file', path=FLAGS.image, field='--image')
     try:
       img = Image.open(FLAGS.image).convert('RGB').resize((size, size), Image.BILINEAR)
     except (OSError, UnidentifiedImageError) as err:
-      raise cliutil.UserError(f'not an image ({err})', path=FLAGS.image,
+      raise errors_lib.UserError(f'not an image ({err})', path=FLAGS.image,
                               field='--image') from None
     rgb = np.asarray(img, np.float32)
   else:
@@ -76,12 +80,12 @@ def _input(config, size: int, seed: int) -> np.ndarray:
 def check_evaluator() -> int:
   """--annotations/--results: the release's evaluator vs sln_jax.evaluate."""
   from input_pipeline import readers  # pylint: disable=g-import-not-at-top
-  from sln_jax import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
+  from sln_jax.evaluation import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
   amodal_eval = release_parity.load_release_evaluator(FLAGS.release_dir)
   gt = readers.load_annotations('cocoa', FLAGS.annotations)  # bad file: a UserError
-  results = cliutil.read_json(FLAGS.results)
-  ours = eval_lib.evaluate(gt, results, protocol='amodalapi', results_path=FLAGS.results)
-  annotations = cliutil.read_json(FLAGS.annotations)
+  results = files.read_json(FLAGS.results)
+  ours = metrics_lib.evaluate(gt, results, protocol='amodalapi', results_path=FLAGS.results)
+  annotations = files.read_json(FLAGS.annotations)
   worst = 0.0
   for branch, table in ours.items():
     theirs = release_parity.release_evaluation(amodal_eval, annotations, results,
@@ -99,23 +103,23 @@ def check_evaluator() -> int:
 
 def main() -> int:
   if not FLAGS.release_dir:
-    raise cliutil.UserError('is required (a checkout of apchenstu/SLN-Amodal)',
+    raise errors_lib.UserError('is required (a checkout of apchenstu/SLN-Amodal)',
                             field='--release_dir')
   if (FLAGS.annotations is None) != (FLAGS.results is None):
-    raise cliutil.UserError('give both --annotations and --results (evaluator check)',
+    raise errors_lib.UserError('give both --annotations and --results (evaluator check)',
                             field='--annotations')
   if FLAGS.annotations:
     return check_evaluator()
   size = FLAGS.image_size
   if size <= 0 or size % 64:
-    raise cliutil.UserError(f'must be a positive multiple of 64 (the release\'s '
+    raise errors_lib.UserError(f'must be a positive multiple of 64 (the release\'s '
                             f'rule), got {size}', field='--image_size')
   config = _CONFIG.value
   config_checks.check_model(config.model)
   net = release_parity.ReleaseNetwork(FLAGS.release_dir, config.model)
   if FLAGS.pth:
-    from sln_jax import checkpoint_port  # pylint: disable=g-import-not-at-top
-    state = checkpoint_port.load_torch_state_dict(FLAGS.pth)
+    from sln_jax.checkpoints import torch_port  # pylint: disable=g-import-not-at-top
+    state = torch_port.load_torch_state_dict(FLAGS.pth)
   else:
     state = release_parity.random_release_state(net, FLAGS.seed)
   net.load_state_dict(state, FLAGS.pth or '')
@@ -135,5 +139,5 @@ def main() -> int:
 
 
 if __name__ == '__main__':
-  app.run(lambda argv: cliutil.run_cli(main),
-          flags_parser=functools.partial(cliutil.parse_flags, config_flag=_CONFIG))
+  app.run(lambda argv: cli.run_cli(main),
+          flags_parser=functools.partial(cli.parse_flags, config_flag=_CONFIG))

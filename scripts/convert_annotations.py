@@ -23,9 +23,15 @@ import argparse  # noqa: E402
 
 from tqdm import tqdm  # noqa: E402
 
-from input_pipeline import legacy_layers  # noqa: E402
-from input_pipeline import readers  # noqa: E402
-from sln_jax import cliutil  # noqa: E402
+from input_pipeline import (
+  legacy_layers,  # noqa: E402
+  readers,  # noqa: E402
+)
+from sln_jax import (
+  cli,  # noqa: E402
+  errors,  # noqa: E402
+  files,  # noqa: E402
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -41,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
   args = parse_args(argv)
   if not os.path.isdir(args.images):
-    raise cliutil.UserError('images directory not found', path=args.images,
+    raise errors.UserError('images directory not found', path=args.images,
                             field='--images')
   stats = readers.ReadStats()
   anns = readers.load_annotations(args.format, args.annotations, args.images,
@@ -51,11 +57,11 @@ def main(argv=None) -> int:
     legacy_layers.check_capacity(ann, args.annotations)
     stem = os.path.splitext(os.path.basename(ann.file_name))[0]
     if stem in stems:
-      raise cliutil.UserError(
+      raise errors.UserError(
           f'images {stems[stem]} and {ann.file_name} share the output name '
           f'{stem}.npz', path=args.annotations, field='images.file_name')
     stems[stem] = ann.file_name
-  with cliutil.atomic_files_into(args.out) as tmp:
+  with files.atomic_files_into(args.out) as tmp:
     for ann in tqdm(anns, desc='layers', unit='image'):
       stem = os.path.splitext(os.path.basename(ann.file_name))[0]
       legacy_layers.write_legacy_layers(os.path.join(tmp, stem + '.npz'), ann,
@@ -66,4 +72,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-  cliutil.run_cli(main)
+  cli.run_cli(main)

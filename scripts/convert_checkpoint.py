@@ -28,14 +28,21 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sln_jax import checkpoint_port  # noqa: E402
-from sln_jax import cliutil  # noqa: E402
-from sln_jax import config_checks  # noqa: E402
+from sln_jax import (
+  cli,  # noqa: E402
+  config_checks,  # noqa: E402
+  errors,  # noqa: E402
+  files,  # noqa: E402
+)
+from sln_jax.checkpoints import (
+  orbax_io,  # noqa: E402
+  torch_port,  # noqa: E402
+)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('pth', None, 'PyTorch checkpoint (.pth) to convert.')
 flags.DEFINE_string('output', None, 'Orbax checkpoint directory to write.')
-flags.DEFINE_enum('source', 'auto', ('auto',) + checkpoint_port.SOURCES,
+flags.DEFINE_enum('source', 'auto', ('auto',) + torch_port.SOURCES,
                   'Checkpoint kind (auto: from its keys).')
 flags.DEFINE_multi_string('allow-missing', [],
                           'Regex of expected tensors that may be absent.')
@@ -50,18 +57,18 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Model config file.')
 
 def _read_input(path: str) -> np.ndarray:
   if not os.path.isfile(path):
-    raise cliutil.UserError('no such file', path=path)
+    raise errors.UserError('no such file', path=path)
   try:
     x = np.load(path, allow_pickle=False)
   except (OSError, ValueError) as err:
-    raise cliutil.UserError(f'not a .npy array ({err})', path=path) from None
+    raise errors.UserError(f'not a .npy array ({err})', path=path) from None
   if not isinstance(x, np.ndarray):
-    raise cliutil.UserError('not a .npy array', path=path)
+    raise errors.UserError('not a .npy array', path=path)
   if x.ndim != 4 or x.shape[1] != 3 or not np.issubdtype(x.dtype, np.floating):
-    raise cliutil.UserError(f'expected float (N, 3, H, W), got {x.dtype} '
+    raise errors.UserError(f'expected float (N, 3, H, W), got {x.dtype} '
                             f'{x.shape}', path=path)
   if x.shape[2] % 32 or x.shape[3] % 32:
-    raise cliutil.UserError(f'H and W must be multiples of 32, got '
+    raise errors.UserError(f'H and W must be multiples of 32, got '
                             f'{x.shape[2:]}', path=path)
   return x.astype(np.float32)
 
@@ -69,37 +76,37 @@ def _read_input(path: str) -> np.ndarray:
 def main() -> int:
   for name in ('pth', 'output', 'config'):
     if FLAGS[name].value is None:
-      raise cliutil.UserError('is required', field=f'--{name}')
+      raise errors.UserError('is required', field=f'--{name}')
   act_in, act_out = FLAGS['activations-input'].value, FLAGS[
       'activations-output'].value
   if (act_in is None) != (act_out is None):
-    raise cliutil.UserError('give both --activations-input and '
+    raise errors.UserError('give both --activations-input and '
                             '--activations-output', field='activations')
   try:
     config = _CONFIG.value
     config.model  # pylint: disable=pointless-statement
   except (OSError, AttributeError, SyntaxError, ImportError) as err:
-    raise cliutil.UserError(
+    raise errors.UserError(
         f'cannot load the config file ({type(err).__name__})',
         path=FLAGS['config'].config_filename, field='config') from None
   config_checks.check_model(config.model)
-  cliutil.check_output_dir(FLAGS.output, replaceable=checkpoint_port.is_orbax_dir)
+  files.check_output_dir(FLAGS.output, replaceable=orbax_io.is_orbax_dir)
   x = _read_input(act_in) if act_in is not None else None
-  state = checkpoint_port.load_torch_state_dict(FLAGS.pth)
+  state = torch_port.load_torch_state_dict(FLAGS.pth)
   source = FLAGS.source
   if source == 'auto':
-    source = checkpoint_port.detect_source(state, config.model)
-  variables = checkpoint_port.torch_to_flax(
+    source = torch_port.detect_source(state, config.model)
+  variables = torch_port.torch_to_flax(
       state, source, config, allow_missing=FLAGS['allow-missing'].value,
       allow_unexpected=FLAGS['allow-unexpected'].value, skip=FLAGS.skip,
       path=FLAGS.pth)
   del state
-  acts = None if x is None else checkpoint_port.release_activations(variables, x, config)
-  with cliutil.atomic_output_dir(FLAGS.output,
-                                 replaceable=checkpoint_port.is_orbax_dir) as tmp:
-    checkpoint_port.save_orbax(variables, tmp)
+  acts = None if x is None else torch_port.release_activations(variables, x, config)
+  with files.atomic_output_dir(FLAGS.output,
+                                 replaceable=orbax_io.is_orbax_dir) as tmp:
+    orbax_io.save_orbax(variables, tmp)
   if acts is not None:
-    with cliutil.atomic_output_file(act_out, 'wb') as f:
+    with files.atomic_output_file(act_out, 'wb') as f:
       np.savez(f, **acts)
   n = sum(a.size for t in variables.values() for a in _leaves(t))
   print(f'converted {FLAGS.pth} ({source}, {n:,} numbers) -> {FLAGS.output}'
@@ -116,5 +123,5 @@ def _leaves(tree):
 
 
 if __name__ == '__main__':
-  app.run(lambda argv: cliutil.run_cli(main),
-          flags_parser=functools.partial(cliutil.parse_flags, config_flag=_CONFIG))
+  app.run(lambda argv: cli.run_cli(main),
+          flags_parser=functools.partial(cli.parse_flags, config_flag=_CONFIG))

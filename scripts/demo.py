@@ -52,10 +52,10 @@ def main() -> int:
       f'--config.predict.input_dir={val_images}',
       f'--config.predict.output_dir={os.path.join(workdir, "predictions")}',
       '--config.predict.max_images=8'])
-  from sln_jax import evaluate
+  from sln_jax.evaluation import metrics as metrics_lib
   with open(os.path.join(workdir, 'metrics.json')) as f:
     metrics = json.load(f)
-  print(evaluate.format_table(metrics))
+  print(metrics_lib.format_table(metrics))
   print(f'demo finished in {(time.time() - t0) / 60:.1f} min; outputs in {workdir}')
   return 0
 

@@ -18,8 +18,13 @@ sys.path.insert(0, ROOT)
 import argparse  # noqa: E402
 import json  # noqa: E402
 
-from sln_jax import cliutil  # noqa: E402
-from sln_jax import evaluate as evaluation  # noqa: E402
+from sln_jax import (
+  cli,  # noqa: E402
+  errors,  # noqa: E402
+  files,  # noqa: E402
+)
+from sln_jax.evaluation import metrics as metrics_lib  # noqa: E402
+from sln_jax.evaluation import results_check  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -31,29 +36,29 @@ def main(argv=None) -> int:
                       help='COCO-style results JSON')
   parser.add_argument('--output', required=True, help='metrics JSON to write')
   parser.add_argument('--protocol', default='coco',
-                      choices=evaluation.PROTOCOLS)
+                      choices=metrics_lib.PROTOCOLS)
   parser.add_argument('--images', default=None,
                       help='images directory (optional)')
   args = parser.parse_args(argv)
 
   from input_pipeline import readers  # pylint: disable=import-outside-toplevel
   if not os.path.isfile(args.annotations):
-    raise cliutil.UserError('no such file', path=args.annotations)
+    raise errors.UserError('no such file', path=args.annotations)
   # Images without objects stay in: detections on them are false positives.
   gt = readers.load_annotations(args.format, args.annotations, args.images,
                                 keep_empty=True)
-  results = cliutil.read_json(args.results)
-  checked = evaluation.check_results(results, gt, args.results)   # once for both scorings
-  metrics = evaluation.evaluate(gt, checked, protocol=args.protocol)
-  with cliutil.atomic_output_file(args.output) as f:
+  results = files.read_json(args.results)
+  checked = results_check.check_results(results, gt, args.results)   # once for both scorings
+  metrics = metrics_lib.evaluate(gt, checked, protocol=args.protocol)
+  with files.atomic_output_file(args.output) as f:
     json.dump(metrics, f, indent=1)
-  print(evaluation.format_table(metrics), end='')
+  print(metrics_lib.format_table(metrics), end='')
   if results and all('depth_layer' in r for r in results):
-    depth = evaluation.depth_order_accuracy(gt, checked)
-    print(evaluation.format_depth_order(depth))
+    depth = metrics_lib.depth_order_accuracy(gt, checked)
+    print(metrics_lib.format_depth_order(depth))
   print(f'wrote {args.output}')
   return 0
 
 
 if __name__ == '__main__':
-  cliutil.run_cli(main)
+  cli.run_cli(main)

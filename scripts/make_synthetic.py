@@ -18,7 +18,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from input_pipeline import synthetic  # pylint: disable=g-import-not-at-top,wrong-import-position
-from sln_jax import cliutil  # pylint: disable=g-import-not-at-top,wrong-import-position
+from sln_jax import (
+  cli,  # pylint: disable=g-import-not-at-top,wrong-import-position
+  errors,  # pylint: disable=g-import-not-at-top,wrong-import-position
+  files,  # pylint: disable=g-import-not-at-top,wrong-import-position
+)
 
 
 def _parse(argv=None) -> argparse.Namespace:
@@ -43,28 +47,28 @@ def main(argv=None) -> int:
   args = _parse(argv)
   for flag in ('num_train', 'num_val'):
     if getattr(args, flag) < 0:
-      raise cliutil.UserError(f'must be >= 0, got {getattr(args, flag)}',
+      raise errors.UserError(f'must be >= 0, got {getattr(args, flag)}',
                               field='--' + flag.replace('_', '-'))
   if args.num_train + args.num_val == 0:
-    raise cliutil.UserError('nothing to generate', field='--num-train')
+    raise errors.UserError('nothing to generate', field='--num-train')
   if args.image_size < 32:
-    raise cliutil.UserError(f'must be >= 32, got {args.image_size}',
+    raise errors.UserError(f'must be >= 32, got {args.image_size}',
                             field='--image-size')
   params = synthetic.SceneParams(
       min_objects=args.min_objects, max_objects=args.max_objects,
       occlusion=args.occlusion, stuff_prob=args.stuff_prob)
   try:
     params.validate()
-  except cliutil.UserError as err:
-    raise cliutil.UserError(err.message,
+  except errors.UserError as err:
+    raise errors.UserError(err.message,
                             field='--' + err.field.replace('_', '-')) from None
   if args.no_overwrite and os.path.exists(args.out):
-    raise cliutil.UserError('exists; refusing to overwrite (--no-overwrite)',
+    raise errors.UserError('exists; refusing to overwrite (--no-overwrite)',
                             path=args.out)
-  cliutil.check_output_dir(args.out, replaceable=synthetic.looks_generated)
+  files.check_output_dir(args.out, replaceable=synthetic.looks_generated)
   splits = {k: v for k, v in (('train', args.num_train), ('val', args.num_val))
             if v > 0}
-  with cliutil.atomic_output_dir(args.out, overwrite=not args.no_overwrite,
+  with files.atomic_output_dir(args.out, overwrite=not args.no_overwrite,
                                  replaceable=synthetic.looks_generated) as tmp:
     stats = synthetic.generate_dataset(
         tmp, splits, image_size=args.image_size, seed=args.seed,
@@ -76,4 +80,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-  cliutil.run_cli(main)
+  cli.run_cli(main)

@@ -25,7 +25,10 @@ import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from sln_jax import cliutil  # noqa: E402  pylint: disable=g-import-not-at-top
+from sln_jax import (
+  cli,  # noqa: E402  pylint: disable=g-import-not-at-top
+  errors,  # noqa: E402  pylint: disable=g-import-not-at-top
+)
 
 _INSTR = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*.*$')
 _META = re.compile(r'op_name="([^"]*)"')
@@ -89,13 +92,13 @@ def load_events(trace_dir: str) -> list[dict]:
   files = sorted(glob.glob(os.path.join(trace_dir, '**', '*.trace.json.gz'), recursive=True),
                  key=os.path.getmtime)
   if not files:
-    raise cliutil.UserError('no *.trace.json.gz (run benchmark.py --profile_dir)',
+    raise errors.UserError('no *.trace.json.gz (run benchmark.py --profile_dir)',
                             path=trace_dir)
   try:
     with gzip.open(files[-1]) as f:
       trace = json.load(f)
   except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as err:
-    raise cliutil.UserError(f'not a readable gzipped JSON trace ({err})',
+    raise errors.UserError(f'not a readable gzipped JSON trace ({err})',
                             path=files[-1]) from None
   try:
     events = trace.get('traceEvents', [])
@@ -104,7 +107,7 @@ def load_events(trace_dir: str) -> list[dict]:
     ops = [e for e in events if e.get('ph') == 'X' and 'hlo_op' in e.get('args', {})]
     device = [e for e in ops if pids.get(e['pid'], '').startswith('/device:')]
   except (AttributeError, TypeError, KeyError) as err:
-    raise cliutil.UserError(f'not a jax.profiler trace (traceEvents: {type(err).__name__}: '
+    raise errors.UserError(f'not a jax.profiler trace (traceEvents: {type(err).__name__}: '
                             f'{err})', path=files[-1]) from None
   return device or ops
 
@@ -156,4 +159,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-  cliutil.run_cli(main)
+  cli.run_cli(main)

@@ -31,9 +31,13 @@ from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 from pycocotools import mask as mask_utils  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from sln_jax import cliutil  # noqa: E402
-from sln_jax import evaluate as evaluation  # noqa: E402
-from sln_jax import predict  # noqa: E402
+from sln_jax import (
+  cli,  # noqa: E402
+  errors,  # noqa: E402
+  files,  # noqa: E402
+)
+from sln_jax.evaluation import render as render_lib  # noqa: E402
+from sln_jax.evaluation import results_check  # noqa: E402
 
 HEADER = 14   # px of caption above each panel
 GAP = 8       # px of white between the panels
@@ -78,10 +82,10 @@ def render(image: np.ndarray, gt_items: Sequence[dict],
            pred_items: Optional[Sequence[dict]], score_threshold: float = 0.5) -> np.ndarray:
   """(H + HEADER, W or 2W + GAP, 3) uint8: captioned ground-truth panel, and
   the prediction panel to its right when ``pred_items`` is not None."""
-  panels = [_caption(predict.render_prediction(image, gt_items),
+  panels = [_caption(render_lib.render_prediction(image, gt_items),
                      f'ground truth: {len(gt_items)}')]
   if pred_items is not None:
-    panels.append(_caption(predict.render_prediction(image, pred_items),
+    panels.append(_caption(render_lib.render_prediction(image, pred_items),
                            f'predicted: {len(pred_items)} (score >= {score_threshold:g})'))
   if len(panels) == 1:
     return panels[0]
@@ -93,7 +97,7 @@ def _parse_ids(text: str) -> list[int]:
   try:
     return [int(t) for t in text.split(',') if t.strip()]
   except ValueError:
-    raise cliutil.UserError(f'not a comma-separated list of integers: {text!r}',
+    raise errors.UserError(f'not a comma-separated list of integers: {text!r}',
                             field='--image-ids') from None
 
 
@@ -118,7 +122,7 @@ def main(argv=None) -> int:
     ids = _parse_ids(args.image_ids)
     unknown = [i for i in ids if i not in by_id]
     if unknown:
-      raise cliutil.UserError(f'image ids {unknown} are not in {args.annotations}',
+      raise errors.UserError(f'image ids {unknown} are not in {args.annotations}',
                               field='--image-ids')
     chosen = [by_id[i] for i in ids]
   if args.max_images > 0:
@@ -126,9 +130,9 @@ def main(argv=None) -> int:
 
   predictions = None
   if args.results is not None:
-    raw = cliutil.read_json(args.results)
+    raw = files.read_json(args.results)
     predictions = {a.image_id: [] for a in gt}
-    for r in evaluation.check_results(raw, gt, path=args.results):
+    for r in results_check.check_results(raw, gt, path=args.results):
       predictions[r['image_id']].append(r)
 
   os.makedirs(args.out, exist_ok=True)
@@ -140,11 +144,11 @@ def main(argv=None) -> int:
              else prediction_items(predictions[annotation.image_id], args.score_threshold))
     picture = render(image, ground_truth_items(annotation), preds, args.score_threshold)
     stem = os.path.splitext(os.path.basename(path))[0]
-    with cliutil.atomic_output_file(os.path.join(args.out, stem + '.png'), 'wb') as f:
+    with files.atomic_output_file(os.path.join(args.out, stem + '.png'), 'wb') as f:
       Image.fromarray(picture).save(f, format='PNG')
   print(f'wrote {len(chosen)} pictures to {args.out}')
   return 0
 
 
 if __name__ == '__main__':
-  cliutil.run_cli(main)
+  cli.run_cli(main)

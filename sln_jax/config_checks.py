@@ -7,29 +7,22 @@ Each check states the rule that the code relying on the value assumes.
 """
 from __future__ import annotations
 
-import numbers
 import re
 from typing import Any, Sequence
 
 import ml_collections
 
-from sln_jax.cliutil import UserError
+from sln_jax.config_values import is_int, is_number
+from sln_jax.errors import UserError
+from sln_jax.evaluation import metrics as metrics_lib
+from sln_jax.evaluation import results as results_lib
+from sln_jax.training import schedule as schedule_lib
 
 RESIZE_MODES = ('pad', 'squash')    # input.resize_mode (input_pipeline.pipeline)
 DTYPES = ('float32', 'bfloat16')    # model.dtype: the compute dtype
 RESNET_STAGES = 4                   # C2..C5
 FPN_LEVELS = 5                      # P2..P6: one anchor scale each
 CANVAS_MULTIPLE = 64                # the stride of P6: every level tiles the canvas
-
-
-def is_int(value: Any) -> bool:
-  """An integer, not a bool."""
-  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def is_number(value: Any) -> bool:
-  """A real number, not a bool."""
-  return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _one_of(value: Any, choices: Sequence[str], field: str) -> None:
@@ -125,9 +118,6 @@ def check_model(m: ml_collections.ConfigDict) -> None:
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises a UserError naming the first bad field of ``config`` (input,
   model, loss weights, train stages and counts, eval and predict settings)."""
-  from sln_jax import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
-  from sln_jax import predict as predict_lib  # pylint: disable=g-import-not-at-top
-  from sln_jax import train  # pylint: disable=g-import-not-at-top
   check_input(config.input)
   check_model(config.model)
   for term, weight in config.loss.items():
@@ -137,13 +127,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise UserError(f'{config.loss.occluded_pos_weight!r} is not > 0 (1 = release)',
                     field='loss.occluded_pos_weight')
   tc = config.train
-  train.schedule(config)   # each stage: (name or regex, steps >= 1, lr >= 0)
+  schedule_lib.schedule(config)   # each stage: (name or regex, steps >= 1, lr >= 0)
   _int_at_least(tc.batch_size, 1, 'train.batch_size')
   _int_at_least(tc.warmup_steps, 0, 'train.warmup_steps')
   _in_range(tc.momentum, 0.0, 1.0, 'train.momentum')
   e = config.eval
-  eval_lib.check_protocol(e.protocol, field='eval.protocol')
-  _one_of(e.mask_paste, predict_lib.MASK_PASTES, 'eval.mask_paste')
+  metrics_lib.check_protocol(e.protocol, field='eval.protocol')
+  _one_of(e.mask_paste, results_lib.MASK_PASTES, 'eval.mask_paste')
   _in_range(e.mask_threshold, 0.0, 1.0, 'eval.mask_threshold', low_open=True, high_open=True)
   _int_at_least(e.batch_size, 1, 'eval.batch_size')
   _int_at_least(e.host_workers, -1, 'eval.host_workers')

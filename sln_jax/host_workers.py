@@ -2,19 +2,16 @@
 come back in submission order.
 
 Evaluation turns every image's detections into COCO results on the host
-(``predict.detections_to_results``: paste, threshold, RLE encode, depth
-order; 20-50 ms per image). In one thread that sets the pace of an
-evaluation on an accelerator; the images are independent, so worker
-processes share it out. Workers are started with ``spawn`` (the parent runs
+(``evaluation.results.detections_to_results``: paste, threshold, RLE encode,
+depth order). In one thread that sets the pace of an evaluation on an
+accelerator; the images are independent, so worker processes share it out. Workers are started with ``spawn`` (the parent runs
 JAX's threads, which ``fork`` would copy half-way) and import only what the
 called function needs (numpy, pycocotools, PIL; not JAX).
 
 Every process doing this work, the parent included when it runs the calls
 itself, keeps numpy's BLAS on one thread (threadpoolctl): its matrices are a
-few dozen rows, and OpenBLAS's extra threads only spin. On this 2-core
-machine they doubled the CPU time of the post-processing at the same wall
-time, and two workers with two BLAS threads each ran 4x slower than one
-process.
+few dozen rows, and OpenBLAS's extra threads only spin, competing with the
+workers for the cores (docs/benchmarks.md).
 
 No heavy imports here.
 """
@@ -26,12 +23,13 @@ import multiprocessing
 import os
 from typing import Any, Callable
 
+import numpy  # noqa: F401  (loads the BLAS that threadpoolctl limits)
+import threadpoolctl
+
 
 def _one_blas_thread():
   """Limits the BLAS libraries loaded so far (numpy's first) to one thread;
   returns the handle that restores them."""
-  import numpy  # noqa: F401  (loads the BLAS to limit)  pylint: disable=g-import-not-at-top
-  import threadpoolctl  # pylint: disable=g-import-not-at-top
   return threadpoolctl.threadpool_limits(limits=1, user_api='blas')
 
 

@@ -1,33 +1,31 @@
-"""main.py's modes (train_and_evaluate, train, evaluate, predict) over the
-host-side inputs that main.py builds.
+"""main.py's modes (train_and_evaluate, train, evaluate, predict).
 
-No TensorFlow here: ``DataSources`` holds callables that build the tf.data
-iterators only when a mode needs them.
+No TensorFlow here: the modes read ``input_pipeline.sources.DataSources``,
+callables that build the tf.data iterators only when a mode needs them.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional
 
 import jax
 import ml_collections
-import numpy as np
 
-from sln_jax import config_checks, inference
-from sln_jax.cliutil import UserError, atomic_output_file
-from sln_jax.train import (Batch, MetricWriter, PyTree, check_checkpoint_fits, checkpoint_steps,
-                           create_model, init_from_checkpoints, load_variables,
-                           make_image_summary_fn, train)
+from sln_jax import config_checks
+from sln_jax.checkpoints.manager import check_checkpoint_fits, checkpoint_steps, load_variables
+from sln_jax.errors import UserError
+from sln_jax.evaluation import loops
+from sln_jax.files import atomic_output_file
+from sln_jax.models import sln
+from sln_jax.parallel import PyTree
+from sln_jax.training import optimizer as optimizer_lib
+from sln_jax.training import schedule as schedule_lib
+from sln_jax.training.loop import make_image_summary_fn, train
+from sln_jax.training.state import create_model, init_from_checkpoints
+from sln_jax.writers import MetricWriter
 
-
-@dataclasses.dataclass
-class DataSources:
-  """Host-side inputs, built by main.py (where TensorFlow may be imported)."""
-  train_batches: Optional[Callable[[], Iterable[Batch]]] = None
-  eval_batches: Optional[Callable[[], Iterable[Batch]]] = None
-  eval_annotations: Optional[Callable[[], Sequence]] = None
-  preprocess_image: Optional[Callable[[np.ndarray, Any], tuple]] = None
+if TYPE_CHECKING:  # input_pipeline imports TensorFlow
+  from input_pipeline.sources import DataSources
 
 
 MODES = ('train_and_evaluate', 'train', 'evaluate', 'predict')
@@ -40,17 +38,15 @@ def check_stages(config: ml_collections.ConfigDict) -> None:
   trains nothing the earlier stages trained. Costs one ``jax.eval_shape``
   of the model (seconds) when there is such a stage to check, nothing
   otherwise."""
-  from sln_jax import train as train_lib  # pylint: disable=g-import-not-at-top
-  from sln_jax.models import sln  # pylint: disable=g-import-not-at-top
-  stages = [(name, train_lib.stage_freeze_history(config, k))
-            for k, (name, *_) in enumerate(train_lib.schedule(config))]
+  stages = [(name, optimizer_lib.stage_freeze_history(config, k))
+            for k, (name, *_) in enumerate(schedule_lib.schedule(config))]
   check = [(name, earlier) for name, earlier in stages
-           if name not in train_lib.STAGE_PATTERNS or earlier]
+           if name not in schedule_lib.STAGE_PATTERNS or earlier]
   if not check:
     return
   shapes = sln.variable_shapes(sln.build_model(config), config.input.image_size)
   for name, earlier in check:
-    train_lib.trainable_mask(shapes['params'], shapes.get('batch_stats', {}), name,
+    optimizer_lib.trainable_mask(shapes['params'], shapes.get('batch_stats', {}), name,
                              config.model.train_bn, earlier)
 
 
@@ -102,9 +98,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str,
   else:
     print(f'no checkpoint in {workdir}; using init_from', flush=True)
   if mode == 'predict':
-    inference.predict(config, model, variables, data.preprocess_image)
+    loops.predict(config, model, variables, data.preprocess_image)
     return None
-  metrics = inference.evaluate(config, workdir, model, variables, data.eval_batches(),
+  metrics = loops.evaluate(config, workdir, model, variables, data.eval_batches(),
                                data.eval_annotations(), step=step, writer=writer)
   if mode == 'evaluate':
     _write_config(config, workdir, 'config_evaluate.txt')

@@ -27,12 +27,12 @@ import io
 import os
 import sys
 import types
-import warnings
 from typing import Callable, Iterator, Mapping, Sequence
+import warnings
 
 import numpy as np
 
-from sln_jax.cliutil import UserError
+from sln_jax.errors import UserError
 
 _RELEASE_FILES = ('modal/modals.py', 'modal/deeplabv2.py', 'modal/resnet_deeplab.py',
                   'modal/msc_deeplab.py')
@@ -205,14 +205,15 @@ def compare(net, state: Mapping, config, x: np.ndarray, seed: int = 0,
   """
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
-  from sln_jax import checkpoint_port  # pylint: disable=g-import-not-at-top
+
+  from sln_jax.checkpoints import torch_port  # pylint: disable=g-import-not-at-top
   from sln_jax.models import sln  # pylint: disable=g-import-not-at-top
 
   m = config.model
   progress('converting')
-  variables = checkpoint_port.torch_to_flax(state, 'sln', config)
+  variables = torch_port.torch_to_flax(state, 'sln', config)
   progress('running sln_jax')
-  ours = checkpoint_port.release_activations(variables, x, config)
+  ours = torch_port.release_activations(variables, x, config)
   g = torch.Generator().manual_seed(seed + 1)
   p, q = m.roi.pool_size, m.roi.mask_pool_size
   pooled = torch.randn(8, m.fpn_channels, p, p, generator=g)
@@ -323,13 +324,14 @@ def release_evaluation(amodal_eval, annotations: Mapping,
   layout of ``sln_jax.evaluate.evaluate``'s branches.
   """
   from pycocotools.coco import COCO  # pylint: disable=g-import-not-at-top
-  from sln_jax import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
+
+  from sln_jax.evaluation import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
   key = 'visible_mask' if visible else 'segmentation'
   dets = [{'image_id': r['image_id'], 'category_id': 1, 'score': r['score'],
            'segmentation': r[key]} for r in results]
   gt = _ReleaseGt(copy.deepcopy(annotations))
   parts = {'both': 0, 'things': 1, 'stuff': 2}    # Params.onlyThings
-  out = {s: {} for s in eval_lib.SUBSETS}
+  out = {s: {} for s in metrics_lib.SUBSETS}
   with _numpy_2018(), contextlib.redirect_stdout(io.StringIO()):
     coco = COCO()
     coco.dataset = {'images': list(gt.imgs.values()), 'annotations': [],
@@ -338,11 +340,11 @@ def release_evaluation(amodal_eval, annotations: Mapping,
     ev = amodal_eval(gt, coco.loadRes(copy.deepcopy(dets)), None)
     ev.params.useAmodalGT = ev.params.useAmodalDT = int(not visible)
     for part, only_things in parts.items():
-      for subset, rng in eval_lib.SUBSETS.items():
+      for subset, rng in metrics_lib.SUBSETS.items():
         ev.params.onlyThings = only_things
         ev.params.occRng = list(rng)
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-        out[subset][part] = dict(zip(eval_lib.metric_names(), map(float, ev.stats[:6])))
+        out[subset][part] = dict(zip(metrics_lib.metric_names(), map(float, ev.stats[:6])))
   return out

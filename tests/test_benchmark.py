@@ -13,6 +13,7 @@ sys.path.insert(0, os.path.join(ROOT, 'scripts'))
 
 import benchmark  # noqa: E402
 import profile_summary  # noqa: E402
+
 from configs import tiny  # noqa: E402
 
 
@@ -165,17 +166,21 @@ def test_train_and_infer_steps_stay_on_device():
   (tiny) SLN's train step and inference have no host callbacks, no
   infeed/outfeed and no float64."""
   import jax  # pylint: disable=import-outside-toplevel
-  from sln_jax import train  # pylint: disable=import-outside-toplevel
+
+  from sln_jax import parallel  # pylint: disable=import-outside-toplevel
+  from sln_jax.training import optimizer as optimizer_lib  # pylint: disable=import-outside-toplevel
+  from sln_jax.training import state as state_lib  # pylint: disable=import-outside-toplevel
+  from sln_jax.training import step as step_lib  # pylint: disable=import-outside-toplevel
   config = tiny.get_config()
-  model, variables = train.create_model(config)
+  model, variables = state_lib.create_model(config)
   batch = benchmark.synthetic_batch(config, 2, config.input.image_size, np.random.default_rng(0))
   batch = jax.tree.map(lambda x: x[None], batch)
-  state = train.create_train_state(config, variables, jax.random.PRNGKey(0))
-  tx = train.create_optimizer(config, state.params, state.batch_stats, 'all')
-  step = jax.pmap(train.make_train_step(model, config, tx), axis_name=train.AXIS)
-  infer = jax.pmap(train.make_infer_fn(model), axis_name=train.AXIS)
-  for lowered in (step.lower(train.replicate(state), batch),
-                  infer.lower(train.replicate(variables), batch)):
+  state = state_lib.create_train_state(config, variables, jax.random.PRNGKey(0))
+  tx = optimizer_lib.create_optimizer(config, state.params, state.batch_stats, 'all')
+  step = jax.pmap(step_lib.make_train_step(model, config, tx), axis_name=parallel.AXIS)
+  infer = jax.pmap(step_lib.make_infer_fn(model), axis_name=parallel.AXIS)
+  for lowered in (step.lower(parallel.replicate(state), batch),
+                  infer.lower(parallel.replicate(variables), batch)):
     text = lowered.as_text()
     assert 'stablehlo.while' in text or 'while' in text      # the NMS / sampling loops are there
     for bad in ('callback', 'infeed', 'outfeed', 'f64'):
@@ -286,7 +291,7 @@ def test_sweep_rows_errors_and_budget():
 def test_parse_runs_refuses_malformed_items(item):
   assert benchmark.parse_runs(['train:bfloat16:8', ' infer:float32:1']) == [
       ('train', 'bfloat16', 8), ('infer', 'float32', 1)]
-  with pytest.raises(benchmark.cliutil.UserError, match=f"--runs: '{item}': expected MODE:DTYPE:BATCH"):
+  with pytest.raises(benchmark.errors.UserError, match=f"--runs: '{item}': expected MODE:DTYPE:BATCH"):
     benchmark.parse_runs([item])
 
 

@@ -15,8 +15,8 @@ import torch
 from torch.nn import functional as F
 
 from configs import default
-from sln_jax import checkpoint_port as cp
-from sln_jax.cliutil import UserError
+from sln_jax.checkpoints import orbax_io, partial_load, torch_port
+from sln_jax.errors import UserError
 from sln_jax.models import deeplab, fpn, heads, resnet, rpn, sln
 from tests import torch_reference as tr
 
@@ -85,7 +85,7 @@ def setup():
   cfg = tiny_config()
   ref = tr.SLNReference(tr.RefSpec.from_config(cfg.model))
   tr.randomize_(ref, seed=0)
-  variables = cp.torch_to_flax(ref.state_dict(), 'sln', cfg)
+  variables = torch_port.torch_to_flax(ref.state_dict(), 'sln', cfg)
   return cfg, ref, variables
 
 
@@ -95,12 +95,12 @@ def test_layout_matches_reference_state_dict_full_size():
     ref = tr.SLNReference(tr.RefSpec.from_config(cfg.model))
   want = [(k, tuple(v.shape)) for k, v in ref.state_dict().items()
           if not k.endswith('num_batches_tracked')]
-  got = [(e.key, e.shape) for e in cp.release_layout(cfg.model, 'sln')]
+  got = [(e.key, e.shape) for e in torch_port.release_layout(cfg.model, 'sln')]
   assert got == want
   assert sum(np.prod(s) for _, s in got) == 120_179_766
   assert {'mask.conv1.weight': (256, 439, 3, 3)}.items() <= dict(got).items()
   glm = [k for k, _ in got if k.startswith('GLM_modual.base.')]
-  deeplab_keys = [e.key for e in cp.release_layout(cfg.model, 'deeplab')]
+  deeplab_keys = [e.key for e in torch_port.release_layout(cfg.model, 'deeplab')]
   assert deeplab_keys == [k[len('GLM_modual.'):] for k in glm]
 
 
@@ -220,7 +220,7 @@ def test_transposed_conv_layout(kernel):
   x = torch.randn(2, 3, 5, 4, generator=torch.Generator().manual_seed(8))
   with torch.no_grad():
     want = tconv(x)
-  kernel_hwio = cp.to_flax_layout(cp.DECONV, tconv.weight.detach().numpy())
+  kernel_hwio = torch_port.to_flax_layout(torch_port.DECONV, tconv.weight.detach().numpy())
   mod = nn.ConvTranspose(5, (kernel, kernel), strides=(2, 2), padding='VALID',
                          transpose_kernel=False)
   got = mod.apply({'params': {'kernel': kernel_hwio,
@@ -230,25 +230,25 @@ def test_transposed_conv_layout(kernel):
   bad = mod.apply({'params': {'kernel': unflipped,
                               'bias': tconv.bias.detach().numpy()}}, nhwc(x))
   assert rel_err(nchw(bad), want) > 1e-2
-  back = cp.to_torch_layout(cp.DECONV, kernel_hwio)
+  back = torch_port.to_torch_layout(torch_port.DECONV, kernel_hwio)
   np.testing.assert_array_equal(back, tconv.weight.detach().numpy())
 
 
 def test_export_round_trip(setup):
   cfg, ref, variables = setup
-  sd = cp.flax_to_torch(variables, cfg)
+  sd = torch_port.flax_to_torch(variables, cfg)
   orig = ref.state_dict()
   assert list(sd) == list(orig)
   for k, v in orig.items():
     assert torch.equal(sd[k], v.float() if v.is_floating_point() else v), k
   fresh = tr.SLNReference(tr.RefSpec.from_config(cfg.model))
   fresh.load_state_dict(sd, strict=True)
-  deeplab_sd = cp.flax_to_torch(variables, cfg, source='deeplab')
+  deeplab_sd = torch_port.flax_to_torch(variables, cfg, source='deeplab')
   assert all(k.startswith('base.') for k in deeplab_sd)
   torch.testing.assert_close(deeplab_sd['base.aspp.c3.weight'],
                              orig['GLM_modual.base.aspp.c3.weight'])
   with pytest.raises(UserError, match='mask_head/conv5'):
-    cp.flax_to_torch({'params': {k: v for k, v in variables['params'].items()
+    torch_port.flax_to_torch({'params': {k: v for k, v in variables['params'].items()
                                  if k != 'mask_head'},
                       'batch_stats': variables['batch_stats']}, cfg)
 
@@ -260,14 +260,14 @@ def test_mismatches_reported_in_one_error(setup):
   sd['fpn.extra.weight'] = torch.zeros(3)
   sd['classifier.linear_class.weight'] = torch.zeros(81, 32)
   with pytest.raises(UserError) as err:
-    cp.torch_to_flax(sd, 'sln', cfg, path='w.pth')
+    torch_port.torch_to_flax(sd, 'sln', cfg, path='w.pth')
   msg = str(err.value)
   assert msg.startswith('w.pth: state_dict:')
   for part in ('1 missing: rpn.conv_bbox.bias',
                '1 unexpected: fpn.extra.weight',
                'classifier.linear_class.weight (81, 32) != expected (2, 32)'):
     assert part in msg
-  out = cp.torch_to_flax(
+  out = torch_port.torch_to_flax(
       sd, 'sln', cfg, allow_missing=[r'params/rpn/conv_bbox/bias'],
       allow_unexpected=[r'^fpn\.extra\.'], skip=[r'linear_class'])
   assert 'bias' not in out['params']['rpn']['conv_bbox']
@@ -278,23 +278,23 @@ def test_load_refuses_pickled_code_and_unwraps(setup, tmp_path):
   cfg, ref, variables = setup
   torch.save(ref.classifier, tmp_path / 'module.pth')
   with pytest.raises(UserError, match='needs pickled code'):
-    cp.load_torch_state_dict(str(tmp_path / 'module.pth'))
+    torch_port.load_torch_state_dict(str(tmp_path / 'module.pth'))
   (tmp_path / 'junk.pth').write_bytes(b'not a checkpoint')
   with pytest.raises(UserError, match='junk.pth'):
-    cp.load_torch_state_dict(str(tmp_path / 'junk.pth'))
+    torch_port.load_torch_state_dict(str(tmp_path / 'junk.pth'))
   with pytest.raises(UserError, match='no such file'):
-    cp.load_torch_state_dict(str(tmp_path / 'absent.pth'))
+    torch_port.load_torch_state_dict(str(tmp_path / 'absent.pth'))
   wrapped = {'state_dict': {'module.' + k: v for k, v in
                             ref.state_dict().items()}, 'epoch': 3}
   torch.save(wrapped, tmp_path / 'wrapped.pth')
-  sd = cp.load_torch_state_dict(str(tmp_path / 'wrapped.pth'))
+  sd = torch_port.load_torch_state_dict(str(tmp_path / 'wrapped.pth'))
   assert set(sd) == set(ref.state_dict())
-  got = cp.torch_to_flax(sd, 'auto', cfg)
+  got = torch_port.torch_to_flax(sd, 'auto', cfg)
   jax.tree.map(np.testing.assert_array_equal, got, variables)
   # The release's files predate the zip format (PyTorch 0.4).
   torch.save(ref.state_dict(), tmp_path / 'legacy.pth',
              _use_new_zipfile_serialization=False)
-  sd = cp.load_torch_state_dict(str(tmp_path / 'legacy.pth'))
+  sd = torch_port.load_torch_state_dict(str(tmp_path / 'legacy.pth'))
   assert list(sd) == list(ref.state_dict())
 
 
@@ -302,8 +302,8 @@ def test_load_refuses_pickled_code_and_unwraps(setup, tmp_path):
 def test_deeplab_source(setup, prefix):
   cfg, ref, variables = setup
   sd = {prefix + k: v for k, v in ref.GLM_modual.base.state_dict().items()}
-  assert cp.detect_source(sd) == 'deeplab'
-  got = cp.torch_to_flax(sd, 'auto', cfg)
+  assert torch_port.detect_source(sd) == 'deeplab'
+  got = torch_port.torch_to_flax(sd, 'auto', cfg)
   assert set(got['params']) == {'glm'} and set(got['batch_stats']) == {'glm'}
   jax.tree.map(np.testing.assert_array_equal, got,
                {c: {'glm': t['glm']} for c, t in variables.items()})
@@ -318,8 +318,8 @@ def test_maskrcnn_source_skips_unfitting_layers(setup):
   coco.mask.conv5 = torch.nn.Conv2d(spec.mask_channels, 81, 1)
   tr.randomize_(coco, seed=9)
   sd = coco.state_dict()
-  assert cp.detect_source(sd, cfg.model) == 'maskrcnn'
-  got = cp.torch_to_flax(sd, 'auto', cfg)
+  assert torch_port.detect_source(sd, cfg.model) == 'maskrcnn'
+  got = torch_port.torch_to_flax(sd, 'auto', cfg)
   assert 'glm' not in got['params']
   assert 'conv1' not in got['params']['mask_head']
   assert 'conv5' not in got['params']['mask_head']
@@ -330,20 +330,20 @@ def test_maskrcnn_source_skips_unfitting_layers(setup):
   np.testing.assert_array_equal(got['batch_stats']['mask_head']['bn1']['var'],
                                 sd['mask.bn1.running_var'].numpy())
   with pytest.raises(UserError, match='shape mismatches'):
-    cp.torch_to_flax(sd, 'maskrcnn', cfg, skip=())
+    torch_port.torch_to_flax(sd, 'maskrcnn', cfg, skip=())
 
 
 def test_orbax_round_trip_and_partial_load(setup, tmp_path):
   cfg, _, variables = setup
-  cp.save_orbax(variables, str(tmp_path / 'ckpt'))
-  loaded = cp.load_orbax(str(tmp_path / 'ckpt'))
+  orbax_io.save_orbax(variables, str(tmp_path / 'ckpt'))
+  loaded = orbax_io.load_orbax(str(tmp_path / 'ckpt'))
   jax.tree.map(np.testing.assert_array_equal, loaded, variables)
 
   zeros = jax.tree.map(lambda a: jnp.zeros(np.shape(a), jnp.float32),
                        variables)
   zeros['params']['box_head']['linear_class']['kernel'] = jnp.zeros((32, 7))
-  report = cp.LoadReport()
-  out = cp.partial_load(zeros, [(str(tmp_path / 'ckpt'),
+  report = partial_load.LoadReport()
+  out = partial_load.partial_load(zeros, [(str(tmp_path / 'ckpt'),
                                  [r'^params/(backbone|box_head)/'])], report)
   np.testing.assert_array_equal(
       out['params']['backbone']['C1_conv']['kernel'],
@@ -363,19 +363,19 @@ def test_orbax_round_trip_and_partial_load(setup, tmp_path):
   assert 'left out by init_patterns: ' in report.summary()
   assert 'absent from the checkpoint' not in report.summary()
   with pytest.raises(UserError, match='nothing loaded'):
-    cp.partial_load(zeros, [str(tmp_path / 'ckpt'),
+    partial_load.partial_load(zeros, [str(tmp_path / 'ckpt'),
                             (str(tmp_path / 'ckpt'), ['^params/nothing'])])
   with pytest.raises(UserError, match='no such checkpoint'):
-    cp.load_orbax(str(tmp_path / 'absent'))
+    orbax_io.load_orbax(str(tmp_path / 'absent'))
   os.makedirs(tmp_path / 'empty')
   with pytest.raises(UserError, match='not an Orbax checkpoint'):
-    cp.load_orbax(str(tmp_path / 'empty'))
+    orbax_io.load_orbax(str(tmp_path / 'empty'))
   for directory, _, names in os.walk(tmp_path / 'ckpt'):  # a copy cut short
     for name in names if os.path.basename(directory) == 'd' else ():
       with open(os.path.join(directory, name), 'r+b') as f:
         f.truncate(os.path.getsize(f.name) // 2)
   with pytest.raises(UserError, match=r'ckpt: cannot be read \(.*damaged or incomplete'):
-    cp.load_orbax(str(tmp_path / 'ckpt'))
+    orbax_io.load_orbax(str(tmp_path / 'ckpt'))
 
 
 def test_read_failures_are_told_from_other_errors():
@@ -388,22 +388,22 @@ def test_read_failures_are_told_from_other_errors():
     except Exception as err:  # pylint: disable=broad-except
       return err
   damaged = ValueError('OUT_OF_RANGE: Error reading "params.a/0" in OCDBT database')
-  assert cp.is_read_failure(chained(Exception('Encountered error while reading'), damaged))
-  assert cp.is_read_failure(FileNotFoundError('Metadata file (named _METADATA) does not exist'))
-  assert cp.is_read_failure(json.JSONDecodeError('Expecting value', '', 0))
-  assert not cp.is_read_failure(RuntimeError('RESOURCE_EXHAUSTED: Out of memory'))
-  assert not cp.is_read_failure(chained(Exception('x'), ValueError('UNAVAILABLE: try again')))
-  assert not cp.is_read_failure(ValueError('Dict key mismatch'))
+  assert orbax_io.is_read_failure(chained(Exception('Encountered error while reading'), damaged))
+  assert orbax_io.is_read_failure(FileNotFoundError('Metadata file (named _METADATA) does not exist'))
+  assert orbax_io.is_read_failure(json.JSONDecodeError('Expecting value', '', 0))
+  assert not orbax_io.is_read_failure(RuntimeError('RESOURCE_EXHAUSTED: Out of memory'))
+  assert not orbax_io.is_read_failure(chained(Exception('x'), ValueError('UNAVAILABLE: try again')))
+  assert not orbax_io.is_read_failure(ValueError('Dict key mismatch'))
 
 
 def test_init_from_accepts_a_training_step_directory(tmp_path):
   """<workdir>/checkpoints/<step> holds the tree in default/: init_from may
   name either."""
   tree = {'params': {'a': np.arange(3, dtype=np.float32)}}
-  cp.save_orbax(tree, str(tmp_path / 'step' / 'default'))
+  orbax_io.save_orbax(tree, str(tmp_path / 'step' / 'default'))
   with open(tmp_path / 'step' / '_CHECKPOINT_METADATA', 'w') as f:
     f.write('{}')
-  np.testing.assert_array_equal(cp.load_orbax(str(tmp_path / 'step'))['params']['a'], [0, 1, 2])
+  np.testing.assert_array_equal(orbax_io.load_orbax(str(tmp_path / 'step'))['params']['a'], [0, 1, 2])
 
 
 def test_partial_load_lists_model_leaves_it_did_not_load(setup, tmp_path):
@@ -415,13 +415,13 @@ def test_partial_load_lists_model_leaves_it_did_not_load(setup, tmp_path):
           for c, t in variables.items()}
   ckpt = jax.tree.map(lambda x: x, ckpt)
   ckpt['params']['mask_head']['conv5']['bias'] = np.zeros((5,), np.float32)
-  cp.save_orbax(ckpt, str(tmp_path / 'ckpt'))
+  orbax_io.save_orbax(ckpt, str(tmp_path / 'ckpt'))
   zeros = jax.tree.map(lambda a: jnp.zeros(np.shape(a), jnp.float32),
                        variables)
   glm = sorted('/'.join((c,) + p) for c, t in variables.items()
-               for p in cp._flatten(t.get('glm', {}), ('glm',)))  # pylint: disable=protected-access
-  report = cp.LoadReport()
-  out = cp.partial_load(zeros, [str(tmp_path / 'ckpt')], report)
+               for p in partial_load._flatten(t.get('glm', {}), ('glm',)))  # pylint: disable=protected-access
+  report = partial_load.LoadReport()
+  out = partial_load.partial_load(zeros, [str(tmp_path / 'ckpt')], report)
   assert sorted(report.missing) == glm and len(glm) > 10
   conv5 = np.shape(variables['params']['mask_head']['conv5']['bias'])
   assert report.shape_mismatch == [
@@ -442,9 +442,9 @@ def test_partial_load_lists_model_leaves_it_did_not_load(setup, tmp_path):
   # A later source that holds the leaf with the model's shape wins; each
   # leaf counts once, each source says how many it gave.
   full = str(tmp_path / 'full')
-  cp.save_orbax(variables, full)
-  report = cp.LoadReport()
-  cp.partial_load(zeros, [str(tmp_path / 'ckpt'), full], report, strict=True)
+  orbax_io.save_orbax(variables, full)
+  report = partial_load.LoadReport()
+  partial_load.partial_load(zeros, [str(tmp_path / 'ckpt'), full], report, strict=True)
   assert not report.not_loaded()
   total = len(jax.tree.leaves(variables))
   assert len(report.loaded) == len(set(report.loaded)) == total
@@ -453,7 +453,7 @@ def test_partial_load_lists_model_leaves_it_did_not_load(setup, tmp_path):
                               f'{total - len(glm) - 1}, {full}: {total}; later ones win)')
 
   with pytest.raises(UserError) as err:
-    cp.partial_load(zeros, [str(tmp_path / 'ckpt')], strict=True)
+    partial_load.partial_load(zeros, [str(tmp_path / 'ckpt')], strict=True)
   assert err.value.field == 'init_from'
   assert err.value.path == str(tmp_path / 'ckpt')
   message = str(err.value)
@@ -469,7 +469,7 @@ def test_full_size_conversion_time_and_memory():
                                random=False)
   tracemalloc.start()
   start = time.perf_counter()
-  out = cp.torch_to_flax(sd, 'auto', cfg)
+  out = torch_port.torch_to_flax(sd, 'auto', cfg)
   seconds = time.perf_counter() - start
   _, peak = tracemalloc.get_traced_memory()
   tracemalloc.stop()

@@ -6,7 +6,7 @@ import pytest
 
 from configs import default
 from sln_jax import config_checks
-from sln_jax.cliutil import UserError
+from sln_jax.errors import UserError
 
 CONFIGS = ('default', 'cocoa', 'd2sa', 'kins', 'synthetic', 'tiny')
 

@@ -6,11 +6,10 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
-from input_pipeline import legacy_layers
-from input_pipeline import readers
+from input_pipeline import legacy_layers, readers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, 'tests', 'fixtures', 'annotations')

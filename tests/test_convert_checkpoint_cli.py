@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from configs import tiny
-from sln_jax import checkpoint_port as cp
+from sln_jax.checkpoints import orbax_io, torch_port
 from tests import torch_reference as tr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,9 +45,9 @@ def test_converts_and_activations_match_reference(reference, tmp_path):
              '--activations-output', str(tmp_path / 'a.npz'))
   assert proc.returncode == 0, proc.stderr[-2000:]
 
-  assert cp.is_orbax_dir(str(out))
-  restored = cp.load_orbax(str(out))
-  want_vars = cp.torch_to_flax(ref.state_dict(), 'sln', cfg)
+  assert orbax_io.is_orbax_dir(str(out))
+  restored = orbax_io.load_orbax(str(out))
+  want_vars = torch_port.torch_to_flax(ref.state_dict(), 'sln', cfg)
   jax.tree.map(np.testing.assert_array_equal, restored, want_vars)
 
   want = ref.stages(x * 50)
@@ -110,4 +110,4 @@ def test_refuses_to_replace_a_folder_that_is_not_a_checkpoint(tmp_path):
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and 'did not write' in lines[0] and str(out) in lines[0]
   assert os.listdir(out) == ['notes.txt']
-  assert not cp.is_orbax_dir(str(out))
+  assert not orbax_io.is_orbax_dir(str(out))

@@ -4,7 +4,7 @@ import hypothesis
 import hypothesis.strategies as st
 import numpy as np
 
-from sln_jax import depth_order
+from sln_jax.evaluation import depth_order
 
 
 def test_hand_cases():

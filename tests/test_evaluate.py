@@ -16,15 +16,16 @@ import sys
 import hypothesis
 import hypothesis.strategies as st
 import numpy as np
-import pytest
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+import pytest
 
-from input_pipeline import readers
-from input_pipeline import records
-from sln_jax import evaluate as ev
-from sln_jax.cliutil import UserError, run_cli
+from input_pipeline import readers, records
+from sln_jax.cli import run_cli
+from sln_jax.errors import UserError
+from sln_jax.evaluation import metrics as metrics_lib
+from sln_jax.evaluation import results_check
 
 H, W = 24, 32
 ONE = pytest.approx(1.0)  # COCOeval's precision is tp / (tp + fp + eps)
@@ -64,7 +65,7 @@ A, B = rect(2, 3, 10, 12), rect(12, 14, 22, 30)
 
 # --------------------------------------------------------------- hand cases
 def test_perfect_detection_scores_one_and_schema():
-  m = ev.evaluate([image(1, [inst(A)])], [det(1, A, 0.9)])
+  m = metrics_lib.evaluate([image(1, [inst(A)])], [det(1, A, 0.9)])
   assert set(m) == {'amodal'}
   assert set(m['amodal']) == {'all', 'none', 'partial', 'heavy'}
   for subset in m['amodal'].values():
@@ -79,7 +80,7 @@ def test_perfect_detection_scores_one_and_schema():
 
 def test_miss_halves_recall():
   gt = [image(1, [inst(A), inst(B)])]
-  m = cell(ev.evaluate(gt, [det(1, A, 0.9)]))
+  m = cell(metrics_lib.evaluate(gt, [det(1, A, 0.9)]))
   # Recall 0.5 reached at precision 1: 51 of the 101 recall points.
   assert m['AP'] == pytest.approx(51 / 101)
   assert m['AR1'] == m['AR100'] == 0.5
@@ -87,7 +88,7 @@ def test_miss_halves_recall():
 
 def test_false_positive_above_true_positive():
   gt = [image(1, [inst(A)])]
-  m = cell(ev.evaluate(gt, [det(1, A, 0.8), det(1, B, 0.9)]))
+  m = cell(metrics_lib.evaluate(gt, [det(1, A, 0.8), det(1, B, 0.9)]))
   assert m['AP'] == pytest.approx(0.5)   # precision 1/2 at every recall point
   assert m['AR1'] == 0.0                 # the top-1 detection is the FP
   assert m['AR10'] == m['AR100'] == ONE
@@ -96,8 +97,8 @@ def test_false_positive_above_true_positive():
 def test_image_without_detections_miss_vs_amodalapi_skip():
   gt = [image(1, [inst(A)]), image(2, [inst(B)])]
   results = [det(1, A, 0.9)]
-  coco = cell(ev.evaluate(gt, results, protocol='coco'))
-  api = cell(ev.evaluate(gt, results, protocol='amodalapi'))
+  coco = cell(metrics_lib.evaluate(gt, results, protocol='coco'))
+  api = cell(metrics_lib.evaluate(gt, results, protocol='amodalapi'))
   assert coco['AP'] == pytest.approx(51 / 101) and coco['AR100'] == 0.5
   assert api['AP'] == ONE and api['AR100'] == ONE
 
@@ -105,8 +106,8 @@ def test_image_without_detections_miss_vs_amodalapi_skip():
 def test_detections_on_image_without_gt_fp_vs_amodalapi_skip():
   gt = [image(1, [inst(A)]), image(2, [])]
   results = [det(1, A, 0.5), det(2, B, 0.9)]
-  assert cell(ev.evaluate(gt, results))['AP'] == pytest.approx(0.5)
-  assert cell(ev.evaluate(gt, results, protocol='amodalapi'))['AP'] == ONE
+  assert cell(metrics_lib.evaluate(gt, results))['AP'] == pytest.approx(0.5)
+  assert cell(metrics_lib.evaluate(gt, results, protocol='amodalapi'))['AP'] == ONE
 
 
 def test_detection_on_ignored_gt_is_not_a_false_positive():
@@ -115,21 +116,21 @@ def test_detection_on_ignored_gt_is_not_a_false_positive():
   gt = [image(1, [heavy, clear])]
   # The detection of the (non-heavy) clear object scores highest.
   results = [det(1, B, 0.9), det(1, A, 0.6)]
-  m = ev.evaluate(gt, results)
+  m = metrics_lib.evaluate(gt, results)
   assert cell(m, 'heavy')['AP'] == ONE     # B's detection: ignored, not FP
   assert cell(m, 'none')['AP'] == ONE      # A's detection: ignored, not FP
   assert cell(m, 'partial')['AP'] == -1    # no GT in the subset
   # An unmatched detection is still a FP in the subset.
   fp = det(1, rect(0, 20, 5, 31), 0.95)
-  assert cell(ev.evaluate(gt, results + [fp]), 'heavy')['AP'] == pytest.approx(0.5)
+  assert cell(metrics_lib.evaluate(gt, results + [fp]), 'heavy')['AP'] == pytest.approx(0.5)
 
 
 def test_things_stuff_parts():
   gt = [image(1, [inst(A), inst(B, stuff=True)])]
-  m = ev.evaluate(gt, [det(1, B, 0.9), det(1, A, 0.8)])
+  m = metrics_lib.evaluate(gt, [det(1, B, 0.9), det(1, A, 0.8)])
   assert cell(m, 'all', 'things')['AP'] == ONE
   assert cell(m, 'all', 'stuff')['AP'] == ONE
-  m = ev.evaluate(gt, [det(1, B, 0.9)])
+  m = metrics_lib.evaluate(gt, [det(1, B, 0.9)])
   assert cell(m, 'all', 'things')['AR100'] == 0.0
   assert cell(m, 'all', 'stuff')['AR100'] == ONE
 
@@ -139,7 +140,7 @@ def test_things_stuff_parts():
     (2e-5, {'partial'}), (0.1, {'partial'}), (0.25, {'partial', 'heavy'}),
     (0.3, {'heavy'}), (1.0, {'heavy'})])
 def test_subset_boundaries_are_inclusive(rate, inside):
-  m = ev.evaluate([image(1, [inst(A, rate=rate)])], [det(1, A, 0.9)])
+  m = metrics_lib.evaluate([image(1, [inst(A, rate=rate)])], [det(1, A, 0.9)])
   for subset in ('none', 'partial', 'heavy'):
     assert (cell(m, subset)['AP'] == ONE) == (subset in inside), subset
   assert cell(m, 'all')['AP'] == ONE
@@ -148,13 +149,13 @@ def test_subset_boundaries_are_inclusive(rate, inside):
 def test_visible_branch_uses_visible_masks():
   vis = rect(2, 3, 10, 7)
   gt = [image(1, [inst(A, visible=vis, rate=0.5)])]
-  good = ev.evaluate(gt, [det(1, A, 0.9, visible_mask=records.encode_mask(vis))])
+  good = metrics_lib.evaluate(gt, [det(1, A, 0.9, visible_mask=records.encode_mask(vis))])
   assert cell(good, branch='visible')['AP'] == ONE
-  bad = ev.evaluate(gt, [det(1, A, 0.9, visible_mask=records.encode_mask(A))])
+  bad = metrics_lib.evaluate(gt, [det(1, A, 0.9, visible_mask=records.encode_mask(A))])
   assert cell(bad, branch='amodal')['AP'] == ONE
   assert cell(bad, branch='visible')['AP50'] == 0.0   # IoU 32/72 < 0.5
   # amodal_mask takes precedence over segmentation for the amodal branch.
-  m = ev.evaluate(gt, [dict(det(1, B, 0.9), amodal_mask=records.encode_mask(A))])
+  m = metrics_lib.evaluate(gt, [dict(det(1, B, 0.9), amodal_mask=records.encode_mask(A))])
   assert cell(m)['AP'] == ONE
 
 
@@ -163,11 +164,11 @@ def test_single_cell_applies_its_ignore_rule():
   heavy = inst(A, visible=rect(2, 3, 10, 6), rate=0.6)
   gt = [image(1, [heavy, inst(B, rate=0.0, stuff=True)])]
   results = [det(1, A, 0.6)]
-  full = ev.evaluate(gt, results)
+  full = metrics_lib.evaluate(gt, results)
   assert cell(full, 'heavy')['AP'] == ONE and cell(full, 'all', 'things')['AP'] == ONE
-  for subset in ev.SUBSETS:
-    for part in ev.PARTS:
-      one = ev.evaluate(gt, results, subsets=(subset,), parts=(part,))
+  for subset in metrics_lib.SUBSETS:
+    for part in metrics_lib.PARTS:
+      one = metrics_lib.evaluate(gt, results, subsets=(subset,), parts=(part,))
       assert cell(one, subset, part) == cell(full, subset, part), (subset, part)
 
 
@@ -177,7 +178,7 @@ def test_category_aware_cell_averages_only_categories_with_gt():
   heavy = inst(A, visible=rect(2, 3, 10, 6), rate=0.6, cat=1)
   gt = [image(1, [heavy, inst(B, rate=0.0, cat=2)])]
   results = [det(1, A, 0.9, category_id=1), det(1, B, 0.8, category_id=2)]
-  m = ev.evaluate(gt, results, category_agnostic=False)
+  m = metrics_lib.evaluate(gt, results, category_agnostic=False)
   for subset in ('all', 'none', 'heavy'):
     assert all(v == ONE for v in cell(m, subset).values()), subset
   assert all(v == -1 for v in cell(m, 'partial').values())
@@ -185,8 +186,8 @@ def test_category_aware_cell_averages_only_categories_with_gt():
 
 def test_max_dets_order_does_not_matter():
   gt = [image(1, [inst(A)])]
-  m = cell(ev.evaluate(gt, [det(1, A, 0.8), det(1, B, 0.9)], max_dets=(10, 1)))
-  assert list(m) == ev.metric_names((10, 1)) == ['AP', 'AP50', 'AP75', 'AR1', 'AR10']
+  m = cell(metrics_lib.evaluate(gt, [det(1, A, 0.8), det(1, B, 0.9)], max_dets=(10, 1)))
+  assert list(m) == metrics_lib.metric_names((10, 1)) == ['AP', 'AP50', 'AP75', 'AR1', 'AR10']
   assert m['AR1'] == 0.0 and m['AR10'] == ONE   # the top-1 detection is the FP
   assert m['AP'] == pytest.approx(0.5)
 
@@ -267,8 +268,8 @@ def _cocoeval_stats(gt, results, gt_key, dt_key, use_cats, img_ids=None):
 def test_matches_cocoeval_on_random_cases(seed):
   gt, results = _random_case(np.random.default_rng(seed))
   # Other cells first: the IoUs are reused and the flags reset between cells.
-  m = ev.evaluate(gt, results, subsets=('heavy', 'all'), parts=('things', 'both'))
-  names = ev.metric_names()
+  m = metrics_lib.evaluate(gt, results, subsets=('heavy', 'all'), parts=('things', 'both'))
+  names = metrics_lib.metric_names()
   want, _ = _cocoeval_stats(gt, results, 'amodal_rle', 'segmentation', False)
   assert [m['amodal']['all']['both'][n] for n in names] == same(want)
   assert 0 < want[0] < 1   # a non-trivial case
@@ -278,7 +279,7 @@ def test_matches_cocoeval_on_random_cases(seed):
   both = sorted({a.image_id for a in gt if a.instances} &
                 {r['image_id'] for r in results})
   assert len(both) < len(gt)
-  m = ev.evaluate(gt, results, protocol='amodalapi', subsets=('all',),
+  m = metrics_lib.evaluate(gt, results, protocol='amodalapi', subsets=('all',),
                   parts=('both',))
   want, _ = _cocoeval_stats(gt, results, 'amodal_rle', 'segmentation', False,
                             img_ids=both)
@@ -287,11 +288,11 @@ def test_matches_cocoeval_on_random_cases(seed):
 
 def test_category_aware_and_per_class_match_cocoeval():
   gt, results = _random_case(np.random.default_rng(7), n_images=8)
-  m = ev.evaluate(gt, results, category_agnostic=False, subsets=('all',),
+  m = metrics_lib.evaluate(gt, results, category_agnostic=False, subsets=('all',),
                   parts=('both',))
   want, e = _cocoeval_stats(gt, results, 'amodal_rle', 'segmentation', True)
-  assert [m['amodal']['all']['both'][n] for n in ev.metric_names()] == same(want)
-  per_class = ev.per_class_ap(gt, results)
+  assert [m['amodal']['all']['both'][n] for n in metrics_lib.metric_names()] == same(want)
+  per_class = metrics_lib.per_class_ap(gt, results)
   gt_cats = sorted({i.category_id for a in gt for i in a.instances})
   assert sorted(per_class) == gt_cats
   for k, c in enumerate(e.params.catIds):
@@ -306,16 +307,16 @@ def test_category_agnostic_erases_gt_categories():
   g1, g2 = rect(0, 0, 10, 10), rect(0, 4, 10, 14)
   gt = [image(1, [inst(g1, cat=2), inst(g2, cat=1)])]
   results = [det(1, rect(0, 2, 10, 12), 0.9), det(1, g1, 0.8)]
-  m = ev.evaluate(gt, results, subsets=('all',), parts=('both',))
+  m = metrics_lib.evaluate(gt, results, subsets=('all',), parts=('both',))
   want, _ = _cocoeval_stats(gt, results, 'amodal_rle', 'segmentation', False)
-  assert [cell(m)[n] for n in ev.metric_names()] == same(want)
+  assert [cell(m)[n] for n in metrics_lib.metric_names()] == same(want)
 
 
 def test_per_class_ap_amodalapi_skips_images_without_detections():
   gt = [image(1, [inst(A)]), image(2, [inst(B)])]
   results = [det(1, A, 0.9)]
-  assert ev.per_class_ap(gt, results) == {1: pytest.approx(51 / 101)}
-  assert ev.per_class_ap(gt, results, protocol='amodalapi') == {1: ONE}
+  assert metrics_lib.per_class_ap(gt, results) == {1: pytest.approx(51 / 101)}
+  assert metrics_lib.per_class_ap(gt, results, protocol='amodalapi') == {1: ONE}
 
 
 # --------------------------------------------------------------- depth order
@@ -325,12 +326,12 @@ def test_amodalapi_skips_per_category_when_categories_are_used():
   miss; image 2 (category 2 GT and detection) is scored by both."""
   gt = [image(1, [inst(A, cat=1), inst(B, cat=2)]), image(2, [inst(B, cat=2)])]
   results = [det(1, A, 0.9, category_id=1), det(2, B, 0.8, category_id=2)]
-  assert ev.per_class_ap(gt, results) == {1: ONE, 2: pytest.approx(51 / 101)}
-  assert ev.per_class_ap(gt, results, protocol='amodalapi') == {1: ONE, 2: ONE}
-  m = ev.evaluate(gt, results, protocol='amodalapi', category_agnostic=False,
+  assert metrics_lib.per_class_ap(gt, results) == {1: ONE, 2: pytest.approx(51 / 101)}
+  assert metrics_lib.per_class_ap(gt, results, protocol='amodalapi') == {1: ONE, 2: ONE}
+  m = metrics_lib.evaluate(gt, results, protocol='amodalapi', category_agnostic=False,
                   subsets=('all',), parts=('both',))
   assert cell(m)['AP'] == ONE
-  m = ev.evaluate(gt, results, category_agnostic=False, subsets=('all',), parts=('both',))
+  m = metrics_lib.evaluate(gt, results, category_agnostic=False, subsets=('all',), parts=('both',))
   assert cell(m)['AP'] == pytest.approx((1 + 51 / 101) / 2)
 
 
@@ -341,26 +342,26 @@ def test_depth_order_accuracy():
                   inst(far, rank=2)])]
   right = [det(1, front, 0.9, depth_layer=0), det(1, back, 0.8, depth_layer=1),
            det(1, far, 0.7, depth_layer=0)]
-  r = ev.depth_order_accuracy(gt, right)
+  r = metrics_lib.depth_order_accuracy(gt, right)
   assert r == {'accuracy': 1.0, 'correct': 1, 'wrong': 0, 'undecided': 0, 'pairs': 1}
-  assert ev.format_depth_order(r) == ('depth order: 1/1 pairs of matched, overlapping objects '
+  assert metrics_lib.format_depth_order(r) == ('depth order: 1/1 pairs of matched, overlapping objects '
                                       'ordered right, 0 wrong, 0 undecided (accuracy 1.000)')
   wrong = [dict(d, depth_layer=1 - d['depth_layer']) for d in right]
-  assert ev.depth_order_accuracy(gt, wrong) == {'accuracy': 0.0, 'correct': 0, 'wrong': 1,
+  assert metrics_lib.depth_order_accuracy(gt, wrong) == {'accuracy': 0.0, 'correct': 0, 'wrong': 1,
                                                 'undecided': 0, 'pairs': 1}
   tie = [dict(d, depth_layer=0) for d in right]
-  assert ev.depth_order_accuracy(gt, tie) == {'accuracy': 0.0, 'correct': 0, 'wrong': 0,
+  assert metrics_lib.depth_order_accuracy(gt, tie) == {'accuracy': 0.0, 'correct': 0, 'wrong': 0,
                                               'undecided': 1, 'pairs': 1}
   # Below the score threshold: no matched pair.
   low = [dict(d, score=0.3) for d in right]
-  assert ev.depth_order_accuracy(gt, low)['pairs'] == 0
-  assert ev.depth_order_accuracy(gt, low)['accuracy'] == -1
-  assert ev.format_depth_order(ev.depth_order_accuracy(gt, low)) == (
+  assert metrics_lib.depth_order_accuracy(gt, low)['pairs'] == 0
+  assert metrics_lib.depth_order_accuracy(gt, low)['accuracy'] == -1
+  assert metrics_lib.format_depth_order(metrics_lib.depth_order_accuracy(gt, low)) == (
       'depth order: no matched pair of overlapping objects to score')
   # A per-pair order (results order of the image) overrides depth_layer.
   pw = np.array([[0, 1, 0], [-1, 0, 0], [0, 0, 0]])
-  assert ev.depth_order_accuracy(gt, wrong, pairwise={1: pw})['accuracy'] == ONE
-  assert ev.depth_order_accuracy(gt, right, pairwise={1: -pw})['accuracy'] == 0.0
+  assert metrics_lib.depth_order_accuracy(gt, wrong, pairwise={1: pw})['accuracy'] == ONE
+  assert metrics_lib.depth_order_accuracy(gt, right, pairwise={1: -pw})['accuracy'] == 0.0
 
 
 def test_depth_order_thresholds_are_inclusive():
@@ -369,9 +370,9 @@ def test_depth_order_thresholds_are_inclusive():
   gt = [image(1, [inst(front, rank=0), inst(back, visible=back & ~front, rank=1)])]
   half = rect(2, 2, 12, 8)   # IoU 60/120 = 0.5 with front, 0 with back
   results = [det(1, half, 0.5, depth_layer=0), det(1, back, 0.9, depth_layer=1)]
-  assert ev.depth_order_accuracy(gt, results)['correct'] == 1
-  assert ev.depth_order_accuracy(gt, results, score_threshold=0.51)['pairs'] == 0
-  assert ev.depth_order_accuracy(gt, results, iou_threshold=0.51)['pairs'] == 0
+  assert metrics_lib.depth_order_accuracy(gt, results)['correct'] == 1
+  assert metrics_lib.depth_order_accuracy(gt, results, score_threshold=0.51)['pairs'] == 0
+  assert metrics_lib.depth_order_accuracy(gt, results, iou_threshold=0.51)['pairs'] == 0
 
 
 def test_depth_order_matching_is_greedy_by_score_and_best_iou():
@@ -379,15 +380,15 @@ def test_depth_order_matching_is_greedy_by_score_and_best_iou():
   gt = [image(1, [inst(left, rank=0), inst(right, visible=right & ~left, rank=1)])]
   # Each detection takes the GT it overlaps best, not any one >= 0.5.
   results = [det(1, left, 0.9, depth_layer=0), det(1, right, 0.8, depth_layer=1)]
-  assert ev.depth_order_accuracy(gt, results)['correct'] == 1
+  assert metrics_lib.depth_order_accuracy(gt, results)['correct'] == 1
   # The higher-scored of two detections of `right` takes it, whatever the
   # results order.
   results.insert(0, det(1, right, 0.6, depth_layer=0))
-  assert ev.depth_order_accuracy(gt, results) == {
+  assert metrics_lib.depth_order_accuracy(gt, results) == {
       'accuracy': 1.0, 'correct': 1, 'wrong': 0, 'undecided': 0, 'pairs': 1}
   # Overlapping GT of equal depth rank is not a pair.
   tied = [image(1, [inst(left, rank=0), inst(right, rank=0)])]
-  assert ev.depth_order_accuracy(tied, results)['pairs'] == 0
+  assert metrics_lib.depth_order_accuracy(tied, results)['pairs'] == 0
 
 
 def test_depth_order_pairwise_indexes_each_images_own_detections():
@@ -397,8 +398,8 @@ def test_depth_order_pairwise_indexes_each_images_own_detections():
   results = [det(1, A, 0.9), det(2, back, 0.8), det(2, front, 0.9)]
   # Image 2's detections in results order: [back, front].
   pw = {1: np.zeros((1, 1)), 2: np.array([[0, -1], [1, 0]])}
-  assert ev.depth_order_accuracy(gt, results, pairwise=pw)['correct'] == 1
-  assert ev.depth_order_accuracy(gt, results, pairwise={1: pw[1], 2: -pw[2]}
+  assert metrics_lib.depth_order_accuracy(gt, results, pairwise=pw)['correct'] == 1
+  assert metrics_lib.depth_order_accuracy(gt, results, pairwise={1: pw[1], 2: -pw[2]}
                                  )['wrong'] == 1
 
 
@@ -415,7 +416,7 @@ def test_depth_order_pairwise_indexes_each_images_own_detections():
 ])
 def test_bad_results_raise_user_error(results, field):
   with pytest.raises(UserError) as err:
-    ev.evaluate([image(1, [inst(A)])], results, results_path='dt.json')
+    metrics_lib.evaluate([image(1, [inst(A)])], results, results_path='dt.json')
   assert err.value.path == 'dt.json' and err.value.field == field
 
 
@@ -427,12 +428,12 @@ def test_rle_counts_decodes_pycocotools_strings():
     if t % 4 == 0:
       m = np.ones((h, w), bool)
     counts = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))['counts']
-    runs = ev.rle_counts(counts)
+    runs = results_check.rle_counts(counts)
     flat = np.repeat(np.arange(len(runs)) % 2 == 1, runs)   # column-major
     np.testing.assert_array_equal(flat.reshape(w, h).T, m)
   for bad in ('0\x7f', 'a'):      # out of alphabet; truncated group
     with pytest.raises(ValueError):
-      ev.rle_counts(bad)
+      results_check.rle_counts(bad)
 
 
 def _counts_or_none(counts):
@@ -467,15 +468,15 @@ def test_rle_totals_agree_with_a_loop_decoder_string_by_string(items):
       strings.append(mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))['counts'])
     else:
       strings.append(item)
-  total, nonneg = ev.rle_totals(strings)
+  total, nonneg = results_check.rle_totals(strings)
   for s, t, ok in zip(strings, total.tolist(), nonneg.tolist()):
     want = _counts_or_none(s)
     assert (None if t == -1 else (t, ok)) == want, s
     if want is None:
       with pytest.raises((ValueError, UnicodeEncodeError)):
-        ev.rle_counts(s)
+        results_check.rle_counts(s)
     else:
-      runs = ev.rle_counts(s)
+      runs = results_check.rle_counts(s)
       assert (int(runs.sum()), bool((runs >= 0).all())) == want
 
 
@@ -484,30 +485,30 @@ def test_rle_totals_of_masks_cover_their_images():
   sizes = [(int(h), int(w)) for h, w in rng.integers(1, 50, (30, 2))]
   strings = [mask_utils.encode(np.asfortranarray(
       (rng.random(hw) < 0.5).astype(np.uint8)))['counts'] for hw in sizes]
-  total, nonneg = ev.rle_totals(strings)
+  total, nonneg = results_check.rle_totals(strings)
   assert total.tolist() == [h * w for h, w in sizes] and nonneg.all()
-  assert ev.rle_totals([])[0].shape == (0,)
+  assert results_check.rle_totals([])[0].shape == (0,)
 
 
 def test_string_rle_totals_do_not_depend_on_the_chunks():
   _, results = _random_case(np.random.default_rng(6))
   results[1] = dict(results[1], segmentation={'size': [H, W], 'counts': 'a'})  # truncated
-  whole = ev._string_rle_totals(results, chunk_chars=1 << 30)
+  whole = results_check._string_rle_totals(results, chunk_chars=1 << 30)
   assert len(whole) == 2 * len(results) and whole[1, 'segmentation'][0] == -1
   assert all(t == H * W and ok for key, (t, ok) in whole.items() if key[0] != 1)
   for chunk in (1, 7, 100):
-    assert ev._string_rle_totals(results, chunk_chars=chunk) == whole
+    assert results_check._string_rle_totals(results, chunk_chars=chunk) == whole
 
 
 def test_checked_results_are_scored_without_a_second_check():
   gt, results = _random_case(np.random.default_rng(4))
-  checked = ev.check_results(results, gt)
-  assert ev.evaluate(gt, checked) == ev.evaluate(gt, results)
-  assert ev.depth_order_accuracy(gt, checked) == ev.depth_order_accuracy(gt, results)
-  assert ev.check_results(checked, gt) is not None
+  checked = results_check.check_results(results, gt)
+  assert metrics_lib.evaluate(gt, checked) == metrics_lib.evaluate(gt, results)
+  assert metrics_lib.depth_order_accuracy(gt, checked) == metrics_lib.depth_order_accuracy(gt, results)
+  assert results_check.check_results(checked, gt) is not None
   # Against other images: only those that hold every detection's image.
   with pytest.raises(UserError) as err:
-    ev.evaluate(gt[:2], checked, results_path='dt.json')
+    metrics_lib.evaluate(gt[:2], checked, results_path='dt.json')
   assert err.value.path == 'dt.json' and err.value.field.endswith('.image_id')
 
 
@@ -515,11 +516,11 @@ def test_check_counts_false_skips_only_the_run_check():
   short = dict(records.encode_mask(A), counts=records.encode_mask(A[:, :-1])['counts'])
   results = [{'image_id': 1, 'score': 0.5, 'segmentation': short}]
   with pytest.raises(UserError, match='do not cover'):
-    ev.check_results(results, [image(1, [inst(A)])])
-  (d,) = ev.check_results(results, [image(1, [inst(A)])], check_counts=False)
+    results_check.check_results(results, [image(1, [inst(A)])])
+  (d,) = results_check.check_results(results, [image(1, [inst(A)])], check_counts=False)
   assert d['amodal'] == {'size': [H, W], 'counts': short['counts']}
   with pytest.raises(UserError, match='image id 2'):   # the structure is still checked
-    ev.check_results([dict(results[0], image_id=2)], [image(1, [inst(A)])],
+    results_check.check_results([dict(results[0], image_id=2)], [image(1, [inst(A)])],
                      check_counts=False)
 
 
@@ -540,9 +541,9 @@ def test_matches_cocoeval_past_max_dets_and_with_tied_scores():
                                         x1 + int(rng.integers(4, 8))),
                          float(rng.integers(1, 6)) / 5))
     gt.append(image(image_id, instances))
-  m = ev.evaluate(gt, results, subsets=('all',), parts=('both',))
+  m = metrics_lib.evaluate(gt, results, subsets=('all',), parts=('both',))
   want, _ = _cocoeval_stats(gt, results, 'amodal_rle', 'segmentation', False)
-  assert [cell(m)[n] for n in ev.metric_names()] == same(want)
+  assert [cell(m)[n] for n in metrics_lib.metric_names()] == same(want)
   assert 0 < want[0] < 1 and want[3] < want[5]
 
 
@@ -550,7 +551,7 @@ def test_matches_cocoeval_past_max_dets_and_with_tied_scores():
 def test_malformed_rle_is_a_user_error(counts):
   bad = {'size': [H, W], 'counts': counts}
   with pytest.raises(UserError) as err:
-    ev.evaluate([image(1, [inst(A)])],
+    metrics_lib.evaluate([image(1, [inst(A)])],
                 [{'image_id': 1, 'score': 0.5, 'segmentation': bad}])
   assert err.value.field == '[0].segmentation'
 
@@ -559,14 +560,14 @@ def test_malformed_rle_is_a_user_error(counts):
 def test_malformed_rle_size_is_a_user_error(size):
   good = records.encode_mask(A)
   with pytest.raises(UserError, match=r'\[height, width\] integers') as err:
-    ev.evaluate([image(1, [inst(A)])], [{'image_id': 1, 'score': 0.5,
+    metrics_lib.evaluate([image(1, [inst(A)])], [{'image_id': 1, 'score': 0.5,
                                          'segmentation': dict(good, size=size)}])
   assert err.value.field == '[0].segmentation.size'
 
 
 def test_format_table():
-  m = ev.evaluate([image(1, [inst(A), inst(B)])], [det(1, A, 0.9)])
-  text = ev.format_table(m)
+  m = metrics_lib.evaluate([image(1, [inst(A), inst(B)])], [det(1, A, 0.9)])
+  text = metrics_lib.format_table(m)
   lines = text.splitlines()
   assert lines[0].startswith('amodal')
   assert lines[1].split() == ['subset', 'part', 'AP', 'AP50', 'AP75', 'AR1',

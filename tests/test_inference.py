@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from configs import default
-from sln_jax import inference
-from sln_jax.cliutil import UserError
+from sln_jax.errors import UserError
+from sln_jax.evaluation import loops
 from tests import train_standin as ts
 
 
@@ -29,13 +29,13 @@ def test_finish_in_order_finishes_each_item_after_lookahead_later_launches():
       for i in range(4):
         log.append(('launch', i))
         yield (i,)
-    inference.finish_in_order(launch(), lambda i: log.append(('finish', i)), lookahead)
+    loops.finish_in_order(launch(), lambda i: log.append(('finish', i)), lookahead)
     assert [i for kind, i in log if kind == 'finish'] == [0, 1, 2, 3]
     for i in range(4):
       finished_at = log.index(('finish', i))
       launched = {j for kind, j in log[:finished_at] if kind == 'launch'}
       assert launched == set(range(min(4, i + lookahead + 1))), (lookahead, log)
-  inference.finish_in_order(iter([]), lambda *_: pytest.fail('nothing to finish'), 1)
+  loops.finish_in_order(iter([]), lambda *_: pytest.fail('nothing to finish'), 1)
 
 
 @pytest.mark.parametrize('lookahead,workers', [(0, 0), (1, 2)])
@@ -45,18 +45,18 @@ def test_evaluate_scores_in_original_pixels(tmp_path, monkeypatch, lookahead, wo
   Lookahead 1 (accelerators: dispatch the next batch before reading this
   one) with two host worker processes gives the same results as 0 with
   none (the CPU defaults)."""
-  assert inference.dispatch_lookahead() == 0  # the tests run on the CPU
-  monkeypatch.setattr(inference, 'dispatch_lookahead', lambda: lookahead)
+  assert loops.dispatch_lookahead() == 0  # the tests run on the CPU
+  monkeypatch.setattr(loops, 'dispatch_lookahead', lambda: lookahead)
   model, v = ts.init_variables()
   c = _config()
-  assert inference.num_host_workers(c) == 0   # -1 on a CPU backend
+  assert loops.num_host_workers(c) == 0   # -1 on a CPU backend
   c.eval.host_workers = workers
   # Image 4 is annotated but not in the evaluated split (e.g. 'val[:3]'): it
   # must not count as missed.
   gt = [ts.annotation(i, 32, 24, (0, 0, 16, 12)) for i in (1, 2, 3, 4)]
   batches = [ts.eval_batch([1, 2], [True, True]), ts.eval_batch([3, -1], [True, False])]
   writer = ts.RecordingWriter()
-  metrics = inference.evaluate(c, str(tmp_path), model, v, batches, gt, step=7, writer=writer)
+  metrics = loops.evaluate(c, str(tmp_path), model, v, batches, gt, step=7, writer=writer)
   with open(tmp_path / 'metrics.json') as f:
     assert json.load(f) == metrics
   with open(tmp_path / 'depth_order.json') as f:
@@ -74,7 +74,7 @@ def test_evaluate_scores_in_original_pixels(tmp_path, monkeypatch, lookahead, wo
   assert writer.scalars[7]['eval/amodal_AP'] == pytest.approx(1.0)
   if workers:   # the same file as the host computes it in this process
     c.eval.host_workers = 0
-    inference.evaluate(c, str(tmp_path / 'inline'), model, v, batches, gt)
+    loops.evaluate(c, str(tmp_path / 'inline'), model, v, batches, gt)
     with open(tmp_path / 'inline' / 'results.json') as f:
       assert json.load(f) == results
   # eval.max_images scores only the first images and reads no batch past them.
@@ -85,7 +85,7 @@ def test_evaluate_scores_in_original_pixels(tmp_path, monkeypatch, lookahead, wo
     for b in batches:
       read.append(b['image_id'].tolist())
       yield b
-  inference.evaluate(c, str(tmp_path), model, v, reading(), gt)
+  loops.evaluate(c, str(tmp_path), model, v, reading(), gt)
   with open(tmp_path / 'results.json') as f:
     assert sorted({r['image_id'] for r in json.load(f)}) == [1, 2]
   assert read == [[[1, 2]]]
@@ -95,7 +95,7 @@ def test_evaluate_scores_in_original_pixels(tmp_path, monkeypatch, lookahead, wo
 def test_predict_writes_json_and_png_and_skips_bad_files(tmp_path, capsys, monkeypatch,
                                                          lookahead, workers):
   from PIL import Image  # pylint: disable=import-outside-toplevel
-  monkeypatch.setattr(inference, 'dispatch_lookahead', lambda: lookahead)
+  monkeypatch.setattr(loops, 'dispatch_lookahead', lambda: lookahead)
   model, v = ts.init_variables()
   src = tmp_path / 'in'
   src.mkdir()
@@ -118,7 +118,7 @@ def test_predict_writes_json_and_png_and_skips_bad_files(tmp_path, capsys, monke
   c.predict.input_dir = str(src)
   c.predict.output_dir = str(tmp_path / 'out')
   c.predict.score_threshold = 0.0
-  assert inference.predict(c, model, v, preprocess) == 2
+  assert loops.predict(c, model, v, preprocess) == 2
   captured = capsys.readouterr()
   out = captured.out + captured.err
   assert 'notes.txt: not an image' in out and 'broken.png: unreadable image' in out
@@ -131,7 +131,7 @@ def test_predict_writes_json_and_png_and_skips_bad_files(tmp_path, capsys, monke
   assert Image.open(tmp_path / 'out' / 'b.png').size == (16, 16)
   c.predict.max_images = 1
   c.predict.output_dir = str(tmp_path / 'out1')
-  assert inference.predict(c, model, v, preprocess) == 1
+  assert loops.predict(c, model, v, preprocess) == 1
   assert sorted(os.listdir(tmp_path / 'out1')) == [
       'COCO_val2014_000000000042.json', 'COCO_val2014_000000000042.png']
   # Two processes split the sorted files (42.png, b.jpg, broken.png, notes.txt):
@@ -140,16 +140,16 @@ def test_predict_writes_json_and_png_and_skips_bad_files(tmp_path, capsys, monke
   c.predict.output_dir = str(tmp_path / 'out2')
   monkeypatch.setattr(jax, 'process_count', lambda: 2)
   monkeypatch.setattr(jax, 'process_index', lambda: 1)
-  assert inference.predict(c, model, v, preprocess) == 1
+  assert loops.predict(c, model, v, preprocess) == 1
   assert sorted(os.listdir(tmp_path / 'out2')) == ['b.json', 'b.png']
   assert 'process 1 of 2' in capsys.readouterr().out
   monkeypatch.undo()
   c.predict.input_dir = str(tmp_path / 'missing')
   with pytest.raises(UserError, match='predict.input_dir'):
-    inference.predict(c, model, v, preprocess)
+    loops.predict(c, model, v, preprocess)
   # b.jpg and b.png would write the same b.json / b.png: refused up front.
   Image.fromarray(np.full((16, 16, 3), 9, np.uint8)).save(src / 'b.png')
   c.predict.input_dir, c.predict.output_dir = str(src), str(tmp_path / 'out3')
   with pytest.raises(UserError, match=r'predict.input_dir: b.jpg and b.png would both write'):
-    inference.predict(c, model, v, preprocess)
+    loops.predict(c, model, v, preprocess)
   assert not (tmp_path / 'out3').exists()

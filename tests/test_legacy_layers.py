@@ -7,8 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from input_pipeline import legacy_layers
-from input_pipeline import records
+from input_pipeline import legacy_layers, records
 from input_pipeline.records import AnnotationError
 
 U = np.uint64

@@ -166,19 +166,19 @@ def test_a_workdir_that_cannot_be_made_is_refused_before_any_work(tmp_path):
 def test_train_and_evaluate_keeps_each_splits_batch_size(tmp_path):
   """Regression: the train iterator of train_and_evaluate used the eval
   batch size (a closure read a variable the eval branch reassigned). Runs in
-  a subprocess: main.py defines absl flags that other test modules define too."""
+  a subprocess with its own jax and tf.data set-up."""
   code = f"""
 import sys
 sys.path.insert(0, {ROOT!r})
-import main
 from configs import tiny
+from input_pipeline import sources
 config = tiny.get_config()
 d = config.dataset
 d.name, d.manual_dir, d.data_dir = 'synthetic', {str(tmp_path / 'raw')!r}, {str(tmp_path / 'tfds')!r}
 d.synthetic.image_size, d.synthetic.num_train, d.synthetic.num_val = 64, 4, 4
 config.train.batch_size, config.eval.batch_size = 2, 3
 for mode in ('train_and_evaluate', 'train', 'evaluate'):
-  data = main._data_sources(config, mode)
+  data = sources.build(config, mode)
   if mode != 'evaluate':
     assert next(iter(data.train_batches()))['image'].shape[:2] == (1, 2), mode
   if mode != 'train':

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from sln_jax.models import deeplab
-from tests.random_params import random_params, to_torch as _t
+from tests.random_params import random_params
+from tests.random_params import to_torch as _t
 
 
 def _fill(shapes, seed=0):

@@ -1,7 +1,7 @@
 """Box head and layered mask head: shapes, dtypes, numerics against torch."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 import numpy as np
 import pytest
 import torch
@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from sln_jax.models import heads
 from sln_jax.models.norm import NormSpec
-from tests.random_params import random_params, to_torch as _t
+from tests.random_params import random_params
+from tests.random_params import to_torch as _t
 
 
 def _fill(shapes, seed=0):

@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from sln_jax import checkpoint_port as cp
-from sln_jax import inference, modes
-from sln_jax.cliutil import UserError
+from input_pipeline import sources
+from sln_jax import modes
+from sln_jax.checkpoints import orbax_io
+from sln_jax.errors import UserError
+from sln_jax.evaluation import loops
 from sln_jax.models import sln
 
 
@@ -35,7 +37,7 @@ def _config(init_from='', glm=True, num_layers=1):
 def fixture_ones_checkpoint(tmp_path_factory):
   """A checkpoint of configs/tiny.py's model, every leaf 1."""
   directory = str(tmp_path_factory.mktemp('ckpt') / 'tiny')
-  cp.save_orbax(_variables(_config(), 1.0), directory)
+  orbax_io.save_orbax(_variables(_config(), 1.0), directory)
   return directory
 
 
@@ -59,14 +61,14 @@ def fixture_recorded(monkeypatch):
     on_start()
     return type('State', (), dict(step=0, **variables))
 
-  monkeypatch.setattr(inference, 'evaluate', evaluate)
-  monkeypatch.setattr(inference, 'predict', predict)
+  monkeypatch.setattr(loops, 'evaluate', evaluate)
+  monkeypatch.setattr(loops, 'predict', predict)
   monkeypatch.setattr(modes, 'train', train)
   return seen
 
 
 def _run(config, workdir, mode):
-  data = modes.DataSources(eval_batches=lambda: [], eval_annotations=lambda: [])
+  data = sources.DataSources(eval_batches=lambda: [], eval_annotations=lambda: [])
   return modes.run(config, str(workdir), mode, None, data, model='model',
                    variables=_variables(config))
 
@@ -90,7 +92,7 @@ def test_evaluate_refuses_a_checkpoint_of_another_model(model, expected, recorde
   weights; one error names init_from and the first leaves, before the
   workdir is made."""
   other = str(tmp_path / 'other')
-  cp.save_orbax(_variables(_config(**model), 1.0), other)
+  orbax_io.save_orbax(_variables(_config(**model), 1.0), other)
   with pytest.raises(UserError) as err:
     _run(_config(other), tmp_path / 'work', 'evaluate')
   assert err.value.field == 'init_from' and err.value.path == other
@@ -103,8 +105,8 @@ def test_train_loads_what_fits_and_lists_the_rest(tmp_path, recorded, capsys):
   """Fine-tuning from a checkpoint without the GLM: it loads, the GLM keeps
   its initialisation, one line counts the rest and names the first."""
   no_glm = str(tmp_path / 'no_glm')
-  cp.save_orbax(_variables(_config(glm=False), 1.0), no_glm)
-  modes.run(_config(no_glm), str(tmp_path / 'work'), 'train', None, modes.DataSources(),
+  orbax_io.save_orbax(_variables(_config(glm=False), 1.0), no_glm)
+  modes.run(_config(no_glm), str(tmp_path / 'work'), 'train', None, sources.DataSources(),
             model='model', variables=_variables(_config()))
   got = recorded['train']
   assert np.all(np.asarray(got['params']['backbone']['C1_conv']['kernel']) == 1)

@@ -9,8 +9,10 @@ import tensorflow as tf  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
 from configs import tiny  # noqa: E402
-from input_pipeline import pipeline  # noqa: E402
-from input_pipeline import tfds_builders  # noqa: E402
+from input_pipeline import (
+  pipeline,  # noqa: E402
+  tfds_builders,  # noqa: E402
+)
 from sln_jax import semdist  # noqa: E402
 
 
@@ -582,7 +584,7 @@ def test_synthetic_params_mismatch_is_refused(synthetic_config):
   c.dataset.manual_dir = synthetic_config.dataset.manual_dir
   c.dataset.synthetic.image_size = 64
   c.dataset.synthetic.num_train = NUM_TRAIN + 1
-  with pytest.raises(tfds_builders.cliutil.UserError, match='sln_synthetic'):
+  with pytest.raises(tfds_builders.errors.UserError, match='sln_synthetic'):
     tfds_builders.build_dataset(c)
 
 
@@ -595,6 +597,6 @@ def test_truncation_is_counted(synthetic_config):
 
 
 def test_unknown_split_is_a_user_error(synthetic_config):
-  with pytest.raises(tfds_builders.cliutil.UserError, match='available: train, val'):
+  with pytest.raises(tfds_builders.errors.UserError, match='available: train, val'):
     pipeline.create_split(synthetic_config, 'test', train=False,
                           num_local_devices=1, per_device_batch=1)

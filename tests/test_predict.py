@@ -4,19 +4,20 @@ import json
 import hypothesis
 import hypothesis.strategies as st
 import numpy as np
-import pytest
-import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
+import pytest
+import torch
 
 from input_pipeline import records
-from sln_jax import evaluate as ev
-from sln_jax import predict
+from sln_jax.evaluation import metrics as metrics_lib
+from sln_jax.evaluation import render
+from sln_jax.evaluation import results as results_lib
 
 
 def test_integer_box_rounds_half_up_and_clips():
-  assert predict.integer_box((0.4, 0.6, 3.5, 4.49), 10, 10) == (0, 1, 4, 4)
-  assert predict.integer_box((-3.0, 2.5, 12.2, 9.5), 10, 8) == (0, 3, 10, 8)
+  assert results_lib.integer_box((0.4, 0.6, 3.5, 4.49), 10, 10) == (0, 1, 4, 4)
+  assert results_lib.integer_box((-3.0, 2.5, 12.2, 9.5), 10, 8) == (0, 3, 10, 8)
 
 
 def test_paste_masks_hand_case():
@@ -24,14 +25,14 @@ def test_paste_masks_hand_case():
   probs[0, 0, 0] = 1.0
   # 2x2 -> 4x4: per-axis weights of source cell 0 are [1, .75, .25, 0], so the
   # product is >= 0.5 exactly on the top-left 2x2 block of the box.
-  got = predict.paste_masks(probs, np.array([[1.2, 0.8, 5.0, 4.6]]), 6, 7)
+  got = results_lib.paste_masks(probs, np.array([[1.2, 0.8, 5.0, 4.6]]), 6, 7)
   want = np.zeros((1, 6, 7), bool)
   want[0, 1:3, 1:3] = True
   np.testing.assert_array_equal(got, want)
   # Empty box after rounding -> empty mask; threshold is inclusive.
-  assert not predict.paste_masks(np.ones((1, 2, 2)), np.array([[2, 2, 2.2, 5]]),
+  assert not results_lib.paste_masks(np.ones((1, 2, 2)), np.array([[2, 2, 2.2, 5]]),
                                  6, 7).any()
-  half = predict.paste_masks(np.full((1, 2, 2), 0.5), np.array([[0, 0, 6, 7]]), 6, 7)
+  half = results_lib.paste_masks(np.full((1, 2, 2), 0.5), np.array([[0, 0, 6, 7]]), 6, 7)
   assert half.all()
 
 
@@ -41,13 +42,13 @@ def test_paste_masks_matches_torch_bilinear():
   probs = rng.random((6, m, m)).astype(np.float32)
   boxes = np.array([[0, 0, 40, 50], [3.2, 5.7, 30.1, 22.4], [10, 10, 14, 13],
                     [-5, -4, 20, 60], [35.6, 44.4, 39.9, 49.9], [1, 1, 9, 9]])
-  got = predict.paste_masks(probs, boxes, h, w)
+  got = results_lib.paste_masks(probs, boxes, h, w)
   for i, box in enumerate(boxes):
-    y1, x1, y2, x2 = predict.integer_box(box, h, w)
+    y1, x1, y2, x2 = results_lib.integer_box(box, h, w)
     ref = torch.nn.functional.interpolate(
         torch.from_numpy(probs[i].astype(np.float64))[None, None],
         size=(y2 - y1, x2 - x1), mode='bilinear', align_corners=False)[0, 0].numpy()
-    np.testing.assert_allclose(predict.resize_bilinear(probs[i], y2 - y1, x2 - x1),
+    np.testing.assert_allclose(results_lib.resize_bilinear(probs[i], y2 - y1, x2 - x1),
                                ref, atol=1e-12)
     want = np.zeros((h, w), bool)
     want[y1:y2, x1:x2] = ref >= 0.5
@@ -65,14 +66,14 @@ def test_resize_bilinear_with_channels_matches_torch(align_corners):
     ref = torch.nn.functional.interpolate(
         torch.from_numpy(probs.transpose(2, 0, 1))[None], size=size, mode='bilinear',
         align_corners=align_corners)[0].numpy().transpose(1, 2, 0)
-    got = predict.resize_bilinear(probs, *size, align_corners=align_corners)
+    got = results_lib.resize_bilinear(probs, *size, align_corners=align_corners)
     assert got.shape == size + (3,)
     np.testing.assert_allclose(got, ref, atol=1e-12)
-    alone = predict.resize_bilinear(probs[..., 1], *size, align_corners=align_corners)
+    alone = results_lib.resize_bilinear(probs[..., 1], *size, align_corners=align_corners)
     np.testing.assert_allclose(alone, ref[..., 1], atol=1e-12)
     np.testing.assert_array_equal(got[..., 1], alone)   # same numbers, stacked or not
   col = np.arange(7.0)[:, None]
-  mid = predict.resize_bilinear(col, 1, 1, align_corners=align_corners)[0, 0]
+  mid = results_lib.resize_bilinear(col, 1, 1, align_corners=align_corners)[0, 0]
   assert mid == 3.0
 
 
@@ -84,7 +85,7 @@ def test_argmax_last_is_numpys_argmax(channels, seed, coarse):
   x = rng.random((5, 7, channels))
   if coarse:
     x = np.round(x * 2) / 2
-  got = predict._argmax_last(x)  # pylint: disable=protected-access
+  got = results_lib._argmax_last(x)  # pylint: disable=protected-access
   assert got.dtype == np.int8
   np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
 
@@ -102,7 +103,7 @@ def _target_then_paste(mask, box, size, paste):
           'classes': np.array([1]), 'valid': np.array([True]),
           'amodal_probs': target[None].astype(np.float32),
           'visible_probs': target[None].astype(np.float32)}
-  r = predict.detections_to_results(1, dets, (1.0, 1.0), mask.shape, mask_paste=paste)
+  r = results_lib.detections_to_results(1, dets, (1.0, 1.0), mask.shape, mask_paste=paste)
   return mask_utils.decode(r[0]['segmentation']).astype(bool)
 
 
@@ -137,7 +138,7 @@ def test_pairwise_order_crops_matches_semdist():
     full[i, y1:y2, x1:x2] = crop
     boxes.append((y1, x1, y2, x2))
   crops = [full[i, b[0]:b[2], b[1]:b[3]] for i, b in enumerate(boxes)]
-  got = predict.pairwise_order_crops(crops, boxes)
+  got = results_lib.pairwise_order_crops(crops, boxes)
   np.testing.assert_array_equal(got, np.asarray(semdist.pairwise_order(full)))
   assert np.abs(got).sum() > 0
 
@@ -155,7 +156,7 @@ def test_rle_of_crop_is_pycocotools_encoding_of_the_full_mask(h, w, data):
   full = np.zeros((h, w), np.uint8, order='F')
   full[y1:y2, x1:x2] = crop
   want = mask_utils.encode(full)
-  got = predict.rle_of_crop(crop, (y1, x1, y2, x2), h, w)
+  got = results_lib.rle_of_crop(crop, (y1, x1, y2, x2), h, w)
   assert got == {'size': [h, w], 'counts': want['counts'].decode('ascii')}
 
 
@@ -165,7 +166,7 @@ def test_pairwise_votes_crops_counts_only_pixels_both_cover():
   layers = [np.zeros((4, 4), int), np.ones((4, 4), int), np.zeros((2, 2), int)]
   layers[1][0, 0] = -1          # absent there: not a vote
   layers[0][3, 3] = 2           # behind 1's layer 1 here
-  votes = predict.pairwise_votes_crops(layers, [(0, 0, 4, 4), (2, 2, 6, 6), (6, 0, 8, 2)])
+  votes = results_lib.pairwise_votes_crops(layers, [(0, 0, 4, 4), (2, 2, 6, 6), (6, 0, 8, 2)])
   # Overlap rows/cols 2..3 of 0 = rows/cols 0..1 of 1: (0,0) of 1 absent.
   assert votes[0, 1] == 2 - 1 and votes[1, 0] == -1
   assert votes[0, 2] == votes[2, 0] == votes[1, 2] == votes[2, 1] == 0
@@ -203,7 +204,7 @@ def test_pairwise_votes_crops_equal_the_full_image_count(n, deepest, data):
       layer = np.where(layer < 0, -300, layer)
     boxes.append((y1, x1, y2, x2))
     layers.append(layer)
-  got = predict.pairwise_votes_crops(layers, boxes)
+  got = results_lib.pairwise_votes_crops(layers, boxes)
   assert got.shape == (n, n) and got.dtype == np.int64
   np.testing.assert_array_equal(got, _votes_on_the_full_image(layers, boxes))
 
@@ -211,14 +212,14 @@ def test_pairwise_votes_crops_equal_the_full_image_count(n, deepest, data):
 def test_depth_layers_longest_chain():
   # a in front of b, b in front of c; a and c do not overlap.
   order = np.array([[0, 1, 0], [-1, 0, 1], [0, -1, 0]], np.int8)
-  np.testing.assert_array_equal(predict.depth_layers(order), [0, 1, 2])
-  assert predict.depth_layers(np.zeros((0, 0), np.int8)).shape == (0,)
+  np.testing.assert_array_equal(results_lib.depth_layers(order), [0, 1, 2])
+  assert results_lib.depth_layers(np.zeros((0, 0), np.int8)).shape == (0,)
 
 
 def test_depth_layers_strength_only_orders_relations():
   """A zero strength still keeps a relation of ``order`` (1 + |strength|)."""
   order = np.array([[0, 1, 0], [-1, 0, 1], [0, -1, 0]], np.int8)
-  np.testing.assert_array_equal(predict.depth_layers(order, strength=np.zeros((3, 3))),
+  np.testing.assert_array_equal(results_lib.depth_layers(order, strength=np.zeros((3, 3))),
                                 [0, 1, 2])
 
 
@@ -230,12 +231,12 @@ def test_depth_layers_break_a_cycle_at_its_weakest_margin():
   votes = np.zeros((5, 5), np.int64)
   for a, b, v in ((0, 1, 300), (1, 2, 200), (2, 0, 5), (0, 3, 40)):
     votes[a, b], votes[b, a] = v, -v
-  np.testing.assert_array_equal(predict.depth_layers(np.sign(votes), strength=votes),
+  np.testing.assert_array_equal(results_lib.depth_layers(np.sign(votes), strength=votes),
                                 [0, 1, 2, 1, 0])
   votes[0, 1], votes[1, 0] = 3, -3    # now 0-1 is the weakest link
-  np.testing.assert_array_equal(predict.depth_layers(np.sign(votes), strength=votes),
+  np.testing.assert_array_equal(results_lib.depth_layers(np.sign(votes), strength=votes),
                                 [2, 0, 1, 3, 0])
-  np.testing.assert_array_equal(predict.depth_layers(np.sign(votes)), [0, 1, 2, 1, 0])
+  np.testing.assert_array_equal(results_lib.depth_layers(np.sign(votes)), [0, 1, 2, 1, 0])
 
 
 def _scene():
@@ -278,7 +279,7 @@ def _scene():
 
 def test_detections_to_results_round_trip_scores_perfectly():
   gt, dets = _scene()
-  results = predict.detections_to_results(7, dets, (2.0, 2.0), (24, 32),
+  results = results_lib.detections_to_results(7, dets, (2.0, 2.0), (24, 32),
                                           category_map={1: 5})
   assert len(results) == 2                       # the invalid one is dropped
   assert [r['score'] for r in results] == pytest.approx([0.9, 0.7])
@@ -288,12 +289,12 @@ def test_detections_to_results_round_trip_scores_perfectly():
   assert (front['depth_layer'], back['depth_layer']) == (0, 1)
   assert isinstance(front['segmentation']['counts'], str)
   results = json.loads(json.dumps(results))
-  m = ev.evaluate([gt], results)
+  m = metrics_lib.evaluate([gt], results)
   assert m['amodal']['all']['both']['AP'] == pytest.approx(1.0)
   assert m['visible']['all']['both']['AP'] == pytest.approx(1.0)
-  assert ev.depth_order_accuracy([gt], results)['accuracy'] == 1.0
+  assert metrics_lib.depth_order_accuracy([gt], results)['accuracy'] == 1.0
   # Score threshold.
-  kept = predict.detections_to_results(7, dets, (2.0, 2.0), (24, 32),
+  kept = results_lib.detections_to_results(7, dets, (2.0, 2.0), (24, 32),
                                        score_threshold=0.8)
   assert len(kept) == 1 and kept[0]['depth_layer'] == 0
 
@@ -317,7 +318,7 @@ def test_detections_to_results_thresholds_are_inclusive(paste):
   """score >= score_threshold is kept; probability >= mask_threshold is on
   (a constant 0.5 map resizes to exactly 0.5)."""
   dets = _dets([[2, 3, 6, 9]], np.full((1, 4, 4), 0.5), scores=[0.75])
-  r = predict.detections_to_results(1, dets, (1.0, 1.0), (8, 10), score_threshold=0.75,
+  r = results_lib.detections_to_results(1, dets, (1.0, 1.0), (8, 10), score_threshold=0.75,
                                     mask_paste=paste)
   assert len(r) == 1
   want = np.zeros((8, 10), np.uint8)
@@ -330,7 +331,7 @@ def test_detections_to_results_visible_mask_within_amodal():
   amodal = np.ones((1, 4, 4))
   amodal[0, :, 2:] = 0.0                           # right half off (box = map: no resampling)
   dets = _dets([[0, 0, 4, 4]], amodal, visible=np.ones((1, 4, 4)))
-  r = predict.detections_to_results(1, dets, (1.0, 1.0), (4, 6))[0]
+  r = results_lib.detections_to_results(1, dets, (1.0, 1.0), (4, 6))[0]
   want = np.zeros((4, 6), np.uint8)
   want[:, :2] = 1
   np.testing.assert_array_equal(mask_utils.decode(r['segmentation']), want)
@@ -344,7 +345,7 @@ def test_detections_to_results_anisotropic_scale_clip_and_empty_box():
   # The second box: y 10..10.6 / 2 -> 5..5.3, rounds to empty.
   dets = _dets([[8, 16, 40, 160], [10, 4, 10.6, 60]], np.ones((2, 4, 4)),
                scores=[0.9, 0.95])
-  r = predict.detections_to_results(3, dets, (2.0, 4.0), (24, 32))
+  r = results_lib.detections_to_results(3, dets, (2.0, 4.0), (24, 32))
   assert len(r) == 1 and r[0]['image_id'] == 3 and r[0]['score'] == 0.9
   assert r[0]['bbox'] == [4.0, 4.0, 28.0, 16.0]
   want = np.zeros((24, 32), np.uint8)
@@ -365,7 +366,7 @@ def test_detections_to_results_breaks_a_cycle_at_its_weakest_pixel_margin():
   amodal = np.stack([b | c, a | c, a | b])
   visible = np.stack([c, a, b])
   dets = _dets([[0, 0, 8, 8]] * 3, amodal, visible, scores=[0.9, 0.8, 0.7])
-  r = predict.detections_to_results(1, dets, (1.0, 1.0), (8, 8))
+  r = results_lib.detections_to_results(1, dets, (1.0, 1.0), (8, 8))
   assert [x['score'] for x in r] == [0.9, 0.8, 0.7]
   assert [x['depth_layer'] for x in r] == [2, 0, 1]
 
@@ -384,27 +385,27 @@ def test_detections_to_results_pastes_layer_channels_like_masks():
   layer_c[..., 2] = 1.0
   dets = _dets([[0, 0, 2, 4]] * 2, np.ones((2, 2, 2)), np.zeros((2, 2, 2)),
                scores=[0.9, 0.8], layer_probs=[layer_b, layer_c])
-  r = predict.detections_to_results(1, dets, (1.0, 1.0), (2, 4), mask_paste='aligned')
+  r = results_lib.detections_to_results(1, dets, (1.0, 1.0), (2, 4), mask_paste='aligned')
   assert [x['depth_layer'] for x in r] == [0, 1]
-  r = predict.detections_to_results(1, dets, (1.0, 1.0), (2, 4), mask_paste='bilinear')
+  r = results_lib.detections_to_results(1, dets, (1.0, 1.0), (2, 4), mask_paste='bilinear')
   assert [x['depth_layer'] for x in r] == [0, 0]
 
 
 def test_draw_prediction_writes_png(tmp_path):
   gt, dets = _scene()
-  results = predict.detections_to_results(7, dets, (2.0, 2.0), (24, 32))
+  results = results_lib.detections_to_results(7, dets, (2.0, 2.0), (24, 32))
   image = np.full((24, 32, 3), 128, np.uint8)
   path = tmp_path / 'pics' / 'p.png'
-  predict.draw_prediction(image, results, str(path))
+  render.draw_prediction(image, results, str(path))
   with Image.open(path) as pic:
     assert pic.format == 'PNG' and pic.size == (32, 24)
     pixels = np.asarray(pic.convert('RGB'))
-  np.testing.assert_array_equal(pixels, predict.render_prediction(image, results))
+  np.testing.assert_array_equal(pixels, render.render_prediction(image, results))
   # Colours are deterministic and the masks are painted.
-  np.testing.assert_array_equal(predict.render_prediction(image, results), pixels)
+  np.testing.assert_array_equal(render.render_prediction(image, results), pixels)
   assert (pixels[14, 14] != 128).any()           # back, visible, away from text
   assert (pixels[0, 31] == 128).all()            # background untouched
-  assert predict.instance_colour(0) != predict.instance_colour(1)
+  assert render.instance_colour(0) != render.instance_colour(1)
 
 
 # --------------------------------------------------------------- release paste
@@ -419,19 +420,19 @@ def test_release_paste_thresholds_between_the_masks_own_min_and_max():
   rng = np.random.default_rng(0)
   weak = 0.3 * rng.random((16, 16))                  # every probability < 0.5
   box = (0, 0, 16, 16)                               # same size: no resampling
-  got = predict.release_paste(weak, box)
+  got = results_lib.release_paste(weak, box)
   np.testing.assert_array_equal(got, _bytescale(weak) >= 128)
-  assert got.any() and not (predict.resize_bilinear(weak, 16, 16) >= 0.5).any()
+  assert got.any() and not (results_lib.resize_bilinear(weak, 16, 16) >= 0.5).any()
   # A constant map byte-scales to 0 everywhere: no pixel, even at 0.9.
-  assert not predict.release_paste(np.full((16, 16), 0.9), (2, 3, 40, 30)).any()
-  assert predict.release_paste(weak, (5, 5, 5, 9)).shape == (0, 4)
+  assert not results_lib.release_paste(np.full((16, 16), 0.9), (2, 3, 40, 30)).any()
+  assert results_lib.release_paste(weak, (5, 5, 5, 9)).shape == (0, 4)
 
 
 def test_release_paste_keeps_the_half_byte():
   """Kept: bytes >= 0.5 * 255, i.e. 128 on, 127 off (same size: no resampling)."""
   prob = np.array([[0.0, 128 / 255], [1.0, 127 / 255]])
   np.testing.assert_array_equal(_bytescale(prob), [[0, 128], [255, 127]])
-  np.testing.assert_array_equal(predict.release_paste(prob, (0, 0, 2, 2)),
+  np.testing.assert_array_equal(results_lib.release_paste(prob, (0, 0, 2, 2)),
                                 [[False, True], [True, False]])
 
 
@@ -440,8 +441,8 @@ def test_release_paste_upsampling_is_bilinear_up_to_byte_quantisation():
   prob = rng.random((16, 16))
   prob[0, 0], prob[1, 1] = 0.0, 1.0                   # min 0, max 1: no rescale
   box = (10, 20, 10 + 37, 20 + 50)
-  got = predict.release_paste(prob, box)
-  ref = predict.resize_bilinear(prob, 37, 50)
+  got = results_lib.release_paste(prob, box)
+  ref = results_lib.resize_bilinear(prob, 37, 50)
   clear = np.abs(ref - 0.5) > 3 / 255                 # away from the threshold
   np.testing.assert_array_equal(got[clear], (ref >= 0.5)[clear])
   assert clear.mean() > 0.9
@@ -450,8 +451,8 @@ def test_release_paste_upsampling_is_bilinear_up_to_byte_quantisation():
 def test_release_box_truncates_after_scaling_back():
   # 480x640 squashed to 1024x1024: canvas pixels x 480/1024 and x 640/1024.
   scale = (1024 / 480, 1024 / 640)
-  assert predict.release_box((100, 200, 301, 555), scale, 480, 640) == (46, 125, 141, 346)
-  assert predict.integer_box(np.array([100, 200, 301, 555]) / np.array(
+  assert results_lib.release_box((100, 200, 301, 555), scale, 480, 640) == (46, 125, 141, 346)
+  assert results_lib.integer_box(np.array([100, 200, 301, 555]) / np.array(
       scale * 2), 480, 640) == (47, 125, 141, 347)
 
 
@@ -462,8 +463,8 @@ def test_detections_to_results_release_paste():
   dets['amodal_probs'][0, 2:6, 2:6] = 0.4             # weak, but its own maximum
   dets['visible_probs'] = dets['amodal_probs'].copy()
   scale = (1024 / 480, 1024 / 640)
-  plain = predict.detections_to_results(1, dets, scale, (480, 640))
-  release = predict.detections_to_results(1, dets, scale, (480, 640), mask_paste='release')
+  plain = results_lib.detections_to_results(1, dets, scale, (480, 640))
+  release = results_lib.detections_to_results(1, dets, scale, (480, 640), mask_paste='release')
   assert mask_utils.area(plain[0]['segmentation']) == 0
   area = mask_utils.area(release[0]['segmentation'])
   assert 0 < area < (141 - 46) * (346 - 125)
@@ -471,7 +472,7 @@ def test_detections_to_results_release_paste():
   ys, xs = np.nonzero(m)
   assert ys.min() >= 46 and ys.max() < 141 and xs.min() >= 125 and xs.max() < 346
   with pytest.raises(ValueError, match='mask_paste'):
-    predict.detections_to_results(1, dets, scale, (480, 640), mask_paste='nearest')
+    results_lib.detections_to_results(1, dets, scale, (480, 640), mask_paste='nearest')
 
 
 # ------------------------------------------------------------ property
@@ -494,8 +495,8 @@ def test_property_exact_layers_give_the_true_depth_order(scene):
     b = (int(ys.min()), int(xs.min()), int(ys.max()) + 1, int(xs.max()) + 1)
     boxes.append(b)
     crops.append(layer[i, b[0]:b[2], b[1]:b[3]])
-  order = predict.pairwise_order_crops(crops, boxes)
-  depth = predict.depth_layers(order)
+  order = results_lib.pairwise_order_crops(crops, boxes)
+  depth = results_lib.depth_layers(order)
   for i in range(len(rank)):
     for j in range(len(rank)):
       if i != j and (amodal[i] & amodal[j]).any():

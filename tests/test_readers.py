@@ -9,13 +9,11 @@ import os
 import shutil
 
 import numpy as np
-import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
+import pytest
 
-from input_pipeline import legacy_layers
-from input_pipeline import readers
-from input_pipeline import records
+from input_pipeline import legacy_layers, readers, records
 from input_pipeline.records import AnnotationError
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures', 'annotations')

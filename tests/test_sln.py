@@ -184,8 +184,9 @@ def test_tiny_model_overfits_one_image_in_two_layers_and_frozen_parts_get_no_gra
   object's amodal and visible masks are found, the ellipse's hidden part is
   decoded as occluded (amodal, not visible), and the predicted depth layers
   put rectangle 0 in front of the ellipse."""
-  from sln_jax import predict as predict_lib  # pylint: disable=import-outside-toplevel
   from pycocotools import mask as mask_utils  # pylint: disable=import-outside-toplevel
+
+  from sln_jax.evaluation import results as results_lib  # pylint: disable=import-outside-toplevel
   cfg = tiny.get_config()
   cfg.model.num_layers = 2
   cfg.model.detection.nms_threshold = 0.5     # one detection per object
@@ -235,7 +236,7 @@ def test_tiny_model_overfits_one_image_in_two_layers_and_frozen_parts_get_no_gra
   args = (batch['image'], batch['glm_image'], batch['image_shape'])
   out = jax.device_get(_compile(functools.partial(model.apply, method='infer'), v, *args)(v, *args))
   assert out['valid'][0].sum() >= 3
-  results = predict_lib.detections_to_results(1, {k: x[0] for k, x in out.items()},
+  results = results_lib.detections_to_results(1, {k: x[0] for k, x in out.items()},
                                               (1.0, 1.0), (S, S))
   masks = [(mask_utils.decode(r['segmentation']).astype(bool),
             mask_utils.decode(r['visible_mask']).astype(bool), r['depth_layer'])
@@ -414,7 +415,10 @@ def test_train_bn_step_uses_global_batch_statistics_on_any_device_split():
   both images: BN statistics are those of the global batch. The step moves
   the running statistics of the backbone and heads, trains BN scale/bias,
   and leaves the GLM's BN alone."""
-  from sln_jax import train  # pylint: disable=import-outside-toplevel
+  from sln_jax import parallel  # pylint: disable=import-outside-toplevel
+  from sln_jax.training import optimizer as optimizer_lib  # pylint: disable=import-outside-toplevel
+  from sln_jax.training import state as state_lib  # pylint: disable=import-outside-toplevel
+  from sln_jax.training import step as step_lib  # pylint: disable=import-outside-toplevel
   cfg = tiny.get_config()
   cfg.model.train_bn = True
   cfg.model.bn_momentum = 0.5
@@ -422,11 +426,11 @@ def test_train_bn_step_uses_global_batch_statistics_on_any_device_split():
   cfg.train.warmup_steps = 0
   model = sln.build_model(cfg)
   v = sln.init_variables(model, jax.random.PRNGKey(0), S)
-  state = train.create_train_state(cfg, v, jax.random.PRNGKey(5))
-  mask = train.trainable_mask(v['params'], v['batch_stats'], 'all', train_bn=True)
+  state = state_lib.create_train_state(cfg, v, jax.random.PRNGKey(5))
+  mask = optimizer_lib.trainable_mask(v['params'], v['batch_stats'], 'all', train_bn=True)
   assert mask['backbone']['C1_bn']['scale'] and not mask['glm']['layer1_bn']['scale']
-  step = jax.vmap(train.make_stage_step(model, cfg, v['params'], v['batch_stats'], 'all'),
-                  axis_name=train.AXIS)
+  step = jax.vmap(step_lib.make_stage_step(model, cfg, v['params'], v['batch_stats'], 'all'),
+                  axis_name=parallel.AXIS)
   batch = _two_image_batch()
   out = {}
   for devices in (1, 2):

@@ -6,9 +6,9 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
+import pytest
 
 from input_pipeline import synthetic
 from sln_jax import semdist
@@ -188,9 +188,9 @@ def test_clip_polygon_area():
 
 
 def test_bad_arguments():
-  with pytest.raises(synthetic.cliutil.UserError, match='image_size'):
+  with pytest.raises(synthetic.errors.UserError, match='image_size'):
     synthetic.generate_split('/nonexistent', 'train', 1, image_size=8)
-  with pytest.raises(synthetic.cliutil.UserError, match='max_objects'):
+  with pytest.raises(synthetic.errors.UserError, match='max_objects'):
     synthetic.SceneParams(min_objects=4, max_objects=2).validate()
 
 

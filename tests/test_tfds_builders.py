@@ -10,11 +10,15 @@ import pytest  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
 from configs import default  # noqa: E402
-from input_pipeline import readers  # noqa: E402
-from input_pipeline import records  # noqa: E402
-from input_pipeline import tfds_builders  # noqa: E402
-from sln_jax import cliutil  # noqa: E402
-from sln_jax import semdist  # noqa: E402
+from input_pipeline import (
+  readers,  # noqa: E402
+  records,  # noqa: E402
+  tfds_builders,  # noqa: E402
+)
+from sln_jax import (
+  errors,  # noqa: E402
+  semdist,  # noqa: E402
+)
 
 H, W = 24, 32
 
@@ -195,7 +199,7 @@ def test_prepared_dataset_refuses_changed_annotations(tmp_path):
   tfds_builders.build_dataset(config)
   with open(ann, 'w') as f:
     f.write(text.replace('"name": "b"', '"name": "c"'))
-  with pytest.raises(cliutil.UserError) as err:
+  with pytest.raises(errors.UserError) as err:
     tfds_builders.build_dataset(config)
   message = str(err.value)
   assert message.startswith(f'{manual}: dataset.manual_dir: the dataset prepared in ')
@@ -204,7 +208,7 @@ def test_prepared_dataset_refuses_changed_annotations(tmp_path):
   with open(ann, 'w') as f:
     f.write(text)
   _write_cocoa(str(manual), 'train')
-  with pytest.raises(cliutil.UserError, match='train: COCO_amodal_train2014.json is new'):
+  with pytest.raises(errors.UserError, match='train: COCO_amodal_train2014.json is new'):
     tfds_builders.build_dataset(config)
   config.dataset.manual_dir = str(tmp_path / 'moved')
   assert tfds_builders.build_dataset(config).info.splits['val'].num_examples == 1
@@ -233,11 +237,11 @@ def test_kins_builder(tmp_path):
 def test_missing_manual_files_raise_user_error(tmp_path):
   manual = tmp_path / 'empty'
   manual.mkdir()
-  with pytest.raises(cliutil.UserError) as err:
+  with pytest.raises(errors.UserError) as err:
     tfds_builders.build_dataset(_config('cocoa', tmp_path, manual))
   assert str(manual) in str(err.value)
   assert 'COCO_amodal_train2014.json' in str(err.value)
-  with pytest.raises(cliutil.UserError, match='unknown dataset'):
+  with pytest.raises(errors.UserError, match='unknown dataset'):
     tfds_builders.make_builder(_config('nope', tmp_path, manual))
 
 
@@ -246,7 +250,7 @@ def test_image_size_mismatch_names_the_file(tmp_path):
   ann = _write_cocoa(str(manual), 'val')
   img = manual / 'val2014' / 'COCO_val2014_000001.jpg'
   Image.new('RGB', (W + 1, H)).save(img)
-  with pytest.raises(cliutil.UserError) as err:
+  with pytest.raises(errors.UserError) as err:
     tfds_builders.build_dataset(_config('cocoa', tmp_path, manual))
   assert ann in str(err.value) or str(img.name) in str(err.value)
 

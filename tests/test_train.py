@@ -14,7 +14,6 @@ import sys
 import textwrap
 import time
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,9 +21,16 @@ import optax
 import pytest
 
 from configs import default, tiny
-from sln_jax import inference, train
-from sln_jax.cliutil import UserError
+from sln_jax import parallel
+from sln_jax.checkpoints import manager as manager_lib
+from sln_jax.errors import UserError
+from sln_jax.evaluation import loops
 from sln_jax.models import sln
+from sln_jax.training import loop as loop_lib
+from sln_jax.training import optimizer as optimizer_lib
+from sln_jax.training import schedule as schedule_lib
+from sln_jax.training import state as state_lib
+from sln_jax.training import step as step_lib
 from tests import train_standin as ts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,25 +48,25 @@ def _config(stages=(('heads', 3, 0.1), ('all', 3, 0.05)), batch=2):
 
 
 def _flat(tree):
-  return train._flat(tree)  # pylint: disable=protected-access
+  return optimizer_lib._flat(tree)  # pylint: disable=protected-access
 
 
 def test_schedule_and_learning_rate():
   c = _config(stages=(('heads', 4, 1e-3), ('4+', 6, 1e-3), ('all', 5, 1e-4)))
-  assert train.schedule(c) == [('heads', 0, 4, 1e-3), ('4+', 4, 10, 1e-3),
+  assert schedule_lib.schedule(c) == [('heads', 0, 4, 1e-3), ('4+', 4, 10, 1e-3),
                                ('all', 10, 15, 1e-4)]
-  assert [train.stage_index(c, s) for s in (0, 3, 4, 9, 10, 14)] == [0, 0, 1, 1, 2, 2]
+  assert [schedule_lib.stage_index(c, s) for s in (0, 3, 4, 9, 10, 14)] == [0, 0, 1, 1, 2, 2]
   c.train.num_steps = 7
-  assert train.schedule(c) == [('heads', 0, 4, 1e-3), ('4+', 4, 7, 1e-3)]
+  assert schedule_lib.schedule(c) == [('heads', 0, 4, 1e-3), ('4+', 4, 7, 1e-3)]
   c.train.num_steps = 20  # longer than the stages: the last one continues
-  assert train.schedule(c)[-1] == ('all', 10, 20, 1e-4)
+  assert schedule_lib.schedule(c)[-1] == ('all', 10, 20, 1e-4)
   c.train.warmup_steps = 4
-  lr = train.learning_rate_fn(c)
+  lr = schedule_lib.learning_rate_fn(c)
   got = [float(lr(s)) for s in (0, 1, 3, 9, 10, 19)]
   np.testing.assert_allclose(got, [2.5e-4, 5e-4, 1e-3, 1e-3, 1e-4, 1e-4], rtol=1e-6)
   c.train.stages = ()
   with pytest.raises(UserError, match='train.stages'):
-    train.schedule(c)
+    schedule_lib.schedule(c)
 
 
 @pytest.mark.parametrize('warmup', [0, 50, 7])
@@ -72,7 +78,7 @@ def test_learning_rate_is_bit_equal_to_the_constant_schedule(warmup):
   reciprocal); an exact division differs at 14 of the 50 warm-up steps."""
   c = _config(stages=(('all', 48, 4e-2), ('all', 12, 8e-3)))
   c.train.warmup_steps = warmup
-  table = train.schedule(c)
+  table = schedule_lib.schedule(c)
   ends = np.asarray([e for _, _, e, _ in table[:-1]], np.int32)
   lrs = np.asarray([lr for *_, lr in table], np.float32)
 
@@ -83,9 +89,9 @@ def test_learning_rate_is_bit_equal_to_the_constant_schedule(warmup):
       lr = lr * jnp.minimum(1.0, (step + 1).astype(jnp.float32) / warmup)
     return lr
 
-  as_data = jax.jit(train.learning_rate_at)
-  tables = jax.device_put(train.lr_tables(c))
-  steps = range(train.total_steps(c))
+  as_data = jax.jit(schedule_lib.learning_rate_at)
+  tables = jax.device_put(schedule_lib.lr_tables(c))
+  steps = range(schedule_lib.total_steps(c))
   want = np.array([constant_schedule(jnp.int32(s)) for s in steps])
   got = np.array([as_data(tables, jnp.int32(s)) for s in steps])
   np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
@@ -99,17 +105,17 @@ def test_schedule_truncated_on_a_stage_boundary():
   with no steps (modes.check_stages would refuse a regex that never runs)."""
   c = _config(stages=(('heads', 4, 1e-3), ('4+', 6, 1e-3), ('all', 5, 1e-4)))
   c.train.num_steps = 10
-  assert train.schedule(c) == [('heads', 0, 4, 1e-3), ('4+', 4, 10, 1e-3)]
-  assert train.total_steps(c) == 10 and train.stage_index(c, 9) == 1
+  assert schedule_lib.schedule(c) == [('heads', 0, 4, 1e-3), ('4+', 4, 10, 1e-3)]
+  assert schedule_lib.total_steps(c) == 10 and schedule_lib.stage_index(c, 9) == 1
   c.train.num_steps = 4
-  assert train.schedule(c) == [('heads', 0, 4, 1e-3)]
+  assert schedule_lib.schedule(c) == [('heads', 0, 4, 1e-3)]
 
 
 def test_stage_masks():
   _, v = ts.init_variables()
   p, bs = v['params'], v['batch_stats']
   def trained(stage):
-    return sorted(k.rsplit('/', 1)[0] for k, t in _flat(train.trainable_mask(p, bs, stage)).items() if t)
+    return sorted(k.rsplit('/', 1)[0] for k, t in _flat(optimizer_lib.trainable_mask(p, bs, stage)).items() if t)
   assert set(trained('heads')) == {'box_head/linear_class', 'fpn/P2_lateral', 'rpn/conv_class'}
   assert set(trained('4+')) == set(trained('heads')) | {'backbone/C4_0/conv1'}
   # 'all': everything but BatchNorm and the GLM.
@@ -117,13 +123,13 @@ def test_stage_masks():
   assert set(trained(r'rpn/.*')) == {'rpn/conv_class'}  # release-style regex
   # Weight decay: every parameter but BatchNorm's (the release), biases
   # only with decay_biases.
-  decay = {k for k, d in _flat(train.decay_mask(p, bs)).items() if d}
+  decay = {k for k, d in _flat(optimizer_lib.decay_mask(p, bs)).items() if d}
   assert decay == {k for k in _flat(p) if not k.rsplit('/', 1)[0].endswith('_bn')}
   assert any(k.endswith('/bias') for k in decay)
-  kernels = {k for k, d in _flat(train.decay_mask(p, bs, biases=False)).items() if d}
+  kernels = {k for k, d in _flat(optimizer_lib.decay_mask(p, bs, biases=False)).items() if d}
   assert kernels == {k for k in _flat(p) if k.endswith('/kernel')}
   with pytest.raises(UserError, match='trains no parameter'):
-    train.trainable_mask(p, bs, 'glm/.*')
+    optimizer_lib.trainable_mask(p, bs, 'glm/.*')
 
 
 def test_stage_masks_on_the_model():
@@ -145,28 +151,28 @@ def test_stage_masks_on_the_model():
   is_bn = lambda k: 'bn' in module(k).rsplit('/', 1)[-1]
   for stage, want in (('heads', heads), ('4+', four), ('all', every)):
     for train_bn in (False, True):
-      got = {k for k, t in _flat(train.trainable_mask(p, bs, stage, train_bn)).items() if t}
+      got = {k for k, t in _flat(optimizer_lib.trainable_mask(p, bs, stage, train_bn)).items() if t}
       assert got == {k for k in want if train_bn or not is_bn(k)}, (stage, train_bn)
-  decay = {k for k, d in _flat(train.decay_mask(p, bs)).items() if d}
+  decay = {k for k, d in _flat(optimizer_lib.decay_mask(p, bs)).items() if d}
   assert decay == {k for k in flat if not is_bn(k)}
-  decay = {k for k, d in _flat(train.decay_mask(p, bs, biases=False)).items() if d}
+  decay = {k for k, d in _flat(optimizer_lib.decay_mask(p, bs, biases=False)).items() if d}
   assert decay == {k for k in flat if k.endswith('/kernel') and not is_bn(k)}
   # legacy_sticky_freeze: a stage trains only what every earlier one did, so
   # the release's heads -> 4+ -> all trains the heads throughout.
   for stage, earlier in (('4+', ('heads',)), ('all', ('heads', '4+'))):
-    got = {k for k, t in _flat(train.trainable_mask(p, bs, stage, False, earlier)).items() if t}
+    got = {k for k, t in _flat(optimizer_lib.trainable_mask(p, bs, stage, False, earlier)).items() if t}
     assert got == {k for k in heads if not is_bn(k)}, stage
-  got = {k for k, t in _flat(train.trainable_mask(p, bs, 'heads', False, ('all',))).items() if t}
+  got = {k for k, t in _flat(optimizer_lib.trainable_mask(p, bs, 'heads', False, ('all',))).items() if t}
   assert got == {k for k in heads if not is_bn(k)}
   with pytest.raises(UserError, match=r"trains no parameter after 'rpn/\.\*'"):
-    train.trainable_mask(p, bs, 'mask_head/.*', False, ('rpn/.*',))
+    optimizer_lib.trainable_mask(p, bs, 'mask_head/.*', False, ('rpn/.*',))
 
 
 def test_stage_freeze_history():
   c = _config(stages=(('heads', 2, 0.1), ('4+', 2, 0.1), ('all', 2, 0.01)))
-  assert [train.stage_freeze_history(c, k) for k in range(3)] == [(), (), ()]
+  assert [optimizer_lib.stage_freeze_history(c, k) for k in range(3)] == [(), (), ()]
   c.train.legacy_sticky_freeze = True
-  assert [train.stage_freeze_history(c, k) for k in range(3)] == [
+  assert [optimizer_lib.stage_freeze_history(c, k) for k in range(3)] == [
       (), ('heads',), ('heads', '4+')]
 
 
@@ -186,7 +192,7 @@ def test_optimizer_matches_torch_sgd(decay_biases):
             'glm': {'aspp_c0': {'kernel': rng.normal(size=(2, 2)).astype(np.float32)}}}
   grads = [jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32) * 3, params)
            for _ in range(3)]
-  tx = train.create_optimizer(c, params, {}, 'all')
+  tx = optimizer_lib.create_optimizer(c, params, {}, 'all')
   state, p = tx.init(params), params
   for g in grads:
     updates, state = tx.update(g, state, p)
@@ -223,13 +229,13 @@ def test_momentum_across_stages_and_its_reset():
   rng = np.random.default_rng(1)
   grads = [jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), p)
            for _ in range(3)]
-  tx = {s: train.create_optimizer(c, p, bs, s) for s in ('heads', 'all')}
+  tx = {s: optimizer_lib.create_optimizer(c, p, bs, s) for s in ('heads', 'all')}
 
   def run(stages, reset=False):
     state = tx[stages[0]].init(p)
     for t, (s, g) in enumerate(zip(stages, grads)):
       if reset and t == 2:
-        state = train.reset_momentum(state)
+        state = optimizer_lib.reset_momentum(state)
       updates, state = tx[s].update(g, state, p)
     return _flat(updates)
   f_p, f_g = _flat(p), [_flat(g) for g in grads]
@@ -267,9 +273,9 @@ def test_the_schedule_is_data_of_the_compiled_step():
   batch = ts.make_batches(1, 1, 2)[0]
   states, texts = {}, {}
   for name, c in (('a', a), ('b', b)):
-    states[name] = train.replicate(train.create_train_state(c, v, jax.random.PRNGKey(0)))
-    step = jax.pmap(train.make_stage_step(model, c, v['params'], v['batch_stats'], 'heads'),
-                    axis_name=train.AXIS)
+    states[name] = parallel.replicate(state_lib.create_train_state(c, v, jax.random.PRNGKey(0)))
+    step = jax.pmap(step_lib.make_stage_step(model, c, v['params'], v['batch_stats'], 'heads'),
+                    axis_name=parallel.AXIS)
     texts[name] = step.lower(states[name], batch).as_text()
   assert texts['a'] == texts['b']
   # The one program on each state: each schedule's LR (b: 0.02 warmed up
@@ -278,12 +284,12 @@ def test_the_schedule_is_data_of_the_compiled_step():
   changes = {}
   for name in ('a', 'b'):
     new, out = step(states[name], batch)
-    lr = float(train.first_replica(out)['lr'])
-    want = float(train.learning_rate_fn(b if name == 'b' else a)(0))
+    lr = float(parallel.first_replica(out)['lr'])
+    want = float(schedule_lib.learning_rate_fn(b if name == 'b' else a)(0))
     np.testing.assert_allclose(lr, want, rtol=1e-6)
     before = _flat(v['params'])['fpn/P2_lateral/kernel']
-    changes[name] = np.asarray(train.unreplicate(new.params)['fpn']['P2_lateral']['kernel']) - before
-  assert float(train.learning_rate_fn(b)(0)) == pytest.approx(0.004)
+    changes[name] = np.asarray(parallel.unreplicate(new.params)['fpn']['P2_lateral']['kernel']) - before
+  assert float(schedule_lib.learning_rate_fn(b)(0)) == pytest.approx(0.004)
   want = changes['a'] * 0.004 / 0.1
   assert np.abs(want).max() > 0
   np.testing.assert_allclose(changes['b'], want, rtol=0, atol=1e-3 * np.abs(want).max())
@@ -297,14 +303,14 @@ def _leaves_changed(before, after):
 def test_step_respects_stage_masks():
   model, v = ts.init_variables()
   c = _config(stages=(('heads', 1, 0.1), ('4+', 1, 0.1)))
-  state = train.create_train_state(c, v, jax.random.PRNGKey(0))
+  state = state_lib.create_train_state(c, v, jax.random.PRNGKey(0))
   batch = ts.make_batches(1, 1, 2)[0]
   changed = {}
   for stage in ('heads', '4+'):
-    tx = train.create_optimizer(c, v['params'], v['batch_stats'], stage)
-    step = jax.pmap(train.make_train_step(model, c, tx), axis_name=train.AXIS)
-    new, out = step(train.replicate(state), batch)
-    new = train.unreplicate(new)
+    tx = optimizer_lib.create_optimizer(c, v['params'], v['batch_stats'], stage)
+    step = jax.pmap(step_lib.make_train_step(model, c, tx), axis_name=parallel.AXIS)
+    new, out = step(parallel.replicate(state), batch)
+    new = parallel.unreplicate(new)
     assert np.isfinite(out['loss/total']).all() and int(new.step) == 1
     changed[stage] = _leaves_changed(state.params, new.params)
     # Frozen BatchNorm statistics are never touched.
@@ -325,8 +331,8 @@ def _run(workdir, c, batches, stop_after=None):
       yield b
   model, v = ts.init_variables()
   writer = ts.RecordingWriter()
-  summary = train.make_image_summary_fn(model, c) if c.train.image_summary_every else None
-  return train.train(c, workdir, model, v, batches_fn, writer, summary), writer
+  summary = loop_lib.make_image_summary_fn(model, c) if c.train.image_summary_every else None
+  return loop_lib.train(c, workdir, model, v, batches_fn, writer, summary), writer
 
 
 def test_kill_and_resume_matches_uninterrupted(tmp_path, capsys, monkeypatch):
@@ -375,14 +381,14 @@ def test_loop_resets_momentum_once_per_stage_change(tmp_path, monkeypatch, reset
   c.train.legacy_sticky_freeze = reset    # the step builders get the history
   c.train.checkpoint_every = c.train.log_every = 10
   calls, built = [], []
-  real = train.reset_momentum
-  monkeypatch.setattr(train, 'reset_momentum', lambda s: calls.append(1) or real(s))
+  real = optimizer_lib.reset_momentum
+  monkeypatch.setattr(loop_lib, 'reset_momentum', lambda s: calls.append(1) or real(s))
 
   def stage_step(*args):
     built.append(args[4:])
     return lambda state, batch: (state.replace(step=state.step + 1),
                                  {'loss/total': jnp.zeros(())})
-  monkeypatch.setattr(train, 'make_stage_step', stage_step)
+  monkeypatch.setattr(loop_lib, 'make_stage_step', stage_step)
   state, _ = _run(str(tmp_path), c, ts.make_batches(4, 1, 2))
   assert int(state.step) == 4 and len(calls) == (2 if reset else 0)
   history = [(), ('heads',), ('heads', 'all')] if reset else [(), (), ()]
@@ -401,14 +407,14 @@ def test_checkpoint_of_another_model_is_one_error_naming_the_leaves(tmp_path):
   params['extra'] = {'kernel': np.zeros((2,), np.float32)}
   other = {'params': params, 'batch_stats': v['batch_stats']}
   with pytest.raises(UserError) as err:
-    train.load_variables(c, str(tmp_path), other)
+    manager_lib.load_variables(c, str(tmp_path), other)
   message = str(err.value)
   assert err.value.path == os.path.join(str(tmp_path), 'checkpoints', '2')
   assert '1 missing: params/extra/kernel' in message, message
   assert '1 shape mismatches: params/fpn/P2_lateral/kernel' in message, message
   assert '(1, 1, 9, 9)' in message and 'opt_state' not in message and '\n' not in message
   # The same checkpoint still restores into its own model.
-  restored, step = train.load_variables(c, str(tmp_path), v)
+  restored, step = manager_lib.load_variables(c, str(tmp_path), v)
   assert step == 2 and jax.tree.structure(restored['params']) == jax.tree.structure(v['params'])
 
 
@@ -470,7 +476,7 @@ def test_steps_compile_once_per_stage_and_evaluation_once(tmp_path, compile_coun
   gt = [ts.annotation(i, 32, 24, (0, 0, 16, 12)) for i in (1, 2, 3, 4, 5)]
   eval_batches = [ts.eval_batch([1, 2], [True] * 2), ts.eval_batch([3, 4], [True] * 2),
                   ts.eval_batch([5, -1], [True, False])]
-  inference.evaluate(c, str(tmp_path), model, v, eval_batches, gt)
+  loops.evaluate(c, str(tmp_path), model, v, eval_batches, gt)
   assert len(counts) == 3 and counts[0] > 0 and counts[1:] == [0, 0], counts
 
 
@@ -483,10 +489,10 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   assert 'last good checkpoint: step 4' in str(err.value)
   ckpt = tmp_path / 'checkpoints'
   assert sorted(os.listdir(ckpt)) == ['2', '4']
-  manager = train.checkpoint_manager(c, str(tmp_path))
+  manager = manager_lib.checkpoint_manager(c, str(tmp_path))
   _, v = ts.init_variables()
-  template = train.create_train_state(c, v, jax.random.PRNGKey(0))
-  good = train.restore_checkpoint(manager, template)
+  template = state_lib.create_train_state(c, v, jax.random.PRNGKey(0))
+  good = manager_lib.restore_checkpoint(manager, template)
   assert int(good.step) == 4
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(good.params))
 
@@ -497,9 +503,9 @@ def test_damaged_checkpoint_is_one_user_error(tmp_path, monkeypatch, caplog):
   tracebacks on a real checkpoint) its pending array reads leave behind."""
   c = _config()
   _, v = ts.init_variables()
-  template = train.create_train_state(c, v, jax.random.PRNGKey(0))
-  manager = train.checkpoint_manager(c, str(tmp_path))
-  assert train.save_checkpoint(manager, template.replace(step=jnp.asarray(2)), force=True)
+  template = state_lib.create_train_state(c, v, jax.random.PRNGKey(0))
+  manager = manager_lib.checkpoint_manager(c, str(tmp_path))
+  assert manager_lib.save_checkpoint(manager, template.replace(step=jnp.asarray(2)), force=True)
   for directory, _, names in os.walk(tmp_path / 'checkpoints' / '2' / 'default'):
     for name in names if os.path.basename(directory) == 'd' else ():
       with open(os.path.join(directory, name), 'r+b') as f:  # data files cut to half
@@ -507,7 +513,7 @@ def test_damaged_checkpoint_is_one_user_error(tmp_path, monkeypatch, caplog):
   reported = []
   monkeypatch.setattr(sys, 'unraisablehook', reported.append)
   with pytest.raises(UserError) as err:
-    train.restore_checkpoint(train.checkpoint_manager(c, str(tmp_path), read_only=True),
+    manager_lib.restore_checkpoint(manager_lib.checkpoint_manager(c, str(tmp_path), read_only=True),
                              template)
   assert err.value.path == str(tmp_path / 'checkpoints' / '2')
   assert 'cannot be read (ValueError: ' in str(err.value)
@@ -517,7 +523,7 @@ def test_damaged_checkpoint_is_one_user_error(tmp_path, monkeypatch, caplog):
   started = []
   model, _ = ts.init_variables()
   with pytest.raises(UserError, match='cannot be read'):
-    train.train(c, str(tmp_path), model, v, lambda: pytest.fail('read a batch'),
+    loop_lib.train(c, str(tmp_path), model, v, lambda: pytest.fail('read a batch'),
                 ts.RecordingWriter(), on_start=lambda: started.append(1))
   assert not started
   for _ in range(3):  # the pending reads end on Orbax's threads
@@ -534,16 +540,16 @@ def test_a_failure_that_is_not_the_checkpoints_is_not_blamed_on_it(tmp_path, mon
   directory' would be destructive advice."""
   c = _config()
   _, v = ts.init_variables()
-  template = train.create_train_state(c, v, jax.random.PRNGKey(0))
-  manager = train.checkpoint_manager(c, str(tmp_path))
-  assert train.save_checkpoint(manager, template.replace(step=jnp.asarray(1)), force=True)
+  template = state_lib.create_train_state(c, v, jax.random.PRNGKey(0))
+  manager = manager_lib.checkpoint_manager(c, str(tmp_path))
+  assert manager_lib.save_checkpoint(manager, template.replace(step=jnp.asarray(1)), force=True)
 
   def out_of_memory(*args, **kwargs):
     del args, kwargs
     raise RuntimeError('RESOURCE_EXHAUSTED: Out of memory while trying to allocate')
   monkeypatch.setattr(type(manager), 'restore', out_of_memory)
   with pytest.raises(RuntimeError, match='RESOURCE_EXHAUSTED'):
-    train.restore_checkpoint(manager, template)
+    manager_lib.restore_checkpoint(manager, template)
 
 
 _DATA_PARALLEL = textwrap.dedent('''
@@ -551,28 +557,31 @@ _DATA_PARALLEL = textwrap.dedent('''
     import jax, numpy as np
     sys.path.insert(0, {root!r})
     from configs import default
-    from sln_jax import inference, train
+    from sln_jax import parallel
+    from sln_jax.training import optimizer as optimizer_lib
+    from sln_jax.training import state as state_lib
+    from sln_jax.training import step as step_lib
     from tests import train_standin as ts
     assert jax.local_device_count() == 8, jax.devices()
     c = default.get_config()
     c.train.stages = (('all', 2, 0.1),)
     model, v = ts.init_variables()
-    tx = train.create_optimizer(c, v['params'], v['batch_stats'], 'all')
-    state = train.create_train_state(c, v, jax.random.PRNGKey(3))
-    step = train.make_train_step(model, c, tx)
+    tx = optimizer_lib.create_optimizer(c, v['params'], v['batch_stats'], 'all')
+    state = state_lib.create_train_state(c, v, jax.random.PRNGKey(3))
+    step = step_lib.make_train_step(model, c, tx)
     (b8,) = ts.make_batches(1, 8, 1)
     b1 = jax.tree.map(lambda x: x.reshape((1, 8) + x.shape[2:]), b8)
     outs = {{}}
     for name, devices, batch in (('eight', jax.local_devices(), b8),
                                  ('one', jax.local_devices()[:1], b1)):
-      p = jax.pmap(step, axis_name=train.AXIS, devices=devices)
-      s = train.replicate(state, devices)
+      p = jax.pmap(step, axis_name=parallel.AXIS, devices=devices)
+      s = parallel.replicate(state, devices)
       for _ in range(2):
         s, out = p(s, batch)
-      first = train.unreplicate(s.params)          # the first device's shard
+      first = parallel.unreplicate(s.params)          # the first device's shard
       for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(s.params)):
         assert a.shape == b.shape[1:] and np.array_equal(np.asarray(b)[0], np.asarray(a))
-      metrics = train.first_replica(out)
+      metrics = parallel.first_replica(out)
       assert set(metrics) == set(out) and metrics['loss/total'] == np.asarray(out['loss/total'])[0]
       outs[name] = dict(params=[np.asarray(x).tolist() for x in jax.tree.leaves(first)],
                         loss=float(metrics['loss/total']))
@@ -607,13 +616,13 @@ def test_prefetch_to_devices_keeps_order_and_looks_ahead_depth_batches():
     for i in range(5):
       pulled.append(i)
       yield {'x': np.full((jax.local_device_count(), 2), i, np.float32)}
-  out = train.prefetch_to_devices(source(), depth=2)
+  out = parallel.prefetch_to_devices(source(), depth=2)
   first = next(out)
   assert pulled == [0, 1]                       # one batch in flight beyond the yielded one
   assert isinstance(first['x'], jax.Array) and first['x'].sharding.num_devices == jax.local_device_count()
   rest = [int(np.asarray(b['x'])[0, 0]) for b in out]
   assert [int(np.asarray(first['x'])[0, 0])] + rest == [0, 1, 2, 3, 4]
-  assert [int(np.asarray(b['x'])[0, 0]) for b in train.prefetch_to_devices(iter([]), 2)] == []
+  assert [int(np.asarray(b['x'])[0, 0]) for b in parallel.prefetch_to_devices(iter([]), 2)] == []
 
 
 def test_layer_ratios_pool_the_counts_and_drop_them():
@@ -622,7 +631,7 @@ def test_layer_ratios_pool_the_counts_and_drop_them():
              'metric/layer1_pred_px': 60.0,
              'metric/layer2_hit_px': 0.0, 'metric/layer2_target_px': 5.0,
              'metric/layer2_pred_px': 0.0}
-  assert train.layer_ratios(scalars) == {
+  assert loop_lib.layer_ratios(scalars) == {
       'loss/total': 1.5, 'metric/head_accuracy': 0.9,
       'metric/layer1_recall': 0.75, 'metric/layer1_precision': 0.5,
       'metric/layer2_recall': 0.0}   # no predicted pixels: no precision
@@ -634,15 +643,15 @@ def test_first_replica_and_unreplicate_read_the_first_devices_copy(caplog):
   stacked = {'loss': np.full((n,), 2.5, np.float32),
              'w': np.stack([np.arange(15, dtype=np.int32).reshape(3, 5)] * n),
              'h': np.stack([np.full((2, 7), 0.25, jnp.bfloat16)] * n)}
-  tree = train.shard(stacked)
+  tree = parallel.shard(stacked)
   with jax.log_compiles(), caplog.at_level(logging.WARNING):
-    host = train.first_replica(tree)
+    host = parallel.first_replica(tree)
   # A host copy of one shard: no computation compiled (nor run) on the devices.
   assert not [r for r in caplog.records if 'Compiling' in r.getMessage()]
   for k, v in stacked.items():
     assert isinstance(host[k], (np.ndarray, np.generic)) and host[k].dtype == v.dtype
     np.testing.assert_array_equal(host[k], v[0])
-  dev = train.unreplicate(tree)
+  dev = parallel.unreplicate(tree)
   for k, v in stacked.items():
     assert isinstance(dev[k], jax.Array) and dev[k].shape == v.shape[1:]
     np.testing.assert_array_equal(np.asarray(dev[k]), v[0])
@@ -650,7 +659,7 @@ def test_first_replica_and_unreplicate_read_the_first_devices_copy(caplog):
   # compiles one (a shape no other test uses).
   caplog.clear()
   with jax.log_compiles(), caplog.at_level(logging.WARNING):
-    jax.tree.map(lambda x: x[0], train.shard({'x': np.zeros((n, 11, 13), np.float32)}))
+    jax.tree.map(lambda x: x[0], parallel.shard({'x': np.zeros((n, 11, 13), np.float32)}))
   assert [r for r in caplog.records if 'Compiling' in r.getMessage()]
 
 
@@ -662,13 +671,13 @@ def test_model_state_and_unreplicate_compile_a_handful_of_programs():
   jax.clear_caches()  # what this process compiled before counts again
   with _backend_compiles() as compiles:
     config = tiny.get_config()
-    _, variables = train.create_model(config)
+    _, variables = state_lib.create_model(config)
     n_model = len(compiles)
-    state = train.create_train_state(config, variables, jax.random.PRNGKey(1))
+    state = state_lib.create_train_state(config, variables, jax.random.PRNGKey(1))
     n_state = len(compiles) - n_model
-    rstate = train.replicate(state)
+    rstate = parallel.replicate(state)
     del compiles[:]
-    host = train.unreplicate(rstate)
+    host = parallel.unreplicate(rstate)
     n_unreplicate = len(compiles)
   shapes = {x.shape for x in jax.tree.leaves(variables)}
   assert len(shapes) > 20, len(shapes)
@@ -686,9 +695,9 @@ def test_reset_momentum_zeroes_in_one_program_keeping_each_sharding():
             'c': {'k': np.ones((2, 2, 4), np.float32)}}
   opt_state = optax.trace(decay=0.9).init(params)
   opt_state = optax.tree_utils.tree_set(opt_state, trace=jax.tree.map(np.ones_like, params))
-  replicated = train.replicate(opt_state)
+  replicated = parallel.replicate(opt_state)
   with _backend_compiles() as compiles:
-    reset = train.reset_momentum(replicated)
+    reset = optimizer_lib.reset_momentum(replicated)
   assert len(compiles) == 1, compiles
   before = optax.tree_utils.tree_get(replicated, 'trace')
   after = optax.tree_utils.tree_get(reset, 'trace')

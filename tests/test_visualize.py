@@ -5,11 +5,11 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from input_pipeline import readers, records, synthetic
-from sln_jax import cliutil
+from sln_jax import errors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'scripts'))
@@ -98,14 +98,14 @@ def test_bad_input_names_the_file_and_writes_nothing(dataset, tmp_path):
   bad = tmp_path / 'dt.json'
   bad.write_text(json.dumps([{'image_id': 999, 'score': 0.9,
                               'segmentation': gt[0].instances[0].amodal_rle}]))
-  with pytest.raises(cliutil.UserError, match=r'dt\.json: \[0\]\.image_id'):
+  with pytest.raises(errors.UserError, match=r'dt\.json: \[0\]\.image_id'):
     vis.main(_args(dataset, out, '--results', bad))
   bad.write_text('[{"image_id": ')
-  with pytest.raises(cliutil.UserError, match=r'dt\.json: not readable JSON'):
+  with pytest.raises(errors.UserError, match=r'dt\.json: not readable JSON'):
     vis.main(_args(dataset, out, '--results', bad))
-  with pytest.raises(cliutil.UserError, match=r'--image-ids: image ids \[12345\]'):
+  with pytest.raises(errors.UserError, match=r'--image-ids: image ids \[12345\]'):
     vis.main(_args(dataset, out, '--image-ids', 12345))
-  with pytest.raises(cliutil.UserError, match=r'nothere\.json: annotation file not found'):
+  with pytest.raises(errors.UserError, match=r'nothere\.json: annotation file not found'):
     vis.main(['--format', 'cocoa', '--annotations', str(tmp_path / 'nothere.json'),
               '--images', images, '--out', str(out)])
   assert not out.exists()

@@ -12,15 +12,12 @@ channels in and out), its VJP computes the kernel gradient tap by tap:
 
 one (C_in, C_out) matrix product per kernel tap (a ``lax.map`` over the
 taps, so one strided window of the padded input exists at a time),
-accumulated in float32, instead of XLA:CPU's kernel-gradient convolution.
-On a 2-core AVX-512 CPU that convolution ran 1x1 kernel gradients at 35-62
-GFLOP/s and 3x3 ones at 63-77, against about 450 for the forward pass; the
-whole VJP (input and kernel gradients) is now 1.6-5x faster on the full
-model's 1x1 convolutions and 256-channel 3x3 ones on P2
-(docs/benchmarks.md). The input gradient is jax's own (the transposed
-convolution) and the forward pass is ``lax.conv_general_dilated`` itself,
-so inference is unchanged bit for bit; the kernel gradient differs from
-XLA's by float32 summation order (relative 1e-5 at 3x3 on 256x256).
+accumulated in float32, instead of XLA:CPU's kernel-gradient convolution,
+which runs far below XLA:CPU's forward-convolution rate (docs/benchmarks.md).
+The input gradient is jax's own (the transposed convolution) and the
+forward pass is ``lax.conv_general_dilated`` itself, so inference is XLA's
+bit for bit; the kernel gradient differs from XLA's only by float32
+summation order.
 
 Small or narrow convolutions (all of the synthetic and test configs') keep
 XLA's kernel gradient, as do other backends (cuDNN / TPU convolutions) and
@@ -36,8 +33,8 @@ import math
 from typing import Iterator, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 MIN_GFLOP = 1.0   # kernel-gradient GFLOP (2 * B * OH * OW * kh * kw * C_in * C_out)
@@ -99,13 +96,13 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding,
 
 
 def _pays(rhs_shape, out_shape) -> bool:
-  """Whether the matrix-product kernel gradient is worth it (measured on a
-  2-core AVX-512 CPU, docs/benchmarks.md): at least ``MIN_GFLOP``, and for
-  kernels wider than 1x1 at least ``MIN_CHANNELS`` in and out channels
-  (the backbone's 64- and 128-channel 3x3 convolutions ran 0.77-0.97x
-  XLA's speed). The mask head's 256-channel 3x3s on 14x14 maps are in
-  (0.91x alone; leaving them out made no measurable difference to the
-  training step)."""
+  """Whether the matrix-product kernel gradient is worth it: at least
+  ``MIN_GFLOP``, and for kernels wider than 1x1 at least ``MIN_CHANNELS``
+  in and out channels, where it measured faster (docs/benchmarks.md). The
+  backbone's 64- and 128-channel 3x3 convolutions keep XLA's kernel
+  gradient. The mask head's 256-channel 3x3s on 14x14 maps pass the rule;
+  a rule that leaves them out makes no difference to the training step
+  beyond noise (docs/benchmarks.md)."""
   kh, kw, cin, cout = rhs_shape
   if 2 * math.prod(out_shape) * kh * kw * cin < MIN_GFLOP * 1e9:
     return False

@@ -23,8 +23,8 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 
 from sln_jax.models.materialize import materialize
 from sln_jax.models.norm import NormSpec

@@ -25,8 +25,8 @@ class Upsample2x(nn.Module):
   depth-to-space: output pixel (2i + a, 2j + b) is ``x[i, j] @ kernel[1 - a,
   1 - b] + bias``. Stride equal to kernel means the four taps never overlap,
   so this is exact; it avoids the lhs-/rhs-dilated convolutions that XLA
-  emits for a transposed conv and its kernel gradient (the latter alone
-  took ~45% of a training step on CPU).
+  emits for a transposed conv and its kernel gradient, which XLA:CPU runs
+  slowly (docs/benchmarks.md).
 
   (..., H, W, C_in) -> (..., 2H, 2W, C_out).
   """

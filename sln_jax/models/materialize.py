@@ -6,10 +6,9 @@ output ``relu(bn3(conv3(.)) + x_{k-1})`` is cheap elementwise work over
 block k-1's output, so every consumer that is a loop fusion (the next
 block's residual add, the ReLU masks and the layout copies of the backward
 pass) recomputes all earlier blocks' residual sums instead of reading the
-stored output: O(k) work at block k, O(n^2) over a stage. In the full
-model's training step at 1024 that was 32% of XLA:CPU's op time (the
-23-block C4 stage of the backbone; the GLM's C4 at three scales), 13% of
-inference (``docs/benchmarks.md``).
+stored output: O(k) work at block k, O(n^2) over a stage. It weighs most
+in the 23-block C4 stages (the backbone's, and the GLM's at three scales)
+and more in the training step than in inference (``docs/benchmarks.md``).
 
 ``jax.lax.optimization_barrier`` does not stop it: XLA:CPU removes barriers
 before fusing. A float division is one of the ops XLA will not duplicate,

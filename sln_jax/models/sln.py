@@ -14,8 +14,9 @@ wins. Missing weights default to 1 (the release). The same mapping may carry
 Training mask head: it only runs on the positive slots. ``sample_rois``
 places positives first, so the first ``int(rois_per_image * positive_ratio)``
 ROI slots hold every possible positive; the mask head and the mask losses
-use those slots only (masked by ``positive``), a static count that saves
-~30% of the mask head's compute at the release's settings.
+use those slots only (masked by ``positive``), a static count (70 of the
+100 slots at the release's settings) that spares the mask head the slots
+that can only hold negatives.
 
 GLM disabled (``model.glm.enabled=False``): no GLM parameters; the mask head
 input is the FPN ROI features alone.
@@ -26,8 +27,8 @@ import functools
 import math
 from typing import Any, Mapping, Optional
 
-import flax.linen as nn
 from flax import traverse_util
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,8 +60,8 @@ def layer_pixel_counts(layer_logits: jax.Array, layer_targets: jax.Array,
     ``layer{k}_target_px`` and ``layer{k}_pred_px`` for k = 1..L (1 = the
     visible layer, 2.. the occluded ones). The training log turns them into
     ``layer{k}_recall`` = hit / target and ``layer{k}_precision`` = hit / pred
-    (``train.layer_ratios``); counts, not ratios, so that averaging over
-    images, devices and log steps pools the pixels.
+    (``sln_jax.training.loop.layer_ratios``); counts, not ratios, so that
+    averaging over images, devices and log steps pools the pixels.
   """
   keep = positive[:, :, None, None, None]
   pred = (layer_logits > 0) & keep
@@ -302,7 +303,7 @@ class SLN(nn.Module):
     boxes = jax.lax.stop_gradient(det['boxes'])
     if t.round_boxes:  # release QUIRK: whole canvas pixels (torch.round, half to even)
       boxes = jnp.round(boxes * size) / size
-    # Release QUIRK (legacy flag): pixel-unit boxes into the GLM crop.
+    # Release QUIRK (model.glm.legacy_pixel_boxes): pixel-unit boxes into the GLM crop.
     glm_boxes = boxes * size if c.glm.legacy_pixel_boxes else boxes
     logits = self._mask_head(pyramid, glm_feats, boxes, glm_boxes, size)
     valid = det['valid']

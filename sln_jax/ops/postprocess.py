@@ -23,7 +23,8 @@ def detect(rois: jnp.ndarray, class_probs: jnp.ndarray, deltas: jnp.ndarray,
   with NMS; with its default 0 this is the same). With ``nms_threshold >=
   0`` (static) per-class greedy NMS runs first (release USE_NMS); the top
   ``max_detections`` survivors by score are returned. Unlike the release,
-  boxes are not rounded to whole pixels.
+  boxes are not rounded to whole pixels (``SLN.infer`` rounds them under
+  ``model.detection.round_boxes``).
 
   Args:
     rois: (R, 4) normalised (y1, x1, y2, x2).

@@ -20,9 +20,10 @@ Implementation: every ROI reads its samples with four gathers (one per
 bilinear corner) from the feature map(s) flattened to (rows, C). Cost
 O(N * c^2 * 4 * C) memory traffic, independent of the map size, against
 O(N * c * H * W * C) FLOPs for the one-hot-einsum formulation (for P2 at
-256x256 and 1000 ROIs that is ~100 GFLOP vs ~50 M reads), so gathers win on
-CPU and GPU at these sizes; their gradient is a scatter-add. All levels are
-concatenated into one flat table so a pyramid costs a single gather pass.
+256x256 and 1000 ROIs that is ~100 GFLOP vs ~50 M reads), so gathers are
+the cheaper form at these sizes; their gradient is a scatter-add. All
+levels are concatenated into one flat table so a pyramid costs a single
+gather pass.
 Sampling and the gradient's scatter-add run in float32 whatever the map's
 dtype (torchvision's autocast policy for roi_align): a bfloat16 map gets a
 gradient rounded once per pixel, not once per accumulated sample.
@@ -51,7 +52,7 @@ def _axis_tf(coord: jnp.ndarray, size: jnp.ndarray) -> Axis:
   # A sample within float32 rounding of the map's edge (EDGE_TOLERANCE) counts
   # as on it: a box edge on the map edge (a box clipped to the image) always
   # samples the edge row, whatever the compiler's rounding or FMA contraction.
-  # TF's float32 sum overshoots H - 1 for about 5% of such boxes and returns 0.
+  # TF's float32 sum can overshoot H - 1 for such a box and then returns 0.
   tol = EDGE_TOLERANCE * size
   valid = (coord >= -tol) & (coord <= size - 1.0 + tol)
   coord = jnp.clip(coord, 0.0, size - 1.0)

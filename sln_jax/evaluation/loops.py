@@ -15,13 +15,21 @@ import re
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from sln_jax import host_workers
-from sln_jax.cliutil import UserError, atomic_output_file, make_dirs
-from sln_jax.train import AXIS, Batch, MetricWriter, PyTree, make_infer_fn, replicate, shard
+from sln_jax.errors import UserError
+from sln_jax.evaluation import metrics as metrics_lib
+from sln_jax.evaluation import render, results_check
+from sln_jax.evaluation import results as results_lib
+from sln_jax.files import atomic_output_file, make_dirs
+from sln_jax.parallel import AXIS, Batch, PyTree, replicate, shard
+from sln_jax.training.step import make_infer_fn
+from sln_jax.writers import MetricWriter
 
 
 def _flatten_devices(tree: PyTree) -> PyTree:
@@ -34,7 +42,6 @@ def _gather_results(results: list, seen: list, workdir: str) -> tuple[list, list
   (through files in ``workdir``, removed afterwards)."""
   if jax.process_count() == 1:
     return results, seen
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   part = os.path.join(workdir, f'.results_part{jax.process_index()}.json')
   with atomic_output_file(part) as f:
     json.dump({'results': results, 'seen': seen}, f)
@@ -113,8 +120,6 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, model: Any,
   evaluate.depth_order_accuracy), prints the table and
   returns the metrics.
   """
-  from sln_jax import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
-  from sln_jax import predict as predict_lib  # pylint: disable=g-import-not-at-top
   gt_by_id = {int(a.image_id): a for a in annotations}
   infer = jax.pmap(make_infer_fn(model), axis_name=AXIS)
   rvars = replicate(variables)
@@ -137,7 +142,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, model: Any,
         raise UserError(f'image_id {int(image_id)} of the eval split is not in the '
                         'ground truth', field='dataset.eval_annotations')
       seen.append(int(image_id))
-      workers.submit(predict_lib.detections_to_results,
+      workers.submit(results_lib.detections_to_results,
                      int(image_id), {k: v[j] for k, v in dets.items()}, meta['image_scale'][j],
                      (ann.height, ann.width), mask_threshold=config.eval.mask_threshold,
                      mask_paste=config.eval.mask_paste)
@@ -163,26 +168,26 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, model: Any,
   results, seen = _gather_results(results, seen, workdir)
   gt = [gt_by_id[i] for i in sorted(set(seen))]
   # Once for the three scorings; the RLEs are pycocotools' own encoding.
-  checked = eval_lib.check_results(results, gt, check_counts=False)
-  metrics = eval_lib.evaluate(gt, checked, protocol=config.eval.protocol,
+  checked = results_check.check_results(results, gt, check_counts=False)
+  metrics = metrics_lib.evaluate(gt, checked, protocol=config.eval.protocol,
                               category_agnostic=config.dataset.category_agnostic)
   if jax.process_index() == 0:
     with atomic_output_file(os.path.join(workdir, 'results.json')) as f:
       json.dump(results, f)
     with atomic_output_file(os.path.join(workdir, 'metrics.json')) as f:
       json.dump(metrics, f, indent=1)
-    depth = eval_lib.depth_order_accuracy(gt, checked)
+    depth = metrics_lib.depth_order_accuracy(gt, checked)
     with atomic_output_file(os.path.join(workdir, 'depth_order.json')) as f:
       json.dump(depth, f, indent=1)
     if not config.dataset.category_agnostic:
-      per_class = eval_lib.per_class_ap(gt, checked, protocol=config.eval.protocol)
+      per_class = metrics_lib.per_class_ap(gt, checked, protocol=config.eval.protocol)
       with atomic_output_file(os.path.join(workdir, 'per_class_ap.json')) as f:
         json.dump({str(k): v for k, v in per_class.items()}, f, indent=1)
     print(f'evaluation at step {step} on {len(gt)} images '
           f'({config.dataset.name}/{config.dataset.eval_split}, '
           f'protocol {config.eval.protocol}):')
-    print(eval_lib.format_table(metrics))
-    print(eval_lib.format_depth_order(depth), flush=True)
+    print(metrics_lib.format_table(metrics))
+    print(metrics_lib.format_depth_order(depth), flush=True)
     if writer is not None:
       scalars = {f'eval/{branch}_{metric}': value
                  for branch, table in metrics.items()
@@ -216,8 +221,7 @@ def predict(config: ml_collections.ConfigDict, model: Any, variables: PyTree,
     The number of images this process wrote. Non-images and unreadable
     images are reported and skipped.
   """
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  from sln_jax import predict as predict_lib  # pylint: disable=g-import-not-at-top
+
   pc = config.predict
   if not pc.input_dir or not os.path.isdir(pc.input_dir):
     raise UserError('not a directory', path=str(pc.input_dir), field='predict.input_dir')
@@ -264,7 +268,7 @@ def predict(config: ml_collections.ConfigDict, model: Any, variables: PyTree,
   def write(dets, stem, image_id, image, scale):
     """Hands one image's detections to the host workers, which write its
     results and picture."""
-    workers.submit(predict_lib.write_prediction, image_id,
+    workers.submit(render.write_prediction, image_id,
                    {key: v[0] for key, v in jax.device_get(dets).items()}, scale, image,
                    os.path.join(pc.output_dir, stem + '.json'),
                    os.path.join(pc.output_dir, stem + '.png'),

@@ -1,6 +1,6 @@
-"""Released PyTorch checkpoints <-> Flax variables, and Orbax save/load.
+"""Released PyTorch checkpoints <-> Flax variables.
 
-Sources (SLN_REFERENCE.md section 6):
+Sources (the release's files, apchenstu/SLN-Amodal):
   * 'sln':      COCOA.pth / D2SA.pth, the whole model (Mask R-CNN keys plus
                 ``GLM_modual.base.*``);
   * 'deeplab':  deeplabv2.pth, the GLM alone (``base.*``; also accepted:
@@ -18,35 +18,36 @@ transpose_kernel=False)`` with both spatial axes flipped; BatchNorm weight,
 bias -> params scale, bias; running_mean, running_var -> batch_stats mean,
 var; ``num_batches_tracked`` is ignored. Flax module paths follow
 docs/architecture.md. Converted leaves are float32 numpy arrays.
-
-Orbax layout: a checkpoint directory written by ``ocp.StandardCheckpointer``
-holding the pytree ``{'params': ..., 'batch_stats': ...}`` (nested dicts of
-arrays, Flax module paths). ``load_orbax`` restores it without a target;
-``partial_load`` merges chosen leaves into a model's variables.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
-import logging
 import os
 import pickle
 import re
-import sys
-from typing import Iterator, Mapping, Sequence
+from typing import Mapping, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from sln_jax.cliutil import UserError, listing
+from sln_jax.errors import UserError, listing
+from sln_jax.models import deeplab, sln
 
 SOURCES = ('sln', 'deeplab', 'maskrcnn')
+
+
 EXPANSION = 4
+
+
 GLM_PREFIX = {'sln': 'GLM_modual.base.', 'deeplab': 'base.'}
+
+
 # Matterport COCO layers that cannot fit SLN (81 classes; 256-channel mask
 # head input; 81-class mask output).
 MASKRCNN_SKIP = (r'^classifier\.linear_(class|bbox)\.',
                  r'^mask\.conv[15]\.')
+
 
 # Leaf kinds: how a torch tensor maps onto a Flax leaf.
 CONV, DECONV, LINEAR, VECTOR = 'conv', 'deconv', 'linear', 'vector'
@@ -189,9 +190,6 @@ def release_layout(model_cfg, source: str = 'sln') -> list[Entry]:
   if source == 'deeplab' or (source == 'sln' and model_cfg.glm.enabled):
     _glm_layout(lay, model_cfg.glm, GLM_PREFIX[source])
   return lay.entries
-
-
-# ----------------------------------------------------------------- loading
 
 
 def load_torch_state_dict(path: str) -> dict:
@@ -443,9 +441,6 @@ def flax_to_torch(variables: Mapping, config, source: str = 'sln',
   return out
 
 
-# ----------------------------------------------------------------- Orbax
-
-
 def release_activations(variables: Mapping, x: np.ndarray, config) -> dict:
   """The release's intermediate tensors, computed by the converted network.
 
@@ -460,10 +455,7 @@ def release_activations(variables: Mapping, x: np.ndarray, config) -> dict:
   (N, classes, h, w) of x resized bilinearly to model.glm.image_size. Runs
   the SLN model's own submodules (sln_jax.models.sln).
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-  from sln_jax.models import deeplab, sln  # pylint: disable=g-import-not-at-top
 
   model = sln.build_model(config)
   params = variables['params']
@@ -489,283 +481,4 @@ def release_activations(variables: Mapping, x: np.ndarray, config) -> dict:
     out['rpn_bbox'] = np.asarray(r['deltas'], np.float32)
   if 'glm' in params and config.model.glm.enabled:
     out['glm_logits'] = nchw(run(variables, img, glm_logits))
-  return out
-
-
-def save_orbax(variables: Mapping, directory: str) -> None:
-  """Writes {'params', 'batch_stats'} to ``directory`` (StandardCheckpointer;
-  replaces an existing directory)."""
-  import orbax.checkpoint as ocp
-
-  tree = {k: variables.get(k, {}) for k in ('params', 'batch_stats')}
-  ckptr = ocp.StandardCheckpointer()
-  ckptr.save(os.path.abspath(directory), tree, force=True)
-  ckptr.wait_until_finished()
-  ckptr.close()
-
-
-def is_orbax_dir(directory: str) -> bool:
-  """True when ``directory`` holds an Orbax checkpoint (its metadata file):
-  what ``convert_checkpoint.py --output`` may replace."""
-  return any(os.path.isfile(os.path.join(directory, name))
-             for name in ('_CHECKPOINT_METADATA', '_METADATA'))
-
-
-def _orbax_read_noise(unraisable) -> bool:
-  """True for what a failed Orbax read leaves behind: each array read still
-  pending ends as an unraisable exception (its coroutine's own error, or
-  ``RuntimeError('Event loop is closed')`` from TensorStore callbacks posting
-  to Orbax's closed loop), printed as one traceback each, thousands of lines
-  after the one-line error."""
-  if (isinstance(unraisable.exc_value, RuntimeError)
-      and str(unraisable.exc_value) == 'Event loop is closed'):
-    return True
-  code = getattr(unraisable.object, 'cr_code', None)
-  return code is not None and 'orbax' in code.co_filename
-
-
-def _unretrieved_read_noise(record: logging.LogRecord) -> bool:
-  """False for asyncio's '<Task|Future> exception was never retrieved': the
-  same failed array reads, logged by asyncio instead of raised (the futures
-  are TensorStore's or Orbax's; their tracebacks need not name either)."""
-  return 'exception was never retrieved' not in record.getMessage()
-
-
-@contextlib.contextmanager
-def quiet_failed_reads() -> Iterator[None]:
-  """Around an Orbax restore: drops the reports of a failed read's pending
-  array reads (``_orbax_read_noise`` through ``sys.unraisablehook``, and
-  asyncio's log of them) while it runs, and for the rest of the process if
-  it fails (those reads end later). Any other report is kept."""
-  previous = sys.unraisablehook
-
-  def hook(unraisable):
-    if not _orbax_read_noise(unraisable):
-      previous(unraisable)
-
-  def log_filter(record):  # one object per call: removeFilter takes out this one
-    return _unretrieved_read_noise(record)
-  sys.unraisablehook = hook
-  asyncio_log = logging.getLogger('asyncio')
-  asyncio_log.addFilter(log_filter)
-  yield
-  sys.unraisablehook = previous
-  asyncio_log.removeFilter(log_filter)
-
-
-# TensorStore's status codes for a file it cannot read as the checkpoint
-# says it should (truncated, corrupted, missing); not RESOURCE_EXHAUSTED
-# (memory), UNAVAILABLE or DEADLINE_EXCEEDED (transient).
-_READ_FAILURE = re.compile(r'(OUT_OF_RANGE|DATA_LOSS|NOT_FOUND|INVALID_ARGUMENT|'
-                           r'FAILED_PRECONDITION): ')
-
-
-def is_read_failure(err: BaseException) -> bool:
-  """True when ``err`` comes from checkpoint files that cannot be read as
-  written (TensorStore's read errors, malformed JSON metadata, a missing
-  file): what ``unreadable_checkpoint`` reports. Out of memory, transient
-  file-system or coordination errors are not."""
-  seen = set()
-  while err is not None and id(err) not in seen:
-    seen.add(id(err))
-    if isinstance(err, (json.JSONDecodeError, FileNotFoundError)):
-      return True
-    if isinstance(err, ValueError) and _READ_FAILURE.match(str(err)):
-      return True
-    err = err.__cause__ or err.__context__
-  return False
-
-
-def unreadable_checkpoint(directory: str, err: BaseException, hint: str) -> UserError:
-  """The UserError for an Orbax checkpoint in ``directory`` whose arrays
-  cannot be read (a damaged, truncated or partly copied file): Orbax's first
-  line of the reason (its own message wraps the TensorStore spec) and
-  ``hint``."""
-  cause = err
-  while cause.__cause__ is not None:
-    cause = cause.__cause__
-  reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
-  if len(reason) > 300:
-    reason = reason[:300] + '...'
-  return UserError(f'cannot be read ({type(cause).__name__}: {reason}); {hint}', path=directory)
-
-
-def load_orbax(directory: str) -> dict:
-  """Reads a checkpoint written by ``save_orbax`` -> nested dict of arrays."""
-  import orbax.checkpoint as ocp
-
-  directory = os.path.abspath(directory)
-  if not os.path.isdir(directory):
-    raise UserError('no such checkpoint directory', path=directory)
-  if (not os.path.isfile(os.path.join(directory, '_METADATA'))
-      and os.path.isfile(os.path.join(directory, 'default', '_METADATA'))):
-    directory = os.path.join(directory, 'default')  # a training step: <workdir>/checkpoints/<step>
-  ckptr = ocp.StandardCheckpointer()
-  try:
-    with quiet_failed_reads():
-      tree = ckptr.restore(directory)
-  except Exception as err:  # pylint: disable=broad-except
-    if not is_orbax_dir(directory):
-      raise UserError(f'not an Orbax checkpoint (no _CHECKPOINT_METADATA or _METADATA; '
-                      f'{type(err).__name__})', path=directory) from None
-    if not is_read_failure(err):
-      raise
-    raise unreadable_checkpoint(
-        directory, err, 'the checkpoint is damaged or incomplete; convert or copy it again'
-    ) from None
-  finally:
-    ckptr.close()
-  return {k: tree.get(k, {}) for k in ('params', 'batch_stats')}
-
-
-def _flatten(tree: Mapping, prefix: tuple = ()) -> dict:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = v
-  return out
-
-
-@dataclasses.dataclass
-class LoadReport:
-  """What ``partial_load`` did; names are 'collection/module/.../leaf'.
-
-  ``loaded``: the model leaves loaded (each once, however many sources gave
-  it); ``sources``: (directory, leaves loaded from it) in order.
-  ``missing``, ``excluded`` and ``shape_mismatch`` together are the model's
-  leaves that kept their initial values: ``missing`` the ones no source
-  holds, ``excluded`` the ones a source holds but its regexes
-  (init_patterns) leave out, ``shape_mismatch`` ('name (checkpoint shape) !=
-  (model shape)') the ones every source holds with another shape.
-  ``not_in_target``: checkpoint leaves the model lacks.
-  """
-  loaded: list = dataclasses.field(default_factory=list)
-  missing: list = dataclasses.field(default_factory=list)
-  excluded: list = dataclasses.field(default_factory=list)
-  shape_mismatch: list = dataclasses.field(default_factory=list)
-  not_in_target: list = dataclasses.field(default_factory=list)
-  sources: list = dataclasses.field(default_factory=list)
-
-  def not_loaded(self) -> list:
-    """``missing``, ``excluded`` then ``shape_mismatch``: every model leaf
-    left as it was."""
-    return self.missing + self.excluded + self.shape_mismatch
-
-  def skipped(self, limit: int = 5) -> list[str]:
-    """'N kind: first names' for each non-empty kind of model leaf not loaded."""
-    kinds = (('absent from the checkpoint', self.missing),
-             ('left out by init_patterns', self.excluded),
-             ('with other shapes', self.shape_mismatch))
-    return [listing(title, names, limit) for title, names in kinds if names]
-
-  def summary(self, limit: int = 5) -> str:
-    """One line: counts, and the first ``limit`` names of each skipped kind."""
-    parts = [f'loaded {len(self.loaded)} arrays']
-    if len(self.sources) > 1:
-      parts[0] += (' (' + ', '.join(f'{d}: {n}' for d, n in self.sources)
-                   + '; later ones win)')
-    if self.not_loaded():
-      parts.append(f'{len(self.not_loaded())} model arrays keep their initial '
-                   'values')
-    parts += self.skipped(limit)
-    if self.not_in_target:
-      parts.append(listing('checkpoint arrays absent from the model',
-                           self.not_in_target, limit))
-    return '; '.join(parts)
-
-
-def partial_load(target_variables: Mapping,
-                 sources: Sequence[str | tuple[str, Sequence[str]]],
-                 report: LoadReport | None = None,
-                 strict: bool = False) -> dict:
-  """Copies matching leaves of Orbax checkpoints into ``target_variables``.
-
-  Args:
-    target_variables: the model's variables ({'params', 'batch_stats', ...}).
-    sources: checkpoint dirs, each either a path (every leaf) or
-      (path, regexes): a leaf is taken when a regex is found (re.search) in
-      its name 'params/backbone/C1_conv/kernel'. Applied in order (later
-      ones win).
-    report: optional ``LoadReport`` filled with what was loaded and skipped.
-    strict: every model leaf must be loaded (evaluate / predict: nothing
-      would train a leaf left at its initial value).
-
-  Returns:
-    New variables with the target's structure and dtypes (loaded leaves as
-    jax arrays). Model leaves that no source holds with their shape keep
-    their values and are listed in ``report.missing``, ``report.excluded``
-    (held, but left out by the regexes) and ``report.shape_mismatch``
-    (``report.summary()``: the counts and the first names); checkpoint
-    leaves that the model lacks are skipped (``report.not_in_target``).
-
-  Raises:
-    UserError: a source that is unreadable or from which nothing was loaded;
-      with ``strict``, any model leaf not loaded (field 'init_from', the
-      sources as path, the first names of each kind).
-  """
-  import jax.numpy as jnp
-
-  report = LoadReport() if report is None else report
-  flat = {coll: _flatten(tree) for coll, tree in target_variables.items()}
-  loaded, mismatched, excluded, not_in_target = set(), {}, set(), set()
-  directories = []
-  for source in sources:
-    directory, patterns = ((source, ()) if isinstance(source, str)
-                           else (source[0], tuple(source[1])))
-    directories.append(directory)
-    ckpt = load_orbax(directory)
-    count = 0
-    for coll, tree in ckpt.items():
-      for path, value in _flatten(tree).items():
-        name = '/'.join((coll,) + path)
-        target = flat.get(coll, {}).get(path)
-        if patterns and not _matches(patterns, name):
-          if target is not None:
-            excluded.add(name)
-          continue
-        if target is None:
-          if name not in not_in_target:
-            not_in_target.add(name)
-            report.not_in_target.append(name)
-        elif tuple(np.shape(value)) != tuple(np.shape(target)):
-          mismatched[name] = (f'{name} {tuple(np.shape(value))} != '
-                              f'{tuple(np.shape(target))}')
-        else:
-          flat[coll][path] = jnp.asarray(value, dtype=target.dtype)
-          if name not in loaded:
-            report.loaded.append(name)
-            loaded.add(name)
-          count += 1
-    report.sources.append((directory, count))
-    if not count:
-      raise UserError('nothing loaded (no leaf matches '
-                      f'{list(patterns) or "any"} with the model\'s shapes)',
-                      path=directory, field='init_from')
-  for coll in sorted(flat, key=lambda c: c != 'params'):  # params first
-    for path in flat[coll]:
-      name = '/'.join((coll,) + path)
-      if name in loaded:
-        continue
-      if name in mismatched:
-        report.shape_mismatch.append(mismatched[name])
-      elif name in excluded:
-        report.excluded.append(name)
-      else:
-        report.missing.append(name)
-  if strict and report.not_loaded():
-    total = sum(len(leaves) for leaves in flat.values())
-    raise UserError(
-        f'{len(report.not_loaded())} of the model\'s {total} arrays would keep '
-        f'their random initial values ({"; ".join(report.skipped())}); '
-        'evaluate and predict need a checkpoint of this model (the model.* '
-        'settings it was converted or trained with)',
-        path=','.join(directories), field='init_from')
-  logging.info('init_from: %s', report.summary())
-  out = {}
-  for coll, leaves in flat.items():
-    out[coll] = {}
-    for path, value in leaves.items():
-      _set(out[coll], path, value)
   return out

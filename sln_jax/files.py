@@ -1,7 +1,9 @@
-"""Command-line helpers shared by main.py and scripts/: one-line user errors
-(exit code 2, no traceback) and atomic outputs (nothing half-written).
+"""Outputs that are never half-written, and the checks run before slow work.
 
-No heavy imports here: input_pipeline scripts use it too.
+Every writer goes through a temporary name beside its target and renames it
+on success (``atomic_output_file``, ``atomic_output_dir``,
+``atomic_files_into``); ``check_dir_makeable`` and ``check_output_dir`` refuse
+a bad path before the work starts. No heavy imports.
 """
 from __future__ import annotations
 
@@ -9,39 +11,10 @@ import contextlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 from typing import Callable, Iterator
 
-
-class UserError(Exception):
-  """An error the user can fix. ``str(err)`` names the file and the field."""
-
-  def __init__(self, message: str, path: str = '', field: str = ''):
-    parts = [p for p in (path, field) if p]
-    super().__init__(': '.join(parts + [message]))
-    self.path, self.field, self.message = path, field, message
-
-
-def listing(title: str, items: list[str], limit: int = 40) -> str:
-  """'N title: a, b, ... (+k more)': at most ``limit`` items named."""
-  shown = items[:limit]
-  more = f' (+{len(items) - len(shown)} more)' if items[len(shown):] else ''
-  return f'{len(items)} {title}: {", ".join(shown)}{more}'
-
-
-def parse_size(text: str, field: str, minimum: int = 1) -> tuple[int, int]:
-  """'HxW' (e.g. '480x640') -> (H, W), each at least ``minimum``; anything
-  else is a UserError naming ``field``."""
-  try:
-    h, w = (int(v) for v in text.lower().split('x'))
-    if h < minimum or w < minimum:
-      raise ValueError
-  except ValueError:
-    sides = 'positive sides' if minimum == 1 else f'sides of at least {minimum}'
-    raise UserError(f'{text!r}: expected HxW with {sides}, e.g. 480x640',
-                    field=field) from None
-  return h, w
+from sln_jax.errors import UserError
 
 
 def read_json(path: str):
@@ -53,86 +26,6 @@ def read_json(path: str):
       return json.load(f)
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
     raise UserError(f'not readable JSON ({err})', path=path) from None
-
-
-def run_cli(main: Callable[[], int | None]) -> None:
-  """Runs ``main``; user errors, and file-system errors naming a path (an
-  output under a regular file, a read-only directory), print one line to
-  stderr and exit 2."""
-  try:
-    code = main()
-  except UserError as err:
-    print(f'error: {err}', file=sys.stderr)
-    sys.exit(2)
-  except OSError as err:
-    if not err.filename:
-      raise
-    print(f'error: {err.filename}: {err.strerror or err}', file=sys.stderr)
-    sys.exit(2)
-  sys.exit(code or 0)
-
-
-def _config_path(argv: list[str]) -> str:
-  """The value of --config (``path`` or ``path:arg``), '' if not given."""
-  for i, arg in enumerate(argv):
-    if arg.startswith(('--config=', '-config=')):
-      return arg.split('=', 1)[1]
-    if arg in ('--config', '-config') and i + 1 < len(argv):
-      return argv[i + 1]
-  return ''
-
-
-def _override_flag(argv: list[str], key: str) -> str:
-  """The --config.* override whose path holds ``key`` (for the message)."""
-  for arg in argv:
-    name = arg.split('=', 1)[0].lstrip('-')
-    if name.startswith('config.') and key in name.split('.')[1:]:
-      return name
-  return key
-
-
-def _config_error(argv: list[str], err: BaseException) -> str:
-  """The one-line message for an exception raised while loading --config."""
-  path = _config_path(argv)
-  inner = err.args[0] if err.args else err
-  text = str(inner.args[0] if isinstance(inner, KeyError) and inner.args else inner)
-  if isinstance(err, (AttributeError, KeyError)):
-    if "has no attribute 'get_config'" in text:
-      return f'{path}: --config: defines no get_config()'
-    # ml_collections: "'name'" or "'name'\nDid you mean \"x\" instead of \"name\"?"
-    first, _, hint = text.partition('\n')
-    key = first.strip('"\' ')
-    suggestion = hint.split('"')[1] if hint.count('"') >= 2 else ''
-    return (f'--{_override_flag(argv, key)}: unknown config field {key!r}'
-            + (f' (did you mean {suggestion!r}?)' if suggestion else '')
-            + ' (see configs/default.py)')
-  if path and not os.path.isfile(path.split(':')[0]):
-    return f'{path}: --config: no such file'
-  lines = str(err).split('\n')
-  return f'--config: {" ".join(" ".join(lines[:4]).split())}'
-
-
-def parse_flags(argv: list[str], config_flag=None) -> list[str]:
-  """absl flag parsing (``app.run(..., flags_parser=...)``) with one-line
-  errors and exit code 2: unknown flags, bad values, a missing or broken
-  --config file, an override of an unknown config field. ``config_flag``: the
-  holder returned by ``config_flags.DEFINE_config_file``, loaded here so its
-  errors are reported too."""
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  try:
-    rest = flags.FLAGS(argv)
-    if config_flag is not None and config_flag.value is not None:
-      _ = config_flag.value.to_dict  # a failed config file raises on first access
-    return rest
-  except flags.Error as err:
-    message = ' '.join(str(err).split())
-  except BrokenPipeError:  # --help piped into head
-    raise
-  except (OSError, SyntaxError, ImportError, ValueError, TypeError, AttributeError,
-          KeyError, NameError) as err:
-    message = _config_error(argv, err)
-  print(f'error: {message}', file=sys.stderr)
-  sys.exit(2)
 
 
 def nearest_existing(path: str) -> str:
