@@ -35,22 +35,14 @@ import gc
 import json
 import multiprocessing
 import os
-import sys
 import time
 from typing import Any, Callable, Iterator, NamedTuple, Optional
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags
+from ml_collections import config_flags
+import numpy as np
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-import numpy as np  # noqa: E402
-
-from sln_jax import (
-  cli,  # noqa: E402
-  config_checks,  # noqa: E402
-  errors,  # noqa: E402
-  files,  # noqa: E402
-)
+from sln_jax import cli, config_checks, errors, files
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/default.py', 'Model/config file.')
 flags.DEFINE_enum('mode', 'train', ['train', 'infer'], 'What to time.')
@@ -520,5 +512,10 @@ def result_row(r: dict, run: Run, config, size: int, peer: Optional[dict]) -> di
   return result
 
 
-if __name__ == '__main__':
+def run() -> None:
+  """The console command (pyproject.toml)."""
   app.run(main, flags_parser=functools.partial(cli.parse_flags, config_flag=_CONFIG))
+
+
+if __name__ == '__main__':
+  run()

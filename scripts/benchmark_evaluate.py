@@ -19,21 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from input_pipeline import records  # noqa: E402
-from sln_jax import (
-  cli,  # noqa: E402
-  errors,  # noqa: E402
-)
-from sln_jax.evaluation import metrics as metrics_lib  # noqa: E402
-from sln_jax.evaluation import results_check  # noqa: E402
+from input_pipeline import records
+from sln_jax import cli, errors
+from sln_jax.evaluation import metrics as metrics_lib
+from sln_jax.evaluation import results_check
 
 
 def _rect(h: int, w: int, y1: int, x1: int, y2: int, x2: int) -> np.ndarray:
@@ -125,5 +118,10 @@ def _main(argv=None) -> int:
   return 0
 
 
-if __name__ == '__main__':
+def run() -> None:
+  """The console command (pyproject.toml)."""
   cli.run_cli(_main)
+
+
+if __name__ == '__main__':
+  run()

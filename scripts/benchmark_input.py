@@ -18,18 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from configs import default  # noqa: E402
-from sln_jax import (
-  cli,  # noqa: E402
-  files,  # noqa: E402
-)
+from configs import default
+from sln_jax import cli, files
 
 # scenario -> (canvas S, source (h, w), GLM image size, gt_mask_size, format)
 SCENARIOS = {'1024': (1024, (480, 640), 513, 64, 'jpg'),
@@ -64,7 +59,7 @@ def _generate(config, scenario: str, num_images: int) -> None:
                                image_format=image_format)
 
 
-def run(scenario: str, work: str, args) -> dict:
+def run_scenario(scenario: str, work: str, args) -> dict:
   from input_pipeline import (
     pipeline,  # pylint: disable=import-outside-toplevel
     tfds_builders,  # pylint: disable=import-outside-toplevel
@@ -114,9 +109,14 @@ def main() -> int:
   with tempfile.TemporaryDirectory() as tmp:
     work = os.path.abspath(args.workdir) if args.workdir else tmp
     for scenario in scenarios:
-      print(json.dumps(run(scenario, work, args)), flush=True)
+      print(json.dumps(run_scenario(scenario, work, args)), flush=True)
   return 0
 
 
-if __name__ == '__main__':
+def run() -> None:
+  """The console command (pyproject.toml)."""
   cli.run_cli(main)
+
+
+if __name__ == '__main__':
+  run()

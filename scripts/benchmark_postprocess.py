@@ -21,22 +21,14 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags
+from ml_collections import config_flags
+import numpy as np
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-import numpy as np  # noqa: E402
-
-from sln_jax import (
-  cli,  # noqa: E402
-  errors,  # noqa: E402
-  host_workers,  # noqa: E402
-)
-from sln_jax.evaluation import results as results_lib  # noqa: E402
+from sln_jax import cli, errors, host_workers
+from sln_jax.evaluation import results as results_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/default.py', 'Model/config file.')
 flags.DEFINE_string('image', '480x640', 'Original image size HxW.')
@@ -119,5 +111,10 @@ def main(argv) -> None:
   cli.run_cli(lambda: _main(argv))
 
 
-if __name__ == '__main__':
+def run() -> None:
+  """The console command (pyproject.toml)."""
   app.run(main, flags_parser=functools.partial(cli.parse_flags, config_flag=_CONFIG))
+
+
+if __name__ == '__main__':
+  run()

@@ -15,14 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from sln_jax import (
-  cli,  # noqa: E402
-  errors,  # noqa: E402
-)
+from sln_jax import cli, errors
 
 COLUMNS = ('device', 'model', 'mode', 'dtype', 'batch', 'image', 'compile s', 'ms/step',
            'images/s', 'GFLOP/image', 'MFU', 'memory GiB', 'peer images/s',
@@ -99,5 +93,10 @@ def main() -> None:
   print(table([r for path in args.jsonl for r in read_rows(path)]))
 
 
-if __name__ == '__main__':
+def run() -> None:
+  """The console command (pyproject.toml)."""
   cli.run_cli(main)
+
+
+if __name__ == '__main__':
+  run()

@@ -13,25 +13,13 @@ script prints one line naming the file and the field and exits 2.
 """
 from __future__ import annotations
 
+import argparse
 import os
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from tqdm import tqdm
 
-import argparse  # noqa: E402
-
-from tqdm import tqdm  # noqa: E402
-
-from input_pipeline import (
-  legacy_layers,  # noqa: E402
-  readers,  # noqa: E402
-)
-from sln_jax import (
-  cli,  # noqa: E402
-  errors,  # noqa: E402
-  files,  # noqa: E402
-)
+from input_pipeline import legacy_layers, readers
+from sln_jax import cli, errors, files
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -71,5 +59,10 @@ def main(argv=None) -> int:
   return 0
 
 
-if __name__ == '__main__':
+def run() -> None:
+  """The console command (pyproject.toml)."""
   cli.run_cli(main)
+
+
+if __name__ == '__main__':
+  run()

@@ -19,25 +19,13 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from absl import app, flags
+from ml_collections import config_flags
+import numpy as np
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-import numpy as np  # noqa: E402
-
-from sln_jax import (
-  cli,  # noqa: E402
-  config_checks,  # noqa: E402
-  errors,  # noqa: E402
-  files,  # noqa: E402
-)
-from sln_jax.checkpoints import (
-  orbax_io,  # noqa: E402
-  torch_port,  # noqa: E402
-)
+from sln_jax import cli, config_checks, errors, files
+from sln_jax.checkpoints import orbax_io, torch_port
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('pth', None, 'PyTorch checkpoint (.pth) to convert.')
@@ -122,6 +110,11 @@ def _leaves(tree):
       yield v
 
 
-if __name__ == '__main__':
+def run() -> None:
+  """The console command (pyproject.toml)."""
   app.run(lambda argv: cli.run_cli(main),
           flags_parser=functools.partial(cli.parse_flags, config_flag=_CONFIG))
+
+
+if __name__ == '__main__':
+  run()

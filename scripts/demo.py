@@ -15,7 +15,6 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def _run(args: list[str]) -> None:
@@ -60,5 +59,10 @@ def main() -> int:
   return 0
 
 
-if __name__ == '__main__':
+def run() -> None:
+  """The console command (pyproject.toml)."""
   sys.exit(main())
+
+
+if __name__ == '__main__':
+  run()

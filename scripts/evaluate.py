@@ -9,22 +9,13 @@ ends with one line naming the file and the field, exit code 2.
 """
 from __future__ import annotations
 
+import argparse
+import json
 import os
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-
-from sln_jax import (
-  cli,  # noqa: E402
-  errors,  # noqa: E402
-  files,  # noqa: E402
-)
-from sln_jax.evaluation import metrics as metrics_lib  # noqa: E402
-from sln_jax.evaluation import results_check  # noqa: E402
+from sln_jax import cli, errors, files
+from sln_jax.evaluation import metrics as metrics_lib
+from sln_jax.evaluation import results_check
 
 
 def main(argv=None) -> int:
@@ -60,5 +51,10 @@ def main(argv=None) -> int:
   return 0
 
 
-if __name__ == '__main__':
+def run() -> None:
+  """The console command (pyproject.toml)."""
   cli.run_cli(main)
+
+
+if __name__ == '__main__':
+  run()

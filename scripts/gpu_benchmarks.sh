@@ -27,6 +27,13 @@
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
 #     && export PYTHONPATH=/tmp/site
 set -u
+# The device machines run the repository without `pip install -e .`: its
+# packages (sln_jax, input_pipeline, configs, and scripts/ as sln_scripts)
+# are put on the path instead.
+root=$(cd "$(dirname "$0")/.." && pwd)
+links=$(mktemp -d)
+ln -s "$root/scripts" "$links/sln_scripts"
+export PYTHONPATH="$root:$links${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-.}"
 mkdir -p "$OUT"
 out="$OUT/gpu_benchmarks.jsonl"

@@ -12,17 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from input_pipeline import synthetic  # pylint: disable=g-import-not-at-top,wrong-import-position
-from sln_jax import (
-  cli,  # pylint: disable=g-import-not-at-top,wrong-import-position
-  errors,  # pylint: disable=g-import-not-at-top,wrong-import-position
-  files,  # pylint: disable=g-import-not-at-top,wrong-import-position
-)
+from input_pipeline import synthetic
+from sln_jax import cli, errors, files
 
 
 def _parse(argv=None) -> argparse.Namespace:
@@ -79,5 +71,10 @@ def main(argv=None) -> int:
   return 0
 
 
-if __name__ == '__main__':
+def run() -> None:
+  """The console command (pyproject.toml)."""
   cli.run_cli(main)
+
+
+if __name__ == '__main__':
+  run()

@@ -22,13 +22,9 @@ import gzip
 import json
 import os
 import re
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from sln_jax import (
-  cli,  # noqa: E402  pylint: disable=g-import-not-at-top
-  errors,  # noqa: E402  pylint: disable=g-import-not-at-top
-)
+from sln_jax import cli, errors
+from sln_scripts.benchmark import PROFILE_STEPS
 
 _INSTR = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*.*$')
 _META = re.compile(r'op_name="([^"]*)"')
@@ -146,8 +142,6 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   steps = args.steps
   if steps <= 0:
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from benchmark import PROFILE_STEPS  # pylint: disable=g-import-not-at-top
     steps = PROFILE_STEPS
   hlo = args.hlo or os.path.join(args.trace_dir, 'step.hlo.txt')
   names = {}
@@ -158,5 +152,10 @@ def main(argv=None) -> int:
   return 0
 
 
-if __name__ == '__main__':
+def run() -> None:
+  """The console command (pyproject.toml)."""
   cli.run_cli(main)
+
+
+if __name__ == '__main__':
+  run()

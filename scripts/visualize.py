@@ -17,27 +17,18 @@ written atomically.
 """
 from __future__ import annotations
 
+import argparse
 import os
-import sys
+from typing import Optional, Sequence
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from pycocotools import mask as mask_utils
+from tqdm import tqdm
 
-import argparse  # noqa: E402
-from typing import Optional, Sequence  # noqa: E402
-
-import numpy as np  # noqa: E402
-from PIL import Image, ImageDraw, ImageFont  # noqa: E402
-from pycocotools import mask as mask_utils  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from sln_jax import (
-  cli,  # noqa: E402
-  errors,  # noqa: E402
-  files,  # noqa: E402
-)
-from sln_jax.evaluation import render as render_lib  # noqa: E402
-from sln_jax.evaluation import results_check  # noqa: E402
+from sln_jax import cli, errors, files
+from sln_jax.evaluation import render as render_lib
+from sln_jax.evaluation import results_check
 
 HEADER = 14   # px of caption above each panel
 GAP = 8       # px of white between the panels
@@ -150,5 +141,10 @@ def main(argv=None) -> int:
   return 0
 
 
-if __name__ == '__main__':
+def run() -> None:
+  """The console command (pyproject.toml)."""
   cli.run_cli(main)
+
+
+if __name__ == '__main__':
+  run()

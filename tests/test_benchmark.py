@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, 'scripts'))
 
-import benchmark  # noqa: E402
 import profile_summary  # noqa: E402
 
 from configs import tiny  # noqa: E402
+from sln_scripts import benchmark  # noqa: E402
 
 
 def test_synthetic_batch_matches_pipeline_layout():

@@ -5,14 +5,14 @@ import os
 import subprocess
 import sys
 
-from scripts import benchmark_input
+from sln_scripts import benchmark_input
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_small_scenario_times_real_batches(tmp_path):
   args = argparse.Namespace(images=4, batch=2, warmup=1, batches=3, num_parallel_calls=1)
-  row = benchmark_input.run('128', str(tmp_path), args)
+  row = benchmark_input.run_scenario('128', str(tmp_path), args)
   assert row['scenario'] == '128' and row['canvas'] == 128
   assert row['dataset_images'] == 4
   # Leading axis: local devices (1 here), then the per-device batch.

@@ -16,7 +16,7 @@ def test_shipped_configs_pass(name):
   config_checks.check_config(importlib.import_module(f'configs.{name}').get_config())
 
 
-def _set(config, field, value):
+def set_path(config, field, value):
   *parents, leaf = field.split('.')
   for p in parents:
     config = config[p]
@@ -67,7 +67,7 @@ BAD = [
 @pytest.mark.parametrize('field,value,named', BAD)
 def test_bad_value_names_its_field(field, value, named):
   c = default.get_config()
-  _set(c, field, value)
+  set_path(c, field, value)
   with pytest.raises(UserError) as err:
     config_checks.check_config(c)
   assert err.value.field == named and '\n' not in str(err.value), str(err.value)

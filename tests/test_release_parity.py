@@ -1,4 +1,4 @@
-"""sln_jax.release_parity and scripts/check_release_parity.py.
+"""tools/release_parity.py and tools/check_release_parity.py.
 
 The release checkout itself is not available to CI: ``compare`` runs here on
 the PyTorch reference of the release (tests/torch_reference.py), which has
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from sln_jax import release_parity
+from tools import release_parity
 from tests import torch_reference as tr
 from tests.test_checkpoint_port import tiny_config
 
@@ -64,7 +64,7 @@ def test_random_release_state_is_seeded_and_complete(reference):
 
 def _cli(*args):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', JAX_PLATFORMS='cpu')
-  return subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'check_release_parity.py'),
+  return subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'check_release_parity.py'),
                          *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from sln_jax import semdist
+from tests import semdist_decode
 
 SETTINGS = hypothesis.settings(max_examples=25, deadline=None)
 
@@ -125,7 +126,7 @@ def test_round_trip_and_order(scene):
   ch = semdist.layer_channels(idx, max(n, 2))
   assert ch.dtype == np.float32 and ch.shape == (n, max(n, 2)) + amodal.shape[1:]
   np.testing.assert_array_equal(ch.sum(axis=1), amodal)
-  dec = semdist.decode(ch)
+  dec = semdist_decode.decode(ch)
   np.testing.assert_array_equal(dec['visible'], visible)
   np.testing.assert_array_equal(dec['amodal'], amodal)
   np.testing.assert_array_equal(dec['occluded'], occluded)
@@ -133,9 +134,9 @@ def test_round_trip_and_order(scene):
   # L = 1 collapses to the amodal mask.
   ch1 = semdist.layer_channels(idx, 1)
   np.testing.assert_array_equal(ch1[:, 0], amodal)
-  np.testing.assert_array_equal(semdist.decode(ch1)['amodal'], amodal)
+  np.testing.assert_array_equal(semdist_decode.decode(ch1)['amodal'], amodal)
   # Pairwise order of the decoded layers = annotated order where overlapping.
-  order = semdist.pairwise_order(dec['layer'])
+  order = semdist_decode.pairwise_order(dec['layer'])
   overlap = (amodal[:, None] & amodal[None]).reshape(n, n, -1).any(-1)
   np.fill_diagonal(overlap, False)
   expected = np.sign(rank[None, :] - rank[:, None]) * overlap
@@ -144,7 +145,7 @@ def test_round_trip_and_order(scene):
   count = np.zeros(amodal.shape[1:], np.int64)
   for i in range(n):
     count += amodal[i]
-  glm = semdist.global_layering_map(amodal)
+  glm = semdist_decode.global_layering_map(amodal)
   assert glm.dtype == np.int32
   np.testing.assert_array_equal(glm, count)
 
@@ -182,12 +183,12 @@ def test_decode_probs_rules():
   p = np.array([[0.9, 0.1, 0.2], [0.1, 0.3, 0.8], [0.2, 0.4, 0.1],
                 [0.4, 0.7, 0.6]], np.float32).reshape(4, 1, 3, 1)
   p = np.transpose(p, (1, 2, 0, 3))                          # (1, 3, 4, 1)
-  dec = semdist.decode(p)
+  dec = semdist_decode.decode(p)
   np.testing.assert_array_equal(dec['visible'][0, :, 0], [1, 0, 0, 0])
   np.testing.assert_array_equal(dec['amodal'][0, :, 0], [1, 1, 0, 1])
   np.testing.assert_array_equal(dec['occluded'][0, :, 0], [0, 1, 0, 1])
   np.testing.assert_array_equal(dec['layer'][0, :, 0], [0, 2, -1, 1])
-  jdec = jax.jit(semdist.decode)(jnp.asarray(p))
+  jdec = jax.jit(semdist_decode.decode)(jnp.asarray(p))
   for k in dec:
     np.testing.assert_array_equal(np.asarray(jdec[k]), dec[k])
 
@@ -196,7 +197,7 @@ def test_decode_logits_matches_sigmoid_definitions():
   rng = np.random.default_rng(0)
   x = rng.normal(0, 2, (3, 3, 5, 5)).astype(np.float32)
   sig = lambda v: 1 / (1 + np.exp(-v.astype(np.float64)))
-  dec = semdist.decode_logits(x, threshold=0.4)
+  dec = semdist_decode.decode_logits(x, threshold=0.4)
   amodal = sig(x.sum(1)) > 0.4
   visible = (sig(x[:, 0]) > 0.4) & amodal
   np.testing.assert_array_equal(dec['amodal'], amodal)
@@ -204,11 +205,11 @@ def test_decode_logits_matches_sigmoid_definitions():
   np.testing.assert_array_equal(dec['occluded'], amodal & ~visible)
   layer = np.where(visible, 0, np.where(amodal, 1 + x[:, 1:].argmax(1), -1))
   np.testing.assert_array_equal(dec['layer'], layer)
-  jdec = jax.jit(lambda v: semdist.decode_logits(v, 0.4))(jnp.asarray(x))
+  jdec = jax.jit(lambda v: semdist_decode.decode_logits(v, 0.4))(jnp.asarray(x))
   for k in dec:
     np.testing.assert_array_equal(np.asarray(jdec[k]), dec[k])
   # L = 1: amodal == visible == sigmoid(logit) > t.
-  d1 = semdist.decode_logits(x[:, :1])
+  d1 = semdist_decode.decode_logits(x[:, :1])
   np.testing.assert_array_equal(d1['amodal'], x[:, 0] > 0)
   assert not d1['occluded'].any() and (d1['layer'] <= 0).all()
 
@@ -218,12 +219,12 @@ def test_decode_threshold_is_strict():
   a layer is absent. Pixel 0: all layers at t; pixel 1: layer 0 at t,
   layer 1 above."""
   p = np.array([[0.5, 0.5], [0.5, 0.7]], np.float32).T.reshape(1, 2, 1, 2)
-  dec = semdist.decode(p)
+  dec = semdist_decode.decode(p)
   np.testing.assert_array_equal(dec['amodal'][0, 0], [False, True])
   np.testing.assert_array_equal(dec['visible'][0, 0], [False, False])
   np.testing.assert_array_equal(dec['layer'][0, 0], [-1, 1])
   x = np.array([[0.0, 0.0], [0.0, 1.0]], np.float32).T.reshape(1, 2, 1, 2)
-  for fn in (semdist.decode_logits, jax.jit(semdist.decode_logits)):
+  for fn in (semdist_decode.decode_logits, jax.jit(semdist_decode.decode_logits)):
     dec = fn(x)                              # sigmoid(0) = 0.5 = threshold
     np.testing.assert_array_equal(np.asarray(dec['amodal'])[0, 0], [False, True])
     np.testing.assert_array_equal(np.asarray(dec['visible'])[0, 0], [False, False])
@@ -247,16 +248,16 @@ def test_pairwise_order_majority_vote_and_jax_paths():
   layer[5] = -1                              # absent instance: no overlaps
   ref = _naive_order(layer)
   assert (ref != 0).any() and (ref[5] == 0).all()
-  np.testing.assert_array_equal(semdist.pairwise_order(layer), ref)
-  scan = jax.jit(semdist.pairwise_order)(jnp.asarray(layer))
-  onehot = jax.jit(lambda v: semdist.pairwise_order(v, num_levels=4))(
+  np.testing.assert_array_equal(semdist_decode.pairwise_order(layer), ref)
+  scan = jax.jit(semdist_decode.pairwise_order)(jnp.asarray(layer))
+  onehot = jax.jit(lambda v: semdist_decode.pairwise_order(v, num_levels=4))(
       jnp.asarray(layer))
   np.testing.assert_array_equal(np.asarray(scan), ref)
   np.testing.assert_array_equal(np.asarray(onehot), ref)
   assert np.asarray(scan).dtype == np.int8
   # Tie: one pixel each way -> 0.
   tie = np.array([[[0, 1]], [[1, 0]]])
-  np.testing.assert_array_equal(semdist.pairwise_order(tie), np.zeros((2, 2)))
+  np.testing.assert_array_equal(semdist_decode.pairwise_order(tie), np.zeros((2, 2)))
 
 
 @pytest.mark.parametrize('num_levels', [2, 4])
@@ -268,8 +269,8 @@ def test_pairwise_order_num_levels_drops_higher_layers(num_levels):
   ref = _naive_order(np.where(layer < num_levels, layer, -1))
   assert not np.array_equal(ref, _naive_order(layer))
   np.testing.assert_array_equal(
-      semdist.pairwise_order(layer, num_levels=num_levels), ref)
-  onehot = jax.jit(lambda v: semdist.pairwise_order(v, num_levels=num_levels))(
+      semdist_decode.pairwise_order(layer, num_levels=num_levels), ref)
+  onehot = jax.jit(lambda v: semdist_decode.pairwise_order(v, num_levels=num_levels))(
       jnp.asarray(layer))
   np.testing.assert_array_equal(np.asarray(onehot), ref)
 

@@ -12,6 +12,7 @@ import pytest
 
 from input_pipeline import synthetic
 from sln_jax import semdist
+from tests import semdist_decode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 64
@@ -265,6 +266,6 @@ def test_cocoa_reader_recovers_masks(dataset):
     # The sem-dist encoder round-trips the record's masks (L = N channels).
     n = len(ann['regions'])
     index = semdist.layer_index_map(rec.amodal, rec.occluded, rec.depth_rank)
-    dec = semdist.decode(semdist.layer_channels(index, max(n, 2)))
+    dec = semdist_decode.decode(semdist.layer_channels(index, max(n, 2)))
     np.testing.assert_array_equal(dec['visible'], rec.visible)
     np.testing.assert_array_equal(dec['amodal'], rec.amodal)

@@ -12,10 +12,9 @@ from input_pipeline import readers, records, synthetic
 from sln_jax import errors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, 'scripts'))
 SIZE = 64
 
-import visualize as vis  # noqa: E402
+from sln_scripts import visualize as vis  # noqa: E402
 
 
 @pytest.fixture(scope='module')

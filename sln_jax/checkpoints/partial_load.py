@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sln_jax.checkpoints.orbax_io import load_orbax
-from sln_jax.checkpoints.torch_port import _matches, _set
+from sln_jax.checkpoints.torch_port import matches_any, set_path
 from sln_jax.errors import UserError, listing
 
 
@@ -116,7 +116,7 @@ def partial_load(target_variables: Mapping,
       for path, value in _flatten(tree).items():
         name = '/'.join((coll,) + path)
         target = flat.get(coll, {}).get(path)
-        if patterns and not _matches(patterns, name):
+        if patterns and not matches_any(patterns, name):
           if target is not None:
             excluded.add(name)
           continue
@@ -162,5 +162,5 @@ def partial_load(target_variables: Mapping,
   for coll, leaves in flat.items():
     out[coll] = {}
     for path, value in leaves.items():
-      _set(out[coll], path, value)
+      set_path(out[coll], path, value)
   return out

@@ -317,11 +317,11 @@ def to_torch_layout(kind: str, a: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(a, dtype=np.float32)
 
 
-def _matches(patterns: Sequence[str], *names: str) -> bool:
+def matches_any(patterns: Sequence[str], *names: str) -> bool:
   return any(re.search(p, n) for p in patterns for n in names)
 
 
-def _set(tree: dict, path: Sequence[str], value) -> None:
+def set_path(tree: dict, path: Sequence[str], value) -> None:
   for p in path[:-1]:
     tree = tree.setdefault(p, {})
   tree[path[-1]] = value
@@ -374,21 +374,21 @@ def torch_to_flax(state_dict: Mapping, source: str, config,
   missing, mismatched = [], []
   out = {'params': {}, 'batch_stats': {}}
   for e in entries:
-    if _matches(skip, e.key):
+    if matches_any(skip, e.key):
       continue
     if e.key not in sd:
-      if not _matches(allow_missing, e.key, e.flax_name):
+      if not matches_any(allow_missing, e.key, e.flax_name):
         missing.append(e.key)
       continue
     t = sd[e.key]
     if tuple(t.shape) != e.shape:
       mismatched.append(f'{e.key} {tuple(t.shape)} != expected {e.shape}')
       continue
-    _set(out[e.collection], e.path, to_flax_layout(e.kind, _to_numpy(t)))
+    set_path(out[e.collection], e.path, to_flax_layout(e.kind, _to_numpy(t)))
   unexpected = [k for k in sd if k not in expected
                 and not k.endswith('num_batches_tracked')
-                and not _matches(skip, k)
-                and not _matches(allow_unexpected, k)]
+                and not matches_any(skip, k)
+                and not matches_any(allow_unexpected, k)]
   problems = []
   if missing:
     problems.append(listing('missing', missing))

@@ -40,7 +40,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from sln_jax.errors import UserError
-from sln_jax.evaluation.results_check import _as_rle, check_results
+from sln_jax.evaluation.results_check import as_rle, check_results
 
 # GT occlude_rate ranges, inclusive at both ends (amodalAPI Params.occRng).
 SUBSETS = {
@@ -80,7 +80,7 @@ def _gt_coco(gt: Sequence, mask_key: str, category_agnostic: bool) -> COCO:
     images.append({'id': int(a.image_id), 'height': int(a.height),
                    'width': int(a.width), 'file_name': a.file_name})
     for inst in a.instances:
-      rle = _as_rle(getattr(inst, mask_key), int(a.height), int(a.width),
+      rle = as_rle(getattr(inst, mask_key), int(a.height), int(a.width),
                     'ground truth', f'image {a.image_id}.{mask_key}')
       cat = 1 if category_agnostic else int(inst.category_id)
       cats.add(cat)
@@ -317,7 +317,7 @@ def depth_order_accuracy(gt: Sequence, results: Sequence[dict], *,
     kept.sort(key=lambda kd: -kd[1]['score'])
     if not kept:
       continue
-    g_rles = [_as_rle(i.amodal_rle, ann.height, ann.width, 'ground truth',
+    g_rles = [as_rle(i.amodal_rle, ann.height, ann.width, 'ground truth',
                       f'image {image_id}.amodal_rle') for i in ann.instances]
     ious = np.asarray(mask_utils.iou([d['amodal'] for _, d in kept], g_rles,
                                      [0] * len(g_rles))).reshape(len(kept), -1)

@@ -115,7 +115,7 @@ def _check_cover(total: int, nonneg: bool, h: int, w: int, path: str, field: str
 _MASK_FIELDS = ('amodal_mask', 'segmentation', 'visible_mask')
 
 
-_UNCHECKED = (None, True)   # _as_rle's totals for check_counts=False
+_UNCHECKED = (None, True)   # as_rle's totals for check_counts=False
 
 
 def _string_rle_totals(results: Sequence, chunk_chars: int = 1 << 16) -> dict:
@@ -142,7 +142,7 @@ def _string_rle_totals(results: Sequence, chunk_chars: int = 1 << 16) -> dict:
   return out
 
 
-def _as_rle(seg: Any, h: int, w: int, path: str, field: str,
+def as_rle(seg: Any, h: int, w: int, path: str, field: str,
             totals: Optional[tuple[int, bool]] = None) -> dict:
   """Any COCO mask encoding -> compressed RLE of size (h, w).
 
@@ -254,11 +254,11 @@ def check_results(results: Any, gt: Sequence, path: str = 'results', *,
       if 'visible_mask' not in r:
         raise UserError('missing (other results carry visible masks)',
                         path=path, field=f'{where}.visible_mask')
-      visible = _as_rle(r['visible_mask'], h, w, path, f'{where}.visible_mask',
+      visible = as_rle(r['visible_mask'], h, w, path, f'{where}.visible_mask',
                         known(k, 'visible_mask'))
     item = {'image_id': int(image_id), 'score': float(score),
             'category_id': int(category_id),
-            'amodal': _as_rle(r[key], h, w, path, f'{where}.{key}', known(k, key)),
+            'amodal': as_rle(r[key], h, w, path, f'{where}.{key}', known(k, key)),
             'visible': visible}
     if 'depth_layer' in r:
       if not isinstance(r['depth_layer'], numbers.Real):

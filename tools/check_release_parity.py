@@ -1,9 +1,9 @@
 """Checks the weight port against the original release's own PyTorch code.
 
-  python scripts/check_release_parity.py --release_dir SLN-Amodal \
+  python tools/check_release_parity.py --release_dir SLN-Amodal \
       [--pth COCOA.pth] [--config=configs/cocoa.py] [--image photo.jpg]
       [--image_size 256] [--seed 0] [--tolerance 1e-4]
-  python scripts/check_release_parity.py --release_dir SLN-Amodal \
+  python tools/check_release_parity.py --release_dir SLN-Amodal \
       --annotations COCO_amodal_val2014.json --results DT.json
 
 RELEASE_DIR is a checkout of github.com/apchenstu/SLN-Amodal.
@@ -20,7 +20,7 @@ results as ``main.py`` writes them): the release's amodal evaluator and
 results; prints the largest absolute difference over the 72 numbers of each
 branch (amodal; visible when the results carry ``visible_mask``).
 
-(``sln_jax.release_parity``.) Exit 0 when everything is within
+(``tools/release_parity.py``.) Exit 0 when everything is within
 ``--tolerance``, 1 otherwise, 2 on bad input.
 """
 from __future__ import annotations
@@ -29,20 +29,15 @@ import functools
 import os
 import sys
 
+from absl import app, flags
+from ml_collections import config_flags
+import numpy as np
+import release_parity  # tools/release_parity.py, beside this script
+
+from sln_jax import cli, config_checks, files
+from sln_jax import errors as errors_lib
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-import numpy as np  # noqa: E402
-
-from sln_jax import (
-  cli,  # noqa: E402
-  config_checks,  # noqa: E402
-  files,  # noqa: E402
-  release_parity,  # noqa: E402
-)
-from sln_jax import errors as errors_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('release_dir', None, 'Checkout of apchenstu/SLN-Amodal.')
