@@ -516,7 +516,8 @@ def derive_depth_order(visible: np.ndarray, occluded: np.ndarray
   candidate edges are accepted greedily by decreasing overlap (pixels of
   vis_front & occ_back; ties by smaller front, then back index) and an edge
   that would close a cycle is dropped, so the weakest overlap loses
-  (``sln_jax.depth_order``, the rule the predictions' depth layers follow).
+  (``sln_jax.evaluation.depth_order``, the rule the predictions' depth
+  layers follow).
   """
   n = visible.shape[0]
   if n == 0:

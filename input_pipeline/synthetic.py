@@ -12,14 +12,14 @@ Layout (the release's, read by ``readers.load_cocoa`` / ``load_release``)::
   <out>/annotations/COCO_amodal_<split>2014.json
   <out>/<split>2014/COCO_<split>2014_<image id:012d>.png  (or .jpg, quality 95)
 
-JSON schema (COCOA, SLN_REFERENCE §3): ``images`` [{id, file_name, width,
-height}], ``annotations`` with one entry per image {id, image_id, size,
-depth_constraint "a-b,..." (overlapping pairs, a in front, by ``order``),
-regions}; each region {segmentation: flat polygon [x1, y1, ...] in pixel
-coordinates (x right, y down, clipped to [0, w] x [0, h]), name, area
-(amodal pixel count), isStuff, occlude_rate (invisible / amodal pixels),
-order (1 = front-most; regions listed by order), and only when occluded
-visible_mask / invisible_mask as COCO RLE with str counts}.
+JSON schema (COCOA, as in the release's annotation files, apchenstu/SLN-Amodal):
+``images`` [{id, file_name, width, height}], ``annotations`` with one entry
+per image {id, image_id, size, depth_constraint "a-b,..." (overlapping pairs,
+a in front, by ``order``), regions}; each region {segmentation: flat polygon
+[x1, y1, ...] in pixel coordinates (x right, y down, clipped to [0, w] x
+[0, h]), name, area (amodal pixel count), isStuff, occlude_rate (invisible /
+amodal pixels), order (1 = front-most; regions listed by order), and only
+when occluded visible_mask / invisible_mask as COCO RLE with str counts}.
 
 Self-consistency: the amodal mask is pycocotools' rasterisation of the
 polygon exactly as written (``frPyObjects`` + ``decode``); visible = amodal

@@ -355,8 +355,8 @@ def _same_source(recorded: dict, path: str) -> bool:
 def check_sources(builder: _AmodalBuilder, manual_dir: str) -> None:
   """Raises a UserError when a prepared dataset's annotation files in
   ``manual_dir`` differ from those it was built from (an edited, replaced
-  or newly added split file). A manual_dir that is gone, or a dataset
-  prepared before sources were recorded, is not checked."""
+  or newly added split file). A manual_dir that is gone, or a dataset whose
+  metadata records no sources, is not checked."""
   recorded = builder.info.metadata.get('sources')
   if not recorded or not os.path.isdir(manual_dir):
     return

@@ -1,15 +1,16 @@
 """JAX's persistent compilation cache for main.py's runs.
 
-XLA compiles the training step and the inference step at every launch (tens
-of seconds on a CPU, minutes for the full model on a GPU). With the cache, a
-launch that compiles a program an earlier one compiled (a resumed run, the
-``evaluate`` or ``predict`` mode after training) loads the executable from
-disk instead. Entries are keyed by the program, the compile options, the
-devices and the jax/jaxlib versions, so a stale entry is never used for a
-different program. In a multi-process job jax writes from process 0 only;
-the others read those entries where the directory is shared and the keys
-agree (jax strips the per-process device assignment from GPU keys; on CPU
-every process has its own keys, so processes other than 0 miss).
+XLA compiles the training step and the inference step at every launch
+(docs/benchmarks.md gives the compile times). With the cache, a launch that
+compiles a program an earlier one compiled (a resumed run, the ``evaluate``
+or ``predict`` mode after training) loads the executable from disk instead.
+Entries are keyed by the program, the compile options, the devices and the
+jax/jaxlib versions, so a stale entry is never used for a different program.
+In a multi-process job jax writes from process 0 only; the others read those
+entries where the directory is shared and the keys agree (jax strips the
+per-process device assignment from GPU keys; on CPU every process has its
+own keys, so processes other than 0 miss). docs/compilation_cache.md has the
+details.
 
 The directory is jax's own setting when given (``JAX_COMPILATION_CACHE_DIR``),
 else ``$XDG_CACHE_HOME/sln_jax/xla`` (``~/.cache/sln_jax/xla``);

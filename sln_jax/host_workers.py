@@ -4,9 +4,10 @@ come back in submission order.
 Evaluation turns every image's detections into COCO results on the host
 (``evaluation.results.detections_to_results``: paste, threshold, RLE encode,
 depth order). In one thread that sets the pace of an evaluation on an
-accelerator; the images are independent, so worker processes share it out. Workers are started with ``spawn`` (the parent runs
-JAX's threads, which ``fork`` would copy half-way) and import only what the
-called function needs (numpy, pycocotools, PIL; not JAX).
+accelerator; the images are independent, so worker processes share it out.
+Workers are started with ``spawn`` (the parent runs JAX's threads, which
+``fork`` would copy half-way) and import only what the called function needs
+(numpy, pycocotools, PIL; not JAX).
 
 Every process doing this work, the parent included when it runs the calls
 itself, keeps numpy's BLAS on one thread (threadpoolctl): its matrices are a

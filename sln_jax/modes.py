@@ -36,8 +36,8 @@ def check_stages(config: ml_collections.ConfigDict) -> None:
   name other than heads / 4+ / all) that trains no parameter of the
   config's model, or, with ``train.legacy_sticky_freeze``, a stage that
   trains nothing the earlier stages trained. Costs one ``jax.eval_shape``
-  of the model (seconds) when there is such a stage to check, nothing
-  otherwise."""
+  of the model (``sln.variable_shapes``) when there is such a stage to
+  check, nothing otherwise."""
   stages = [(name, optimizer_lib.stage_freeze_history(config, k))
             for k, (name, *_) in enumerate(schedule_lib.schedule(config))]
   check = [(name, earlier) for name, earlier in stages

@@ -8,12 +8,10 @@ import sys
 import numpy as np
 import pytest
 
+from configs import tiny
+from sln_scripts import benchmark, benchmark_table, profile_summary
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-import profile_summary  # noqa: E402
-
-from configs import tiny  # noqa: E402
-from sln_scripts import benchmark  # noqa: E402
 
 
 def test_synthetic_batch_matches_pipeline_layout():
@@ -217,7 +215,6 @@ def test_gpu_benchmarks_script_writes_one_row_per_run(tmp_path):
 def test_benchmark_table_rows():
   """benchmark_table.py: one markdown row per JSON line with the docs'
   columns; failed and skipped runs keep their row with the reason."""
-  import benchmark_table  # pylint: disable=import-outside-toplevel
   ok = {'device': 'gpu:NVIDIA H200', 'mode': 'train', 'stage': 'all', 'dtype': 'bfloat16',
         'batch': 8, 'image_size': 1024, 'glm': True, 'compile_s': 61.234, 'step_ms': 512.3,
         'images_per_s': 15.616, 'flops_per_image': 3.061e12, 'mfu': 0.04833,

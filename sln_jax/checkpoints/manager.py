@@ -156,7 +156,7 @@ def check_checkpoint_fits(config: ml_collections.ConfigDict, workdir: str,
                           variables: PyTree) -> None:
   """Raises a UserError when the latest checkpoint in ``workdir`` does not fit
   this config's model (from its metadata; nothing is read or allocated).
-  main.py's modes call it before writing anything into ``workdir``."""
+  ``modes.run`` calls it before writing anything into ``workdir``."""
   directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
   steps = checkpoint_steps(workdir)
   problem = step_dir = None

@@ -4,8 +4,8 @@ Pairwise evidence (pixels where one instance hides or is drawn over another)
 can be contradictory: A over B, B over C, C over A. ``acyclic_relations``
 keeps the strongest consistent subset, and ``chain_depth`` turns it into a
 depth rank per instance. The ground-truth readers (KINS: visible over
-hidden pixels) and the predictions (``sln_jax.predict``: pixel votes of the
-layer maps) share this rule.
+hidden pixels) and the predictions (``sln_jax.evaluation.results``: pixel
+votes of the layer maps) share this rule.
 """
 import numpy as np
 

@@ -1,10 +1,11 @@
 """The evaluate and predict modes: ``SLN.infer`` over an eval split or an
 image folder, with the host turning detections into COCO results.
 
-No TensorFlow here: main.py builds the eval batches (``input_pipeline``) and
-passes them in. Batches have leading axes (local devices, per-device batch)
-as in docs/architecture.md. Detections are boxes normalized to the canvas
-(y1, x1, y2, x2); results are in original-image pixels (``sln_jax.predict``).
+No TensorFlow here: the eval batches come from ``input_pipeline.sources.build``
+and are passed in (``sln_jax.modes``). Batches have leading axes (local
+devices, per-device batch) as in docs/architecture.md. Detections are boxes
+normalized to the canvas (y1, x1, y2, x2); results are in original-image
+pixels (``sln_jax.evaluation.results``).
 """
 from __future__ import annotations
 
@@ -72,8 +73,8 @@ def dispatch_lookahead() -> int:
 
   1 on an accelerator: the device runs batch i + 1 while the host pastes
   batch i's masks and encodes its RLEs. 0 on a CPU backend, where the two
-  share the same cores: overlapping them made the demo's evaluation 1.65x
-  slower on 2 cores (10.4 s against 6.3 s for 50 images).
+  share the same cores, so overlapping them slows the evaluation down
+  (docs/benchmarks.md, "Host post-processing").
   """
   return 0 if jax.local_devices()[0].platform == 'cpu' else 1
 
@@ -115,10 +116,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, model: Any,
     annotations: the split's ground truth, list[records.ImageAnnotation].
 
   Writes ``workdir/results.json`` (COCO results, original pixels) and
-  ``workdir/metrics.json`` (``sln_jax.evaluate`` schema; plus
-  ``per_class_ap.json`` when not category-agnostic, ``depth_order.json``:
-  evaluate.depth_order_accuracy), prints the table and
-  returns the metrics.
+  ``workdir/metrics.json`` (the schema of ``metrics.evaluate``; plus
+  ``per_class_ap.json`` when not category-agnostic, and ``depth_order.json``:
+  ``metrics.depth_order_accuracy``), prints the table and returns the
+  metrics.
   """
   gt_by_id = {int(a.image_id): a for a in annotations}
   infer = jax.pmap(make_infer_fn(model), axis_name=AXIS)

@@ -24,7 +24,9 @@ Result fields: ``image_id``, ``score``, ``segmentation`` (amodal mask; an
 ``amodal_mask`` field takes precedence), optional ``visible_mask``,
 ``category_id`` (default 1), ``depth_layer`` (lower = in front). Masks are COCO
 RLE (``counts`` str/bytes or uncompressed list) or polygons, in original image
-pixels. pycocotools reads and encodes the masks; faster-coco-eval (pycocotools'
+pixels. Every scoring function here validates the results first
+(``results_check.check_results``; a ``CheckedResults`` list is taken as it
+is). pycocotools reads and encodes the masks; faster-coco-eval (pycocotools'
 ``evaluateImg`` and ``accumulate`` in C++, the same numbers; the tests compare
 them with pycocotools' COCOeval) matches and accumulates.
 """

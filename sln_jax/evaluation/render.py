@@ -1,4 +1,5 @@
-"""Pictures of predictions: each instance's mask and box in its own colour.
+"""Pictures of predictions: each instance's mask and box in its own colour,
+and the predict mode's output per image (COCO results JSON and picture).
 """
 from __future__ import annotations
 

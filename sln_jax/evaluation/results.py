@@ -240,8 +240,7 @@ def rle_of_crop(crop: np.ndarray, box: Sequence[int], height: int, width: int) -
   """COCO RLE (counts str) of a (height, width) mask that is ``crop`` inside
   the integer ``box`` (y1, x1, y2, x2) and 0 elsewhere: the string
   pycocotools' ``encode`` gives the full mask, at the cost of the crop
-  (5x less for a 20-pixel box in a 480x640 image, the same for one covering
-  half of it).
+  rather than of the whole image (docs/benchmarks.md).
 
   Runs follow the column-major order: a run starts at each pixel whose value
   differs from the one before it, found in the crop's columns, each followed

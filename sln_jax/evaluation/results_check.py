@@ -78,10 +78,11 @@ def rle_totals(counts: Sequence[str | bytes]) -> tuple[np.ndarray, np.ndarray]:
   """:func:`rle_counts` of many strings at once, reduced to what the checks
   need: per string, the sum of its runs and whether none is negative.
 
-  One vectorised pass over the concatenated strings (a call per string
-  costs ~70 us of numpy overhead; results hold two masks per detection). A
-  malformed string (outside the alphabet, truncated, not ASCII) gets sum -1:
-  :func:`rle_counts` says what is wrong with it.
+  One vectorised pass over the concatenated strings: a call per string
+  would pay numpy's per-call overhead for every mask, and results hold two
+  masks per detection. A malformed string (outside the alphabet,
+  truncated, not ASCII) gets sum -1: :func:`rle_counts` says what is wrong
+  with it.
   """
   raw, ascii_ok = [], np.ones(len(counts), bool)
   for i, s in enumerate(counts):
@@ -121,9 +122,8 @@ _UNCHECKED = (None, True)   # as_rle's totals for check_counts=False
 def _string_rle_totals(results: Sequence, chunk_chars: int = 1 << 16) -> dict:
   """{(result index, field): (sum of runs, no run negative)} of every mask
   of ``results`` given as a compressed RLE string (:func:`rle_totals`, on
-  chunks of about ``chunk_chars`` characters: its arrays then stay in the
-  CPU cache, 2-3x faster than one pass over everything); sum -1 when
-  malformed."""
+  chunks of about ``chunk_chars`` characters, so that its arrays stay in
+  the CPU cache); sum -1 when malformed."""
   where, counts = [], []
   for k, r in enumerate(results):
     if isinstance(r, dict):
@@ -202,12 +202,13 @@ def check_results(results: Any, gt: Sequence, path: str = 'results', *,
   Each returned dict carries ``image_id``, ``score``, ``category_id``,
   ``amodal`` (RLE), ``visible`` (RLE or None) and the original ``depth_layer``
   when present. Raises ``UserError`` naming ``path`` and the offending field.
-  ``evaluate``, ``per_class_ap`` and ``depth_order_accuracy`` take either;
-  results already checked against the same images are not checked again
-  (pass the checked list to score one result set several ways).
-  ``check_counts=False`` skips decoding the compressed RLE strings to check
-  that their runs cover the image (most of the time on large images): only
-  for results this library encoded itself (``predict.detections_to_results``).
+  ``metrics.evaluate``, ``metrics.per_class_ap`` and
+  ``metrics.depth_order_accuracy`` take either; results already checked
+  against the same images are not checked again (pass the checked list to
+  score one result set several ways). ``check_counts=False`` skips decoding
+  the compressed RLE strings to check that their runs cover the image (the
+  costly part of the check on large images): only for results this library
+  encoded itself (``results.detections_to_results``).
   """
   sizes = {int(a.image_id): (int(a.height), int(a.width)) for a in gt}
   if isinstance(results, CheckedResults):

@@ -1,8 +1,8 @@
 """The training loop: stages, checkpoints, metrics and image summaries.
 
 Steps are dispatched ahead of the host; a step's metrics are read after the
-next step is queued. Batches come from ``input_pipeline`` (built by main.py)
-with leading axes (local devices, per-device batch).
+next step is queued. Batches come from ``input_pipeline.sources.build`` with
+leading axes (local devices, per-device batch).
 """
 from __future__ import annotations
 

@@ -5,9 +5,10 @@ frozen leaves, clip the global norm of the rest to ``train.grad_clip_norm``,
 add L2 ``weight_decay * w`` to the gradients of every trained non-BatchNorm
 parameter, biases included (``train.decay_biases=False``: kernels only), then
 SGD with heavy-ball momentum (torch.optim.SGD). A stage trains the leaves its
-pattern matches (``schedule.stage_regex``). BatchNorm scale/bias and statistics and the GLM (``glm/*``) never
-train, except with ``model.train_bn``: then the backbone's and heads' BNs
-train with their stage's modules. The release builds a new optimizer per
+pattern matches (``schedule.stage_regex``). BatchNorm scale/bias and
+statistics and the GLM (``glm/*``) never train, except with
+``model.train_bn``: then the backbone's and heads' BNs train with their
+stage's modules. The release builds a new optimizer per
 stage, so momentum restarts at each stage boundary
 (``train.reset_momentum_per_stage``). QUIRK (``train.legacy_sticky_freeze``):
 the release's ``set_trainable`` only ever freezes, so after its 'heads' stage

@@ -84,9 +84,9 @@ def learning_rate_at(tables: dict, step: jax.Array) -> jax.Array:
   """LR at ``step`` (0-based): the stage's LR times a linear warm-up, min(1,
   (step + 1) * warmup_scale), i.e. over the first 1 / warmup_scale steps.
 
-  The warm-up multiplies by the float32 reciprocal, as XLA compiled the
-  division by a constant warm-up length when the schedule was constants
-  of the step: the same LRs to the last bit, so runs train as before."""
+  The warm-up multiplies by the float32 reciprocal of its length, the form
+  XLA gives a division by a compile-time constant, so the LRs are, to the
+  last bit, those of a step compiled with the warm-up length as a constant."""
   step = jnp.asarray(step, jnp.int32)
   lr = jnp.asarray(tables['lrs'])[jnp.searchsorted(jnp.asarray(tables['ends']), step,
                                                    side='right')]
