@@ -22,6 +22,7 @@ test: $(VENV)/.installed-dev
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pyink --check .
 
 demo: $(VENV)/.installed-dev
 	$(PY) scripts/demo.py --workdir=$(DEMO_DIR)

@@ -9,6 +9,7 @@ Any config field can be overridden with --config.<path>=<value>. Errors the
 user can fix print one line and exit with code 2. Several hosts: see
 docs/multihost.md (sln_jax.distributed).
 """
+
 import functools
 import os
 import sys
@@ -18,24 +19,21 @@ import sys
 # them. Set before the imports below load TensorFlow.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-from clu import metric_writers  # noqa: E402
-import jax  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags
+from clu import metric_writers
+import jax
+from ml_collections import config_flags
 
-from input_pipeline import sources  # noqa: E402
-from sln_jax import cli  # noqa: E402
-from sln_jax import compilation_cache  # noqa: E402
-from sln_jax import config_checks  # noqa: E402
-from sln_jax import distributed  # noqa: E402
-from sln_jax import modes  # noqa: E402
-from sln_jax import writers  # noqa: E402
-from sln_jax.errors import UserError  # noqa: E402
+from input_pipeline import sources
+from sln_jax import cli, compilation_cache, config_checks, distributed, modes, writers
+from sln_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Config file (configs/*.py); override fields with --config.a.b=v.',
-    lock_config=True)
+    'config',
+    None,
+    'Config file (configs/*.py); override fields with --config.a.b=v.',
+    lock_config=True,
+)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, TensorBoard logs, metrics.')
 _MODE = flags.DEFINE_enum('mode', 'train_and_evaluate', list(modes.MODES), 'What to run.')
 
@@ -57,8 +55,9 @@ def _main() -> int:
   if mode != 'predict':  # predict only reads the workdir (it may be read-only)
     distributed.check_workdir(workdir)  # before hours of work
   data = sources.build(config, mode)  # input errors end the run before workdir exists
-  writer = writers.LazyWriter(lambda: metric_writers.create_default_writer(
-      workdir, just_logging=jax.process_index() > 0))
+  writer = writers.LazyWriter(
+      lambda: metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  )
   try:
     modes.run(config, workdir, mode, writer, data)
   finally:

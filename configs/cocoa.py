@@ -5,6 +5,7 @@ Raw data in data/cocoa (annotations/COCO_amodal_{train,val,test}2014.json and
 agnostic (one foreground class), evaluated on val with the COCO protocol
 (``--config.eval.protocol=amodalapi`` to compare with published numbers).
 """
+
 import ml_collections
 
 from configs import default

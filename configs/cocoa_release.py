@@ -29,6 +29,7 @@ The converted checkpoint stays a flag (``--config.init_from=DIR``):
 The release's training quirks (``input.box_jitter``, ``train.legacy_sticky_freeze``)
 are not set here.
 """
+
 import ml_collections
 
 from configs import cocoa

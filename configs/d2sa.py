@@ -6,6 +6,7 @@ ground truth keeps D2SA's 60 category ids, so a class-aware variant
 (``--config.dataset.category_agnostic=False --config.model.num_classes=61``)
 trains on them and evaluation then also writes per_class_ap.json.
 """
+
 import ml_collections
 
 from configs import default

@@ -6,6 +6,7 @@ training/image_2 and testing/image_2). KINS has no validation split:
 evaluation runs on 'test'. Images are about 1242 x 375: the 'pad' resize keeps
 the aspect ratio (1024 x ~309 inside the 1024 canvas).
 """
+
 import ml_collections
 
 from configs import default

@@ -14,6 +14,7 @@ precision, and the occluded layer's target pixels weighted 10x in the layer
 loss (`loss.occluded_pos_weight`; the release's 1 leaves that layer off
 everywhere for most of a 600-step run, so depth order stays undecided).
 """
+
 import ml_collections
 
 from configs import default
@@ -39,8 +40,8 @@ def get_config() -> ml_collections.ConfigDict:
   i.shuffle_buffer = 400
 
   m = c.model
-  m.num_layers = 2          # visible layer + occluded layer: visible masks and depth order
-  m.train_bn = True         # batch statistics in training (from scratch)
+  m.num_layers = 2  # visible layer + occluded layer: visible masks and depth order
+  m.train_bn = True  # batch statistics in training (from scratch)
   m.backbone.stage_sizes = (1, 1, 1, 1)
   m.backbone.width = 16
   m.fpn_channels = 64
@@ -62,7 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.loss.occluded_pos_weight = 10.0  # README: demo results (1, 5, 10, 20 compared)
 
   t = c.train
-  t.batch_size = 10         # hosts with 4 or 8 devices: --config.train.batch_size=8
+  t.batch_size = 10  # hosts with 4 or 8 devices: --config.train.batch_size=8
   t.warmup_steps = 50
   t.stages = (('all', 480, 4e-2), ('all', 120, 8e-3))
   t.log_every = 50

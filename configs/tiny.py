@@ -3,6 +3,7 @@
 Same tree as configs/default.py (only sizes change), so every code path of
 the full model runs, in seconds on a CPU.
 """
+
 import ml_collections
 
 from configs import default

@@ -18,6 +18,7 @@ an instance without an annotated ``invisible_mask``
 ``np.savez_compressed(..., layer=...)`` (deterministic bytes). Unlike the
 release, more than 32 instances are refused, never dropped.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,7 +33,7 @@ from input_pipeline import records
 from input_pipeline.records import AnnotationError
 from sln_jax import files
 
-MAX_INSTANCES = 32       # bits 0..31 visible, 32..63 invisible
+MAX_INSTANCES = 32  # bits 0..31 visible, 32..63 invisible
 MIN_COMPONENT_SIZE = 64  # a value survives if one component has >= 64 pixels
 _FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
 
@@ -55,13 +56,14 @@ def check_capacity(ann: records.ImageAnnotation, source: Optional[str] = None):
   """Raises AnnotationError if ``ann`` has more instances than the format."""
   if ann.num_instances > MAX_INSTANCES:
     raise AnnotationError(
-        source or ann.file_name, f'image {ann.file_name} (id {ann.image_id})',
+        source or ann.file_name,
+        f'image {ann.file_name} (id {ann.image_id})',
         f'{ann.num_instances} instances; the legacy .npz layer format holds at '
-        f'most {MAX_INSTANCES} (write fewer or use the TFDS records)')
+        f'most {MAX_INSTANCES} (write fewer or use the TFDS records)',
+    )
 
 
-def remove_small_values(layer: np.ndarray,
-                        min_size: int = MIN_COMPONENT_SIZE) -> np.ndarray:
+def remove_small_values(layer: np.ndarray, min_size: int = MIN_COMPONENT_SIZE) -> np.ndarray:
   """Clears (to 0) every value none of whose 4-connected components has
   ``min_size`` pixels. Returns a new array."""
   out = layer.copy()
@@ -76,15 +78,13 @@ def remove_small_values(layer: np.ndarray,
   return out
 
 
-def _amodal_mask(inst: records.InstanceAnnotation, height: int,
-                 width: int) -> np.ndarray:
+def _amodal_mask(inst: records.InstanceAnnotation, height: int, width: int) -> np.ndarray:
   if inst.amodal_polygons:
     return rasterize_polygons(inst.amodal_polygons, height, width)
   return records.decode_rle(inst.amodal_rle)
 
 
-def encode_legacy_layers(ann: records.ImageAnnotation,
-                         source: Optional[str] = None) -> np.ndarray:
+def encode_legacy_layers(ann: records.ImageAnnotation, source: Optional[str] = None) -> np.ndarray:
   """ImageAnnotation -> (H, W) uint64 label map (see module doc).
 
   ``source`` names the file in errors (default: the image's file_name).
@@ -92,11 +92,11 @@ def encode_legacy_layers(ann: records.ImageAnnotation,
   check_capacity(ann, source)
   h, w = ann.height, ann.width
   layer = np.zeros((h, w), np.uint64)
-  bits = [inst.extra.get('region_index', i)
-          for i, inst in enumerate(ann.instances)]
+  bits = [inst.extra.get('region_index', i) for i, inst in enumerate(ann.instances)]
   if sorted(bits) != list(range(len(bits))):
-    raise AnnotationError(source or ann.file_name, f'image {ann.file_name}',
-                          f'region indices {bits} are not 0..N-1')
+    raise AnnotationError(
+        source or ann.file_name, f'image {ann.file_name}', f'region indices {bits} are not 0..N-1'
+    )
   for i, inst in zip(bits, ann.instances):
     amodal = _amodal_mask(inst, h, w)
     if inst.extra.get('invisible_annotated', True):
@@ -114,14 +114,12 @@ def save_layer(path: str, layer: np.ndarray):
     np.savez_compressed(f, layer=np.asarray(layer, np.uint64))
 
 
-def write_legacy_layers(path: str, ann: records.ImageAnnotation,
-                        source: Optional[str] = None):
+def write_legacy_layers(path: str, ann: records.ImageAnnotation, source: Optional[str] = None):
   """Encodes ``ann`` and writes ``path`` (``<image stem>.npz``)."""
   save_layer(path, encode_legacy_layers(ann, source))
 
 
-def read_legacy_layers(path: str,
-                       num_instances: Optional[int] = None) -> dict:
+def read_legacy_layers(path: str, num_instances: Optional[int] = None) -> dict:
   """Reads a layer file.
 
   Returns dict of (N, H, W) bool arrays: ``visible`` (bit i: the release's
@@ -138,18 +136,19 @@ def read_legacy_layers(path: str,
   except (OSError, ValueError, zipfile.BadZipFile) as err:
     raise AnnotationError(path, '', f'not a .npz layer file: {err}') from None
   if layer.dtype != np.uint64 or layer.ndim != 2:
-    raise AnnotationError(path, 'layer', f'expected uint64 (H, W), got '
-                          f'{layer.dtype} {layer.shape}')
+    raise AnnotationError(
+        path, 'layer', f'expected uint64 (H, W), got ' f'{layer.dtype} {layer.shape}'
+    )
   if num_instances is None:
     present = np.bitwise_or.reduce(layer.ravel()) if layer.size else 0
     bits = int(present) | (int(present) >> 32)
     num_instances = (bits & 0xFFFFFFFF).bit_length()
   if not 0 <= num_instances <= MAX_INSTANCES:
-    raise AnnotationError(path, 'num_instances', f'{num_instances} is outside '
-                          f'0..{MAX_INSTANCES}')
+    raise AnnotationError(
+        path, 'num_instances', f'{num_instances} is outside ' f'0..{MAX_INSTANCES}'
+    )
   shifts = np.arange(num_instances, dtype=np.uint64)[:, None, None]
   one = np.uint64(1)
   visible = ((layer[None] >> shifts) & one).astype(bool)
   invisible = ((layer[None] >> (shifts + np.uint64(32))) & one).astype(bool)
-  return {'visible': visible, 'invisible': invisible,
-          'amodal': visible | invisible}
+  return {'visible': visible, 'invisible': invisible, 'amodal': visible | invisible}

@@ -41,6 +41,7 @@ Per example (``preprocess_example``):
   7. ``glm_image``: the uint8 canvas resized bilinearly to model.glm.image_size
      (no antialiasing: the release's GLM input is not resized by PIL).
 """
+
 from __future__ import annotations
 
 import math
@@ -56,10 +57,22 @@ from input_pipeline import tfds_builders
 from sln_jax import config_checks, errors
 
 # Keys and dtypes of one example (a batch adds the two leading axes).
-BATCH_KEYS = ('image', 'glm_image', 'image_shape', 'image_scale', 'image_id',
-              'gt_boxes', 'gt_classes', 'gt_valid', 'gt_layers',
-              'gt_layer_boxes', 'gt_occlude_rate', 'gt_is_stuff',
-              'gt_depth_rank', 'is_valid')
+BATCH_KEYS = (
+    'image',
+    'glm_image',
+    'image_shape',
+    'image_scale',
+    'image_id',
+    'gt_boxes',
+    'gt_classes',
+    'gt_valid',
+    'gt_layers',
+    'gt_layer_boxes',
+    'gt_occlude_rate',
+    'gt_is_stuff',
+    'gt_depth_rank',
+    'is_valid',
+)
 
 
 # ------------------------------------------------------------------ geometry
@@ -71,8 +84,9 @@ def resized_size(height, width, image_size: int, resize_mode: str):
   / numpy ints or TF int32 scalars and returns the same kind.
   """
   if resize_mode not in config_checks.RESIZE_MODES:
-    raise ValueError(f'input.resize_mode must be one of {config_checks.RESIZE_MODES}, '
-                     f'got {resize_mode!r}')
+    raise ValueError(
+        f'input.resize_mode must be one of {config_checks.RESIZE_MODES}, ' f'got {resize_mode!r}'
+    )
   if isinstance(height, tf.Tensor):
     if resize_mode == 'squash':
       return tf.constant(image_size), tf.constant(image_size)
@@ -106,12 +120,12 @@ def _resize_uint8(image: tf.Tensor, size, antialias: bool = False) -> tf.Tensor:
   Returns:
     (new_h, new_w, C) uint8.
   """
+
   def resize(aa):
     return tf.image.resize(image, size, method='bilinear', antialias=aa)
 
   if antialias:
-    shrinks = tf.reduce_any(tf.convert_to_tensor(size, tf.int32)
-                            < tf.shape(image)[:2])
+    shrinks = tf.reduce_any(tf.convert_to_tensor(size, tf.int32) < tf.shape(image)[:2])
     out = tf.cond(shrinks, lambda: resize(True), lambda: resize(False))
   else:
     out = resize(False)
@@ -144,8 +158,7 @@ def layer_channels_tf(index: tf.Tensor, num_layers: int) -> tf.Tensor:
   return tf.cast(onehot, tf.float32)
 
 
-def crop_layers(index: tf.Tensor, boxes: tf.Tensor, num_layers: int,
-                mask_size: int) -> tf.Tensor:
+def crop_layers(index: tf.Tensor, boxes: tf.Tensor, num_layers: int, mask_size: int) -> tf.Tensor:
   """Crops each instance's layer channels to its box.
 
   Args:
@@ -169,8 +182,12 @@ def crop_layers(index: tf.Tensor, boxes: tf.Tensor, num_layers: int,
   y1, x1, y2, x2 = tf.unstack(boxes, axis=1)
   norm = tf.stack([y1 / hm1, x1 / wm1, (y2 - 1.0) / hm1, (x2 - 1.0) / wm1], 1)
   crops = tf.image.crop_and_resize(
-      layer_channels_tf(index, num_layers), norm,
-      tf.range(tf.shape(boxes)[0]), [mask_size, mask_size], method='bilinear')
+      layer_channels_tf(index, num_layers),
+      norm,
+      tf.range(tf.shape(boxes)[0]),
+      [mask_size, mask_size],
+      method='bilinear',
+  )
   return tf.cast(crops >= 0.5, tf.float32)
 
 
@@ -187,17 +204,21 @@ def _pad_to(x: tf.Tensor, m: int) -> tf.Tensor:
 def decode_example(features: tfds.features.FeaturesDict, raw: dict) -> dict:
   """Decodes the image and layer maps left encoded by ``_decoders``."""
   inst = dict(raw['instances'])
-  inst['layer_index'] = features['instances']['layer_index'].decode_example(
-      inst['layer_index'])
+  inst['layer_index'] = features['instances']['layer_index'].decode_example(inst['layer_index'])
   out = dict(raw)
   out['image'] = features['image'].decode_example(raw['image'])
   out['instances'] = inst
   return out
 
 
-def preprocess_example(example: dict, config, *, train: bool,
-                       seed: Optional[tf.Tensor] = None,
-                       flip: Optional[tf.Tensor] = None) -> dict:
+def preprocess_example(
+    example: dict,
+    config,
+    *,
+    train: bool,
+    seed: Optional[tf.Tensor] = None,
+    flip: Optional[tf.Tensor] = None,
+) -> dict:
   """One decoded TFDS example -> one batch element (see module docstring).
 
   Args:
@@ -217,8 +238,7 @@ def preprocess_example(example: dict, config, *, train: bool,
   if (random_flip or (train and cin.box_jitter > 0)) and seed is None:
     raise ValueError('preprocess_example(train=True) needs a seed')
   if seed is not None:
-    seed_flip, seed_jitter = tf.unstack(
-        tf.random.experimental.stateless_split(seed, 2))
+    seed_flip, seed_jitter = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
   order = tf.argsort(inst['depth_rank'], stable=True)[:m]
   index = tf.gather(inst['layer_index'], order)
 
@@ -235,21 +255,25 @@ def preprocess_example(example: dict, config, *, train: bool,
   h, w = tf.shape(image)[0], tf.shape(image)[1]
   tight = boxes_from_masks_tf(index > 0)
   valid = (tight[:, 2] > tight[:, 0]) & (tight[:, 3] > tight[:, 1])
-  boxes = tight   # matching / delta boxes; the jitter moves only these
+  boxes = tight  # matching / delta boxes; the jitter moves only these
   if train and cin.box_jitter > 0:
     bh, bw = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-    noise = tf.random.stateless_uniform(tf.shape(boxes), seed_jitter, -1., 1.)
+    noise = tf.random.stateless_uniform(tf.shape(boxes), seed_jitter, -1.0, 1.0)
     boxes = boxes + noise * cin.box_jitter * tf.stack([bh, bw, bh, bw], 1)
     hf, wf = tf.cast(h, tf.float32), tf.cast(w, tf.float32)
-    boxes = tf.clip_by_value(boxes, 0., tf.stack([hf, wf, hf, wf]))
+    boxes = tf.clip_by_value(boxes, 0.0, tf.stack([hf, wf, hf, wf]))
     boxes = tf.where(valid[:, None], boxes, tf.zeros_like(boxes))
 
   nh, nw = resized_size(h, w, size, cin.resize_mode)
   resized = _resize_uint8(image, tf.stack([nh, nw]), antialias=True)
   canvas = tf.image.pad_to_bounding_box(resized, 0, 0, size, size)
   canvas.set_shape([size, size, 3])
-  scale = tf.stack([tf.cast(nh, tf.float32) / tf.cast(h, tf.float32),
-                    tf.cast(nw, tf.float32) / tf.cast(w, tf.float32)])
+  scale = tf.stack(
+      [
+          tf.cast(nh, tf.float32) / tf.cast(h, tf.float32),
+          tf.cast(nw, tf.float32) / tf.cast(w, tf.float32),
+      ]
+  )
   gt_boxes = boxes * tf.tile(scale, [2])[None]
   layer_boxes = tight * tf.tile(scale, [2])[None]
   layers = crop_layers(index, tight, nl, k)
@@ -268,11 +292,11 @@ def preprocess_example(example: dict, config, *, train: bool,
       'image_shape': tf.cast(tf.stack([nh, nw]), tf.float32),
       'image_scale': scale,
       'image_id': tf.cast(example['image_id'], tf.int32),
-      'gt_boxes': _pad_to(tf.where(valid[:, None], gt_boxes, 0.), m),
+      'gt_boxes': _pad_to(tf.where(valid[:, None], gt_boxes, 0.0), m),
       'gt_classes': _pad_to(tf.where(valid, classes, 0), m),
       'gt_valid': _pad_to(valid, m),
       'gt_layers': _pad_to(layers, m),
-      'gt_layer_boxes': _pad_to(tf.where(valid[:, None], layer_boxes, 0.), m),
+      'gt_layer_boxes': _pad_to(tf.where(valid[:, None], layer_boxes, 0.0), m),
       'gt_occlude_rate': _pad_to(tf.cast(take('occlude_rate'), tf.float32), m),
       'gt_is_stuff': _pad_to(tf.cast(take('is_stuff'), tf.bool), m),
       'gt_depth_rank': _pad_to(tf.cast(take('depth_rank'), tf.int32), m),
@@ -312,23 +336,35 @@ def _decoders() -> dict:
 
 def _log_truncation(builder, split: str, max_instances: int) -> int:
   """Logs (and returns) how many images of ``split`` exceed max_instances."""
-  counts = (builder.info.metadata or {}).get('num_instances', {}).get(
-      split.split('[')[0])
+  counts = (builder.info.metadata or {}).get('num_instances', {}).get(split.split('[')[0])
   if counts is None:
     return 0
   over = int(sum(c > max_instances for c in counts))
   if over:
-    logging.warning('%s/%s: %d of %d images have more than input.max_instances'
-                    '=%d instances; keeping the front-most %d (by depth_rank).',
-                    builder.name, split, over, len(counts), max_instances,
-                    max_instances)
+    logging.warning(
+        '%s/%s: %d of %d images have more than input.max_instances'
+        '=%d instances; keeping the front-most %d (by depth_rank).',
+        builder.name,
+        split,
+        over,
+        len(counts),
+        max_instances,
+        max_instances,
+    )
   return over
 
 
-def create_dataset(config, split: str, *, train: bool, num_local_devices: int,
-                   per_device_batch: int, shard_index: int = 0,
-                   num_shards: int = 1,
-                   builder=None) -> tf.data.Dataset:
+def create_dataset(
+    config,
+    split: str,
+    *,
+    train: bool,
+    num_local_devices: int,
+    per_device_batch: int,
+    shard_index: int = 0,
+    num_shards: int = 1,
+    builder=None,
+) -> tf.data.Dataset:
   """The batched tf.data pipeline of one split for this process.
 
   Args:
@@ -348,37 +384,44 @@ def create_dataset(config, split: str, *, train: bool, num_local_devices: int,
   if split.split('[')[0] not in available:
     field = 'dataset.train_split' if train else 'dataset.eval_split'
     raise errors.UserError(
-        f'split {split!r} not in dataset {builder.name!r} (available: '
-        f'{", ".join(available)})', path=os.fspath(builder.data_dir), field=field)
+        f'split {split!r} not in dataset {builder.name!r} (available: ' f'{", ".join(available)})',
+        path=os.fspath(builder.data_dir),
+        field=field,
+    )
   _log_truncation(builder, split, cin.max_instances)
   local_batch = num_local_devices * per_device_batch
   ds = builder.as_dataset(
-      split=split, shuffle_files=False, decoders=_decoders(),
-      read_config=tfds.ReadConfig(try_autocache=False))
+      split=split,
+      shuffle_files=False,
+      decoders=_decoders(),
+      read_config=tfds.ReadConfig(try_autocache=False),
+  )
   ds = ds.shard(num_shards, shard_index)
   if cin.cache:
     ds = ds.cache()
   features = builder.info.features
 
   if train:
-    ds = ds.shuffle(cin.shuffle_buffer, seed=config.seed + shard_index,
-                    reshuffle_each_iteration=True)
+    ds = ds.shuffle(
+        cin.shuffle_buffer, seed=config.seed + shard_index, reshuffle_each_iteration=True
+    )
     ds = ds.repeat().enumerate()
     base = tf.constant(config.seed * 1_000_003 + shard_index, tf.int64)
 
     def train_fn(i, raw):
       ex = decode_example(features, raw)
-      return preprocess_example(ex, config, train=True,
-                                seed=tf.stack([base, tf.cast(i, tf.int64)]))
+      return preprocess_example(ex, config, train=True, seed=tf.stack([base, tf.cast(i, tf.int64)]))
+
     ds = ds.map(train_fn, num_parallel_calls=cin.num_parallel_calls)
   else:
     n = builder.info.splits[split].num_examples
     per_shard = math.ceil(n / num_shards)
     target = math.ceil(per_shard / local_batch) * local_batch
     mine = len(range(shard_index, n, num_shards))
-    ds = ds.map(lambda raw: preprocess_example(decode_example(features, raw),
-                                               config, train=False),
-                num_parallel_calls=cin.num_parallel_calls)
+    ds = ds.map(
+        lambda raw: preprocess_example(decode_example(features, raw), config, train=False),
+        num_parallel_calls=cin.num_parallel_calls,
+    )
     if target > mine:
       pad = tf.data.Dataset.from_tensors(dummy_example(config))
       ds = ds.concatenate(pad.repeat(target - mine))
@@ -393,15 +436,28 @@ def create_dataset(config, split: str, *, train: bool, num_local_devices: int,
   return ds.with_options(options)
 
 
-def create_split(config, split: str, *, train: bool, num_local_devices: int,
-                 per_device_batch: int, shard_index: int = 0,
-                 num_shards: int = 1, builder=None) -> Iterator[dict]:
+def create_split(
+    config,
+    split: str,
+    *,
+    train: bool,
+    num_local_devices: int,
+    per_device_batch: int,
+    shard_index: int = 0,
+    num_shards: int = 1,
+    builder=None,
+) -> Iterator[dict]:
   """``create_dataset`` as an iterator of numpy batch dicts."""
-  ds = create_dataset(config, split, train=train,
-                      num_local_devices=num_local_devices,
-                      per_device_batch=per_device_batch,
-                      shard_index=shard_index, num_shards=num_shards,
-                      builder=builder)
+  ds = create_dataset(
+      config,
+      split,
+      train=train,
+      num_local_devices=num_local_devices,
+      per_device_batch=per_device_batch,
+      shard_index=shard_index,
+      num_shards=num_shards,
+      builder=builder,
+  )
   return iter(tfds.as_numpy(ds))
 
 
@@ -422,7 +478,7 @@ def _triangle_spans(in_size: int, out_size: int):
   """
   f32 = np.float32
   scale = f32(out_size) / f32(in_size)
-  inv_scale = f32(1.0 / np.float64(scale))   # C++ ``1.0 / scale``
+  inv_scale = f32(1.0 / np.float64(scale))  # C++ ``1.0 / scale``
   kernel_scale = max(inv_scale, f32(1))
   span = min(2 * int(np.ceil(kernel_scale)) + 1, in_size)
   sample = (np.arange(out_size, dtype=f32) + f32(0.5)) * inv_scale
@@ -431,19 +487,18 @@ def _triangle_spans(in_size: int, out_size: int):
   start = np.clip(start, 0, in_size - 1)
   end = np.clip(end, 0, in_size - 1) + 1
   index = start[:, None] + np.arange(span)[None]
-  dist = np.abs((index.astype(f32) + f32(0.5) - sample[:, None])
-                * (f32(1) / kernel_scale))
-  weights = np.where((index < end[:, None]) & (dist < 1), f32(1) - dist,
-                     f32(0)).astype(f32)
+  dist = np.abs((index.astype(f32) + f32(0.5) - sample[:, None]) * (f32(1) / kernel_scale))
+  weights = np.where((index < end[:, None]) & (dist < 1), f32(1) - dist, f32(0)).astype(f32)
   total = np.zeros(out_size, f32)
-  for k in range(span):   # sequential float32 sum, as TF
+  for k in range(span):  # sequential float32 sum, as TF
     total += weights[:, k]
   weights *= (f32(1) / total)[:, None]
   return np.minimum(index, in_size - 1), weights
 
 
-def resize_bilinear_np(image: np.ndarray, out_h: int, out_w: int,
-                       antialias: bool = False) -> np.ndarray:
+def resize_bilinear_np(
+    image: np.ndarray, out_h: int, out_w: int, antialias: bool = False
+) -> np.ndarray:
   """Numpy twin of ``_resize_uint8`` before its rounding (no TensorFlow).
 
   Args:
@@ -474,8 +529,7 @@ def resize_bilinear_np(image: np.ndarray, out_h: int, out_w: int,
 
   def axis(in_size, out_size):
     scale = np.float32(in_size) / np.float32(out_size)
-    src = (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale \
-        - np.float32(0.5)
+    src = (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
     fl = np.floor(src)
     lo = np.maximum(fl, 0).astype(np.int64)
     hi = np.minimum(np.ceil(src), in_size - 1).astype(np.int64)
@@ -515,9 +569,7 @@ def preprocess_image_for_inference(image: np.ndarray, config):
   s = config.input.image_size
   nh, nw = resized_size(h, w, s, config.input.resize_mode)
   canvas = np.zeros((s, s, 3), np.uint8)
-  canvas[:nh, :nw] = _to_uint8(resize_bilinear_np(image, nh, nw,
-                                                  antialias=True))
+  canvas[:nh, :nw] = _to_uint8(resize_bilinear_np(image, nh, nw, antialias=True))
   g = config.model.glm.image_size
   glm_image = _to_uint8(resize_bilinear_np(canvas, g, g, antialias=False))
-  return (canvas, np.array([nh, nw], np.float32),
-          np.array([nh / h, nw / w], np.float32), glm_image)
+  return (canvas, np.array([nh, nw], np.float32), np.array([nh / h, nw / w], np.float32), glm_image)

@@ -29,6 +29,7 @@ Per format:
 Bad input raises ``records.AnnotationError(path, field, message)`` with the
 field as a JSON path such as ``annotations[3].regions[0].order``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -53,12 +54,14 @@ FORMATS = ('cocoa', 'd2sa', 'kins', 'release')
 @dataclasses.dataclass
 class ReadStats:
   """Counts filled in by a reader (pass one in via ``stats=``)."""
-  num_images: int = 0        # images returned
-  num_instances: int = 0     # instances returned
-  skipped_empty: int = 0     # images without instances (skipped unless kept)
+
+  num_images: int = 0  # images returned
+  num_instances: int = 0  # instances returned
+  skipped_empty: int = 0  # images without instances (skipped unless kept)
 
 
 # ------------------------------------------------------------------ basics
+
 
 def _load_json(path: str) -> dict:
   """Reads a JSON object; malformed JSON names the line and column."""
@@ -73,8 +76,8 @@ def _load_json(path: str) -> dict:
     data = json.loads(text)
   except json.JSONDecodeError as err:
     raise AnnotationError(
-        path, 'json', f'malformed JSON at line {err.lineno} column '
-        f'{err.colno}: {err.msg}') from None
+        path, 'json', f'malformed JSON at line {err.lineno} column ' f'{err.colno}: {err.msg}'
+    ) from None
   if not isinstance(data, dict):
     raise AnnotationError(path, 'json', 'top level must be a JSON object')
   return data
@@ -87,8 +90,9 @@ def _get(obj: Any, key: str, path: str, where: str, kind=None) -> Any:
     raise AnnotationError(path, field, 'required key is missing')
   value = obj[key]
   if kind is not None and not _is_kind(value, kind):
-    raise AnnotationError(path, field, f'expected {_kind_name(kind)}, got '
-                          f'{type(value).__name__}')
+    raise AnnotationError(
+        path, field, f'expected {_kind_name(kind)}, got ' f'{type(value).__name__}'
+    )
   return value
 
 
@@ -96,19 +100,23 @@ def _is_kind(value: Any, kind) -> bool:
   if kind is int:
     return isinstance(value, int) and not isinstance(value, bool)
   if kind is float:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
   return isinstance(value, kind)
 
 
 def _kind_name(kind) -> str:
-  return {int: 'an integer', float: 'a number', list: 'a list',
-          dict: 'an object', str: 'a string'}.get(kind, str(kind))
+  return {
+      int: 'an integer',
+      float: 'a number',
+      list: 'a list',
+      dict: 'an object',
+      str: 'a string',
+  }.get(kind, str(kind))
 
 
 @dataclasses.dataclass
 class _Image:
-  index: int                 # position in the file's ``images`` list
+  index: int  # position in the file's ``images`` list
   image_id: int
   file_name: str
   height: int
@@ -125,11 +133,11 @@ def _read_images(data: dict, path: str) -> list[_Image]:
     height = _get(img, 'height', path, where, int)
     width = _get(img, 'width', path, where, int)
     if height <= 0 or width <= 0:
-      raise AnnotationError(path, f'{where}.height', f'image {file_name} has '
-                            f'non-positive size {height}x{width}')
+      raise AnnotationError(
+          path, f'{where}.height', f'image {file_name} has ' f'non-positive size {height}x{width}'
+      )
     if image_id in seen:
-      raise AnnotationError(path, f'{where}.id',
-                            f'duplicate image id {image_id}')
+      raise AnnotationError(path, f'{where}.id', f'duplicate image id {image_id}')
     seen.add(image_id)
     out.append(_Image(k, image_id, file_name, height, width))
   return out
@@ -142,22 +150,24 @@ def _check_image_file(img: _Image, images_dir: Optional[str], path: str):
   field = f'images[{img.index}].file_name'
   full = os.path.join(images_dir, img.file_name)
   if not os.path.isfile(full):
-    raise AnnotationError(path, field, f'image file {img.file_name} not found '
-                          f'in {images_dir}')
+    raise AnnotationError(path, field, f'image file {img.file_name} not found ' f'in {images_dir}')
   try:
     with Image.open(full) as im:
       width, height = im.size
   except OSError as err:
-    raise AnnotationError(path, field, f'cannot read image {full}: '
-                          f'{err}') from None
+    raise AnnotationError(path, field, f'cannot read image {full}: ' f'{err}') from None
   if (height, width) != (img.height, img.width):
     raise AnnotationError(
-        path, f'images[{img.index}].height', f'{img.height}x{img.width} '
+        path,
+        f'images[{img.index}].height',
+        f'{img.height}x{img.width} '
         f'(height x width) disagrees with image file {img.file_name} '
-        f'({height}x{width})')
+        f'({height}x{width})',
+    )
 
 
 # ------------------------------------------------------------------- masks
+
 
 def _compressed_counts(counts: str) -> list[int]:
   """Decodes COCO's compressed RLE string into run lengths (for checking)."""
@@ -170,7 +180,7 @@ def _compressed_counts(counts: str) -> list[int]:
       c = ord(counts[p]) - 48
       if c < 0 or c > 63:
         raise ValueError(f'invalid character {counts[p]!r} in counts')
-      x |= (c & 0x1f) << (5 * k)
+      x |= (c & 0x1F) << (5 * k)
       more = bool(c & 0x20)
       p += 1
       k += 1
@@ -186,8 +196,9 @@ def _check_runs(runs: list, height: int, width: int):
   if any((not _is_kind(r, int)) or r < 0 for r in runs):
     raise ValueError('run lengths must be non-negative integers')
   if sum(runs) != height * width:
-    raise ValueError(f'run lengths sum to {sum(runs)}, expected '
-                     f'{height * width} = {height}x{width}')
+    raise ValueError(
+        f'run lengths sum to {sum(runs)}, expected ' f'{height * width} = {height}x{width}'
+    )
 
 
 def _normalize_polygons(segm: list, path: str, field: str) -> list:
@@ -200,17 +211,18 @@ def _normalize_polygons(segm: list, path: str, field: str) -> list:
     if not isinstance(poly, list) or not all(_is_kind(v, float) for v in poly):
       raise AnnotationError(path, field, 'polygon must be a list of numbers')
     if len(poly) % 2:
-      raise AnnotationError(path, field, f'polygon has an odd number of '
-                            f'coordinates ({len(poly)})')
+      raise AnnotationError(
+          path, field, f'polygon has an odd number of ' f'coordinates ({len(poly)})'
+      )
     if len(poly) < 6:
-      raise AnnotationError(path, field, f'polygon with fewer than 3 points '
-                            f'({len(poly) // 2})')
+      raise AnnotationError(path, field, f'polygon with fewer than 3 points ' f'({len(poly) // 2})')
     out.append([float(v) for v in poly])
   return out
 
 
-def _to_rle(segm: Any, height: int, width: int, path: str,
-            field: str) -> tuple[dict, Optional[list]]:
+def _to_rle(
+    segm: Any, height: int, width: int, path: str, field: str
+) -> tuple[dict, Optional[list]]:
   """Polygon(s) or RLE (compressed or not) -> (RLE with bytes counts,
   normalised polygons or None). Checks the RLE size against the image."""
   if isinstance(segm, list):
@@ -218,16 +230,18 @@ def _to_rle(segm: Any, height: int, width: int, path: str,
     rle = mask_utils.merge(mask_utils.frPyObjects(polys, height, width))
     return rle, polys
   if not isinstance(segm, dict) or 'counts' not in segm or 'size' not in segm:
-    raise AnnotationError(path, field, 'expected a polygon list or an RLE '
-                          'object with "size" and "counts"')
+    raise AnnotationError(
+        path, field, 'expected a polygon list or an RLE object with "size" and "counts"'
+    )
   size = segm['size']
-  if (not isinstance(size, list) or len(size) != 2
-      or not all(_is_kind(v, int) for v in size)):
+  if not isinstance(size, list) or len(size) != 2 or not all(_is_kind(v, int) for v in size):
     raise AnnotationError(path, f'{field}.size', 'expected [height, width]')
   if list(size) != [height, width]:
     raise AnnotationError(
-        path, f'{field}.size', f'RLE size {list(size)} disagrees with the '
-        f"image's height/width [{height}, {width}]")
+        path,
+        f'{field}.size',
+        f'RLE size {list(size)} disagrees with the ' f"image's height/width [{height}, {width}]",
+    )
   counts = segm['counts']
   try:
     if isinstance(counts, list):
@@ -239,8 +253,7 @@ def _to_rle(segm: Any, height: int, width: int, path: str,
       raise ValueError('counts must be a string or a list of integers')
     _check_runs(_compressed_counts(counts), height, width)
   except (ValueError, UnicodeDecodeError) as err:
-    raise AnnotationError(path, f'{field}.counts',
-                          f'invalid RLE: {err}') from None
+    raise AnnotationError(path, f'{field}.counts', f'invalid RLE: {err}') from None
   return {'size': [height, width], 'counts': counts.encode('ascii')}, None
 
 
@@ -259,27 +272,38 @@ def _dense_rank(values: list) -> list[int]:
   return [order[v] for v in values]
 
 
-def _instance(amodal: np.ndarray, visible: np.ndarray, occluded: np.ndarray,
-              rank: int, rate: float, polygons=None, **kw
-              ) -> records.InstanceAnnotation:
+def _instance(
+    amodal: np.ndarray,
+    visible: np.ndarray,
+    occluded: np.ndarray,
+    rank: int,
+    rate: float,
+    polygons=None,
+    **kw,
+) -> records.InstanceAnnotation:
   return records.InstanceAnnotation(
       amodal_rle=records.encode_mask(amodal),
       visible_rle=records.encode_mask(visible),
       occluded_rle=records.encode_mask(occluded),
-      depth_rank=int(rank), occlude_rate=float(rate),
-      amodal_polygons=polygons, **kw)
+      depth_rank=int(rank),
+      occlude_rate=float(rate),
+      amodal_polygons=polygons,
+      **kw,
+  )
 
 
-def _group_annotations(data: dict, path: str, images: list[_Image]
-                       ) -> dict[int, list[tuple[int, dict]]]:
+def _group_annotations(
+    data: dict, path: str, images: list[_Image]
+) -> dict[int, list[tuple[int, dict]]]:
   """image id -> [(index in ``annotations``, annotation)] in file order."""
   ids = {img.image_id for img in images}
   groups: dict[int, list] = {}
   for k, ann in enumerate(_get(data, 'annotations', path, '', list)):
     image_id = _get(ann, 'image_id', path, f'annotations[{k}]', int)
     if image_id not in ids:
-      raise AnnotationError(path, f'annotations[{k}].image_id',
-                            f'no image with id {image_id} in "images"')
+      raise AnnotationError(
+          path, f'annotations[{k}].image_id', f'no image with id {image_id} in "images"'
+      )
     groups.setdefault(image_id, []).append((k, ann))
   return groups
 
@@ -288,8 +312,7 @@ def _category_names(data: dict) -> dict:
   cats = data.get('categories')
   if not isinstance(cats, list):
     return {}
-  return {c.get('id'): str(c.get('name', '')) for c in cats
-          if isinstance(c, dict)}
+  return {c.get('id'): str(c.get('name', '')) for c in cats if isinstance(c, dict)}
 
 
 def _flat_instances(path: str, keep_empty: bool = False):
@@ -302,17 +325,18 @@ def _flat_instances(path: str, keep_empty: bool = False):
   data = _load_json(path)
   images = _read_images(data, path)
   groups = _group_annotations(data, path, images)
-  per_image = [(img, groups.get(img.image_id, [])) for img in images
-               if keep_empty or groups.get(img.image_id)]
+  per_image = [
+      (img, groups.get(img.image_id, []))
+      for img in images
+      if keep_empty or groups.get(img.image_id)
+  ]
   empty = sum(1 for img in images if not groups.get(img.image_id))
   return per_image, _category_names(data), empty
 
 
-def _empty(img: _Image, images_dir: Optional[str], path: str
-           ) -> records.ImageAnnotation:
+def _empty(img: _Image, images_dir: Optional[str], path: str) -> records.ImageAnnotation:
   _check_image_file(img, images_dir, path)
-  return records.ImageAnnotation(img.image_id, img.file_name, img.height,
-                                 img.width, [], [])
+  return records.ImageAnnotation(img.image_id, img.file_name, img.height, img.width, [], [])
 
 
 def _finish(out: list, stats: Optional[ReadStats], skipped: int) -> list:
@@ -325,9 +349,11 @@ def _finish(out: list, stats: Optional[ReadStats], skipped: int) -> list:
 
 # ------------------------------------------------------------------- COCOA
 
-def _parse_depth_constraint(text: Any, order_to_index: dict, path: str,
-                            field: str, file_name: str) -> list:
-  """"1-2,1-5" (order numbers, a in front of b) -> [(index_a, index_b)]."""
+
+def _parse_depth_constraint(
+    text: Any, order_to_index: dict, path: str, field: str, file_name: str
+) -> list:
+  """ "1-2,1-5" (order numbers, a in front of b) -> [(index_a, index_b)]."""
   if text is None or text == '':
     return []
   if not isinstance(text, str):
@@ -339,22 +365,24 @@ def _parse_depth_constraint(text: Any, order_to_index: dict, path: str,
       continue
     match = re.fullmatch(r'(\d+)\s*-\s*(\d+)', token)
     if not match:
-      raise AnnotationError(path, field, f'malformed pair {token!r} (expected '
-                            '"a-b" with order numbers)')
+      raise AnnotationError(
+          path, field, f'malformed pair {token!r} (expected "a-b" with order numbers)'
+      )
     a, b = int(match.group(1)), int(match.group(2))
     for o in (a, b):
       if o not in order_to_index:
-        raise AnnotationError(path, field, f'pair {token!r} names order {o}, '
-                              f'which no region of image {file_name} has')
+        raise AnnotationError(
+            path,
+            field,
+            f'pair {token!r} names order {o}, ' f'which no region of image {file_name} has',
+        )
     if a == b:
-      raise AnnotationError(path, field, f'pair {token!r} relates a region '
-                            'to itself')
+      raise AnnotationError(path, field, f'pair {token!r} relates a region to itself')
     pairs.append((order_to_index[a], order_to_index[b]))
   return pairs
 
 
-def _cocoa_image(img: _Image, k: int, ann: dict, path: str
-                 ) -> records.ImageAnnotation:
+def _cocoa_image(img: _Image, k: int, ann: dict, path: str) -> records.ImageAnnotation:
   where = f'annotations[{k}]'
   regions = _get(ann, 'regions', path, where, list)
   h, w = img.height, img.width
@@ -362,31 +390,32 @@ def _cocoa_image(img: _Image, k: int, ann: dict, path: str
   for j, reg in enumerate(regions):
     rwhere = f'{where}.regions[{j}]'
     if not isinstance(reg, dict) or 'order' not in reg:
-      raise AnnotationError(path, f'{rwhere}.order', 'required key is missing '
-                            f'(region of image {img.file_name})')
+      raise AnnotationError(
+          path, f'{rwhere}.order', 'required key is missing ' f'(region of image {img.file_name})'
+      )
     order = _get(reg, 'order', path, rwhere, int)
     entries.append((order, j, reg))
   entries.sort(key=lambda e: e[0])
   orders = [e[0] for e in entries]
   if len(set(orders)) != len(orders):
     dup = next(o for o in orders if orders.count(o) > 1)
-    raise AnnotationError(path, f'{where}.regions', f'order {dup} appears '
-                          f'twice in image {img.file_name}')
+    raise AnnotationError(
+        path, f'{where}.regions', f'order {dup} appears ' f'twice in image {img.file_name}'
+    )
   ranks = _dense_rank(orders)
   instances = []
   for (order, j, reg), rank in zip(entries, ranks):
     rwhere = f'{where}.regions[{j}]'
-    rle, polys = _to_rle(_get(reg, 'segmentation', path, rwhere), h, w, path,
-                         f'{rwhere}.segmentation')
+    rle, polys = _to_rle(
+        _get(reg, 'segmentation', path, rwhere), h, w, path, f'{rwhere}.segmentation'
+    )
     amodal = _decode(rle)
     has_invis = 'invisible_mask' in reg
     occluded = np.zeros((h, w), bool)
     if has_invis:
-      occluded = _decode(_to_rle(reg['invisible_mask'], h, w, path,
-                                 f'{rwhere}.invisible_mask')[0])
+      occluded = _decode(_to_rle(reg['invisible_mask'], h, w, path, f'{rwhere}.invisible_mask')[0])
     if 'visible_mask' in reg:
-      visible = _decode(_to_rle(reg['visible_mask'], h, w, path,
-                                f'{rwhere}.visible_mask')[0])
+      visible = _decode(_to_rle(reg['visible_mask'], h, w, path, f'{rwhere}.visible_mask')[0])
     else:
       visible = amodal & ~occluded
     rate = reg.get('occlude_rate')
@@ -394,23 +423,42 @@ def _cocoa_image(img: _Image, k: int, ann: dict, path: str
       rate = _rate(occluded, amodal)
     elif not _is_kind(rate, float):
       raise AnnotationError(path, f'{rwhere}.occlude_rate', 'expected a number')
-    instances.append(_instance(
-        amodal, visible, occluded, rank, rate, polys,
-        is_stuff=bool(reg.get('isStuff', 0)), category_id=1,
-        name=str(reg.get('name', '')),
-        extra={'order': order, 'region_index': j, 'area': reg.get('area'),
-               'invisible_annotated': has_invis,
-               'annotation_id': ann.get('id')}))
+    instances.append(
+        _instance(
+            amodal,
+            visible,
+            occluded,
+            rank,
+            rate,
+            polys,
+            is_stuff=bool(reg.get('isStuff', 0)),
+            category_id=1,
+            name=str(reg.get('name', '')),
+            extra={
+                'order': order,
+                'region_index': j,
+                'area': reg.get('area'),
+                'invisible_annotated': has_invis,
+                'annotation_id': ann.get('id'),
+            },
+        )
+    )
   pairs = _parse_depth_constraint(
-      ann.get('depth_constraint'), {o: i for i, o in enumerate(orders)}, path,
-      f'{where}.depth_constraint', img.file_name)
-  return records.ImageAnnotation(img.image_id, img.file_name, h, w, instances,
-                                 pairs)
+      ann.get('depth_constraint'),
+      {o: i for i, o in enumerate(orders)},
+      path,
+      f'{where}.depth_constraint',
+      img.file_name,
+  )
+  return records.ImageAnnotation(img.image_id, img.file_name, h, w, instances, pairs)
 
 
-def load_cocoa(path: str, images_dir: Optional[str] = None,
-               stats: Optional[ReadStats] = None, keep_empty: bool = False
-               ) -> list[records.ImageAnnotation]:
+def load_cocoa(
+    path: str,
+    images_dir: Optional[str] = None,
+    stats: Optional[ReadStats] = None,
+    keep_empty: bool = False,
+) -> list[records.ImageAnnotation]:
   """Reads a COCOA json (``COCO_amodal_*2014.json``); see module doc."""
   data = _load_json(path)
   images = _read_images(data, path)
@@ -431,6 +479,7 @@ def load_cocoa(path: str, images_dir: Optional[str] = None,
 
 # -------------------------------------------------------------------- D2SA
 
+
 def _overlaps(masks: list[np.ndarray]) -> np.ndarray:
   """(N, N) pixel counts of pairwise intersections."""
   if not masks:
@@ -439,9 +488,12 @@ def _overlaps(masks: list[np.ndarray]) -> np.ndarray:
   return np.rint(flat @ flat.T).astype(np.int64)
 
 
-def load_d2sa(path: str, images_dir: Optional[str] = None,
-              stats: Optional[ReadStats] = None, keep_empty: bool = False
-              ) -> list[records.ImageAnnotation]:
+def load_d2sa(
+    path: str,
+    images_dir: Optional[str] = None,
+    stats: Optional[ReadStats] = None,
+    keep_empty: bool = False,
+) -> list[records.ImageAnnotation]:
   """Reads a D2SA json (flat COCO-style instances); see module doc."""
   per_image, names, skipped = _flat_instances(path, keep_empty)
   out = []
@@ -454,21 +506,22 @@ def load_d2sa(path: str, images_dir: Optional[str] = None,
     for k, ann in anns:
       depth = _get(ann, 'occl_depth', path, f'annotations[{k}]', float)
       keyed.append((depth, k, ann))
-    keyed.sort(key=lambda e: e[0])   # stable, like the release's sorted()
+    keyed.sort(key=lambda e: e[0])  # stable, like the release's sorted()
     depths = [e[0] for e in keyed]
     ranks = _dense_rank(depths)
     instances, amodals = [], []
     for (depth, k, ann), rank in zip(keyed, ranks):
       where = f'annotations[{k}]'
-      rle, polys = _to_rle(_get(ann, 'segmentation', path, where), h, w, path,
-                           f'{where}.segmentation')
+      rle, polys = _to_rle(
+          _get(ann, 'segmentation', path, where), h, w, path, f'{where}.segmentation'
+      )
       amodal = _decode(rle)
-      visible = _decode(_to_rle(_get(ann, 'visible_mask', path, where), h, w,
-                                path, f'{where}.visible_mask')[0])
+      visible = _decode(
+          _to_rle(_get(ann, 'visible_mask', path, where), h, w, path, f'{where}.visible_mask')[0]
+      )
       has_invis = 'invisible_mask' in ann
       if has_invis:
-        occluded = _decode(_to_rle(ann['invisible_mask'], h, w, path,
-                                   f'{where}.invisible_mask')[0])
+        occluded = _decode(_to_rle(ann['invisible_mask'], h, w, path, f'{where}.invisible_mask')[0])
       else:
         occluded = amodal & ~visible
       category_id = _get(ann, 'category_id', path, where, int)
@@ -478,30 +531,45 @@ def load_d2sa(path: str, images_dir: Optional[str] = None,
       if rate is None:
         rate = _rate(occluded, amodal)
       elif not _is_kind(rate, float):
-        raise AnnotationError(path, f'{where}.occlude_rate',
-                              'expected a number')
-      instances.append(_instance(
-          amodal, visible, occluded, rank, rate, polys,
-          is_stuff=bool(region.get('isStuff', 0)), category_id=category_id,
-          name=str(region.get('name', names.get(category_id, ''))),
-          extra={'occl_depth': depth, 'order': region.get('order'),
-                 'annotation_id': ann.get('id'), 'area': ann.get('area'),
-                 'iscrowd': ann.get('iscrowd', 0),
-                 'invisible_annotated': has_invis}))
+        raise AnnotationError(path, f'{where}.occlude_rate', 'expected a number')
+      instances.append(
+          _instance(
+              amodal,
+              visible,
+              occluded,
+              rank,
+              rate,
+              polys,
+              is_stuff=bool(region.get('isStuff', 0)),
+              category_id=category_id,
+              name=str(region.get('name', names.get(category_id, ''))),
+              extra={
+                  'occl_depth': depth,
+                  'order': region.get('order'),
+                  'annotation_id': ann.get('id'),
+                  'area': ann.get('area'),
+                  'iscrowd': ann.get('iscrowd', 0),
+                  'invisible_annotated': has_invis,
+              },
+          )
+      )
       amodals.append(amodal)
     inter = _overlaps(amodals)
-    pairs = [(a, b) for a in range(len(depths)) for b in range(len(depths))
-             if depths[a] < depths[b] and inter[a, b] > 0]
+    pairs = [
+        (a, b)
+        for a in range(len(depths))
+        for b in range(len(depths))
+        if depths[a] < depths[b] and inter[a, b] > 0
+    ]
     _check_image_file(img, images_dir, path)
-    out.append(records.ImageAnnotation(img.image_id, img.file_name, h, w,
-                                       instances, pairs))
+    out.append(records.ImageAnnotation(img.image_id, img.file_name, h, w, instances, pairs))
   return _finish(out, stats, skipped)
 
 
 # -------------------------------------------------------------------- KINS
 
-def derive_depth_order(visible: np.ndarray, occluded: np.ndarray
-                       ) -> tuple[list, np.ndarray]:
+
+def derive_depth_order(visible: np.ndarray, occluded: np.ndarray) -> tuple[list, np.ndarray]:
   """Depth order from masks: A is in front of B where A's visible mask covers
   part of B's occluded mask.
 
@@ -524,7 +592,7 @@ def derive_depth_order(visible: np.ndarray, occluded: np.ndarray
     return [], np.zeros((0,), np.int32)
   vis = visible.reshape(n, -1).astype(np.float32)
   occ = occluded.reshape(n, -1).astype(np.float32)
-  weight = np.rint(vis @ occ.T).astype(np.int64)   # [a, b] = |vis_a & occ_b|
+  weight = np.rint(vis @ occ.T).astype(np.int64)  # [a, b] = |vis_a & occ_b|
   np.fill_diagonal(weight, 0)
   kept = depth_order.acyclic_relations(weight)
   pairs = [(int(a), int(b)) for a, b in zip(*np.nonzero(kept))]
@@ -536,9 +604,12 @@ def _pick_key(ann: dict, key: str, legacy_key: str) -> str:
   return legacy_key if key not in ann and legacy_key in ann else key
 
 
-def load_kins(path: str, images_dir: Optional[str] = None,
-              stats: Optional[ReadStats] = None, keep_empty: bool = False
-              ) -> list[records.ImageAnnotation]:
+def load_kins(
+    path: str,
+    images_dir: Optional[str] = None,
+    stats: Optional[ReadStats] = None,
+    keep_empty: bool = False,
+) -> list[records.ImageAnnotation]:
   """Reads a KINS json (``update_{train,test}_2020.json`` or the 2019
   ``instances_*.json``); instances keep file order, see module doc."""
   per_image, names, skipped = _flat_instances(path, keep_empty)
@@ -553,34 +624,52 @@ def load_kins(path: str, images_dir: Optional[str] = None,
       where = f'annotations[{k}]'
       a_key = _pick_key(ann, 'a_segm', 'segmentation')
       i_key = _pick_key(ann, 'i_segm', 'inmodal_seg')
-      rle, polys = _to_rle(_get(ann, a_key, path, where), h, w, path,
-                           f'{where}.{a_key}')
+      rle, polys = _to_rle(_get(ann, a_key, path, where), h, w, path, f'{where}.{a_key}')
       amodal = _decode(rle)
-      visible = _decode(_to_rle(_get(ann, i_key, path, where), h, w, path,
-                                f'{where}.{i_key}')[0])
+      visible = _decode(_to_rle(_get(ann, i_key, path, where), h, w, path, f'{where}.{i_key}')[0])
       category_id = _get(ann, 'category_id', path, where, int)
-      parts.append((k, ann, amodal, visible, amodal & ~visible, polys,
-                    category_id))
-    pairs, ranks = derive_depth_order(np.stack([p[3] for p in parts]),
-                                      np.stack([p[4] for p in parts]))
+      parts.append((k, ann, amodal, visible, amodal & ~visible, polys, category_id))
+    pairs, ranks = derive_depth_order(
+        np.stack([p[3] for p in parts]), np.stack([p[4] for p in parts])
+    )
     instances = []
-    for (k, ann, amodal, visible, occluded, polys, category_id), rank in zip(
-        parts, ranks):
-      extra = {key: ann[key] for key in ('id', 'oco_id', 'ico_id', 'a_bbox',
-                                         'i_bbox', 'area', 'a_area', 'i_area',
-                                         'iscrowd') if key in ann}
+    for (_, ann, amodal, visible, occluded, polys, category_id), rank in zip(parts, ranks):
+      extra = {
+          key: ann[key]
+          for key in (
+              'id',
+              'oco_id',
+              'ico_id',
+              'a_bbox',
+              'i_bbox',
+              'area',
+              'a_area',
+              'i_area',
+              'iscrowd',
+          )
+          if key in ann
+      }
       extra['invisible_annotated'] = True
-      instances.append(_instance(
-          amodal, visible, occluded, rank, _rate(occluded, amodal), polys,
-          category_id=category_id, name=names.get(category_id, ''),
-          extra=extra))
+      instances.append(
+          _instance(
+              amodal,
+              visible,
+              occluded,
+              rank,
+              _rate(occluded, amodal),
+              polys,
+              category_id=category_id,
+              name=names.get(category_id, ''),
+              extra=extra,
+          )
+      )
     _check_image_file(img, images_dir, path)
-    out.append(records.ImageAnnotation(img.image_id, img.file_name, h, w,
-                                       instances, pairs))
+    out.append(records.ImageAnnotation(img.image_id, img.file_name, h, w, instances, pairs))
   return _finish(out, stats, skipped)
 
 
 # ----------------------------------------------------------------- release
+
 
 def release_paths(dataset_dir: str, split: str) -> tuple[str, str]:
   """(annotation json, images dir) of a release folder: ``<dir>/annotations/
@@ -588,23 +677,26 @@ def release_paths(dataset_dir: str, split: str) -> tuple[str, str]:
   ``<dir>/<split>2014`` holding the images and their ``<stem>.npz`` layers."""
   ann_dir = os.path.join(dataset_dir, 'annotations')
   if not os.path.isdir(ann_dir):
-    raise AnnotationError(dataset_dir, 'annotations', 'no annotations/ folder '
-                          'in the release dataset directory')
+    raise AnnotationError(
+        dataset_dir, 'annotations', 'no annotations/ folder in the release dataset directory'
+    )
   images_dir = os.path.join(dataset_dir, f'{split}2014')
   preferred = os.path.join(ann_dir, f'COCO_amodal_{split}2014.json')
   if os.path.isfile(preferred):
     return preferred, images_dir
-  found = sorted(p for p in glob.glob(os.path.join(ann_dir, '*.json'))
-                 if split in os.path.basename(p))
+  found = sorted(
+      p for p in glob.glob(os.path.join(ann_dir, '*.json')) if split in os.path.basename(p)
+  )
   if len(found) != 1:
-    raise AnnotationError(ann_dir, split, f'expected one json for split '
-                          f'{split!r}, found {len(found)}')
+    raise AnnotationError(
+        ann_dir, split, f'expected one json for split ' f'{split!r}, found {len(found)}'
+    )
   return found[0], images_dir
 
 
-def load_release(dataset_dir: str, split: str,
-                 stats: Optional[ReadStats] = None
-                 ) -> list[records.ImageAnnotation]:
+def load_release(
+    dataset_dir: str, split: str, stats: Optional[ReadStats] = None
+) -> list[records.ImageAnnotation]:
   """Reads a release folder (COCOA-style json); each image's legacy layer
   file is ``legacy_layers.legacy_path(release_paths(...)[1], file_name)``."""
   json_path, images_dir = release_paths(dataset_dir, split)
@@ -615,15 +707,21 @@ def _release_split(path: str) -> tuple[str, str]:
   """Annotation json inside a release folder -> (dataset_dir, split)."""
   match = re.search(r'([A-Za-z]+)2014\.json$', os.path.basename(path))
   if not match:
-    raise AnnotationError(path, 'file', 'cannot infer the split from the name '
-                          '(expected COCO_amodal_<split>2014.json)')
+    raise AnnotationError(
+        path,
+        'file',
+        'cannot infer the split from the name (expected COCO_amodal_<split>2014.json)',
+    )
   return os.path.dirname(os.path.dirname(os.path.abspath(path))), match.group(1)
 
 
-def load_annotations(fmt: str, path: str, images_dir: Optional[str] = None,
-                     stats: Optional[ReadStats] = None,
-                     keep_empty: bool = False
-                     ) -> list[records.ImageAnnotation]:
+def load_annotations(
+    fmt: str,
+    path: str,
+    images_dir: Optional[str] = None,
+    stats: Optional[ReadStats] = None,
+    keep_empty: bool = False,
+) -> list[records.ImageAnnotation]:
   """Dispatches on ``fmt`` in FORMATS. For 'release', ``path`` is the json in
   ``<dir>/annotations/`` and ``images_dir`` defaults to
   ``<dir>/<split>2014``. ``keep_empty`` keeps images without instances
@@ -639,5 +737,6 @@ def load_annotations(fmt: str, path: str, images_dir: Optional[str] = None,
       dataset_dir, split = _release_split(path)
       images_dir = os.path.join(dataset_dir, f'{split}2014')
     return load_cocoa(path, images_dir, stats, keep_empty)
-  raise AnnotationError(path, 'format', f'unknown annotation format {fmt!r} '
-                        f'(one of {", ".join(FORMATS)})')
+  raise AnnotationError(
+      path, 'format', f'unknown annotation format {fmt!r} ' f'(one of {", ".join(FORMATS)})'
+  )

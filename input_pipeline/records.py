@@ -14,6 +14,7 @@ annotated (COCOA ``depth_constraint``) or derived (KINS). Instances keep the
 order of the source file (COCOA: by ``order``; D2SA: by ``occl_depth``); there
 is no cap on their number.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,11 +29,11 @@ from sln_jax.errors import UserError
 
 @dataclasses.dataclass
 class InstanceAnnotation:
-  amodal_rle: dict            # amodal mask (COCO RLE, size [h, w])
-  visible_rle: dict           # visible (modal) mask
-  occluded_rle: dict          # annotated invisible part (empty if fully visible)
-  depth_rank: int             # 0 = front-most
-  occlude_rate: float         # invisible area / amodal area, in [0, 1]
+  amodal_rle: dict  # amodal mask (COCO RLE, size [h, w])
+  visible_rle: dict  # visible (modal) mask
+  occluded_rle: dict  # annotated invisible part (empty if fully visible)
+  depth_rank: int  # 0 = front-most
+  occlude_rate: float  # invisible area / amodal area, in [0, 1]
   is_stuff: bool = False
   category_id: int = 1
   name: str = ''
@@ -46,10 +47,10 @@ class InstanceAnnotation:
 @dataclasses.dataclass
 class ImageAnnotation:
   image_id: int
-  file_name: str              # relative to the images directory
+  file_name: str  # relative to the images directory
   height: int
   width: int
-  instances: list             # list[InstanceAnnotation]
+  instances: list  # list[InstanceAnnotation]
   depth_pairs: list = dataclasses.field(default_factory=list)  # [(front, back)]
 
   @property
@@ -60,18 +61,19 @@ class ImageAnnotation:
 @dataclasses.dataclass
 class AmodalRecord:
   """Dense masks of one image. N may be 0 only if the caller allows it."""
+
   image_id: int
   image_path: str
   height: int
   width: int
-  amodal: np.ndarray          # (N, H, W) bool
-  visible: np.ndarray         # (N, H, W) bool
-  occluded: np.ndarray        # (N, H, W) bool
-  depth_rank: np.ndarray      # (N,) int32, 0 = front-most
-  occlude_rate: np.ndarray    # (N,) float32
-  is_stuff: np.ndarray        # (N,) bool
-  category_id: np.ndarray     # (N,) int32
-  depth_pairs: np.ndarray     # (K, 2) int32 (front, back)
+  amodal: np.ndarray  # (N, H, W) bool
+  visible: np.ndarray  # (N, H, W) bool
+  occluded: np.ndarray  # (N, H, W) bool
+  depth_rank: np.ndarray  # (N,) int32, 0 = front-most
+  occlude_rate: np.ndarray  # (N,) float32
+  is_stuff: np.ndarray  # (N,) bool
+  category_id: np.ndarray  # (N,) int32
+  depth_pairs: np.ndarray  # (K, 2) int32 (front, back)
 
 
 def decode_rle(rle: dict) -> np.ndarray:
@@ -89,22 +91,27 @@ def encode_mask(mask: np.ndarray) -> dict:
 def to_record(ann: ImageAnnotation, images_dir: str = '') -> AmodalRecord:
   """Decodes every instance of ``ann`` into dense masks."""
   h, w, n = ann.height, ann.width, ann.num_instances
+
   def stack(key: str) -> np.ndarray:
     if n == 0:
       return np.zeros((0, h, w), bool)
     return np.stack([decode_rle(getattr(i, key)) for i in ann.instances])
+
   pairs = np.asarray(ann.depth_pairs, np.int32).reshape(-1, 2)
   return AmodalRecord(
       image_id=int(ann.image_id),
       image_path=os.path.join(images_dir, ann.file_name),
-      height=h, width=w,
-      amodal=stack('amodal_rle'), visible=stack('visible_rle'),
+      height=h,
+      width=w,
+      amodal=stack('amodal_rle'),
+      visible=stack('visible_rle'),
       occluded=stack('occluded_rle'),
       depth_rank=np.asarray([i.depth_rank for i in ann.instances], np.int32),
       occlude_rate=np.asarray([i.occlude_rate for i in ann.instances], np.float32),
       is_stuff=np.asarray([i.is_stuff for i in ann.instances], bool),
       category_id=np.asarray([i.category_id for i in ann.instances], np.int32),
-      depth_pairs=pairs)
+      depth_pairs=pairs,
+  )
 
 
 class AnnotationError(UserError):

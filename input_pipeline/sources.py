@@ -8,6 +8,7 @@ dataset is prepared (TFDS) here, before any file of the run is written, so
 input errors end the run first. TensorFlow lives in input_pipeline only; the
 accelerator belongs to JAX.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,6 +30,7 @@ from sln_jax.errors import UserError
 @dataclasses.dataclass
 class DataSources:
   """What main.py's modes read; each field is built only when a mode needs it."""
+
   train_batches: Optional[Callable[[], Iterable[dict]]] = None
   eval_batches: Optional[Callable[[], Iterable[dict]]] = None
   eval_annotations: Optional[Callable[[], Sequence]] = None
@@ -44,14 +46,19 @@ def _eval_annotations(config: ml_collections.ConfigDict, builder) -> Callable[[]
       raise UserError('no such file', path=d.eval_annotations, field='dataset.eval_annotations')
     return lambda: readers.load_annotations(builder.FORMAT, d.eval_annotations)
   if not os.path.isdir(d.manual_dir):
-    raise UserError('no such directory (the eval annotations are read from it; '
-                    'or set dataset.eval_annotations)',
-                    path=d.manual_dir, field='dataset.manual_dir')
+    raise UserError(
+        'no such directory (the eval annotations are read from it; '
+        'or set dataset.eval_annotations)',
+        path=d.manual_dir,
+        field='dataset.manual_dir',
+    )
   files = builder.split_files(os.path.abspath(d.manual_dir))
   if d.eval_split.split('[')[0] not in files:
     raise UserError(
         f'split {d.eval_split!r} has no annotation file in {d.manual_dir} '
-        f'(found: {", ".join(sorted(files)) or "none"})', field='dataset.eval_split')
+        f'(found: {", ".join(sorted(files)) or "none"})',
+        field='dataset.eval_split',
+    )
   path, images = files[d.eval_split.split('[')[0]]
   return lambda: readers.load_annotations(builder.FORMAT, path, images)
 
@@ -84,19 +91,33 @@ def build(config: ml_collections.ConfigDict, mode: str) -> DataSources:
   if mode == 'predict':
     return data
   builder = _build_dataset_once(config)
-  shard = dict(shard_index=jax.process_index(), num_shards=jax.process_count(),
-               num_local_devices=jax.local_device_count(), builder=builder)
+  shard = dict(
+      shard_index=jax.process_index(),
+      num_shards=jax.process_count(),
+      num_local_devices=jax.local_device_count(),
+      builder=builder,
+  )
   # functools.partial binds each split's batch size now (a lambda would read
   # a variable shared by both branches when it is called).
   if mode in ('train', 'train_and_evaluate'):
     _, train_per_device = parallel.data_parallel_batch(config)
     data.train_batches = functools.partial(
-        pipeline.create_split, config, config.dataset.train_split, train=True,
-        per_device_batch=train_per_device, **shard)
+        pipeline.create_split,
+        config,
+        config.dataset.train_split,
+        train=True,
+        per_device_batch=train_per_device,
+        **shard,
+    )
   if mode in ('evaluate', 'train_and_evaluate'):
     eval_per_device = max(1, -(-int(config.eval.batch_size) // jax.device_count()))
     data.eval_batches = functools.partial(
-        pipeline.create_split, config, config.dataset.eval_split, train=False,
-        per_device_batch=eval_per_device, **shard)
+        pipeline.create_split,
+        config,
+        config.dataset.eval_split,
+        train=False,
+        per_device_batch=eval_per_device,
+        **shard,
+    )
     data.eval_annotations = _eval_annotations(config, builder)
   return data

@@ -27,6 +27,7 @@ minus the amodal masks of every region in front; invisible = amodal &
 ~visible. Deterministic: the same arguments give byte-identical files (each
 image draws from its own ``SeedSequence((seed, crc32(split), index))``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -65,6 +66,7 @@ class SceneParams:
     thing_radius: (low, high) object radius.
     min_area: smallest amodal area, a fraction of the image area.
   """
+
   min_objects: int = 3
   max_objects: int = 6
   occlusion: float = 0.6
@@ -76,25 +78,32 @@ class SceneParams:
   def validate(self) -> None:
     if not 1 <= self.min_objects <= self.max_objects:
       raise errors.UserError(
-          f'need 1 <= min_objects <= max_objects, got {self.min_objects}, '
-          f'{self.max_objects}', field='min_objects')
+          f'need 1 <= min_objects <= max_objects, got {self.min_objects}, ' f'{self.max_objects}',
+          field='min_objects',
+      )
     for name in ('occlusion', 'stuff_prob', 'min_visible_fraction'):
       if not 0.0 <= getattr(self, name) <= 1.0:
-        raise errors.UserError(f'must be in [0, 1], got '
-                                f'{getattr(self, name)}', field=name)
+        raise errors.UserError(f'must be in [0, 1], got ' f'{getattr(self, name)}', field=name)
 
 
 # ------------------------------------------------------------------ geometry
 
+
 def _clip_polygon(points: np.ndarray, width: int, height: int) -> np.ndarray:
   """Sutherland-Hodgman clip of (K, 2) xy points to [0, w] x [0, h]."""
   pts = list(map(tuple, points))
-  for axis, bound, keep_below in ((0, 0.0, False), (0, float(width), True),
-                                  (1, 0.0, False), (1, float(height), True)):
+  for axis, bound, keep_below in (
+      (0, 0.0, False),
+      (0, float(width), True),
+      (1, 0.0, False),
+      (1, float(height), True),
+  ):
     if not pts:
       break
-    inside = (lambda p: p[axis] <= bound) if keep_below else (
-        lambda p: p[axis] >= bound)
+    if keep_below:
+      inside = lambda p, axis=axis, bound=bound: p[axis] <= bound
+    else:
+      inside = lambda p, axis=axis, bound=bound: p[axis] >= bound
     out = []
     for k, cur in enumerate(pts):
       prev = pts[k - 1]
@@ -112,8 +121,7 @@ def _rotate(points: np.ndarray, angle: float, center) -> np.ndarray:
   return points @ np.array([[c, s], [-s, c]]) + np.asarray(center)
 
 
-def _thing_polygon(kind: str, rng: np.random.Generator, center,
-                   radius: float) -> np.ndarray:
+def _thing_polygon(kind: str, rng: np.random.Generator, center, radius: float) -> np.ndarray:
   """(K, 2) xy vertices of a thing of ``kind`` around ``center``."""
   angle = rng.uniform(0, 2 * math.pi)
   if kind == 'ellipse':
@@ -138,23 +146,22 @@ def _thing_polygon(kind: str, rng: np.random.Generator, center,
   return _rotate(pts, angle, center)
 
 
-def _stuff_polygon(kind: str, rng: np.random.Generator, width: int,
-                   height: int) -> np.ndarray:
+def _stuff_polygon(kind: str, rng: np.random.Generator, width: int, height: int) -> np.ndarray:
   """(K, 2) xy vertices of a large stuff region (before clipping)."""
   side = min(width, height)
   center = (rng.uniform(0.2, 0.8) * width, rng.uniform(0.2, 0.8) * height)
   if kind == 'band':
     half_len = math.hypot(width, height)
     half_w = side * rng.uniform(0.12, 0.2)
-    pts = np.array([[-half_len, -half_w], [half_len, -half_w],
-                    [half_len, half_w], [-half_len, half_w]])
+    pts = np.array(
+        [[-half_len, -half_w], [half_len, -half_w], [half_len, half_w], [-half_len, half_w]]
+    )
     return _rotate(pts, rng.uniform(0, math.pi), center)
   if kind == 'blob':
     t = np.linspace(0, 2 * math.pi, 40, endpoint=False)
     r = np.full_like(t, side * rng.uniform(0.3, 0.42))
     for freq in (2, 3, 5):
-      r *= 1 + rng.uniform(-0.12, 0.12) * np.cos(freq * t +
-                                                 rng.uniform(0, 2 * math.pi))
+      r *= 1 + rng.uniform(-0.12, 0.12) * np.cos(freq * t + rng.uniform(0, 2 * math.pi))
     return np.stack([center[0] + r * np.cos(t), center[1] + r * np.sin(t)], 1)
   raise ValueError(f'unknown stuff kind {kind!r}')
 
@@ -167,6 +174,7 @@ def _rasterize(flat: list, height: int, width: int) -> np.ndarray:
 
 # ------------------------------------------------------------------ textures
 
+
 def _hsv_to_rgb(h: float, s: float, v: float) -> np.ndarray:
   i = int(h * 6) % 6
   f = h * 6 - int(h * 6)
@@ -175,8 +183,9 @@ def _hsv_to_rgb(h: float, s: float, v: float) -> np.ndarray:
   return 255.0 * np.asarray(rgb)
 
 
-def _smooth_noise(rng: np.random.Generator, ys: np.ndarray, xs: np.ndarray,
-                  height: int, width: int, cells: int) -> np.ndarray:
+def _smooth_noise(
+    rng: np.random.Generator, ys: np.ndarray, xs: np.ndarray, height: int, width: int, cells: int
+) -> np.ndarray:
   """Low-frequency noise in [0, 1] at pixels (ys, xs): a random
   (cells + 1)^2 grid spread over the image, bilinearly interpolated."""
   grid = rng.random((cells + 1, cells + 1))
@@ -185,12 +194,15 @@ def _smooth_noise(rng: np.random.Generator, ys: np.ndarray, xs: np.ndarray,
   y0 = np.minimum(gy.astype(int), cells - 1)
   x0 = np.minimum(gx.astype(int), cells - 1)
   fy, fx = gy - y0, gx - x0
-  return (grid[y0, x0] * (1 - fy) * (1 - fx) + grid[y0, x0 + 1] * (1 - fy) * fx
-          + grid[y0 + 1, x0] * fy * (1 - fx) + grid[y0 + 1, x0 + 1] * fy * fx)
+  return (
+      grid[y0, x0] * (1 - fy) * (1 - fx)
+      + grid[y0, x0 + 1] * (1 - fy) * fx
+      + grid[y0 + 1, x0] * fy * (1 - fx)
+      + grid[y0 + 1, x0 + 1] * fy * fx
+  )
 
 
-def _background(rng: np.random.Generator, height: int,
-                width: int) -> np.ndarray:
+def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
   """(H, W, 3) float muted background: noise, gradient or stripes."""
   yy, xx = np.mgrid[:height, :width].astype(np.float64)
   c1 = _hsv_to_rgb(rng.random(), rng.uniform(0.0, 0.25), rng.uniform(0.3, 0.7))
@@ -205,13 +217,11 @@ def _background(rng: np.random.Generator, height: int,
   else:
     a = rng.uniform(0, math.pi)
     period = rng.uniform(10, 24)
-    w = 0.5 + 0.25 * np.sin(2 * math.pi * (xx * math.cos(a) + yy * math.sin(a))
-                            / period)
+    w = 0.5 + 0.25 * np.sin(2 * math.pi * (xx * math.cos(a) + yy * math.sin(a)) / period)
   return c1 * (1 - w[..., None]) + c2 * w[..., None]
 
 
-def _object_texture(rng: np.random.Generator, mask: np.ndarray,
-                    stuff: bool) -> np.ndarray:
+def _object_texture(rng: np.random.Generator, mask: np.ndarray, stuff: bool) -> np.ndarray:
   """(P, 3) float colours of the P pixels of ``mask`` (row-major order): a
   saturated patterned texture for one region."""
   height, width = mask.shape
@@ -219,37 +229,37 @@ def _object_texture(rng: np.random.Generator, mask: np.ndarray,
   hue = rng.random()
   sat = rng.uniform(0.35, 0.6) if stuff else rng.uniform(0.65, 1.0)
   c1 = _hsv_to_rgb(hue, sat, rng.uniform(0.6, 1.0))
-  c2 = _hsv_to_rgb((hue + rng.uniform(0.15, 0.5)) % 1.0, sat,
-                   rng.uniform(0.25, 0.6))
+  c2 = _hsv_to_rgb((hue + rng.uniform(0.15, 0.5)) % 1.0, sat, rng.uniform(0.25, 0.6))
   kind = int(rng.integers(5)) if not stuff else 5
   a = rng.uniform(0, math.pi)
   u = xx * math.cos(a) + yy * math.sin(a)
   v = -xx * math.sin(a) + yy * math.cos(a)
-  if kind == 0:                                   # solid with faint shading
+  if kind == 0:  # solid with faint shading
     w = 0.15 * _smooth_noise(rng, yy, xx, height, width, 3)
-  elif kind == 1:                                 # stripes
+  elif kind == 1:  # stripes
     w = np.floor(u / rng.uniform(3, 7)) % 2
-  elif kind == 2:                                 # checker
+  elif kind == 2:  # checker
     cell = rng.uniform(3, 7)
     w = (np.floor(u / cell) + np.floor(v / cell)) % 2
-  elif kind == 3:                                 # dots
+  elif kind == 3:  # dots
     period = rng.uniform(5, 9)
     du = (u % period) - period / 2
     dv = (v % period) - period / 2
     w = (du * du + dv * dv < (period * 0.3) ** 2).astype(np.float64)
-  elif kind == 4:                                 # gradient across the region
+  elif kind == 4:  # gradient across the region
     w = (u - u.min()) / max(np.ptp(u), 1e-6)
-  else:                                           # stuff: coarse mottling
+  else:  # stuff: coarse mottling
     w = _smooth_noise(rng, yy, xx, height, width, int(rng.integers(6, 12)))
   return c1 * (1 - w[:, None]) + c2 * w[:, None]
 
 
 # ------------------------------------------------------------------ scenes
 
+
 @dataclasses.dataclass
 class _Region:
-  flat: list            # polygon [x1, y1, ...] as written
-  amodal: np.ndarray    # (H, W) bool
+  flat: list  # polygon [x1, y1, ...] as written
+  amodal: np.ndarray  # (H, W) bool
   name: str
   is_stuff: bool
   center: tuple
@@ -266,8 +276,9 @@ def _visible_masks(regions: Sequence[_Region]) -> list:
   return out
 
 
-def _make_region(rng, params: SceneParams, height: int, width: int,
-                 stuff: bool, placed: Sequence[_Region]) -> Optional[_Region]:
+def _make_region(
+    rng, params: SceneParams, height: int, width: int, stuff: bool, placed: Sequence[_Region]
+) -> Optional[_Region]:
   """One random region, or None if it is degenerate after clipping."""
   side = min(height, width)
   if stuff:
@@ -282,12 +293,13 @@ def _make_region(rng, params: SceneParams, height: int, width: int,
       other = things[int(rng.integers(len(things)))]
       dist = rng.uniform(0.45, 1.0) * (radius + other.radius)
       t = rng.uniform(0, 2 * math.pi)
-      center = (other.center[0] + dist * math.cos(t),
-                other.center[1] + dist * math.sin(t))
+      center = (other.center[0] + dist * math.cos(t), other.center[1] + dist * math.sin(t))
     else:
       center = (rng.uniform(0.1, 0.9) * width, rng.uniform(0.1, 0.9) * height)
-    center = (float(np.clip(center[0], 0.1 * width, 0.9 * width)),
-              float(np.clip(center[1], 0.1 * height, 0.9 * height)))
+    center = (
+        float(np.clip(center[0], 0.1 * width, 0.9 * width)),
+        float(np.clip(center[1], 0.1 * height, 0.9 * height)),
+    )
     pts = _thing_polygon(kind, rng, center, radius)
   pts = _clip_polygon(pts, width, height)
   if len(pts) < 3:
@@ -299,12 +311,11 @@ def _make_region(rng, params: SceneParams, height: int, width: int,
   return _Region(flat, amodal, kind, stuff, center, radius)
 
 
-def _scene_regions(rng: np.random.Generator, params: SceneParams, height: int,
-                   width: int) -> list:
+def _scene_regions(rng: np.random.Generator, params: SceneParams, height: int, width: int) -> list:
   """Regions listed front to back; every one keeps enough visible area."""
   target = int(rng.integers(params.min_objects, params.max_objects + 1))
   want_stuff = rng.random() < params.stuff_prob
-  regions: list = []                               # front to back
+  regions: list = []  # front to back
   for _ in range(20 * target):
     if len(regions) == target:
       break
@@ -312,20 +323,20 @@ def _scene_regions(rng: np.random.Generator, params: SceneParams, height: int,
     region = _make_region(rng, params, height, width, stuff, regions)
     if region is None:
       continue
-    if stuff and rng.random() < 0.7:               # stuff mostly at the back
+    if stuff and rng.random() < 0.7:  # stuff mostly at the back
       pos = len(regions)
     else:
       pos = int(rng.integers(len(regions) + 1))
     trial = regions[:pos] + [region] + regions[pos:]
     visible = _visible_masks(trial)
-    if all(v.sum() >= params.min_visible_fraction * r.amodal.sum()
-           for v, r in zip(visible, trial)):
+    if all(v.sum() >= params.min_visible_fraction * r.amodal.sum() for v, r in zip(visible, trial)):
       regions = trial
   return regions
 
 
-def _render(rng: np.random.Generator, regions: Sequence[_Region], height: int,
-            width: int) -> np.ndarray:
+def _render(
+    rng: np.random.Generator, regions: Sequence[_Region], height: int, width: int
+) -> np.ndarray:
   """(H, W, 3) uint8: background, then regions painted back to front."""
   img = _background(rng, height, width)
   for r in reversed(regions):
@@ -334,8 +345,7 @@ def _render(rng: np.random.Generator, regions: Sequence[_Region], height: int,
   return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
-def _annotation(regions: Sequence[_Region],
-                image_id: int) -> tuple[dict, list]:
+def _annotation(regions: Sequence[_Region], image_id: int) -> tuple[dict, list]:
   """COCOA annotation dict and the per-region occlude rates."""
   visible = _visible_masks(regions)
   out, rates, pairs = [], [], []
@@ -343,8 +353,14 @@ def _annotation(regions: Sequence[_Region],
     area = int(r.amodal.sum())
     invisible = r.amodal & ~vis
     rate = float(invisible.sum()) / area
-    entry = {'segmentation': r.flat, 'name': r.name, 'area': float(area),
-             'isStuff': int(r.is_stuff), 'occlude_rate': rate, 'order': k + 1}
+    entry = {
+        'segmentation': r.flat,
+        'name': r.name,
+        'area': float(area),
+        'isStuff': int(r.is_stuff),
+        'occlude_rate': rate,
+        'order': k + 1,
+    }
     if invisible.any():
       entry['visible_mask'] = records.encode_mask(vis)
       entry['invisible_mask'] = records.encode_mask(invisible)
@@ -353,13 +369,18 @@ def _annotation(regions: Sequence[_Region],
     for j in range(k):
       if (regions[j].amodal & r.amodal).any():
         pairs.append((j + 1, k + 1))
-  ann = {'id': image_id, 'image_id': image_id, 'size': len(regions),
-         'depth_constraint': ','.join(f'{a}-{b}' for a, b in sorted(pairs)),
-         'regions': out}
+  ann = {
+      'id': image_id,
+      'image_id': image_id,
+      'size': len(regions),
+      'depth_constraint': ','.join(f'{a}-{b}' for a, b in sorted(pairs)),
+      'regions': out,
+  }
   return ann, rates
 
 
 # ------------------------------------------------------------------ datasets
+
 
 def annotation_path(out_dir: str, split: str) -> str:
   return os.path.join(out_dir, 'annotations', f'COCO_amodal_{split}2014.json')
@@ -377,13 +398,14 @@ def looks_generated(out_dir: str) -> bool:
   ann_dir = os.path.join(out_dir, 'annotations')
   if 'annotations' not in entries or not os.path.isdir(ann_dir):
     return False
-  if not all(re.fullmatch(r'COCO_amodal_\w+2014\.json', name)
-             for name in os.listdir(ann_dir)):
+  if not all(re.fullmatch(r'COCO_amodal_\w+2014\.json', name) for name in os.listdir(ann_dir)):
     return False
-  return all(name == 'annotations' or name.endswith('.json') or
-             (re.fullmatch(r'\w+2014', name) and
-              os.path.isdir(os.path.join(out_dir, name)))
-             for name in entries)
+  return all(
+      name == 'annotations'
+      or name.endswith('.json')
+      or (re.fullmatch(r'\w+2014', name) and os.path.isdir(os.path.join(out_dir, name)))
+      for name in entries
+  )
 
 
 def occlusion_stats(rates: Sequence[float]) -> dict:
@@ -394,11 +416,12 @@ def occlusion_stats(rates: Sequence[float]) -> dict:
   return {
       'num_instances': int(rates.size),
       'occluded_share': float(occluded.size / rates.size) if rates.size else 0.0,
-      'mean_occlude_rate_occluded':
-          float(occluded.mean()) if occluded.size else 0.0,
-      'histogram': {'none': int((rates == 0).sum()),
-                    'partial': int(((rates > 0) & (rates <= 0.25)).sum()),
-                    'heavy': int((rates > 0.25).sum())},
+      'mean_occlude_rate_occluded': float(occluded.mean()) if occluded.size else 0.0,
+      'histogram': {
+          'none': int((rates == 0).sum()),
+          'partial': int(((rates > 0) & (rates <= 0.25)).sum()),
+          'heavy': int((rates > 0.25).sum()),
+      },
   }
 
 
@@ -408,16 +431,20 @@ def _size_hw(image_size: Union[int, Sequence[int]]) -> tuple[int, int]:
   else:
     h, w = (int(v) for v in image_size)
   if min(h, w) < 32:
-    raise errors.UserError(f'must be at least 32 pixels, got {h}x{w}',
-                            field='image_size')
+    raise errors.UserError(f'must be at least 32 pixels, got {h}x{w}', field='image_size')
   return h, w
 
 
-def generate_split(out_dir: str, split: str, num_images: int,
-                   image_size: Union[int, Sequence[int]] = 128, seed: int = 0,
-                   params: SceneParams = SceneParams(),
-                   image_format: str = 'png',
-                   progress: Optional[Callable[[int], None]] = None) -> dict:
+def generate_split(
+    out_dir: str,
+    split: str,
+    num_images: int,
+    image_size: Union[int, Sequence[int]] = 128,
+    seed: int = 0,
+    params: SceneParams = SceneParams(),
+    image_format: str = 'png',
+    progress: Optional[Callable[[int], None]] = None,
+) -> dict:
   """Writes one split (json + images) under ``out_dir``.
 
   Args:
@@ -436,18 +463,15 @@ def generate_split(out_dir: str, split: str, num_images: int,
   params.validate()
   h, w = _size_hw(image_size)
   if num_images < 0:
-    raise errors.UserError(f'must be >= 0, got {num_images}',
-                            field='num_images')
+    raise errors.UserError(f'must be >= 0, got {num_images}', field='num_images')
   if image_format not in ('png', 'jpg'):
-    raise errors.UserError(f"must be 'png' or 'jpg', got {image_format!r}",
-                            field='image_format')
+    raise errors.UserError(f"must be 'png' or 'jpg', got {image_format!r}", field='image_format')
   img_dir = images_dir(out_dir, split)
   os.makedirs(img_dir, exist_ok=True)
   split_code = zlib.crc32(split.encode('utf-8'))
   images, annotations, rates = [], [], []
   for index in range(num_images):
-    rng = np.random.default_rng(np.random.SeedSequence(
-        [int(seed), split_code, index]))
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), split_code, index]))
     regions = _scene_regions(rng, params, h, w)
     pixels = _render(rng, regions, h, w)
     image_id = index + 1
@@ -459,24 +483,26 @@ def generate_split(out_dir: str, split: str, num_images: int,
       Image.fromarray(pixels).save(buf, format='JPEG', quality=95)
     with open(os.path.join(img_dir, file_name), 'wb') as f:
       f.write(buf.getvalue())
-    images.append({'id': image_id, 'file_name': file_name, 'width': w,
-                   'height': h})
+    images.append({'id': image_id, 'file_name': file_name, 'width': w, 'height': h})
     ann, image_rates = _annotation(regions, image_id)
     annotations.append(ann)
     rates.extend(image_rates)
     if progress is not None:
       progress(1)
   with files.atomic_output_file(annotation_path(out_dir, split)) as f:
-    json.dump({'images': images, 'annotations': annotations}, f,
-              separators=(',', ':'))
+    json.dump({'images': images, 'annotations': annotations}, f, separators=(',', ':'))
   return {'num_images': num_images, **occlusion_stats(rates)}
 
 
-def generate_dataset(out_dir: str, splits: Optional[dict] = None,
-                     image_size: Union[int, Sequence[int]] = 128,
-                     seed: int = 0, params: SceneParams = SceneParams(),
-                     image_format: str = 'png',
-                     progress: bool = False) -> dict:
+def generate_dataset(
+    out_dir: str,
+    splits: Optional[dict] = None,
+    image_size: Union[int, Sequence[int]] = 128,
+    seed: int = 0,
+    params: SceneParams = SceneParams(),
+    image_format: str = 'png',
+    progress: bool = False,
+) -> dict:
   """Writes every split of ``splits`` ({name: num_images}, default
   {'train': 400, 'val': 50}) under ``out_dir``.
 
@@ -493,23 +519,36 @@ def generate_dataset(out_dir: str, splits: Optional[dict] = None,
   try:
     out = {}
     for split, num in splits.items():
-      out[split] = generate_split(out_dir, split, int(num), image_size, seed,
-                                  params, image_format,
-                                  bar.update if bar is not None else None)
+      out[split] = generate_split(
+          out_dir,
+          split,
+          int(num),
+          image_size,
+          seed,
+          params,
+          image_format,
+          bar.update if bar is not None else None,
+      )
   finally:
     if bar is not None:
       bar.close()
   total = sum(s['num_instances'] for s in out.values())
-  hist = {b: sum(s['histogram'][b] for s in out.values())
-          for b in OCCLUSION_BINS}
+  hist = {b: sum(s['histogram'][b] for s in out.values()) for b in OCCLUSION_BINS}
   occluded = hist['partial'] + hist['heavy']
   out['all'] = {
       'num_images': sum(s['num_images'] for s in out.values()),
       'num_instances': total,
       'occluded_share': occluded / total if total else 0.0,
       'mean_occlude_rate_occluded': (
-          sum(s['mean_occlude_rate_occluded'] * (s['histogram']['partial']
-                                                 + s['histogram']['heavy'])
-              for s in out.values()) / occluded if occluded else 0.0),
-      'histogram': hist}
+          sum(
+              s['mean_occlude_rate_occluded']
+              * (s['histogram']['partial'] + s['histogram']['heavy'])
+              for s in out.values()
+          )
+          / occluded
+          if occluded
+          else 0.0
+      ),
+      'histogram': hist,
+  }
   return out

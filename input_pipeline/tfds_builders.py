@@ -29,6 +29,7 @@ annotation file it was built from (path, size, mtime, SHA-256):
 have changed since, instead of training on the old ones while evaluation
 reads the new ones.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -65,8 +66,9 @@ def boxes_from_masks(masks: np.ndarray) -> np.ndarray:
   return boxes
 
 
-def encode_example(ann: records.ImageAnnotation, images_dir: str,
-                   annotations_path: str = '') -> dict:
+def encode_example(
+    ann: records.ImageAnnotation, images_dir: str, annotations_path: str = ''
+) -> dict:
   """One TFDS example (feature dict above) from an image's annotation.
 
   Raises:
@@ -75,15 +77,19 @@ def encode_example(ann: records.ImageAnnotation, images_dir: str,
   """
   rec = records.to_record(ann, images_dir)
   if not os.path.isfile(rec.image_path):
-    raise errors.UserError('image file not found (listed in '
-                            f'{annotations_path or "the annotations"})',
-                            path=rec.image_path, field='file_name')
+    raise errors.UserError(
+        'image file not found (listed in ' f'{annotations_path or "the annotations"})',
+        path=rec.image_path,
+        field='file_name',
+    )
   with Image.open(rec.image_path) as im:
     w, h = im.size
   if (h, w) != (rec.height, rec.width):
     raise records.AnnotationError(
-        annotations_path or rec.image_path, f'images[id={rec.image_id}].height/width',
-        f'annotated {rec.height}x{rec.width} but {rec.image_path} is {h}x{w}')
+        annotations_path or rec.image_path,
+        f'images[id={rec.image_id}].height/width',
+        f'annotated {rec.height}x{rec.width} but {rec.image_path} is {h}x{w}',
+    )
   index = semdist.layer_index_map(rec.amodal, rec.occluded, rec.depth_rank)
   return {
       'image': rec.image_path,
@@ -104,22 +110,25 @@ def encode_example(ann: records.ImageAnnotation, images_dir: str,
 
 def _features() -> tfds.features.FeaturesDict:
   tensor = tfds.features.Tensor
-  return tfds.features.FeaturesDict({
-      'image': tfds.features.Image(shape=(None, None, 3)),
-      'image_id': np.int64,
-      'file_name': tfds.features.Text(),
-      'height': np.int32,
-      'width': np.int32,
-      'instances': tfds.features.FeaturesDict({
-          'layer_index': tensor(shape=(None, None, None), dtype=np.uint8,
-                                encoding='zlib'),
-          'bbox': tensor(shape=(None, 4), dtype=np.float32),
-          'depth_rank': tensor(shape=(None,), dtype=np.int32),
-          'occlude_rate': tensor(shape=(None,), dtype=np.float32),
-          'is_stuff': tensor(shape=(None,), dtype=np.bool_),
-          'category_id': tensor(shape=(None,), dtype=np.int32),
-      }),
-  })
+  return tfds.features.FeaturesDict(
+      {
+          'image': tfds.features.Image(shape=(None, None, 3)),
+          'image_id': np.int64,
+          'file_name': tfds.features.Text(),
+          'height': np.int32,
+          'width': np.int32,
+          'instances': tfds.features.FeaturesDict(
+              {
+                  'layer_index': tensor(shape=(None, None, None), dtype=np.uint8, encoding='zlib'),
+                  'bbox': tensor(shape=(None, 4), dtype=np.float32),
+                  'depth_rank': tensor(shape=(None,), dtype=np.int32),
+                  'occlude_rate': tensor(shape=(None,), dtype=np.float32),
+                  'is_stuff': tensor(shape=(None,), dtype=np.bool_),
+                  'category_id': tensor(shape=(None,), dtype=np.int32),
+              }
+          ),
+      }
+  )
 
 
 class _AmodalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -135,17 +144,21 @@ class _AmodalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return self.dataset_info_from_configs(
         features=_features(),
         metadata=tfds.core.MetadataDict(),
-        homepage='https://github.com/apchenstu/SLN-Amodal')
+        homepage='https://github.com/apchenstu/SLN-Amodal',
+    )
 
   # TFDS's own lines around preparation announce download sizes ("Unknown
   # size" for a manual dataset); these say what is read and where it goes.
   def _log_download_bytes(self) -> None:
-    print(f'preparing dataset {self.name} into {self.data_dir} (once; later runs '
-          'reuse it)...', flush=True)
+    print(
+        f'preparing dataset {self.name} into {self.data_dir} (once; later runs reuse it)...',
+        flush=True,
+    )
 
   def _log_download_done(self) -> None:
-    counts = ', '.join(f'{split} {info.num_examples}'
-                       for split, info in sorted(self.info.splits.items()))
+    counts = ', '.join(
+        f'{split} {info.num_examples}' for split, info in sorted(self.info.splits.items())
+    )
     print(f'dataset {self.name} prepared: {counts} examples', flush=True)
 
   @classmethod
@@ -162,15 +175,16 @@ class _AmodalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   @classmethod
   def expected_layout(cls) -> str:
-    return '; '.join(f'{s}: {" or ".join(c)} + {d}/'
-                     for s, (c, d) in cls.SPLIT_FILES.items())
+    return '; '.join(f'{s}: {" or ".join(c)} + {d}/' for s, (c, d) in cls.SPLIT_FILES.items())
 
   def prepare_manual_dir(self, manual_dir: str) -> None:
     """Checks that ``manual_dir`` holds at least one split's annotations."""
     if not self.split_files(manual_dir):
       raise errors.UserError(
-          f'no annotation files for dataset {self.name!r}; expected '
-          f'{self.expected_layout()}', path=manual_dir, field='dataset.manual_dir')
+          f'no annotation files for dataset {self.name!r}; expected ' f'{self.expected_layout()}',
+          path=manual_dir,
+          field='dataset.manual_dir',
+      )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     manual_dir = os.fspath(dl_manager.manual_dir)
@@ -178,14 +192,15 @@ class _AmodalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     if not files:
       self.prepare_manual_dir(manual_dir)  # raises
     self.info.metadata.setdefault('num_instances', {})
-    return {split: self._generate_examples(split, ann, images)
-            for split, (ann, images) in files.items()}
+    return {
+        split: self._generate_examples(split, ann, images) for split, (ann, images) in files.items()
+    }
 
-  def _generate_examples(self, split: str, annotations_path: str,
-                         images_dir: str) -> Iterator[tuple[Any, dict]]:
+  def _generate_examples(
+      self, split: str, annotations_path: str, images_dir: str
+  ) -> Iterator[tuple[Any, dict]]:
     stats = readers.ReadStats()
-    anns = readers.load_annotations(self.FORMAT, annotations_path, images_dir,
-                                    stats=stats)
+    anns = readers.load_annotations(self.FORMAT, annotations_path, images_dir, stats=stats)
     self.info.metadata.setdefault('sources', {})[split] = source_fingerprint(annotations_path)
     counts, skipped = [], stats.skipped_empty
     for ann in anns:
@@ -195,18 +210,24 @@ class _AmodalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       counts.append(ann.num_instances)
       yield int(ann.image_id), encode_example(ann, images_dir, annotations_path)
     if skipped:
-      logging.warning('%s/%s: skipped %d images without instances (%s)',
-                      self.name, split, skipped, annotations_path)
+      logging.warning(
+          '%s/%s: skipped %d images without instances (%s)',
+          self.name,
+          split,
+          skipped,
+          annotations_path,
+      )
     self.info.metadata['num_instances'][split] = counts
 
 
 class Cocoa(_AmodalBuilder, skip_registration=True):
   """COCOA (amodal COCO 2014)."""
+
   name = 'cocoa'
   FORMAT = 'cocoa'
   SPLIT_FILES = {
-      s: ((f'annotations/COCO_amodal_{s}2014.json',), f'{s}2014')
-      for s in ('train', 'val', 'test')}
+      s: ((f'annotations/COCO_amodal_{s}2014.json',), f'{s}2014') for s in ('train', 'val', 'test')
+  }
   MANUAL_DOWNLOAD_INSTRUCTIONS = """\
   Place COCOA in manual_dir (the release's layout):
     annotations/COCO_amodal_{train,val,test}2014.json
@@ -216,13 +237,18 @@ class Cocoa(_AmodalBuilder, skip_registration=True):
 
 class D2sa(_AmodalBuilder, skip_registration=True):
   """D2S amodal (MVTec)."""
+
   name = 'd2sa'
   FORMAT = 'd2sa'
   SPLIT_FILES = {
-      'train': (('annotations/D2S_amodal_training_rot0.json',
-                 'annotations/D2S_amodal_train.json'), 'images'),
-      'val': (('annotations/D2S_amodal_validation.json',
-               'annotations/D2S_amodal_val.json'), 'images'),
+      'train': (
+          ('annotations/D2S_amodal_training_rot0.json', 'annotations/D2S_amodal_train.json'),
+          'images',
+      ),
+      'val': (
+          ('annotations/D2S_amodal_validation.json', 'annotations/D2S_amodal_val.json'),
+          'images',
+      ),
       'test': (('annotations/D2S_amodal_test.json',), 'images'),
   }
   MANUAL_DOWNLOAD_INSTRUCTIONS = """\
@@ -235,13 +261,18 @@ class D2sa(_AmodalBuilder, skip_registration=True):
 
 class Kins(_AmodalBuilder, skip_registration=True):
   """KINS (KITTI instance segmentation, amodal)."""
+
   name = 'kins'
   FORMAT = 'kins'
   SPLIT_FILES = {
-      'train': (('annotations/update_train_2020.json',
-                 'annotations/instances_train.json'), 'training/image_2'),
-      'test': (('annotations/update_test_2020.json',
-                'annotations/instances_val.json'), 'testing/image_2'),
+      'train': (
+          ('annotations/update_train_2020.json', 'annotations/instances_train.json'),
+          'training/image_2',
+      ),
+      'test': (
+          ('annotations/update_test_2020.json', 'annotations/instances_val.json'),
+          'testing/image_2',
+      ),
   }
   MANUAL_DOWNLOAD_INSTRUCTIONS = """\
   Place KINS in manual_dir (KITTI object images + KINS annotations):
@@ -254,28 +285,33 @@ class Kins(_AmodalBuilder, skip_registration=True):
 @dataclasses.dataclass(eq=False)
 class SyntheticConfig(tfds.core.BuilderConfig):
   """Generated scenes: image side, images per split and seed."""
+
   image_size: int = 128
   num_train: int = 64
   num_val: int = 16
   seed: int = 0
 
 
-def synthetic_config(image_size: int, num_train: int, num_val: int,
-                     seed: int) -> SyntheticConfig:
+def synthetic_config(image_size: int, num_train: int, num_val: int, seed: int) -> SyntheticConfig:
   """A SyntheticConfig named after its parameters (its TFDS directory)."""
   return SyntheticConfig(
       name=f's{image_size}_train{num_train}_val{num_val}_seed{seed}',
-      image_size=image_size, num_train=num_train, num_val=num_val, seed=seed)
+      image_size=image_size,
+      num_train=num_train,
+      num_val=num_val,
+      seed=seed,
+  )
 
 
 class Synthetic(_AmodalBuilder, skip_registration=True):
   """Synthetic amodal scenes in the COCOA schema (input_pipeline.synthetic)."""
+
   name = 'synthetic'
   FORMAT = 'cocoa'
   BUILDER_CONFIGS = [synthetic_config(128, 64, 16, 0)]
   SPLIT_FILES = {
-      s: ((f'annotations/COCO_amodal_{s}2014.json',), f'{s}2014')
-      for s in ('train', 'val')}
+      s: ((f'annotations/COCO_amodal_{s}2014.json',), f'{s}2014') for s in ('train', 'val')
+  }
   MANUAL_DOWNLOAD_INSTRUCTIONS = """\
   Nothing to download: build_dataset() generates the scenes into manual_dir
   (COCOA layout: annotations/COCO_amodal_{train,val}2014.json, {train,val}2014/)
@@ -287,8 +323,9 @@ class Synthetic(_AmodalBuilder, skip_registration=True):
     """Generates the scenes when absent; refuses a manual_dir generated with
     other parameters (it would silently mix datasets)."""
     cfg = self.builder_config
-    params = dict(image_size=cfg.image_size, num_train=cfg.num_train,
-                  num_val=cfg.num_val, seed=cfg.seed)
+    params = dict(
+        image_size=cfg.image_size, num_train=cfg.num_train, num_val=cfg.num_val, seed=cfg.seed
+    )
     marker = os.path.join(manual_dir, self.PARAMS_FILE)
     if self.split_files(manual_dir):
       if os.path.isfile(marker):
@@ -298,17 +335,24 @@ class Synthetic(_AmodalBuilder, skip_registration=True):
           raise errors.UserError(
               f'generated with {found}, config asks for {params}; remove the '
               'directory or choose another dataset.manual_dir',
-              path=marker, field='dataset.synthetic')
+              path=marker,
+              field='dataset.synthetic',
+          )
       return
     if os.path.isdir(manual_dir) and os.listdir(manual_dir):
       raise errors.UserError(
-          'not empty but holds no synthetic annotations; refusing to generate '
-          'into it', path=manual_dir, field='dataset.manual_dir')
+          'not empty but holds no synthetic annotations; refusing to generate into it',
+          path=manual_dir,
+          field='dataset.manual_dir',
+      )
     logging.info('generating synthetic dataset %s into %s', params, manual_dir)
     with files_lib.atomic_output_dir(manual_dir) as tmp:
       synthetic.generate_dataset(
-          tmp, splits={'train': cfg.num_train, 'val': cfg.num_val},
-          image_size=cfg.image_size, seed=cfg.seed)
+          tmp,
+          splits={'train': cfg.num_train, 'val': cfg.num_val},
+          image_size=cfg.image_size,
+          seed=cfg.seed,
+      )
       with open(os.path.join(tmp, self.PARAMS_FILE), 'w') as f:
         json.dump(params, f)
 
@@ -320,13 +364,15 @@ def make_builder(config) -> _AmodalBuilder:
   """The (unprepared) builder for ``config.dataset``."""
   d = config.dataset
   if d.name not in BUILDERS:
-    raise errors.UserError(f'unknown dataset {d.name!r}; one of '
-                            f'{sorted(BUILDERS)}', field='dataset.name')
+    raise errors.UserError(
+        f'unknown dataset {d.name!r}; one of ' f'{sorted(BUILDERS)}', field='dataset.name'
+    )
   kwargs = {}
   if d.name == 'synthetic':
     s = d.synthetic
-    kwargs['config'] = synthetic_config(int(s.image_size), int(s.num_train),
-                                        int(s.num_val), int(s.seed))
+    kwargs['config'] = synthetic_config(
+        int(s.image_size), int(s.num_train), int(s.num_val), int(s.seed)
+    )
   return BUILDERS[d.name](data_dir=os.path.abspath(d.data_dir), **kwargs)
 
 
@@ -337,8 +383,12 @@ def source_fingerprint(path: str) -> dict:
     for block in iter(lambda: f.read(1 << 22), b''):
       digest.update(block)
   stat = os.stat(path)
-  return {'file': os.path.basename(path), 'size': stat.st_size,
-          'mtime_ns': stat.st_mtime_ns, 'sha256': digest.hexdigest()}
+  return {
+      'file': os.path.basename(path),
+      'size': stat.st_size,
+      'mtime_ns': stat.st_mtime_ns,
+      'sha256': digest.hexdigest(),
+  }
 
 
 def _same_source(recorded: dict, path: str) -> bool:
@@ -361,16 +411,19 @@ def check_sources(builder: _AmodalBuilder, manual_dir: str) -> None:
   if not recorded or not os.path.isdir(manual_dir):
     return
   present = builder.split_files(manual_dir)
-  changed = [f'{split}: {os.path.basename(path)} '
-             + ('is new' if split not in recorded else 'has changed')
-             for split, (path, _) in sorted(present.items())
-             if split not in recorded or not _same_source(recorded[split], path)]
+  changed = [
+      f'{split}: {os.path.basename(path)} ' + ('is new' if split not in recorded else 'has changed')
+      for split, (path, _) in sorted(present.items())
+      if split not in recorded or not _same_source(recorded[split], path)
+  ]
   if changed:
     raise errors.UserError(
         f'the dataset prepared in {builder.data_dir} was built from other annotation '
         f'files than those now in {manual_dir} ({"; ".join(changed)}); remove '
         f'{builder.data_dir} to rebuild it, or set dataset.data_dir to a new directory',
-        path=manual_dir, field='dataset.manual_dir')
+        path=manual_dir,
+        field='dataset.manual_dir',
+    )
 
 
 def build_dataset(config, builder: Optional[_AmodalBuilder] = None):
@@ -395,6 +448,5 @@ def build_dataset(config, builder: Optional[_AmodalBuilder] = None):
     check_sources(builder, manual_dir)
     return builder
   builder.prepare_manual_dir(manual_dir)
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   return builder

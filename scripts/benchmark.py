@@ -27,6 +27,7 @@ backend keeps one, not on CPU), and with --peer the same work in torchvision's
 Mask R-CNN R101-FPN (same image size, batch, dtype policy and trained
 stages) with the ratio of images/s. --profile_dir adds a jax.profiler trace.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -46,26 +47,53 @@ from sln_jax import cli, config_checks, errors, files
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/default.py', 'Model/config file.')
 flags.DEFINE_enum('mode', 'train', ['train', 'infer'], 'What to time.')
-flags.DEFINE_integer('steps', 10, 'Timed steps (after the compile and two warm-up steps); '
-                     '0: compile only (compile_s, FLOPs, memory; no timing, no peer).')
+flags.DEFINE_integer(
+    'steps',
+    10,
+    'Timed steps (after the compile and two warm-up steps); '
+    '0: compile only (compile_s, FLOPs, memory; no timing, no peer).',
+)
 flags.DEFINE_integer('batch', 0, 'Global batch; 0 = config.train.batch_size.')
 flags.DEFINE_integer('image_size', 0, 'Canvas size; 0 = config.input.image_size.')
-flags.DEFINE_enum('dtype', '', ['', 'float32', 'bfloat16'], 'Compute dtype; "" = config.model.dtype.')
-flags.DEFINE_float('peak_tflops', 0.0, 'Peak TFLOP/s of the device for MFU (0: from the device '
-                   'kind and dtype, peak_tflops()).')
-flags.DEFINE_bool('peer', False, 'Also time torchvision Mask R-CNN R101-FPN (needs torch + torchvision).')
+flags.DEFINE_enum(
+    'dtype', '', ['', 'float32', 'bfloat16'], 'Compute dtype; "" = config.model.dtype.'
+)
+flags.DEFINE_float(
+    'peak_tflops',
+    0.0,
+    'Peak TFLOP/s of the device for MFU (0: from the device kind and dtype, peak_tflops()).',
+)
+flags.DEFINE_bool(
+    'peer', False, 'Also time torchvision Mask R-CNN R101-FPN (needs torch + torchvision).'
+)
 flags.DEFINE_string('output', '', 'Append the JSON lines to this file too.')
-flags.DEFINE_string('stage', 'all', 'Training stage whose parameters get gradients '
-                    '(heads, 4+, all or a regex; train.STAGE_PATTERNS).')
-flags.DEFINE_string('profile_dir', '', 'Also write a jax.profiler trace of a few '
-                    'timed steps here (TensorBoard / Perfetto); with --runs, one '
-                    'MODE_DTYPE_BATCH folder in it per run.')
-flags.DEFINE_list('runs', [], 'Several runs in one process, MODE:DTYPE:BATCH each (e.g. '
-                  'infer:bfloat16:1,train:bfloat16:2); replaces --mode, --dtype and --batch. '
-                  'A failing run gives a line with "error" and the next one starts.')
-flags.DEFINE_float('budget_s', 0.0, 'With --runs: start no run once this many seconds have '
-                   'passed since the first started (the first always runs); each run left '
-                   'gives a line with "error": "skipped: ...". 0: no limit.')
+flags.DEFINE_string(
+    'stage',
+    'all',
+    'Training stage whose parameters get gradients '
+    '(heads, 4+, all or a regex; train.STAGE_PATTERNS).',
+)
+flags.DEFINE_string(
+    'profile_dir',
+    '',
+    'Also write a jax.profiler trace of a few '
+    'timed steps here (TensorBoard / Perfetto); with --runs, one '
+    'MODE_DTYPE_BATCH folder in it per run.',
+)
+flags.DEFINE_list(
+    'runs',
+    [],
+    'Several runs in one process, MODE:DTYPE:BATCH each (e.g. '
+    'infer:bfloat16:1,train:bfloat16:2); replaces --mode, --dtype and --batch. '
+    'A failing run gives a line with "error" and the next one starts.',
+)
+flags.DEFINE_float(
+    'budget_s',
+    0.0,
+    'With --runs: start no run once this many seconds have '
+    'passed since the first started (the first always runs); each run left '
+    'gives a line with "error": "skipped: ...". 0: no limit.',
+)
 FLAGS = flags.FLAGS
 
 PROFILE_STEPS = 3  # steps inside the --profile_dir trace
@@ -73,9 +101,16 @@ PROFILE_STEPS = 3  # steps inside the --profile_dir trace
 # Dense peak TFLOP/s by device kind (first match wins): (bf16, fp32). fp32
 # matmuls and convolutions run as TF32 on NVIDIA tensor cores (XLA's default
 # precision) and as bf16 passes on TPUs.
-_PEAKS = (('H100', 989.0, 494.5), ('H200', 989.0, 494.5), ('A100', 312.0, 156.0),
-          ('TPU v4', 275.0, 275.0), ('TPU v5 lite', 197.0, 197.0), ('TPU v5e', 197.0, 197.0),
-          ('TPU v5', 459.0, 459.0), ('TPU v6', 918.0, 918.0))
+_PEAKS = (
+    ('H100', 989.0, 494.5),
+    ('H200', 989.0, 494.5),
+    ('A100', 312.0, 156.0),
+    ('TPU v4', 275.0, 275.0),
+    ('TPU v5 lite', 197.0, 197.0),
+    ('TPU v5e', 197.0, 197.0),
+    ('TPU v5', 459.0, 459.0),
+    ('TPU v6', 918.0, 918.0),
+)
 
 
 def peak_tflops(device_kind: str, dtype: str) -> float:
@@ -88,6 +123,7 @@ def peak_tflops(device_kind: str, dtype: str) -> float:
 
 class Run(NamedTuple):
   """One measurement of a sweep: ``MODE:DTYPE:BATCH``."""
+
   mode: str
   dtype: str
   batch: int
@@ -111,7 +147,9 @@ def parse_runs(items: list[str]) -> list[Run]:
     except ValueError:
       raise errors.UserError(
           f'{item!r}: expected MODE:DTYPE:BATCH with MODE train or infer, DTYPE float32 '
-          f'or bfloat16 and BATCH >= 1, e.g. infer:bfloat16:1', field='--runs') from None
+          f'or bfloat16 and BATCH >= 1, e.g. infer:bfloat16:1',
+          field='--runs',
+      ) from None
     runs.append(run)
   return runs
 
@@ -122,8 +160,12 @@ def error_text(err: BaseException, limit: int) -> str:
   return f'{type(err).__name__}: {lines[0][:limit] if lines else ""}'
 
 
-def sweep(runs: list[Run], measure: Callable[[Run], dict], budget_s: float = 0.0,
-          clock: Callable[[], float] = time.perf_counter) -> Iterator[dict]:
+def sweep(
+    runs: list[Run],
+    measure: Callable[[Run], dict],
+    budget_s: float = 0.0,
+    clock: Callable[[], float] = time.perf_counter,
+) -> Iterator[dict]:
   """Yields one row per run, in order: ``measure(run)``; where it raised,
   ``{mode, dtype, batch, error}`` with the exception's first line; once
   ``budget_s`` (> 0) seconds have passed since the first run started, the
@@ -135,14 +177,17 @@ def sweep(runs: list[Run], measure: Callable[[Run], dict], budget_s: float = 0.0
     if start is None:
       start = now
     elif budget_s > 0 and now - start >= budget_s:
-      yield dict(base, error=f'skipped: --budget_s={budget_s:g} spent '
-                             f'({now - start:.0f} s since the first run)')
+      yield dict(
+          base,
+          error=f'skipped: --budget_s={budget_s:g} spent '
+          f'({now - start:.0f} s since the first run)',
+      )
       continue
     try:
       row = measure(run)
     except Exception as err:  # pylint: disable=broad-except - the row says why; the next runs
       row = dict(base, error=error_text(err, 300))
-    gc.collect()                            # the failed run's device buffers, before the next
+    gc.collect()  # the failed run's device buffers, before the next
     yield row
 
 
@@ -162,15 +207,18 @@ def synthetic_batch(config, batch: int, size: int, rng: np.random.Generator) -> 
   valid = np.zeros((batch, m), bool)
   valid[:, :n_obj] = True
   layers = np.zeros((batch, m, k, k, num_layers), np.float32)
-  layers[:, :n_obj, k // 4: 3 * k // 4, k // 4: 3 * k // 4, 0] = 1.0
+  layers[:, :n_obj, k // 4 : 3 * k // 4, k // 4 : 3 * k // 4, 0] = 1.0
   return {
       'image': rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
       'glm_image': rng.integers(0, 256, (batch, g, g, 3), dtype=np.uint8),
       'image_shape': np.full((batch, 2), size, np.float32),
       'image_scale': np.ones((batch, 2), np.float32),
       'image_id': np.arange(batch, dtype=np.int32),
-      'gt_boxes': boxes, 'gt_classes': valid.astype(np.int32), 'gt_valid': valid,
-      'gt_layers': layers, 'gt_layer_boxes': boxes.copy(),
+      'gt_boxes': boxes,
+      'gt_classes': valid.astype(np.int32),
+      'gt_valid': valid,
+      'gt_layers': layers,
+      'gt_layer_boxes': boxes.copy(),
       'gt_occlude_rate': np.zeros((batch, m), np.float32),
       'gt_is_stuff': np.zeros((batch, m), bool),
       'gt_depth_rank': np.zeros((batch, m), np.int32),
@@ -199,21 +247,33 @@ def program_memory_bytes(compiled) -> int:
     return 0
   if m is None:
     return 0
-  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-             - m.alias_size_in_bytes)
+  return int(
+      m.argument_size_in_bytes
+      + m.output_size_in_bytes
+      + m.temp_size_in_bytes
+      - m.alias_size_in_bytes
+  )
 
 
 def device_peak_bytes() -> int:
   """Peak bytes in use on the first local device since the process started
   (0 where the backend keeps no statistics, e.g. the CPU)."""
   import jax
+
   stats = jax.local_devices()[0].memory_stats() or {}
   return int(stats.get('peak_bytes_in_use', 0))
 
 
-def benchmark_sln(config, mode: str, batch: int, size: int, steps: int,
-                  stage: str = 'all', profile_dir: str = '',
-                  variables: Optional[dict] = None) -> dict:
+def benchmark_sln(
+    config,
+    mode: str,
+    batch: int,
+    size: int,
+    steps: int,
+    stage: str = 'all',
+    profile_dir: str = '',
+    variables: Optional[dict] = None,
+) -> dict:
   """Times the training loop's own step (``train.make_stage_step``: stage
   masks, clipping, weight decay, momentum, pmean over every local device,
   donated state) or the evaluator's inference (``train.make_infer_fn``),
@@ -243,15 +303,16 @@ def benchmark_sln(config, mode: str, batch: int, size: int, steps: int,
   else:
     model = sln_lib.build_model(config)
   np_batch = synthetic_batch(config, batch, size, np.random.default_rng(0))
-  sharded = jax.tree.map(lambda x: x.reshape((devices, batch // devices) + x.shape[1:]),
-                         np_batch)
+  sharded = jax.tree.map(lambda x: x.reshape((devices, batch // devices) + x.shape[1:]), np_batch)
   dev_batch = parallel.shard(sharded)
   if mode == 'train':
     config.train.stages = ((stage, 1_000_000, 1e-3),)
     state = state_lib.create_train_state(config, variables, jax.random.PRNGKey(1))
-    step = lambda: jax.pmap(step_lib.make_stage_step(model, config, state.params,
-                                                      state.batch_stats, stage),
-                            axis_name=parallel.AXIS, donate_argnums=(0,))
+    step = lambda: jax.pmap(
+        step_lib.make_stage_step(model, config, state.params, state.batch_stats, stage),
+        axis_name=parallel.AXIS,
+        donate_argnums=(0,),
+    )
     rstate = parallel.replicate(state)
     traced = cpu_conv.traced_count()
     compiled, compile_s, flops = _compile(step(), (rstate, dev_batch))  # lowering donates nothing
@@ -267,6 +328,7 @@ def benchmark_sln(config, mode: str, batch: int, size: int, steps: int,
       for _ in range(n):
         rstate, out = compiled(rstate, dev_batch)
       jax.block_until_ready((rstate, out))
+
   else:
     fn = jax.pmap(step_lib.make_infer_fn(model), axis_name=parallel.AXIS)
     rvars = parallel.replicate(variables)
@@ -277,27 +339,34 @@ def benchmark_sln(config, mode: str, batch: int, size: int, steps: int,
       for _ in range(n):
         out = compiled(rvars, dev_batch)
       jax.block_until_ready(out)
+
   step_s = None
-  if steps > 0:                            # else compile only
-    run(2)                                 # warm-up (first runs allocate)
+  if steps > 0:  # else compile only
+    run(2)  # warm-up (first runs allocate)
     t0 = time.perf_counter()
     run(steps)
     step_s = (time.perf_counter() - t0) / steps
     if profile_dir:
       os.makedirs(profile_dir, exist_ok=True)
       with open(os.path.join(profile_dir, 'step.hlo.txt'), 'w') as f:
-        f.write(compiled.as_text())        # op -> source layer for profile_summary.py
+        f.write(compiled.as_text())  # op -> source layer for profile_summary.py
       with jax.profiler.trace(profile_dir):
         run(PROFILE_STEPS)
   peak = device_peak_bytes()
-  return dict(compile_s=compile_s, step_s=step_s, flops=flops * devices,
-              program_bytes=program_memory_bytes(compiled),
-              peak_bytes=peak if peak > peak_before else 0,
-              params=sln_lib.count_parameters(variables), variables=variables)
+  return dict(
+      compile_s=compile_s,
+      step_s=step_s,
+      flops=flops * devices,
+      program_bytes=program_memory_bytes(compiled),
+      peak_bytes=peak if peak > peak_before else 0,
+      params=sln_lib.count_parameters(variables),
+      variables=variables,
+  )
 
 
-def benchmark_peer(mode: str, batch: int, size: int, steps: int, dtype: str,
-                   trainable_layers: int = 5) -> dict:
+def benchmark_peer(
+    mode: str, batch: int, size: int, steps: int, dtype: str, trainable_layers: int = 5
+) -> dict:
   """torchvision Mask R-CNN R101-FPN, same image size, batch and dtype policy
   (bf16: autocast; fp32: TF32 tensor cores allowed, as XLA's default
   precision on NVIDIA GPUs), cuDNN autotuning on, frozen BatchNorm,
@@ -308,12 +377,13 @@ def benchmark_peer(mode: str, batch: int, size: int, steps: int, dtype: str,
 
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
   if device == 'cuda':
-    torch.cuda.reset_peak_memory_stats()    # per run, in a worker that serves a sweep
+    torch.cuda.reset_peak_memory_stats()  # per run, in a worker that serves a sweep
   torch.backends.cudnn.benchmark = True
   torch.backends.cuda.matmul.allow_tf32 = True
   torch.backends.cudnn.allow_tf32 = True
-  backbone = resnet_fpn_backbone(backbone_name='resnet101', weights=None,
-                                 trainable_layers=trainable_layers)
+  backbone = resnet_fpn_backbone(
+      backbone_name='resnet101', weights=None, trainable_layers=trainable_layers
+  )
   model = MaskRCNN(backbone, num_classes=2, min_size=size, max_size=size).to(device)
   rng = np.random.default_rng(0)
   images = [torch.rand(3, size, size, device=device) for _ in range(batch)]
@@ -326,8 +396,9 @@ def benchmark_peer(mode: str, batch: int, size: int, steps: int, dtype: str,
     masks = torch.zeros(n, size, size, dtype=torch.uint8, device=device)
     for j, (x0, y0, x1, y1) in enumerate(boxes.int().tolist()):
       masks[j, y0:y1, x0:x1] = 1
-    targets.append({'boxes': boxes, 'labels': torch.ones(n, dtype=torch.int64, device=device),
-                    'masks': masks})
+    targets.append(
+        {'boxes': boxes, 'labels': torch.ones(n, dtype=torch.int64, device=device), 'masks': masks}
+    )
   use_bf16 = dtype == 'bfloat16'
   opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
@@ -349,7 +420,10 @@ def benchmark_peer(mode: str, batch: int, size: int, steps: int, dtype: str,
   def sync():
     if device == 'cuda':
       torch.cuda.synchronize()
-  run_once(); run_once(); sync()
+
+  run_once()
+  run_once()
+  sync()
   t0 = time.perf_counter()
   for _ in range(steps):
     run_once()
@@ -364,6 +438,7 @@ def _peer_and_release(*args) -> dict:
   (the worker outlives the run; jax's next run may need that memory)."""
   result = benchmark_peer(*args)
   import torch
+
   gc.collect()
   if torch.cuda.is_available():
     torch.cuda.empty_cache()
@@ -380,15 +455,14 @@ class PeerWorker:
   def __init__(self):
     self._pool: Optional[concurrent.futures.ProcessPoolExecutor] = None
 
-  def __call__(self, mode: str, batch: int, size: int, steps: int, dtype: str,
-               stage: str) -> dict:
+  def __call__(self, mode: str, batch: int, size: int, steps: int, dtype: str, stage: str) -> dict:
     layers = {'heads': 0, '4+': 2}.get(stage, 5)
     if self._pool is None:
       self._pool = concurrent.futures.ProcessPoolExecutor(
-          1, mp_context=multiprocessing.get_context('spawn'))
+          1, mp_context=multiprocessing.get_context('spawn')
+      )
     try:
-      return self._pool.submit(_peer_and_release, mode, batch, size, steps, dtype,
-                               layers).result()
+      return self._pool.submit(_peer_and_release, mode, batch, size, steps, dtype, layers).result()
     except concurrent.futures.process.BrokenProcessPool as err:
       self.close()
       return {'error': f'BrokenProcessPool: {err}'}
@@ -425,7 +499,7 @@ def _main():
     runs = [Run(FLAGS.mode, FLAGS.dtype or base.model.dtype, FLAGS.batch or base.train.batch_size)]
   size = FLAGS.image_size or base.input.image_size
   base.input.image_size = size
-  config_checks.check_input(base.input)   # not check_config: no pycocotools on GPU hosts
+  config_checks.check_input(base.input)  # not check_config: no pycocotools on GPU hosts
   for dtype in sorted({r.dtype for r in runs}):
     base.model.dtype = dtype
     config_checks.check_model(base.model)
@@ -436,17 +510,17 @@ def _main():
     raise errors.UserError(f'{FLAGS.budget_s:g} is not >= 0', field='--budget_s')
   if FLAGS.output:  # before the measurement, not after it
     if os.path.isdir(FLAGS.output):
-      raise errors.UserError('is a directory, expected a file path', path=FLAGS.output,
-                              field='--output')
-    files.check_dir_makeable(os.path.dirname(os.path.abspath(FLAGS.output)),
-                               field='--output')
+      raise errors.UserError(
+          'is a directory, expected a file path', path=FLAGS.output, field='--output'
+      )
+    files.check_dir_makeable(os.path.dirname(os.path.abspath(FLAGS.output)), field='--output')
   peer_on = FLAGS.peer and FLAGS.steps > 0
   if peer_on and len(runs) > 1:
     # The peer's worker lives beside this process for the whole sweep: jax
     # takes device memory as its runs need it instead of most of it up front
     # (timing is unchanged: the warm-up steps allocate).
     os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
-  shared = {}                               # the variables, built by the first run
+  shared = {}  # the variables, built by the first run
 
   def measure(run: Run) -> dict:
     config = base.copy_and_resolve_references()
@@ -455,12 +529,20 @@ def _main():
     if peer_on:
       peer = worker(run.mode, run.batch, size, FLAGS.steps, run.dtype, FLAGS.stage)
       if len(runs) == 1:
-        worker.close()                      # before jax takes the device's memory
+        worker.close()  # before jax takes the device's memory
     profile_dir = FLAGS.profile_dir
     if profile_dir and FLAGS.runs:
       profile_dir = os.path.join(profile_dir, run.name)
-    r = benchmark_sln(config, run.mode, run.batch, size, FLAGS.steps, FLAGS.stage,
-                      profile_dir, variables=shared.get('variables'))
+    r = benchmark_sln(
+        config,
+        run.mode,
+        run.batch,
+        size,
+        FLAGS.steps,
+        FLAGS.stage,
+        profile_dir,
+        variables=shared.get('variables'),
+    )
     shared['variables'] = r['variables']
     return result_row(r, run, config, size, peer)
 
@@ -480,23 +562,33 @@ def result_row(r: dict, run: Run, config, size: int, peer: Optional[dict]) -> di
   """The JSON row of one measurement (:func:`benchmark_sln`'s ``r``, the
   peer's result or None)."""
   import jax
+
   dev = jax.devices()[0]
   batch = run.batch
   peak = FLAGS.peak_tflops or peak_tflops(dev.device_kind, run.dtype)
   timed = r['step_s'] is not None
   images_per_s = batch / r['step_s'] if timed else None
   result = {
-      'device': f'{dev.platform}:{dev.device_kind}', 'num_devices': jax.device_count(),
-      'mode': run.mode, 'stage': FLAGS.stage if run.mode == 'train' else None,
-      'dtype': run.dtype, 'batch': batch, 'image_size': size,
-      'glm': bool(config.model.glm.enabled), 'compile_s': round(r['compile_s'], 3),
+      'device': f'{dev.platform}:{dev.device_kind}',
+      'num_devices': jax.device_count(),
+      'mode': run.mode,
+      'stage': FLAGS.stage if run.mode == 'train' else None,
+      'dtype': run.dtype,
+      'batch': batch,
+      'image_size': size,
+      'glm': bool(config.model.glm.enabled),
+      'compile_s': round(r['compile_s'], 3),
       'step_ms': round(r['step_s'] * 1e3, 3) if timed else None,
       'images_per_s': round(images_per_s, 3) if timed else None,
-      'flops_per_image': r['flops'] / batch, 'params': int(r['params']),
+      'flops_per_image': r['flops'] / batch,
+      'params': int(r['params']),
       'xla_memory_mib': round(r['program_bytes'] / 2**20, 1),
       'peak_memory_mib': round(r['peak_bytes'] / 2**20, 1) if r['peak_bytes'] else None,
-      'mfu': (round(r['flops'] / r['step_s'] / (peak * 1e12 * jax.local_device_count()), 4)
-              if peak and r['flops'] and timed else None),
+      'mfu': (
+          round(r['flops'] / r['step_s'] / (peak * 1e12 * jax.local_device_count()), 4)
+          if peak and r['flops'] and timed
+          else None
+      ),
   }
   if peer is not None:
     result['peer'] = 'torchvision MaskRCNN R101-FPN'

@@ -15,6 +15,7 @@ visible mask), plus false positives up to ``--detections`` per image.
 Prints one JSON line: images, detections, image, ms per image of each part,
 and in all for each of the two callers.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,9 @@ def _random_box(rng: np.random.Generator, h: int, w: int) -> tuple[int, int, int
   return y1, x1, y1 + bh, x1 + bw
 
 
-def make_case(rng: np.random.Generator, images: int, h: int, w: int,
-              detections: int) -> tuple[list, list]:
+def make_case(
+    rng: np.random.Generator, images: int, h: int, w: int, detections: int
+) -> tuple[list, list]:
   """(ground truth, COCO results) as described in the module doc."""
   gt, results = [], []
   for image_id in range(1, images + 1):
@@ -54,28 +56,45 @@ def make_case(rng: np.random.Generator, images: int, h: int, w: int,
       visible = amodal & ~_rect(h, w, *cut)
       if not visible.any():
         visible = amodal
-      instances.append(records.InstanceAnnotation(
-          amodal_rle=records.encode_mask(amodal), visible_rle=records.encode_mask(visible),
-          occluded_rle=records.encode_mask(amodal & ~visible), depth_rank=len(instances),
-          occlude_rate=float(1 - visible.sum() / amodal.sum()),
-          is_stuff=bool(rng.random() < 0.2)))
+      instances.append(
+          records.InstanceAnnotation(
+              amodal_rle=records.encode_mask(amodal),
+              visible_rle=records.encode_mask(visible),
+              occluded_rle=records.encode_mask(amodal & ~visible),
+              depth_rank=len(instances),
+              occlude_rate=float(1 - visible.sum() / amodal.sum()),
+              is_stuff=bool(rng.random() < 0.2),
+          )
+      )
       dy, dx = (int(v) for v in rng.integers(-3, 4, 2))
-      results.append({
-          'image_id': image_id, 'category_id': 1, 'score': float(rng.uniform(0.3, 1)),
-          'segmentation': records.encode_mask(np.roll(amodal, (dy, dx), (0, 1))),
-          'visible_mask': records.encode_mask(np.roll(visible, (dy, dx), (0, 1))),
-          'depth_layer': len(instances) - 1})
+      results.append(
+          {
+              'image_id': image_id,
+              'category_id': 1,
+              'score': float(rng.uniform(0.3, 1)),
+              'segmentation': records.encode_mask(np.roll(amodal, (dy, dx), (0, 1))),
+              'visible_mask': records.encode_mask(np.roll(visible, (dy, dx), (0, 1))),
+              'depth_layer': len(instances) - 1,
+          }
+      )
     for _ in range(max(0, detections - len(instances))):
       m = records.encode_mask(_rect(h, w, *_random_box(rng, h, w)))
-      results.append({'image_id': image_id, 'category_id': 1,
-                      'score': float(rng.uniform(0, 0.5)), 'segmentation': m,
-                      'visible_mask': m, 'depth_layer': 0})
+      results.append(
+          {
+              'image_id': image_id,
+              'category_id': 1,
+              'score': float(rng.uniform(0, 0.5)),
+              'segmentation': m,
+              'visible_mask': m,
+              'depth_layer': 0,
+          }
+      )
     gt.append(records.ImageAnnotation(image_id, f'{image_id}.jpg', h, w, instances))
   return gt, results
 
 
 def _parse(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = cli.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--images', type=int, default=200)
   p.add_argument('--image', default='480x640', help='image size HxW (COCOA-like)')
   p.add_argument('--detections', type=int, default=100, help='results per image')
@@ -91,14 +110,13 @@ def _main(argv=None) -> int:
     raise errors.UserError(f'{args.images}: must be at least 1', field='--images')
   if args.detections < 0:
     raise errors.UserError(f'{args.detections}: must be at least 0', field='--detections')
-  gt, results = make_case(np.random.default_rng(args.seed), args.images, h, w,
-                          args.detections)
+  gt, results = make_case(np.random.default_rng(args.seed), args.images, h, w, args.detections)
   times = {}
   start = time.perf_counter()
-  results_check.check_results(results, gt, check_counts=False)   # as --mode=evaluate does
+  results_check.check_results(results, gt, check_counts=False)  # as --mode=evaluate does
   times['check_results_own'] = time.perf_counter() - start
   start = time.perf_counter()
-  checked = results_check.check_results(results, gt)   # as scripts/evaluate.py does
+  checked = results_check.check_results(results, gt)  # as scripts/evaluate.py does
   times['check_results'] = time.perf_counter() - start
   start = time.perf_counter()
   metrics_lib.evaluate(gt, checked, protocol=args.protocol)
@@ -106,14 +124,20 @@ def _main(argv=None) -> int:
   start = time.perf_counter()
   metrics_lib.depth_order_accuracy(gt, checked)
   times['depth_order'] = time.perf_counter() - start
-  row = {'images': args.images, 'detections': len(results), 'image': [h, w],
-         'protocol': args.protocol}
+  row = {
+      'images': args.images,
+      'detections': len(results),
+      'image': [h, w],
+      'protocol': args.protocol,
+  }
   row.update({f'{k}_ms_per_image': round(1e3 * v / args.images, 1) for k, v in times.items()})
   scoring = times['evaluate'] + times['depth_order']
-  row['main_evaluate_ms_per_image'] = round(1e3 * (times['check_results_own'] + scoring)
-                                            / args.images, 1)
-  row['scripts_evaluate_ms_per_image'] = round(1e3 * (times['check_results'] + scoring)
-                                               / args.images, 1)
+  row['main_evaluate_ms_per_image'] = round(
+      1e3 * (times['check_results_own'] + scoring) / args.images, 1
+  )
+  row['scripts_evaluate_ms_per_image'] = round(
+      1e3 * (times['check_results'] + scoring) / args.images, 1
+  )
   print(json.dumps(row), flush=True)
   return 0
 

@@ -13,9 +13,9 @@ decoding + preprocessing + batching, not disk reads.
 Prints one JSON line per scenario: scenario, canvas, source (h, w), batch,
 batches, images_per_s, ms_per_image, num_parallel_calls, cpu_count.
 """
+
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
@@ -24,17 +24,17 @@ import time
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from configs import default
+from input_pipeline import pipeline, synthetic, tfds_builders
 from sln_jax import cli, files
 
 # scenario -> (canvas S, source (h, w), GLM image size, gt_mask_size, format)
-SCENARIOS = {'1024': (1024, (480, 640), 513, 64, 'jpg'),
-             '128': (128, (128, 128), 65, 32, 'png')}
+SCENARIOS = {'1024': (1024, (480, 640), 513, 64, 'jpg'), '128': (128, (128, 128), 65, 32, 'png')}
 
 
 def _config(scenario: str, work: str, args) -> object:
   s, _, g, k, _ = SCENARIOS[scenario]
   c = default.get_config()
-  c.dataset.name = 'cocoa'   # the generated scenes are in the COCOA layout
+  c.dataset.name = 'cocoa'  # the generated scenes are in the COCOA layout
   c.dataset.data_dir = os.path.join(work, f'tfds_{scenario}')
   c.dataset.manual_dir = os.path.join(work, f'raw_{scenario}')
   c.input.image_size = s
@@ -42,33 +42,31 @@ def _config(scenario: str, work: str, args) -> object:
   c.model.glm.image_size = g
   c.input.num_parallel_calls = args.num_parallel_calls
   c.input.shuffle_buffer = args.images
-  c.input.cache = True        # time preprocessing, not disk reads
+  c.input.cache = True  # time preprocessing, not disk reads
   return c
 
 
 def _generate(config, scenario: str, num_images: int) -> None:
   """Synthetic scenes of the scenario's size into manual_dir (COCOA layout)."""
-  from input_pipeline import synthetic  # pylint: disable=import-outside-toplevel
+
   manual = config.dataset.manual_dir
   if os.path.isdir(manual):
     return
   _, source_hw, _, _, image_format = SCENARIOS[scenario]
   with files.atomic_output_dir(manual) as tmp:
-    synthetic.generate_dataset(tmp, splits={'train': num_images},
-                               image_size=source_hw, seed=0,
-                               image_format=image_format)
+    synthetic.generate_dataset(
+        tmp, splits={'train': num_images}, image_size=source_hw, seed=0, image_format=image_format
+    )
 
 
 def run_scenario(scenario: str, work: str, args) -> dict:
-  from input_pipeline import (
-    pipeline,  # pylint: disable=import-outside-toplevel
-    tfds_builders,  # pylint: disable=import-outside-toplevel
-  )
+
   config = _config(scenario, work, args)
   _generate(config, scenario, args.images)
   builder = tfds_builders.build_dataset(config)
-  it = pipeline.create_split(config, 'train', train=True, num_local_devices=1,
-                             per_device_batch=args.batch)
+  it = pipeline.create_split(
+      config, 'train', train=True, num_local_devices=1, per_device_batch=args.batch
+  )
   for _ in range(args.warmup):
     next(it)
   start = time.perf_counter()
@@ -78,10 +76,13 @@ def run_scenario(scenario: str, work: str, args) -> dict:
   n = args.batches * args.batch
   example = builder.info.splits['train'].num_examples
   return {
-      'scenario': scenario, 'canvas': config.input.image_size,
+      'scenario': scenario,
+      'canvas': config.input.image_size,
       'source_hw': list(SCENARIOS[scenario][1]),
-      'source_format': SCENARIOS[scenario][4], 'dataset_images': example,
-      'batch': args.batch, 'batches': args.batches,
+      'source_format': SCENARIOS[scenario][4],
+      'dataset_images': example,
+      'batch': args.batch,
+      'batches': args.batches,
       'images_per_s': round(n / elapsed, 2),
       'ms_per_image': round(1000 * elapsed / n, 1),
       'num_parallel_calls': config.input.num_parallel_calls,
@@ -94,16 +95,18 @@ def run_scenario(scenario: str, work: str, args) -> dict:
 
 
 def main() -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--scenario', choices=['all', *SCENARIOS], default='all')
-  parser.add_argument('--images', type=int, default=16,
-                      help='synthetic images generated per scenario')
+  parser.add_argument(
+      '--images', type=int, default=16, help='synthetic images generated per scenario'
+  )
   parser.add_argument('--batch', type=int, default=2, help='per-device batch')
   parser.add_argument('--warmup', type=int, default=5, help='untimed batches')
   parser.add_argument('--batches', type=int, default=20, help='timed batches')
   parser.add_argument('--num_parallel_calls', type=int, default=2)
-  parser.add_argument('--workdir', default='',
-                      help='keep generated data here (default: a temp dir)')
+  parser.add_argument(
+      '--workdir', default='', help='keep generated data here (default: a temp dir)'
+  )
   args = parser.parse_args()
   scenarios = list(SCENARIOS) if args.scenario == 'all' else [args.scenario]
   with tempfile.TemporaryDirectory() as tmp:

@@ -17,6 +17,7 @@ does (``sln_jax.host_workers``). Prints one JSON line: images, detections,
 image, mask_size, layers, workers, ms_per_image, main_process_cpu_ms_per_image
 (what the calling process spends), results_per_image.
 """
+
 from __future__ import annotations
 
 import functools
@@ -33,11 +34,13 @@ from sln_jax.evaluation import results as results_lib
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/default.py', 'Model/config file.')
 flags.DEFINE_string('image', '480x640', 'Original image size HxW.')
 flags.DEFINE_integer('images', 20, 'Images timed (after one warm-up image).', lower_bound=1)
-flags.DEFINE_integer('detections', -1, 'Detections per image; -1 = '
-                     'config.model.detection.max_detections.')
+flags.DEFINE_integer(
+    'detections', -1, 'Detections per image; -1 = config.model.detection.max_detections.'
+)
 flags.DEFINE_integer('seed', 0, 'Seed of the random detections.')
-flags.DEFINE_integer('workers', 0, 'Worker processes (eval.host_workers; 0: in this process).',
-                     lower_bound=0)
+flags.DEFINE_integer(
+    'workers', 0, 'Worker processes (eval.host_workers; 0: in this process).', lower_bound=0
+)
 FLAGS = flags.FLAGS
 
 
@@ -57,8 +60,9 @@ def _blobs(rng: np.random.Generator, num: int, size: int, channels: int = 0) -> 
   return np.moveaxis(probs, 1, -1) if channels else probs
 
 
-def random_detections(rng: np.random.Generator, num: int, canvas: int,
-                      mask_size: int, layers: int) -> dict:
+def random_detections(
+    rng: np.random.Generator, num: int, canvas: int, mask_size: int, layers: int
+) -> dict:
   """``SLN.infer``-shaped detections of one image (batch axis removed)."""
   side = np.exp(rng.uniform(np.log(16), np.log(512), (num, 2)))
   top_left = rng.uniform(0, canvas, (num, 2)) - side / 2
@@ -80,30 +84,41 @@ def _main(argv) -> int:
   config = _CONFIG.value
   h, w = cli.parse_size(FLAGS.image, '--image')
   canvas = int(config.input.image_size)
-  num = int(FLAGS.detections if FLAGS.detections >= 0
-            else config.model.detection.max_detections)
+  num = int(FLAGS.detections if FLAGS.detections >= 0 else config.model.detection.max_detections)
   mask_size, layers = int(config.model.roi.mask_size), int(config.model.num_layers)
-  scale = canvas / max(h, w)   # the inference preprocessing's resize
+  scale = canvas / max(h, w)  # the inference preprocessing's resize
   rng = np.random.default_rng(FLAGS.seed)
-  images = [random_detections(rng, num, canvas, mask_size, layers)
-            for _ in range(FLAGS.images + 1)]
+  images = [random_detections(rng, num, canvas, mask_size, layers) for _ in range(FLAGS.images + 1)]
   # The evaluator's call (sln_jax.inference.evaluate).
   kwargs = dict(mask_threshold=config.eval.mask_threshold, mask_paste=config.eval.mask_paste)
   with host_workers.OrderedWorkers(FLAGS.workers) as workers:
     for _ in range(max(1, FLAGS.workers)):  # warm-up (and start) every worker
-      workers.submit(results_lib.detections_to_results, 0, images[0], (scale, scale), (h, w), **kwargs)
+      workers.submit(
+          results_lib.detections_to_results, 0, images[0], (scale, scale), (h, w), **kwargs
+      )
     workers.results()
     start, cpu = time.perf_counter(), time.process_time()
     for k, dets in enumerate(images[1:]):
       workers.submit(results_lib.detections_to_results, k, dets, (scale, scale), (h, w), **kwargs)
     count = sum(len(r) for r in workers.results())
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
-  print(json.dumps({
-      'images': FLAGS.images, 'detections': num, 'image': [h, w], 'mask_size': mask_size,
-      'layers': layers, 'mask_paste': config.eval.mask_paste,
-      'workers': FLAGS.workers, 'ms_per_image': round(1e3 * elapsed / FLAGS.images, 2),
-      'main_process_cpu_ms_per_image': round(1e3 * cpu / FLAGS.images, 2),
-      'results_per_image': round(count / FLAGS.images, 1)}), flush=True)
+  print(
+      json.dumps(
+          {
+              'images': FLAGS.images,
+              'detections': num,
+              'image': [h, w],
+              'mask_size': mask_size,
+              'layers': layers,
+              'mask_paste': config.eval.mask_paste,
+              'workers': FLAGS.workers,
+              'ms_per_image': round(1e3 * elapsed / FLAGS.images, 2),
+              'main_process_cpu_ms_per_image': round(1e3 * cpu / FLAGS.images, 2),
+              'results_per_image': round(count / FLAGS.images, 1),
+          }
+      ),
+      flush=True,
+  )
   return 0
 
 

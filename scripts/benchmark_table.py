@@ -10,17 +10,31 @@ run that failed or was skipped keeps its row, with the reason in place of
 the numbers. Needs only the standard library and sln_jax.cliutil (runs on
 the device machine).
 """
+
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
 from sln_jax import cli, errors
 
-COLUMNS = ('device', 'model', 'mode', 'dtype', 'batch', 'image', 'compile s', 'ms/step',
-           'images/s', 'GFLOP/image', 'MFU', 'memory GiB', 'peer images/s',
-           'peer memory GiB', 'ratio')
+COLUMNS = (
+    'device',
+    'model',
+    'mode',
+    'dtype',
+    'batch',
+    'image',
+    'compile s',
+    'ms/step',
+    'images/s',
+    'GFLOP/image',
+    'MFU',
+    'memory GiB',
+    'peer images/s',
+    'peer memory GiB',
+    'ratio',
+)
 
 
 def _num(value, digits: int = 1) -> str:
@@ -50,13 +64,22 @@ def row(r: dict) -> str:
     return '| ' + ' | '.join(head + [r['error'].replace('|', '/')] + [''] * 8) + ' |'
   mfu = r.get('mfu')
   memory = _gib(r.get('peak_memory_mib')) or _gib(r.get('xla_memory_mib'))
-  peer = (_num(r.get('peer_images_per_s'), 2) if 'peer_images_per_s' in r
-          else ('error' if 'peer_error' in r else ''))
+  peer = (
+      _num(r.get('peer_images_per_s'), 2)
+      if 'peer_images_per_s' in r
+      else ('error' if 'peer_error' in r else '')
+  )
   cells = head + [
-      _num(r.get('compile_s')), _num(r.get('step_ms')), _num(r.get('images_per_s'), 2),
-      _gflop(r.get('flops_per_image', 0) / 1e9), '' if mfu is None else f'{100 * mfu:.1f}%',
-      memory, peer, _gib(r.get('peer_peak_memory_mib')),
-      '' if r.get('ratio') is None else f'{r["ratio"]:.2f}']
+      _num(r.get('compile_s')),
+      _num(r.get('step_ms')),
+      _num(r.get('images_per_s'), 2),
+      _gflop(r.get('flops_per_image', 0) / 1e9),
+      '' if mfu is None else f'{100 * mfu:.1f}%',
+      memory,
+      peer,
+      _gib(r.get('peer_peak_memory_mib')),
+      '' if r.get('ratio') is None else f'{r["ratio"]:.2f}',
+  ]
   return '| ' + ' | '.join(cells) + ' |'
 
 
@@ -80,14 +103,15 @@ def read_rows(path: str) -> list[dict]:
         if not isinstance(r, dict):
           raise ValueError
       except ValueError:
-        raise errors.UserError('not a JSON object, one of benchmark.py\'s lines',
-                                path=path, field=f'line {n}') from None
+        raise errors.UserError(
+            "not a JSON object, one of benchmark.py's lines", path=path, field=f'line {n}'
+        ) from None
       rows.append(r)
   return rows
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('jsonl', nargs='+', help='benchmark.py --output files')
   args = parser.parse_args()
   print(table([r for path in args.jsonl for r in read_rows(path)]))

@@ -11,6 +11,7 @@ image): layer files of the same name are replaced, every other file in
 ``--out`` first and moved in only when every one succeeded; on bad input the
 script prints one line naming the file and the field and exits 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,9 +24,8 @@ from sln_jax import cli, errors, files
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--format', required=True,
-                      choices=('cocoa', 'd2sa', 'kins'))
+  parser = cli.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--format', required=True, choices=('cocoa', 'd2sa', 'kins'))
   parser.add_argument('--annotations', required=True, help='annotation json')
   parser.add_argument('--images', required=True, help='images directory')
   parser.add_argument('--out', required=True, help='output directory')
@@ -35,27 +35,30 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
   args = parse_args(argv)
   if not os.path.isdir(args.images):
-    raise errors.UserError('images directory not found', path=args.images,
-                            field='--images')
+    raise errors.UserError('images directory not found', path=args.images, field='--images')
   stats = readers.ReadStats()
-  anns = readers.load_annotations(args.format, args.annotations, args.images,
-                                  stats=stats)
+  anns = readers.load_annotations(args.format, args.annotations, args.images, stats=stats)
   stems = {}
-  for ann in anns:                   # refuse before writing anything
+  for ann in anns:  # refuse before writing anything
     legacy_layers.check_capacity(ann, args.annotations)
     stem = os.path.splitext(os.path.basename(ann.file_name))[0]
     if stem in stems:
       raise errors.UserError(
-          f'images {stems[stem]} and {ann.file_name} share the output name '
-          f'{stem}.npz', path=args.annotations, field='images.file_name')
+          f'images {stems[stem]} and {ann.file_name} share the output name ' f'{stem}.npz',
+          path=args.annotations,
+          field='images.file_name',
+      )
     stems[stem] = ann.file_name
   with files.atomic_files_into(args.out) as tmp:
     for ann in tqdm(anns, desc='layers', unit='image'):
       stem = os.path.splitext(os.path.basename(ann.file_name))[0]
-      legacy_layers.write_legacy_layers(os.path.join(tmp, stem + '.npz'), ann,
-                                        source=args.annotations)
-  print(f'wrote {len(anns)} layer files ({stats.num_instances} instances) to '
-        f'{args.out}; skipped {stats.skipped_empty} images with no instances')
+      legacy_layers.write_legacy_layers(
+          os.path.join(tmp, stem + '.npz'), ann, source=args.annotations
+      )
+  print(
+      f'wrote {len(anns)} layer files ({stats.num_instances} instances) to '
+      f'{args.out}; skipped {stats.skipped_empty} images with no instances'
+  )
   return 0
 
 

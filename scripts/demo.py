@@ -5,14 +5,17 @@
 Runs main.py's modes in order with configs/synthetic.py and prints the
 metrics table at the end. Every step shows its own progress bar.
 """
+
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 import time
+
+from sln_jax import cli
+from sln_jax.evaluation import metrics as metrics_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,15 +30,18 @@ def _run(args: list[str]) -> None:
 
 
 def main() -> int:
-  parser = argparse.ArgumentParser(
+  parser = cli.ArgumentParser(
       description=__doc__.splitlines()[0],
-      epilog='Any --config.x=y argument is passed on to main.py.')
+      epilog='Any --config.x=y argument is passed on to main.py.',
+  )
   parser.add_argument('--workdir', default='runs/demo')
   parser.add_argument('--config', default='configs/synthetic.py')
   args, overrides = parser.parse_known_args()
   bad = [a for a in overrides if not a.startswith('--config.')]
   if bad:
-    parser.error(f'unrecognized arguments: {" ".join(bad)} (only --config.x=y overrides pass through)')
+    parser.error(
+        f'unrecognized arguments: {" ".join(bad)} (only --config.x=y overrides pass through)'
+    )
   args.overrides = overrides
   workdir = os.path.abspath(args.workdir)
   py = sys.executable
@@ -47,11 +53,16 @@ def main() -> int:
     if arg.startswith('--config.dataset.manual_dir='):
       manual_dir = arg.split('=', 1)[1]
   val_images = os.path.join(manual_dir, 'val2014')
-  _run([py, 'main.py', '--mode=predict'] + common + [
-      f'--config.predict.input_dir={val_images}',
-      f'--config.predict.output_dir={os.path.join(workdir, "predictions")}',
-      '--config.predict.max_images=8'])
-  from sln_jax.evaluation import metrics as metrics_lib
+  _run(
+      [py, 'main.py', '--mode=predict']
+      + common
+      + [
+          f'--config.predict.input_dir={val_images}',
+          f'--config.predict.output_dir={os.path.join(workdir, "predictions")}',
+          '--config.predict.max_images=8',
+      ]
+  )
+
   with open(os.path.join(workdir, 'metrics.json')) as f:
     metrics = json.load(f)
   print(metrics_lib.format_table(metrics))

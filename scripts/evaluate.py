@@ -7,39 +7,34 @@ Writes M.json atomically as {"amodal": {SUBSET: {PART: {METRIC: value}}},
 "visible": {...}} (see sln_jax/evaluate.py) and prints a table. Bad input
 ends with one line naming the file and the field, exit code 2.
 """
+
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
+from input_pipeline import readers
 from sln_jax import cli, errors, files
 from sln_jax.evaluation import metrics as metrics_lib
 from sln_jax.evaluation import results_check
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--format', required=True,
-                      choices=('cocoa', 'd2sa', 'kins'))
+  parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--format', required=True, choices=('cocoa', 'd2sa', 'kins'))
   parser.add_argument('--annotations', required=True, help='ground-truth JSON')
-  parser.add_argument('--results', required=True,
-                      help='COCO-style results JSON')
+  parser.add_argument('--results', required=True, help='COCO-style results JSON')
   parser.add_argument('--output', required=True, help='metrics JSON to write')
-  parser.add_argument('--protocol', default='coco',
-                      choices=metrics_lib.PROTOCOLS)
-  parser.add_argument('--images', default=None,
-                      help='images directory (optional)')
+  parser.add_argument('--protocol', default='coco', choices=metrics_lib.PROTOCOLS)
+  parser.add_argument('--images', default=None, help='images directory (optional)')
   args = parser.parse_args(argv)
 
-  from input_pipeline import readers  # pylint: disable=import-outside-toplevel
   if not os.path.isfile(args.annotations):
     raise errors.UserError('no such file', path=args.annotations)
   # Images without objects stay in: detections on them are false positives.
-  gt = readers.load_annotations(args.format, args.annotations, args.images,
-                                keep_empty=True)
+  gt = readers.load_annotations(args.format, args.annotations, args.images, keep_empty=True)
   results = files.read_json(args.results)
-  checked = results_check.check_results(results, gt, args.results)   # once for both scorings
+  checked = results_check.check_results(results, gt, args.results)  # once for both scorings
   metrics = metrics_lib.evaluate(gt, checked, protocol=args.protocol)
   with files.atomic_output_file(args.output) as f:
     json.dump(metrics, f, indent=1)

@@ -13,9 +13,9 @@ common one of its fused computation). Backward ops (``transpose(jvp(...))``
 in the name) are labelled ``bwd``. Times are per step: divided by
 ``--steps`` (benchmark.py traces ``PROFILE_STEPS`` steps).
 """
+
 from __future__ import annotations
 
-import argparse
 import collections
 import glob
 import gzip
@@ -78,33 +78,40 @@ def source(op_name: str) -> tuple[str, str]:
   if op_name.startswith('['):
     return '?', op_name
   phase = 'bwd' if 'transpose(' in op_name else 'fwd'
-  parts = [p for p in op_name.split('/')
-           if p and not re.match(r'^(jit|pmap|jvp|transpose|vmap|checkpoint)\(', p)]
+  parts = [
+      p
+      for p in op_name.split('/')
+      if p and not re.match(r'^(jit|pmap|jvp|transpose|vmap|checkpoint)\(', p)
+  ]
   module = '/'.join(parts[:-1]) if len(parts) > 1 else (parts[0] if parts else '?')
   return phase, module or '?'
 
 
 def load_events(trace_dir: str) -> list[dict]:
-  files = sorted(glob.glob(os.path.join(trace_dir, '**', '*.trace.json.gz'), recursive=True),
-                 key=os.path.getmtime)
+  files = sorted(
+      glob.glob(os.path.join(trace_dir, '**', '*.trace.json.gz'), recursive=True),
+      key=os.path.getmtime,
+  )
   if not files:
-    raise errors.UserError('no *.trace.json.gz (run benchmark.py --profile_dir)',
-                            path=trace_dir)
+    raise errors.UserError('no *.trace.json.gz (run benchmark.py --profile_dir)', path=trace_dir)
   try:
     with gzip.open(files[-1]) as f:
       trace = json.load(f)
   except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as err:
-    raise errors.UserError(f'not a readable gzipped JSON trace ({err})',
-                            path=files[-1]) from None
+    raise errors.UserError(f'not a readable gzipped JSON trace ({err})', path=files[-1]) from None
   try:
     events = trace.get('traceEvents', [])
-    pids = {e['pid']: e.get('args', {}).get('name', '') for e in events
-            if e.get('ph') == 'M' and e.get('name') == 'process_name'}
+    pids = {
+        e['pid']: e.get('args', {}).get('name', '')
+        for e in events
+        if e.get('ph') == 'M' and e.get('name') == 'process_name'
+    }
     ops = [e for e in events if e.get('ph') == 'X' and 'hlo_op' in e.get('args', {})]
     device = [e for e in ops if pids.get(e['pid'], '').startswith('/device:')]
   except (AttributeError, TypeError, KeyError) as err:
-    raise errors.UserError(f'not a jax.profiler trace (traceEvents: {type(err).__name__}: '
-                            f'{err})', path=files[-1]) from None
+    raise errors.UserError(
+        f'not a jax.profiler trace (traceEvents: {type(err).__name__}: ' f'{err})', path=files[-1]
+    ) from None
   return device or ops
 
 
@@ -120,24 +127,31 @@ def summarize(events: list[dict], names: dict[str, str], steps: int, top: int) -
   for op, us in by_op.items():
     by_module[source(names.get(op, op))] += us
   ms = lambda us: us / 1e3 / steps
-  lines = [f'XLA op time: {ms(total):.2f} ms per step ({steps} steps, {len(events)} executions;'
-           ' summed over threads/streams)', '', 'by module:',
-           f'{"%":>6} {"ms/step":>9}  phase  module']
+  lines = [
+      f'XLA op time: {ms(total):.2f} ms per step ({steps} steps, {len(events)} executions;'
+      ' summed over threads/streams)',
+      '',
+      'by module:',
+      f'{"%":>6} {"ms/step":>9}  phase  module',
+  ]
   for (phase, module), us in by_module.most_common(top):
     lines.append(f'{100 * us / total:6.1f} {ms(us):9.3f}  {phase:5}  {module}')
   lines += ['', 'by op:', f'{"%":>6} {"ms/step":>9} {"calls":>6}  op  <- source']
   for op, us in by_op.most_common(top):
-    lines.append(f'{100 * us / total:6.1f} {ms(us):9.3f} {count[op] // steps:6d}  {op}'
-                 f'  <- {names.get(op, "?")}')
+    lines.append(
+        f'{100 * us / total:6.1f} {ms(us):9.3f} {count[op] // steps:6d}  {op}'
+        f'  <- {names.get(op, "?")}'
+    )
   return '\n'.join(lines)
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser = cli.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('trace_dir')
   parser.add_argument('--hlo', default='', help='HLO text (default: TRACE_DIR/step.hlo.txt)')
-  parser.add_argument('--steps', type=int, default=0,
-                      help='steps in the trace (default: benchmark.PROFILE_STEPS)')
+  parser.add_argument(
+      '--steps', type=int, default=0, help='steps in the trace (default: benchmark.PROFILE_STEPS)'
+  )
   parser.add_argument('--top', type=int, default=20)
   args = parser.parse_args(argv)
   steps = args.steps

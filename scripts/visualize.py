@@ -15,9 +15,9 @@ results, that each image file exists with the annotated size); a problem ends
 with one line naming the file and the field, exit code 2. Each PNG is
 written atomically.
 """
+
 from __future__ import annotations
 
-import argparse
 import os
 from typing import Optional, Sequence
 
@@ -26,12 +26,13 @@ from PIL import Image, ImageDraw, ImageFont
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
+from input_pipeline import readers
 from sln_jax import cli, errors, files
 from sln_jax.evaluation import render as render_lib
 from sln_jax.evaluation import results_check
 
-HEADER = 14   # px of caption above each panel
-GAP = 8       # px of white between the panels
+HEADER = 14  # px of caption above each panel
+GAP = 8  # px of white between the panels
 
 
 def _bbox(rle: dict) -> list[float]:
@@ -41,9 +42,16 @@ def _bbox(rle: dict) -> list[float]:
 def ground_truth_items(annotation) -> list[dict]:
   """One image's instances in ``render_prediction``'s result form
   (segmentation = amodal RLE, visible_mask, bbox, depth_layer = depth rank)."""
-  return [{'segmentation': inst.amodal_rle, 'visible_mask': inst.visible_rle,
-           'bbox': _bbox(inst.amodal_rle), 'score': 1.0,
-           'depth_layer': int(inst.depth_rank)} for inst in annotation.instances]
+  return [
+      {
+          'segmentation': inst.amodal_rle,
+          'visible_mask': inst.visible_rle,
+          'bbox': _bbox(inst.amodal_rle),
+          'score': 1.0,
+          'depth_layer': int(inst.depth_rank),
+      }
+      for inst in annotation.instances
+  ]
 
 
 def prediction_items(checked: Sequence[dict], score_threshold: float) -> list[dict]:
@@ -53,8 +61,12 @@ def prediction_items(checked: Sequence[dict], score_threshold: float) -> list[di
   for r in checked:
     if r['score'] < score_threshold:
       continue
-    item = {'segmentation': r['amodal'], 'visible_mask': r['visible'] or r['amodal'],
-            'bbox': _bbox(r['amodal']), 'score': r['score']}
+    item = {
+        'segmentation': r['amodal'],
+        'visible_mask': r['visible'] or r['amodal'],
+        'bbox': _bbox(r['amodal']),
+        'score': r['score'],
+    }
     if 'depth_layer' in r:
       item['depth_layer'] = int(r['depth_layer'])
     out.append(item)
@@ -69,15 +81,24 @@ def _caption(panel: np.ndarray, text: str) -> np.ndarray:
   return np.asarray(canvas)
 
 
-def render(image: np.ndarray, gt_items: Sequence[dict],
-           pred_items: Optional[Sequence[dict]], score_threshold: float = 0.5) -> np.ndarray:
+def render(
+    image: np.ndarray,
+    gt_items: Sequence[dict],
+    pred_items: Optional[Sequence[dict]],
+    score_threshold: float = 0.5,
+) -> np.ndarray:
   """(H + HEADER, W or 2W + GAP, 3) uint8: captioned ground-truth panel, and
   the prediction panel to its right when ``pred_items`` is not None."""
-  panels = [_caption(render_lib.render_prediction(image, gt_items),
-                     f'ground truth: {len(gt_items)}')]
+  panels = [
+      _caption(render_lib.render_prediction(image, gt_items), f'ground truth: {len(gt_items)}')
+  ]
   if pred_items is not None:
-    panels.append(_caption(render_lib.render_prediction(image, pred_items),
-                           f'predicted: {len(pred_items)} (score >= {score_threshold:g})'))
+    panels.append(
+        _caption(
+            render_lib.render_prediction(image, pred_items),
+            f'predicted: {len(pred_items)} (score >= {score_threshold:g})',
+        )
+    )
   if len(panels) == 1:
     return panels[0]
   gap = np.full((panels[0].shape[0], GAP, 3), 255, np.uint8)
@@ -88,24 +109,28 @@ def _parse_ids(text: str) -> list[int]:
   try:
     return [int(t) for t in text.split(',') if t.strip()]
   except ValueError:
-    raise errors.UserError(f'not a comma-separated list of integers: {text!r}',
-                            field='--image-ids') from None
+    raise errors.UserError(
+        f'not a comma-separated list of integers: {text!r}', field='--image-ids'
+    ) from None
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--format', required=True, choices=('cocoa', 'd2sa', 'kins'))
   parser.add_argument('--annotations', required=True, help='ground-truth JSON')
   parser.add_argument('--images', required=True, help='images directory')
   parser.add_argument('--out', required=True, help='directory for the PNGs')
   parser.add_argument('--results', default=None, help='COCO-style results JSON (optional)')
-  parser.add_argument('--score-threshold', type=float, default=0.5,
-                      help='predictions below this score are not drawn')
+  parser.add_argument(
+      '--score-threshold',
+      type=float,
+      default=0.5,
+      help='predictions below this score are not drawn',
+  )
   parser.add_argument('--image-ids', default='', help='comma-separated ids (default: all)')
   parser.add_argument('--max-images', type=int, default=0, help='0: no limit')
   args = parser.parse_args(argv)
 
-  from input_pipeline import readers  # pylint: disable=import-outside-toplevel
   gt = readers.load_annotations(args.format, args.annotations, args.images)  # checks the images
   chosen = gt
   if args.image_ids:
@@ -113,11 +138,12 @@ def main(argv=None) -> int:
     ids = _parse_ids(args.image_ids)
     unknown = [i for i in ids if i not in by_id]
     if unknown:
-      raise errors.UserError(f'image ids {unknown} are not in {args.annotations}',
-                              field='--image-ids')
+      raise errors.UserError(
+          f'image ids {unknown} are not in {args.annotations}', field='--image-ids'
+      )
     chosen = [by_id[i] for i in ids]
   if args.max_images > 0:
-    chosen = chosen[:args.max_images]
+    chosen = chosen[: args.max_images]
 
   predictions = None
   if args.results is not None:
@@ -131,8 +157,11 @@ def main(argv=None) -> int:
     path = os.path.join(args.images, annotation.file_name)
     with Image.open(path) as im:
       image = np.asarray(im.convert('RGB'))
-    preds = (None if predictions is None
-             else prediction_items(predictions[annotation.image_id], args.score_threshold))
+    preds = (
+        None
+        if predictions is None
+        else prediction_items(predictions[annotation.image_id], args.score_threshold)
+    )
     picture = render(image, ground_truth_items(annotation), preds, args.score_threshold)
     stem = os.path.splitext(os.path.basename(path))[0]
     with files.atomic_output_file(os.path.join(args.out, stem + '.png'), 'wb') as f:

@@ -6,8 +6,10 @@
 arguments; ``quiet_library_logs`` drops the libraries' own notices that
 would drown the progress bars. No heavy imports.
 """
+
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import sys
@@ -25,17 +27,23 @@ from sln_jax.errors import UserError
 # step-level metadata file inside the item directory it restores (or, for a
 # damaged one, its item metadata: the one-line error that follows says so).
 _LIBRARY_NOISE = {
-    'tensorflow_datasets': re.compile(r'`FeatureConnector\.dtype` is deprecated'
-                                      r'|Using custom data configuration'
-                                      r'|Variant folder .* has no dataset_info\.json$'),
-    'orbax': re.compile(r'CheckpointManagerOptions\.read_only=True|Given directory is read only'
-                        r'|Metadata file does not exist|Failed to get item metadata'),
+    'tensorflow_datasets': re.compile(
+        r'`FeatureConnector\.dtype` is deprecated'
+        r'|Using custom data configuration'
+        r'|Variant folder .* has no dataset_info\.json$'
+    ),
+    'orbax': re.compile(
+        r'CheckpointManagerOptions\.read_only=True|Given directory is read only'
+        r'|Metadata file does not exist|Failed to get item metadata'
+    ),
 }
 
 
 def _not_library_noise(record) -> bool:
-  return not any(package in record.pathname and noise.match(record.getMessage())
-                 for package, noise in _LIBRARY_NOISE.items())
+  return not any(
+      package in record.pathname and noise.match(record.getMessage())
+      for package, noise in _LIBRARY_NOISE.items()
+  )
 
 
 def quiet_library_logs() -> None:
@@ -48,6 +56,15 @@ def quiet_library_logs() -> None:
   logging.get_absl_logger().addFilter(_not_library_noise)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse with the error style of main.py and the absl tools: a bad
+  argument prints one line, ``error: MESSAGE (see --help)``, on stderr and
+  exits with code 2 (argparse's own usage block is for --help)."""
+
+  def error(self, message: str):
+    self.exit(2, f'error: {message} (see --help)\n')
+
+
 def parse_size(text: str, field: str, minimum: int = 1) -> tuple[int, int]:
   """'HxW' (e.g. '480x640') -> (H, W), each at least ``minimum``; anything
   else is a UserError naming ``field``."""
@@ -57,8 +74,7 @@ def parse_size(text: str, field: str, minimum: int = 1) -> tuple[int, int]:
       raise ValueError
   except ValueError:
     sides = 'positive sides' if minimum == 1 else f'sides of at least {minimum}'
-    raise UserError(f'{text!r}: expected HxW with {sides}, e.g. 480x640',
-                    field=field) from None
+    raise UserError(f'{text!r}: expected HxW with {sides}, e.g. 480x640', field=field) from None
   return h, w
 
 
@@ -110,9 +126,11 @@ def _config_error(argv: list[str], err: BaseException) -> str:
     first, _, hint = text.partition('\n')
     key = first.strip('"\' ')
     suggestion = hint.split('"')[1] if hint.count('"') >= 2 else ''
-    return (f'--{_override_flag(argv, key)}: unknown config field {key!r}'
-            + (f' (did you mean {suggestion!r}?)' if suggestion else '')
-            + ' (see configs/default.py)')
+    return (
+        f'--{_override_flag(argv, key)}: unknown config field {key!r}'
+        + (f' (did you mean {suggestion!r}?)' if suggestion else '')
+        + ' (see configs/default.py)'
+    )
   if path and not os.path.isfile(path.split(':')[0]):
     return f'{path}: --config: no such file'
   lines = str(err).split('\n')
@@ -134,8 +152,16 @@ def parse_flags(argv: list[str], config_flag=None) -> list[str]:
     message = ' '.join(str(err).split())
   except BrokenPipeError:  # --help piped into head
     raise
-  except (OSError, SyntaxError, ImportError, ValueError, TypeError, AttributeError,
-          KeyError, NameError) as err:
+  except (
+      OSError,
+      SyntaxError,
+      ImportError,
+      ValueError,
+      TypeError,
+      AttributeError,
+      KeyError,
+      NameError,
+  ) as err:
     message = _config_error(argv, err)
   print(f'error: {message}', file=sys.stderr)
   sys.exit(2)

@@ -19,6 +19,7 @@ else ``$XDG_CACHE_HOME/sln_jax/xla`` (``~/.cache/sln_jax/xla``);
 ``DEFAULT_MAX_BYTES`` (least recently used entries go first), which also makes
 jax lock the directory, so processes sharing it read no half-written entry.
 """
+
 from __future__ import annotations
 
 import os
@@ -46,12 +47,19 @@ def enable() -> str | None:
   try:
     os.makedirs(path, exist_ok=True)
   except OSError as err:
-    logging.warning('compilation cache off: cannot make %s (%s); set '
-                    'JAX_COMPILATION_CACHE_DIR to a writable directory', path, err)
+    logging.warning(
+        'compilation cache off: cannot make %s (%s); set '
+        'JAX_COMPILATION_CACHE_DIR to a writable directory',
+        path,
+        err,
+    )
     return None
   if not os.access(path, os.W_OK | os.X_OK):
-    logging.warning('compilation cache off: %s is not writable; set '
-                    'JAX_COMPILATION_CACHE_DIR to a writable directory', path)
+    logging.warning(
+        'compilation cache off: %s is not writable; set '
+        'JAX_COMPILATION_CACHE_DIR to a writable directory',
+        path,
+    )
     return None
   jax.config.update('jax_compilation_cache_dir', path)
   if 'JAX_COMPILATION_CACHE_MAX_SIZE' not in os.environ:  # jax's default: no limit, no lock

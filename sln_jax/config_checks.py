@@ -5,6 +5,7 @@ only after a whole training run fails here instead: one ``UserError`` naming
 the field, raised by main.py before any data is read or any file written.
 Each check states the rule that the code relying on the value assumes.
 """
+
 from __future__ import annotations
 
 import re
@@ -18,11 +19,11 @@ from sln_jax.evaluation import metrics as metrics_lib
 from sln_jax.evaluation import results as results_lib
 from sln_jax.training import schedule as schedule_lib
 
-RESIZE_MODES = ('pad', 'squash')    # input.resize_mode (input_pipeline.pipeline)
-DTYPES = ('float32', 'bfloat16')    # model.dtype: the compute dtype
-RESNET_STAGES = 4                   # C2..C5
-FPN_LEVELS = 5                      # P2..P6: one anchor scale each
-CANVAS_MULTIPLE = 64                # the stride of P6: every level tiles the canvas
+RESIZE_MODES = ('pad', 'squash')  # input.resize_mode (input_pipeline.pipeline)
+DTYPES = ('float32', 'bfloat16')  # model.dtype: the compute dtype
+RESNET_STAGES = 4  # C2..C5
+FPN_LEVELS = 5  # P2..P6: one anchor scale each
+CANVAS_MULTIPLE = 64  # the stride of P6: every level tiles the canvas
 
 
 def _one_of(value: Any, choices: Sequence[str], field: str) -> None:
@@ -35,28 +36,47 @@ def _int_at_least(value: Any, low: int, field: str) -> None:
     raise UserError(f'{value!r} is not an integer >= {low}', field=field)
 
 
-def _in_range(value: Any, low: float, high: float, field: str, *,
-              low_open: bool = False, high_open: bool = False) -> None:
+def _in_range(
+    value: Any,
+    low: float,
+    high: float,
+    field: str,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
   """low <= value <= high; ``low_open`` / ``high_open`` exclude the ends."""
-  ok = (is_number(value) and (value > low if low_open else value >= low)
-        and (value < high if high_open else value <= high))
+  ok = (
+      is_number(value)
+      and (value > low if low_open else value >= low)
+      and (value < high if high_open else value <= high)
+  )
   if not ok:
-    raise UserError(f'{value!r} is not in {"(" if low_open else "["}{low}, {high}'
-                    f'{")" if high_open else "]"}', field=field)
+    raise UserError(
+        f'{value!r} is not in {"(" if low_open else "["}{low}, {high}'
+        f'{")" if high_open else "]"}',
+        field=field,
+    )
 
 
 def _int_tuple(value: Any, length: int, field: str) -> None:
   """A tuple of ``length`` integers >= 1."""
-  if (not isinstance(value, (tuple, list)) or len(value) != length
-      or not all(is_int(v) and v >= 1 for v in value)):
+  if (
+      not isinstance(value, (tuple, list))
+      or len(value) != length
+      or not all(is_int(v) and v >= 1 for v in value)
+  ):
     raise UserError(f'{value!r} is not {length} integers >= 1', field=field)
 
 
 def _positive_numbers(value: Any, field: str, length: int = -1) -> None:
   """A non-empty tuple of numbers > 0 (exactly ``length`` of them if >= 0)."""
-  if (not isinstance(value, (tuple, list)) or not value
+  if (
+      not isinstance(value, (tuple, list))
+      or not value
       or (length >= 0 and len(value) != length)
-      or not all(is_number(v) and v > 0 for v in value)):
+      or not all(is_number(v) and v > 0 for v in value)
+  ):
     count = f'{length} ' if length >= 0 else ''
     raise UserError(f'{value!r} is not {count}numbers > 0', field=field)
 
@@ -65,8 +85,11 @@ def check_input(i: ml_collections.ConfigDict) -> None:
   """``config.input``."""
   _int_at_least(i.image_size, CANVAS_MULTIPLE, 'input.image_size')
   if i.image_size % CANVAS_MULTIPLE:
-    raise UserError(f'{i.image_size} is not a multiple of {CANVAS_MULTIPLE} '
-                    '(the stride of the coarsest FPN level, P6)', field='input.image_size')
+    raise UserError(
+        f'{i.image_size} is not a multiple of {CANVAS_MULTIPLE} '
+        '(the stride of the coarsest FPN level, P6)',
+        field='input.image_size',
+    )
   _one_of(i.resize_mode, RESIZE_MODES, 'input.resize_mode')
   _int_at_least(i.max_instances, 1, 'input.max_instances')
   _int_at_least(i.gt_mask_size, 1, 'input.gt_mask_size')
@@ -98,9 +121,11 @@ def check_model(m: ml_collections.ConfigDict) -> None:
   _int_at_least(o.pool_size, 1, 'model.roi.pool_size')
   _int_at_least(o.mask_pool_size, 1, 'model.roi.mask_pool_size')
   if o.mask_size != 2 * o.mask_pool_size:
-    raise UserError(f'{o.mask_size!r} is not twice model.roi.mask_pool_size '
-                    f'({o.mask_pool_size}): the mask head upsamples by 2',
-                    field='model.roi.mask_size')
+    raise UserError(
+        f'{o.mask_size!r} is not twice model.roi.mask_pool_size '
+        f'({o.mask_pool_size}): the mask head upsamples by 2',
+        field='model.roi.mask_size',
+    )
   _int_at_least(o.sampling_ratio, 1, 'model.roi.sampling_ratio')
   if m.glm.enabled:
     g = m.glm
@@ -111,7 +136,7 @@ def check_model(m: ml_collections.ConfigDict) -> None:
   t = m.detection
   _int_at_least(t.max_detections, 1, 'model.detection.max_detections')
   _in_range(t.min_confidence, 0.0, 1.0, 'model.detection.min_confidence')
-  if t.nms_threshold >= 0:   # < 0: no NMS
+  if t.nms_threshold >= 0:  # < 0: no NMS
     _in_range(t.nms_threshold, 0.0, 1.0, 'model.detection.nms_threshold', low_open=True)
 
 
@@ -124,10 +149,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if not is_number(weight) or weight < 0:
       raise UserError(f'{weight!r} is not a number >= 0', field=f'loss.{term}')
   if config.loss.get('occluded_pos_weight', 1.0) <= 0:
-    raise UserError(f'{config.loss.occluded_pos_weight!r} is not > 0 (1 = release)',
-                    field='loss.occluded_pos_weight')
+    raise UserError(
+        f'{config.loss.occluded_pos_weight!r} is not > 0 (1 = release)',
+        field='loss.occluded_pos_weight',
+    )
   tc = config.train
-  schedule_lib.schedule(config)   # each stage: (name or regex, steps >= 1, lr >= 0)
+  schedule_lib.schedule(config)  # each stage: (name or regex, steps >= 1, lr >= 0)
   _int_at_least(tc.batch_size, 1, 'train.batch_size')
   _int_at_least(tc.warmup_steps, 0, 'train.warmup_steps')
   _in_range(tc.momentum, 0.0, 1.0, 'train.momentum')
@@ -142,5 +169,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     try:
       re.compile(pattern.strip())
     except re.error as err:
-      raise UserError(f'{pattern.strip()!r} is not a regular expression ({err})',
-                      field='init_patterns') from None
+      raise UserError(
+          f'{pattern.strip()!r} is not a regular expression ({err})', field='init_patterns'
+      ) from None

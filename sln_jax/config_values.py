@@ -1,4 +1,5 @@
 """Type predicates for config values (ml_collections fields are plain Python)."""
+
 from __future__ import annotations
 
 import numbers

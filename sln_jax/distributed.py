@@ -8,6 +8,7 @@ input shard, and every process must see the same ``--workdir``: Orbax writes
 each checkpoint from all processes and reads it back on each, and evaluation
 merges the processes' results there.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,7 +25,8 @@ def is_multi_host() -> bool:
   """Whether the environment asks for more than one process."""
   env = os.environ
   return bool(env.get('JAX_COORDINATOR_ADDRESS')) or any(
-      int(env.get(k, '1') or 1) > 1 for k in ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE'))
+      int(env.get(k, '1') or 1) > 1 for k in ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE')
+  )
 
 
 def _env_int(name: str) -> int | None:
@@ -41,13 +43,15 @@ def initialize() -> None:
   """``jax.distributed.initialize()`` with JAX_NUM_PROCESSES / JAX_PROCESS_ID
   from the environment when set."""
   try:
-    jax.distributed.initialize(num_processes=_env_int('JAX_NUM_PROCESSES'),
-                               process_id=_env_int('JAX_PROCESS_ID'))
+    jax.distributed.initialize(
+        num_processes=_env_int('JAX_NUM_PROCESSES'), process_id=_env_int('JAX_PROCESS_ID')
+    )
   except ValueError as err:
     raise UserError(
         f'{err} (set JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and '
         'JAX_PROCESS_ID, or launch under SLURM / Open MPI)',
-        field='jax.distributed.initialize') from None
+        field='jax.distributed.initialize',
+    ) from None
 
 
 def check_workdir(workdir: str) -> None:
@@ -68,8 +72,10 @@ def check_workdir(workdir: str) -> None:
     if refusal is not None:
       raise refusal
     return
-  token = int(multihost_utils.broadcast_one_to_all(
-      np.frombuffer(os.urandom(4), np.int32)[0])) & 0xffffffff
+  token = (
+      int(multihost_utils.broadcast_one_to_all(np.frombuffer(os.urandom(4), np.int32)[0]))
+      & 0xFFFFFFFF
+  )
   probe = os.path.join(files.nearest_existing(workdir), f'.sln_shared_check_{token:08x}')
   chief = jax.process_index() == 0
   try:
@@ -77,8 +83,11 @@ def check_workdir(workdir: str) -> None:
       with open(probe, 'w') as f:
         f.write('written by process 0 of a multi-host sln_jax run; removed once all have looked\n')
     multihost_utils.sync_global_devices('sln_workdir_probe_written')
-    flags_all = np.asarray(multihost_utils.process_allgather(
-        np.array([refusal is None, os.path.exists(probe)], np.int32))).reshape(-1, 2)
+    flags_all = np.asarray(
+        multihost_utils.process_allgather(
+            np.array([refusal is None, os.path.exists(probe)], np.int32)
+        )
+    ).reshape(-1, 2)
   finally:
     if chief and os.path.exists(probe):
       os.remove(probe)
@@ -88,11 +97,15 @@ def check_workdir(workdir: str) -> None:
   if refused:
     raise UserError(
         f'refused by process {", ".join(map(str, refused))} (see its error)',
-        path=workdir, field='--workdir')
+        path=workdir,
+        field='--workdir',
+    )
   blind = [k for k in range(len(flags_all)) if not flags_all[k, 1]]
   if blind:
     raise UserError(
         f'is not one directory shared by all {len(flags_all)} processes (process '
         f'{", ".join(map(str, blind))} cannot see the file process 0 wrote there); '
         'multi-host runs need a --workdir on a filesystem every host sees',
-        path=workdir, field='--workdir')
+        path=workdir,
+        field='--workdir',
+    )

@@ -3,6 +3,7 @@
 ``cli.run_cli`` prints a ``UserError`` as ``error: PATH: FIELD: MESSAGE`` and
 exits with code 2. No heavy imports: input_pipeline and every script use it.
 """
+
 from __future__ import annotations
 
 
@@ -18,5 +19,5 @@ class UserError(Exception):
 def listing(title: str, items: list[str], limit: int = 40) -> str:
   """'N title: a, b, ... (+k more)': at most ``limit`` items named."""
   shown = items[:limit]
-  more = f' (+{len(items) - len(shown)} more)' if items[len(shown):] else ''
+  more = f' (+{len(items) - len(shown)} more)' if items[len(shown) :] else ''
   return f'{len(items)} {title}: {", ".join(shown)}{more}'

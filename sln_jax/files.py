@@ -5,6 +5,7 @@ on success (``atomic_output_file``, ``atomic_output_dir``,
 ``atomic_files_into``); ``check_dir_makeable`` and ``check_output_dir`` refuse
 a bad path before the work starts. No heavy imports.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -45,9 +46,12 @@ def check_dir_makeable(path: str, field: str = '') -> None:
   if not os.path.isdir(probe):
     raise UserError(f'is not a directory, so {path} cannot be made', path=probe, field=field)
   if not os.access(probe, os.W_OK | os.X_OK):
-    raise UserError('is not writable' + (f', so {path} cannot be made'
-                                         if probe != os.path.abspath(path) else ''),
-                    path=probe, field=field)
+    raise UserError(
+        'is not writable'
+        + (f', so {path} cannot be made' if probe != os.path.abspath(path) else ''),
+        path=probe,
+        field=field,
+    )
 
 
 def make_dirs(path: str) -> None:
@@ -72,8 +76,9 @@ def _umask() -> int:
   return mask
 
 
-def check_output_dir(path: str, overwrite: bool = True,
-                     replaceable: Callable[[str], bool] | None = None) -> None:
+def check_output_dir(
+    path: str, overwrite: bool = True, replaceable: Callable[[str], bool] | None = None
+) -> None:
   """The refusal of ``atomic_output_dir``, for callers to run before slow
   work: a UserError unless ``path`` is absent, empty, or (``overwrite``)
   ``replaceable(path)``."""
@@ -87,15 +92,18 @@ def check_output_dir(path: str, overwrite: bool = True,
   if not overwrite:
     raise UserError('exists; refusing to overwrite', path=path)
   if replaceable is None or not replaceable(path):
-    raise UserError('exists and holds files this tool did not write; '
-                    'refusing to replace it (choose a new directory or remove '
-                    'this one)', path=path)
+    raise UserError(
+        'exists and holds files this tool did not write; '
+        'refusing to replace it (choose a new directory or remove '
+        'this one)',
+        path=path,
+    )
 
 
 @contextlib.contextmanager
-def atomic_output_dir(path: str, overwrite: bool = True,
-                      replaceable: Callable[[str], bool] | None = None
-                      ) -> Iterator[str]:
+def atomic_output_dir(
+    path: str, overwrite: bool = True, replaceable: Callable[[str], bool] | None = None
+) -> Iterator[str]:
   """Yields a temporary directory beside ``path``; renames it to ``path`` on
   success, removes it on any error (so no partial output is left).
 
@@ -147,8 +155,7 @@ def atomic_files_into(path: str) -> Iterator[str]:
     target = os.path.join(path, name)
     if os.path.isdir(target) and not os.path.islink(target):
       shutil.rmtree(tmp, ignore_errors=True)
-      raise UserError('is a directory; cannot replace it with a file',
-                      path=target)
+      raise UserError('is a directory; cannot replace it with a file', path=target)
   for name in sorted(os.listdir(tmp)):
     os.replace(os.path.join(tmp, name), os.path.join(path, name))
   os.rmdir(tmp)
@@ -162,8 +169,9 @@ def atomic_output_file(path: str, mode: str = 'w') -> Iterator:
   if os.path.isdir(path):
     raise UserError('is a directory, expected a file path', path=path)
   make_dirs(os.path.dirname(path))
-  fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.tmp-',
-                             dir=os.path.dirname(path))
+  fd, tmp = tempfile.mkstemp(
+      prefix='.' + os.path.basename(path) + '.tmp-', dir=os.path.dirname(path)
+  )
   os.close(fd)
   os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600
   try:

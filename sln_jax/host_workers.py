@@ -16,6 +16,7 @@ workers for the cores (docs/benchmarks.md).
 
 No heavy imports here.
 """
+
 from __future__ import annotations
 
 import collections
@@ -75,8 +76,10 @@ class OrderedWorkers:
     self._pool = self._limits = None
     if self.workers:
       self._pool = concurrent.futures.ProcessPoolExecutor(
-          self.workers, mp_context=multiprocessing.get_context('spawn'),
-          initializer=_one_blas_thread)
+          self.workers,
+          mp_context=multiprocessing.get_context('spawn'),
+          initializer=_one_blas_thread,
+      )
     else:
       self._limits = _one_blas_thread()
     self._pending: collections.deque = collections.deque()

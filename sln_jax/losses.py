@@ -11,13 +11,13 @@ log-sigmoid forms, so large logits stay finite (torch's
 Smooth-L1 is torch's default (beta 1), averaged over all 4 coordinates of
 the selected boxes, as ``F.smooth_l1_loss``.
 """
+
 from typing import Mapping
 
 import jax
 import jax.numpy as jnp
 
-TERMS = ('rpn_class', 'rpn_bbox', 'head_class', 'head_bbox', 'layer',
-         'amodal')
+TERMS = ('rpn_class', 'rpn_bbox', 'head_class', 'head_bbox', 'layer', 'amodal')
 
 
 def _f32(x):
@@ -47,8 +47,7 @@ def smooth_l1(pred: jnp.ndarray, target: jnp.ndarray) -> jnp.ndarray:
   return jnp.where(d < 1.0, 0.5 * d * d, d - 0.5)
 
 
-def sigmoid_bce(logits: jnp.ndarray, targets: jnp.ndarray,
-                pos_weight=1.0) -> jnp.ndarray:
+def sigmoid_bce(logits: jnp.ndarray, targets: jnp.ndarray, pos_weight=1.0) -> jnp.ndarray:
   """Elementwise BCE(sigmoid(logits), targets), stable form.
 
   ``pos_weight`` (broadcast to the elements) scales the target-1 term as
@@ -74,20 +73,21 @@ def rpn_class_loss(logits: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
   return _masked_mean(ce, labels >= 0)
 
 
-def rpn_bbox_loss(deltas_pred: jnp.ndarray, deltas_target: jnp.ndarray,
-                  labels: jnp.ndarray) -> jnp.ndarray:
+def rpn_bbox_loss(
+    deltas_pred: jnp.ndarray, deltas_target: jnp.ndarray, labels: jnp.ndarray
+) -> jnp.ndarray:
   """Smooth-L1 of positive anchors' deltas, mean over 4 * #positives.
 
   Args:
     deltas_pred, deltas_target: (B, A, 4).
     labels: (B, A) int, 1 marks positives.
   """
-  return _masked_mean(smooth_l1(deltas_pred, deltas_target),
-                      (labels == 1)[..., None])
+  return _masked_mean(smooth_l1(deltas_pred, deltas_target), (labels == 1)[..., None])
 
 
-def head_class_loss(logits: jnp.ndarray, class_targets: jnp.ndarray,
-                    valid: jnp.ndarray) -> jnp.ndarray:
+def head_class_loss(
+    logits: jnp.ndarray, class_targets: jnp.ndarray, valid: jnp.ndarray
+) -> jnp.ndarray:
   """Softmax CE of the box head over sampled (valid) ROIs.
 
   Args:
@@ -98,9 +98,9 @@ def head_class_loss(logits: jnp.ndarray, class_targets: jnp.ndarray,
   return _masked_mean(_cross_entropy(logits, class_targets), valid)
 
 
-def head_bbox_loss(deltas: jnp.ndarray, class_targets: jnp.ndarray,
-                   bbox_targets: jnp.ndarray,
-                   valid: jnp.ndarray) -> jnp.ndarray:
+def head_bbox_loss(
+    deltas: jnp.ndarray, class_targets: jnp.ndarray, bbox_targets: jnp.ndarray, valid: jnp.ndarray
+) -> jnp.ndarray:
   """Smooth-L1 of the true class's deltas over positive ROIs.
 
   Args:
@@ -115,9 +115,12 @@ def head_bbox_loss(deltas: jnp.ndarray, class_targets: jnp.ndarray,
   return _masked_mean(smooth_l1(pred, bbox_targets), positive[..., None])
 
 
-def layer_loss(layer_logits: jnp.ndarray, layer_targets: jnp.ndarray,
-               positive: jnp.ndarray,
-               occluded_pos_weight: float = 1.0) -> jnp.ndarray:
+def layer_loss(
+    layer_logits: jnp.ndarray,
+    layer_targets: jnp.ndarray,
+    positive: jnp.ndarray,
+    occluded_pos_weight: float = 1.0,
+) -> jnp.ndarray:
   """BCE(sigmoid(layer logits), layer targets) over positive ROIs.
 
   Args:
@@ -132,14 +135,17 @@ def layer_loss(layer_logits: jnp.ndarray, layer_targets: jnp.ndarray,
   """
   pos_weight = 1.0
   if occluded_pos_weight != 1.0:
-    pos_weight = jnp.where(jnp.arange(layer_logits.shape[-1]) >= 1,
-                           jnp.float32(occluded_pos_weight), jnp.float32(1.0))
-  return _masked_mean(sigmoid_bce(layer_logits, layer_targets, pos_weight),
-                      positive[:, :, None, None, None])
+    pos_weight = jnp.where(
+        jnp.arange(layer_logits.shape[-1]) >= 1, jnp.float32(occluded_pos_weight), jnp.float32(1.0)
+    )
+  return _masked_mean(
+      sigmoid_bce(layer_logits, layer_targets, pos_weight), positive[:, :, None, None, None]
+  )
 
 
-def amodal_loss(layer_logits: jnp.ndarray, layer_targets: jnp.ndarray,
-                positive: jnp.ndarray) -> jnp.ndarray:
+def amodal_loss(
+    layer_logits: jnp.ndarray, layer_targets: jnp.ndarray, positive: jnp.ndarray
+) -> jnp.ndarray:
   """BCE(sigmoid(sum of layer logits), clip(sum of targets, 0, 1)).
 
   Shapes as :func:`layer_loss`; sums run over the last (layer) axis. The
@@ -148,12 +154,10 @@ def amodal_loss(layer_logits: jnp.ndarray, layer_targets: jnp.ndarray,
   """
   logits = jnp.sum(_f32(layer_logits), axis=-1)
   targets = jnp.clip(jnp.sum(_f32(layer_targets), axis=-1), 0.0, 1.0)
-  return _masked_mean(sigmoid_bce(logits, targets),
-                      positive[:, :, None, None])
+  return _masked_mean(sigmoid_bce(logits, targets), positive[:, :, None, None])
 
 
-def total_loss(terms: Mapping[str, jnp.ndarray],
-               weights: Mapping[str, float]) -> jnp.ndarray:
+def total_loss(terms: Mapping[str, jnp.ndarray], weights: Mapping[str, float]) -> jnp.ndarray:
   """Weighted sum of the six terms.
 
   Args:

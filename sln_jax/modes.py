@@ -3,6 +3,7 @@
 No TensorFlow here: the modes read ``input_pipeline.sources.DataSources``,
 callables that build the tf.data iterators only when a mode needs them.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,21 +39,33 @@ def check_stages(config: ml_collections.ConfigDict) -> None:
   trains nothing the earlier stages trained. Costs one ``jax.eval_shape``
   of the model (``sln.variable_shapes``) when there is such a stage to
   check, nothing otherwise."""
-  stages = [(name, optimizer_lib.stage_freeze_history(config, k))
-            for k, (name, *_) in enumerate(schedule_lib.schedule(config))]
-  check = [(name, earlier) for name, earlier in stages
-           if name not in schedule_lib.STAGE_PATTERNS or earlier]
+  stages = [
+      (name, optimizer_lib.stage_freeze_history(config, k))
+      for k, (name, *_) in enumerate(schedule_lib.schedule(config))
+  ]
+  check = [
+      (name, earlier)
+      for name, earlier in stages
+      if name not in schedule_lib.STAGE_PATTERNS or earlier
+  ]
   if not check:
     return
   shapes = sln.variable_shapes(sln.build_model(config), config.input.image_size)
   for name, earlier in check:
-    optimizer_lib.trainable_mask(shapes['params'], shapes.get('batch_stats', {}), name,
-                             config.model.train_bn, earlier)
+    optimizer_lib.trainable_mask(
+        shapes['params'], shapes.get('batch_stats', {}), name, config.model.train_bn, earlier
+    )
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, mode: str,
-        writer: MetricWriter, data: DataSources, model: Any = None,
-        variables: PyTree = None) -> Optional[dict]:
+def run(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    mode: str,
+    writer: MetricWriter,
+    data: DataSources,
+    model: Any = None,
+    variables: PyTree = None,
+) -> Optional[dict]:
   """One main.py mode. Returns the metrics for the evaluating modes.
 
   ``model``/``variables`` default to ``create_model(config)`` (tests pass
@@ -73,8 +86,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str,
   evaluating = mode in ('evaluate', 'predict')
   from_workdir = evaluating and bool(checkpoint_steps(workdir))
   if evaluating and not from_workdir and not config.init_from:
-    raise UserError(f'no checkpoint to {mode} with (train first, or set init_from)',
-                    path=os.path.join(workdir, 'checkpoints'))
+    raise UserError(
+        f'no checkpoint to {mode} with (train first, or set init_from)',
+        path=os.path.join(workdir, 'checkpoints'),
+    )
   if model is None:
     model, variables = create_model(config)
   if not from_workdir:
@@ -87,8 +102,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str,
     summary = make_image_summary_fn(model, config) if config.train.image_summary_every > 0 else None
     # config.txt once the workdir's checkpoint (if any) has been read: a
     # resume refused there leaves the run's config as it was.
-    state = train(config, workdir, model, variables, data.train_batches, writer, summary,
-                  on_start=lambda: _write_config(config, workdir, 'config.txt'))
+    state = train(
+        config,
+        workdir,
+        model,
+        variables,
+        data.train_batches,
+        writer,
+        summary,
+        on_start=lambda: _write_config(config, workdir, 'config.txt'),
+    )
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
     step = int(state.step)
     if mode == 'train':
@@ -100,8 +123,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str,
   if mode == 'predict':
     loops.predict(config, model, variables, data.preprocess_image)
     return None
-  metrics = loops.evaluate(config, workdir, model, variables, data.eval_batches(),
-                               data.eval_annotations(), step=step, writer=writer)
+  metrics = loops.evaluate(
+      config,
+      workdir,
+      model,
+      variables,
+      data.eval_batches(),
+      data.eval_annotations(),
+      step=step,
+      writer=writer,
+  )
   if mode == 'evaluate':
     _write_config(config, workdir, 'config_evaluate.txt')
   return metrics

@@ -6,6 +6,7 @@ batch has leading axes (local devices, per-device batch). ``replicate`` and
 step does not recompile; ``unreplicate`` and ``first_replica`` read the first
 device's shard without queueing work on the others.
 """
+
 from __future__ import annotations
 
 import collections
@@ -31,15 +32,18 @@ def data_parallel_batch(config: ml_collections.ConfigDict) -> tuple[int, int]:
   """(local devices, per-device batch) for ``train.batch_size`` global images."""
   global_batch, devices = int(config.train.batch_size), jax.device_count()
   if global_batch <= 0 or global_batch % devices:
-    raise UserError(f'{global_batch} is not a positive multiple of the '
-                    f'{devices} devices', field='train.batch_size')
+    raise UserError(
+        f'{global_batch} is not a positive multiple of the ' f'{devices} devices',
+        field='train.batch_size',
+    )
   return jax.local_device_count(), global_batch // devices
 
 
 def _pmap_sharding(devices: Optional[Sequence[Any]] = None) -> jax.sharding.Sharding:
   devices = list(devices or jax.local_devices())
   return jax.sharding.NamedSharding(
-      jax.sharding.Mesh(np.asarray(devices), (AXIS,)), jax.sharding.PartitionSpec(AXIS))
+      jax.sharding.Mesh(np.asarray(devices), (AXIS,)), jax.sharding.PartitionSpec(AXIS)
+  )
 
 
 def replicate(tree: PyTree, devices: Optional[Sequence[Any]] = None) -> PyTree:
@@ -48,7 +52,8 @@ def replicate(tree: PyTree, devices: Optional[Sequence[Any]] = None) -> PyTree:
   devices = list(devices or jax.local_devices())
   sharding = _pmap_sharding(devices)
   return jax.tree.map(
-      lambda x: jax.device_put(np.stack([np.asarray(x)] * len(devices)), sharding), tree)
+      lambda x: jax.device_put(np.stack([np.asarray(x)] * len(devices)), sharding), tree
+  )
 
 
 def shard(tree: PyTree) -> PyTree:
@@ -70,6 +75,7 @@ def prefetch_to_devices(batches: Iterable[Batch], depth: int = 2) -> Iterator[Ba
   def enqueue(n):
     for batch in itertools.islice(it, n):
       queue.append(shard(batch))
+
   enqueue(max(1, depth))
   while queue:
     yield queue.popleft()
@@ -96,8 +102,9 @@ def unreplicate(tree: PyTree) -> PyTree:
   leaves, treedef = jax.tree.flatten(tree)
   on_device = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array)]
   sliced = dict(zip(on_device, _drop_leading_axis([_first_shard(leaves[i]) for i in on_device])))
-  return jax.tree.unflatten(treedef, [sliced[i] if i in sliced else x[0]
-                                      for i, x in enumerate(leaves)])
+  return jax.tree.unflatten(
+      treedef, [sliced[i] if i in sliced else x[0] for i, x in enumerate(leaves)]
+  )
 
 
 def first_replica(tree: PyTree) -> PyTree:

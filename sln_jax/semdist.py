@@ -23,6 +23,7 @@ Masks are (N, H, W) in image (or ROI) pixels, row-major (y, x). Functions take
 numpy arrays; ``layer_channels`` also takes jax arrays and works under
 ``jax.jit``.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -39,8 +40,7 @@ def _xp(x: Array):
   return jnp if isinstance(x, jax.Array) else np
 
 
-def layer_index_map(amodal: np.ndarray, occluded: np.ndarray,
-                    depth_rank: np.ndarray) -> np.ndarray:
+def layer_index_map(amodal: np.ndarray, occluded: np.ndarray, depth_rank: np.ndarray) -> np.ndarray:
   """Per-instance layer index map (numpy).
 
   Args:
@@ -60,8 +60,10 @@ def layer_index_map(amodal: np.ndarray, occluded: np.ndarray,
   depth_rank = np.asarray(depth_rank).reshape(-1)
   n = amodal.shape[0]
   if occluded.shape != amodal.shape or depth_rank.shape != (n,):
-    raise ValueError(f'shape mismatch: amodal {amodal.shape}, occluded '
-                     f'{occluded.shape}, depth_rank {depth_rank.shape}')
+    raise ValueError(
+        f'shape mismatch: amodal {amodal.shape}, occluded '
+        f'{occluded.shape}, depth_rank {depth_rank.shape}'
+    )
   hidden = occluded & amodal
   # Front-to-back order: depth rank, then index (lexsort: last key primary).
   order = np.lexsort((np.arange(n), depth_rank))
@@ -93,10 +95,9 @@ def layer_channels(index: Array, num_layers: int) -> Array:
     raise ValueError(f'num_layers must be >= 1, got {num_layers}')
   xp = _xp(index)
   index = xp.asarray(index).astype(xp.int32)
-  ks = xp.arange(1, num_layers + 1, dtype=xp.int32).reshape(
-      (num_layers, 1, 1))
+  ks = xp.arange(1, num_layers + 1, dtype=xp.int32).reshape((num_layers, 1, 1))
   idx = index[..., None, :, :]
-  channels = (idx == ks)
+  channels = idx == ks
   last = idx[..., 0, :, :] >= num_layers
   if xp is np:
     channels[..., -1, :, :] |= last

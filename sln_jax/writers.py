@@ -1,5 +1,5 @@
-"""Metric writers: the clu writer interface and one made on first use.
-"""
+"""Metric writers: the clu writer interface and one made on first use."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable

@@ -1,4 +1,5 @@
 """numpy box IoU for the tests: an independent reference for sln_jax.ops."""
+
 import numpy as np
 
 

@@ -17,6 +17,7 @@ environment, which they inherit), later ones load it. Entries are keyed by
 the program, so no test sees another program's executable; the directory
 goes at the end of the run, so every run starts cold as on CI.
 """
+
 import os
 import shutil
 import tempfile
@@ -24,10 +25,12 @@ import tempfile
 import hypothesis
 
 hypothesis.settings.register_profile(
-    'ci', derandomize=True, database=None, deadline=None, print_blob=True)
+    'ci', derandomize=True, database=None, deadline=None, print_blob=True
+)
 hypothesis.settings.register_profile('dev', deadline=None, print_blob=True)
 hypothesis.settings.load_profile(
-    os.environ.get('HYPOTHESIS_PROFILE', 'ci' if os.environ.get('CI') else 'dev'))
+    os.environ.get('HYPOTHESIS_PROFILE', 'ci' if os.environ.get('CI') else 'dev')
+)
 
 _OWNER = '_SLN_JAX_TEST_CACHE_OWNER'
 
@@ -47,4 +50,3 @@ def pytest_unconfigure(config):
   del config
   if os.environ.get(_OWNER) == str(os.getpid()):
     shutil.rmtree(os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
-

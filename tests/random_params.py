@@ -1,4 +1,5 @@
 """Deterministic random values for abstract parameter trees (model tests)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,9 +12,18 @@ def random_params(shapes, seed: int = 0, std: float = 0.3, positive_vectors: boo
   ``positive_vectors`` (so BN variances stay positive)."""
   leaves, tree = jax.tree.flatten(shapes)
   rng = np.random.default_rng(seed)
-  return jax.tree.unflatten(tree, [
-      jnp.asarray(rng.uniform(0.5, 1.5, l.shape) if positive_vectors and l.ndim == 1 else
-                  rng.normal(0, std, l.shape), jnp.float32) for l in leaves])
+  return jax.tree.unflatten(
+      tree,
+      [
+          jnp.asarray(
+              rng.uniform(0.5, 1.5, l.shape)
+              if positive_vectors and l.ndim == 1
+              else rng.normal(0, std, l.shape),
+              jnp.float32,
+          )
+          for l in leaves
+      ],
+  )
 
 
 def to_torch(a) -> torch.Tensor:

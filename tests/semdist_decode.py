@@ -4,6 +4,7 @@ From per-layer probabilities or logits to visible / occluded / amodal masks
 (``decode``, ``decode_logits``), the pairwise depth order the layers imply
 (``pairwise_order``) and the global layering map (objects per pixel).
 """
+
 from __future__ import annotations
 
 import math
@@ -22,8 +23,7 @@ def global_layering_map(amodal: Array) -> Array:
   return xp.asarray(amodal).astype(xp.int32).sum(axis=0, dtype=xp.int32)
 
 
-def _masks_from_presence(visible: Array, amodal: Array, hidden_scores: Array,
-                         xp) -> dict:
+def _masks_from_presence(visible: Array, amodal: Array, hidden_scores: Array, xp) -> dict:
   """Shared tail of ``decode`` / ``decode_logits``.
 
   hidden_scores: (N, L-1, H, W) scores of layers 1..L-1 (argmax picks the
@@ -35,8 +35,9 @@ def _masks_from_presence(visible: Array, amodal: Array, hidden_scores: Array,
   else:
     hidden_layer = 1 + xp.argmax(hidden_scores, axis=1)
     layer = xp.where(visible, 0, xp.where(amodal, hidden_layer, -1))
-  return dict(visible=visible, amodal=amodal, occluded=amodal & ~visible,
-              layer=layer.astype(xp.int32))
+  return dict(
+      visible=visible, amodal=amodal, occluded=amodal & ~visible, layer=layer.astype(xp.int32)
+  )
 
 
 def decode(layer_probs: Array, threshold: float = 0.5) -> dict:
@@ -92,9 +93,9 @@ def _front_counts_onehot(layer: Array, num_levels: int, xp) -> Array:
   """(N, N) int32: pixels where both are present (0 <= layer < K) and i's
   layer is lower than j's, as a one-hot matmul over the K levels."""
   n = layer.shape[0]
-  flat = layer.reshape(n, -1)[:, None, :]                    # (N, 1, P)
+  flat = layer.reshape(n, -1)[:, None, :]  # (N, 1, P)
   levels = xp.arange(num_levels, dtype=flat.dtype)[None, :, None]
-  at = (flat == levels).astype(xp.float32)                   # (N, K, P)
+  at = (flat == levels).astype(xp.float32)  # (N, K, P)
   behind = ((flat > levels) & (flat < num_levels)).astype(xp.float32)
   return xp.einsum('ikp,jkp->ij', at, behind).round().astype(xp.int32)
 
@@ -127,7 +128,7 @@ def pairwise_order(layer: Array, num_levels: Optional[int] = None) -> Array:
     front = np.zeros((n, n), np.int64)
     for i in range(n):  # loop over instances, vectorised over pixels
       rows = cols[cols[:, i] >= 0]
-      front[i] = (rows > rows[:, i:i + 1]).sum(axis=0)
+      front[i] = (rows > rows[:, i : i + 1]).sum(axis=0)
   elif num_levels is not None:
     front = _front_counts_onehot(layer, num_levels, jnp)
   else:

@@ -1,5 +1,6 @@
 """scripts/benchmark_input.py: the tf.data throughput benchmark runs end to
 end on a few generated images and reports what it timed."""
+
 import argparse
 import os
 import subprocess
@@ -21,13 +22,20 @@ def test_small_scenario_times_real_batches(tmp_path):
   assert abs(row['ms_per_image'] - 1000 / row['images_per_s']) <= 0.1 + 1e-3 * row['ms_per_image']
   assert row['gt_mask_size'] == 32 and row['glm_image_size'] == 65
   # The generated COCOA scenes stay in the workdir for the next run.
-  assert os.path.isfile(os.path.join(tmp_path, 'raw_128', 'annotations',
-                                     'COCO_amodal_train2014.json'))
+  assert os.path.isfile(
+      os.path.join(tmp_path, 'raw_128', 'annotations', 'COCO_amodal_train2014.json')
+  )
 
 
 def test_cli_rejects_unknown_scenario():
-  proc = subprocess.run([sys.executable, 'scripts/benchmark_input.py', '--scenario', '256'],
-                        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+  proc = subprocess.run(
+      [sys.executable, 'scripts/benchmark_input.py', '--scenario', '256'],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=120,
+      check=False,
+  )
   assert proc.returncode == 2
   assert "invalid choice: '256'" in proc.stderr
   assert proc.stdout == ''

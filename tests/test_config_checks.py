@@ -1,5 +1,6 @@
 """config_checks: every shipped config passes; each bad value is one
 UserError naming its field (before main.py reads data or writes files)."""
+
 import importlib
 
 import pytest
@@ -28,11 +29,11 @@ def set_path(config, field, value):
 BAD = [
     ('model.dtype', 'bf16', 'model.dtype'),
     ('input.resize_mode', 'stretch', 'input.resize_mode'),
-    ('input.image_size', 100, 'input.image_size'),    # not a multiple of 64: P6 shape mismatch
+    ('input.image_size', 100, 'input.image_size'),  # not a multiple of 64: P6 shape mismatch
     ('input.image_size', 0, 'input.image_size'),
     ('input.max_instances', 0, 'input.max_instances'),  # trained on no objects at all
     ('model.num_layers', 0, 'model.num_layers'),
-    ('model.num_layers', True, 'model.num_layers'),     # a bool is not a count
+    ('model.num_layers', True, 'model.num_layers'),  # a bool is not a count
     ('model.backbone.stage_sizes', (1, 1), 'model.backbone.stage_sizes'),
     ('model.backbone.stage_sizes', (1, 0, 1, 1), 'model.backbone.stage_sizes'),
     ('model.rpn.anchor_scales', (8, 16, 32, 64), 'model.rpn.anchor_scales'),
@@ -46,7 +47,7 @@ BAD = [
     ('model.detection.nms_threshold', 1.5, 'model.detection.nms_threshold'),
     ('loss.layer', -1.0, 'loss.layer'),
     ('loss.occluded_pos_weight', 0.0, 'loss.occluded_pos_weight'),
-    ('train.stages', (('heads(', 10, 0.1),), 'train.stages'),   # neither a stage nor a regex
+    ('train.stages', (('heads(', 10, 0.1),), 'train.stages'),  # neither a stage nor a regex
     ('train.stages', (('heads', 'ten', 0.1),), 'train.stages'),
     ('train.stages', (('heads', 10, -0.1),), 'train.stages'),
     ('train.stages', (), 'train.stages'),
@@ -58,9 +59,9 @@ BAD = [
     ('eval.batch_size', 0, 'eval.batch_size'),
     ('eval.host_workers', -2, 'eval.host_workers'),
     ('predict.score_threshold', -0.1, 'predict.score_threshold'),
-    ('train.num_steps', -5, 'train.num_steps'),   # ran the whole schedule
+    ('train.num_steps', -5, 'train.num_steps'),  # ran the whole schedule
     ('train.num_steps', 0, 'train.num_steps'),
-    ('init_patterns', 'backbone/.*,(', 'init_patterns'),   # re.error after the data was built
+    ('init_patterns', 'backbone/.*,(', 'init_patterns'),  # re.error after the data was built
 ]
 
 

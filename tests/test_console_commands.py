@@ -1,10 +1,12 @@
 """pyproject.toml's console commands: one per user tool in scripts/, each a
 ``run()`` of its script, and no script edits sys.path (the package is
 installed: `pip install -e .`)."""
+
 import ast
 import os
 import subprocess
 import sys
+
 import tomllib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -16,8 +18,11 @@ def _commands() -> dict[str, str]:
 
 
 def _scripts() -> list[str]:
-  return sorted(n[:-3] for n in os.listdir(os.path.join(ROOT, 'scripts'))
-                if n.endswith('.py') and n != '__init__.py')
+  return sorted(
+      n[:-3]
+      for n in os.listdir(os.path.join(ROOT, 'scripts'))
+      if n.endswith('.py') and n != '__init__.py'
+  )
 
 
 def test_every_script_is_a_command_running_its_run_function():
@@ -45,7 +50,13 @@ def test_an_installed_command_runs():
   """sln-evaluate, installed beside this interpreter, prints its help from
   outside the repository."""
   exe = os.path.join(os.path.dirname(sys.executable), 'sln-evaluate')
-  proc = subprocess.run([exe, '--help'], capture_output=True, text=True, timeout=120,
-                        cwd=os.path.expanduser('~'), check=False)
+  proc = subprocess.run(
+      [exe, '--help'],
+      capture_output=True,
+      text=True,
+      timeout=120,
+      cwd=os.path.expanduser('~'),
+      check=False,
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.startswith('usage: sln-evaluate') and '--results' in proc.stdout

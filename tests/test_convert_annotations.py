@@ -1,5 +1,6 @@
 """scripts/convert_annotations.py end to end (subprocess): outputs equal the
 library's encoding; every bad input exits 2 with one line and no output."""
+
 import json
 import os
 import subprocess
@@ -24,16 +25,30 @@ def fixture(name):
 def write_images(images_dir, data):
   os.makedirs(images_dir, exist_ok=True)
   for img in data['images']:
-    Image.new('RGB', (img['width'], img['height'])).save(
-        os.path.join(images_dir, img['file_name']))
+    Image.new('RGB', (img['width'], img['height'])).save(os.path.join(images_dir, img['file_name']))
 
 
 def run(fmt, annotations, images, out):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
   return subprocess.run(
-      [sys.executable, SCRIPT, '--format', fmt, '--annotations', str(annotations),
-       '--images', str(images), '--out', str(out)],
-      capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+      [
+          sys.executable,
+          SCRIPT,
+          '--format',
+          fmt,
+          '--annotations',
+          str(annotations),
+          '--images',
+          str(images),
+          '--out',
+          str(out),
+      ],
+      capture_output=True,
+      text=True,
+      env=env,
+      cwd=ROOT,
+      timeout=120,
+  )
 
 
 @pytest.mark.parametrize('fmt', ['cocoa', 'kins'])
@@ -71,8 +86,7 @@ def _region(data, j):
 
 def _many_regions(data):
   _region(data, 1)['segmentation'] = [0, 0, 59, 0, 59, 39, 0, 39]
-  data['annotations'][0]['regions'] += [
-      dict(_region(data, 1), order=k) for k in range(4, 35)]
+  data['annotations'][0]['regions'] += [dict(_region(data, 1), order=k) for k in range(4, 35)]
   data['annotations'][0]['depth_constraint'] = ''
 
 
@@ -84,12 +98,15 @@ BAD = {
     # name: (edit, field the message must name)
     'malformed_json': (None, 'line 1 column'),
     'missing_image': ('img_c.jpg', 'images[2].file_name'),
-    'rle_size': (lambda d: _region(d, 0)['visible_mask'].update(size=[40, 61]),
-                 'annotations[0].regions[0].visible_mask.size'),
-    'short_polygon': (lambda d: _region(d, 1).update(segmentation=[1, 1, 5, 5]),
-                      'annotations[0].regions[1].segmentation'),
-    'no_order': (lambda d: _region(d, 2).pop('order'),
-                 'annotations[0].regions[2].order'),
+    'rle_size': (
+        lambda d: _region(d, 0)['visible_mask'].update(size=[40, 61]),
+        'annotations[0].regions[0].visible_mask.size',
+    ),
+    'short_polygon': (
+        lambda d: _region(d, 1).update(segmentation=[1, 1, 5, 5]),
+        'annotations[0].regions[1].segmentation',
+    ),
+    'no_order': (lambda d: _region(d, 2).pop('order'), 'annotations[0].regions[2].order'),
     'no_width': (lambda d: d['images'][0].pop('width'), 'images[0].width'),
     'too_many': (_many_regions, 'img_a.png'),
 }
@@ -147,5 +164,4 @@ def test_out_may_be_the_images_directory(tmp_path):
   for img in data['images']:
     assert (images / img['file_name']).stat().st_size > 0
   with np.load(stale) as out:
-    np.testing.assert_array_equal(out['layer'],
-                                  legacy_layers.encode_legacy_layers(anns[0]))
+    np.testing.assert_array_equal(out['layer'], legacy_layers.encode_legacy_layers(anns[0]))

@@ -1,4 +1,5 @@
 """scripts/convert_checkpoint.py end to end on the tiny config."""
+
 from __future__ import annotations
 
 import os
@@ -21,9 +22,13 @@ SCRIPT = os.path.join(ROOT, 'scripts', 'convert_checkpoint.py')
 def run(*args):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', JAX_PLATFORMS='cpu')
   return subprocess.run(
-      [sys.executable, SCRIPT, '--config=' + os.path.join(ROOT, 'configs',
-                                                          'tiny.py'), *args],
-      capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+      [sys.executable, SCRIPT, '--config=' + os.path.join(ROOT, 'configs', 'tiny.py'), *args],
+      capture_output=True,
+      text=True,
+      env=env,
+      cwd=ROOT,
+      timeout=300,
+  )
 
 
 @pytest.fixture(scope='module')
@@ -40,9 +45,16 @@ def test_converts_and_activations_match_reference(reference, tmp_path):
   x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(0))
   np.save(tmp_path / 'x.npy', (x * 50).numpy())
   out = tmp_path / 'ckpt'
-  proc = run('--pth', str(tmp_path / 'w.pth'), '--output', str(out),
-             '--activations-input', str(tmp_path / 'x.npy'),
-             '--activations-output', str(tmp_path / 'a.npz'))
+  proc = run(
+      '--pth',
+      str(tmp_path / 'w.pth'),
+      '--output',
+      str(out),
+      '--activations-input',
+      str(tmp_path / 'x.npy'),
+      '--activations-output',
+      str(tmp_path / 'a.npz'),
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
 
   assert orbax_io.is_orbax_dir(str(out))
@@ -68,8 +80,7 @@ def test_bad_files_exit_2_without_output(reference, tmp_path):
   del sd['mask.deconv.bias']
   sd['mask.conv5.weight'] = torch.zeros(3, 16, 1, 1)
   torch.save(sd, tmp_path / 'broken.pth')
-  for name, needle in (('module.pth', 'needs pickled code'),
-                       ('broken.pth', 'mask.deconv.bias')):
+  for name, needle in (('module.pth', 'needs pickled code'), ('broken.pth', 'mask.deconv.bias')):
     out = tmp_path / ('out_' + name)
     proc = run('--pth', str(tmp_path / name), '--output', str(out))
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -91,8 +102,9 @@ def test_bad_model_config_exits_2_before_reading_the_file(tmp_path):
   """The config's model is checked first: a bad value is named even though
   the .pth does not exist (it would be read next)."""
   out = tmp_path / 'out'
-  proc = run('--pth', str(tmp_path / 'missing.pth'), '--output', str(out),
-             '--config.model.roi.mask_size=7')
+  proc = run(
+      '--pth', str(tmp_path / 'missing.pth'), '--output', str(out), '--config.model.roi.mask_size=7'
+  )
   assert proc.returncode == 2, proc.stderr[-2000:]
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith('error: model.roi.mask_size: 7'), proc.stderr

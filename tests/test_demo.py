@@ -1,5 +1,6 @@
 """scripts/demo.py (`make demo`): argument handling and failure propagation.
 The demo itself (about 7 minutes) is run by hand; its numbers are in the README."""
+
 import os
 import subprocess
 import sys
@@ -8,8 +9,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _demo(*args, workdir):
-  return subprocess.run([sys.executable, 'scripts/demo.py', f'--workdir={workdir}', *args],
-                        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+  return subprocess.run(
+      [sys.executable, 'scripts/demo.py', f'--workdir={workdir}', *args],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=False,
+  )
 
 
 def test_rejects_arguments_other_than_config_overrides(tmp_path):

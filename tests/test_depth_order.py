@@ -1,5 +1,6 @@
 """Tests for sln_jax/depth_order.py: greedy cycle breaking and chain depth,
 against a plain re-statement of the rule."""
+
 import hypothesis
 import hypothesis.strategies as st
 import numpy as np
@@ -24,10 +25,11 @@ def test_hand_cases():
   assert sorted(zip(*np.nonzero(depth_order.acyclic_relations(w)))) == [(0, 1), (1, 2)]
   w[2, 0] = 8
   assert sorted(zip(*np.nonzero(depth_order.acyclic_relations(w)))) == [(0, 1), (1, 2)]
-  w[1, 2] = 4    # now 1 > 2 is the weakest link
+  w[1, 2] = 4  # now 1 > 2 is the weakest link
   assert sorted(zip(*np.nonzero(depth_order.acyclic_relations(w)))) == [(0, 1), (2, 0)]
-  np.testing.assert_array_equal(depth_order.chain_depth(depth_order.acyclic_relations(w)),
-                                [1, 2, 0])
+  np.testing.assert_array_equal(
+      depth_order.chain_depth(depth_order.acyclic_relations(w)), [1, 2, 0]
+  )
   empty = np.zeros((0, 0))
   assert depth_order.acyclic_relations(empty).shape == (0, 0)
   assert depth_order.chain_depth(empty).shape == (0,)
@@ -51,8 +53,9 @@ def _reference(weight):
         stack.extend(behind[x])
     return False
 
-  for _, a, b in sorted((-float(weight[a][b]), a, b) for a in range(n) for b in range(n)
-                        if weight[a][b] > 0):
+  for _, a, b in sorted(
+      (-float(weight[a][b]), a, b) for a in range(n) for b in range(n) if weight[a][b] > 0
+  ):
     if not reaches(b, a):
       behind[a].add(b)
   memo = {}
@@ -72,8 +75,9 @@ def test_property_matches_the_plain_rule(data):
   depths as the reference; the kept relations are respected by the depths;
   evidence consistent with a ranking keeps every relation."""
   n = data.draw(st.integers(0, 9))
-  weight = np.array(data.draw(st.lists(st.integers(-3, 4), min_size=n * n, max_size=n * n)),
-                    np.int64).reshape(n, n)
+  weight = np.array(
+      data.draw(st.lists(st.integers(-3, 4), min_size=n * n, max_size=n * n)), np.int64
+  ).reshape(n, n)
   np.fill_diagonal(weight, 0)
   kept = depth_order.acyclic_relations(weight)
   depth = depth_order.chain_depth(kept)

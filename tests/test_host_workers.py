@@ -1,5 +1,6 @@
 """sln_jax.host_workers: calls in worker processes, results in submission
 order, bounded in-flight calls, errors raised, BLAS on one thread."""
+
 import os
 import time
 
@@ -18,6 +19,7 @@ def _tagged(x, delay=0.0):
 def _blas_threads():
   """Threads of each BLAS library loaded (numpy's; scipy or torch may load more)."""
   import numpy  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+
   return [i['num_threads'] for i in threadpoolctl.threadpool_info() if i['user_api'] == 'blas']
 
 
@@ -37,7 +39,7 @@ def test_results_come_back_in_submission_order_from_other_processes():
     got = workers.results()
     assert [x for x, _ in got] == list(range(6))
     assert os.getpid() not in {pid for _, pid in got}
-    assert workers.results() == []                 # each result is returned once
+    assert workers.results() == []  # each result is returned once
     workers.submit(_tagged, 'more')
     assert [x for x, _ in workers.results()] == ['more']
     # Every worker's BLAS runs on one thread.
@@ -58,12 +60,12 @@ def test_no_workers_runs_inline_with_one_blas_thread_then_restores_it():
 
 def test_submit_waits_once_max_pending_calls_are_in_flight():
   with host_workers.OrderedWorkers(1, max_pending=1) as workers:
-    workers.submit(_tagged, 'warm-up')             # starts the worker process
+    workers.submit(_tagged, 'warm-up')  # starts the worker process
     workers.results()
     start = time.perf_counter()
     workers.submit(_tagged, 'slow', delay=0.5)
-    assert time.perf_counter() - start < 0.4       # the first call does not wait
-    workers.submit(_tagged, 'next')                # waits for 'slow'
+    assert time.perf_counter() - start < 0.4  # the first call does not wait
+    workers.submit(_tagged, 'next')  # waits for 'slow'
     assert time.perf_counter() - start >= 0.5
     assert [x for x, _ in workers.results()] == ['slow', 'next']
 

@@ -5,6 +5,7 @@ to input_pipeline) and input_pipeline never imports Flax. Imports sit at the
 top of each module; the few inside functions are optional dependencies
 (torch for the weight port) listed in ``_OPTIONAL``.
 """
+
 import ast
 import os
 import subprocess
@@ -47,8 +48,11 @@ def _imports(tree: ast.Module, modules: dict, top_level: bool) -> set[str]:
       continue
     nodes += [node] if top_level else []
     if not top_level:
-      nodes += [n for n in ast.walk(node)
-                if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))]
+      nodes += [
+          n
+          for n in ast.walk(node)
+          if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))
+      ]
   for node in nodes:
     if isinstance(node, ast.Import):
       found.update(a.name for a in node.names)
@@ -73,12 +77,13 @@ def test_no_import_cycles():
     stack.append(node)
     for nxt in sorted(graph[node]):
       if state.get(nxt) == 'open':
-        cycle = stack[stack.index(nxt):] + [nxt]
+        cycle = stack[stack.index(nxt) :] + [nxt]
         pytest.fail('import cycle: ' + ' -> '.join(cycle))
       if nxt not in state:
         visit(nxt)
     stack.pop()
     state[node] = 'done'
+
   for node in sorted(graph):
     if node not in state:
       visit(node)
@@ -90,26 +95,38 @@ def test_imports_sit_at_the_top():
   for name, path in modules.items():
     with open(path) as f:
       tree = ast.parse(f.read())
-    found = {m.split('.')[0] if not m.startswith(PACKAGES) else m
-             for m in _imports(tree, modules, False)}
+    found = {
+        m.split('.')[0] if not m.startswith(PACKAGES) else m for m in _imports(tree, modules, False)
+    }
     extra = found - _OPTIONAL.get(name, set())
     if extra:
       inside[name] = sorted(extra)
   assert not inside, f'imports inside functions: {inside}'
 
 
-@pytest.mark.parametrize('package,forbidden', [('sln_jax', 'tensorflow'),
-                                               ('input_pipeline', 'flax')])
+@pytest.mark.parametrize(
+    'package,forbidden', [('sln_jax', 'tensorflow'), ('input_pipeline', 'flax')]
+)
 def test_framework_boundaries(package, forbidden):
   names = sorted(m for m in _modules() if m.split('.')[0] == package)
-  code = ('import importlib, sys\n'
-          f'for name in {names!r}:\n'
-          '  importlib.import_module(name)\n'
-          f'bad = sorted(m for m in sys.modules if m.split(".")[0].startswith({forbidden!r}))\n'
-          'print(",".join(bad))\n')
-  proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
-                        timeout=300, check=False,
-                        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', JAX_PLATFORMS='cpu'))
+  code = (
+      'import importlib, sys\n'
+      f'for name in {names!r}:\n'
+      '  importlib.import_module(name)\n'
+      f'bad = sorted(m for m in sys.modules if m.split(".")[0].startswith({forbidden!r}))\n'
+      'print(",".join(bad))\n'
+  )
+  proc = subprocess.run(
+      [sys.executable, '-c', code],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=False,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', JAX_PLATFORMS='cpu'),
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert proc.stdout.strip().splitlines()[-1:] in ([], ['']), (
-      f'importing {package} loads {proc.stdout.strip()}')
+  assert proc.stdout.strip().splitlines()[-1:] in (
+      [],
+      [''],
+  ), f'importing {package} loads {proc.stdout.strip()}'

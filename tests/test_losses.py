@@ -1,4 +1,5 @@
 """Losses against the release's torch formulas (gather-then-reduce form)."""
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -30,21 +31,27 @@ def _rpn_inputs(rng, b=2, a=30):
 
 def test_rpn_losses_match_torch():
   logits, labels, pred, target = _rpn_inputs(np.random.default_rng(0))
-  want = per_image(lambda lg, lb: F.cross_entropy(
-      T(lg[lb != -1]), torch.tensor((lb[lb != -1] == 1).astype(np.int64))), logits, labels)
+  want = per_image(
+      lambda lg, lb: F.cross_entropy(
+          T(lg[lb != -1]), torch.tensor((lb[lb != -1] == 1).astype(np.int64))
+      ),
+      logits,
+      labels,
+  )
   got = jax.jit(losses.rpn_class_loss)(logits, labels)
   assert got.dtype == jnp.float32 and got.shape == ()
   np.testing.assert_allclose(float(got), want, rtol=1e-5)
-  want = per_image(lambda p, t, lb: F.smooth_l1_loss(T(p[lb == 1]), T(t[lb == 1])),
-                   pred, target, labels)
+  want = per_image(
+      lambda p, t, lb: F.smooth_l1_loss(T(p[lb == 1]), T(t[lb == 1])), pred, target, labels
+  )
   got = jax.jit(losses.rpn_bbox_loss)(pred, target, labels)
   np.testing.assert_allclose(float(got), want, rtol=1e-5)
   # Batch 1 is the release's mean over the selected anchors.
   sel = labels[:1] != -1
-  want = F.cross_entropy(T(logits[:1][sel]), torch.tensor(
-      (labels[:1][sel] == 1).astype(np.int64)))
-  np.testing.assert_allclose(float(losses.rpn_class_loss(logits[:1], labels[:1])),
-                             float(want), rtol=1e-5)
+  want = F.cross_entropy(T(logits[:1][sel]), torch.tensor((labels[:1][sel] == 1).astype(np.int64)))
+  np.testing.assert_allclose(
+      float(losses.rpn_class_loss(logits[:1], labels[:1])), float(want), rtol=1e-5
+  )
 
 
 def test_head_losses_match_torch():
@@ -55,42 +62,60 @@ def test_head_losses_match_torch():
   valid = rng.uniform(size=(b, r)) > 0.3
   deltas = rng.normal(size=(b, r, c, 4)).astype(np.float32) * 2
   targets = rng.normal(size=(b, r, 4)).astype(np.float32)
-  want = per_image(lambda lg, c, v: F.cross_entropy(T(lg[v]), torch.tensor(c[v]).long()),
-                   logits, cls, valid)
-  np.testing.assert_allclose(
-      float(losses.head_class_loss(logits, cls, valid)), want, rtol=1e-5)
+  want = per_image(
+      lambda lg, c, v: F.cross_entropy(T(lg[v]), torch.tensor(c[v]).long()), logits, cls, valid
+  )
+  np.testing.assert_allclose(float(losses.head_class_loss(logits, cls, valid)), want, rtol=1e-5)
 
   def bbox(d, c, t, v):
     ri = np.nonzero(v & (c > 0))[0]
     return F.smooth_l1_loss(T(d[ri, c[ri]]), T(t[ri]))
+
   want = per_image(bbox, deltas, cls, targets, valid)
   np.testing.assert_allclose(
-      float(losses.head_bbox_loss(deltas, cls, targets, valid)), want, rtol=1e-5)
+      float(losses.head_bbox_loss(deltas, cls, targets, valid)), want, rtol=1e-5
+  )
 
 
 def test_mask_losses_match_torch():
   rng = np.random.default_rng(2)
   b, r, s, l = 2, 5, 4, 3
   logits = rng.normal(size=(b, r, s, s, l)).astype(np.float32) * 3
-  layer = rng.integers(0, l + 1, (b, r, s, s))     # l = outside the object
+  layer = rng.integers(0, l + 1, (b, r, s, s))  # l = outside the object
   targets = np.eye(l + 1, dtype=np.float32)[layer][..., :l]
   positive = np.array([[1, 0, 1, 1, 0], [0, 0, 1, 0, 0]], bool)
-  want = per_image(lambda lg, t, p: F.binary_cross_entropy(torch.sigmoid(T(lg[p])), T(t[p])),
-                   logits, targets, positive)
+  want = per_image(
+      lambda lg, t, p: F.binary_cross_entropy(torch.sigmoid(T(lg[p])), T(t[p])),
+      logits,
+      targets,
+      positive,
+  )
   got = jax.jit(losses.layer_loss)(logits, targets, positive)
   np.testing.assert_allclose(float(got), want, rtol=1e-5)
-  want = per_image(lambda lg, t, p: F.binary_cross_entropy(
-      torch.sigmoid(T(lg[p]).sum(-1)), T(t[p]).sum(-1)), logits, targets, positive)
+  want = per_image(
+      lambda lg, t, p: F.binary_cross_entropy(torch.sigmoid(T(lg[p]).sum(-1)), T(t[p]).sum(-1)),
+      logits,
+      targets,
+      positive,
+  )
   got = jax.jit(losses.amodal_loss)(logits, targets, positive)
   # torch takes logs of float32 probabilities: sums of logits reach ~15 here.
   np.testing.assert_allclose(float(got), want, rtol=5e-5)
   # bf16 inputs are computed in float32.
-  got = losses.layer_loss(jnp.asarray(logits, jnp.bfloat16),
-                          jnp.asarray(targets, jnp.bfloat16), positive)
+  got = losses.layer_loss(
+      jnp.asarray(logits, jnp.bfloat16), jnp.asarray(targets, jnp.bfloat16), positive
+  )
   assert got.dtype == jnp.float32
-  np.testing.assert_allclose(float(got), per_image(
-      lambda lg, t, p: F.binary_cross_entropy(torch.sigmoid(T(lg[p])), T(t[p])),
-      logits, targets, positive), rtol=2e-2)
+  np.testing.assert_allclose(
+      float(got),
+      per_image(
+          lambda lg, t, p: F.binary_cross_entropy(torch.sigmoid(T(lg[p])), T(t[p])),
+          logits,
+          targets,
+          positive,
+      ),
+      rtol=2e-2,
+  )
 
 
 @pytest.mark.parametrize('weight', [1.0, 5.0, 0.5])
@@ -104,10 +129,15 @@ def test_occluded_pos_weight_is_torch_pos_weight_on_channels_2_and_up(weight):
   targets[0, 0] = np.round(targets[0, 0])
   positive = np.array([[1, 1, 0, 1], [0, 1, 1, 0]], bool)
   pw = torch.tensor([1.0] + [weight] * (l - 1))
-  want = per_image(lambda lg, t, p: F.binary_cross_entropy_with_logits(
-      T(lg[p]), T(t[p]), pos_weight=pw), logits, targets, positive)
+  want = per_image(
+      lambda lg, t, p: F.binary_cross_entropy_with_logits(T(lg[p]), T(t[p]), pos_weight=pw),
+      logits,
+      targets,
+      positive,
+  )
   got = jax.jit(losses.layer_loss, static_argnames='occluded_pos_weight')(
-      logits, targets, positive, occluded_pos_weight=weight)
+      logits, targets, positive, occluded_pos_weight=weight
+  )
   np.testing.assert_allclose(float(got), want, rtol=1e-5)
   if weight > 1:  # more weight on the occluded positives: a larger loss
     assert float(got) > float(losses.layer_loss(logits, targets, positive))
@@ -119,12 +149,12 @@ def test_amodal_loss_clips_overlapping_layer_targets():
   rng = np.random.default_rng(6)
   logits = rng.normal(size=(1, 2, 3, 3, 2)).astype(np.float32) * 2
   targets = rng.integers(0, 2, (1, 2, 3, 3, 2)).astype(np.float32)
-  targets[0, 0, 0, 0] = 1                            # both layers on
+  targets[0, 0, 0, 0] = 1  # both layers on
   positive = np.ones((1, 2), bool)
-  want = F.binary_cross_entropy_with_logits(
-      T(logits).sum(-1), T(targets).sum(-1).clamp(0, 1))
+  want = F.binary_cross_entropy_with_logits(T(logits).sum(-1), T(targets).sum(-1).clamp(0, 1))
   np.testing.assert_allclose(
-      float(losses.amodal_loss(logits, targets, positive)), float(want), rtol=1e-5)
+      float(losses.amodal_loss(logits, targets, positive)), float(want), rtol=1e-5
+  )
 
 
 def test_non_finite_values_where_not_selected_do_not_leak():
@@ -133,18 +163,21 @@ def test_non_finite_values_where_not_selected_do_not_leak():
   logits, labels, pred, target = _rpn_inputs(np.random.default_rng(7))
   rpn_class, rpn_bbox = jax.jit(losses.rpn_class_loss), jax.jit(losses.rpn_bbox_loss)
   nan_logits = np.where((labels == -1)[..., None], np.nan, logits)
-  np.testing.assert_allclose(float(rpn_class(nan_logits, labels)),
-                             float(rpn_class(logits, labels)), rtol=1e-6)
+  np.testing.assert_allclose(
+      float(rpn_class(nan_logits, labels)), float(rpn_class(logits, labels)), rtol=1e-6
+  )
   inf_pred = np.where((labels != 1)[..., None], np.inf, pred)
-  np.testing.assert_allclose(float(rpn_bbox(inf_pred, target, labels)),
-                             float(rpn_bbox(pred, target, labels)), rtol=1e-6)
+  np.testing.assert_allclose(
+      float(rpn_bbox(inf_pred, target, labels)), float(rpn_bbox(pred, target, labels)), rtol=1e-6
+  )
   layer = np.random.default_rng(8).normal(size=(2, 3, 4, 4, 2)).astype(np.float32)
   targets = (layer > 0.5).astype(np.float32)
   positive = np.array([[1, 0, 1], [0, 1, 0]], bool)
   bad = np.where(positive[:, :, None, None, None], layer, np.nan)
   for fn in (jax.jit(losses.layer_loss), jax.jit(losses.amodal_loss)):
-    np.testing.assert_allclose(float(fn(bad, targets, positive)),
-                               float(fn(layer, targets, positive)), rtol=1e-6)
+    np.testing.assert_allclose(
+        float(fn(bad, targets, positive)), float(fn(layer, targets, positive)), rtol=1e-6
+    )
 
 
 def test_batch_loss_is_mean_of_single_image_losses():
@@ -152,11 +185,13 @@ def test_batch_loss_is_mean_of_single_image_losses():
   the mean of the term over each image alone (also for an image with
   nothing selected)."""
   logits, labels, pred, target = _rpn_inputs(np.random.default_rng(4), b=3)
-  labels[1] = -1                                     # image 1: nothing selected
-  for fn, args in ((losses.rpn_class_loss, (logits, labels)),
-                   (losses.rpn_bbox_loss, (pred, target, labels))):
+  labels[1] = -1  # image 1: nothing selected
+  for fn, args in (
+      (losses.rpn_class_loss, (logits, labels)),
+      (losses.rpn_bbox_loss, (pred, target, labels)),
+  ):
     whole = float(fn(*args))
-    alone = np.mean([float(fn(*(a[i:i + 1] for a in args))) for i in range(3)])
+    alone = np.mean([float(fn(*(a[i : i + 1] for a in args))) for i in range(3)])
     np.testing.assert_allclose(whole, alone, rtol=1e-6)
 
 
@@ -168,21 +203,22 @@ def test_zero_not_nan_when_nothing_selected_and_finite_grads():
 
   @jax.jit
   def all_terms():
-    return jnp.stack([
-        losses.rpn_class_loss(logits, none),
-        losses.rpn_bbox_loss(pred, target, none),
-        losses.head_class_loss(np.zeros((1, 2, 2)), np.zeros((1, 2), np.int32),
-                               nopos),
-        losses.head_bbox_loss(np.zeros((1, 2, 2, 4)),
-                              np.zeros((1, 2), np.int32), np.zeros((1, 2, 4)),
-                              nopos),
-        losses.layer_loss(z, z, nopos),
-        losses.amodal_loss(z, z, nopos)])
+    return jnp.stack(
+        [
+            losses.rpn_class_loss(logits, none),
+            losses.rpn_bbox_loss(pred, target, none),
+            losses.head_class_loss(np.zeros((1, 2, 2)), np.zeros((1, 2), np.int32), nopos),
+            losses.head_bbox_loss(
+                np.zeros((1, 2, 2, 4)), np.zeros((1, 2), np.int32), np.zeros((1, 2, 4)), nopos
+            ),
+            losses.layer_loss(z, z, nopos),
+            losses.amodal_loss(z, z, nopos),
+        ]
+    )
 
   np.testing.assert_array_equal(np.asarray(all_terms()), np.zeros(6))
   big = np.full((1, 2, 4, 4, 1), 500.0, np.float32)
-  val, grad = jax.jit(jax.value_and_grad(losses.layer_loss))(
-      big, z, np.ones((1, 2), bool))
+  val, grad = jax.jit(jax.value_and_grad(losses.layer_loss))(big, z, np.ones((1, 2), bool))
   assert np.isfinite(float(val)) and float(val) == pytest.approx(500.0)
   assert np.all(np.isfinite(np.asarray(grad)))
 
@@ -190,8 +226,8 @@ def test_zero_not_nan_when_nothing_selected_and_finite_grads():
 def test_total_loss_weights():
   terms = {t: jnp.float32(i + 1) for i, t in enumerate(losses.TERMS)}
   weights = ml_collections.ConfigDict(
-      dict(rpn_class=1.0, rpn_bbox=0.5, head_class=1.0, head_bbox=2.0,
-           layer=1.0, amodal=0.0))
+      dict(rpn_class=1.0, rpn_bbox=0.5, head_class=1.0, head_bbox=2.0, layer=1.0, amodal=0.0)
+  )
   got = losses.total_loss(terms, weights)
   assert float(got) == pytest.approx(1 + 1 + 3 + 8 + 5 + 0)
   with pytest.raises(KeyError):

@@ -1,5 +1,6 @@
 """main.py end to end (subprocesses): train_and_evaluate + predict on
 configs/tiny.py with a tiny synthetic dataset, and one-line user errors."""
+
 import json
 import os
 import socket
@@ -13,8 +14,15 @@ ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', JAX_PLATFORMS='cpu')
 
 
 def _main(*args, timeout=600, env=None):
-  return subprocess.run([sys.executable, 'main.py', *args], cwd=ROOT, env=env or ENV,
-                        capture_output=True, text=True, timeout=timeout, check=False)
+  return subprocess.run(
+      [sys.executable, 'main.py', *args],
+      cwd=ROOT,
+      env=env or ENV,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+      check=False,
+  )
 
 
 def _one_line_error(proc):
@@ -26,22 +34,25 @@ def _one_line_error(proc):
 
 
 def _tiny_synthetic(tmp):
-  return ['--config=configs/tiny.py',
-          '--config.dataset.name=synthetic',
-          f'--config.dataset.manual_dir={tmp}/raw',
-          f'--config.dataset.data_dir={tmp}/tfds',
-          '--config.dataset.synthetic.image_size=64',
-          '--config.dataset.synthetic.num_train=2',
-          '--config.dataset.synthetic.num_val=2',
-          '--config.train.num_steps=2',
-          '--config.train.checkpoint_every=1',
-          '--config.train.log_every=1',
-          '--config.train.image_summary_every=0']
+  return [
+      '--config=configs/tiny.py',
+      '--config.dataset.name=synthetic',
+      f'--config.dataset.manual_dir={tmp}/raw',
+      f'--config.dataset.data_dir={tmp}/tfds',
+      '--config.dataset.synthetic.image_size=64',
+      '--config.dataset.synthetic.num_train=2',
+      '--config.dataset.synthetic.num_val=2',
+      '--config.train.num_steps=2',
+      '--config.train.checkpoint_every=1',
+      '--config.train.log_every=1',
+      '--config.train.image_summary_every=0',
+  ]
 
 
 def test_unknown_config_field_is_one_line_exit_2(tmp_path):
-  line = _one_line_error(_main('--config=configs/tiny.py', '--config.train.no_such_field=3',
-                               f'--workdir={tmp_path}'))
+  line = _one_line_error(
+      _main('--config=configs/tiny.py', '--config.train.no_such_field=3', f'--workdir={tmp_path}')
+  )
   assert 'config.train.no_such_field' in line and 'unknown config field' in line
   line = _one_line_error(_main('--config=configs/nope.py', f'--workdir={tmp_path}'))
   assert line == 'error: configs/nope.py: --config: no such file'
@@ -53,25 +64,40 @@ def test_unknown_config_field_is_one_line_exit_2(tmp_path):
   assert line == f'error: {not_a_config}: --config: defines no get_config()'
 
 
-@pytest.mark.parametrize('field,value', [('eval.mask_paste', 'nearest'),
-                                         ('eval.protocol', 'cocoa'),
-                                         ('model.dtype', 'bf16'),
-                                         ('input.resize_mode', 'stretch')])
+@pytest.mark.parametrize(
+    'field,value',
+    [
+        ('eval.mask_paste', 'nearest'),
+        ('eval.protocol', 'cocoa'),
+        ('model.dtype', 'bf16'),
+        ('input.resize_mode', 'stretch'),
+    ],
+)
 def test_bad_setting_fails_before_any_work(tmp_path, field, value):
   """Values that used to fail late (after training, inside tracing or
   tf.data) end in one line naming the field before the workdir is made."""
-  line = _one_line_error(_main('--config=configs/tiny.py', f'--workdir={tmp_path}/w',
-                               f'--config.{field}={value}',
-                               f'--config.dataset.manual_dir={tmp_path}/none'))
+  line = _one_line_error(
+      _main(
+          '--config=configs/tiny.py',
+          f'--workdir={tmp_path}/w',
+          f'--config.{field}={value}',
+          f'--config.dataset.manual_dir={tmp_path}/none',
+      )
+  )
   assert field in line and repr(value) in line
   assert not os.path.exists(tmp_path / 'w')
 
 
 def test_missing_dataset_is_one_line_exit_2(tmp_path):
   missing = tmp_path / 'no_such_dir'
-  line = _one_line_error(_main('--config=configs/cocoa.py', f'--workdir={tmp_path}/w',
-                               f'--config.dataset.manual_dir={missing}',
-                               f'--config.dataset.data_dir={tmp_path}/tfds'))
+  line = _one_line_error(
+      _main(
+          '--config=configs/cocoa.py',
+          f'--workdir={tmp_path}/w',
+          f'--config.dataset.manual_dir={missing}',
+          f'--config.dataset.data_dir={tmp_path}/tfds',
+      )
+  )
   assert str(missing) in line and 'dataset.manual_dir' in line
   assert not os.path.exists(tmp_path / 'w' / 'checkpoints')
 
@@ -104,8 +130,14 @@ def test_train_and_evaluate_then_predict(tmp_path):
   # Resuming with another model (3 sem-dist layers): one line naming the
   # leaves that differ; nothing in the workdir changes (no config.txt
   # overwritten, no empty TensorBoard events file).
-  line = _one_line_error(_main(*_tiny_synthetic(tmp_path), f'--workdir={workdir}',
-                               '--config.train.num_steps=3', '--config.model.num_layers=3'))
+  line = _one_line_error(
+      _main(
+          *_tiny_synthetic(tmp_path),
+          f'--workdir={workdir}',
+          '--config.train.num_steps=3',
+          '--config.model.num_layers=3',
+      )
+  )
   assert str(workdir / 'checkpoints' / '2') in line
   assert 'shape mismatches: params/mask_head/conv5/bias (2,) != expected (4,)' in line, line
   assert (workdir / 'config.txt').read_text() == config_txt
@@ -118,9 +150,15 @@ def test_train_and_evaluate_then_predict(tmp_path):
   # its compiled programs under $XDG_CACHE_HOME/sln_jax/xla.
   env = {k: v for k, v in ENV.items() if k != 'JAX_COMPILATION_CACHE_DIR'}
   env['XDG_CACHE_HOME'] = str(tmp_path / 'xdg')
-  proc = _main(*_tiny_synthetic(tmp_path), f'--workdir={workdir}', '--mode=predict',
-               f'--config.predict.input_dir={images}', f'--config.predict.output_dir={out}',
-               '--config.predict.max_images=1', env=env)
+  proc = _main(
+      *_tiny_synthetic(tmp_path),
+      f'--workdir={workdir}',
+      '--mode=predict',
+      f'--config.predict.input_dir={images}',
+      f'--config.predict.output_dir={out}',
+      '--config.predict.max_images=1',
+      env=env,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert [n for n in os.listdir(tmp_path / 'xdg' / 'sln_jax' / 'xla') if n.endswith('-cache')]
   # Orbax's notes on the read-only checkpoint manager stay out too.
@@ -136,20 +174,31 @@ def test_train_and_evaluate_then_predict(tmp_path):
   # evaluation reads the ground truth from dataset.manual_dir: a moved one is
   # named in one line, before the workdir is made.
   missing = tmp_path / 'moved'
-  line = _one_line_error(_main(*_tiny_synthetic(tmp_path),
-                               f'--config.dataset.manual_dir={missing}',
-                               f'--workdir={tmp_path / "w"}', '--mode=evaluate'))
+  line = _one_line_error(
+      _main(
+          *_tiny_synthetic(tmp_path),
+          f'--config.dataset.manual_dir={missing}',
+          f'--workdir={tmp_path / "w"}',
+          '--mode=evaluate',
+      )
+  )
   assert line.startswith(f'error: {missing}: dataset.manual_dir: no such directory'), line
   assert not (tmp_path / 'w').exists()
 
 
 @pytest.mark.parametrize('mode', ['evaluate', 'predict'])
 def test_modes_without_checkpoint_fail_cleanly(tmp_path, mode):
-  line = _one_line_error(_main('--config=configs/tiny.py', f'--workdir={tmp_path}/w',
-                               f'--mode={mode}', f'--config.predict.input_dir={tmp_path}',
-                               f'--config.predict.output_dir={tmp_path}/out',
-                               f'--config.dataset.manual_dir={tmp_path}/none',
-                               f'--config.dataset.data_dir={tmp_path}/tfds'))
+  line = _one_line_error(
+      _main(
+          '--config=configs/tiny.py',
+          f'--workdir={tmp_path}/w',
+          f'--mode={mode}',
+          f'--config.predict.input_dir={tmp_path}',
+          f'--config.predict.output_dir={tmp_path}/out',
+          f'--config.dataset.manual_dir={tmp_path}/none',
+          f'--config.dataset.data_dir={tmp_path}/tfds',
+      )
+  )
   assert 'checkpoint' in line or 'dataset.manual_dir' in line
   assert not (tmp_path / 'w').exists()
 
@@ -157,9 +206,15 @@ def test_modes_without_checkpoint_fail_cleanly(tmp_path, mode):
 def test_a_workdir_that_cannot_be_made_is_refused_before_any_work(tmp_path):
   blocker = tmp_path / 'afile'
   blocker.write_text('x')
-  line = _one_line_error(_main('--config=configs/tiny.py', f'--workdir={blocker}',
-                               '--mode=evaluate', '--config.init_from=/nowhere',
-                               f'--config.dataset.manual_dir={tmp_path}/none'))
+  line = _one_line_error(
+      _main(
+          '--config=configs/tiny.py',
+          f'--workdir={blocker}',
+          '--mode=evaluate',
+          '--config.init_from=/nowhere',
+          f'--config.dataset.manual_dir={tmp_path}/none',
+      )
+  )
   assert line == f'error: {blocker}: --workdir: is not a directory, so {blocker} cannot be made'
 
 
@@ -174,7 +229,8 @@ from configs import tiny
 from input_pipeline import sources
 config = tiny.get_config()
 d = config.dataset
-d.name, d.manual_dir, d.data_dir = 'synthetic', {str(tmp_path / 'raw')!r}, {str(tmp_path / 'tfds')!r}
+d.name = 'synthetic'
+d.manual_dir, d.data_dir = {str(tmp_path / 'raw')!r}, {str(tmp_path / 'tfds')!r}
 d.synthetic.image_size, d.synthetic.num_train, d.synthetic.num_val = 64, 4, 4
 config.train.batch_size, config.eval.batch_size = 2, 3
 for mode in ('train_and_evaluate', 'train', 'evaluate'):
@@ -185,8 +241,15 @@ for mode in ('train_and_evaluate', 'train', 'evaluate'):
     assert next(iter(data.eval_batches()))['image'].shape[:2] == (1, 3), mode
 print('ok')
 """
-  proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=ENV, capture_output=True,
-                        text=True, timeout=300, check=False)
+  proc = subprocess.run(
+      [sys.executable, '-c', code],
+      cwd=ROOT,
+      env=ENV,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=False,
+  )
   assert proc.returncode == 0 and proc.stdout.strip().endswith('ok'), proc.stderr[-3000:]
 
 
@@ -202,9 +265,17 @@ def _two_processes(*args, timeout=420, own_args=((), ())):
   JAX_PROCESS_ID; ``own_args[k]`` go to process k only. Returns their
   (returncode, stdout + stderr)."""
   env = dict(ENV, JAX_COORDINATOR_ADDRESS=f'localhost:{_free_port()}', JAX_NUM_PROCESSES='2')
-  procs = [subprocess.Popen([sys.executable, 'main.py', *args, *own_args[k]], cwd=ROOT,
-                            env=dict(env, JAX_PROCESS_ID=str(k)), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True) for k in (0, 1)]
+  procs = [
+      subprocess.Popen(
+          [sys.executable, 'main.py', *args, *own_args[k]],
+          cwd=ROOT,
+          env=dict(env, JAX_PROCESS_ID=str(k)),
+          stdout=subprocess.PIPE,
+          stderr=subprocess.STDOUT,
+          text=True,
+      )
+      for k in (0, 1)
+  ]
   try:
     outs = [p.communicate(timeout=timeout)[0] for p in procs]
   finally:
@@ -220,8 +291,12 @@ def test_two_processes_train_checkpoint_resume_and_evaluate(tmp_path):
   resumes from the checkpoint on both processes."""
   workdir = tmp_path / 'work'
   args = _tiny_synthetic(tmp_path) + [
-      '--config.dataset.synthetic.num_train=4', '--config.dataset.synthetic.num_val=4',
-      '--config.train.batch_size=2', '--config.eval.batch_size=2', f'--workdir={workdir}']
+      '--config.dataset.synthetic.num_train=4',
+      '--config.dataset.synthetic.num_val=4',
+      '--config.train.batch_size=2',
+      '--config.eval.batch_size=2',
+      f'--workdir={workdir}',
+  ]
   runs = _two_processes(*args)
   for code, out in runs:
     assert code == 0, out[-3000:]
@@ -254,14 +329,20 @@ def test_two_processes_refuse_a_workdir_they_do_not_share(tmp_path):
   disks = [tmp_path / 'host0', tmp_path / 'host1']
   for disk in disks:
     disk.mkdir()
-  runs = _two_processes(*_tiny_synthetic(tmp_path), '--mode=train', timeout=240,
-                        own_args=[[f'--workdir={disk}/work'] for disk in disks])
+  runs = _two_processes(
+      *_tiny_synthetic(tmp_path),
+      '--mode=train',
+      timeout=240,
+      own_args=[[f'--workdir={disk}/work'] for disk in disks],
+  )
   for (code, out), disk in zip(runs, disks):
     assert code == 2, out[-3000:]
     errors = [l for l in out.splitlines() if l.startswith('error: ')]
-    assert errors == [f'error: {disk}/work: --workdir: is not one directory shared by all 2 '
-                      'processes (process 1 cannot see the file process 0 wrote there); '
-                      'multi-host runs need a --workdir on a filesystem every host sees'], out
+    assert errors == [
+        f'error: {disk}/work: --workdir: is not one directory shared by all 2 '
+        'processes (process 1 cannot see the file process 0 wrote there); '
+        'multi-host runs need a --workdir on a filesystem every host sees'
+    ], out
   assert [sorted(os.listdir(disk)) for disk in disks] == [[], []]
   assert not os.path.exists(tmp_path / 'tfds')  # refused before the data
 

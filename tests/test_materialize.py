@@ -1,4 +1,5 @@
 """materialize: an exact identity that keeps XLA:CPU from recomputing residual chains."""
+
 import re
 
 import jax
@@ -11,21 +12,23 @@ from sln_jax.models.materialize import materialize
 
 
 def _max_fusion_operands(compiled_text: str) -> int:
-  return max(m.group(1).count('%') for m in
-             re.finditer(r'= \S+ fusion\((.*?)\), kind', compiled_text))
+  return max(
+      m.group(1).count('%') for m in re.finditer(r'= \S+ fusion\((.*?)\), kind', compiled_text)
+  )
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 def test_values_and_gradient_are_bit_identical(dtype):
   special = [np.nan, np.inf, -np.inf, -0.0, 0.0, 1e-40, -1e-40, 3.5, -7.25e30]
-  x = jnp.asarray(np.concatenate([special, np.random.default_rng(0).normal(size=55)]),
-                  dtype).reshape(8, 8)
+  x = jnp.asarray(
+      np.concatenate([special, np.random.default_rng(0).normal(size=55)]), dtype
+  ).reshape(8, 8)
   y = jax.jit(materialize)(x)
   assert y.dtype == x.dtype
-  np.testing.assert_array_equal(np.asarray(y).view(np.uint16 if dtype == jnp.bfloat16
-                                                   else np.uint32),
-                                np.asarray(x).view(np.uint16 if dtype == jnp.bfloat16
-                                                   else np.uint32))
+  np.testing.assert_array_equal(
+      np.asarray(y).view(np.uint16 if dtype == jnp.bfloat16 else np.uint32),
+      np.asarray(x).view(np.uint16 if dtype == jnp.bfloat16 else np.uint32),
+  )
   w = jnp.asarray(np.random.default_rng(1).normal(size=(8, 8)), dtype)
   finite = jnp.where(jnp.isfinite(x), x, 0)
   g = jax.jit(jax.grad(lambda v: jnp.sum(materialize(v) * w).astype(jnp.float32)))(finite)
@@ -55,10 +58,10 @@ def test_residual_stage_fusions_do_not_grow_with_depth(monkeypatch):
   into each consumer (fusions with O(blocks) operands, O(blocks^2) work);
   with it the largest fusion of a training step does not depend on the
   stage depth, and every output and gradient is bit-identical."""
-  (out6, n6) = _resnet_grad(6, False, monkeypatch)
-  (out12, n12) = _resnet_grad(12, False, monkeypatch)
+  out6, n6 = _resnet_grad(6, False, monkeypatch)
+  out12, n12 = _resnet_grad(12, False, monkeypatch)
   assert n12 == n6, (n6, n12)
-  (ref12, _) = _resnet_grad(12, True, monkeypatch)
+  ref12, _ = _resnet_grad(12, True, monkeypatch)
   for a, b in zip(jax.tree.leaves(out12), jax.tree.leaves(ref12)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -66,13 +69,16 @@ def test_residual_stage_fusions_do_not_grow_with_depth(monkeypatch):
 @pytest.mark.skipif(jax.default_backend() != 'cpu', reason='an XLA:CPU workaround')
 def test_glm_residual_stage_is_materialized_in_inference():
   """The GLM runs forward only (frozen); its bottlenecks materialize too."""
+
   def largest(blocks):
-    model = deeplab.DeepLabV2(stage_sizes=(1, 1, blocks, 1), width=8, num_classes=3,
-                              atrous_rates=(6, 12), scales=(1.0,))
+    model = deeplab.DeepLabV2(
+        stage_sizes=(1, 1, blocks, 1), width=8, num_classes=3, atrous_rates=(6, 12), scales=(1.0,)
+    )
     x = jnp.zeros((1, 65, 65, 3))
     v = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
     text = jax.jit(model.apply).lower(v, x).compile().as_text()
     return _max_fusion_operands(text)
+
   assert largest(12) == largest(4)
 
 

@@ -1,4 +1,5 @@
 """Box head and layered mask head: shapes, dtypes, numerics against torch."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -18,13 +19,13 @@ def _fill(shapes, seed=0):
 
 
 def _conv(x, p, padding=0):
-  return F.conv2d(x, _t(p['kernel']).permute(3, 2, 0, 1), _t(p['bias']),
-                  padding=padding)
+  return F.conv2d(x, _t(p['kernel']).permute(3, 2, 0, 1), _t(p['bias']), padding=padding)
 
 
 def _bn(x, p, s, eps=1e-3):
-  return F.batch_norm(x, _t(s['mean']), _t(s['var']), _t(p['scale']),
-                      _t(p['bias']), training=False, eps=eps)
+  return F.batch_norm(
+      x, _t(s['mean']), _t(s['var']), _t(p['scale']), _t(p['bias']), training=False, eps=eps
+  )
 
 
 def test_box_head_matches_torch():
@@ -88,24 +89,35 @@ def test_upsample2x_equals_flax_conv_transpose(dtype):
   replaces (so converted checkpoints and the release's deconv carry over)."""
   x = jax.random.normal(jax.random.PRNGKey(0), (3, 5, 7, 6))
   up = heads.Upsample2x(4, dtype=dtype)
-  ref = nn.ConvTranspose(4, (2, 2), strides=(2, 2), padding='VALID',
-                         transpose_kernel=False, dtype=dtype, param_dtype=jnp.float32)
+  ref = nn.ConvTranspose(
+      4,
+      (2, 2),
+      strides=(2, 2),
+      padding='VALID',
+      transpose_kernel=False,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+  )
   params = ref.init(jax.random.PRNGKey(1), x)
-  params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(2), p.shape),
-                        params)                                       # non-zero bias
+  params = jax.tree.map(
+      lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(2), p.shape), params
+  )  # non-zero bias
   assert jax.tree.map(jnp.shape, up.init(jax.random.PRNGKey(1), x)) == jax.tree.map(
-      jnp.shape, params)
+      jnp.shape, params
+  )
   got, want = up.apply(params, x), ref.apply(params, x)
   assert got.shape == (3, 10, 14, 4) and got.dtype == want.dtype == dtype
   tol = 1e-5 if dtype == jnp.float32 else 3e-2
-  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
-                             rtol=tol, atol=tol)
+  np.testing.assert_allclose(
+      np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol
+  )
   loss = lambda m: lambda p, x: jnp.sum(jnp.sin(m.apply(p, x).astype(jnp.float32)))
   g_up = jax.grad(loss(up), argnums=(0, 1))(params, x)
   g_ref = jax.grad(loss(ref), argnums=(0, 1))(params, x)
   for a, b in zip(jax.tree.leaves(g_up), jax.tree.leaves(g_ref)):
-    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
-                               rtol=tol, atol=tol * 10)
+    np.testing.assert_allclose(
+        np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol * 10
+    )
 
 
 def test_heads_batch_mode_bn_counts_only_the_masked_rois():
@@ -116,21 +128,24 @@ def test_heads_batch_mode_bn_counts_only_the_masked_rois():
   mask = np.array([True, False, True, True, False])
   norm = NormSpec(train=True, momentum=0.5)
   box_in = (rng.normal(size=(5, 7, 7, 16)).astype(np.float32),)
-  mask_in = (rng.normal(size=(5, 8, 8, 16)).astype(np.float32),
-             rng.uniform(size=(5, 8, 8, 6)).astype(np.float32))
-  for model, args in ((heads.BoxHead(num_classes=3, channels=8, norm=norm), box_in),
-                      (heads.MaskHead(num_layers=2, channels=8, norm=norm), mask_in)):
+  mask_in = (
+      rng.normal(size=(5, 8, 8, 16)).astype(np.float32),
+      rng.uniform(size=(5, 8, 8, 6)).astype(np.float32),
+  )
+  for model, args in (
+      (heads.BoxHead(num_classes=3, channels=8, norm=norm), box_in),
+      (heads.MaskHead(num_layers=2, channels=8, norm=norm), mask_in),
+  ):
     v = _fill(jax.eval_shape(model.init, jax.random.PRNGKey(0), *args))
     junk = []
-    for a in args:                      # unselected ROIs: large, other values
+    for a in args:  # unselected ROIs: large, other values
       a = a.copy()
       a[~mask] = 40 + 30 * rng.normal(size=a[~mask].shape)
       junk.append(a)
     got, got_stats = model.apply(v, *junk, mask=jnp.asarray(mask), mutable=['batch_stats'])
     want, want_stats = model.apply(v, *[a[mask] for a in args], mutable=['batch_stats'])
     assert not np.allclose(jax.tree.leaves(got_stats)[0], jax.tree.leaves(v['batch_stats'])[0])
-    for g, w in zip(jax.tree.leaves(jax.tree.map(lambda a: a[mask], got)),
-                    jax.tree.leaves(want)):
+    for g, w in zip(jax.tree.leaves(jax.tree.map(lambda a: a[mask], got)), jax.tree.leaves(want)):
       np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
     for g, w in zip(jax.tree.leaves(got_stats), jax.tree.leaves(want_stats)):
       np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)

@@ -4,6 +4,7 @@ and train start from with ``config.init_from``.
 Variables are zeros of configs/tiny.py's shapes (``jax.eval_shape``, no
 model is run); inference and training are replaced by recorders.
 """
+
 import os
 
 import jax
@@ -69,23 +70,28 @@ def fixture_recorded(monkeypatch):
 
 def _run(config, workdir, mode):
   data = sources.DataSources(eval_batches=lambda: [], eval_annotations=lambda: [])
-  return modes.run(config, str(workdir), mode, None, data, model='model',
-                   variables=_variables(config))
+  return modes.run(
+      config, str(workdir), mode, None, data, model='model', variables=_variables(config)
+  )
 
 
 @pytest.mark.parametrize('mode', ['evaluate', 'predict'])
 def test_complete_checkpoint_is_what_evaluate_and_predict_run_on(
-    mode, ones_checkpoint, recorded, tmp_path, capsys):
+    mode, ones_checkpoint, recorded, tmp_path, capsys
+):
   _run(_config(ones_checkpoint), tmp_path, mode)
   assert all(np.all(np.asarray(x) == 1) for x in jax.tree.leaves(recorded[mode]))
   out = capsys.readouterr().out
   assert 'init_from: loaded' in out and 'initial values' not in out
 
 
-@pytest.mark.parametrize('model,expected', [
-    (dict(glm=False), ' absent from the checkpoint: params/glm/'),
-    (dict(num_layers=3), '2 with other shapes: params/mask_head/conv5/bias (4,) != (2,)'),
-])
+@pytest.mark.parametrize(
+    'model,expected',
+    [
+        (dict(glm=False), ' absent from the checkpoint: params/glm/'),
+        (dict(num_layers=3), '2 with other shapes: params/mask_head/conv5/bias (4,) != (2,)'),
+    ],
+)
 def test_evaluate_refuses_a_checkpoint_of_another_model(model, expected, recorded, tmp_path):
   """A checkpoint converted without the GLM, or with another num_layers (the
   mask head's last conv differs): evaluating it would run on random
@@ -106,8 +112,15 @@ def test_train_loads_what_fits_and_lists_the_rest(tmp_path, recorded, capsys):
   its initialisation, one line counts the rest and names the first."""
   no_glm = str(tmp_path / 'no_glm')
   orbax_io.save_orbax(_variables(_config(glm=False), 1.0), no_glm)
-  modes.run(_config(no_glm), str(tmp_path / 'work'), 'train', None, sources.DataSources(),
-            model='model', variables=_variables(_config()))
+  modes.run(
+      _config(no_glm),
+      str(tmp_path / 'work'),
+      'train',
+      None,
+      sources.DataSources(),
+      model='model',
+      variables=_variables(_config()),
+  )
   got = recorded['train']
   assert np.all(np.asarray(got['params']['backbone']['C1_conv']['kernel']) == 1)
   assert not np.any(np.asarray(got['params']['glm']['layer1_conv']['kernel']))
@@ -128,11 +141,16 @@ def test_a_workdir_checkpoint_comes_before_init_from(tmp_path, recorded, monkeyp
   assert 'init_from not used' in capsys.readouterr().out
 
 
-@pytest.mark.parametrize('mode,written', [
-    ('train', ['config.txt']), ('train_and_evaluate', ['config.txt']),
-    ('evaluate', ['config.txt', 'config_evaluate.txt']), ('predict', ['config.txt'])])
-def test_only_training_writes_the_run_config(mode, written, ones_checkpoint, recorded,
-                                             tmp_path):
+@pytest.mark.parametrize(
+    'mode,written',
+    [
+        ('train', ['config.txt']),
+        ('train_and_evaluate', ['config.txt']),
+        ('evaluate', ['config.txt', 'config_evaluate.txt']),
+        ('predict', ['config.txt']),
+    ],
+)
+def test_only_training_writes_the_run_config(mode, written, ones_checkpoint, recorded, tmp_path):
   """config.txt records the training run; evaluating or predicting from its
   workdir (here with init_from and num_layers changed) leaves it as it was;
   evaluate puts its own config beside metrics.json."""

@@ -1,4 +1,8 @@
 """Box geometry against direct numpy transcriptions of the release formulas."""
+
+import hypothesis
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,8 +26,7 @@ def _np_iou(a, b):
       ih = min(p[2], q[2]) - max(p[0], q[0])
       iw = min(p[3], q[3]) - max(p[1], q[1])
       inter = max(ih, 0) * max(iw, 0)
-      union = ((p[2] - p[0]) * (p[3] - p[1]) + (q[2] - q[0]) * (q[3] - q[1])
-               - inter)
+      union = (p[2] - p[0]) * (p[3] - p[1]) + (q[2] - q[0]) * (q[3] - q[1]) - inter
       out[i, j] = inter / union
   return out
 
@@ -38,8 +41,7 @@ def test_iou_matches_numpy_and_zero_for_padding():
   got = np.asarray(box_ops.iou(a, padded))
   assert np.all(got[:, 5:] == 0) and np.all(np.isfinite(got))
   # Identical boxes have IoU 1; batched leading axes broadcast.
-  np.testing.assert_allclose(np.diagonal(np.asarray(box_ops.iou(a, a))), 1.0,
-                             rtol=1e-6)
+  np.testing.assert_allclose(np.diagonal(np.asarray(box_ops.iou(a, a))), 1.0, rtol=1e-6)
   batched = np.asarray(box_ops.iou(np.stack([a, a]), np.stack([b, b])))
   assert batched.shape == (2, 7, 5)
 
@@ -47,8 +49,7 @@ def test_iou_matches_numpy_and_zero_for_padding():
 def test_hand_iou():
   a = np.array([[0, 0, 10, 10]], np.float32)
   b = np.array([[0, 5, 10, 15], [20, 20, 30, 30], [0, 0, 10, 10]], np.float32)
-  np.testing.assert_allclose(np.asarray(box_ops.iou(a, b))[0],
-                             [50 / 150, 0.0, 1.0], rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(box_ops.iou(a, b))[0], [50 / 150, 0.0, 1.0], rtol=1e-6)
 
 
 def test_encode_decode_roundtrip_and_formula():
@@ -57,10 +58,18 @@ def test_encode_decode_roundtrip_and_formula():
   deltas = np.asarray(jax.jit(box_ops.encode)(boxes, anchors, STD))
   ah, aw = anchors[:, 2] - anchors[:, 0], anchors[:, 3] - anchors[:, 1]
   h, w = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-  want = np.stack([
-      ((boxes[:, 0] + 0.5 * h) - (anchors[:, 0] + 0.5 * ah)) / ah,
-      ((boxes[:, 1] + 0.5 * w) - (anchors[:, 1] + 0.5 * aw)) / aw,
-      np.log(h / ah), np.log(w / aw)], 1) / STD
+  want = (
+      np.stack(
+          [
+              ((boxes[:, 0] + 0.5 * h) - (anchors[:, 0] + 0.5 * ah)) / ah,
+              ((boxes[:, 1] + 0.5 * w) - (anchors[:, 1] + 0.5 * aw)) / aw,
+              np.log(h / ah),
+              np.log(w / aw),
+          ],
+          1,
+      )
+      / STD
+  )
   np.testing.assert_allclose(deltas, want, rtol=1e-5, atol=1e-5)
   back = np.asarray(jax.jit(box_ops.decode)(deltas, anchors, STD))
   np.testing.assert_allclose(back, boxes, rtol=1e-5, atol=1e-3)
@@ -84,16 +93,11 @@ def test_clip_and_normalize():
   np.testing.assert_array_equal(got, [[0, 3, 100, 50], [10, 0, 20, 200]])
   n = np.asarray(box_ops.normalize(b, (100.0, 200.0)))
   np.testing.assert_allclose(n, b / [100, 200, 100, 200], rtol=1e-6)
-  np.testing.assert_allclose(np.asarray(box_ops.denormalize(n, (100, 200))),
-                             b, rtol=1e-6)
-  np.testing.assert_allclose(np.asarray(box_ops.normalize(b, 50.0)), b / 50,
-                             rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(box_ops.denormalize(n, (100, 200))), b, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(box_ops.normalize(b, 50.0)), b / 50, rtol=1e-6)
 
 
 # ------------------------------------------------------------ properties
-import hypothesis  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from hypothesis.extra import numpy as hnp  # noqa: E402
 
 PROPERTY = hypothesis.settings(max_examples=40, deadline=None)
 N = 6  # fixed shapes: one compilation per property
@@ -116,8 +120,7 @@ _ENCODE, _DECODE = jax.jit(box_ops.encode), jax.jit(box_ops.decode)
 @hypothesis.given(box_sets(), box_sets())
 def test_property_iou_matches_numpy_symmetric_and_bounded(a, b):
   got = np.asarray(_IOU(a, b))
-  np.testing.assert_allclose(got, _np_iou(a.astype(np.float64), b.astype(np.float64)),
-                             atol=2e-6)
+  np.testing.assert_allclose(got, _np_iou(a.astype(np.float64), b.astype(np.float64)), atol=2e-6)
   np.testing.assert_allclose(np.asarray(_IOU(b, a)), got.T, atol=1e-7)
   assert np.all((got >= 0) & (got <= 1))
   np.testing.assert_allclose(np.diagonal(np.asarray(_IOU(a, a))), 1.0, rtol=1e-6)
@@ -137,6 +140,5 @@ def test_property_encode_then_decode_returns_the_box(boxes, anchors):
 
 def test_area_hand_values():
   """Flipped (either side) and empty boxes have area 0."""
-  b = np.array([[0, 0, 2, 3], [5, 5, 4, 9], [5, 5, 9, 4], [0, 0, -1, -1],
-                [1, 1, 1, 4]], np.float32)
+  b = np.array([[0, 0, 2, 3], [5, 5, 4, 9], [5, 5, 9, 4], [0, 0, -1, -1], [1, 1, 1, 4]], np.float32)
   np.testing.assert_array_equal(np.asarray(box_ops.area(b)), [6, 0, 0, 0, 0])

@@ -1,4 +1,5 @@
 """Detection refinement against a numpy transcription of refine_detections."""
+
 import jax
 import numpy as np
 import tensorflow as tf
@@ -15,8 +16,7 @@ def _inputs(rng, r=40, c=3):
   logits = rng.normal(size=(r, c))
   probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
   deltas = rng.normal(scale=0.5, size=(r, c, 4))
-  return (rois.astype(np.float32), probs.astype(np.float32),
-          deltas.astype(np.float32))
+  return (rois.astype(np.float32), probs.astype(np.float32), deltas.astype(np.float32))
 
 
 def _reference(rois, probs, deltas, roi_valid, d_max, min_conf, nms_thr):
@@ -36,8 +36,9 @@ def _reference(rois, probs, deltas, roi_valid, d_max, min_conf, nms_thr):
     kept = []
     for c in np.unique(cls[keep]):
       ix = keep[cls[keep] == c]
-      sel = tf.image.non_max_suppression(boxes[ix].astype(np.float32),
-                                         score[ix], len(ix), nms_thr).numpy()
+      sel = tf.image.non_max_suppression(
+          boxes[ix].astype(np.float32), score[ix], len(ix), nms_thr
+      ).numpy()
       kept.extend(ix[sel])
     keep = np.asarray(kept, np.int64)
   keep = keep[np.lexsort((keep, -score[keep]))][:d_max]
@@ -63,9 +64,11 @@ def test_no_nms_matches_reference():
   roi_valid = np.ones(40, bool)
   roi_valid[-6:] = False
   for d_max, conf in ((10, 0.0), (50, 0.0), (50, 0.6)):
-    fn = jax.jit(lambda a, b, c, v: postprocess.detect(
-        a, b, c, WINDOW, bbox_std=STD, max_detections=d_max,
-        min_confidence=conf, roi_valid=v))
+    fn = jax.jit(
+        lambda a, b, c, v: postprocess.detect(
+            a, b, c, WINDOW, bbox_std=STD, max_detections=d_max, min_confidence=conf, roi_valid=v
+        )
+    )
     out = fn(rois, probs, deltas, roi_valid)
     assert out['boxes'].shape == (d_max, 4)
     _check(out, _reference(rois, probs, deltas, roi_valid, d_max, conf, -1))
@@ -76,24 +79,25 @@ def test_per_class_nms_matches_reference():
   rois, probs, deltas = _inputs(rng, 60, 4)
   deltas *= 0.1
   valid = np.ones(60, bool)
-  fn = jax.jit(lambda a, b, c: postprocess.detect(
-      a, b, c, WINDOW, bbox_std=STD, max_detections=20, nms_threshold=0.3))
-  _check(fn(rois, probs, deltas),
-         _reference(rois, probs, deltas, valid, 20, 0.0, 0.3))
+  fn = jax.jit(
+      lambda a, b, c: postprocess.detect(
+          a, b, c, WINDOW, bbox_std=STD, max_detections=20, nms_threshold=0.3
+      )
+  )
+  _check(fn(rois, probs, deltas), _reference(rois, probs, deltas, valid, 20, 0.0, 0.3))
 
 
 def test_batched():
   rng = np.random.default_rng(2)
   a, b = _inputs(rng), _inputs(rng)
   stack = [np.stack([x, y]) for x, y in zip(a, b)]
-  out = jax.jit(lambda r, p, d, w: postprocess.batched_detect(
-      r, p, d, w, bbox_std=STD, max_detections=8))(*stack,
-                                                    np.stack([WINDOW] * 2))
+  out = jax.jit(
+      lambda r, p, d, w: postprocess.batched_detect(r, p, d, w, bbox_std=STD, max_detections=8)
+  )(*stack, np.stack([WINDOW] * 2))
   assert out['scores'].shape == (2, 8)
   ones = np.ones(40, bool)
   for i, inp in enumerate((a, b)):
-    _check({k: v[i] for k, v in out.items()},
-           _reference(*inp, ones, 8, 0.0, -1))
+    _check({k: v[i] for k, v in out.items()}, _reference(*inp, ones, 8, 0.0, -1))
 
 
 def test_min_confidence_is_inclusive():
@@ -101,11 +105,15 @@ def test_min_confidence_is_inclusive():
   to the bar stay (exact binary fractions), lower ones and background go."""
   rng = np.random.default_rng(3)
   rois, _, deltas = _inputs(rng, 4, 3)
-  probs = np.array([[0.25, 0.5, 0.25], [0.5, 0.25, 0.25],
-                    [0.3125, 0.4375, 0.25], [0.125, 0.375, 0.5]], np.float32)
-  out = jax.jit(lambda a, b, c: postprocess.detect(
-      a, b, c, WINDOW, bbox_std=STD, max_detections=4, min_confidence=0.5))(
-          rois, probs, deltas)
+  probs = np.array(
+      [[0.25, 0.5, 0.25], [0.5, 0.25, 0.25], [0.3125, 0.4375, 0.25], [0.125, 0.375, 0.5]],
+      np.float32,
+  )
+  out = jax.jit(
+      lambda a, b, c: postprocess.detect(
+          a, b, c, WINDOW, bbox_std=STD, max_detections=4, min_confidence=0.5
+      )
+  )(rois, probs, deltas)
   assert list(np.asarray(out['roi_index'])[:2]) == [0, 3]
   _check(out, _reference(rois, probs, deltas, np.ones(4, bool), 4, 0.5, -1))
 
@@ -114,12 +122,13 @@ def test_zero_nms_threshold_runs_nms():
   """nms_threshold 0 is a threshold (suppress any overlap), not "no NMS"."""
   rng = np.random.default_rng(4)
   rois, probs, deltas = _inputs(rng, 40, 3)
-  out = jax.jit(lambda a, b, c: postprocess.detect(
-      a, b, c, WINDOW, bbox_std=STD, max_detections=40, nms_threshold=0.0))(
-          rois, probs, deltas)
+  out = jax.jit(
+      lambda a, b, c: postprocess.detect(
+          a, b, c, WINDOW, bbox_std=STD, max_detections=40, nms_threshold=0.0
+      )
+  )(rois, probs, deltas)
   ref = _reference(rois, probs, deltas, np.ones(40, bool), 40, 0.0, 0.0)
-  assert len(ref[3]) < len(_reference(rois, probs, deltas, np.ones(40, bool),
-                                      40, 0.0, -1)[3])
+  assert len(ref[3]) < len(_reference(rois, probs, deltas, np.ones(40, bool), 40, 0.0, -1)[3])
   _check(out, ref)
 
 
@@ -129,9 +138,11 @@ def test_unused_slots_are_zero():
   rois, probs, deltas = _inputs(rng, 30, 3)
   roi_valid = np.arange(30) % 3 == 0
   for nms in (-1.0, 0.3):
-    out = jax.jit(lambda a, b, c, v: postprocess.detect(
-        a, b, c, WINDOW, bbox_std=STD, max_detections=40, nms_threshold=nms,
-        roi_valid=v))(rois, probs, deltas, roi_valid)
+    out = jax.jit(
+        lambda a, b, c, v: postprocess.detect(
+            a, b, c, WINDOW, bbox_std=STD, max_detections=40, nms_threshold=nms, roi_valid=v
+        )
+    )(rois, probs, deltas, roi_valid)
     out = {k: np.asarray(v) for k, v in out.items()}
     n = int(out['valid'].sum())
     assert 0 < n <= 10 and np.all(out['valid'][:n])

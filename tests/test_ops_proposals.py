@@ -1,4 +1,5 @@
 """Proposal layer against a numpy + tf.image.non_max_suppression reference."""
+
 import jax
 import numpy as np
 import tensorflow as tf
@@ -36,8 +37,7 @@ def _reference(probs, deltas, anchors, pre, thr, post, canvas=None):
   cy, cx = a[:, 0] + 0.5 * h + d[:, 0] * h, a[:, 1] + 0.5 * w + d[:, 1] * w
   h, w = h * np.exp(d[:, 2]), w * np.exp(d[:, 3])
   y1, x1 = cy - 0.5 * h, cx - 0.5 * w
-  boxes = np.clip(np.stack([y1, x1, y1 + h, x1 + w], 1), 0, 1).astype(
-      np.float32)
+  boxes = np.clip(np.stack([y1, x1, y1 + h, x1 + w], 1), 0, 1).astype(np.float32)
   if canvas is None:
     keep = tf.image.non_max_suppression(boxes, probs[order], post, thr).numpy()
   else:
@@ -47,15 +47,16 @@ def _reference(probs, deltas, anchors, pre, thr, post, canvas=None):
 
 def test_matches_reference():
   size = 64
-  anchors = anchor_ops.generate_anchors((size, size), (8, 16, 32, 64, 128),
-                                        (0.5, 1.0, 2.0)) / size
+  anchors = anchor_ops.generate_anchors((size, size), (8, 16, 32, 64, 128), (0.5, 1.0, 2.0)) / size
   a = len(anchors)
   rng = np.random.default_rng(0)
   probs = rng.uniform(size=(2, a)).astype(np.float32)
   deltas = rng.normal(scale=0.5, size=(2, a, 4)).astype(np.float32)
-  fn = jax.jit(lambda p, d: proposals.generate_proposals(
-      p, d, anchors, pre_nms_topk=200, nms_threshold=0.7, post_nms_topk=60,
-      bbox_std=STD))
+  fn = jax.jit(
+      lambda p, d: proposals.generate_proposals(
+          p, d, anchors, pre_nms_topk=200, nms_threshold=0.7, post_nms_topk=60, bbox_std=STD
+      )
+  )
   rois, valid = fn(probs, deltas)
   assert rois.shape == (2, 60, 4) and valid.shape == (2, 60)
   for b in range(2):
@@ -71,9 +72,11 @@ def test_matches_reference():
 def test_few_proposals_are_padded():
   anchors = np.array([[0.1, 0.1, 0.3, 0.3]] * 5, np.float32)
   probs = np.linspace(0.1, 0.5, 5, dtype=np.float32)[None]
-  rois, valid = jax.jit(lambda p, d: proposals.generate_proposals(
-      p, d, anchors, pre_nms_topk=6000, nms_threshold=0.7, post_nms_topk=4,
-      bbox_std=STD))(probs, np.zeros((1, 5, 4), np.float32))
+  rois, valid = jax.jit(
+      lambda p, d: proposals.generate_proposals(
+          p, d, anchors, pre_nms_topk=6000, nms_threshold=0.7, post_nms_topk=4, bbox_std=STD
+      )
+  )(probs, np.zeros((1, 5, 4), np.float32))
   assert list(np.asarray(valid[0])) == [True, False, False, False]
   np.testing.assert_allclose(np.asarray(rois[0, 0]), anchors[0], atol=1e-6)
   assert np.all(np.asarray(rois[0, 1:]) == 0)
@@ -84,14 +87,23 @@ def test_release_plus_one_nms():
   on the clipped boxes in canvas pixels with +1 widths; fewer proposals than
   the default's (the +1 suppresses more)."""
   size = 64
-  anchors = anchor_ops.generate_anchors((size, size), (8, 16, 32, 64, 128),
-                                        (0.5, 1.0, 2.0)) / size
+  anchors = anchor_ops.generate_anchors((size, size), (8, 16, 32, 64, 128), (0.5, 1.0, 2.0)) / size
   rng = np.random.default_rng(1)
   probs = rng.uniform(size=(2, len(anchors))).astype(np.float32)
   deltas = rng.normal(scale=0.5, size=(2, len(anchors), 4)).astype(np.float32)
-  fn = jax.jit(lambda p, d, scale: proposals.generate_proposals(
-      p, d, anchors, pre_nms_topk=300, nms_threshold=0.7, post_nms_topk=300,
-      bbox_std=STD, nms_pixel_scale=scale), static_argnums=2)
+  fn = jax.jit(
+      lambda p, d, scale: proposals.generate_proposals(
+          p,
+          d,
+          anchors,
+          pre_nms_topk=300,
+          nms_threshold=0.7,
+          post_nms_topk=300,
+          bbox_std=STD,
+          nms_pixel_scale=scale,
+      ),
+      static_argnums=2,
+  )
   rois, valid = fn(probs, deltas, float(size))
   _, plain_valid = fn(probs, deltas, None)
   for b in range(2):
@@ -106,11 +118,19 @@ def test_release_plus_one_nms():
 def test_window_clips_proposals():
   """A given normalised window, not the whole canvas, bounds the rois."""
   anchors = np.array([[0.2, 0.1, 0.6, 0.9], [0.0, 0.0, 0.1, 0.1]], np.float32)
-  rois, valid = jax.jit(lambda p, d: proposals.generate_proposals(
-      p, d, anchors, pre_nms_topk=10, nms_threshold=0.7, post_nms_topk=2,
-      bbox_std=STD, window=(0.0, 0.25, 0.5, 0.75)))(
-          np.array([[0.9, 0.1]], np.float32), np.zeros((1, 2, 4), np.float32))
+  rois, valid = jax.jit(
+      lambda p, d: proposals.generate_proposals(
+          p,
+          d,
+          anchors,
+          pre_nms_topk=10,
+          nms_threshold=0.7,
+          post_nms_topk=2,
+          bbox_std=STD,
+          window=(0.0, 0.25, 0.5, 0.75),
+      )
+  )(np.array([[0.9, 0.1]], np.float32), np.zeros((1, 2, 4), np.float32))
   assert list(np.asarray(valid[0])) == [True, True]
-  np.testing.assert_allclose(np.asarray(rois[0]),
-                             [[0.2, 0.25, 0.5, 0.75], [0.0, 0.25, 0.1, 0.25]],
-                             atol=1e-6)
+  np.testing.assert_allclose(
+      np.asarray(rois[0]), [[0.2, 0.25, 0.5, 0.75], [0.0, 0.25, 0.1, 0.25]], atol=1e-6
+  )

@@ -1,23 +1,21 @@
 """Tests of input_pipeline/pipeline.py: geometry, targets, batching."""
+
 import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
-import tensorflow_datasets as tfds  # noqa: E402
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
 
-from configs import tiny  # noqa: E402
-from input_pipeline import (
-  pipeline,  # noqa: E402
-  tfds_builders,  # noqa: E402
-)
-from sln_jax import semdist  # noqa: E402
+from configs import tiny
+from input_pipeline import pipeline, tfds_builders
+from sln_jax import semdist
 
 
 def _config(**input_overrides):
-  c = tiny.get_config()   # S = 64, M = 4, K = 16, G = 33
+  c = tiny.get_config()  # S = 64, M = 4, K = 16, G = 33
   for k, v in input_overrides.items():
     c.input[k] = v
   return c
@@ -26,13 +24,16 @@ def _config(**input_overrides):
 def _example(image, index, depth_rank, image_id=7):
   n = index.shape[0]
   return dict(
-      image=tf.constant(image), image_id=tf.constant(image_id, tf.int64),
+      image=tf.constant(image),
+      image_id=tf.constant(image_id, tf.int64),
       instances=dict(
           layer_index=tf.constant(index, tf.uint8),
           depth_rank=tf.constant(depth_rank, tf.int32),
           occlude_rate=tf.constant(np.linspace(0, 0.5, n), tf.float32),
           is_stuff=tf.constant(np.arange(n) % 2 == 1),
-          category_id=tf.constant(np.arange(n) + 3, tf.int32)))
+          category_id=tf.constant(np.arange(n) + 3, tf.int32),
+      ),
+  )
 
 
 def _scene(h=20, w=40, seed=0):
@@ -54,8 +55,7 @@ def _np(d):
 
 def test_resize_pad_keeps_aspect_and_scales_boxes():
   image, index = _scene(20, 40)
-  out = _np(pipeline.preprocess_example(_example(image, index, [0, 1]),
-                                        _config(), train=False))
+  out = _np(pipeline.preprocess_example(_example(image, index, [0, 1]), _config(), train=False))
   np.testing.assert_array_equal(out['image_shape'], [32, 64])
   np.testing.assert_allclose(out['image_scale'], [1.6, 1.6])
   assert out['image'].shape == (64, 64, 3) and out['image'].dtype == np.uint8
@@ -71,9 +71,11 @@ def test_resize_pad_keeps_aspect_and_scales_boxes():
 
 def test_squash_mode():
   image, index = _scene(20, 40)
-  out = _np(pipeline.preprocess_example(
-      _example(image, index, [0, 1]), _config(resize_mode='squash'),
-      train=False))
+  out = _np(
+      pipeline.preprocess_example(
+          _example(image, index, [0, 1]), _config(resize_mode='squash'), train=False
+      )
+  )
   np.testing.assert_array_equal(out['image_shape'], [64, 64])
   np.testing.assert_allclose(out['image_scale'], [3.2, 1.6])
   np.testing.assert_allclose(out['gt_boxes'][1], [16, 16, 48, 48], rtol=1e-6)
@@ -91,9 +93,9 @@ def test_flip_is_consistent():
   assert not b['image'][32:].any()
   nw = a['image_shape'][1]
   ya1, xa1, ya2, xa2 = a['gt_boxes'][:2].T
-  np.testing.assert_allclose(b['gt_boxes'][:2],
-                             np.stack([ya1, nw - xa2, ya2, nw - xa1], 1),
-                             atol=1e-4)
+  np.testing.assert_allclose(
+      b['gt_boxes'][:2], np.stack([ya1, nw - xa2, ya2, nw - xa1], 1), atol=1e-4
+  )
   np.testing.assert_array_equal(b['gt_layers'], a['gt_layers'][:, :, ::-1])
   # Boxes of the flipped masks, computed independently in numpy.
   flipped = tfds_builders.boxes_from_masks(index[:, :, ::-1] > 0) * 1.6
@@ -104,7 +106,7 @@ def test_flip_of_a_tall_image_keeps_padding_right_and_flips_glm_image():
   """The source image is flipped before resizing, so the valid region stays
   at the left of the canvas (padding right), and the GLM image is the
   resize of the flipped canvas."""
-  image, index = _scene(40, 20, seed=6)   # tall: 40 x 20 -> 64 x 32 on the canvas
+  image, index = _scene(40, 20, seed=6)  # tall: 40 x 20 -> 64 x 32 on the canvas
   c = _config()
   ex = _example(image, index, [0, 1])
   a = _np(pipeline.preprocess_example(ex, c, train=True, flip=tf.constant(False)))
@@ -126,7 +128,7 @@ def test_gt_layers_crop_equals_numpy_crop(num_layers):
   rng = np.random.default_rng(1)
   k = 16
   amodal = np.zeros((3, 64, 64), bool)
-  amodal[0, 10:10 + k, 20:20 + k] = True
+  amodal[0, 10 : 10 + k, 20 : 20 + k] = True
   amodal[1, 12:40, 25:50] = True
   amodal[2, 5:30, 15:45] = True
   occluded = amodal & (rng.random(amodal.shape) < 0.5)
@@ -136,14 +138,12 @@ def test_gt_layers_crop_equals_numpy_crop(num_layers):
   c = _config()
   c.model.num_layers = num_layers
   image = np.zeros((64, 64, 3), np.uint8)
-  out = _np(pipeline.preprocess_example(_example(image, index, [2, 1, 0]),
-                                        c, train=False))
+  out = _np(pipeline.preprocess_example(_example(image, index, [2, 1, 0]), c, train=False))
   # Sorted by depth: instance 2 first, then 1, then 0.
   np.testing.assert_array_equal(out['gt_depth_rank'][:3], [0, 1, 2])
   np.testing.assert_array_equal(out['gt_boxes'][2], [10, 20, 26, 36])
   expected = semdist.layer_channels(index[0], num_layers)[:, 10:26, 20:36]
-  np.testing.assert_array_equal(out['gt_layers'][2],
-                                np.moveaxis(expected, 0, -1))
+  np.testing.assert_array_equal(out['gt_layers'][2], np.moveaxis(expected, 0, -1))
   assert out['gt_layers'].shape == (4, k, k, num_layers)
   # Every crop's channel sum is the amodal mask (one layer per pixel).
   assert set(np.unique(out['gt_layers'][:3].sum(-1))) <= {0.0, 1.0}
@@ -160,7 +160,7 @@ def test_gt_layers_of_boxes_ending_on_the_image_edge_keep_their_last_row():
   x1 = rng.integers(0, w - 2, n)
   index = np.zeros((n, h, w), np.uint8)
   for i in range(n):
-    index[i, y1[i]:, x1[i]:] = 1
+    index[i, y1[i] :, x1[i] :] = 1
   boxes = np.stack([y1, x1, np.full(n, h), np.full(n, w)], 1).astype(np.float32)
   crops = pipeline.crop_layers(tf.constant(index), tf.constant(boxes), 2, k).numpy()
   assert crops.shape == (n, k, k, 2)
@@ -171,8 +171,8 @@ def test_gt_layers_of_boxes_ending_on_the_image_edge_keep_their_last_row():
 def test_crop_layers_half_way_sample_counts_as_inside():
   """Thresholding at 0.5 keeps a sample that falls exactly between an object
   pixel and a background one (as ``_crop_np``); reachable with odd K."""
-  index = np.array([[[1, 0, 0, 0]]], np.uint8)   # 1 x 4 image, object at x=0
-  box = np.array([0, 0, 1, 2], np.float32)        # columns 0..1 -> K=3 at 0, .5, 1
+  index = np.array([[[1, 0, 0, 0]]], np.uint8)  # 1 x 4 image, object at x=0
+  box = np.array([0, 0, 1, 2], np.float32)  # columns 0..1 -> K=3 at 0, .5, 1
   crops = pipeline.crop_layers(tf.constant(index), tf.constant(box[None]), 1, 3)
   ref = _crop_np(semdist.layer_channels(index[0], 1), box, 3)
   np.testing.assert_array_equal(ref[..., 0], [[1, 1, 0]] * 3)
@@ -186,7 +186,7 @@ def test_per_instance_fields_follow_the_depth_sort():
   n = 6
   index = np.zeros((n, h, w), np.uint8)
   for i in range(n):
-    index[i, i:i + 5, 2 * i:2 * i + 6] = 1
+    index[i, i : i + 5, 2 * i : 2 * i + 6] = 1
   depth = np.array([3, 1, 4, 1, 0, 2])
   c = _config()
   c.dataset.category_agnostic = False
@@ -195,12 +195,10 @@ def test_per_instance_fields_follow_the_depth_sort():
   order = np.argsort(depth, kind='stable')[:4]
   np.testing.assert_array_equal(order, [4, 1, 3, 5])
   np.testing.assert_array_equal(out['gt_classes'], order + 3)
-  np.testing.assert_allclose(out['gt_occlude_rate'],
-                             np.linspace(0, 0.5, n)[order], rtol=1e-6)
+  np.testing.assert_allclose(out['gt_occlude_rate'], np.linspace(0, 0.5, n)[order], rtol=1e-6)
   np.testing.assert_array_equal(out['gt_is_stuff'], order % 2 == 1)
   np.testing.assert_array_equal(out['gt_depth_rank'], depth[order])
-  np.testing.assert_allclose(
-      out['gt_boxes'], tfds_builders.boxes_from_masks(index[order] > 0) * 2)
+  np.testing.assert_allclose(out['gt_boxes'], tfds_builders.boxes_from_masks(index[order] > 0) * 2)
 
 
 def test_padding_truncation_and_validity():
@@ -208,7 +206,7 @@ def test_padding_truncation_and_validity():
   n = 6
   index = np.zeros((n, h, w), np.uint8)
   for i in range(n):
-    index[i, i:i + 5, 2 * i:2 * i + 6] = 1
+    index[i, i : i + 5, 2 * i : 2 * i + 6] = 1
   index[5] = 0  # empty mask: kept but invalid
   depth = np.array([5, 4, 3, 2, 0, 1])
   ex = _example(np.zeros((h, w, 3), np.uint8), index, depth)
@@ -260,43 +258,48 @@ def test_box_jitter_moves_only_the_matching_boxes_never_the_masks():
   (gt_layer_boxes), so mask targets keep the object pixels beyond a jittered
   edge that moved inward (cropping to the jittered box cut them off)."""
   from sln_jax.ops import targets  # pylint: disable=import-outside-toplevel
+
   yy, xx = np.mgrid[:64, :64]
-  amodal = np.stack([((yy - 24) / 16.) ** 2 + ((xx - 26) / 20.) ** 2 <= 1,
-                     ((yy - 40) / 18.) ** 2 + ((xx - 38) / 14.) ** 2 <= 1])
+  amodal = np.stack(
+      [
+          ((yy - 24) / 16.0) ** 2 + ((xx - 26) / 20.0) ** 2 <= 1,
+          ((yy - 40) / 18.0) ** 2 + ((xx - 38) / 14.0) ** 2 <= 1,
+      ]
+  )
   occluded = np.zeros_like(amodal)
   occluded[1] = amodal[0] & amodal[1]
   index = semdist.layer_index_map(amodal, occluded, np.array([0, 1]))
   c = _config(box_jitter=1 / 15, random_flip=False)
   ex = _example(np.zeros((64, 64, 3), np.uint8), index, [0, 1])
-  jit = _np(pipeline.preprocess_example(ex, c, train=True,
-                                        seed=tf.constant([3, 4], tf.int64)))
+  jit = _np(pipeline.preprocess_example(ex, c, train=True, seed=tf.constant([3, 4], tf.int64)))
   plain = _np(pipeline.preprocess_example(ex, c, train=False))
   tight = plain['gt_boxes']
   # The seed moves some edge of each object inward.
   box = jit['gt_boxes'][:2]
-  assert ((box[:, :2] > tight[:2, :2]).any(1)
-          | (box[:, 2:] < tight[:2, 2:]).any(1)).all()
+  assert ((box[:, :2] > tight[:2, :2]).any(1) | (box[:, 2:] < tight[:2, 2:]).any(1)).all()
   np.testing.assert_array_equal(jit['gt_layers'], plain['gt_layers'])
   np.testing.assert_array_equal(plain['gt_layer_boxes'], tight)
   np.testing.assert_array_equal(jit['gt_layer_boxes'], tight)
   # Through the targets: ROI = the true box, S = K -> the whole crop.
   k, size = c.input.gt_mask_size, c.input.image_size
-  got = np.asarray(targets.mask_targets(
-      jit['gt_layers'], jit['gt_layer_boxes'] / size, tight[:2] / size,
-      np.arange(2), k))
+  got = np.asarray(
+      targets.mask_targets(
+          jit['gt_layers'], jit['gt_layer_boxes'] / size, tight[:2] / size, np.arange(2), k
+      )
+  )
   np.testing.assert_array_equal(got, plain['gt_layers'][:2])
 
 
-@pytest.mark.parametrize('mode,shape', [('pad', (37, 53)), ('pad', (90, 70)),
-                                        ('squash', (48, 100))])
+@pytest.mark.parametrize(
+    'mode,shape', [('pad', (37, 53)), ('pad', (90, 70)), ('squash', (48, 100))]
+)
 def test_inference_preprocessing_matches_pipeline(mode, shape):
   rng = np.random.default_rng(2)
   image = rng.integers(0, 256, shape + (3,), dtype=np.uint8)
   c = _config(resize_mode=mode)
   ex = _example(image, np.zeros((1,) + shape, np.uint8), [0])
   out = _np(pipeline.preprocess_example(ex, c, train=False))
-  canvas, image_shape, image_scale, glm = pipeline.preprocess_image_for_inference(
-      image, c)
+  canvas, image_shape, image_scale, glm = pipeline.preprocess_image_for_inference(image, c)
   assert canvas.dtype == np.uint8 and glm.dtype == np.uint8
   assert np.abs(canvas.astype(int) - out['image']).max() <= 1
   assert np.abs(glm.astype(int) - out['glm_image']).max() <= 1
@@ -322,10 +325,15 @@ def test_inference_preprocessing_of_gray_and_rgba_images():
 
 # Image -> canvas resizes: D2SA and KINS shrink into 1024, COCOA grows; the
 # squashed KINS image and the last one grow on one axis and shrink on the other.
-RESIZES = [((1440, 1920), (768, 1024)), ((375, 1242), (309, 1024)),
-           ((61, 97), (29, 64)), ((480, 640), (768, 1024)),
-           ((37, 53), (45, 64)), ((375, 1242), (1024, 1024)),
-           ((300, 90), (150, 200))]
+RESIZES = [
+    ((1440, 1920), (768, 1024)),
+    ((375, 1242), (309, 1024)),
+    ((61, 97), (29, 64)),
+    ((480, 640), (768, 1024)),
+    ((37, 53), (45, 64)),
+    ((375, 1242), (1024, 1024)),
+    ((300, 90), (150, 200)),
+]
 
 
 @pytest.mark.parametrize('src,dst', RESIZES)
@@ -349,23 +357,23 @@ def test_antialiased_numpy_twin_matches_tf(src, dst):
     np.testing.assert_allclose(twin, plain, atol=1e-3)
 
 
-@pytest.mark.parametrize('src,dst', [((375, 1242), (309, 1024)),
-                                     ((375, 1242), (1024, 1024)),
-                                     ((1440, 1920), (768, 1024))])
+@pytest.mark.parametrize(
+    'src,dst',
+    [((375, 1242), (309, 1024)), ((375, 1242), (1024, 1024)), ((1440, 1920), (768, 1024))],
+)
 def test_antialiased_resize_is_pil_bilinear(src, dst):
   """The release resizes with scipy.misc.imresize = PIL BILINEAR (uint8)."""
   from PIL import Image  # pylint: disable=import-outside-toplevel
+
   rng = np.random.default_rng(4)
   image = rng.integers(0, 256, src + (3,), dtype=np.uint8)
-  pil = np.asarray(Image.fromarray(image).resize(
-      dst[::-1], Image.Resampling.BILINEAR)).astype(int)
+  pil = np.asarray(Image.fromarray(image).resize(dst[::-1], Image.Resampling.BILINEAR)).astype(int)
   for antialias in (True, False):
     ours = pipeline._resize_uint8(tf.constant(image), dst, antialias).numpy()
-    twin = pipeline._to_uint8(
-        pipeline.resize_bilinear_np(image, *dst, antialias=antialias))
+    twin = pipeline._to_uint8(pipeline.resize_bilinear_np(image, *dst, antialias=antialias))
     for got in (ours, twin):
       diff = np.abs(got.astype(int) - pil)
-      if antialias:   # PIL rounds to uint8 between its two passes
+      if antialias:  # PIL rounds to uint8 between its two passes
         assert diff.mean() < 0.3 and diff.max() <= 1
       else:
         assert diff.mean() > 2
@@ -373,17 +381,16 @@ def test_antialiased_resize_is_pil_bilinear(src, dst):
 
 def test_canvas_is_antialiased_and_glm_image_is_not():
   image = np.random.default_rng(5).integers(0, 256, (150, 100, 3), np.uint8)
-  out = _np(pipeline.preprocess_example(
-      _example(image, np.zeros((1, 150, 100), np.uint8), [0]), _config(),
-      train=False))
+  out = _np(
+      pipeline.preprocess_example(
+          _example(image, np.zeros((1, 150, 100), np.uint8), [0]), _config(), train=False
+      )
+  )
   np.testing.assert_array_equal(out['image_shape'], [64, 43])
   aa = tf.image.resize(image, [64, 43], method='bilinear', antialias=True)
-  np.testing.assert_array_equal(out['image'][:, :43],
-                                pipeline._to_uint8(aa.numpy()))
-  glm = tf.image.resize(out['image'], [33, 33], method='bilinear',
-                        antialias=False)
-  np.testing.assert_array_equal(out['glm_image'],
-                                pipeline._to_uint8(glm.numpy()))
+  np.testing.assert_array_equal(out['image'][:, :43], pipeline._to_uint8(aa.numpy()))
+  glm = tf.image.resize(out['image'], [33, 33], method='bilinear', antialias=False)
+  np.testing.assert_array_equal(out['glm_image'], pipeline._to_uint8(glm.numpy()))
 
 
 # ------------------------------------------------------------ end to end
@@ -428,12 +435,12 @@ def _expected_shapes(c, d, b):
 
 def test_train_batch_shapes_and_dtypes(synthetic_config):
   c = synthetic_config
-  builder = tfds_builders.build_dataset(c)   # already prepared: reused
+  builder = tfds_builders.build_dataset(c)  # already prepared: reused
   assert builder.info.splits['train'].num_examples <= NUM_TRAIN
-  assert os.path.isfile(os.path.join(c.dataset.manual_dir,
-                                     tfds_builders.Synthetic.PARAMS_FILE))
-  it = pipeline.create_split(c, 'train', train=True, num_local_devices=2,
-                             per_device_batch=2, builder=builder)
+  assert os.path.isfile(os.path.join(c.dataset.manual_dir, tfds_builders.Synthetic.PARAMS_FILE))
+  it = pipeline.create_split(
+      c, 'train', train=True, num_local_devices=2, per_device_batch=2, builder=builder
+  )
   batch = next(it)
   expected = _expected_shapes(c, 2, 2)
   assert set(batch) == set(expected)
@@ -461,11 +468,13 @@ def test_train_split_flips_some_examples_and_not_others(synthetic_config):
   builder = tfds_builders.build_dataset(c)
   assert c.input.random_flip and c.input.box_jitter == 0
   plain = {}
-  for b in pipeline.create_split(c, 'train', train=False, num_local_devices=1,
-                                 per_device_batch=1, builder=builder):
+  for b in pipeline.create_split(
+      c, 'train', train=False, num_local_devices=1, per_device_batch=1, builder=builder
+  ):
     plain[int(b['image_id'][0, 0])] = {k: v[0, 0] for k, v in b.items()}
-  it = pipeline.create_split(c, 'train', train=True, num_local_devices=1,
-                             per_device_batch=4, builder=builder)
+  it = pipeline.create_split(
+      c, 'train', train=True, num_local_devices=1, per_device_batch=4, builder=builder
+  )
   seen = set()
   for _ in range(3):
     batch = next(it)
@@ -481,12 +490,11 @@ def test_train_split_flips_some_examples_and_not_others(synthetic_config):
       else:
         seen.add(True)
         np.testing.assert_array_equal(got['image'], ref['image'][:, ::-1])
-        np.testing.assert_array_equal(got['gt_layers'][v],
-                                      ref['gt_layers'][v][:, :, ::-1])
+        np.testing.assert_array_equal(got['gt_layers'][v], ref['gt_layers'][v][:, :, ::-1])
         y1, x1, y2, x2 = ref['gt_boxes'][v].T
-        np.testing.assert_allclose(got['gt_boxes'][v],
-                                   np.stack([y1, nw - x2, y2, nw - x1], 1),
-                                   atol=1e-4)
+        np.testing.assert_allclose(
+            got['gt_boxes'][v], np.stack([y1, nw - x2, y2, nw - x1], 1), atol=1e-4
+        )
   assert seen == {False, True}
 
 
@@ -513,10 +521,12 @@ def _crop_np(channels, box, k):
 def test_eval_targets_match_numpy_reference(synthetic_config):
   c = synthetic_config
   builder = tfds_builders.build_dataset(c)
-  raw = {int(e['image_id']): e for e in
-         tfds.as_numpy(builder.as_dataset(split='val'))}
-  batch = next(pipeline.create_split(c, 'val', train=False, num_local_devices=1,
-                                     per_device_batch=2, builder=builder))
+  raw = {int(e['image_id']): e for e in tfds.as_numpy(builder.as_dataset(split='val'))}
+  batch = next(
+      pipeline.create_split(
+          c, 'val', train=False, num_local_devices=1, per_device_batch=2, builder=builder
+      )
+  )
   k, m, nl = c.input.gt_mask_size, c.input.max_instances, c.model.num_layers
   checked = 0
   for b in range(2):
@@ -526,10 +536,8 @@ def test_eval_targets_match_numpy_reference(synthetic_config):
     scale = batch['image_scale'][0, b]
     for j, i in enumerate(order):
       box = inst['bbox'][i]
-      np.testing.assert_allclose(batch['gt_boxes'][0, b, j],
-                                 box * np.tile(scale, 2), rtol=1e-5)
-      np.testing.assert_array_equal(batch['gt_layer_boxes'][0, b, j],
-                                    batch['gt_boxes'][0, b, j])
+      np.testing.assert_allclose(batch['gt_boxes'][0, b, j], box * np.tile(scale, 2), rtol=1e-5)
+      np.testing.assert_array_equal(batch['gt_layer_boxes'][0, b, j], batch['gt_boxes'][0, b, j])
       ref = _crop_np(semdist.layer_channels(inst['layer_index'][i], nl), box, k)
       # Bilinear weights can land within float error of 0.5: allow a pixel.
       assert np.abs(batch['gt_layers'][0, b, j] - ref).sum() <= 1
@@ -538,8 +546,7 @@ def test_eval_targets_match_numpy_reference(synthetic_config):
 
 
 def _eval_ids(c, **kwargs):
-  batches = list(pipeline.create_split(c, c.dataset.eval_split, train=False,
-                                       **kwargs))
+  batches = list(pipeline.create_split(c, c.dataset.eval_split, train=False, **kwargs))
   ids = np.concatenate([b['image_id'].reshape(-1) for b in batches])
   valid = np.concatenate([b['is_valid'].reshape(-1) for b in batches])
   return batches, ids, valid
@@ -557,16 +564,13 @@ def test_eval_split_is_deterministic_and_padded(synthetic_config):
   _, ids2, _ = _eval_ids(c, num_local_devices=1, per_device_batch=2)
   np.testing.assert_array_equal(ids, ids2)
   # Two process shards: disjoint, together the whole split, same length.
-  b0, ids0, v0 = _eval_ids(c, num_local_devices=1, per_device_batch=2,
-                           shard_index=0, num_shards=2)
-  b1, ids1, v1 = _eval_ids(c, num_local_devices=1, per_device_batch=2,
-                           shard_index=1, num_shards=2)
+  b0, ids0, v0 = _eval_ids(c, num_local_devices=1, per_device_batch=2, shard_index=0, num_shards=2)
+  b1, ids1, v1 = _eval_ids(c, num_local_devices=1, per_device_batch=2, shard_index=1, num_shards=2)
   assert len(b0) == len(b1)
   assert not set(ids0[v0]) & set(ids1[v1])
   assert set(ids0[v0]) | set(ids1[v1]) == set(ids[valid])
   # Split slicing: the first 3 images, same order.
-  b3, ids3, v3 = _eval_ids(_sliced(c), num_local_devices=1,
-                           per_device_batch=2)
+  b3, ids3, v3 = _eval_ids(_sliced(c), num_local_devices=1, per_device_batch=2)
   assert len(b3) == 2 and v3.sum() == 3
   np.testing.assert_array_equal(ids3[v3], ids[:3])
 
@@ -598,5 +602,6 @@ def test_truncation_is_counted(synthetic_config):
 
 def test_unknown_split_is_a_user_error(synthetic_config):
   with pytest.raises(tfds_builders.errors.UserError, match='available: train, val'):
-    pipeline.create_split(synthetic_config, 'test', train=False,
-                          num_local_devices=1, per_device_batch=1)
+    pipeline.create_split(
+        synthetic_config, 'test', train=False, num_local_devices=1, per_device_batch=1
+    )

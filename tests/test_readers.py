@@ -3,6 +3,7 @@
 Masks are checked against independent references: hand-made rectangles and
 pycocotools' own polygon rasteriser.
 """
+
 import copy
 import json
 import os
@@ -27,15 +28,13 @@ def rect(y1, x1, y2, x2):
 
 
 def poly_mask(polys):
-  return mask_utils.decode(mask_utils.merge(
-      mask_utils.frPyObjects(polys, H, W))).astype(bool)
+  return mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(polys, H, W))).astype(bool)
 
 
 def rle_json(m):
   """(H, W) bool -> COCO compressed RLE as it appears in the json files."""
   out = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
-  return {'size': [int(v) for v in out['size']],
-          'counts': out['counts'].decode('ascii')}
+  return {'size': [int(v) for v in out['size']], 'counts': out['counts'].decode('ascii')}
 
 
 def fixture(name):
@@ -46,8 +45,7 @@ def fixture(name):
 def write_images(images_dir, data, size=(W, H)):
   os.makedirs(images_dir, exist_ok=True)
   for img in data['images']:
-    Image.new('RGB', size, (90, 120, 30)).save(
-        os.path.join(images_dir, img['file_name']))
+    Image.new('RGB', size, (90, 120, 30)).save(os.path.join(images_dir, img['file_name']))
 
 
 def dump(tmp_path, data, name='ann.json'):
@@ -57,9 +55,11 @@ def dump(tmp_path, data, name='ann.json'):
 
 
 def masks(inst):
-  return (records.decode_rle(inst.amodal_rle),
-          records.decode_rle(inst.visible_rle),
-          records.decode_rle(inst.occluded_rle))
+  return (
+      records.decode_rle(inst.amodal_rle),
+      records.decode_rle(inst.visible_rle),
+      records.decode_rle(inst.occluded_rle),
+  )
 
 
 # ------------------------------------------------------------------ COCOA
@@ -68,8 +68,7 @@ def test_cocoa_first_annotation_order_masks_and_constraints(tmp_path):
   images_dir = str(tmp_path / 'images')
   write_images(images_dir, data)
   stats = readers.ReadStats()
-  anns = readers.load_cocoa(os.path.join(FIXTURES, 'cocoa_tiny.json'),
-                            images_dir, stats=stats)
+  anns = readers.load_cocoa(os.path.join(FIXTURES, 'cocoa_tiny.json'), images_dir, stats=stats)
   assert [a.image_id for a in anns] == [1, 3]
   assert (stats.num_images, stats.num_instances, stats.skipped_empty) == (2, 4, 1)
   a = anns[0]
@@ -78,7 +77,7 @@ def test_cocoa_first_annotation_order_masks_and_constraints(tmp_path):
   assert [i.name for i in a.instances] == ['person', 'dog', 'wall']
   assert [i.extra['region_index'] for i in a.instances] == [1, 0, 2]
   assert [i.depth_rank for i in a.instances] == [0, 1, 2]
-  assert a.depth_pairs == [(0, 1), (1, 2)]     # "1-2,2-3" in order numbers
+  assert a.depth_pairs == [(0, 1), (1, 2)]  # "1-2,2-3" in order numbers
   assert [i.category_id for i in a.instances] == [1, 1, 1]
   assert [i.is_stuff for i in a.instances] == [False, False, True]
   person, dog, wall = a.instances
@@ -116,9 +115,16 @@ def test_cocoa_first_annotation_order_masks_and_constraints(tmp_path):
 
 def test_cocoa_no_instance_cap_and_constraint_errors(tmp_path):
   data = fixture('cocoa_tiny.json')
-  regions = [{'segmentation': [x, 0, x + 1, 0, x + 1, 1], 'order': 40 - x,
-              'name': f'r{x}', 'isStuff': 0, 'occlude_rate': 0.0}
-             for x in range(40)]
+  regions = [
+      {
+          'segmentation': [x, 0, x + 1, 0, x + 1, 1],
+          'order': 40 - x,
+          'name': f'r{x}',
+          'isStuff': 0,
+          'occlude_rate': 0.0,
+      }
+      for x in range(40)
+  ]
   data['annotations'][0]['regions'] = regions
   data['annotations'][0]['depth_constraint'] = '1-40, 3-2'
   anns = readers.load_cocoa(dump(tmp_path, data))
@@ -134,7 +140,7 @@ def test_cocoa_no_instance_cap_and_constraint_errors(tmp_path):
 
 def test_cocoa_occlude_rate_computed_when_absent(tmp_path):
   data = fixture('cocoa_tiny.json')
-  del data['annotations'][0]['regions'][0]['occlude_rate']   # the dog
+  del data['annotations'][0]['regions'][0]['occlude_rate']  # the dog
   anns = readers.load_cocoa(dump(tmp_path, data))
   assert anns[0].instances[1].occlude_rate == pytest.approx(176 / 625)
 
@@ -144,9 +150,9 @@ def test_cocoa_visible_mask_is_read_and_rate_counts_hidden_object_pixels(tmp_pat
   invisible_mask spilling outside the amodal mask is kept as the occluded
   mask, but only its pixels on the object count in the computed rate."""
   data = fixture('cocoa_tiny.json')
-  dog = data['annotations'][0]['regions'][0]       # amodal rect(10, 20, 35, 45)
-  invisible = rect(4, 20, 26, 31)                  # rows 4..9 lie above the dog
-  visible = rect(12, 31, 35, 45)                   # annotator's own visible part
+  dog = data['annotations'][0]['regions'][0]  # amodal rect(10, 20, 35, 45)
+  invisible = rect(4, 20, 26, 31)  # rows 4..9 lie above the dog
+  visible = rect(12, 31, 35, 45)  # annotator's own visible part
   dog['invisible_mask'] = rle_json(invisible)
   dog['visible_mask'] = rle_json(visible)
   del dog['occlude_rate']
@@ -164,8 +170,7 @@ def test_d2sa_groups_sorts_and_derives(tmp_path):
   images_dir = str(tmp_path / 'images')
   write_images(images_dir, data)
   stats = readers.ReadStats()
-  anns = readers.load_d2sa(os.path.join(FIXTURES, 'd2sa_tiny.json'), images_dir,
-                           stats=stats)
+  anns = readers.load_d2sa(os.path.join(FIXTURES, 'd2sa_tiny.json'), images_dir, stats=stats)
   assert [a.image_id for a in anns] == [1, 2]
   assert stats.skipped_empty == 1 and stats.num_instances == 4
   a = anns[0]
@@ -173,7 +178,7 @@ def test_d2sa_groups_sorts_and_derives(tmp_path):
   assert [i.depth_rank for i in a.instances] == [0, 1, 2]
   assert [i.category_id for i in a.instances] == [7, 5, 5]
   assert [i.name for i in a.instances] == ['banana', 'apple', 'apple']
-  assert a.instances[0].extra['order'] == 1          # from amodal_region
+  assert a.instances[0].extra['order'] == 1  # from amodal_region
   assert a.depth_pairs == [(0, 1), (0, 2), (1, 2)]  # overlapping pairs
   # No invisible_mask: occluded = amodal & ~visible; rate computed.
   amodal, visible, occluded = masks(a.instances[1])
@@ -188,8 +193,7 @@ def test_d2sa_groups_sorts_and_derives(tmp_path):
   # Polygon amodal (list of lists) on image 2.
   amodal, _, _ = masks(anns[1].instances[0])
   np.testing.assert_array_equal(amodal, poly_mask([[10, 10, 30, 10, 30, 30, 10, 30]]))
-  assert anns[1].instances[0].amodal_polygons == [[10.0, 10.0, 30.0, 10.0, 30.0, 30.0,
-                                                   10.0, 30.0]]
+  assert anns[1].instances[0].amodal_polygons == [[10.0, 10.0, 30.0, 10.0, 30.0, 30.0, 10.0, 30.0]]
 
 
 def test_d2sa_equal_depths_keep_file_order(tmp_path):
@@ -206,11 +210,20 @@ def test_d2sa_depth_pairs_need_overlap_and_region_name_wins(tmp_path):
   """A pair needs different occl_depth AND overlapping amodal masks; the
   amodal_region's name is preferred over the category's."""
   data = fixture('d2sa_tiny.json')
-  apart = rect(30, 45, 38, 55)                     # touches no other object
-  data['annotations'].append({
-      'id': 104, 'image_id': 1, 'category_id': 5, 'iscrowd': 0, 'area': 80,
-      'segmentation': rle_json(apart), 'visible_mask': rle_json(apart),
-      'occl_depth': 1, 'amodal_region': {'name': 'pear', 'order': 3}})
+  apart = rect(30, 45, 38, 55)  # touches no other object
+  data['annotations'].append(
+      {
+          'id': 104,
+          'image_id': 1,
+          'category_id': 5,
+          'iscrowd': 0,
+          'area': 80,
+          'segmentation': rle_json(apart),
+          'visible_mask': rle_json(apart),
+          'occl_depth': 1,
+          'amodal_region': {'name': 'pear', 'order': 3},
+      }
+  )
   a = readers.load_d2sa(dump(tmp_path, data))[0]
   # Depths 0, 1, 1 (file order kept), 2.
   assert [i.extra['annotation_id'] for i in a.instances] == [102, 103, 104, 100]
@@ -218,8 +231,12 @@ def test_d2sa_depth_pairs_need_overlap_and_region_name_wins(tmp_path):
   amodal = [masks(i)[0] for i in a.instances]
   np.testing.assert_array_equal(amodal[2], apart)
   depth = [0, 1, 1, 2]
-  expected = [(p, q) for p in range(4) for q in range(4)
-              if depth[p] < depth[q] and (amodal[p] & amodal[q]).any()]
+  expected = [
+      (p, q)
+      for p in range(4)
+      for q in range(4)
+      if depth[p] < depth[q] and (amodal[p] & amodal[q]).any()
+  ]
   assert expected == [(0, 1), (0, 3), (1, 3)]
   assert a.depth_pairs == expected
   assert [i.name for i in a.instances] == ['banana', 'apple', 'pear', 'apple']
@@ -231,8 +248,7 @@ def test_kins_derives_order_for_three_objects(tmp_path):
   images_dir = str(tmp_path / 'images')
   write_images(images_dir, data)
   stats = readers.ReadStats()
-  anns = readers.load_kins(os.path.join(FIXTURES, 'kins_tiny.json'), images_dir,
-                           stats=stats)
+  anns = readers.load_kins(os.path.join(FIXTURES, 'kins_tiny.json'), images_dir, stats=stats)
   assert len(anns) == 1 and stats.skipped_empty == 1
   a = anns[0]
   # File order C (back), A (front), B (middle) is kept; order is derived.
@@ -240,8 +256,7 @@ def test_kins_derives_order_for_three_objects(tmp_path):
   assert [i.depth_rank for i in a.instances] == [2, 0, 1]
   assert a.depth_pairs == [(1, 2), (2, 0)]
   # The derived order agrees with the file's own relative occlusion order.
-  assert [i.depth_rank + 1 for i in a.instances] == [i.extra['ico_id']
-                                                     for i in a.instances]
+  assert [i.depth_rank + 1 for i in a.instances] == [i.extra['ico_id'] for i in a.instances]
   assert [i.name for i in a.instances] == ['van', 'car', 'car']
   assert [i.category_id for i in a.instances] == [7, 4, 4]
   for inst, ann in zip(a.instances, data['annotations']):
@@ -274,21 +289,19 @@ def test_derive_depth_order_breaks_cycles_by_overlap():
     for i, cols in pix.items():
       out[i, 0, cols] = True
     return out
+
   # A covers 10 px of B's hidden part; B covers 3 px of A's: A wins.
   vis = masks_from({0: list(range(10)), 1: list(range(20, 23))}, 2)
   occ = masks_from({1: list(range(10)), 0: list(range(20, 23))}, 2)
   pairs, rank = readers.derive_depth_order(vis, occ)
   assert pairs == [(0, 1)] and rank.tolist() == [0, 1]
   # Three-cycle A>B (10), B>C (8), C>A (5): the weakest edge C>A is dropped.
-  vis = masks_from({0: list(range(0, 10)), 1: list(range(10, 18)),
-                    2: list(range(18, 23))}, 4)
-  occ = masks_from({1: list(range(0, 10)), 2: list(range(10, 18)),
-                    0: list(range(18, 23))}, 4)
+  vis = masks_from({0: list(range(0, 10)), 1: list(range(10, 18)), 2: list(range(18, 23))}, 4)
+  occ = masks_from({1: list(range(0, 10)), 2: list(range(10, 18)), 0: list(range(18, 23))}, 4)
   pairs, rank = readers.derive_depth_order(vis, occ)
   assert pairs == [(0, 1), (1, 2)]
-  assert rank.tolist() == [0, 1, 2, 0]      # instance 3 overlaps nothing
-  pairs, rank = readers.derive_depth_order(np.zeros((0, 2, 2), bool),
-                                           np.zeros((0, 2, 2), bool))
+  assert rank.tolist() == [0, 1, 2, 0]  # instance 3 overlaps nothing
+  pairs, rank = readers.derive_depth_order(np.zeros((0, 2, 2), bool), np.zeros((0, 2, 2), bool))
   assert pairs == [] and rank.shape == (0,)
 
 
@@ -297,32 +310,33 @@ def test_release_folder_and_legacy_layers(tmp_path):
   data = fixture('cocoa_tiny.json')
   root = tmp_path / 'COCO'
   os.makedirs(root / 'annotations')
-  shutil.copy(os.path.join(FIXTURES, 'cocoa_tiny.json'),
-              root / 'annotations' / 'COCO_amodal_val2014.json')
+  shutil.copy(
+      os.path.join(FIXTURES, 'cocoa_tiny.json'), root / 'annotations' / 'COCO_amodal_val2014.json'
+  )
   images_dir = str(root / 'val2014')
   write_images(images_dir, data)
   direct = readers.load_cocoa(os.path.join(FIXTURES, 'cocoa_tiny.json'))
   for ann in direct:
-    legacy_layers.write_legacy_layers(
-        legacy_layers.legacy_path(images_dir, ann.file_name), ann)
+    legacy_layers.write_legacy_layers(legacy_layers.legacy_path(images_dir, ann.file_name), ann)
   stats = readers.ReadStats()
   anns = readers.load_release(str(root), 'val', stats=stats)
   assert stats.skipped_empty == 1
   assert [a.image_id for a in anns] == [1, 3]
   assert [[i.amodal_rle for i in a.instances] for a in anns] == [
-      [i.amodal_rle for i in a.instances] for a in direct]
+      [i.amodal_rle for i in a.instances] for a in direct
+  ]
   via_fmt = readers.load_annotations(
-      'release', str(root / 'annotations' / 'COCO_amodal_val2014.json'))
+      'release', str(root / 'annotations' / 'COCO_amodal_val2014.json')
+  )
   assert [a.depth_pairs for a in via_fmt] == [a.depth_pairs for a in anns]
   json_path, found_dir = readers.release_paths(str(root), 'val')
   assert found_dir == images_dir and json_path.endswith('COCO_amodal_val2014.json')
   layers = legacy_layers.read_legacy_layers(
-      legacy_layers.legacy_path(images_dir, anns[0].file_name),
-      anns[0].num_instances)
+      legacy_layers.legacy_path(images_dir, anns[0].file_name), anns[0].num_instances
+  )
   dog = anns[0].instances[1]
-  assert dog.extra['region_index'] == 0      # first in the regions list
-  np.testing.assert_array_equal(layers['invisible'][0],
-                                records.decode_rle(dog.occluded_rle))
+  assert dog.extra['region_index'] == 0  # first in the regions list
+  np.testing.assert_array_equal(layers['invisible'][0], records.decode_rle(dog.occluded_rle))
   with pytest.raises(AnnotationError):
     readers.load_release(str(root), 'train')
   # A missing image of the release folder is reported by name.
@@ -337,40 +351,52 @@ def _bad_cases():
     data = fixture('cocoa_tiny.json')
     fn(data)
     return 'cocoa', data
+
   def region(data, j=0):
     return data['annotations'][0]['regions'][j]
+
   def set_size(data):
     region(data)['invisible_mask']['size'] = [41, 60]
+
   def short_poly(data):
     region(data, 1)['segmentation'] = [10, 5, 30, 5]
+
   def no_order(data):
     del region(data, 2)['order']
+
   def no_height(data):
     del data['images'][1]['height']
+
   def zero_height(data):
     data['images'][0]['height'] = 0
+
   def bad_counts(data):
     region(data, 2)['segmentation']['counts'][0] += 1
+
   def unknown_image(data):
     data['annotations'][1]['image_id'] = 99
+
   def kins_no_visible():
     data = fixture('kins_tiny.json')
     del data['annotations'][2]['i_segm']
     return 'kins', data
+
   def d2sa_no_depth():
     data = fixture('d2sa_tiny.json')
     del data['annotations'][3]['occl_depth']
     return 'd2sa', data
+
   return {
-      'rle_size': (cocoa(set_size), 'annotations[0].regions[0].invisible_mask.size',
-                   'disagrees'),
-      'short_polygon': (cocoa(short_poly), 'annotations[0].regions[1].segmentation',
-                        'fewer than 3 points'),
+      'rle_size': (cocoa(set_size), 'annotations[0].regions[0].invisible_mask.size', 'disagrees'),
+      'short_polygon': (
+          cocoa(short_poly),
+          'annotations[0].regions[1].segmentation',
+          'fewer than 3 points',
+      ),
       'no_order': (cocoa(no_order), 'annotations[0].regions[2].order', 'missing'),
       'no_height': (cocoa(no_height), 'images[1].height', 'missing'),
       'zero_height': (cocoa(zero_height), 'images[0].height', 'non-positive size'),
-      'bad_counts': (cocoa(bad_counts), 'annotations[0].regions[2].segmentation.counts',
-                     'sum'),
+      'bad_counts': (cocoa(bad_counts), 'annotations[0].regions[2].segmentation.counts', 'sum'),
       'unknown_image': (cocoa(unknown_image), 'annotations[1].image_id', '99'),
       'kins_no_visible': (kins_no_visible(), 'annotations[2].i_segm', 'missing'),
       'd2sa_no_depth': (d2sa_no_depth(), 'annotations[3].occl_depth', 'missing'),
@@ -429,8 +455,7 @@ def test_keep_empty_keeps_every_image_in_file_order(tmp_path, fmt):
   write_images(images_dir, data)
   path = os.path.join(FIXTURES, name)
   stats = readers.ReadStats()
-  kept = readers.load_annotations(fmt, path, images_dir, stats=stats,
-                                  keep_empty=True)
+  kept = readers.load_annotations(fmt, path, images_dir, stats=stats, keep_empty=True)
   default = readers.load_annotations(fmt, path, images_dir)
   assert [a.image_id for a in kept] == [img['id'] for img in data['images']]
   by_id = {a.image_id: a for a in default}
@@ -438,7 +463,10 @@ def test_keep_empty_keeps_every_image_in_file_order(tmp_path, fmt):
   assert len(empty) == stats.skipped_empty == 1
   img = next(i for i in data['images'] if i['id'] == empty[0].image_id)
   assert (empty[0].height, empty[0].width, empty[0].file_name) == (
-      img['height'], img['width'], img['file_name'])
+      img['height'],
+      img['width'],
+      img['file_name'],
+  )
   assert empty[0].instances == [] and list(empty[0].depth_pairs) == []
   for a in kept:
     if a.image_id in by_id:

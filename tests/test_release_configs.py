@@ -1,5 +1,6 @@
 """configs/*_release.py: the base dataset config with exactly the release's
 pre- and post-processing fields changed, and a config that passes validation."""
+
 import importlib
 
 import pytest
@@ -38,7 +39,8 @@ def test_release_config_changes_exactly_the_release_fields(base):
   changed = {k: v for k, v in release_flat.items() if v != base_flat[k]}
   assert changed == RELEASE_FIELDS
   assert {k: type(release_flat[k]) for k in changed} == {
-      k: type(v) for k, v in RELEASE_FIELDS.items()}
+      k: type(v) for k, v in RELEASE_FIELDS.items()
+  }
 
 
 @pytest.mark.parametrize('name', ['cocoa_release', 'd2sa_release'])

@@ -4,6 +4,7 @@ The release checkout itself is not available to CI: ``compare`` runs here on
 the PyTorch reference of the release (tests/torch_reference.py), which has
 the same interface; the CLI is checked on its error paths.
 """
+
 from __future__ import annotations
 
 import os
@@ -14,14 +15,29 @@ import numpy as np
 import pytest
 import torch
 
-from tools import release_parity
 from tests import torch_reference as tr
-from tests.test_checkpoint_port import tiny_config
+from tests.test_torch_port import tiny_config
+from tools import release_parity
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMPARED = ['c1', 'c2', 'c3', 'c4', 'c5', 'p2', 'p3', 'p4', 'p5', 'p6',
-            'rpn_class_logits', 'rpn_bbox', 'glm_logits', 'box_logits',
-            'box_deltas', 'mask_layer_logits']
+COMPARED = [
+    'c1',
+    'c2',
+    'c3',
+    'c4',
+    'c5',
+    'p2',
+    'p3',
+    'p4',
+    'p5',
+    'p6',
+    'rpn_class_logits',
+    'rpn_bbox',
+    'glm_logits',
+    'box_logits',
+    'box_deltas',
+    'mask_layer_logits',
+]
 
 
 @pytest.fixture(scope='module')
@@ -43,13 +59,12 @@ def test_compare_matches_every_tensor_of_the_reference(reference):
 def test_compare_points_at_the_part_that_differs(reference):
   cfg, ref, x = reference
   state = {k: v.clone() for k, v in ref.state_dict().items()}
-  state['mask.conv5.bias'] += 1.0     # the converted mask head differs
+  state['mask.conv5.bias'] += 1.0  # the converted mask head differs
   state['rpn.conv_bbox.weight'] *= 2  # and so do the RPN deltas
   errors = release_parity.compare(ref, state, cfg, x)
   assert errors['mask_layer_logits'] > 1e-2
   assert errors['rpn_bbox'] > 0.5
-  assert max(v for k, v in errors.items()
-             if k not in ('mask_layer_logits', 'rpn_bbox')) <= 1e-4
+  assert max(v for k, v in errors.items() if k not in ('mask_layer_logits', 'rpn_bbox')) <= 1e-4
 
 
 def test_random_release_state_is_seeded_and_complete(reference):
@@ -64,8 +79,14 @@ def test_random_release_state_is_seeded_and_complete(reference):
 
 def _cli(*args):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', JAX_PLATFORMS='cpu')
-  return subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'check_release_parity.py'),
-                         *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+  return subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'tools', 'check_release_parity.py'), *args],
+      capture_output=True,
+      text=True,
+      env=env,
+      cwd=ROOT,
+      timeout=120,
+  )
 
 
 def test_cli_bad_input_is_one_line_exit_2(tmp_path):
@@ -77,8 +98,10 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path):
       (('--release_dir', str(tmp_path), '--config=configs/tiny.py'), 'full-size'),
       (('--release_dir', str(fake)), 'not as expected'),
       (('--release_dir', str(fake), '--results', 'r.json'), 'give both'),
-      (('--release_dir', str(fake), '--annotations', 'a.json', '--results', 'r.json'),
-       'no evaluate/amodalevalCOCOA.py'),
+      (
+          ('--release_dir', str(fake), '--annotations', 'a.json', '--results', 'r.json'),
+          'no evaluate/amodalevalCOCOA.py',
+      ),
   ]
   (fake / 'modal').mkdir(parents=True)
   for name in ('modals', 'deeplabv2', 'resnet_deeplab', 'msc_deeplab'):

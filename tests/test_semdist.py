@@ -1,4 +1,5 @@
 """Tests for sln_jax.semdist: the release's rank rule, round trips, order."""
+
 import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -61,8 +62,7 @@ def _naive_index(amodal, occluded, rank):
 def test_rank_rule_three_stacked():
   # A (front) covers cols 0..5, B cols 2..7, C (back) cols 4..9, one row.
   rank = np.array([0, 1, 2])
-  amodal, _, occluded = _scene([(0, 0, 1, 6), (0, 2, 1, 8), (0, 4, 1, 10)],
-                               rank, 10)
+  amodal, _, occluded = _scene([(0, 0, 1, 6), (0, 2, 1, 8), (0, 4, 1, 10)], rank, 10)
   amodal, occluded = amodal[:, :1], occluded[:, :1]
   idx = semdist.layer_index_map(amodal, occluded, rank)[:, 0]
   np.testing.assert_array_equal(idx[0], [1, 1, 1, 1, 1, 1, 0, 0, 0, 0])
@@ -77,7 +77,7 @@ def test_rank_rule_ranks_by_depth_not_index():
   # Same stack listed back to front: depth_rank decides, not the index.
   amodal = np.ones((3, 2, 2), bool)
   occluded = np.ones((3, 2, 2), bool)
-  occluded[2] = False                        # index 2 is the front object
+  occluded[2] = False  # index 2 is the front object
   idx = semdist.layer_index_map(amodal, occluded, np.array([2, 1, 0]))
   assert (idx[2] == 1).all() and (idx[1] == 2).all() and (idx[0] == 3).all()
   # Ties broken by index: equal ranks, both hidden -> index 0 first.
@@ -99,7 +99,7 @@ def test_occluded_outside_amodal_is_ignored():
   amodal = np.array([[[True, False]], [[True, True]]])
   occluded = np.array([[[False, False]], [[True, True]]])
   occluded2 = occluded.copy()
-  occluded2[0, 0, 1] = True                  # stray hidden pixel of object 0
+  occluded2[0, 0, 1] = True  # stray hidden pixel of object 0
   a = semdist.layer_index_map(amodal, occluded, np.array([0, 1]))
   b = semdist.layer_index_map(amodal, occluded2, np.array([0, 1]))
   np.testing.assert_array_equal(a, b)
@@ -111,8 +111,8 @@ def test_occluded_outside_amodal_is_ignored():
 def test_index_matches_per_pixel_reference(scene):
   amodal, _, occluded, rank = scene
   np.testing.assert_array_equal(
-      semdist.layer_index_map(amodal, occluded, rank),
-      _naive_index(amodal, occluded, rank))
+      semdist.layer_index_map(amodal, occluded, rank), _naive_index(amodal, occluded, rank)
+  )
 
 
 @SETTINGS
@@ -164,12 +164,12 @@ def test_layer_index_map_many_stacked_saturates(n):
 
 
 def test_layer_channels_merge_and_batch_dims():
-  idx = np.array([[[0, 1, 2, 3, 4, 9]]], np.uint8)          # (1, 1, 6)
+  idx = np.array([[[0, 1, 2, 3, 4, 9]]], np.uint8)  # (1, 1, 6)
   ch = semdist.layer_channels(idx, 3)
   assert ch.shape == (1, 3, 1, 6)
-  np.testing.assert_array_equal(ch[0, :, 0], [[0, 1, 0, 0, 0, 0],
-                                              [0, 0, 1, 0, 0, 0],
-                                              [0, 0, 0, 1, 1, 1]])
+  np.testing.assert_array_equal(
+      ch[0, :, 0], [[0, 1, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1]]
+  )
   batched = semdist.layer_channels(np.stack([idx, idx]), 3)  # (2, 1, 3, 1, 6)
   np.testing.assert_array_equal(batched[1], ch)
   jch = jax.jit(lambda x: semdist.layer_channels(x, 3))(jnp.asarray(idx))
@@ -180,9 +180,10 @@ def test_layer_channels_merge_and_batch_dims():
 
 def test_decode_probs_rules():
   # One pixel each: visible; hidden on layer 2; absent; hidden layer 1 wins.
-  p = np.array([[0.9, 0.1, 0.2], [0.1, 0.3, 0.8], [0.2, 0.4, 0.1],
-                [0.4, 0.7, 0.6]], np.float32).reshape(4, 1, 3, 1)
-  p = np.transpose(p, (1, 2, 0, 3))                          # (1, 3, 4, 1)
+  p = np.array(
+      [[0.9, 0.1, 0.2], [0.1, 0.3, 0.8], [0.2, 0.4, 0.1], [0.4, 0.7, 0.6]], np.float32
+  ).reshape(4, 1, 3, 1)
+  p = np.transpose(p, (1, 2, 0, 3))  # (1, 3, 4, 1)
   dec = semdist_decode.decode(p)
   np.testing.assert_array_equal(dec['visible'][0, :, 0], [1, 0, 0, 0])
   np.testing.assert_array_equal(dec['amodal'][0, :, 0], [1, 1, 0, 1])
@@ -225,7 +226,7 @@ def test_decode_threshold_is_strict():
   np.testing.assert_array_equal(dec['layer'][0, 0], [-1, 1])
   x = np.array([[0.0, 0.0], [0.0, 1.0]], np.float32).T.reshape(1, 2, 1, 2)
   for fn in (semdist_decode.decode_logits, jax.jit(semdist_decode.decode_logits)):
-    dec = fn(x)                              # sigmoid(0) = 0.5 = threshold
+    dec = fn(x)  # sigmoid(0) = 0.5 = threshold
     np.testing.assert_array_equal(np.asarray(dec['amodal'])[0, 0], [False, True])
     np.testing.assert_array_equal(np.asarray(dec['visible'])[0, 0], [False, False])
     np.testing.assert_array_equal(np.asarray(dec['layer'])[0, 0], [-1, 1])
@@ -245,13 +246,12 @@ def _naive_order(layer):
 def test_pairwise_order_majority_vote_and_jax_paths():
   rng = np.random.default_rng(1)
   layer = rng.integers(-1, 4, (6, 7, 9)).astype(np.int32)
-  layer[5] = -1                              # absent instance: no overlaps
+  layer[5] = -1  # absent instance: no overlaps
   ref = _naive_order(layer)
   assert (ref != 0).any() and (ref[5] == 0).all()
   np.testing.assert_array_equal(semdist_decode.pairwise_order(layer), ref)
   scan = jax.jit(semdist_decode.pairwise_order)(jnp.asarray(layer))
-  onehot = jax.jit(lambda v: semdist_decode.pairwise_order(v, num_levels=4))(
-      jnp.asarray(layer))
+  onehot = jax.jit(lambda v: semdist_decode.pairwise_order(v, num_levels=4))(jnp.asarray(layer))
   np.testing.assert_array_equal(np.asarray(scan), ref)
   np.testing.assert_array_equal(np.asarray(onehot), ref)
   assert np.asarray(scan).dtype == np.int8
@@ -268,17 +268,15 @@ def test_pairwise_order_num_levels_drops_higher_layers(num_levels):
   layer = rng.integers(-1, 6, (5, 6, 7)).astype(np.int32)
   ref = _naive_order(np.where(layer < num_levels, layer, -1))
   assert not np.array_equal(ref, _naive_order(layer))
-  np.testing.assert_array_equal(
-      semdist_decode.pairwise_order(layer, num_levels=num_levels), ref)
+  np.testing.assert_array_equal(semdist_decode.pairwise_order(layer, num_levels=num_levels), ref)
   onehot = jax.jit(lambda v: semdist_decode.pairwise_order(v, num_levels=num_levels))(
-      jnp.asarray(layer))
+      jnp.asarray(layer)
+  )
   np.testing.assert_array_equal(np.asarray(onehot), ref)
 
 
 def test_layer_index_map_shape_errors():
   with pytest.raises(ValueError):
-    semdist.layer_index_map(np.zeros((2, 3, 3), bool), np.zeros((2, 3, 4), bool),
-                            np.arange(2))
+    semdist.layer_index_map(np.zeros((2, 3, 3), bool), np.zeros((2, 3, 4), bool), np.arange(2))
   with pytest.raises(ValueError):
-    semdist.layer_index_map(np.zeros((2, 3, 3), bool), np.zeros((2, 3, 3), bool),
-                            np.arange(3))
+    semdist.layer_index_map(np.zeros((2, 3, 3), bool), np.zeros((2, 3, 3), bool), np.arange(3))

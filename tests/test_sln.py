@@ -1,6 +1,7 @@
 """The whole SLN: full-size tracing and parameter count, tiny-model overfit,
 frozen parts, bfloat16 inference and training gradients, and the legacy GLM
 flag."""
+
 import functools
 
 import jax
@@ -22,8 +23,9 @@ def _compile(fn, *args):
 
 
 # ------------------------------------------------------------ release count
-def release_state_dict_sizes(glm: bool = True, num_classes: int = 2,
-                             layers: int = 1) -> tuple[int, int]:
+def release_state_dict_sizes(
+    glm: bool = True, num_classes: int = 2, layers: int = 1
+) -> tuple[int, int]:
   """(number of scalars, number of tensors) of the release's COCOA.pth
   state_dict (without num_batches_tracked), from its PyTorch architecture."""
   sizes = []
@@ -71,10 +73,15 @@ def _abstract_batch(cfg, b=1):
   s, g, m = cfg.input.image_size, cfg.model.glm.image_size, cfg.input.max_instances
   k, l = cfg.input.gt_mask_size, cfg.model.num_layers
   sd = jax.ShapeDtypeStruct
-  return {'image': sd((b, s, s, 3), jnp.uint8), 'glm_image': sd((b, g, g, 3), jnp.uint8),
-          'image_shape': sd((b, 2), jnp.float32), 'gt_boxes': sd((b, m, 4), jnp.float32),
-          'gt_classes': sd((b, m), jnp.int32), 'gt_valid': sd((b, m), jnp.bool_),
-          'gt_layers': sd((b, m, k, k, l), jnp.float32)}
+  return {
+      'image': sd((b, s, s, 3), jnp.uint8),
+      'glm_image': sd((b, g, g, 3), jnp.uint8),
+      'image_shape': sd((b, 2), jnp.float32),
+      'gt_boxes': sd((b, m, 4), jnp.float32),
+      'gt_classes': sd((b, m), jnp.int32),
+      'gt_valid': sd((b, m), jnp.bool_),
+      'gt_layers': sd((b, m, k, k, l), jnp.float32),
+  }
 
 
 def test_full_size_model_traces_and_matches_release_parameter_count():
@@ -88,21 +95,35 @@ def test_full_size_model_traces_and_matches_release_parameter_count():
   assert shapes['params']['mask_head']['conv1']['kernel'].shape == (3, 3, 439, 256)
   batch = _abstract_batch(cfg)
   losses, metrics = jax.eval_shape(
-      functools.partial(model.apply, method='train_forward'), shapes, batch,
-      jax.random.PRNGKey(0))
-  assert set(losses) == {'rpn_class', 'rpn_bbox', 'head_class', 'head_bbox',
-                         'layer', 'amodal', 'total'}
+      functools.partial(model.apply, method='train_forward'), shapes, batch, jax.random.PRNGKey(0)
+  )
+  assert set(losses) == {
+      'rpn_class',
+      'rpn_bbox',
+      'head_class',
+      'head_bbox',
+      'layer',
+      'amodal',
+      'total',
+  }
   assert all(v.shape == () and v.dtype == jnp.float32 for v in losses.values())
   assert all(v.shape == () for v in metrics.values())
-  out = jax.eval_shape(functools.partial(model.apply, method='infer'), shapes,
-                       batch['image'], batch['glm_image'], batch['image_shape'])
+  out = jax.eval_shape(
+      functools.partial(model.apply, method='infer'),
+      shapes,
+      batch['image'],
+      batch['glm_image'],
+      batch['image_shape'],
+  )
   d = cfg.model.detection.max_detections
   assert out['boxes'].shape == (1, d, 4) and out['valid'].dtype == jnp.bool_
   assert out['layer_probs'].shape == (1, d, 32, 32, 1)
   assert out['amodal_probs'].shape == out['visible_probs'].shape == (1, d, 32, 32)
   glm_out = jax.eval_shape(
-      functools.partial(model.apply, method=lambda m, x: m.glm(x)), shapes,
-      jax.ShapeDtypeStruct((1, 513, 513, 3), jnp.float32))
+      functools.partial(model.apply, method=lambda m, x: m.glm(x)),
+      shapes,
+      jax.ShapeDtypeStruct((1, 513, 513, 3), jnp.float32),
+  )
   assert glm_out['logits'].shape == (1, 65, 65, 182)
   assert glm_out['features'].shape == (1, 65, 65, 183)
 
@@ -126,10 +147,13 @@ def _scene(num_layers=1):
   mask (num_layers 1), or the visible and the occluded part (2).
   Returns (batch, amodal (3, S, S) bool, visible (3, S, S) bool)."""
   yy, xx = np.mgrid[:S, :S]
-  amodal = np.stack([
-      (yy >= 8) & (yy < 30) & (xx >= 6) & (xx < 34),
-      ((yy - 30) / 14.0) ** 2 + ((xx - 38) / 16.0) ** 2 <= 1,
-      (yy >= 36) & (yy < 58) & (xx >= 10) & (xx < 28)])
+  amodal = np.stack(
+      [
+          (yy >= 8) & (yy < 30) & (xx >= 6) & (xx < 34),
+          ((yy - 30) / 14.0) ** 2 + ((xx - 38) / 16.0) ** 2 <= 1,
+          (yy >= 36) & (yy < 58) & (xx >= 10) & (xx < 28),
+      ]
+  )
   visible = amodal.copy()
   visible[1] &= ~amodal[0]
   visible[2] &= ~(amodal[0] | amodal[1])
@@ -152,10 +176,15 @@ def _scene(num_layers=1):
       layers[i, :, :, 1] = (m & ~visible[i])[np.ix_(sy, sx)]
   glm = image[::2, ::2][:33]
   glm = np.pad(glm, ((0, 33 - glm.shape[0]), (0, 33 - glm.shape[1]), (0, 0)), mode='edge')
-  batch = {'image': image[None], 'glm_image': glm[None],
-           'image_shape': np.array([[S, S]], np.float32), 'gt_boxes': gt_boxes[None],
-           'gt_classes': np.array([[1, 1, 1, 0]], np.int32),
-           'gt_valid': np.array([[True, True, True, False]]), 'gt_layers': layers[None]}
+  batch = {
+      'image': image[None],
+      'glm_image': glm[None],
+      'image_shape': np.array([[S, S]], np.float32),
+      'gt_boxes': gt_boxes[None],
+      'gt_classes': np.array([[1, 1, 1, 0]], np.int32),
+      'gt_valid': np.array([[True, True, True, False]]),
+      'gt_layers': layers[None],
+  }
   return batch, amodal, visible
 
 
@@ -169,8 +198,9 @@ def _paste(prob, box):
   y0, x0 = np.floor(ry).astype(int), np.floor(rx).astype(int)
   ya, xa = np.minimum(y0 + 1, m - 1), np.minimum(x0 + 1, m - 1)
   wy, wx = (ry - y0)[:, None], (rx - x0)[None]
-  p = ((prob[np.ix_(y0, x0)] * (1 - wx) + prob[np.ix_(y0, xa)] * wx) * (1 - wy)
-       + (prob[np.ix_(ya, x0)] * (1 - wx) + prob[np.ix_(ya, xa)] * wx) * wy)
+  p = (prob[np.ix_(y0, x0)] * (1 - wx) + prob[np.ix_(y0, xa)] * wx) * (1 - wy) + (
+      prob[np.ix_(ya, x0)] * (1 - wx) + prob[np.ix_(ya, xa)] * wx
+  ) * wy
   inside = ((c >= y1) & (c < y2))[:, None] & ((c >= x1) & (c < x2))[None]
   return (p >= 0.5) & inside
 
@@ -187,9 +217,10 @@ def test_tiny_model_overfits_one_image_in_two_layers_and_frozen_parts_get_no_gra
   from pycocotools import mask as mask_utils  # pylint: disable=import-outside-toplevel
 
   from sln_jax.evaluation import results as results_lib  # pylint: disable=import-outside-toplevel
+
   cfg = tiny.get_config()
   cfg.model.num_layers = 2
-  cfg.model.detection.nms_threshold = 0.5     # one detection per object
+  cfg.model.detection.nms_threshold = 0.5  # one detection per object
   # With the release's unweighted layer loss the occluded layer is learnt
   # late, and whether it is by step 400 hung on float rounding: an equal
   # but reordered BCE expression left 48 of the 107 hidden pixels visible at
@@ -207,9 +238,14 @@ def test_tiny_model_overfits_one_image_in_two_layers_and_frozen_parts_get_no_gra
   def step(params, opt, key):
     def loss_fn(p):
       (terms, metrics), new_vars = model.apply(
-          {'params': p, 'batch_stats': stats}, batch, key,
-          method='train_forward', mutable=['batch_stats'])
+          {'params': p, 'batch_stats': stats},
+          batch,
+          key,
+          method='train_forward',
+          mutable=['batch_stats'],
+      )
       return terms['total'], (terms, new_vars)
+
     grads, (terms, new_vars) = jax.grad(loss_fn, has_aux=True)(params)
     updates, opt = tx.update(grads, opt, params)
     return optax.apply_updates(params, updates), opt, terms, grads, new_vars
@@ -236,17 +272,22 @@ def test_tiny_model_overfits_one_image_in_two_layers_and_frozen_parts_get_no_gra
   args = (batch['image'], batch['glm_image'], batch['image_shape'])
   out = jax.device_get(_compile(functools.partial(model.apply, method='infer'), v, *args)(v, *args))
   assert out['valid'][0].sum() >= 3
-  results = results_lib.detections_to_results(1, {k: x[0] for k, x in out.items()},
-                                              (1.0, 1.0), (S, S))
-  masks = [(mask_utils.decode(r['segmentation']).astype(bool),
-            mask_utils.decode(r['visible_mask']).astype(bool), r['depth_layer'])
-           for r in results]
-  best = [max(range(len(masks)), key=lambda d, g=g: _iou(masks[d][0], amodal[g]))
-          for g in range(3)]
+  results = results_lib.detections_to_results(
+      1, {k: x[0] for k, x in out.items()}, (1.0, 1.0), (S, S)
+  )
+  masks = [
+      (
+          mask_utils.decode(r['segmentation']).astype(bool),
+          mask_utils.decode(r['visible_mask']).astype(bool),
+          r['depth_layer'],
+      )
+      for r in results
+  ]
+  best = [max(range(len(masks)), key=lambda d, g=g: _iou(masks[d][0], amodal[g])) for g in range(3)]
   for g, d in enumerate(best):
     assert _iou(masks[d][0], amodal[g]) >= 0.7, (g, _iou(masks[d][0], amodal[g]))
     assert _iou(masks[d][1], visible[g]) >= 0.7, (g, _iou(masks[d][1], visible[g]))
-  hidden = amodal[1] & ~visible[1]                 # the ellipse behind rectangle 0
+  hidden = amodal[1] & ~visible[1]  # the ellipse behind rectangle 0
   amodal_1, visible_1, depth_1 = masks[best[1]]
   assert (amodal_1 & hidden).sum() >= 0.6 * hidden.sum()
   assert (visible_1 & hidden).sum() <= 0.25 * hidden.sum()
@@ -274,8 +315,9 @@ def test_bfloat16_and_legacy_pixel_boxes_inference():
   np.testing.assert_array_equal(legacy['boxes'], out['boxes'])
   valid = np.asarray(out['valid'][0])
   assert valid.all()
-  assert not np.allclose(np.asarray(legacy['layer_probs'])[0, valid],
-                         np.asarray(out['layer_probs'])[0, valid])
+  assert not np.allclose(
+      np.asarray(legacy['layer_probs'])[0, valid], np.asarray(out['layer_probs'])[0, valid]
+  )
 
 
 def _fixed_proposals(batch, n):
@@ -302,8 +344,7 @@ def _relative_errors(got, want):
   return out
 
 
-def test_bfloat16_training_gradients_are_as_close_to_float32_as_bfloat16_weights_allow(
-    monkeypatch):
+def test_bfloat16_training_gradients_are_as_close_to_float32_as_bfloat16_weights_allow(monkeypatch):
   """model.dtype bfloat16 (params float32, compute bfloat16): every loss term
   stays float32 and within 1% of float32's, and each module's gradient is
   as close to the float32 gradient as the gradient moves in float32 when
@@ -312,12 +353,14 @@ def test_bfloat16_training_gradients_are_as_close_to_float32_as_bfloat16_weights
   ~5% either way). Fixed proposals on the objects make every head's loss
   and gradient non-zero."""
   from sln_jax.ops import proposals  # pylint: disable=import-outside-toplevel
+
   cfg = tiny.get_config()
   batch, _, _ = _scene()
   n = cfg.model.rpn.post_nms_topk_train
   props = _fixed_proposals(batch, n)
-  monkeypatch.setattr(proposals, 'generate_proposals', lambda *a, **k: (
-      jnp.asarray(props), jnp.arange(n)[None] < 9))
+  monkeypatch.setattr(
+      proposals, 'generate_proposals', lambda *a, **k: (jnp.asarray(props), jnp.arange(n)[None] < 9)
+  )
 
   def gradient_fn(dtype):
     """(initial params, compiled params -> (gradient, loss terms))."""
@@ -326,9 +369,14 @@ def test_bfloat16_training_gradients_are_as_close_to_float32_as_bfloat16_weights
     v = sln.init_variables(model, jax.random.PRNGKey(0), S)
 
     def loss(p):
-      terms = model.apply({'params': p, 'batch_stats': v['batch_stats']}, batch,
-                          jax.random.PRNGKey(1), method='train_forward')[0]
+      terms = model.apply(
+          {'params': p, 'batch_stats': v['batch_stats']},
+          batch,
+          jax.random.PRNGKey(1),
+          method='train_forward',
+      )[0]
       return terms['total'], terms
+
     grad = _compile(jax.grad(loss, has_aux=True), v['params'])
     return v['params'], lambda p: jax.device_get(grad(p))
 
@@ -341,7 +389,7 @@ def test_bfloat16_training_gradients_are_as_close_to_float32_as_bfloat16_weights
     np.testing.assert_allclose(terms16[k], t, rtol=1e-2, err_msg=k)
   assert all(g.dtype == np.float32 for g in jax.tree.leaves(got))
   err, floor_err = _relative_errors(got, want), _relative_errors(floor, want)
-  assert err['glm'] is None and floor_err['glm'] is None      # frozen
+  assert err['glm'] is None and floor_err['glm'] is None  # frozen
   for name in ('backbone', 'fpn', 'rpn', 'box_head', 'mask_head'):
     assert err[name] <= 2 * floor_err[name] + 0.005, (name, err, floor_err)
 
@@ -355,7 +403,8 @@ def test_round_boxes_puts_detections_on_whole_canvas_pixels():
   v['params']['box_head']['linear_class']['bias'] = jnp.array([0.0, 5.0])
   args = (batch['image'], batch['glm_image'], batch['image_shape'])
   run = lambda m: jax.device_get(
-      _compile(functools.partial(m.apply, method='infer'), v, *args)(v, *args))
+      _compile(functools.partial(m.apply, method='infer'), v, *args)(v, *args)
+  )
   plain = run(sln.build_model(cfg))
   cfg.model.detection.round_boxes = True
   rounded = run(sln.build_model(cfg))
@@ -368,9 +417,10 @@ def test_round_boxes_puts_detections_on_whole_canvas_pixels():
 def _two_image_batch():
   """The scene and its mirror image with only its first object."""
   one, _, _ = _scene()
-  other = jax.tree.map(lambda x: np.flip(x, axis=2) if x.ndim == 4 and x.shape[-1] == 3
-                       else x, one)                        # mirrored image, same targets
-  other['gt_valid'] = np.array([[True, False, False, False]])   # one object only
+  other = jax.tree.map(
+      lambda x: np.flip(x, axis=2) if x.ndim == 4 and x.shape[-1] == 3 else x, one
+  )  # mirrored image, same targets
+  other['gt_valid'] = np.array([[True, False, False, False]])  # one object only
   return jax.tree.map(lambda a, b: np.concatenate([a, b]), one, other)
 
 
@@ -386,15 +436,19 @@ def test_batched_train_forward_equals_mean_of_single_images():
 
   def run(p, b, k):
     def loss(p):
-      terms, metrics = model.apply({'params': p, 'batch_stats': variables['batch_stats']},
-                                   b, k, method='train_forward')
+      terms, metrics = model.apply(
+          {'params': p, 'batch_stats': variables['batch_stats']}, b, k, method='train_forward'
+      )
       return terms['total'], (terms, metrics)
+
     return jax.grad(loss, has_aux=True)(p)
 
   run_c = jax.jit(run)
   grads, (terms, metrics) = run_c(variables['params'], batch, keys)
-  singles = [run_c(variables['params'], jax.tree.map(lambda x: x[i:i + 1], batch), keys[i:i + 1])
-             for i in range(2)]
+  singles = [
+      run_c(variables['params'], jax.tree.map(lambda x: x[i : i + 1], batch), keys[i : i + 1])
+      for i in range(2)
+  ]
   for name in terms:
     want = np.mean([float(s[1][0][name]) for s in singles])
     np.testing.assert_allclose(float(terms[name]), want, rtol=1e-4, atol=1e-6, err_msg=name)
@@ -404,9 +458,13 @@ def test_batched_train_forward_equals_mean_of_single_images():
   assert float(terms['total']) > 0
   want = jax.tree.map(lambda a, b: (a + b) / 2, singles[0][0], singles[1][0])
   for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(want)):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-3,
-                               atol=2e-5 * float(np.abs(w).max() + 1e-12),
-                               err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_allclose(
+        np.asarray(g),
+        np.asarray(w),
+        rtol=2e-3,
+        atol=2e-5 * float(np.abs(w).max() + 1e-12),
+        err_msg=jax.tree_util.keystr(path),
+    )
 
 
 def test_train_bn_step_uses_global_batch_statistics_on_any_device_split():
@@ -419,6 +477,7 @@ def test_train_bn_step_uses_global_batch_statistics_on_any_device_split():
   from sln_jax.training import optimizer as optimizer_lib  # pylint: disable=import-outside-toplevel
   from sln_jax.training import state as state_lib  # pylint: disable=import-outside-toplevel
   from sln_jax.training import step as step_lib  # pylint: disable=import-outside-toplevel
+
   cfg = tiny.get_config()
   cfg.model.train_bn = True
   cfg.model.bn_momentum = 0.5
@@ -429,8 +488,10 @@ def test_train_bn_step_uses_global_batch_statistics_on_any_device_split():
   state = state_lib.create_train_state(cfg, v, jax.random.PRNGKey(5))
   mask = optimizer_lib.trainable_mask(v['params'], v['batch_stats'], 'all', train_bn=True)
   assert mask['backbone']['C1_bn']['scale'] and not mask['glm']['layer1_bn']['scale']
-  step = jax.vmap(step_lib.make_stage_step(model, cfg, v['params'], v['batch_stats'], 'all'),
-                  axis_name=parallel.AXIS)
+  step = jax.vmap(
+      step_lib.make_stage_step(model, cfg, v['params'], v['batch_stats'], 'all'),
+      axis_name=parallel.AXIS,
+  )
   batch = _two_image_batch()
   out = {}
   for devices in (1, 2):
@@ -441,13 +502,18 @@ def test_train_bn_step_uses_global_batch_statistics_on_any_device_split():
   (one, m1), (two, m2) = out[1], out[2]
   np.testing.assert_allclose(m2['loss/total'], m1['loss/total'], rtol=1e-5)
   assert np.isfinite(m1['loss/total'])
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(two.batch_stats),
-                          jax.tree.leaves(one.batch_stats)):
+  for (path, a), b in zip(
+      jax.tree_util.tree_leaves_with_path(two.batch_stats), jax.tree.leaves(one.batch_stats)
+  ):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
-  for (path, a), b, p0 in zip(jax.tree_util.tree_leaves_with_path(two.params),
-                              jax.tree.leaves(one.params), jax.tree.leaves(v['params'])):
-    np.testing.assert_allclose(a - p0, b - p0, rtol=2e-3, atol=1e-6,
-                               err_msg=jax.tree_util.keystr(path))
+  for (path, a), b, p0 in zip(
+      jax.tree_util.tree_leaves_with_path(two.params),
+      jax.tree.leaves(one.params),
+      jax.tree.leaves(v['params']),
+  ):
+    np.testing.assert_allclose(
+        a - p0, b - p0, rtol=2e-3, atol=1e-6, err_msg=jax.tree_util.keystr(path)
+    )
   bs0, bs1 = v['batch_stats'], one.batch_stats
   for module in (('backbone', 'C1_bn'), ('backbone', 'C5_0', 'bn3'), ('box_head', 'bn1')):
     before, after = bs0, bs1
@@ -455,8 +521,9 @@ def test_train_bn_step_uses_global_batch_statistics_on_any_device_split():
       before, after = before[k], after[k]
     assert not np.allclose(before['mean'], after['mean']), module
   jax.tree.map(np.testing.assert_array_equal, bs1['glm'], bs0['glm'])
-  assert not np.array_equal(one.params['backbone']['C1_bn']['scale'],
-                            v['params']['backbone']['C1_bn']['scale'])
+  assert not np.array_equal(
+      one.params['backbone']['C1_bn']['scale'], v['params']['backbone']['C1_bn']['scale']
+  )
   jax.tree.map(np.testing.assert_array_equal, one.params['glm'], v['params']['glm'])
 
 
@@ -469,8 +536,9 @@ def test_layer_pixel_counts_over_positive_rois_mean_over_images():
   targets = rng.random((b, r, m, m, layers)).astype(np.float32)
   positive = np.array([[True, False, True], [False, False, False]])
   got = jax.jit(sln.layer_pixel_counts)(logits, targets, positive)
-  assert sorted(got) == sorted(f'layer{k}_{n}_px' for k in (1, 2)
-                               for n in ('hit', 'target', 'pred'))
+  assert sorted(got) == sorted(
+      f'layer{k}_{n}_px' for k in (1, 2) for n in ('hit', 'target', 'pred')
+  )
   for k in range(layers):
     hit = tgt = prd = 0
     for i in range(b):
@@ -491,8 +559,14 @@ def test_occluded_pos_weight_travels_from_the_config_to_the_layer_loss(monkeypat
   itself: tests/test_losses.py against torch's pos_weight.)"""
   seen = []
   real = losses.layer_loss
-  monkeypatch.setattr(losses, 'layer_loss', lambda *a, occluded_pos_weight=1.0: (
-      seen.append(occluded_pos_weight), real(*a, occluded_pos_weight=occluded_pos_weight))[1])
+  monkeypatch.setattr(
+      losses,
+      'layer_loss',
+      lambda *a, occluded_pos_weight=1.0: (
+          seen.append(occluded_pos_weight),
+          real(*a, occluded_pos_weight=occluded_pos_weight),
+      )[1],
+  )
   cfg = tiny.get_config()
   cfg.model.num_layers = 2
   batch, _, _ = _scene(num_layers=2)
@@ -502,8 +576,10 @@ def test_occluded_pos_weight_travels_from_the_config_to_the_layer_loss(monkeypat
     model = sln.build_model(cfg)
     variables = jax.eval_shape(lambda: sln.init_variables(model, jax.random.PRNGKey(0), S))
     weights = None if override is None else dict(cfg.loss, occluded_pos_weight=override)
-    jax.eval_shape(lambda v: model.apply(v, batch, jax.random.PRNGKey(1), weights,
-                                         method='train_forward'), variables)
+    jax.eval_shape(
+        lambda v: model.apply(v, batch, jax.random.PRNGKey(1), weights, method='train_forward'),
+        variables,
+    )
   assert seen == [1.0, 6.0, 2.5]
 
 
@@ -520,11 +596,11 @@ def test_mask_targets_are_framed_by_the_layer_crop_boxes(monkeypatch):
   props[0, :3] = batch['gt_boxes'][0, :3] / S
   props[0, 3:6] = (batch['gt_boxes'][0, :3] + [1, -1, 1, 1]) / S
   valid = np.arange(n)[None] < 6
-  monkeypatch.setattr(sln.SLN, '_proposals',
-                      lambda self, *a: (jnp.asarray(props), jnp.asarray(valid)))
+  monkeypatch.setattr(
+      sln.SLN, '_proposals', lambda self, *a: (jnp.asarray(props), jnp.asarray(valid))
+  )
   variables = sln.init_variables(model, jax.random.PRNGKey(0), S)
-  fwd = lambda v, b: model.apply(v, b, jax.random.PRNGKey(1),
-                                 method='train_forward')[0]
+  fwd = lambda v, b: model.apply(v, b, jax.random.PRNGKey(1), method='train_forward')[0]
   same = dict(batch, gt_layer_boxes=batch['gt_boxes'])
   moved = batch['gt_boxes'].copy()
   moved[0, :3] += np.array([3, 3, -3, -3], np.float32)
@@ -563,8 +639,8 @@ def test_infer_follows_the_documented_pipeline(round_boxes):
   cfg = tiny.get_config()
   m = cfg.model
   m.num_layers = 2
-  m.rpn.post_nms_topk_test = 256      # NMS leaves proposal slots empty
-  m.detection.max_detections = 256    # room for every foreground ROI
+  m.rpn.post_nms_topk_test = 256  # NMS leaves proposal slots empty
+  m.detection.max_detections = 256  # room for every foreground ROI
   m.detection.round_boxes = round_boxes
   model = sln.build_model(cfg)
   batch, _, _ = _scene(num_layers=2)
@@ -574,23 +650,24 @@ def test_infer_follows_the_documented_pipeline(round_boxes):
   v['params']['box_head']['linear_class']['bias'] = jnp.array([0.0, 3.0])
   shape = np.array([[40, 24]], np.float32)
   args = (batch['image'], batch['glm_image'], shape)
-  out = jax.device_get(_compile(functools.partial(model.apply, method='infer'),
-                                v, *args)(v, *args))
+  out = jax.device_get(_compile(functools.partial(model.apply, method='infer'), v, *args)(v, *args))
 
   def pieces(mdl, image):
-    pyramid, rpn_out = mdl._features(image)              # pylint: disable=protected-access
-    rois, valid = mdl._proposals(rpn_out, S, 256)        # pylint: disable=protected-access
-    head = mdl._box_head(pyramid, rois, S)               # pylint: disable=protected-access
+    pyramid, rpn_out = mdl._features(image)  # pylint: disable=protected-access
+    rois, valid = mdl._proposals(rpn_out, S, 256)  # pylint: disable=protected-access
+    head = mdl._box_head(pyramid, rois, S)  # pylint: disable=protected-access
     return rois, valid, head['probs'], head['deltas']
 
   run = functools.partial(model.apply, method=pieces)
-  rois, rois_valid, probs, deltas = (np.asarray(a, np.float64)[0] for a in jax.device_get(
-      _compile(run, v, batch['image'])(v, batch['image'])))
+  rois, rois_valid, probs, deltas = (
+      np.asarray(a, np.float64)[0]
+      for a in jax.device_get(_compile(run, v, batch['image'])(v, batch['image']))
+  )
   cls = probs.argmax(-1)
   score = probs.max(-1)
   keep = (rois_valid > 0) & (cls > 0)
   assert 30 < keep.sum() < rois_valid.sum() < 256
-  assert np.abs(probs[:, 1] - probs[:, 0]).min() > 1e-4   # no near-ties to flip
+  assert np.abs(probs[:, 1] - probs[:, 0]).min() > 1e-4  # no near-ties to flip
   window = np.array([0, 0, 40 / S, 24 / S])
   boxes, unclipped = _decode_clip(rois, deltas[np.arange(len(cls)), cls], m.roi.bbox_std, window)
   order = np.flatnonzero(keep)[np.argsort(-score[keep], kind='stable')]
@@ -608,14 +685,20 @@ def test_infer_follows_the_documented_pipeline(round_boxes):
     assert not np.any(out[name][0, n:]), name
 
   def masks(mdl, image, glm_image, boxes):
-    pyramid, _ = mdl._features(image)                    # pylint: disable=protected-access
-    glm = mdl._glm_features(glm_image)                   # pylint: disable=protected-access
+    pyramid, _ = mdl._features(image)  # pylint: disable=protected-access
+    glm = mdl._glm_features(glm_image)  # pylint: disable=protected-access
     return mdl._mask_head(pyramid, glm, boxes, boxes, S)  # pylint: disable=protected-access
 
   run = functools.partial(model.apply, method=masks)
   boxes = jnp.asarray(out['boxes'] / S, jnp.float32)
-  logits = np.asarray(jax.device_get(_compile(run, v, batch['image'], batch['glm_image'], boxes)(
-      v, batch['image'], batch['glm_image'], boxes)), np.float64)[0, :n]
+  logits = np.asarray(
+      jax.device_get(
+          _compile(run, v, batch['image'], batch['glm_image'], boxes)(
+              v, batch['image'], batch['glm_image'], boxes
+          )
+      ),
+      np.float64,
+  )[0, :n]
   sig = lambda x: 1 / (1 + np.exp(-x))
   tol = dict(rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(out['layer_probs'][0, :n], sig(logits), **tol)
@@ -635,6 +718,7 @@ def test_train_forward_feeds_the_sampled_rois_to_the_heads_and_losses(monkeypatc
   through them (as the release's crop_and_resize, which has none for its
   boxes)."""
   from sln_jax.ops import roi_align  # pylint: disable=import-outside-toplevel
+
   cfg = tiny.get_config()
   model = sln.build_model(cfg)
   batch, _, _ = _scene()
@@ -643,8 +727,14 @@ def test_train_forward_feeds_the_sampled_rois_to_the_heads_and_losses(monkeypatc
   gt = batch['gt_boxes'][0, :3].astype(np.float64) / S
   from sln_jax.ops import proposals  # pylint: disable=import-outside-toplevel
   # The proposals move (by < 0.01 px) with the RPN deltas: a gradient path.
-  monkeypatch.setattr(proposals, 'generate_proposals', lambda scores, deltas, *a, **k: (
-      props + 1e-4 * jnp.tanh(deltas[:, :n]), jnp.arange(n)[None] < 9))
+  monkeypatch.setattr(
+      proposals,
+      'generate_proposals',
+      lambda scores, deltas, *a, **k: (
+          props + 1e-4 * jnp.tanh(deltas[:, :n]),
+          jnp.arange(n)[None] < 9,
+      ),
+  )
   seen = {}
   real_crop, real_pool = roi_align.crop_and_resize, roi_align.multilevel_crop_and_resize
   real_layer, real_amodal = losses.layer_loss, losses.amodal_loss
@@ -684,15 +774,22 @@ def test_train_forward_feeds_the_sampled_rois_to_the_heads_and_losses(monkeypatc
   v = sln.init_variables(model, jax.random.PRNGKey(0), S)
   bbox = v['params']['box_head']['linear_bbox']
   bbox['kernel'] = jnp.zeros_like(bbox['kernel'])
-  bbox['bias'] = jnp.array([0.0] * 4 + [2.0] * 4)          # (class, coordinate)
+  bbox['bias'] = jnp.array([0.0] * 4 + [2.0] * 4)  # (class, coordinate)
 
   def fwd(params, b):
     def heads_loss(p):
       seen.clear()
-      terms = model.apply({'params': p, 'batch_stats': v['batch_stats']}, b,
-                          jax.random.PRNGKey(1), method='train_forward')[0]
+      terms = model.apply(
+          {'params': p, 'batch_stats': v['batch_stats']},
+          b,
+          jax.random.PRNGKey(1),
+          method='train_forward',
+      )[0]
       return sum(terms[k] for k in ('head_class', 'head_bbox', 'layer', 'amodal')), (
-          terms, dict(seen))
+          terms,
+          dict(seen),
+      )
+
     grads, aux = jax.grad(heads_loss, has_aux=True)(params)
     return grads, aux
 
@@ -710,8 +807,8 @@ def test_train_forward_feeds_the_sampled_rois_to_the_heads_and_losses(monkeypatc
   assert box_rois.max() <= 1.0
   iou = box_reference.iou(box_rois.astype(np.float64), gt)
   positive = iou.max(1) >= o.fg_iou
-  sampled = (box_rois[:npos, 2] > box_rois[:npos, 0])
-  assert positive.sum() == 6 and sampled.sum() > 6      # negatives among the mask slots
+  sampled = box_rois[:npos, 2] > box_rois[:npos, 0]
+  assert positive.sum() == 6 and sampled.sum() > 6  # negatives among the mask slots
   np.testing.assert_array_equal(got['layer_positive'], positive[:npos])
   np.testing.assert_array_equal(got['amodal_positive'], positive[:npos])
   # model.train_bn: the box head's BN counts the sampled ROIs, the mask head's the positives.
@@ -719,9 +816,15 @@ def test_train_forward_feeds_the_sampled_rois_to_the_heads_and_losses(monkeypatc
   np.testing.assert_array_equal(got['mask_bn_mask'], positive[:npos])
   r, g = box_rois[positive].astype(np.float64), gt[iou[positive].argmax(1)]
   rh, rw, gh, gw = r[:, 2] - r[:, 0], r[:, 3] - r[:, 1], g[:, 2] - g[:, 0], g[:, 3] - g[:, 1]
-  t = np.stack([(g[:, 0] + 0.5 * gh - r[:, 0] - 0.5 * rh) / rh,
-                (g[:, 1] + 0.5 * gw - r[:, 1] - 0.5 * rw) / rw,
-                np.log(gh / rh), np.log(gw / rw)], -1) / np.asarray(o.bbox_std)
+  t = np.stack(
+      [
+          (g[:, 0] + 0.5 * gh - r[:, 0] - 0.5 * rh) / rh,
+          (g[:, 1] + 0.5 * gw - r[:, 1] - 0.5 * rw) / rw,
+          np.log(gh / rh),
+          np.log(gw / rw),
+      ],
+      -1,
+  ) / np.asarray(o.bbox_std)
   d = np.abs(2.0 - t)
   want = np.mean(np.where(d < 1, 0.5 * d * d, d - 0.5))
   np.testing.assert_allclose(terms['head_bbox'], want, rtol=1e-4)

@@ -1,5 +1,6 @@
 """Synthetic COCOA-schema generator: determinism, schema, self-consistency,
 statistics, the CLI, and reading it back with the COCOA reader."""
+
 import json
 import os
 import subprocess
@@ -16,8 +17,7 @@ from tests import semdist_decode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 64
-REGION_KEYS = {'segmentation', 'name', 'area', 'isStuff', 'occlude_rate',
-               'order'}
+REGION_KEYS = {'segmentation', 'name', 'area', 'isStuff', 'occlude_rate', 'order'}
 
 
 def _files(root):
@@ -46,8 +46,7 @@ def _rle_mask(rle):
 @pytest.fixture(scope='module')
 def dataset(tmp_path_factory):
   root = str(tmp_path_factory.mktemp('synthetic'))
-  stats = synthetic.generate_dataset(root, {'train': 10, 'val': 3},
-                                     image_size=SIZE, seed=7)
+  stats = synthetic.generate_dataset(root, {'train': 10, 'val': 3}, image_size=SIZE, seed=7)
   return root, stats
 
 
@@ -57,10 +56,11 @@ def test_layout_and_determinism(dataset, tmp_path):
   assert set(files) == (
       {f'annotations/COCO_amodal_{s}2014.json' for s in ('train', 'val')}
       | {f'train2014/COCO_train2014_{i:012d}.png' for i in range(1, 11)}
-      | {f'val2014/COCO_val2014_{i:012d}.png' for i in range(1, 4)})
-  again = synthetic.generate_dataset(str(tmp_path / 'a'),
-                                     {'train': 10, 'val': 3},
-                                     image_size=SIZE, seed=7)
+      | {f'val2014/COCO_val2014_{i:012d}.png' for i in range(1, 4)}
+  )
+  again = synthetic.generate_dataset(
+      str(tmp_path / 'a'), {'train': 10, 'val': 3}, image_size=SIZE, seed=7
+  )
   assert _files(str(tmp_path / 'a')) == files
   assert again == stats
   # Each image depends only on (seed, split, index): a shorter run is a prefix.
@@ -71,8 +71,10 @@ def test_layout_and_determinism(dataset, tmp_path):
     assert short[name] == files[name]
   synthetic.generate_split(str(tmp_path / 'c'), 'train', 4, SIZE, seed=8)
   other = _files(str(tmp_path / 'c'))
-  assert other['train2014/COCO_train2014_000000000001.png'] != short[
-      'train2014/COCO_train2014_000000000001.png']
+  assert (
+      other['train2014/COCO_train2014_000000000001.png']
+      != short['train2014/COCO_train2014_000000000001.png']
+  )
 
 
 def test_schema(dataset):
@@ -84,19 +86,16 @@ def test_schema(dataset):
     for img, ann in zip(data['images'], data['annotations']):
       assert set(img) == {'id', 'file_name', 'width', 'height'}
       assert (img['width'], img['height']) == (SIZE, SIZE)
-      with Image.open(os.path.join(root, f'{split}2014',
-                                   img['file_name'])) as im:
+      with Image.open(os.path.join(root, f'{split}2014', img['file_name'])) as im:
         assert im.size == (SIZE, SIZE) and im.mode == 'RGB'
-      assert set(ann) == {'id', 'image_id', 'size', 'depth_constraint',
-                          'regions'}
+      assert set(ann) == {'id', 'image_id', 'size', 'depth_constraint', 'regions'}
       assert ann['image_id'] == img['id']
       regions = ann['regions']
       assert ann['size'] == len(regions) >= 1
       assert [r['order'] for r in regions] == list(range(1, len(regions) + 1))
       for r in regions:
         occluded = r['occlude_rate'] > 0
-        expected = REGION_KEYS | ({'visible_mask', 'invisible_mask'}
-                                  if occluded else set())
+        expected = REGION_KEYS | ({'visible_mask', 'invisible_mask'} if occluded else set())
         assert set(r) == expected
         seg = r['segmentation']
         assert isinstance(seg, list) and len(seg) % 2 == 0 and len(seg) >= 6
@@ -145,8 +144,7 @@ def test_masks_self_consistent(dataset):
 
 
 def test_statistics_and_variety(tmp_path):
-  stats = synthetic.generate_dataset(str(tmp_path), {'train': 40},
-                                     image_size=96, seed=1)
+  stats = synthetic.generate_dataset(str(tmp_path), {'train': 40}, image_size=96, seed=1)
   s = stats['train']
   assert stats['all']['num_instances'] == s['num_instances']
   hist = s['histogram']
@@ -164,10 +162,9 @@ def test_statistics_and_variety(tmp_path):
   # Things are saturated, the background is muted: a learnable contrast.
   sat_fg, sat_bg = [], []
   for img, ann in zip(data['images'], data['annotations']):
-    rgb = np.asarray(Image.open(os.path.join(tmp_path, 'train2014',
-                                             img['file_name'])))
+    rgb = np.asarray(Image.open(os.path.join(tmp_path, 'train2014', img['file_name'])))
     hi, lo = rgb.max(-1).astype(float), rgb.min(-1).astype(float)
-    sat = (hi - lo) / np.maximum(hi, 1)               # HSV saturation
+    sat = (hi - lo) / np.maximum(hi, 1)  # HSV saturation
     any_region = np.zeros(rgb.shape[:2], bool)
     for r in ann['regions']:
       am = _poly_mask(r['segmentation'], 96, 96)
@@ -181,10 +178,10 @@ def test_statistics_and_variety(tmp_path):
 
 def test_clip_polygon_area():
   square = np.array([[-5.0, -5.0], [5.0, -5.0], [5.0, 5.0], [-5.0, 5.0]])
-  clipped = synthetic._clip_polygon(square, 20, 3)   # pylint: disable=protected-access
+  clipped = synthetic._clip_polygon(square, 20, 3)  # pylint: disable=protected-access
   x, y = clipped[:, 0], clipped[:, 1]
   area = 0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))
-  assert area == pytest.approx(15.0)                 # [0, 5] x [0, 3]
+  assert area == pytest.approx(15.0)  # [0, 5] x [0, 3]
   assert len(synthetic._clip_polygon(square + 100, 20, 3)) == 0  # pylint: disable=protected-access
 
 
@@ -198,14 +195,19 @@ def test_bad_arguments():
 def _script(*args):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
   return subprocess.run(
-      [sys.executable, os.path.join(ROOT, 'scripts', 'make_synthetic.py'),
-       *args], capture_output=True, text=True, env=env, cwd='/')
+      [sys.executable, os.path.join(ROOT, 'scripts', 'make_synthetic.py'), *args],
+      capture_output=True,
+      text=True,
+      env=env,
+      cwd='/',
+  )
 
 
 def test_script(tmp_path):
   out = tmp_path / 'data'
-  res = _script('--out', str(out), '--num-train', '3', '--num-val', '2',
-                '--image-size', '48', '--seed', '5')
+  res = _script(
+      '--out', str(out), '--num-train', '3', '--num-val', '2', '--image-size', '48', '--seed', '5'
+  )
   assert res.returncode == 0, res.stderr
   lines = [json.loads(l) for l in res.stdout.splitlines() if l.startswith('{')]
   assert [l['split'] for l in lines] == ['train', 'val', 'all']
@@ -217,8 +219,11 @@ def test_script(tmp_path):
     assert len(os.listdir(out / f'{split}2014')) == n
   # Bad arguments: exit 2, one line, nothing written.
   bad = tmp_path / 'bad'
-  for args in (('--num-train', '-1'), ('--image-size', '16'),
-               ('--min-objects', '5', '--max-objects', '2')):
+  for args in (
+      ('--num-train', '-1'),
+      ('--image-size', '16'),
+      ('--min-objects', '5', '--max-objects', '2'),
+  ):
     res = _script('--out', str(bad), *args)
     assert res.returncode == 2
     assert res.stderr.strip().startswith('error:')
@@ -226,8 +231,7 @@ def test_script(tmp_path):
   assert os.listdir(tmp_path) == ['data']
   # Its own earlier output is replaced; a folder holding anything else is not.
   assert synthetic.looks_generated(str(out))
-  res = _script('--out', str(out), '--num-train', '1', '--num-val', '0',
-                '--image-size', '48')
+  res = _script('--out', str(out), '--num-train', '1', '--num-val', '0', '--image-size', '48')
   assert res.returncode == 0, res.stderr
   assert sorted(os.listdir(out)) == ['annotations', 'train2014']
   (out / 'thesis.tex').write_text('mine')
@@ -241,9 +245,11 @@ def test_script(tmp_path):
 def test_cocoa_reader_recovers_masks(dataset):
   readers = pytest.importorskip('input_pipeline.readers')
   from input_pipeline import records  # pylint: disable=g-import-not-at-top
+
   root, _ = dataset
-  anns = readers.load_cocoa(synthetic.annotation_path(root, 'train'),
-                            synthetic.images_dir(root, 'train'))
+  anns = readers.load_cocoa(
+      synthetic.annotation_path(root, 'train'), synthetic.images_dir(root, 'train')
+  )
   data = _load(root, 'train')
   assert len(anns) == len(data['images'])
   for got, img, ann in zip(anns, data['images'], data['annotations']):
@@ -260,8 +266,11 @@ def test_cocoa_reader_recovers_masks(dataset):
       assert rec.is_stuff[k] == bool(r['isStuff'])
       assert abs(rec.occlude_rate[k] - r['occlude_rate']) < 1e-6
       covered |= am
-    expected = {tuple(map(lambda v: int(v) - 1, p.split('-')))
-                for p in ann['depth_constraint'].split(',') if p}
+    expected = {
+        tuple(map(lambda v: int(v) - 1, p.split('-')))
+        for p in ann['depth_constraint'].split(',')
+        if p
+    }
     assert {tuple(p) for p in rec.depth_pairs.tolist()} == expected
     # The sem-dist encoder round-trips the record's masks (L = N channels).
     n = len(ann['regions'])

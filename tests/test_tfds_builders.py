@@ -1,24 +1,18 @@
 """Tests of input_pipeline/tfds_builders.py on tiny files in the real schemas."""
+
 import json
 import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-import pytest  # noqa: E402
-import tensorflow_datasets as tfds  # noqa: E402
+import numpy as np
+from PIL import Image
+import pytest
+import tensorflow_datasets as tfds
 
-from configs import default  # noqa: E402
-from input_pipeline import (
-  readers,  # noqa: E402
-  records,  # noqa: E402
-  tfds_builders,  # noqa: E402
-)
-from sln_jax import (
-  errors,  # noqa: E402
-  semdist,  # noqa: E402
-)
+from configs import default
+from input_pipeline import readers, records, tfds_builders
+from sln_jax import errors, semdist
 
 H, W = 24, 32
 
@@ -42,8 +36,7 @@ def _write_image(path, seed):
 
 
 def _images(names):
-  return [{'id': i + 1, 'file_name': n, 'height': H, 'width': W}
-          for i, n in enumerate(names)]
+  return [{'id': i + 1, 'file_name': n, 'height': H, 'width': W} for i, n in enumerate(names)]
 
 
 def _write_cocoa(root, split='val'):
@@ -54,16 +47,31 @@ def _write_cocoa(root, split='val'):
   front, back = _rect(2, 2, 14, 16), _rect(8, 10, 22, 30)
   invis = back & front
   regions = [
-      {'segmentation': _poly(8, 10, 22, 30)[0], 'name': 'b', 'area': 280.0,
-       'isStuff': 1, 'occlude_rate': float(invis.sum() / back.sum()),
-       'order': 2, 'visible_mask': records.encode_mask(back & ~front),
-       'invisible_mask': records.encode_mask(invis)},
-      {'segmentation': _poly(2, 2, 14, 16)[0], 'name': 'a', 'area': 168.0,
-       'isStuff': 0, 'occlude_rate': 0.0, 'order': 1},
+      {
+          'segmentation': _poly(8, 10, 22, 30)[0],
+          'name': 'b',
+          'area': 280.0,
+          'isStuff': 1,
+          'occlude_rate': float(invis.sum() / back.sum()),
+          'order': 2,
+          'visible_mask': records.encode_mask(back & ~front),
+          'invisible_mask': records.encode_mask(invis),
+      },
+      {
+          'segmentation': _poly(2, 2, 14, 16)[0],
+          'name': 'a',
+          'area': 168.0,
+          'isStuff': 0,
+          'occlude_rate': 0.0,
+          'order': 1,
+      },
   ]
-  data = {'images': _images(names), 'annotations': [
-      {'id': 1, 'image_id': 1, 'size': 2, 'depth_constraint': '1-2',
-       'regions': regions}]}
+  data = {
+      'images': _images(names),
+      'annotations': [
+          {'id': 1, 'image_id': 1, 'size': 2, 'depth_constraint': '1-2', 'regions': regions}
+      ],
+  }
   path = os.path.join(root, 'annotations', f'COCO_amodal_{split}2014.json')
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, 'w') as f:
@@ -77,17 +85,29 @@ def _write_d2sa(root):
     _write_image(os.path.join(root, 'images', n), k)
   a, b = _rect(3, 3, 15, 20), _rect(10, 12, 20, 28)
   anns = []
-  for i, (img, m, vis, depth, cat) in enumerate([
-      (1, b, b & ~a, 2, 7), (1, a, a, 1, 5), (2, b, b, 1, 9)]):
-    ann = {'id': i + 1, 'image_id': img, 'category_id': cat, 'iscrowd': 0,
-           'segmentation': records.encode_mask(m), 'area': float(m.sum()),
-           'bbox': [0, 0, 1, 1], 'visible_mask': records.encode_mask(vis),
-           'occlude_rate': float(1 - vis.sum() / m.sum()), 'occl_depth': depth}
+  for i, (img, m, vis, depth, cat) in enumerate(
+      [(1, b, b & ~a, 2, 7), (1, a, a, 1, 5), (2, b, b, 1, 9)]
+  ):
+    ann = {
+        'id': i + 1,
+        'image_id': img,
+        'category_id': cat,
+        'iscrowd': 0,
+        'segmentation': records.encode_mask(m),
+        'area': float(m.sum()),
+        'bbox': [0, 0, 1, 1],
+        'visible_mask': records.encode_mask(vis),
+        'occlude_rate': float(1 - vis.sum() / m.sum()),
+        'occl_depth': depth,
+    }
     if (m & ~vis).any():
       ann['invisible_mask'] = records.encode_mask(m & ~vis)
     anns.append(ann)
-  data = {'images': _images(names), 'annotations': anns,
-          'categories': [{'id': c, 'name': f'c{c}'} for c in (5, 7, 9)]}
+  data = {
+      'images': _images(names),
+      'annotations': anns,
+      'categories': [{'id': c, 'name': f'c{c}'} for c in (5, 7, 9)],
+  }
   path = os.path.join(root, 'annotations', 'D2S_amodal_validation.json')
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, 'w') as f:
@@ -99,18 +119,40 @@ def _write_kins(root):
   names = ['000001.png']
   _write_image(os.path.join(root, 'testing', 'image_2', names[0]), 3)
   anns = [
-      {'id': 1, 'image_id': 1, 'category_id': 1, 'iscrowd': 0,
-       'a_segm': _poly(2, 2, 14, 16), 'i_segm': _poly(2, 2, 14, 16),
-       'a_bbox': [2, 2, 14, 12], 'i_bbox': [2, 2, 14, 12], 'a_area': 168,
-       'i_area': 168, 'oco_id': 0, 'ico_id': 0},
-      {'id': 2, 'image_id': 1, 'category_id': 2, 'iscrowd': 0,
-       'a_segm': _poly(8, 10, 22, 30),
-       'i_segm': [[16, 8, 30, 8, 30, 22, 10, 22, 10, 14, 16, 14]],
-       'a_bbox': [10, 8, 20, 14], 'i_bbox': [10, 8, 20, 14], 'a_area': 280,
-       'i_area': 244, 'oco_id': 0, 'ico_id': 0},
+      {
+          'id': 1,
+          'image_id': 1,
+          'category_id': 1,
+          'iscrowd': 0,
+          'a_segm': _poly(2, 2, 14, 16),
+          'i_segm': _poly(2, 2, 14, 16),
+          'a_bbox': [2, 2, 14, 12],
+          'i_bbox': [2, 2, 14, 12],
+          'a_area': 168,
+          'i_area': 168,
+          'oco_id': 0,
+          'ico_id': 0,
+      },
+      {
+          'id': 2,
+          'image_id': 1,
+          'category_id': 2,
+          'iscrowd': 0,
+          'a_segm': _poly(8, 10, 22, 30),
+          'i_segm': [[16, 8, 30, 8, 30, 22, 10, 22, 10, 14, 16, 14]],
+          'a_bbox': [10, 8, 20, 14],
+          'i_bbox': [10, 8, 20, 14],
+          'a_area': 280,
+          'i_area': 244,
+          'oco_id': 0,
+          'ico_id': 0,
+      },
   ]
-  data = {'images': _images(names), 'annotations': anns,
-          'categories': [{'id': 1, 'name': 'car'}, {'id': 2, 'name': 'ped'}]}
+  data = {
+      'images': _images(names),
+      'annotations': anns,
+      'categories': [{'id': 1, 'name': 'car'}, {'id': 2, 'name': 'ped'}],
+  }
   path = os.path.join(root, 'annotations', 'update_test_2020.json')
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, 'w') as f:
@@ -128,8 +170,7 @@ def _config(name, tmp_path, manual):
 
 def _check_examples(builder, split, ann_path, images_dir, fmt):
   """Every stored example equals what the reader + semdist give directly."""
-  expected = {a.image_id: a for a in readers.load_annotations(fmt, ann_path,
-                                                              images_dir)}
+  expected = {a.image_id: a for a in readers.load_annotations(fmt, ann_path, images_dir)}
   got = list(tfds.as_numpy(builder.as_dataset(split=split)))
   assert len(got) == len(expected)
   for ex in got:
@@ -139,12 +180,14 @@ def _check_examples(builder, split, ann_path, images_dir, fmt):
     inst = ex['instances']
     np.testing.assert_array_equal(inst['layer_index'], index)
     np.testing.assert_array_equal(inst['layer_index'] > 0, rec.amodal)
-    np.testing.assert_array_equal(inst['layer_index'] == 1,
-                                  rec.amodal & ~(rec.occluded & rec.amodal))
+    np.testing.assert_array_equal(
+        inst['layer_index'] == 1, rec.amodal & ~(rec.occluded & rec.amodal)
+    )
     for i, m in enumerate(rec.amodal):
       ys, xs = np.nonzero(m)
       np.testing.assert_array_equal(
-          inst['bbox'][i], [ys.min(), xs.min(), ys.max() + 1, xs.max() + 1])
+          inst['bbox'][i], [ys.min(), xs.min(), ys.max() + 1, xs.max() + 1]
+      )
     np.testing.assert_array_equal(inst['depth_rank'], rec.depth_rank)
     np.testing.assert_allclose(inst['occlude_rate'], rec.occlude_rate)
     np.testing.assert_array_equal(inst['is_stuff'], rec.is_stuff)
@@ -169,7 +212,7 @@ def test_cocoa_builder(tmp_path, capsys):
   assert 'dataset cocoa prepared: val 1 examples' in out and 'Unknown size' not in out
   assert set(builder.info.splits) == {'val'}  # train/test files absent
   got = _check_examples(builder, 'val', ann, str(manual / 'val2014'), 'cocoa')
-  assert len(got) == 1   # image 2 has no instances: skipped
+  assert len(got) == 1  # image 2 has no instances: skipped
   # Regions sorted by order: 'a' (front) first, 'b' hidden behind it.
   inst = got[0]['instances']
   np.testing.assert_array_equal(inst['depth_rank'], [0, 1])
@@ -229,8 +272,7 @@ def test_kins_builder(tmp_path):
   ann = _write_kins(str(manual))
   builder = tfds_builders.build_dataset(_config('kins', tmp_path, manual))
   assert set(builder.info.splits) == {'test'}
-  got = _check_examples(builder, 'test', ann, str(manual / 'testing/image_2'),
-                        'kins')
+  got = _check_examples(builder, 'test', ann, str(manual / 'testing/image_2'), 'kins')
   assert (got[0]['instances']['layer_index'][1] == 2).any()  # 2 hidden by 1
 
 
@@ -259,5 +301,6 @@ def test_boxes_from_masks():
   masks = np.zeros((3, 5, 6), bool)
   masks[0, 1:3, 2:5] = True
   masks[1, 4, 0] = True
-  np.testing.assert_array_equal(tfds_builders.boxes_from_masks(masks),
-                                [[1, 2, 3, 5], [4, 0, 5, 1], [0, 0, 0, 0]])
+  np.testing.assert_array_equal(
+      tfds_builders.boxes_from_masks(masks), [[1, 2, 3, 5], [4, 0, 5, 1], [0, 0, 0, 0]]
+  )

@@ -1,4 +1,5 @@
 """scripts/visualize.py: ground truth beside predictions, on generated scenes."""
+
 import json
 import os
 import subprocess
@@ -10,11 +11,10 @@ import pytest
 
 from input_pipeline import readers, records, synthetic
 from sln_jax import errors
+from sln_scripts import visualize as vis
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 64
-
-from sln_scripts import visualize as vis  # noqa: E402
 
 
 @pytest.fixture(scope='module')
@@ -27,14 +27,32 @@ def dataset(tmp_path_factory):
 
 def _args(dataset, out, *extra):
   ann, images, _ = dataset
-  return ['--format', 'cocoa', '--annotations', ann, '--images', images,
-          '--out', str(out), *map(str, extra)]
+  return [
+      '--format',
+      'cocoa',
+      '--annotations',
+      ann,
+      '--images',
+      images,
+      '--out',
+      str(out),
+      *map(str, extra),
+  ]
 
 
 def _perfect_results(gt, score=0.9):
-  return [{'image_id': a.image_id, 'category_id': i.category_id, 'score': score,
-           'segmentation': i.amodal_rle, 'visible_mask': i.visible_rle,
-           'depth_layer': int(i.depth_rank)} for a in gt for i in a.instances]
+  return [
+      {
+          'image_id': a.image_id,
+          'category_id': i.category_id,
+          'score': score,
+          'segmentation': i.amodal_rle,
+          'visible_mask': i.visible_rle,
+          'depth_layer': int(i.depth_rank),
+      }
+      for a in gt
+      for i in a.instances
+  ]
 
 
 def _png(out, annotation):
@@ -51,7 +69,7 @@ def test_ground_truth_pictures(dataset, tmp_path):
     picture = _png(tmp_path, a)
     assert picture.shape == (SIZE + vis.HEADER, SIZE, 3)
     raw = np.asarray(Image.open(os.path.join(images, a.file_name)).convert('RGB'))
-    panel = picture[vis.HEADER:].astype(int)
+    panel = picture[vis.HEADER :].astype(int)
     # Every instance is drawn: its visible pixels are tinted (away from the
     # box outlines and labels, which cover the borders).
     for inst in a.instances:
@@ -61,7 +79,7 @@ def test_ground_truth_pictures(dataset, tmp_path):
       occluded = records.decode_rle(inst.amodal_rle) & ~visible
       if occluded.sum() > 40:
         occluded_seen = True
-        assert np.abs(panel - raw)[occluded].mean() > 2   # the hidden part is shown too
+        assert np.abs(panel - raw)[occluded].mean() > 2  # the hidden part is shown too
   assert occluded_seen
 
 
@@ -70,33 +88,47 @@ def test_perfect_predictions_look_like_the_ground_truth(dataset, tmp_path):
   results = _perfect_results(gt)
   # A low-score detection over the whole first image is below the threshold.
   whole = records.encode_mask(np.ones((SIZE, SIZE), bool))
-  results.append({'image_id': gt[0].image_id, 'score': 0.2, 'segmentation': whole,
-                  'visible_mask': whole, 'depth_layer': 0})
+  results.append(
+      {
+          'image_id': gt[0].image_id,
+          'score': 0.2,
+          'segmentation': whole,
+          'visible_mask': whole,
+          'depth_layer': 0,
+      }
+  )
   dt = tmp_path / 'dt.json'
   dt.write_text(json.dumps(results))
   out = tmp_path / 'vis'
-  assert vis.main(_args(dataset, out, '--results', dt, '--image-ids',
-                        f'{gt[0].image_id},{gt[2].image_id}')) == 0
+  assert (
+      vis.main(
+          _args(dataset, out, '--results', dt, '--image-ids', f'{gt[0].image_id},{gt[2].image_id}')
+      )
+      == 0
+  )
   assert len(os.listdir(out)) == 2
   picture = _png(out, gt[0])
   assert picture.shape == (SIZE + vis.HEADER, 2 * SIZE + vis.GAP, 3)
-  left = picture[vis.HEADER:, :SIZE]
-  right = picture[vis.HEADER:, SIZE + vis.GAP:]
-  np.testing.assert_array_equal(left, right)   # same masks, colours, layers; no 0.2 detection
-  assert (picture[:, SIZE:SIZE + vis.GAP] == 255).all()
+  left = picture[vis.HEADER :, :SIZE]
+  right = picture[vis.HEADER :, SIZE + vis.GAP :]
+  np.testing.assert_array_equal(left, right)  # same masks, colours, layers; no 0.2 detection
+  assert (picture[:, SIZE : SIZE + vis.GAP] == 255).all()
   # Above the threshold the extra detection is drawn.
-  assert vis.main(_args(dataset, out, '--results', dt, '--score-threshold', 0.1,
-                        '--max-images', 1)) == 0
+  assert (
+      vis.main(_args(dataset, out, '--results', dt, '--score-threshold', 0.1, '--max-images', 1))
+      == 0
+  )
   picture = _png(out, gt[0])
-  assert not np.array_equal(picture[vis.HEADER:, :SIZE], picture[vis.HEADER:, SIZE + vis.GAP:])
+  assert not np.array_equal(picture[vis.HEADER :, :SIZE], picture[vis.HEADER :, SIZE + vis.GAP :])
 
 
 def test_bad_input_names_the_file_and_writes_nothing(dataset, tmp_path):
   ann, images, gt = dataset
   out = tmp_path / 'vis'
   bad = tmp_path / 'dt.json'
-  bad.write_text(json.dumps([{'image_id': 999, 'score': 0.9,
-                              'segmentation': gt[0].instances[0].amodal_rle}]))
+  bad.write_text(
+      json.dumps([{'image_id': 999, 'score': 0.9, 'segmentation': gt[0].instances[0].amodal_rle}])
+  )
   with pytest.raises(errors.UserError, match=r'dt\.json: \[0\]\.image_id'):
     vis.main(_args(dataset, out, '--results', bad))
   bad.write_text('[{"image_id": ')
@@ -105,8 +137,18 @@ def test_bad_input_names_the_file_and_writes_nothing(dataset, tmp_path):
   with pytest.raises(errors.UserError, match=r'--image-ids: image ids \[12345\]'):
     vis.main(_args(dataset, out, '--image-ids', 12345))
   with pytest.raises(errors.UserError, match=r'nothere\.json: annotation file not found'):
-    vis.main(['--format', 'cocoa', '--annotations', str(tmp_path / 'nothere.json'),
-              '--images', images, '--out', str(out)])
+    vis.main(
+        [
+            '--format',
+            'cocoa',
+            '--annotations',
+            str(tmp_path / 'nothere.json'),
+            '--images',
+            images,
+            '--out',
+            str(out),
+        ]
+    )
   assert not out.exists()
 
   # A missing image file: exit code 2, one line naming the annotation file.
@@ -115,9 +157,23 @@ def test_bad_input_names_the_file_and_writes_nothing(dataset, tmp_path):
   broken = tmp_path / 'gt.json'
   broken.write_text(json.dumps(data))
   proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, 'scripts', 'visualize.py'), '--format', 'cocoa',
-       '--annotations', str(broken), '--images', images, '--out', str(out)],
-      capture_output=True, text=True, cwd=ROOT, timeout=120)
+      [
+          sys.executable,
+          os.path.join(ROOT, 'scripts', 'visualize.py'),
+          '--format',
+          'cocoa',
+          '--annotations',
+          str(broken),
+          '--images',
+          images,
+          '--out',
+          str(out),
+      ],
+      capture_output=True,
+      text=True,
+      cwd=ROOT,
+      timeout=120,
+  )
   assert proc.returncode == 2
   assert proc.stderr.count('\n') == 1 and 'gt.json' in proc.stderr
   assert 'images[1].file_name' in proc.stderr and 'missing.png' in proc.stderr

@@ -15,6 +15,7 @@ linear_class,linear_bbox}``, ``mask.{conv1..4,bn1..4,deconv,conv5}``,
 ``.{conv,bn}``,
 ``GLM_modual.base.aspp.c{0..3}``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,18 +32,19 @@ EXPANSION = 4
 @dataclasses.dataclass(frozen=True)
 class RefSpec:
   """Architecture knobs; defaults are the release's full-size network."""
+
   stage_sizes: Sequence[int] = (3, 4, 23, 3)
   width: int = 64
   bn_eps: float = 1e-3
   fpn_channels: int = 256
   rpn_channels: int = 512
-  num_anchors: int = 3            # anchors per location (ratios)
+  num_anchors: int = 3  # anchors per location (ratios)
   anchor_stride: int = 1
   pool_size: int = 7
   box_channels: int = 1024
   num_classes: int = 2
   mask_channels: int = 256
-  num_layers: int = 1             # L; mask conv5 has 1 + L outputs
+  num_layers: int = 1  # L; mask conv5 has 1 + L outputs
   glm_stage_sizes: Sequence[int] = (3, 4, 23, 3)
   glm_width: int = 64
   glm_classes: int = 182
@@ -56,15 +58,25 @@ class RefSpec:
     """Builds the spec from ``config.model`` (ml_collections)."""
     m = model_cfg
     kw = dict(
-        stage_sizes=tuple(m.backbone.stage_sizes), width=m.backbone.width,
-        bn_eps=m.backbone.bn_eps, fpn_channels=m.fpn_channels,
-        rpn_channels=m.rpn.conv_channels, num_anchors=len(m.rpn.anchor_ratios),
-        anchor_stride=m.rpn.anchor_stride, pool_size=m.roi.pool_size,
-        box_channels=m.box_head_channels, num_classes=m.num_classes,
-        mask_channels=m.mask_head_channels, num_layers=m.num_layers,
-        glm_stage_sizes=tuple(m.glm.stage_sizes), glm_width=m.glm.width,
-        glm_classes=m.glm.num_classes, glm_rates=tuple(m.glm.atrous_rates),
-        glm_scales=tuple(m.glm.scales), glm_bn_eps=m.glm.bn_eps)
+        stage_sizes=tuple(m.backbone.stage_sizes),
+        width=m.backbone.width,
+        bn_eps=m.backbone.bn_eps,
+        fpn_channels=m.fpn_channels,
+        rpn_channels=m.rpn.conv_channels,
+        num_anchors=len(m.rpn.anchor_ratios),
+        anchor_stride=m.rpn.anchor_stride,
+        pool_size=m.roi.pool_size,
+        box_channels=m.box_head_channels,
+        num_classes=m.num_classes,
+        mask_channels=m.mask_head_channels,
+        num_layers=m.num_layers,
+        glm_stage_sizes=tuple(m.glm.stage_sizes),
+        glm_width=m.glm.width,
+        glm_classes=m.glm.num_classes,
+        glm_rates=tuple(m.glm.atrous_rates),
+        glm_scales=tuple(m.glm.scales),
+        glm_bn_eps=m.glm.bn_eps,
+    )
     kw.update(overrides)
     return cls(**kw)
 
@@ -103,8 +115,7 @@ def _bn(ch: int, eps: float) -> nn.BatchNorm2d:
 class Bottleneck(nn.Module):
   """Matterport bottleneck: stride on conv1, biased convs, SAME 3x3."""
 
-  def __init__(self, cin: int, planes: int, stride: int, downsample: bool,
-               eps: float):
+  def __init__(self, cin: int, planes: int, stride: int, downsample: bool, eps: float):
     super().__init__()
     self.conv1 = nn.Conv2d(cin, planes, 1, stride=stride)
     self.bn1 = _bn(planes, eps)
@@ -116,8 +127,8 @@ class Bottleneck(nn.Module):
     self.downsample = None
     if downsample:
       self.downsample = nn.Sequential(
-          nn.Conv2d(cin, planes * EXPANSION, 1, stride=stride),
-          _bn(planes * EXPANSION, eps))
+          nn.Conv2d(cin, planes * EXPANSION, 1, stride=stride), _bn(planes * EXPANSION, eps)
+      )
 
   def forward(self, x):
     h = F.relu(self.bn1(self.conv1(x)))
@@ -134,11 +145,15 @@ class FPN(nn.Module):
     super().__init__()
     w, eps = spec.width, spec.bn_eps
     self.C1 = nn.Sequential(
-        nn.Conv2d(3, w, 7, stride=2, padding=3), _bn(w, eps), nn.ReLU(),
-        SamePad2d(3, 2, spec.samepad_release_swap), nn.MaxPool2d(3, 2))
+        nn.Conv2d(3, w, 7, stride=2, padding=3),
+        _bn(w, eps),
+        nn.ReLU(),
+        SamePad2d(3, 2, spec.samepad_release_swap),
+        nn.MaxPool2d(3, 2),
+    )
     cin = w
     for s, blocks in enumerate(spec.stage_sizes):
-      planes = w * 2 ** s
+      planes = w * 2**s
       layers = []
       for b in range(blocks):
         stride = 2 if (b == 0 and s > 0) else 1
@@ -150,8 +165,11 @@ class FPN(nn.Module):
     for s in (5, 4, 3, 2):
       cs = w * 2 ** (s - 2) * EXPANSION
       setattr(self, f'P{s}_conv1', nn.Conv2d(cs, spec.fpn_channels, 1))
-      setattr(self, f'P{s}_conv2', nn.Sequential(
-          SamePad2d(3, 1), nn.Conv2d(spec.fpn_channels, spec.fpn_channels, 3)))
+      setattr(
+          self,
+          f'P{s}_conv2',
+          nn.Sequential(SamePad2d(3, 1), nn.Conv2d(spec.fpn_channels, spec.fpn_channels, 3)),
+      )
 
   def bottom_up(self, x) -> dict:
     """x (N,3,H,W) -> c1..c5 (any H, W)."""
@@ -169,7 +187,8 @@ class FPN(nn.Module):
     tops = {5: top}
     for s in (4, 3, 2):
       top = getattr(self, f'P{s}_conv1')(out[f'c{s}']) + F.interpolate(
-          top, scale_factor=2, mode='nearest')
+          top, scale_factor=2, mode='nearest'
+      )
       tops[s] = top
     for s in (2, 3, 4, 5):
       out[f'p{s}'] = getattr(self, f'P{s}_conv2')(tops[s])
@@ -184,8 +203,7 @@ class RPN(nn.Module):
     super().__init__()
     a, s = spec.num_anchors, spec.anchor_stride
     self.padding = SamePad2d(3, s)
-    self.conv_shared = nn.Conv2d(spec.fpn_channels, spec.rpn_channels, 3,
-                                 stride=s)
+    self.conv_shared = nn.Conv2d(spec.fpn_channels, spec.rpn_channels, 3, stride=s)
     self.conv_class = nn.Conv2d(spec.rpn_channels, 2 * a, 1)
     self.conv_bbox = nn.Conv2d(spec.rpn_channels, 4 * a, 1)
 
@@ -253,8 +271,7 @@ class ConvBn(nn.Sequential):
 
   def __init__(self, cin, cout, k, stride, pad, dil, relu, eps):
     super().__init__()
-    self.add_module('conv', nn.Conv2d(cin, cout, k, stride, pad, dil,
-                                      bias=False))
+    self.add_module('conv', nn.Conv2d(cin, cout, k, stride, pad, dil, bias=False))
     self.add_module('bn', _bn(cout, eps))
     if relu:
       self.add_module('relu', nn.ReLU())
@@ -269,8 +286,7 @@ class DeepLabBlock(nn.Module):
     self.reduce = ConvBn(cin, mid, 1, stride, 0, 1, True, eps)
     self.conv3x3 = ConvBn(mid, mid, 3, 1, dilation, dilation, True, eps)
     self.increase = ConvBn(mid, cout, 1, 1, 0, 1, False, eps)
-    self.shortcut = (ConvBn(cin, cout, 1, stride, 0, 1, False, eps)
-                     if shortcut else None)
+    self.shortcut = ConvBn(cin, cout, 1, stride, 0, 1, False, eps) if shortcut else None
 
   def forward(self, x):
     h = self.increase(self.conv3x3(self.reduce(x)))
@@ -302,12 +318,20 @@ class DeepLabV2(nn.Sequential):
     strides, dilations = (1, 2, 1, 1), (1, 1, 2, 4)
     cin = w
     for s, blocks in enumerate(spec.glm_stage_sizes):
-      cout = w * 2 ** s * EXPANSION
+      cout = w * 2**s * EXPANSION
       layer = nn.Sequential()
       for k in range(blocks):
-        layer.add_module(f'block{k + 1}', DeepLabBlock(
-            cin if k == 0 else cout, cout, strides[s] if k == 0 else 1,
-            dilations[s], k == 0, eps))
+        layer.add_module(
+            f'block{k + 1}',
+            DeepLabBlock(
+                cin if k == 0 else cout,
+                cout,
+                strides[s] if k == 0 else 1,
+                dilations[s],
+                k == 0,
+                eps,
+            ),
+        )
       self.add_module(f'layer{s + 2}', layer)
       cin = cout
     self.add_module('aspp', ASPP(cin, spec.glm_classes, spec.glm_rates))
@@ -325,9 +349,16 @@ class MSC(nn.Module):
     ref = None
     logits = []
     for p in self.scales:
-      h = x if p == 1.0 else F.interpolate(
-          x, size=(int(x.shape[2] * p), int(x.shape[3] * p)), mode='bilinear',
-          align_corners=False)
+      h = (
+          x
+          if p == 1.0
+          else F.interpolate(
+              x,
+              size=(int(x.shape[2] * p), int(x.shape[3] * p)),
+              mode='bilinear',
+              align_corners=False,
+          )
+      )
       out = self.base(h)
       if ref is None:
         ref = out.shape[2:]
@@ -363,8 +394,7 @@ class SLNReference(nn.Module):
   @torch.no_grad()
   def glm_logits(self, x, size: int = 513):
     """Max-fused GLM logits for x resized (bilinear) to size x size."""
-    x = F.interpolate(x, size=(size, size), mode='bilinear',
-                      align_corners=False)
+    x = F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False)
     return self.GLM_modual(x)
 
 
@@ -386,16 +416,16 @@ def randomize_(module: nn.Module, seed: int = 0, scale: float = 1.0) -> None:
       elif isinstance(mod, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
         w = mod.weight
         # ConvTranspose2d weights are (in, out, kh, kw); stride = kernel.
-        fan_in = (w.shape[0] if isinstance(mod, nn.ConvTranspose2d)
-                  else w[0].numel())
+        fan_in = w.shape[0] if isinstance(mod, nn.ConvTranspose2d) else w[0].numel()
         w.copy_(scale * torch.randn(w.shape, generator=g) / math.sqrt(fan_in))
         if mod.bias is not None:
           mod.bias.copy_(0.1 * torch.randn(mod.bias.shape, generator=g))
   module.eval()
 
 
-def synthetic_state_dict(spec: RefSpec, with_glm: bool = True,
-                         seed: int = 0, random: bool = True) -> dict:
+def synthetic_state_dict(
+    spec: RefSpec, with_glm: bool = True, seed: int = 0, random: bool = True
+) -> dict:
   """A release-layout state_dict without building the torch model (fast even
   at full size): keys and shapes come from a model on the 'meta' device.
   Values are random, or uninitialised memory with ``random=False`` (for

@@ -6,6 +6,7 @@ fpn/P2_lateral, rpn/conv_class, box_head/linear_class, glm/layer1_conv.
 exercised, and a loss term 'scaled' multiplies by ``image_scale`` so a NaN
 there makes that term non-finite.
 """
+
 from __future__ import annotations
 
 import functools
@@ -17,12 +18,14 @@ import numpy as np
 
 
 class _Block(nn.Module):
+
   @nn.compact
   def __call__(self, x):
     return nn.relu(nn.Conv(4, (3, 3), name='conv1')(x))
 
 
 class _Backbone(nn.Module):
+
   @nn.compact
   def __call__(self, x):
     x = nn.Conv(4, (3, 3), strides=2, name='C1_conv')(x)
@@ -87,13 +90,15 @@ class StandIn(nn.Module):
     part = jnp.stack([h / 4, w / 4, h / 4 + h / 2 * shrink[:, 0], w / 4 + w / 2 * shrink[:, 0]], -1)
     probs = jax.nn.sigmoid(jax.image.resize(r[..., :1], (b, 8, 8, 1), 'bilinear'))
     layer = jnp.stack([probs, 1.0 - probs], axis=1)  # (B, 2, 8, 8, 1)
-    return {'boxes': jnp.stack([full, part], axis=1),
-            'scores': jnp.stack([jnp.full((b,), 0.9), jax.nn.sigmoid(logits[:, 1])], 1),
-            'classes': jnp.ones((b, 2), jnp.int32),
-            'valid': jnp.ones((b, 2), bool),
-            'layer_probs': layer,
-            'amodal_probs': jnp.ones_like(layer[..., 0]),
-            'visible_probs': layer[..., 0]}
+    return {
+        'boxes': jnp.stack([full, part], axis=1),
+        'scores': jnp.stack([jnp.full((b,), 0.9), jax.nn.sigmoid(logits[:, 1])], 1),
+        'classes': jnp.ones((b, 2), jnp.int32),
+        'valid': jnp.ones((b, 2), bool),
+        'layer_probs': layer,
+        'amodal_probs': jnp.ones_like(layer[..., 0]),
+        'visible_probs': layer[..., 0],
+    }
 
 
 @functools.lru_cache(maxsize=None)
@@ -117,25 +122,32 @@ def make_batches(num: int, devices: int, per_device: int, size: int = 16, seed: 
   for _ in range(num):
     shape = (devices, per_device)
     boxes = rng.uniform(0, size, shape + (2, 4)).astype(np.float32)
-    out.append({
-        'image': rng.integers(0, 256, shape + (size, size, 3), dtype=np.uint8),
-        'gt_boxes': boxes,
-        'image_scale': np.ones(shape + (2,), np.float32),
-        'glm_image': np.zeros(shape + (4, 4, 3), np.uint8),
-        'image_shape': np.full(shape + (2,), size, np.float32),
-    })
+    out.append(
+        {
+            'image': rng.integers(0, 256, shape + (size, size, 3), dtype=np.uint8),
+            'gt_boxes': boxes,
+            'image_scale': np.ones(shape + (2,), np.float32),
+            'glm_image': np.zeros(shape + (4, 4, 3), np.uint8),
+            'image_shape': np.full(shape + (2,), size, np.float32),
+        }
+    )
   return out
 
 
 def annotation(image_id, h, w, box):
   """One ImageAnnotation whose single instance fills ``box`` (y1,x1,y2,x2)."""
   from input_pipeline import records  # pylint: disable=import-outside-toplevel
+
   mask = np.zeros((h, w), bool)
-  mask[box[0]:box[2], box[1]:box[3]] = True
+  mask[box[0] : box[2], box[1] : box[3]] = True
   rle = records.encode_mask(mask)
-  inst = records.InstanceAnnotation(amodal_rle=rle, visible_rle=rle,
-                                    occluded_rle=records.encode_mask(np.zeros_like(mask)),
-                                    depth_rank=0, occlude_rate=0.0)
+  inst = records.InstanceAnnotation(
+      amodal_rle=rle,
+      visible_rle=rle,
+      occluded_rle=records.encode_mask(np.zeros_like(mask)),
+      depth_rank=0,
+      occlude_rate=0.0,
+  )
   return records.ImageAnnotation(image_id, f'{image_id}.png', h, w, [inst])
 
 
@@ -143,12 +155,14 @@ def eval_batch(ids, valid, size=16, scale=0.5):
   """One eval batch on one device: ``ids`` images (uniform grey canvas of
   ``size``), content 16 x 12 at ``scale`` of the original."""
   n = len(ids)
-  return {'image': np.full((1, n, size, size, 3), 100, np.uint8),
-          'glm_image': np.zeros((1, n, 4, 4, 3), np.uint8),
-          'image_shape': np.tile(np.float32([16, 12]), (1, n, 1)),
-          'image_scale': np.full((1, n, 2), scale, np.float32),
-          'image_id': np.asarray([ids], np.int32),
-          'is_valid': np.asarray([valid], bool)}
+  return {
+      'image': np.full((1, n, size, size, 3), 100, np.uint8),
+      'glm_image': np.zeros((1, n, 4, 4, 3), np.uint8),
+      'image_shape': np.tile(np.float32([16, 12]), (1, n, 1)),
+      'image_scale': np.full((1, n, 2), scale, np.float32),
+      'image_id': np.asarray([ids], np.int32),
+      'is_valid': np.asarray([valid], bool),
+  }
 
 
 class RecordingWriter:

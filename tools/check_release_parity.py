@@ -23,6 +23,7 @@ branch (amodal; visible when the results carry ``visible_mask``).
 (``tools/release_parity.py``.) Exit 0 when everything is within
 ``--tolerance``, 1 otherwise, 2 on bad input.
 """
+
 from __future__ import annotations
 
 import functools
@@ -32,10 +33,14 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 import release_parity  # tools/release_parity.py, beside this script
 
+from input_pipeline import readers
 from sln_jax import cli, config_checks, files
 from sln_jax import errors as errors_lib
+from sln_jax.checkpoints import torch_port
+from sln_jax.evaluation import metrics as metrics_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,10 +52,14 @@ flags.DEFINE_integer('image_size', 256, 'Square input side (multiple of 64).')
 flags.DEFINE_integer('seed', 0, 'Seed of the random weights, input and ROI features.')
 flags.DEFINE_string('annotations', None, 'COCOA annotation file (evaluator check).')
 flags.DEFINE_string('results', None, 'COCO results JSON (evaluator check).')
-flags.DEFINE_float('tolerance', 1e-4, 'Largest relative error of a tensor, or absolute '
-                   'difference of a metric, accepted.')
-_CONFIG = config_flags.DEFINE_config_file('config', os.path.join(ROOT, 'configs', 'cocoa.py'),
-                                'Model config (full-size SLN).')
+flags.DEFINE_float(
+    'tolerance',
+    1e-4,
+    'Largest relative error of a tensor, or absolute difference of a metric, accepted.',
+)
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', os.path.join(ROOT, 'configs', 'cocoa.py'), 'Model config (full-size SLN).'
+)
 
 
 def _input(config, size: int, seed: int) -> np.ndarray:
@@ -58,14 +67,15 @@ def _input(config, size: int, seed: int) -> np.ndarray:
   (the release's resize) or seeded noise of image scale."""
   mean = np.asarray(config.model.mean_pixel, np.float32)
   if FLAGS.image:
-    from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
+
     if not os.path.isfile(FLAGS.image):
       raise errors_lib.UserError('no such file', path=FLAGS.image, field='--image')
     try:
       img = Image.open(FLAGS.image).convert('RGB').resize((size, size), Image.BILINEAR)
     except (OSError, UnidentifiedImageError) as err:
-      raise errors_lib.UserError(f'not an image ({err})', path=FLAGS.image,
-                              field='--image') from None
+      raise errors_lib.UserError(
+          f'not an image ({err})', path=FLAGS.image, field='--image'
+      ) from None
     rgb = np.asarray(img, np.float32)
   else:
     rgb = np.random.default_rng(seed).uniform(0, 255, (size, size, 3)).astype(np.float32)
@@ -74,8 +84,7 @@ def _input(config, size: int, seed: int) -> np.ndarray:
 
 def check_evaluator() -> int:
   """--annotations/--results: the release's evaluator vs sln_jax.evaluate."""
-  from input_pipeline import readers  # pylint: disable=g-import-not-at-top
-  from sln_jax.evaluation import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+
   amodal_eval = release_parity.load_release_evaluator(FLAGS.release_dir)
   gt = readers.load_annotations('cocoa', FLAGS.annotations)  # bad file: a UserError
   results = files.read_json(FLAGS.results)
@@ -83,10 +92,12 @@ def check_evaluator() -> int:
   annotations = files.read_json(FLAGS.annotations)
   worst = 0.0
   for branch, table in ours.items():
-    theirs = release_parity.release_evaluation(amodal_eval, annotations, results,
-                                               visible=branch == 'visible')
-    diff = max(abs(table[s][p][m] - theirs[s][p][m])
-               for s in table for p in table[s] for m in table[s][p])
+    theirs = release_parity.release_evaluation(
+        amodal_eval, annotations, results, visible=branch == 'visible'
+    )
+    diff = max(
+        abs(table[s][p][m] - theirs[s][p][m]) for s in table for p in table[s] for m in table[s][p]
+    )
     worst = max(worst, diff)
     n = sum(len(row) for parts in table.values() for row in parts.values())
     row = lambda t: ' '.join(f'{k} {v:.4f}' for k, v in t['all']['both'].items())
@@ -98,41 +109,54 @@ def check_evaluator() -> int:
 
 def main() -> int:
   if not FLAGS.release_dir:
-    raise errors_lib.UserError('is required (a checkout of apchenstu/SLN-Amodal)',
-                            field='--release_dir')
+    raise errors_lib.UserError(
+        'is required (a checkout of apchenstu/SLN-Amodal)', field='--release_dir'
+    )
   if (FLAGS.annotations is None) != (FLAGS.results is None):
-    raise errors_lib.UserError('give both --annotations and --results (evaluator check)',
-                            field='--annotations')
+    raise errors_lib.UserError(
+        'give both --annotations and --results (evaluator check)', field='--annotations'
+    )
   if FLAGS.annotations:
     return check_evaluator()
   size = FLAGS.image_size
   if size <= 0 or size % 64:
-    raise errors_lib.UserError(f'must be a positive multiple of 64 (the release\'s '
-                            f'rule), got {size}', field='--image_size')
+    raise errors_lib.UserError(
+        f"must be a positive multiple of 64 (the release's " f'rule), got {size}',
+        field='--image_size',
+    )
   config = _CONFIG.value
   config_checks.check_model(config.model)
   net = release_parity.ReleaseNetwork(FLAGS.release_dir, config.model)
   if FLAGS.pth:
-    from sln_jax.checkpoints import torch_port  # pylint: disable=g-import-not-at-top
+
     state = torch_port.load_torch_state_dict(FLAGS.pth)
   else:
     state = release_parity.random_release_state(net, FLAGS.seed)
   net.load_state_dict(state, FLAGS.pth or '')
   x = _input(config, size, FLAGS.seed)
   errors = release_parity.compare(
-      net, net.state_dict(), config, x, FLAGS.seed,
-      progress=lambda s: print(f'.. {s}', file=sys.stderr, flush=True))
+      net,
+      net.state_dict(),
+      config,
+      x,
+      FLAGS.seed,
+      progress=lambda s: print(f'.. {s}', file=sys.stderr, flush=True),
+  )
   print(f'{"tensor":<18} {"relative error":>14}')
   for name, err in errors.items():
     flag = '' if err <= FLAGS.tolerance else '  OVER TOLERANCE'
     print(f'{name:<18} {err:>14.2e}{flag}')
   bad = [n for n, e in errors.items() if e > FLAGS.tolerance]
   weights = FLAGS.pth or f'random weights (seed {FLAGS.seed})'
-  print(f'{len(errors) - len(bad)} of {len(errors)} tensors within {FLAGS.tolerance:g} '
-        f'({weights}, {size}x{size})')
+  print(
+      f'{len(errors) - len(bad)} of {len(errors)} tensors within {FLAGS.tolerance:g} '
+      f'({weights}, {size}x{size})'
+  )
   return 1 if bad else 0
 
 
 if __name__ == '__main__':
-  app.run(lambda argv: cli.run_cli(main),
-          flags_parser=functools.partial(cli.parse_flags, config_flag=_CONFIG))
+  app.run(
+      lambda argv: cli.run_cli(main),
+      flags_parser=functools.partial(cli.parse_flags, config_flag=_CONFIG),
+  )

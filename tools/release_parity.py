@@ -19,6 +19,7 @@ results list, for comparison with ``sln_jax.evaluate`` (``amodalapi``).
 
 CLI: ``scripts/check_release_parity.py``. torch is imported lazily.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,8 +35,12 @@ import numpy as np
 
 from sln_jax.errors import UserError
 
-_RELEASE_FILES = ('modal/modals.py', 'modal/deeplabv2.py', 'modal/resnet_deeplab.py',
-                  'modal/msc_deeplab.py')
+_RELEASE_FILES = (
+    'modal/modals.py',
+    'modal/deeplabv2.py',
+    'modal/resnet_deeplab.py',
+    'modal/msc_deeplab.py',
+)
 
 
 class ReleaseNetwork:
@@ -50,13 +55,19 @@ class ReleaseNetwork:
     import torch  # pylint: disable=g-import-not-at-top
     from torch import nn  # pylint: disable=g-import-not-at-top
     from torch.nn import functional as F  # pylint: disable=g-import-not-at-top
+
     self._torch, self._F = torch, F
     m = model_cfg
-    if (tuple(m.backbone.stage_sizes) != (3, 4, 23, 3) or m.backbone.width != 64
-        or not m.glm.enabled):
-      raise UserError('the release is ResNet-101 FPN with the GLM; use a full-size '
-                      'config (configs/cocoa.py, d2sa.py, default.py)',
-                      field='config.model')
+    if (
+        tuple(m.backbone.stage_sizes) != (3, 4, 23, 3)
+        or m.backbone.width != 64
+        or not m.glm.enabled
+    ):
+      raise UserError(
+          'the release is ResNet-101 FPN with the GLM; use a full-size '
+          'config (configs/cocoa.py, d2sa.py, default.py)',
+          field='config.model',
+      )
     modals, deeplabv2 = _import_release(release_dir)
     self._modals = modals
 
@@ -69,21 +80,24 @@ class ReleaseNetwork:
         self.fpn = modals.FPN(*resnet.stages(), out_channels=m.fpn_channels)
         self.rpn = modals.RPN(len(m.rpn.anchor_ratios), m.rpn.anchor_stride, m.fpn_channels)
         image_shape = (1024, 1024, 3)  # only used by the bypassed ROI pooling
-        self.classifier = modals.Classifier(m.fpn_channels, m.roi.pool_size, image_shape,
-                                            m.num_classes)
+        self.classifier = modals.Classifier(
+            m.fpn_channels, m.roi.pool_size, image_shape, m.num_classes
+        )
         self.mask = modals.Mask(m.fpn_channels, m.roi.mask_pool_size, image_shape, 1)
         # As amodal_test.py: conv1 reads GLM (classes + argmax) + FPN
         # channels, conv5 writes 1 + num_layers channels.
-        self.mask.conv1 = nn.Conv2d(m.glm.num_classes + 1 + m.fpn_channels,
-                                    m.mask_head_channels, 3)
+        self.mask.conv1 = nn.Conv2d(m.glm.num_classes + 1 + m.fpn_channels, m.mask_head_channels, 3)
         self.mask.conv5 = nn.Conv2d(m.mask_head_channels, 1 + m.num_layers, 1)
         self.GLM_modual = deeplabv2.DeepLabV2_ResNet101_MSC(m.glm.num_classes)
 
     try:
       self.net = Release().eval()
     except (AttributeError, TypeError) as err:
-      raise UserError(f'the release modules are not as expected ({err})',
-                      path=release_dir, field='--release_dir') from None
+      raise UserError(
+          f'the release modules are not as expected ({err})',
+          path=release_dir,
+          field='--release_dir',
+      ) from None
 
   def state_dict(self):
     return self.net.state_dict()
@@ -95,7 +109,9 @@ class ReleaseNetwork:
       raise UserError(
           f'does not fit the release network ({len(missing)} missing, e.g. '
           f'{missing[:3]}; {len(unexpected)} unexpected, e.g. {unexpected[:3]})',
-          path=path, field='state_dict')
+          path=path,
+          field='state_dict',
+      )
 
   def stages(self, x) -> dict:
     f, out = self.net.fpn, {}
@@ -140,9 +156,13 @@ def _import_release(release_dir: str):
   """(modal.modals, modal.deeplabv2) of the checkout, importable on PyTorch 2."""
   for rel in _RELEASE_FILES:
     if not os.path.isfile(os.path.join(release_dir, rel)):
-      raise UserError(f'not a checkout of apchenstu/SLN-Amodal (no {rel})',
-                      path=release_dir, field='--release_dir')
+      raise UserError(
+          f'not a checkout of apchenstu/SLN-Amodal (no {rel})',
+          path=release_dir,
+          field='--release_dir',
+      )
   from torch.nn import functional as F  # pylint: disable=g-import-not-at-top
+
   if not hasattr(F, 'upsample'):  # the release's name for F.interpolate
     F.upsample = F.interpolate
   warnings.filterwarnings('ignore', message='.*functional.upsample. is deprecated')
@@ -158,8 +178,9 @@ def _import_release(release_dir: str):
   try:
     from modal import deeplabv2, modals  # pylint: disable=g-import-not-at-top
   except ImportError as err:
-    raise UserError(f'cannot import the release modules ({err})',
-                    path=release_dir, field='--release_dir') from None
+    raise UserError(
+        f'cannot import the release modules ({err})', path=release_dir, field='--release_dir'
+    ) from None
   finally:
     sys.path.remove(os.path.abspath(release_dir))
     for name, module in saved.items():
@@ -175,6 +196,7 @@ def random_release_state(net, seed: int) -> dict:
   linear weights with variance 1/fan_in, BN scales and variances in
   [0.75, 1.25], biases and means N(0, 0.1^2)."""
   import torch  # pylint: disable=g-import-not-at-top
+
   g = torch.Generator().manual_seed(seed)
   out = {}
   for name, t in net.state_dict().items():
@@ -186,12 +208,18 @@ def random_release_state(net, seed: int) -> dict:
       out[name] = 0.1 * torch.randn(t.shape, generator=g)
     else:
       fan_in = t.shape[0] if 'deconv' in name else t[0].numel()
-      out[name] = torch.randn(t.shape, generator=g) / fan_in ** 0.5
+      out[name] = torch.randn(t.shape, generator=g) / fan_in**0.5
   return out
 
 
-def compare(net, state: Mapping, config, x: np.ndarray, seed: int = 0,
-            progress: Callable[[str], None] = lambda _: None) -> dict[str, float]:
+def compare(
+    net,
+    state: Mapping,
+    config,
+    x: np.ndarray,
+    seed: int = 0,
+    progress: Callable[[str], None] = lambda _: None,
+) -> dict[str, float]:
   """Relative error of sln_jax against ``net`` for every compared tensor.
 
   Args:
@@ -222,8 +250,12 @@ def compare(net, state: Mapping, config, x: np.ndarray, seed: int = 0,
   model = sln.build_model(config)
   nhwc = lambda t: jnp.asarray(t.numpy().transpose(0, 2, 3, 1))
   box = model.apply(variables, nhwc(pooled), method=lambda mdl, a: mdl.box_head(a))
-  masks = model.apply(variables, nhwc(roi), None if glm is None else nhwc(glm),
-                      method=lambda mdl, a, b: mdl.mask_head(a, b))
+  masks = model.apply(
+      variables,
+      nhwc(roi),
+      None if glm is None else nhwc(glm),
+      method=lambda mdl, a, b: mdl.mask_head(a, b),
+  )
   ours['box_logits'] = np.asarray(box['logits'])
   ours['box_deltas'] = np.asarray(box['deltas'])
   ours['mask_layer_logits'] = np.asarray(masks).transpose(0, 3, 1, 2)
@@ -272,18 +304,23 @@ def _numpy_2018() -> Iterator[None]:
 def load_release_evaluator(release_dir: str):
   """The release's ``AmodalEval`` class (COCOA), loaded from its file."""
   import importlib.util  # pylint: disable=g-import-not-at-top
+
   path = os.path.join(release_dir, _RELEASE_EVAL_FILE)
   if not os.path.isfile(path):
-    raise UserError(f'not a checkout of apchenstu/SLN-Amodal (no {_RELEASE_EVAL_FILE})',
-                    path=release_dir, field='--release_dir')
+    raise UserError(
+        f'not a checkout of apchenstu/SLN-Amodal (no {_RELEASE_EVAL_FILE})',
+        path=release_dir,
+        field='--release_dir',
+    )
   spec = importlib.util.spec_from_file_location('sln_release_amodaleval', path)
   module = importlib.util.module_from_spec(spec)
   try:
     spec.loader.exec_module(module)
     return module.AmodalEval
   except (ImportError, AttributeError, SyntaxError) as err:
-    raise UserError(f'cannot load the release evaluator ({err})', path=path,
-                    field='--release_dir') from None
+    raise UserError(
+        f'cannot load the release evaluator ({err})', path=path, field='--release_dir'
+    ) from None
 
 
 class _ReleaseGt:
@@ -307,8 +344,9 @@ class _ReleaseGt:
     return [self.anns[i] for i in ids]
 
 
-def release_evaluation(amodal_eval, annotations: Mapping,
-                       results: Sequence[Mapping], visible: bool = False) -> dict:
+def release_evaluation(
+    amodal_eval, annotations: Mapping, results: Sequence[Mapping], visible: bool = False
+) -> dict:
   """Runs the release's own amodal evaluator as its training script does
   (``print_result``: every occlusion subset and thing/stuff part), on every
   image of ``annotations`` (the release's ``[:-1]`` slice is not applied).
@@ -326,16 +364,18 @@ def release_evaluation(amodal_eval, annotations: Mapping,
   from pycocotools.coco import COCO  # pylint: disable=g-import-not-at-top
 
   from sln_jax.evaluation import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+
   key = 'visible_mask' if visible else 'segmentation'
-  dets = [{'image_id': r['image_id'], 'category_id': 1, 'score': r['score'],
-           'segmentation': r[key]} for r in results]
+  dets = [
+      {'image_id': r['image_id'], 'category_id': 1, 'score': r['score'], 'segmentation': r[key]}
+      for r in results
+  ]
   gt = _ReleaseGt(copy.deepcopy(annotations))
-  parts = {'both': 0, 'things': 1, 'stuff': 2}    # Params.onlyThings
+  parts = {'both': 0, 'things': 1, 'stuff': 2}  # Params.onlyThings
   out = {s: {} for s in metrics_lib.SUBSETS}
   with _numpy_2018(), contextlib.redirect_stdout(io.StringIO()):
     coco = COCO()
-    coco.dataset = {'images': list(gt.imgs.values()), 'annotations': [],
-                    'categories': [{'id': 1}]}
+    coco.dataset = {'images': list(gt.imgs.values()), 'annotations': [], 'categories': [{'id': 1}]}
     coco.createIndex()
     ev = amodal_eval(gt, coco.loadRes(copy.deepcopy(dets)), None)
     ev.params.useAmodalGT = ev.params.useAmodalDT = int(not visible)

@@ -5,6 +5,7 @@ Layout: a directory written by ``ocp.StandardCheckpointer`` holding the pytree
 paths); ``load_orbax`` restores it without a target. A directory that is not
 one, or one with damaged files, is a UserError naming it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,8 +35,10 @@ def save_orbax(variables: Mapping, directory: str) -> None:
 def is_orbax_dir(directory: str) -> bool:
   """True when ``directory`` holds an Orbax checkpoint (its metadata file):
   what ``convert_checkpoint.py --output`` may replace."""
-  return any(os.path.isfile(os.path.join(directory, name))
-             for name in ('_CHECKPOINT_METADATA', '_METADATA'))
+  return any(
+      os.path.isfile(os.path.join(directory, name))
+      for name in ('_CHECKPOINT_METADATA', '_METADATA')
+  )
 
 
 def _orbax_read_noise(unraisable) -> bool:
@@ -44,8 +47,10 @@ def _orbax_read_noise(unraisable) -> bool:
   ``RuntimeError('Event loop is closed')`` from TensorStore callbacks posting
   to Orbax's closed loop), printed as one traceback each, thousands of lines
   after the one-line error."""
-  if (isinstance(unraisable.exc_value, RuntimeError)
-      and str(unraisable.exc_value) == 'Event loop is closed'):
+  if (
+      isinstance(unraisable.exc_value, RuntimeError)
+      and str(unraisable.exc_value) == 'Event loop is closed'
+  ):
     return True
   code = getattr(unraisable.object, 'cr_code', None)
   return code is not None and 'orbax' in code.co_filename
@@ -72,6 +77,7 @@ def quiet_failed_reads() -> Iterator[None]:
 
   def log_filter(record):  # one object per call: removeFilter takes out this one
     return _unretrieved_read_noise(record)
+
   sys.unraisablehook = hook
   asyncio_log = logging.getLogger('asyncio')
   asyncio_log.addFilter(log_filter)
@@ -83,8 +89,9 @@ def quiet_failed_reads() -> Iterator[None]:
 # TensorStore's status codes for a file it cannot read as the checkpoint
 # says it should (truncated, corrupted, missing); not RESOURCE_EXHAUSTED
 # (memory), UNAVAILABLE or DEADLINE_EXCEEDED (transient).
-_READ_FAILURE = re.compile(r'(OUT_OF_RANGE|DATA_LOSS|NOT_FOUND|INVALID_ARGUMENT|'
-                           r'FAILED_PRECONDITION): ')
+_READ_FAILURE = re.compile(
+    r'(OUT_OF_RANGE|DATA_LOSS|NOT_FOUND|INVALID_ARGUMENT|' r'FAILED_PRECONDITION): '
+)
 
 
 def is_read_failure(err: BaseException) -> bool:
@@ -123,8 +130,9 @@ def load_orbax(directory: str) -> dict:
   directory = os.path.abspath(directory)
   if not os.path.isdir(directory):
     raise UserError('no such checkpoint directory', path=directory)
-  if (not os.path.isfile(os.path.join(directory, '_METADATA'))
-      and os.path.isfile(os.path.join(directory, 'default', '_METADATA'))):
+  if not os.path.isfile(os.path.join(directory, '_METADATA')) and os.path.isfile(
+      os.path.join(directory, 'default', '_METADATA')
+  ):
     directory = os.path.join(directory, 'default')  # a training step: <workdir>/checkpoints/<step>
   ckptr = ocp.StandardCheckpointer()
   try:
@@ -132,8 +140,11 @@ def load_orbax(directory: str) -> dict:
       tree = ckptr.restore(directory)
   except Exception as err:  # pylint: disable=broad-except
     if not is_orbax_dir(directory):
-      raise UserError(f'not an Orbax checkpoint (no _CHECKPOINT_METADATA or _METADATA; '
-                      f'{type(err).__name__})', path=directory) from None
+      raise UserError(
+          f'not an Orbax checkpoint (no _CHECKPOINT_METADATA or _METADATA; '
+          f'{type(err).__name__})',
+          path=directory,
+      ) from None
     if not is_read_failure(err):
       raise
     raise unreadable_checkpoint(

@@ -1,5 +1,5 @@
-"""Loading chosen leaves of a checkpoint into a model's variables (``init_from``).
-"""
+"""Loading chosen leaves of a checkpoint into a model's variables (``init_from``)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,6 +37,7 @@ class LoadReport:
   (model shape)') the ones every source holds with another shape.
   ``not_in_target``: checkpoint leaves the model lacks.
   """
+
   loaded: list = dataclasses.field(default_factory=list)
   missing: list = dataclasses.field(default_factory=list)
   excluded: list = dataclasses.field(default_factory=list)
@@ -51,31 +52,32 @@ class LoadReport:
 
   def skipped(self, limit: int = 5) -> list[str]:
     """'N kind: first names' for each non-empty kind of model leaf not loaded."""
-    kinds = (('absent from the checkpoint', self.missing),
-             ('left out by init_patterns', self.excluded),
-             ('with other shapes', self.shape_mismatch))
+    kinds = (
+        ('absent from the checkpoint', self.missing),
+        ('left out by init_patterns', self.excluded),
+        ('with other shapes', self.shape_mismatch),
+    )
     return [listing(title, names, limit) for title, names in kinds if names]
 
   def summary(self, limit: int = 5) -> str:
     """One line: counts, and the first ``limit`` names of each skipped kind."""
     parts = [f'loaded {len(self.loaded)} arrays']
     if len(self.sources) > 1:
-      parts[0] += (' (' + ', '.join(f'{d}: {n}' for d, n in self.sources)
-                   + '; later ones win)')
+      parts[0] += ' (' + ', '.join(f'{d}: {n}' for d, n in self.sources) + '; later ones win)'
     if self.not_loaded():
-      parts.append(f'{len(self.not_loaded())} model arrays keep their initial '
-                   'values')
+      parts.append(f'{len(self.not_loaded())} model arrays keep their initial values')
     parts += self.skipped(limit)
     if self.not_in_target:
-      parts.append(listing('checkpoint arrays absent from the model',
-                           self.not_in_target, limit))
+      parts.append(listing('checkpoint arrays absent from the model', self.not_in_target, limit))
     return '; '.join(parts)
 
 
-def partial_load(target_variables: Mapping,
-                 sources: Sequence[str | tuple[str, Sequence[str]]],
-                 report: LoadReport | None = None,
-                 strict: bool = False) -> dict:
+def partial_load(
+    target_variables: Mapping,
+    sources: Sequence[str | tuple[str, Sequence[str]]],
+    report: LoadReport | None = None,
+    strict: bool = False,
+) -> dict:
   """Copies matching leaves of Orbax checkpoints into ``target_variables``.
 
   Args:
@@ -107,8 +109,7 @@ def partial_load(target_variables: Mapping,
   loaded, mismatched, excluded, not_in_target = set(), {}, set(), set()
   directories = []
   for source in sources:
-    directory, patterns = ((source, ()) if isinstance(source, str)
-                           else (source[0], tuple(source[1])))
+    directory, patterns = (source, ()) if isinstance(source, str) else (source[0], tuple(source[1]))
     directories.append(directory)
     ckpt = load_orbax(directory)
     count = 0
@@ -125,8 +126,7 @@ def partial_load(target_variables: Mapping,
             not_in_target.add(name)
             report.not_in_target.append(name)
         elif tuple(np.shape(value)) != tuple(np.shape(target)):
-          mismatched[name] = (f'{name} {tuple(np.shape(value))} != '
-                              f'{tuple(np.shape(target))}')
+          mismatched[name] = f'{name} {tuple(np.shape(value))} != ' f'{tuple(np.shape(target))}'
         else:
           flat[coll][path] = jnp.asarray(value, dtype=target.dtype)
           if name not in loaded:
@@ -135,9 +135,11 @@ def partial_load(target_variables: Mapping,
           count += 1
     report.sources.append((directory, count))
     if not count:
-      raise UserError('nothing loaded (no leaf matches '
-                      f'{list(patterns) or "any"} with the model\'s shapes)',
-                      path=directory, field='init_from')
+      raise UserError(
+          'nothing loaded (no leaf matches ' f'{list(patterns) or "any"} with the model\'s shapes)',
+          path=directory,
+          field='init_from',
+      )
   for coll in sorted(flat, key=lambda c: c != 'params'):  # params first
     for path in flat[coll]:
       name = '/'.join((coll,) + path)
@@ -152,11 +154,13 @@ def partial_load(target_variables: Mapping,
   if strict and report.not_loaded():
     total = sum(len(leaves) for leaves in flat.values())
     raise UserError(
-        f'{len(report.not_loaded())} of the model\'s {total} arrays would keep '
+        f"{len(report.not_loaded())} of the model's {total} arrays would keep "
         f'their random initial values ({"; ".join(report.skipped())}); '
         'evaluate and predict need a checkpoint of this model (the model.* '
         'settings it was converted or trained with)',
-        path=','.join(directories), field='init_from')
+        path=','.join(directories),
+        field='init_from',
+    )
   logging.info('init_from: %s', report.summary())
   out = {}
   for coll, leaves in flat.items():

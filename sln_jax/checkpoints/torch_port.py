@@ -19,6 +19,7 @@ bias -> params scale, bias; running_mean, running_var -> batch_stats mean,
 var; ``num_batches_tracked`` is ignored. Flax module paths follow
 docs/architecture.md. Converted leaves are float32 numpy arrays.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,8 +46,7 @@ GLM_PREFIX = {'sln': 'GLM_modual.base.', 'deeplab': 'base.'}
 
 # Matterport COCO layers that cannot fit SLN (81 classes; 256-channel mask
 # head input; 81-class mask output).
-MASKRCNN_SKIP = (r'^classifier\.linear_(class|bbox)\.',
-                 r'^mask\.conv[15]\.')
+MASKRCNN_SKIP = (r'^classifier\.linear_(class|bbox)\.', r'^mask\.conv[15]\.')
 
 
 # Leaf kinds: how a torch tensor maps onto a Flax leaf.
@@ -56,11 +56,12 @@ CONV, DECONV, LINEAR, VECTOR = 'conv', 'deconv', 'linear', 'vector'
 @dataclasses.dataclass(frozen=True)
 class Entry:
   """One torch tensor <-> one Flax leaf."""
-  key: str                   # torch key (canonical, without 'module.')
-  collection: str            # 'params' | 'batch_stats'
-  path: tuple                # Flax path inside the collection
-  kind: str                  # CONV | DECONV | LINEAR | VECTOR
-  shape: tuple               # torch shape
+
+  key: str  # torch key (canonical, without 'module.')
+  collection: str  # 'params' | 'batch_stats'
+  path: tuple  # Flax path inside the collection
+  kind: str  # CONV | DECONV | LINEAR | VECTOR
+  shape: tuple  # torch shape
 
   @property
   def flax_name(self) -> str:
@@ -74,31 +75,30 @@ class _Layout:
     self.entries: list[Entry] = []
 
   def conv(self, key, path, cout, cin, k, bias=True):
-    self.entries.append(Entry(f'{key}.weight', 'params', path + ('kernel',),
-                              CONV, (cout, cin, k, k)))
+    self.entries.append(
+        Entry(f'{key}.weight', 'params', path + ('kernel',), CONV, (cout, cin, k, k))
+    )
     if bias:
-      self.entries.append(Entry(f'{key}.bias', 'params', path + ('bias',),
-                                VECTOR, (cout,)))
+      self.entries.append(Entry(f'{key}.bias', 'params', path + ('bias',), VECTOR, (cout,)))
 
   def deconv(self, key, path, cin, cout, k):
-    self.entries.append(Entry(f'{key}.weight', 'params', path + ('kernel',),
-                              DECONV, (cin, cout, k, k)))
-    self.entries.append(Entry(f'{key}.bias', 'params', path + ('bias',),
-                              VECTOR, (cout,)))
+    self.entries.append(
+        Entry(f'{key}.weight', 'params', path + ('kernel',), DECONV, (cin, cout, k, k))
+    )
+    self.entries.append(Entry(f'{key}.bias', 'params', path + ('bias',), VECTOR, (cout,)))
 
   def linear(self, key, path, cout, cin):
-    self.entries.append(Entry(f'{key}.weight', 'params', path + ('kernel',),
-                              LINEAR, (cout, cin)))
-    self.entries.append(Entry(f'{key}.bias', 'params', path + ('bias',),
-                              VECTOR, (cout,)))
+    self.entries.append(Entry(f'{key}.weight', 'params', path + ('kernel',), LINEAR, (cout, cin)))
+    self.entries.append(Entry(f'{key}.bias', 'params', path + ('bias',), VECTOR, (cout,)))
 
   def bn(self, key, path, ch):
-    for tname, coll, fname in (('weight', 'params', 'scale'),
-                               ('bias', 'params', 'bias'),
-                               ('running_mean', 'batch_stats', 'mean'),
-                               ('running_var', 'batch_stats', 'var')):
-      self.entries.append(Entry(f'{key}.{tname}', coll, path + (fname,),
-                                VECTOR, (ch,)))
+    for tname, coll, fname in (
+        ('weight', 'params', 'scale'),
+        ('bias', 'params', 'bias'),
+        ('running_mean', 'batch_stats', 'mean'),
+        ('running_var', 'batch_stats', 'var'),
+    ):
+      self.entries.append(Entry(f'{key}.{tname}', coll, path + (fname,), VECTOR, (ch,)))
 
 
 def _mask_rcnn_layout(lay: _Layout, m) -> None:
@@ -108,7 +108,7 @@ def _mask_rcnn_layout(lay: _Layout, m) -> None:
   lay.bn('fpn.C1.1', ('backbone', 'C1_bn'), w)
   cin = w
   for s, blocks in enumerate(m.backbone.stage_sizes):
-    planes, cout = w * 2 ** s, w * 2 ** s * EXPANSION
+    planes, cout = w * 2**s, w * 2**s * EXPANSION
     for b in range(blocks):
       key, path = f'fpn.C{s + 2}.{b}', ('backbone', f'C{s + 2}_{b}')
       lay.conv(f'{key}.conv1', path + ('conv1',), planes, cin, 1)
@@ -118,14 +118,12 @@ def _mask_rcnn_layout(lay: _Layout, m) -> None:
       lay.conv(f'{key}.conv3', path + ('conv3',), cout, planes, 1)
       lay.bn(f'{key}.bn3', path + ('bn3',), cout)
       if b == 0:
-        lay.conv(f'{key}.downsample.0', path + ('downsample_conv',), cout,
-                 cin, 1)
+        lay.conv(f'{key}.downsample.0', path + ('downsample_conv',), cout, cin, 1)
         lay.bn(f'{key}.downsample.1', path + ('downsample_bn',), cout)
       cin = cout
   f = m.fpn_channels
   for s in (5, 4, 3, 2):
-    lay.conv(f'fpn.P{s}_conv1', ('fpn', f'P{s}_lateral'), f,
-             w * 2 ** (s - 2) * EXPANSION, 1)
+    lay.conv(f'fpn.P{s}_conv1', ('fpn', f'P{s}_lateral'), f, w * 2 ** (s - 2) * EXPANSION, 1)
     lay.conv(f'fpn.P{s}_conv2.1', ('fpn', f'P{s}_output'), f, f, 3)
   a, r = len(m.rpn.anchor_ratios), m.rpn.conv_channels
   lay.conv('rpn.conv_shared', ('rpn', 'conv_shared'), r, f, 3)
@@ -141,8 +139,7 @@ def _mask_rcnn_layout(lay: _Layout, m) -> None:
   mc = m.mask_head_channels
   mask_in = f + (m.glm.num_classes + 1 if m.glm.enabled else 0)
   for i in (1, 2, 3, 4):
-    lay.conv(f'mask.conv{i}', ('mask_head', f'conv{i}'), mc,
-             mask_in if i == 1 else mc, 3)
+    lay.conv(f'mask.conv{i}', ('mask_head', f'conv{i}'), mc, mask_in if i == 1 else mc, 3)
     lay.bn(f'mask.bn{i}', ('mask_head', f'bn{i}'), mc)
   lay.deconv('mask.deconv', ('mask_head', 'deconv'), mc, mc, 2)
   lay.conv('mask.conv5', ('mask_head', 'conv5'), 1 + m.num_layers, mc, 1)
@@ -151,28 +148,28 @@ def _mask_rcnn_layout(lay: _Layout, m) -> None:
 def _glm_layout(lay: _Layout, g, prefix: str) -> None:
   """DeepLab v2 (kazuto1011 keys) under ``prefix``."""
   w = g.width
-  lay.conv(f'{prefix}layer1.conv1.conv', ('glm', 'layer1_conv'), w, 3, 7,
-           bias=False)
+  lay.conv(f'{prefix}layer1.conv1.conv', ('glm', 'layer1_conv'), w, 3, 7, bias=False)
   lay.bn(f'{prefix}layer1.conv1.bn', ('glm', 'layer1_bn'), w)
   cin = w
   for s, blocks in enumerate(g.stage_sizes):
-    cout = w * 2 ** s * EXPANSION
+    cout = w * 2**s * EXPANSION
     mid = cout // EXPANSION
     for k in range(1, blocks + 1):
       key = f'{prefix}layer{s + 2}.block{k}'
       path = ('glm', f'layer{s + 2}_block{k}')
-      parts = [('reduce', mid, cin if k == 1 else cout, 1),
-               ('conv3x3', mid, mid, 3), ('increase', cout, mid, 1)]
+      parts = [
+          ('reduce', mid, cin if k == 1 else cout, 1),
+          ('conv3x3', mid, mid, 3),
+          ('increase', cout, mid, 1),
+      ]
       if k == 1:
         parts.append(('shortcut', cout, cin, 1))
       for name, co, ci, ks in parts:
-        lay.conv(f'{key}.{name}.conv', path + (f'{name}_conv',), co, ci, ks,
-                 bias=False)
+        lay.conv(f'{key}.{name}.conv', path + (f'{name}_conv',), co, ci, ks, bias=False)
         lay.bn(f'{key}.{name}.bn', path + (f'{name}_bn',), co)
     cin = cout
   for j in range(len(g.atrous_rates)):
-    lay.conv(f'{prefix}aspp.c{j}', ('glm', f'aspp_c{j}'), g.num_classes, cin,
-             3)
+    lay.conv(f'{prefix}aspp.c{j}', ('glm', f'aspp_c{j}'), g.num_classes, cin, 3)
 
 
 def release_layout(model_cfg, source: str = 'sln') -> list[Entry]:
@@ -182,8 +179,7 @@ def release_layout(model_cfg, source: str = 'sln') -> list[Entry]:
   GLM alone; 'maskrcnn' is the Mask R-CNN part (no skipping applied here).
   """
   if source not in SOURCES:
-    raise UserError(f'unknown source {source!r}; one of {SOURCES}',
-                    field='source')
+    raise UserError(f'unknown source {source!r}; one of {SOURCES}', field='source')
   lay = _Layout()
   if source in ('sln', 'maskrcnn'):
     _mask_rcnn_layout(lay, model_cfg)
@@ -214,31 +210,39 @@ def load_torch_state_dict(path: str) -> dict:
     lines = [l.strip() for l in str(err).splitlines() if l.strip()]
     detail = next((l for l in lines if 'Unsupported global' in l), '')
     if not detail:
-      raise UserError('not a PyTorch checkpoint (unpickling failed)',
-                      path=path) from None
+      raise UserError('not a PyTorch checkpoint (unpickling failed)', path=path) from None
     raise UserError(
         'refusing to load: the file needs pickled code (not a plain '
         f'state_dict of tensors; weights_only=True failed: '
-        f'{detail.split(" was not")[0]})', path=path) from None
+        f'{detail.split(" was not")[0]})',
+        path=path,
+    ) from None
   except Exception as err:  # pylint: disable=broad-except
     lines = str(err).strip().splitlines()
-    raise UserError(f'not a readable PyTorch checkpoint ({type(err).__name__}'
-                    f'{": " + lines[0] if lines else ""})', path=path) from None
+    raise UserError(
+        f'not a readable PyTorch checkpoint ({type(err).__name__}'
+        f'{": " + lines[0] if lines else ""})',
+        path=path,
+    ) from None
   if isinstance(obj, Mapping):
     for wrapper in ('state_dict', 'model'):
       if wrapper in obj and isinstance(obj[wrapper], Mapping):
         obj = obj[wrapper]
         break
   if not isinstance(obj, Mapping):
-    raise UserError(f'expected a state_dict (dict of tensors), found '
-                    f'{type(obj).__name__}', path=path)
+    raise UserError(
+        f'expected a state_dict (dict of tensors), found ' f'{type(obj).__name__}', path=path
+    )
   out = {}
   for key, value in obj.items():
     if not isinstance(value, torch.Tensor):
-      raise UserError(f'entry {key!r} is a {type(value).__name__}, not a '
-                      'tensor', path=path, field='state_dict')
+      raise UserError(
+          f'entry {key!r} is a {type(value).__name__}, not a tensor',
+          path=path,
+          field='state_dict',
+      )
     while key.startswith('module.'):
-      key = key[len('module.'):]
+      key = key[len('module.') :]
     out[key] = value
   return out
 
@@ -247,7 +251,7 @@ def _canonical_glm_key(key: str) -> str:
   """Maps the accepted DeepLab naming variants onto ``base.*``."""
   for old in ('GLM_modual.base.', 'GLM_modual.scale.', 'scale.'):
     if key.startswith(old):
-      key = 'base.' + key[len(old):]
+      key = 'base.' + key[len(old) :]
       break
   if key.startswith(('layer', 'aspp.')):
     key = 'base.' + key
@@ -262,8 +266,7 @@ def detect_source(state_dict: Mapping, model_cfg=None) -> str:
   the GLM disabled and the class and mask heads fit it (an SLN trained
   without the GLM).
   """
-  state_dict = {re.sub(r'^(module\.)+', '', k): v
-                for k, v in state_dict.items()}
+  state_dict = {re.sub(r'^(module\.)+', '', k): v for k, v in state_dict.items()}
   keys = list(state_dict)
   has_mrcnn = any(k.startswith(('fpn.', 'rpn.', 'classifier.')) for k in keys)
   has_glm = any(k.startswith('GLM_modual.') for k in keys)
@@ -272,17 +275,23 @@ def detect_source(state_dict: Mapping, model_cfg=None) -> str:
   if has_mrcnn:
     cls = state_dict.get('classifier.linear_class.weight')
     conv5 = state_dict.get('mask.conv5.weight')
-    if (model_cfg is not None and not model_cfg.glm.enabled
-        and cls is not None and conv5 is not None
+    if (
+        model_cfg is not None
+        and not model_cfg.glm.enabled
+        and cls is not None
+        and conv5 is not None
         and cls.shape[0] == model_cfg.num_classes
-        and conv5.shape[0] == 1 + model_cfg.num_layers):
+        and conv5.shape[0] == 1 + model_cfg.num_layers
+    ):
       return 'sln'
     return 'maskrcnn'
   if any(_canonical_glm_key(k).startswith('base.') for k in keys):
     return 'deeplab'
-  raise UserError('cannot tell the checkpoint kind from its keys (expected '
-                  "'fpn.*', 'GLM_modual.*' or DeepLab 'base.*' names)",
-                  field='source')
+  raise UserError(
+      'cannot tell the checkpoint kind from its keys (expected '
+      "'fpn.*', 'GLM_modual.*' or DeepLab 'base.*' names)",
+      field='source',
+  )
 
 
 def _to_numpy(t) -> np.ndarray:
@@ -297,7 +306,7 @@ def _to_numpy(t) -> np.ndarray:
 
 def to_flax_layout(kind: str, a: np.ndarray) -> np.ndarray:
   """One torch tensor (numpy) of ``kind`` -> the Flax leaf (float32)."""
-  if kind == CONV:      # (O, I, H, W) -> (H, W, I, O)
+  if kind == CONV:  # (O, I, H, W) -> (H, W, I, O)
     a = a.transpose(2, 3, 1, 0)
   elif kind == DECONV:  # (I, O, H, W) -> flipped (H, W, I, O)
     a = a.transpose(2, 3, 0, 1)[::-1, ::-1]
@@ -327,11 +336,15 @@ def set_path(tree: dict, path: Sequence[str], value) -> None:
   tree[path[-1]] = value
 
 
-def torch_to_flax(state_dict: Mapping, source: str, config,
-                  allow_missing: Sequence[str] = (),
-                  allow_unexpected: Sequence[str] = (),
-                  skip: Sequence[str] | None = None,
-                  path: str = '') -> dict:
+def torch_to_flax(
+    state_dict: Mapping,
+    source: str,
+    config,
+    allow_missing: Sequence[str] = (),
+    allow_unexpected: Sequence[str] = (),
+    skip: Sequence[str] | None = None,
+    path: str = '',
+) -> dict:
   """Converts a release state_dict to {'params': ..., 'batch_stats': ...}.
 
   Args:
@@ -358,7 +371,7 @@ def torch_to_flax(state_dict: Mapping, source: str, config,
   sd = {}
   for key, value in state_dict.items():
     while key.startswith('module.'):
-      key = key[len('module.'):]
+      key = key[len('module.') :]
     sd[key] = value
   if source == 'auto':
     source = detect_source(sd, model_cfg)
@@ -367,8 +380,14 @@ def torch_to_flax(state_dict: Mapping, source: str, config,
   if source == 'deeplab':
     sd = {_canonical_glm_key(k): v for k, v in sd.items()}
   elif source == 'sln':
-    sd = {('GLM_modual.' + _canonical_glm_key(k[len('GLM_modual.'):])
-           if k.startswith('GLM_modual.') else k): v for k, v in sd.items()}
+    sd = {
+        (
+            'GLM_modual.' + _canonical_glm_key(k[len('GLM_modual.') :])
+            if k.startswith('GLM_modual.')
+            else k
+        ): v
+        for k, v in sd.items()
+    }
   entries = release_layout(model_cfg, source)
   expected = {e.key for e in entries}
   missing, mismatched = [], []
@@ -385,10 +404,14 @@ def torch_to_flax(state_dict: Mapping, source: str, config,
       mismatched.append(f'{e.key} {tuple(t.shape)} != expected {e.shape}')
       continue
     set_path(out[e.collection], e.path, to_flax_layout(e.kind, _to_numpy(t)))
-  unexpected = [k for k in sd if k not in expected
-                and not k.endswith('num_batches_tracked')
-                and not matches_any(skip, k)
-                and not matches_any(allow_unexpected, k)]
+  unexpected = [
+      k
+      for k in sd
+      if k not in expected
+      and not k.endswith('num_batches_tracked')
+      and not matches_any(skip, k)
+      and not matches_any(allow_unexpected, k)
+  ]
   problems = []
   if missing:
     problems.append(listing('missing', missing))
@@ -397,8 +420,11 @@ def torch_to_flax(state_dict: Mapping, source: str, config,
   if mismatched:
     problems.append(listing('shape mismatches', mismatched))
   if problems:
-    raise UserError(f'does not fit the {source!r} layout of this config: '
-                    + '; '.join(problems), path=path, field='state_dict')
+    raise UserError(
+        f'does not fit the {source!r} layout of this config: ' + '; '.join(problems),
+        path=path,
+        field='state_dict',
+    )
   return out
 
 
@@ -410,8 +436,9 @@ def _get(tree: Mapping, path: Sequence[str]):
   return tree
 
 
-def flax_to_torch(variables: Mapping, config, source: str = 'sln',
-                  with_num_batches_tracked: bool = True) -> dict:
+def flax_to_torch(
+    variables: Mapping, config, source: str = 'sln', with_num_batches_tracked: bool = True
+) -> dict:
   """Flax variables -> release state_dict {key: torch.Tensor} (float32).
 
   Every leaf of the source's layout must be present. With
@@ -433,11 +460,9 @@ def flax_to_torch(variables: Mapping, config, source: str = 'sln',
       continue
     out[e.key] = torch.from_numpy(a)
     if with_num_batches_tracked and e.key.endswith('.running_var'):
-      out[e.key[:-len('running_var')] + 'num_batches_tracked'] = torch.zeros(
-          (), dtype=torch.long)
+      out[e.key[: -len('running_var')] + 'num_batches_tracked'] = torch.zeros((), dtype=torch.long)
   if missing:
-    raise UserError(listing('missing or misshapen leaves', missing),
-                    field='variables')
+    raise UserError(listing('missing or misshapen leaves', missing), field='variables')
   return out
 
 
@@ -456,7 +481,6 @@ def release_activations(variables: Mapping, x: np.ndarray, config) -> dict:
   the SLN model's own submodules (sln_jax.models.sln).
   """
 
-
   model = sln.build_model(config)
   params = variables['params']
   g = config.model.glm.image_size
@@ -471,8 +495,7 @@ def release_activations(variables: Mapping, x: np.ndarray, config) -> dict:
     return mdl.glm(deeplab.resize_bilinear(img, g, g))['logits']
 
   img = jnp.asarray(x.transpose(0, 2, 3, 1))
-  run = jax.jit(lambda v, i, fn: model.apply(v, i, method=fn),
-                static_argnums=2)
+  run = jax.jit(lambda v, i, fn: model.apply(v, i, method=fn), static_argnums=2)
   out = {}
   if all(k in params for k in ('backbone', 'fpn', 'rpn')):
     c, p, r = run(variables, img, features)

@@ -7,6 +7,7 @@ depth rank per instance. The ground-truth readers (KINS: visible over
 hidden pixels) and the predictions (``sln_jax.evaluation.results``: pixel
 votes of the layer maps) share this rule.
 """
+
 import numpy as np
 
 

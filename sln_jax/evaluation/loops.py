@@ -7,6 +7,7 @@ devices, per-device batch) as in docs/architecture.md. Detections are boxes
 normalized to the canvas (y1, x1, y2, x2); results are in original-image
 pixels (``sln_jax.evaluation.results``).
 """
+
 from __future__ import annotations
 
 import collections
@@ -86,8 +87,9 @@ def num_host_workers(config: ml_collections.ConfigDict) -> int:
   return host_workers.default_workers(jax.local_devices()[0].platform) if n < 0 else n
 
 
-def finish_in_order(dispatched: Iterable[tuple], finish: Callable[..., None],
-                    lookahead: int) -> None:
+def finish_in_order(
+    dispatched: Iterable[tuple], finish: Callable[..., None], lookahead: int
+) -> None:
   """Calls ``finish(*item)`` on every item of ``dispatched``, in order, once
   ``lookahead`` later items have been dispatched (or the items run out).
 
@@ -104,10 +106,16 @@ def finish_in_order(dispatched: Iterable[tuple], finish: Callable[..., None],
     finish(*pending.popleft())
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str, model: Any,
-             variables: PyTree, eval_batches: Iterable[Batch],
-             annotations: Sequence, step: int = 0,
-             writer: Optional[MetricWriter] = None) -> dict:
+def evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    model: Any,
+    variables: PyTree,
+    eval_batches: Iterable[Batch],
+    annotations: Sequence,
+    step: int = 0,
+    writer: Optional[MetricWriter] = None,
+) -> dict:
   """Runs ``SLN.infer`` over the eval split and scores it.
 
   Args:
@@ -140,21 +148,29 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, model: Any,
         continue
       ann = gt_by_id.get(int(image_id))
       if ann is None:
-        raise UserError(f'image_id {int(image_id)} of the eval split is not in the '
-                        'ground truth', field='dataset.eval_annotations')
+        raise UserError(
+            f'image_id {int(image_id)} of the eval split is not in the ground truth',
+            field='dataset.eval_annotations',
+        )
       seen.append(int(image_id))
-      workers.submit(results_lib.detections_to_results,
-                     int(image_id), {k: v[j] for k, v in dets.items()}, meta['image_scale'][j],
-                     (ann.height, ann.width), mask_threshold=config.eval.mask_threshold,
-                     mask_paste=config.eval.mask_paste)
+      workers.submit(
+          results_lib.detections_to_results,
+          int(image_id),
+          {k: v[j] for k, v in dets.items()},
+          meta['image_scale'][j],
+          (ann.height, ann.width),
+          mask_threshold=config.eval.mask_threshold,
+          mask_paste=config.eval.mask_paste,
+      )
 
   def dispatch():
     """Launches each batch; no batch is read past the one that reaches
     read_limit (batches have one size, so every process stops at the same
     batch)."""
     dispatched = 0
-    for batch in tqdm(eval_batches, desc='eval', unit='batch', mininterval=1.0,
-                      disable=jax.process_index() != 0):
+    for batch in tqdm(
+        eval_batches, desc='eval', unit='batch', mininterval=1.0, disable=jax.process_index() != 0
+    ):
       dets = infer(rvars, shard({k: batch[k] for k in ('image', 'glm_image', 'image_shape')}))
       yield dets, _flatten_devices({k: batch[k] for k in ('image_id', 'image_scale', 'is_valid')})
       dispatched += np.size(batch['is_valid'])
@@ -170,8 +186,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, model: Any,
   gt = [gt_by_id[i] for i in sorted(set(seen))]
   # Once for the three scorings; the RLEs are pycocotools' own encoding.
   checked = results_check.check_results(results, gt, check_counts=False)
-  metrics = metrics_lib.evaluate(gt, checked, protocol=config.eval.protocol,
-                              category_agnostic=config.dataset.category_agnostic)
+  metrics = metrics_lib.evaluate(
+      gt, checked, protocol=config.eval.protocol, category_agnostic=config.dataset.category_agnostic
+  )
   if jax.process_index() == 0:
     with atomic_output_file(os.path.join(workdir, 'results.json')) as f:
       json.dump(results, f)
@@ -184,15 +201,19 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, model: Any,
       per_class = metrics_lib.per_class_ap(gt, checked, protocol=config.eval.protocol)
       with atomic_output_file(os.path.join(workdir, 'per_class_ap.json')) as f:
         json.dump({str(k): v for k, v in per_class.items()}, f, indent=1)
-    print(f'evaluation at step {step} on {len(gt)} images '
-          f'({config.dataset.name}/{config.dataset.eval_split}, '
-          f'protocol {config.eval.protocol}):')
+    print(
+        f'evaluation at step {step} on {len(gt)} images '
+        f'({config.dataset.name}/{config.dataset.eval_split}, '
+        f'protocol {config.eval.protocol}):'
+    )
     print(metrics_lib.format_table(metrics))
     print(metrics_lib.format_depth_order(depth), flush=True)
     if writer is not None:
-      scalars = {f'eval/{branch}_{metric}': value
-                 for branch, table in metrics.items()
-                 for metric, value in table['all']['both'].items()}
+      scalars = {
+          f'eval/{branch}_{metric}': value
+          for branch, table in metrics.items()
+          for metric, value in table['all']['both'].items()
+      }
       writer.write_scalars(step, scalars)
       writer.flush()
   return metrics
@@ -209,8 +230,12 @@ def _image_id(stem: str, fallback: int) -> int:
   return int(digits.group(1)) if digits else fallback
 
 
-def predict(config: ml_collections.ConfigDict, model: Any, variables: PyTree,
-            preprocess_image: Callable[[np.ndarray, Any], tuple]) -> int:
+def predict(
+    config: ml_collections.ConfigDict,
+    model: Any,
+    variables: PyTree,
+    preprocess_image: Callable[[np.ndarray, Any], tuple],
+) -> int:
   """Writes ``<stem>.json`` (COCO results) and ``<stem>.png`` (picture) per
   image of ``predict.input_dir`` into ``predict.output_dir``.
 
@@ -232,8 +257,11 @@ def predict(config: ml_collections.ConfigDict, model: Any, variables: PyTree,
   for name in sorted(os.listdir(pc.input_dir)):
     stem, suffix = os.path.splitext(name)
     if suffix.lower() in IMAGE_SUFFIXES and stem in by_stem:
-      raise UserError(f'{by_stem[stem]} and {name} would both write {stem}.json and '
-                      f'{stem}.png', path=str(pc.input_dir), field='predict.input_dir')
+      raise UserError(
+          f'{by_stem[stem]} and {name} would both write {stem}.json and ' f'{stem}.png',
+          path=str(pc.input_dir),
+          field='predict.input_dir',
+      )
     by_stem.setdefault(stem, name)
   make_dirs(pc.output_dir)
   infer = jax.jit(make_infer_fn(model))
@@ -261,21 +289,27 @@ def predict(config: ml_collections.ConfigDict, model: Any, variables: PyTree,
         tqdm.write(f'skipping {path}: unreadable image ({type(err).__name__}: {err})')
         continue
       canvas, shape, scale, glm = preprocess_image(image, config)
-      dets = infer(variables, {
-          'image': canvas[None], 'glm_image': glm[None], 'image_shape': shape[None]})
+      dets = infer(
+          variables, {'image': canvas[None], 'glm_image': glm[None], 'image_shape': shape[None]}
+      )
       yield dets, stem, _image_id(stem, k), image, scale
       launched += 1
 
   def write(dets, stem, image_id, image, scale):
     """Hands one image's detections to the host workers, which write its
     results and picture."""
-    workers.submit(render.write_prediction, image_id,
-                   {key: v[0] for key, v in jax.device_get(dets).items()}, scale, image,
-                   os.path.join(pc.output_dir, stem + '.json'),
-                   os.path.join(pc.output_dir, stem + '.png'),
-                   score_threshold=pc.score_threshold,
-                   mask_threshold=config.eval.mask_threshold,
-                   mask_paste=config.eval.mask_paste)
+    workers.submit(
+        render.write_prediction,
+        image_id,
+        {key: v[0] for key, v in jax.device_get(dets).items()},
+        scale,
+        image,
+        os.path.join(pc.output_dir, stem + '.json'),
+        os.path.join(pc.output_dir, stem + '.png'),
+        score_threshold=pc.score_threshold,
+        mask_threshold=config.eval.mask_threshold,
+        mask_paste=config.eval.mask_paste,
+    )
 
   with host_workers.OrderedWorkers(num_host_workers(config)) as workers:
     finish_in_order(dispatch(), write, dispatch_lookahead())

@@ -30,6 +30,7 @@ is). pycocotools reads and encodes the masks; faster-coco-eval (pycocotools'
 ``evaluateImg`` and ``accumulate`` in C++, the same numbers; the tests compare
 them with pycocotools' COCOeval) matches and accumulates.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -79,38 +80,67 @@ def _quiet_coco(dataset: dict) -> COCO:
 def _gt_coco(gt: Sequence, mask_key: str, category_agnostic: bool) -> COCO:
   images, anns, cats = [], [], set()
   for a in gt:
-    images.append({'id': int(a.image_id), 'height': int(a.height),
-                   'width': int(a.width), 'file_name': a.file_name})
+    images.append(
+        {
+            'id': int(a.image_id),
+            'height': int(a.height),
+            'width': int(a.width),
+            'file_name': a.file_name,
+        }
+    )
     for inst in a.instances:
-      rle = as_rle(getattr(inst, mask_key), int(a.height), int(a.width),
-                    'ground truth', f'image {a.image_id}.{mask_key}')
+      rle = as_rle(
+          getattr(inst, mask_key),
+          int(a.height),
+          int(a.width),
+          'ground truth',
+          f'image {a.image_id}.{mask_key}',
+      )
       cat = 1 if category_agnostic else int(inst.category_id)
       cats.add(cat)
-      anns.append({
-          'id': len(anns) + 1, 'image_id': int(a.image_id), 'category_id': cat,
-          'segmentation': rle, 'area': float(mask_utils.area(rle)),
-          'bbox': mask_utils.toBbox(rle).tolist(), 'iscrowd': 0,
-          'occlude_rate': float(inst.occlude_rate),
-          'is_stuff': bool(inst.is_stuff)})
+      anns.append(
+          {
+              'id': len(anns) + 1,
+              'image_id': int(a.image_id),
+              'category_id': cat,
+              'segmentation': rle,
+              'area': float(mask_utils.area(rle)),
+              'bbox': mask_utils.toBbox(rle).tolist(),
+              'iscrowd': 0,
+              'occlude_rate': float(inst.occlude_rate),
+              'is_stuff': bool(inst.is_stuff),
+          }
+      )
   if category_agnostic:
     cats.add(1)
-  return _quiet_coco({'images': images, 'annotations': anns,
-                      'categories': [{'id': c} for c in sorted(cats)]})
+  return _quiet_coco(
+      {'images': images, 'annotations': anns, 'categories': [{'id': c} for c in sorted(cats)]}
+  )
 
 
-def _dt_coco(gt_coco: COCO, dets: Sequence[dict], mask_key: str,
-             category_agnostic: bool) -> COCO:
+def _dt_coco(gt_coco: COCO, dets: Sequence[dict], mask_key: str, category_agnostic: bool) -> COCO:
   anns = []
   for d in dets:
     rle = d[mask_key]
-    anns.append({
-        'id': len(anns) + 1, 'image_id': d['image_id'],
-        'category_id': 1 if category_agnostic else d['category_id'],
-        'segmentation': rle, 'area': float(mask_utils.area(rle)),
-        'bbox': mask_utils.toBbox(rle).tolist(), 'iscrowd': 0,
-        'score': d['score']})
-  return _quiet_coco({'images': gt_coco.dataset['images'], 'annotations': anns,
-                      'categories': gt_coco.dataset['categories']})
+    anns.append(
+        {
+            'id': len(anns) + 1,
+            'image_id': d['image_id'],
+            'category_id': 1 if category_agnostic else d['category_id'],
+            'segmentation': rle,
+            'area': float(mask_utils.area(rle)),
+            'bbox': mask_utils.toBbox(rle).tolist(),
+            'iscrowd': 0,
+            'score': d['score'],
+        }
+    )
+  return _quiet_coco(
+      {
+          'images': gt_coco.dataset['images'],
+          'annotations': anns,
+          'categories': gt_coco.dataset['categories'],
+      }
+  )
 
 
 # --------------------------------------------------------------- evaluator
@@ -125,10 +155,16 @@ class _SubsetEval(COCOeval_faster):
   by the next ones, which only re-match.
   """
 
-  def __init__(self, gt_coco: COCO, dt_coco: COCO, *, use_cats: bool,
-               max_dets: Sequence[int], skip_empty: bool):
-    super().__init__(gt_coco, dt_coco, iouType='segm',
-                     print_function=lambda *args, **kwargs: None)
+  def __init__(
+      self,
+      gt_coco: COCO,
+      dt_coco: COCO,
+      *,
+      use_cats: bool,
+      max_dets: Sequence[int],
+      skip_empty: bool,
+  ):
+    super().__init__(gt_coco, dt_coco, iouType='segm', print_function=lambda *args, **kwargs: None)
     p = self.params
     p.imgIds = sorted(gt_coco.getImgIds())
     p.catIds = sorted(gt_coco.getCatIds())
@@ -147,11 +183,11 @@ class _SubsetEval(COCOeval_faster):
     return (ann['image_id'], ann['category_id']) if self.params.useCats else ann['image_id']
 
   def _prepare(self):
-    super()._prepare()   # sets every GT's ignore to its iscrowd
+    super()._prepare()  # sets every GT's ignore to its iscrowd
     p = self.params
     self._gt_anns = self.cocoGt.loadAnns(self.cocoGt.getAnnIds(imgIds=p.imgIds, catIds=p.catIds))
     self._apply_ignore()
-    if self._skip_empty:   # amodalAPI: no evaluation where GT or detections are missing
+    if self._skip_empty:  # amodalAPI: no evaluation where GT or detections are missing
       dts = self.cocoDt.loadAnns(self.cocoDt.getAnnIds(imgIds=p.imgIds, catIds=p.catIds))
       both = {self._group(g) for g in self._gt_anns} & {self._group(d) for d in dts}
       for dataset, anns in ((self.gt_dataset, self._gt_anns), (self.dt_dataset, dts)):
@@ -168,7 +204,7 @@ class _SubsetEval(COCOeval_faster):
     """Evaluates and accumulates; returns ``self.eval``."""
     self._ignore_fn = ignore_fn
     if not self._evaluated:
-      self.evaluate()   # index, IoUs, matching and accumulation
+      self.evaluate()  # index, IoUs, matching and accumulation
       self._evaluated = True
     else:
       self._apply_ignore()
@@ -176,7 +212,8 @@ class _SubsetEval(COCOeval_faster):
       cat_ids = p.catIds if p.useCats else [-1]
       ious = [[self.ious[i, c] for c in cat_ids] for i in p.imgIds]
       self.eval = faster_eval_api_cpp.COCOevalEvaluateAccumulate(
-          p, ious, self.gt_dataset, self.dt_dataset, p.imgIds, p.catIds, bool(p.useCats))
+          p, ious, self.gt_dataset, self.dt_dataset, p.imgIds, p.catIds, bool(p.useCats)
+      )
     return self.eval
 
 
@@ -191,9 +228,11 @@ def _summary(ev: dict, params, max_dets: Sequence[int]) -> dict:
   thr = np.asarray(params.iouThrs)
   t50 = np.where(np.isclose(thr, 0.5))[0]
   t75 = np.where(np.isclose(thr, 0.75))[0]
-  out = {'AP': _mean_defined(prec[:, :, :, 0, -1]),
-         'AP50': _mean_defined(prec[t50][:, :, :, 0, -1]),
-         'AP75': _mean_defined(prec[t75][:, :, :, 0, -1])}
+  out = {
+      'AP': _mean_defined(prec[:, :, :, 0, -1]),
+      'AP50': _mean_defined(prec[t50][:, :, :, 0, -1]),
+      'AP75': _mean_defined(prec[t75][:, :, :, 0, -1]),
+  }
   for mi, m in enumerate(sorted(max_dets)):
     out[f'AR{m}'] = _mean_defined(rec[:, :, 0, mi])
   return out
@@ -201,6 +240,7 @@ def _summary(ev: dict, params, max_dets: Sequence[int]) -> dict:
 
 def _ignore_rule(subset: str, part: str) -> Callable[[dict], bool]:
   lo, hi = SUBSETS[subset]
+
   def ignore(g: dict) -> bool:
     rate = g['occlude_rate']
     if rate < lo or rate > hi:
@@ -210,24 +250,37 @@ def _ignore_rule(subset: str, part: str) -> Callable[[dict], bool]:
     if part == 'stuff':
       return not g['is_stuff']
     return False
+
   return ignore
 
 
 def check_protocol(protocol: str, field: str = 'protocol') -> None:
   """UserError naming ``field`` unless ``protocol`` is one of PROTOCOLS."""
   if protocol not in PROTOCOLS:
-    raise UserError(f'unknown protocol {protocol!r}; expected one of '
-                    f'{PROTOCOLS}',
-                    field=field)
+    raise UserError(f'unknown protocol {protocol!r}; expected one of ' f'{PROTOCOLS}', field=field)
 
 
-def _branch(gt: Sequence, dets: Sequence[dict], gt_key: str, dt_key: str, *,
-            protocol: str, category_agnostic: bool, max_dets: Sequence[int],
-            subsets: Sequence[str], parts: Sequence[str]) -> dict:
+def _branch(
+    gt: Sequence,
+    dets: Sequence[dict],
+    gt_key: str,
+    dt_key: str,
+    *,
+    protocol: str,
+    category_agnostic: bool,
+    max_dets: Sequence[int],
+    subsets: Sequence[str],
+    parts: Sequence[str],
+) -> dict:
   gt_coco = _gt_coco(gt, gt_key, category_agnostic)
   dt_coco = _dt_coco(gt_coco, dets, dt_key, category_agnostic)
-  ev = _SubsetEval(gt_coco, dt_coco, use_cats=not category_agnostic,
-                   max_dets=max_dets, skip_empty=protocol == 'amodalapi')
+  ev = _SubsetEval(
+      gt_coco,
+      dt_coco,
+      use_cats=not category_agnostic,
+      max_dets=max_dets,
+      skip_empty=protocol == 'amodalapi',
+  )
   table: dict = {}
   for subset in subsets:
     table[subset] = {}
@@ -237,12 +290,17 @@ def _branch(gt: Sequence, dets: Sequence[dict], gt_key: str, dt_key: str, *,
   return table
 
 
-def evaluate(gt: Sequence, results: Sequence[dict], *, protocol: str = 'coco',
-             category_agnostic: bool = True,
-             max_dets: Sequence[int] = (1, 10, 100),
-             subsets: Sequence[str] = tuple(SUBSETS),
-             parts: Sequence[str] = PARTS,
-             results_path: str = 'results') -> dict:
+def evaluate(
+    gt: Sequence,
+    results: Sequence[dict],
+    *,
+    protocol: str = 'coco',
+    category_agnostic: bool = True,
+    max_dets: Sequence[int] = (1, 10, 100),
+    subsets: Sequence[str] = tuple(SUBSETS),
+    parts: Sequence[str] = PARTS,
+    results_path: str = 'results',
+) -> dict:
   """Scores ``results`` against ``gt`` (list[ImageAnnotation]).
 
   Returns ``{"amodal": {SUBSET: {PART: {METRIC: value}}}, "visible": {...}}``
@@ -253,17 +311,27 @@ def evaluate(gt: Sequence, results: Sequence[dict], *, protocol: str = 'coco',
   """
   check_protocol(protocol)
   dets = check_results(results, gt, results_path)
-  kw = dict(protocol=protocol, category_agnostic=category_agnostic,
-            max_dets=max_dets, subsets=subsets, parts=parts)
+  kw = dict(
+      protocol=protocol,
+      category_agnostic=category_agnostic,
+      max_dets=max_dets,
+      subsets=subsets,
+      parts=parts,
+  )
   out = {'amodal': _branch(gt, dets, 'amodal_rle', 'amodal', **kw)}
   if any(d['visible'] is not None for d in dets):
     out['visible'] = _branch(gt, dets, 'visible_rle', 'visible', **kw)
   return out
 
 
-def per_class_ap(gt: Sequence, results: Sequence[dict], *,
-                 protocol: str = 'coco', max_dets: Sequence[int] = (1, 10, 100),
-                 results_path: str = 'results') -> dict[int, float]:
+def per_class_ap(
+    gt: Sequence,
+    results: Sequence[dict],
+    *,
+    protocol: str = 'coco',
+    max_dets: Sequence[int] = (1, 10, 100),
+    results_path: str = 'results',
+) -> dict[int, float]:
   """Amodal AP per GT category id (useCats=1; subset 'all', part 'both').
 
   For D2SA-style data with category ids; -1 for a category whose AP is
@@ -273,20 +341,24 @@ def per_class_ap(gt: Sequence, results: Sequence[dict], *,
   dets = check_results(results, gt, results_path)
   gt_coco = _gt_coco(gt, 'amodal_rle', category_agnostic=False)
   dt_coco = _dt_coco(gt_coco, dets, 'amodal', category_agnostic=False)
-  ev = _SubsetEval(gt_coco, dt_coco, use_cats=True, max_dets=max_dets,
-                   skip_empty=protocol == 'amodalapi')
+  ev = _SubsetEval(
+      gt_coco, dt_coco, use_cats=True, max_dets=max_dets, skip_empty=protocol == 'amodalapi'
+  )
   result = ev.run(lambda g: False)
   cat_ids = ev._paramsEval.catIds  # pylint: disable=protected-access
-  return {int(c): _mean_defined(result['precision'][:, :, k, 0, -1])
-          for k, c in enumerate(cat_ids)}
+  return {int(c): _mean_defined(result['precision'][:, :, k, 0, -1]) for k, c in enumerate(cat_ids)}
 
 
 # --------------------------------------------------------------- depth order
-def depth_order_accuracy(gt: Sequence, results: Sequence[dict], *,
-                         score_threshold: float = 0.5,
-                         iou_threshold: float = 0.5,
-                         pairwise: Optional[Mapping[int, np.ndarray]] = None,
-                         results_path: str = 'results') -> dict:
+def depth_order_accuracy(
+    gt: Sequence,
+    results: Sequence[dict],
+    *,
+    score_threshold: float = 0.5,
+    iou_threshold: float = 0.5,
+    pairwise: Optional[Mapping[int, np.ndarray]] = None,
+    results_path: str = 'results',
+) -> dict:
   """Share of correctly ordered pairs of matched, overlapping objects.
 
   Per image: detections with ``score >= score_threshold`` are matched greedily
@@ -319,52 +391,63 @@ def depth_order_accuracy(gt: Sequence, results: Sequence[dict], *,
     kept.sort(key=lambda kd: -kd[1]['score'])
     if not kept:
       continue
-    g_rles = [as_rle(i.amodal_rle, ann.height, ann.width, 'ground truth',
-                      f'image {image_id}.amodal_rle') for i in ann.instances]
-    ious = np.asarray(mask_utils.iou([d['amodal'] for _, d in kept], g_rles,
-                                     [0] * len(g_rles))).reshape(len(kept), -1)
+    g_rles = [
+        as_rle(i.amodal_rle, ann.height, ann.width, 'ground truth', f'image {image_id}.amodal_rle')
+        for i in ann.instances
+    ]
+    ious = np.asarray(
+        mask_utils.iou([d['amodal'] for _, d in kept], g_rles, [0] * len(g_rles))
+    ).reshape(len(kept), -1)
     det_of_gt: dict[int, int] = {}
     for row, (k, _) in enumerate(kept):
-      cand = [(ious[row, g], g) for g in range(len(g_rles))
-              if g not in det_of_gt and ious[row, g] >= iou_threshold]
+      cand = [
+          (ious[row, g], g)
+          for g in range(len(g_rles))
+          if g not in det_of_gt and ious[row, g] >= iou_threshold
+      ]
       if cand:
         det_of_gt[max(cand)[1]] = k
-    overlap = np.asarray(mask_utils.iou(g_rles, g_rles, [0] * len(g_rles))
-                         ).reshape(len(g_rles), -1) > 0
+    overlap = (
+        np.asarray(mask_utils.iou(g_rles, g_rles, [0] * len(g_rles))).reshape(len(g_rles), -1) > 0
+    )
     matched = sorted(det_of_gt)
     for x, gi in enumerate(matched):
-      for gj in matched[x + 1:]:
+      for gj in matched[x + 1 :]:
         ri, rj = ann.instances[gi].depth_rank, ann.instances[gj].depth_rank
         if not overlap[gi, gj] or ri == rj:
           continue
         a, b = det_of_gt[gi], det_of_gt[gj]
-        pred = _predicted_order(dets, a, b, local, image_id, pairwise,
-                                results_path)
+        pred = _predicted_order(dets, a, b, local, image_id, pairwise, results_path)
         tally[pred * (1 if ri < rj else -1)] += 1
   pairs = sum(tally.values())
-  return {'accuracy': tally[1] / pairs if pairs else -1.0, 'correct': tally[1],
-          'wrong': tally[-1], 'undecided': tally[0], 'pairs': pairs}
+  return {
+      'accuracy': tally[1] / pairs if pairs else -1.0,
+      'correct': tally[1],
+      'wrong': tally[-1],
+      'undecided': tally[0],
+      'pairs': pairs,
+  }
 
 
 def format_depth_order(depth: Mapping[str, Any]) -> str:
   """One line for a :func:`depth_order_accuracy` result."""
   if not depth['pairs']:
     return 'depth order: no matched pair of overlapping objects to score'
-  return (f"depth order: {depth['correct']}/{depth['pairs']} pairs of matched, "
-          f"overlapping objects ordered right, {depth['wrong']} wrong, "
-          f"{depth['undecided']} undecided (accuracy {depth['accuracy']:.3f})")
+  return (
+      f"depth order: {depth['correct']}/{depth['pairs']} pairs of matched, "
+      f"overlapping objects ordered right, {depth['wrong']} wrong, "
+      f"{depth['undecided']} undecided (accuracy {depth['accuracy']:.3f})"
+  )
 
 
 def _predicted_order(dets, a, b, local, image_id, pairwise, path) -> int:
   if pairwise is not None:
     if image_id not in pairwise:
-      raise UserError(f'no pairwise order for image {image_id}',
-                      field='pairwise')
+      raise UserError(f'no pairwise order for image {image_id}', field='pairwise')
     return int(np.sign(pairwise[image_id][local[a], local[b]]))
   for k in (a, b):
     if 'depth_layer' not in dets[k]:
-      raise UserError('missing (needed for depth order)', path=path,
-                      field=f'[{k}].depth_layer')
+      raise UserError('missing (needed for depth order)', path=path, field=f'[{k}].depth_layer')
   la, lb = dets[a]['depth_layer'], dets[b]['depth_layer']
   return int(np.sign(lb - la))
 
@@ -377,12 +460,10 @@ def format_table(metrics: Mapping[str, Mapping]) -> str:
     first = next(iter(next(iter(table.values())).values()))
     names = list(first)
     lines.append(f'{branch} masks (%)')
-    lines.append(f'{"subset":<9}{"part":<8}'
-                 + ''.join(f'{n:>8}' for n in names))
+    lines.append(f'{"subset":<9}{"part":<8}' + ''.join(f'{n:>8}' for n in names))
     for subset, parts in table.items():
       for part, row in parts.items():
-        vals = ''.join(f'{"-":>8}' if row[n] < 0 else f'{100 * row[n]:>8.1f}'
-                       for n in names)
+        vals = ''.join(f'{"-":>8}' if row[n] < 0 else f'{100 * row[n]:>8.1f}' for n in names)
         lines.append(f'{subset:<9}{part:<8}{vals}')
     lines.append('')
   return '\n'.join(lines).rstrip() + '\n'

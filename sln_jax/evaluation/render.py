@@ -1,6 +1,7 @@
 """Pictures of predictions: each instance's mask and box in its own colour,
 and the predict mode's output per image (COCO results JSON and picture).
 """
+
 from __future__ import annotations
 
 import colorsys
@@ -27,8 +28,7 @@ def _decode(rle) -> np.ndarray:
   return mask_utils.decode(rle).astype(bool)
 
 
-def render_prediction(image: np.ndarray, results: Sequence[dict],
-                      stripe: int = 6) -> np.ndarray:
+def render_prediction(image: np.ndarray, results: Sequence[dict], stripe: int = 6) -> np.ndarray:
   """(H, W, 3) uint8 picture of ``results`` (one image's COCO results).
 
   Each instance in its own colour (``instance_colour(rank by score)``):
@@ -49,8 +49,7 @@ def render_prediction(image: np.ndarray, results: Sequence[dict],
     visible = _decode(r['visible_mask']) if 'visible_mask' in r else amodal
     occluded = amodal & ~visible
     colour = np.array(colour_of[k], np.float64)
-    for region, alpha in ((occluded, 0.15), (occluded & stripes, 0.5),
-                          (visible, 0.5)):
+    for region, alpha in ((occluded, 0.15), (occluded & stripes, 0.5), (visible, 0.5)):
       canvas[region] = (1 - alpha) * canvas[region] + alpha * colour
   pil = Image.fromarray(np.clip(np.round(canvas), 0, 255).astype(np.uint8))
   draw = ImageDraw.Draw(pil)
@@ -67,17 +66,22 @@ def render_prediction(image: np.ndarray, results: Sequence[dict],
   return np.asarray(pil)
 
 
-def draw_prediction(image: np.ndarray, results: Sequence[dict],
-                    path: str) -> None:
+def draw_prediction(image: np.ndarray, results: Sequence[dict], path: str) -> None:
   """Writes ``render_prediction(image, results)`` to ``path`` (PNG, atomic)."""
   picture = Image.fromarray(render_prediction(image, results))
   with files.atomic_output_file(path, 'wb') as f:
     picture.save(f, format='PNG')
 
 
-def write_prediction(image_id: int, dets: Mapping[str, np.ndarray],
-                     image_scale: Sequence[float], image: np.ndarray, json_path: str,
-                     png_path: str, **kwargs) -> int:
+def write_prediction(
+    image_id: int,
+    dets: Mapping[str, np.ndarray],
+    image_scale: Sequence[float],
+    image: np.ndarray,
+    json_path: str,
+    png_path: str,
+    **kwargs,
+) -> int:
   """Writes one image's COCO results (``detections_to_results(image_id,
   dets, image_scale, image.shape[:2], **kwargs)``) to ``json_path`` and its
   picture to ``png_path`` (both atomic); returns the number of results."""

@@ -18,6 +18,7 @@ the convention of PIL/OpenCV and ``align_corners=False`` and the release's
 (``scipy.misc.imresize``); against those targets it shrinks every mask by
 about n / m pixels around the box centre. No antialiasing in either.
 """
+
 from __future__ import annotations
 
 import functools
@@ -31,17 +32,19 @@ from sln_jax.evaluation import depth_order
 
 
 # --------------------------------------------------------------- pasting
-def integer_box(box: Sequence[float], height: int,
-                width: int) -> tuple[int, int, int, int]:
+def integer_box(box: Sequence[float], height: int, width: int) -> tuple[int, int, int, int]:
   """(y1, x1, y2, x2) float pixels -> rounded (halves up), clipped ints."""
   y1, x1, y2, x2 = (int(np.floor(float(v) + 0.5)) for v in box)
-  return (min(max(y1, 0), height), min(max(x1, 0), width),
-          min(max(y2, 0), height), min(max(x2, 0), width))
+  return (
+      min(max(y1, 0), height),
+      min(max(x1, 0), width),
+      min(max(y2, 0), height),
+      min(max(x2, 0), width),
+  )
 
 
 @functools.lru_cache(maxsize=1024)
-def _interp_matrix(n_out: int, n_in: int,
-                   align_corners: bool = False) -> np.ndarray:
+def _interp_matrix(n_out: int, n_in: int, align_corners: bool = False) -> np.ndarray:
   """(n_out, n_in) bilinear weights, edge clamped: half-pixel centres, or
   (``align_corners``) first and last samples on the first and last pixel.
 
@@ -59,7 +62,7 @@ def _interp_matrix(n_out: int, n_in: int,
   w = np.zeros((n_out, n_in), np.float64)
   rows = np.arange(n_out)
   w[rows, lo] = 1.0 - frac
-  w[rows, hi] += frac      # a second statement: adds where hi == lo (the clamped edge)
+  w[rows, hi] += frac  # a second statement: adds where hi == lo (the clamped edge)
   w.flags.writeable = False
   return w
 
@@ -76,8 +79,9 @@ def _argmax_last(x: np.ndarray) -> np.ndarray:
   return index
 
 
-def resize_bilinear(prob: np.ndarray, height: int, width: int,
-                    align_corners: bool = False) -> np.ndarray:
+def resize_bilinear(
+    prob: np.ndarray, height: int, width: int, align_corners: bool = False
+) -> np.ndarray:
   """(m, n) or (m, n, C) map -> (height, width[, C]) float64, bilinear.
 
   Two matrix products, rows then columns: O(height * m * n + height * n *
@@ -91,12 +95,13 @@ def resize_bilinear(prob: np.ndarray, height: int, width: int,
   # Channel-first (C, m, n) so each channel takes the 2-D path's two products
   # (the same numbers as resizing it alone); returned as a channel-last view.
   chans = np.moveaxis(prob.astype(np.float64).reshape(m, n, -1), -1, 0)
-  out = np.moveaxis(wy @ chans @ wx.T, 0, -1)                 # (height, width, C)
+  out = np.moveaxis(wy @ chans @ wx.T, 0, -1)  # (height, width, C)
   return out.reshape((height, width) + prob.shape[2:])
 
 
-def _paste_crop(prob: np.ndarray, box: tuple[int, int, int, int],
-                align_corners: bool = False) -> np.ndarray:
+def _paste_crop(
+    prob: np.ndarray, box: tuple[int, int, int, int], align_corners: bool = False
+) -> np.ndarray:
   """Resized probabilities inside the integer box: (y2-y1, x2-x1[, C])."""
   y1, x1, y2, x2 = box
   if y2 <= y1 or x2 <= x1:
@@ -130,22 +135,29 @@ def release_paste(prob: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarra
   return np.asarray(resized) >= 128
 
 
-def release_box(canvas_box: Sequence[float], image_scale: Sequence[float],
-                height: int, width: int) -> tuple[int, int, int, int]:
+def release_box(
+    canvas_box: Sequence[float], image_scale: Sequence[float], height: int, width: int
+) -> tuple[int, int, int, int]:
   """The release's ``unmold_detections`` box: canvas pixels times original /
   canvas extent, truncated to int (its boxes are already whole canvas
   pixels, ``model.detection.round_boxes``), then clipped to the image."""
   sy, sx = float(image_scale[0]), float(image_scale[1])
-  fy = height / round(height * sy)   # the release: image_shape / window extent
+  fy = height / round(height * sy)  # the release: image_shape / window extent
   fx = width / round(width * sx)
-  y1, x1, y2, x2 = (int(v * f) for v, f in zip(np.asarray(canvas_box, np.float64),
-                                               (fy, fx, fy, fx)))
-  return (min(max(y1, 0), height), min(max(x1, 0), width),
-          min(max(y2, 0), height), min(max(x2, 0), width))
+  y1, x1, y2, x2 = (
+      int(v * f) for v, f in zip(np.asarray(canvas_box, np.float64), (fy, fx, fy, fx))
+  )
+  return (
+      min(max(y1, 0), height),
+      min(max(x1, 0), width),
+      min(max(y2, 0), height),
+      min(max(x2, 0), width),
+  )
 
 
-def paste_masks(probs: np.ndarray, boxes: np.ndarray, height: int, width: int,
-                threshold: float = 0.5) -> np.ndarray:
+def paste_masks(
+    probs: np.ndarray, boxes: np.ndarray, height: int, width: int, threshold: float = 0.5
+) -> np.ndarray:
   """Pastes (D, m, m) probabilities into (D, height, width) bool masks.
 
   ``boxes``: (D, 4) y1x1y2x2 in original-image pixels (see module doc for the
@@ -156,14 +168,14 @@ def paste_masks(probs: np.ndarray, boxes: np.ndarray, height: int, width: int,
   out = np.zeros((len(boxes), height, width), bool)
   for i, box in enumerate(boxes):
     b = integer_box(box, height, width)
-    out[i, b[0]:b[2], b[1]:b[3]] = _paste_crop(probs[i], b) >= threshold
+    out[i, b[0] : b[2], b[1] : b[3]] = _paste_crop(probs[i], b) >= threshold
   return out
 
 
 # --------------------------------------------------------------- depth order
 def pairwise_votes_crops(
-    layers: Sequence[np.ndarray],
-    boxes: Sequence[tuple[int, int, int, int]]) -> np.ndarray:
+    layers: Sequence[np.ndarray], boxes: Sequence[tuple[int, int, int, int]]
+) -> np.ndarray:
   """Pixel votes for the pairwise depth order of instances.
 
   ``layers[i]``: int map over ``boxes[i]`` (-1 absent, 0 visible, k occluded
@@ -174,25 +186,36 @@ def pairwise_votes_crops(
   n = len(layers)
   votes = np.zeros((n, n), np.int64)
   b = np.asarray(boxes, np.int64).reshape(n, 4)
-  lo = np.maximum(b[:, None, :2], b[None, :, :2])        # (n, n, 2) overlap top-left
+  lo = np.maximum(b[:, None, :2], b[None, :, :2])  # (n, n, 2) overlap top-left
   hi = np.minimum(b[:, None, 2:], b[None, :, 2:])
-  ii, jj = np.nonzero(np.triu(np.all(hi > lo, axis=-1), 1))   # i < j, boxes overlap
+  ii, jj = np.nonzero(np.triu(np.all(hi > lo, axis=-1), 1))  # i < j, boxes overlap
   if not ii.size:
     return votes
   # Each map twice, absent pixels -1 in `low` and the dtype's maximum in
   # `high`: `high_i < low_j` holds exactly where both are present and i is in
   # front, so a pair costs two comparisons and two counts of 1-byte pixels.
   layers = [np.asarray(l) for l in layers]
-  fits = all(l.dtype == np.int8 or (np.min(l, initial=0) >= -128 and np.max(l, initial=0) < 127)
-             for l in layers)
+  fits = all(
+      l.dtype == np.int8 or (np.min(l, initial=0) >= -128 and np.max(l, initial=0) < 127)
+      for l in layers
+  )
   dtype = np.int8 if fits else np.int64
   low = [l.astype(dtype, copy=False) for l in layers]
   high = [np.where(l < 0, np.iinfo(dtype).max, l).astype(dtype, copy=False) for l in low]
   # Overlap rows and columns in each crop's own frame, as Python ints.
-  frame = np.stack([lo[ii, jj, 0] - b[ii, 0], hi[ii, jj, 0] - b[ii, 0],
-                    lo[ii, jj, 1] - b[ii, 1], hi[ii, jj, 1] - b[ii, 1],
-                    lo[ii, jj, 0] - b[jj, 0], hi[ii, jj, 0] - b[jj, 0],
-                    lo[ii, jj, 1] - b[jj, 1], hi[ii, jj, 1] - b[jj, 1]], axis=1).tolist()
+  frame = np.stack(
+      [
+          lo[ii, jj, 0] - b[ii, 0],
+          hi[ii, jj, 0] - b[ii, 0],
+          lo[ii, jj, 1] - b[ii, 1],
+          hi[ii, jj, 1] - b[ii, 1],
+          lo[ii, jj, 0] - b[jj, 0],
+          hi[ii, jj, 0] - b[jj, 0],
+          lo[ii, jj, 1] - b[jj, 1],
+          hi[ii, jj, 1] - b[jj, 1],
+      ],
+      axis=1,
+  ).tolist()
   count = np.count_nonzero
   margin = []
   for i, j, (a0, a1, a2, a3, c0, c1, c2, c3) in zip(ii.tolist(), jj.tolist(), frame):
@@ -204,8 +227,8 @@ def pairwise_votes_crops(
 
 
 def pairwise_order_crops(
-    layers: Sequence[np.ndarray],
-    boxes: Sequence[tuple[int, int, int, int]]) -> np.ndarray:
+    layers: Sequence[np.ndarray], boxes: Sequence[tuple[int, int, int, int]]
+) -> np.ndarray:
   """Pairwise depth order of instances given box-local layer maps.
 
   The sign of :func:`pairwise_votes_crops`: the majority of the pixels where
@@ -216,8 +239,7 @@ def pairwise_order_crops(
   return np.sign(pairwise_votes_crops(layers, boxes)).astype(np.int8)
 
 
-def depth_layers(order: np.ndarray,
-                 strength: Optional[np.ndarray] = None) -> np.ndarray:
+def depth_layers(order: np.ndarray, strength: Optional[np.ndarray] = None) -> np.ndarray:
   """(N, N) pairwise order -> (N,) int depth layer, 0 = front-most.
 
   ``order[i, j] == 1``: i in front of j. The relations are taken strongest
@@ -231,8 +253,7 @@ def depth_layers(order: np.ndarray,
   """
   order = np.asarray(order)
   weight = np.ones(order.shape) if strength is None else 1 + np.abs(strength)
-  return depth_order.chain_depth(
-      depth_order.acyclic_relations(np.where(order == 1, weight, 0)))
+  return depth_order.chain_depth(depth_order.acyclic_relations(np.where(order == 1, weight, 0)))
 
 
 # --------------------------------------------------------------- results
@@ -250,30 +271,34 @@ def rle_of_crop(crop: np.ndarray, box: Sequence[int], height: int, width: int) -
   y1, x1 = int(box[0]), int(box[1])
   crop = np.asarray(crop, bool)
   ch, cw = crop.shape
-  cols = np.zeros((cw, ch + 1), np.int8)             # column-major, a 0 after each column
+  cols = np.zeros((cw, ch + 1), np.int8)  # column-major, a 0 after each column
   cols[:, :ch] = crop.T
   flat = cols.reshape(-1)
   p = np.flatnonzero(flat[1:] != flat[:-1]) + 1
   if flat.size and flat[0]:
     p = np.concatenate([[0], p])
   col, row = np.divmod(p, ch + 1)
-  at = (x1 + col) * height + y1 + row                # first pixel of each new run
+  at = (x1 + col) * height + y1 + row  # first pixel of each new run
   if y1 + ch == height and at.size:
     at, n = np.unique(at, return_counts=True)
-    at = at[(n % 2 == 1) & (at < height * width)]    # nothing starts after the last pixel
+    at = at[(n % 2 == 1) & (at < height * width)]  # nothing starts after the last pixel
   counts = np.diff(np.concatenate([[0], at, [height * width]]))
-  rle = mask_utils.frPyObjects({'size': [height, width], 'counts': counts.tolist()},
-                               height, width)
+  rle = mask_utils.frPyObjects({'size': [height, width], 'counts': counts.tolist()}, height, width)
   rle['counts'] = rle['counts'].decode('ascii')
   return rle
 
 
-def detections_to_results(image_id: int, dets: Mapping[str, np.ndarray],
-                          image_scale: Sequence[float], orig_hw: Sequence[int],
-                          category_map: Optional[Mapping[int, int]] = None, *,
-                          score_threshold: float = 0.0,
-                          mask_threshold: float = 0.5,
-                          mask_paste: str = 'aligned') -> list[dict]:
+def detections_to_results(
+    image_id: int,
+    dets: Mapping[str, np.ndarray],
+    image_scale: Sequence[float],
+    orig_hw: Sequence[int],
+    category_map: Optional[Mapping[int, int]] = None,
+    *,
+    score_threshold: float = 0.0,
+    mask_threshold: float = 0.5,
+    mask_paste: str = 'aligned',
+) -> list[dict]:
   """COCO results for one image from ``SLN.infer`` outputs (batch axis removed).
 
   Args:
@@ -311,8 +336,9 @@ def detections_to_results(image_id: int, dets: Mapping[str, np.ndarray],
   classes = np.asarray(dets['classes'])
   valid = np.asarray(dets['valid'], bool)
   layer_probs = dets.get('layer_probs')
-  keep = [i for i in np.argsort(-scores, kind='stable')
-          if valid[i] and scores[i] >= score_threshold]
+  keep = [
+      i for i in np.argsort(-scores, kind='stable') if valid[i] and scores[i] >= score_threshold
+  ]
   aligned = mask_paste == 'aligned'
   if mask_paste == 'release':
     box_of = lambda i: release_box(dets['boxes'][i], image_scale, h, w)
@@ -322,7 +348,7 @@ def detections_to_results(image_id: int, dets: Mapping[str, np.ndarray],
     paste = lambda prob, b: _paste_crop(np.asarray(prob), b, aligned) >= mask_threshold
   deeper_probs = None
   if layer_probs is not None and np.shape(layer_probs)[-1] > 1:
-    deeper_probs = np.asarray(layer_probs)[..., 1:]     # layer channels 1..L-1
+    deeper_probs = np.asarray(layer_probs)[..., 1:]  # layer channels 1..L-1
   # Layer maps hold -1 .. L - 1: one byte each for the depth votes.
   num_layers = 1 if layer_probs is None else np.shape(layer_probs)[-1]
   layer_dtype = np.int8 if num_layers < 127 else np.int32
@@ -335,22 +361,25 @@ def detections_to_results(image_id: int, dets: Mapping[str, np.ndarray],
     visible = paste(dets['visible_probs'][i], b) & amodal
     # -1 outside the amodal mask, 0 on the visible one, else 1 + the argmax
     # of layer channels 1..L-1 (1 with one layer).
-    deeper = 1 if deeper_probs is None else 1 + _argmax_last(
-        _paste_crop(deeper_probs[i], b, aligned))
+    deeper = (
+        1 if deeper_probs is None else 1 + _argmax_last(_paste_crop(deeper_probs[i], b, aligned))
+    )
     layer = np.where(amodal, deeper, -1)
     layer = np.where(visible, 0, layer).astype(layer_dtype)
     layer_maps.append(layer)
     int_boxes.append(b)
     cls = int(classes[i])
     y1, x1, y2, x2 = np.clip(boxes[i], 0, [h, w, h, w])
-    results.append({
-        'image_id': int(image_id),
-        'category_id': int(category_map[cls]) if category_map else cls,
-        'score': float(scores[i]),
-        'bbox': [float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
-        'segmentation': rle_of_crop(amodal, b, h, w),
-        'visible_mask': rle_of_crop(visible, b, h, w),
-    })
+    results.append(
+        {
+            'image_id': int(image_id),
+            'category_id': int(category_map[cls]) if category_map else cls,
+            'score': float(scores[i]),
+            'bbox': [float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
+            'segmentation': rle_of_crop(amodal, b, h, w),
+            'visible_mask': rle_of_crop(visible, b, h, w),
+        }
+    )
   votes = pairwise_votes_crops(layer_maps, int_boxes)
   layers = depth_layers(np.sign(votes), strength=votes)
   for r, d in zip(results, layers):

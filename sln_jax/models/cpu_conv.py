@@ -25,6 +25,7 @@ convolutions outside those cases. XLA's cost analysis counts a loop's body
 once, so FLOP counts come from a program traced inside
 ``xla_kernel_gradients()`` (``scripts/benchmark.py`` does).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -37,10 +38,10 @@ from jax import lax
 import jax.numpy as jnp
 
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
-MIN_GFLOP = 1.0   # kernel-gradient GFLOP (2 * B * OH * OW * kh * kw * C_in * C_out)
+MIN_GFLOP = 1.0  # kernel-gradient GFLOP (2 * B * OH * OW * kh * kw * C_in * C_out)
 MIN_CHANNELS = 256  # kernels wider than 1x1: min(C_in, C_out)
 _ENABLED = [True]
-_TRACED = [0]     # convolutions traced on the matrix-product path so far
+_TRACED = [0]  # convolutions traced on the matrix-product path so far
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
 
@@ -62,26 +63,44 @@ def xla_kernel_gradients() -> Iterator[None]:
     _ENABLED.pop()
 
 
-def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding,
-                         lhs_dilation: Optional[Sequence[int]] = None,
-                         rhs_dilation: Optional[Sequence[int]] = None,
-                         dimension_numbers=None, feature_group_count: int = 1,
-                         batch_group_count: int = 1, precision=None,
-                         preferred_element_type=None) -> jax.Array:
+def conv_general_dilated(
+    lhs,
+    rhs,
+    window_strides: Sequence[int],
+    padding,
+    lhs_dilation: Optional[Sequence[int]] = None,
+    rhs_dilation: Optional[Sequence[int]] = None,
+    dimension_numbers=None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
+    precision=None,
+    preferred_element_type=None,
+) -> jax.Array:
   """``lax.conv_general_dilated``, with the matrix-product kernel gradient
   on XLA:CPU (module docstring)."""
   plain = functools.partial(
-      lax.conv_general_dilated, window_strides=window_strides, padding=padding,
-      lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
-      dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
-      batch_group_count=batch_group_count, precision=precision,
-      preferred_element_type=preferred_element_type)
-  if (not _ENABLED[-1] or jax.default_backend() != 'cpu' or jnp.ndim(lhs) != 4
-      or feature_group_count != 1 or batch_group_count != 1
+      lax.conv_general_dilated,
+      window_strides=window_strides,
+      padding=padding,
+      lhs_dilation=lhs_dilation,
+      rhs_dilation=rhs_dilation,
+      dimension_numbers=dimension_numbers,
+      feature_group_count=feature_group_count,
+      batch_group_count=batch_group_count,
+      precision=precision,
+      preferred_element_type=preferred_element_type,
+  )
+  if (
+      not _ENABLED[-1]
+      or jax.default_backend() != 'cpu'
+      or jnp.ndim(lhs) != 4
+      or feature_group_count != 1
+      or batch_group_count != 1
       or preferred_element_type is not None
       or any(d != 1 for d in (lhs_dilation or (1, 1)))
       or lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-      != lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)):
+      != lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+  ):
     return plain(lhs, rhs)
   if not _pays(rhs.shape, jax.eval_shape(plain, lhs, rhs).shape):
     return plain(lhs, rhs)
@@ -110,8 +129,9 @@ def _pays(rhs_shape, out_shape) -> bool:
 
 
 def _forward(lhs, rhs, strides, pads, dilation, precision):
-  return lax.conv_general_dilated(lhs, rhs, strides, pads, rhs_dilation=dilation,
-                                  dimension_numbers=_NHWC, precision=precision)
+  return lax.conv_general_dilated(
+      lhs, rhs, strides, pads, rhs_dilation=dilation, dimension_numbers=_NHWC, precision=precision
+  )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
@@ -125,8 +145,7 @@ def _conv_fwd(lhs, rhs, strides, pads, dilation, precision):
 
 def _conv_bwd(strides, pads, dilation, precision, residuals, g):
   lhs, rhs = residuals
-  _, input_vjp = jax.vjp(
-      lambda x: _forward(x, rhs, strides, pads, dilation, precision), lhs)
+  _, input_vjp = jax.vjp(lambda x: _forward(x, rhs, strides, pads, dilation, precision), lhs)
   (d_lhs,) = input_vjp(g)
   d_rhs = kernel_gradient(lhs, g, rhs.shape[:2], strides, pads, dilation)
   return d_lhs, d_rhs.astype(rhs.dtype)
@@ -135,9 +154,14 @@ def _conv_bwd(strides, pads, dilation, precision, residuals, g):
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
-def kernel_gradient(lhs: jax.Array, g: jax.Array, kernel: Sequence[int],
-                    strides: Sequence[int], pads: Pads,
-                    dilation: Sequence[int]) -> jax.Array:
+def kernel_gradient(
+    lhs: jax.Array,
+    g: jax.Array,
+    kernel: Sequence[int],
+    strides: Sequence[int],
+    pads: Pads,
+    dilation: Sequence[int],
+) -> jax.Array:
   """dL/dW (kh, kw, C_in, C_out) float32 of an NHWC/HWIO convolution.
 
   Args:
@@ -150,15 +174,14 @@ def kernel_gradient(lhs: jax.Array, g: jax.Array, kernel: Sequence[int],
   if oh == 0 or ow == 0:  # the kernel covers no output position
     return jnp.zeros(tuple(kernel) + (cin, g.shape[3]), jnp.float32)
   strides = tuple(strides)
-  x = lax.pad(lhs, jnp.zeros((), lhs.dtype),
-              ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
+  x = lax.pad(lhs, jnp.zeros((), lhs.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
   span = (b, (oh - 1) * strides[0] + 1, (ow - 1) * strides[1] + 1, cin)
 
   def tap(t):
     i, j = t // kernel[1], t % kernel[1]
     window = lax.dynamic_slice(x, (0, i * dilation[0], j * dilation[1], 0), span)
     if strides != (1, 1):
-      window = window[:, ::strides[0], ::strides[1]]
+      window = window[:, :: strides[0], :: strides[1]]
     return jnp.einsum('bhwc,bhwd->cd', window, g, preferred_element_type=jnp.float32)
 
   if kernel[0] * kernel[1] == 1:

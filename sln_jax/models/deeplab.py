@@ -16,6 +16,7 @@ Module paths: ``layer1_conv``, ``layer1_bn``,
 ``layer{2..5}_block{k}/{reduce,conv3x3,increase,shortcut}_{conv,bn}`` (k from
 1), ``aspp_c{0..3}``.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,8 +36,7 @@ Dtype = Any
 frozen_bn = NormSpec()  # the GLM is never trained: inference-mode BN always
 
 
-def ceil_pool_out(size: int, kernel: int = 3, stride: int = 2,
-                  pad: int = 1) -> int:
+def ceil_pool_out(size: int, kernel: int = 3, stride: int = 2, pad: int = 1) -> int:
   """Output size of PyTorch MaxPool2d(kernel, stride, pad, ceil_mode=True)."""
   out = math.ceil((size + 2 * pad - kernel) / stride) + 1
   if (out - 1) * stride >= size + pad:  # last window would start in the padding
@@ -44,26 +44,24 @@ def ceil_pool_out(size: int, kernel: int = 3, stride: int = 2,
   return out
 
 
-def max_pool_ceil(x: jax.Array, kernel: int = 3, stride: int = 2,
-                  pad: int = 1) -> jax.Array:
+def max_pool_ceil(x: jax.Array, kernel: int = 3, stride: int = 2, pad: int = 1) -> jax.Array:
   """PyTorch ceil-mode max pool on NHWC ``x`` (padding never wins: -inf)."""
   pads = [(0, 0)]
   for size in x.shape[1:3]:
     out = ceil_pool_out(size, kernel, stride, pad)
     pads.append((pad, (out - 1) * stride + kernel - size - pad))
   x = jnp.pad(x, pads + [(0, 0)], constant_values=-jnp.inf)
-  return nn.max_pool(x, (kernel, kernel), strides=(stride, stride),
-                     padding='VALID')
+  return nn.max_pool(x, (kernel, kernel), strides=(stride, stride), padding='VALID')
 
 
 def resize_bilinear(x: jax.Array, height: int, width: int) -> jax.Array:
   """NHWC bilinear resize == torch F.interpolate(align_corners=False, size=...)."""
-  return jax.image.resize(x, (x.shape[0], height, width, x.shape[3]),
-                          'bilinear', antialias=False)
+  return jax.image.resize(x, (x.shape[0], height, width, x.shape[3]), 'bilinear', antialias=False)
 
 
 class DeepLabBottleneck(nn.Module):
   """reduce 1x1/s -> conv3x3 (dilated) -> increase 1x1, + shortcut, ReLU."""
+
   out_channels: int
   stride: int = 1
   dilation: int = 1
@@ -77,9 +75,16 @@ class DeepLabBottleneck(nn.Module):
     d = self.dilation
 
     def cbr(y, name, features, kernel, stride=1, dil=1, pad=0, relu=True):
-      y = conv(features, kernel, stride, padding=((pad, pad), (pad, pad)),
-               dtype=self.dtype, name=f'{name}_conv', use_bias=False,
-               dilation=dil)(y)
+      y = conv(
+          features,
+          kernel,
+          stride,
+          padding=((pad, pad), (pad, pad)),
+          dtype=self.dtype,
+          name=f'{name}_conv',
+          use_bias=False,
+          dilation=dil,
+      )(y)
       y = frozen_bn(self.bn_eps, self.dtype, f'{name}_bn')(y)
       return nn.relu(y) if relu else y
 
@@ -98,6 +103,7 @@ class DeepLabV2(nn.Module):
            'features': (B, h, w, num_classes + 1) = [softmax, argmax / 255]},
   both under stop_gradient (the GLM is never trained; no gradient reaches it).
   """
+
   stage_sizes: Sequence[int] = (3, 4, 23, 3)
   width: int = 64
   num_classes: int = 182
@@ -111,21 +117,44 @@ class DeepLabV2(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
     x = lax.stop_gradient(x.astype(self.dtype))
-    stem_conv = conv(self.width, 7, 2, padding=((3, 3), (3, 3)),
-                     dtype=self.dtype, name='layer1_conv', use_bias=False)
+    stem_conv = conv(
+        self.width,
+        7,
+        2,
+        padding=((3, 3), (3, 3)),
+        dtype=self.dtype,
+        name='layer1_conv',
+        use_bias=False,
+    )
     stem_bn = frozen_bn(self.bn_eps, self.dtype, 'layer1_bn')
     layers = []
     for i, blocks in enumerate(self.stage_sizes):
-      out_ch = self.width * 4 * 2 ** i
-      layers.append([
-          DeepLabBottleneck(out_ch, stride=(self.strides[i] if k == 0 else 1),
-                            dilation=self.dilations[i], downsample=(k == 0),
-                            bn_eps=self.bn_eps, dtype=self.dtype,
-                            name=f'layer{i + 2}_block{k + 1}')
-          for k in range(blocks)])
-    aspp = [conv(self.num_classes, 3, padding=((r, r), (r, r)),
-                 dtype=self.dtype, name=f'aspp_c{j}', dilation=r)
-            for j, r in enumerate(self.atrous_rates)]
+      out_ch = self.width * 4 * 2**i
+      layers.append(
+          [
+              DeepLabBottleneck(
+                  out_ch,
+                  stride=(self.strides[i] if k == 0 else 1),
+                  dilation=self.dilations[i],
+                  downsample=(k == 0),
+                  bn_eps=self.bn_eps,
+                  dtype=self.dtype,
+                  name=f'layer{i + 2}_block{k + 1}',
+              )
+              for k in range(blocks)
+          ]
+      )
+    aspp = [
+        conv(
+            self.num_classes,
+            3,
+            padding=((r, r), (r, r)),
+            dtype=self.dtype,
+            name=f'aspp_c{j}',
+            dilation=r,
+        )
+        for j, r in enumerate(self.atrous_rates)
+    ]
 
     def base(y):
       y = max_pool_ceil(nn.relu(stem_bn(stem_conv(y))))
@@ -144,5 +173,4 @@ class DeepLabV2(nn.Module):
     logits = lax.stop_gradient(logits)
     probs = jax.nn.softmax(logits, axis=-1)
     label = jnp.argmax(logits, axis=-1).astype(jnp.float32)[..., None] / 255.0
-    return {'logits': logits,
-            'features': jnp.concatenate([probs, label], axis=-1)}
+    return {'logits': logits, 'features': jnp.concatenate([probs, label], axis=-1)}

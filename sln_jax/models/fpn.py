@@ -6,6 +6,7 @@ P6 = P5 subsampled by 2 (max pool kernel 1 stride 2 == P5[:, ::2, ::2]).
 Module paths: ``P{2..5}_lateral`` [fpn.P{s}_conv1], ``P{2..5}_output``
 [fpn.P{s}_conv2.1].
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -26,6 +27,7 @@ def upsample2x(x: jax.Array) -> jax.Array:
 
 class FPN(nn.Module):
   """Input {'c2'..'c5'} -> {'p2'..'p6'}, each (B, H/2^k, W/2^k, channels)."""
+
   channels: int = 256
   dtype: Dtype = jnp.float32
 
@@ -34,13 +36,13 @@ class FPN(nn.Module):
     top = None
     laterals = {}
     for s in (5, 4, 3, 2):
-      lat = conv(self.channels, 1, dtype=self.dtype, name=f'P{s}_lateral')(
-          feats[f'c{s}'])
+      lat = conv(self.channels, 1, dtype=self.dtype, name=f'P{s}_lateral')(feats[f'c{s}'])
       top = lat if top is None else lat + upsample2x(top)
       laterals[s] = top
     out = {}
     for s in (2, 3, 4, 5):
-      out[f'p{s}'] = conv(self.channels, 3, padding=((1, 1), (1, 1)),
-                          dtype=self.dtype, name=f'P{s}_output')(laterals[s])
+      out[f'p{s}'] = conv(
+          self.channels, 3, padding=((1, 1), (1, 1)), dtype=self.dtype, name=f'P{s}_output'
+      )(laterals[s])
     out['p6'] = out['p5'][:, ::2, ::2]
     return out

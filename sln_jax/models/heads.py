@@ -4,6 +4,7 @@ Module paths: box head ``conv1``, ``bn1``, ``conv2``, ``bn2``,
 ``linear_class``, ``linear_bbox`` [classifier.*]; mask head ``conv{1..4}``,
 ``bn{1..4}``, ``deconv``, ``conv5`` [mask.*].
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -30,13 +31,15 @@ class Upsample2x(nn.Module):
 
   (..., H, W, C_in) -> (..., 2H, 2W, C_out).
   """
+
   features: int
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param('kernel', nn.initializers.lecun_normal(),
-                        (2, 2, x.shape[-1], self.features), jnp.float32)
+    kernel = self.param(
+        'kernel', nn.initializers.lecun_normal(), (2, 2, x.shape[-1], self.features), jnp.float32
+    )
     bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
     x = x.astype(self.dtype)
     y = jnp.einsum('...hwc,abco->...hawbo', x, kernel[::-1, ::-1].astype(self.dtype))
@@ -51,6 +54,7 @@ class BoxHead(nn.Module):
   deltas (R, num_classes, 4) (dy, dx, log dh, log dw), unscaled by bbox_std.
   conv1 is a P x P VALID conv (the release's 7x7 'fully connected' layer).
   """
+
   num_classes: int = 2
   channels: int = 1024
   bn_eps: float = 1e-3
@@ -58,26 +62,36 @@ class BoxHead(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array,
-               mask: Optional[jax.Array] = None) -> dict[str, jax.Array]:
+  def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None) -> dict[str, jax.Array]:
     """``mask`` (R,) bool: the ROIs that count in batch-mode BN statistics."""
     pool = x.shape[1]
-    x = conv(self.channels, pool, dtype=self.dtype, name='conv1')(
-        x.astype(self.dtype))
+    x = conv(self.channels, pool, dtype=self.dtype, name='conv1')(x.astype(self.dtype))
     bn_mask = None if mask is None else mask[:, None, None]
     x = nn.relu(self.norm(self.bn_eps, self.dtype, 'bn1')(x, bn_mask))
     x = conv(self.channels, 1, dtype=self.dtype, name='conv2')(x)
     x = nn.relu(self.norm(self.bn_eps, self.dtype, 'bn2')(x, bn_mask))
     x = x.reshape(x.shape[0], self.channels)
     init = nn.initializers.normal(0.01)
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=init,
-                      param_dtype=jnp.float32, name='linear_class')(x)
-    deltas = nn.Dense(self.num_classes * 4, dtype=self.dtype, kernel_init=init,
-                      param_dtype=jnp.float32, name='linear_bbox')(x)
+    logits = nn.Dense(
+        self.num_classes,
+        dtype=self.dtype,
+        kernel_init=init,
+        param_dtype=jnp.float32,
+        name='linear_class',
+    )(x)
+    deltas = nn.Dense(
+        self.num_classes * 4,
+        dtype=self.dtype,
+        kernel_init=init,
+        param_dtype=jnp.float32,
+        name='linear_bbox',
+    )(x)
     logits = logits.astype(jnp.float32)
-    return {'logits': logits, 'probs': jax.nn.softmax(logits, axis=-1),
-            'deltas': deltas.astype(jnp.float32).reshape(
-                -1, self.num_classes, 4)}
+    return {
+        'logits': logits,
+        'probs': jax.nn.softmax(logits, axis=-1),
+        'deltas': deltas.astype(jnp.float32).reshape(-1, self.num_classes, 4),
+    }
 
 
 class MaskHead(nn.Module):
@@ -94,6 +108,7 @@ class MaskHead(nn.Module):
 
   Returns layer logits (R, 2P, 2P, num_layers) float32.
   """
+
   num_layers: int = 1
   channels: int = 256
   bn_eps: float = 1e-3
@@ -101,16 +116,16 @@ class MaskHead(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, fpn: jax.Array, glm: Optional[jax.Array] = None,
-               mask: Optional[jax.Array] = None) -> jax.Array:
+  def __call__(
+      self, fpn: jax.Array, glm: Optional[jax.Array] = None, mask: Optional[jax.Array] = None
+  ) -> jax.Array:
     """``mask`` (R,) bool: the ROIs that count in batch-mode BN statistics."""
     x = fpn.astype(self.dtype)
     if glm is not None:
       x = jnp.concatenate([glm.astype(self.dtype), x], axis=-1)
     bn_mask = None if mask is None else mask[:, None, None]
     for k in range(1, 5):
-      x = conv(self.channels, 3, padding=((1, 1), (1, 1)), dtype=self.dtype,
-               name=f'conv{k}')(x)
+      x = conv(self.channels, 3, padding=((1, 1), (1, 1)), dtype=self.dtype, name=f'conv{k}')(x)
       x = nn.relu(self.norm(self.bn_eps, self.dtype, f'bn{k}')(x, bn_mask))
     x = Upsample2x(self.channels, dtype=self.dtype, name='deconv')(x)
     x = nn.relu(x)

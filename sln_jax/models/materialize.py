@@ -22,6 +22,7 @@ XLA:GPU's priority fusion fuses a producer into all of its consumers or
 none, and a block's output always feeds a convolution, so it is stored
 anyway.
 """
+
 from __future__ import annotations
 
 import jax

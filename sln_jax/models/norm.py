@@ -22,6 +22,7 @@ checkpoints and the PyTorch port do not see which one runs.
 
 Statistics are reduced in float32 whatever the compute dtype.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,6 +37,7 @@ Dtype = Any
 
 class BatchNorm(nn.Module):
   """(..., C) -> (..., C) in ``dtype``; see the module docstring."""
+
   epsilon: float = 1e-3
   momentum: float = 0.99
   axis_name: Optional[str] = None
@@ -53,8 +55,7 @@ class BatchNorm(nn.Module):
     ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((c,), f32))
     ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((c,), f32))
     mean, var = ra_mean.value, ra_var.value
-    if (self.batch_mode and self.is_mutable_collection('batch_stats')
-        and not self.is_initializing()):
+    if self.batch_mode and self.is_mutable_collection('batch_stats') and not self.is_initializing():
       mean, var = self._batch_stats(x, mask, ra_mean, ra_var)
     mul = scale * jax.lax.rsqrt(var + self.epsilon)
     return (x.astype(f32) * mul + (bias - mean * mul)).astype(self.dtype)
@@ -94,11 +95,17 @@ class NormSpec:
   axis_name: the data-parallel axis whose devices share batch statistics
     (set by the training step; None outside a mapped computation).
   """
+
   train: bool = False
   momentum: float = 0.99
   axis_name: Optional[str] = None
 
   def __call__(self, eps: float, dtype: Dtype, name: str) -> BatchNorm:
-    return BatchNorm(epsilon=eps, momentum=self.momentum,
-                     axis_name=self.axis_name, batch_mode=self.train,
-                     dtype=dtype, name=name)
+    return BatchNorm(
+        epsilon=eps,
+        momentum=self.momentum,
+        axis_name=self.axis_name,
+        batch_mode=self.train,
+        dtype=dtype,
+        name=name,
+    )

@@ -14,6 +14,7 @@ Module paths (the checkpoint port relies on them): ``C1_conv``, ``C1_bn``,
 ``C{2..5}_{b}/conv{1,2,3}``, ``bn{1,2,3}``, ``downsample_conv``,
 ``downsample_bn``.
 """
+
 from __future__ import annotations
 
 import math
@@ -51,19 +52,35 @@ def same_pad(x: jax.Array, kernel: int, stride: int) -> jax.Array:
   return jnp.pad(x, ((0, 0), ph, pw, (0, 0)))
 
 
-def conv(features: int, kernel: int, stride: int = 1, padding: Any = 'VALID',
-         dtype: Dtype = jnp.float32, name: str | None = None,
-         use_bias: bool = True, dilation: int = 1) -> nn.Conv:
+def conv(
+    features: int,
+    kernel: int,
+    stride: int = 1,
+    padding: Any = 'VALID',
+    dtype: Dtype = jnp.float32,
+    name: str | None = None,
+    use_bias: bool = True,
+    dilation: int = 1,
+) -> nn.Conv:
   """nn.Conv with square kernel/stride, float32 params and compute ``dtype``
   (kernel gradients as matrix products on XLA:CPU: ``cpu_conv``)."""
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=padding, kernel_dilation=(dilation, dilation),
-                 use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-                 conv_general_dilated=conv_general_dilated, name=name)
+  return nn.Conv(
+      features,
+      (kernel, kernel),
+      strides=(stride, stride),
+      padding=padding,
+      kernel_dilation=(dilation, dilation),
+      use_bias=use_bias,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      conv_general_dilated=conv_general_dilated,
+      name=name,
+  )
 
 
 class Bottleneck(nn.Module):
   """Matterport bottleneck: 1x1/s -> 3x3 (SAME) -> 1x1 (x4), shortcut add, ReLU."""
+
   planes: int
   stride: int = 1
   downsample: bool = False
@@ -82,8 +99,7 @@ class Bottleneck(nn.Module):
     y = conv(self.planes * 4, 1, dtype=self.dtype, name='conv3')(y)
     y = bn('bn3')(y)
     if self.downsample:
-      x = conv(self.planes * 4, 1, self.stride, dtype=self.dtype,
-               name='downsample_conv')(x)
+      x = conv(self.planes * 4, 1, self.stride, dtype=self.dtype, name='downsample_conv')(x)
       x = bn('downsample_bn')(x)
     return materialize(nn.relu(y + x))  # stored once on XLA:CPU (materialize.py)
 
@@ -94,6 +110,7 @@ class ResNet(nn.Module):
   Returns {'c1': (B, H/4, W/4, width) after the max pool,
            'c{k}': (B, H/2^k, W/2^k, width * 2^(k-2) * 4) for k = 2..5}.
   """
+
   stage_sizes: Sequence[int] = (3, 4, 23, 3)
   width: int = 64
   bn_eps: float = 1e-3
@@ -103,8 +120,7 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
     x = x.astype(self.dtype)
-    x = conv(self.width, 7, 2, padding=((3, 3), (3, 3)), dtype=self.dtype,
-             name='C1_conv')(x)
+    x = conv(self.width, 7, 2, padding=((3, 3), (3, 3)), dtype=self.dtype, name='C1_conv')(x)
     x = nn.relu(self.norm(self.bn_eps, self.dtype, 'C1_bn')(x))
     # Zero padding is harmless before the max pool: inputs are >= 0 after ReLU
     # and every window holds at least one real value.
@@ -114,9 +130,14 @@ class ResNet(nn.Module):
     for i, blocks in enumerate(self.stage_sizes):
       stage = i + 2
       for b in range(blocks):
-        x = Bottleneck(planes=self.width * 2 ** i,
-                       stride=(2 if (b == 0 and stage > 2) else 1),
-                       downsample=(b == 0), bn_eps=self.bn_eps,
-                       norm=self.norm, dtype=self.dtype, name=f'C{stage}_{b}')(x)
+        x = Bottleneck(
+            planes=self.width * 2**i,
+            stride=(2 if (b == 0 and stage > 2) else 1),
+            downsample=(b == 0),
+            bn_eps=self.bn_eps,
+            norm=self.norm,
+            dtype=self.dtype,
+            name=f'C{stage}_{b}',
+        )(x)
       out[f'c{stage}'] = x
     return out

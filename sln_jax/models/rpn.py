@@ -5,6 +5,7 @@ conv_shared 3x3 (SAME, stride anchor_stride) + ReLU -> conv_class 1x1
 the release's anchor order: level (P2..P6), then row, column, anchor ratio.
 Module paths: ``conv_shared``, ``conv_class``, ``conv_bbox``.
 """
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -25,6 +26,7 @@ class RPN(nn.Module):
   deltas (B, Atot, 4) (dy, dx, log dh, log dw) unscaled by bbox_std;
   Atot = sum_l ceil(Hl / stride) * ceil(Wl / stride) * anchors_per_location.
   """
+
   anchors_per_location: int = 3
   anchor_stride: int = 1
   channels: int = 512
@@ -33,8 +35,7 @@ class RPN(nn.Module):
   @nn.compact
   def __call__(self, features: Sequence[jax.Array]) -> dict[str, jax.Array]:
     a = self.anchors_per_location
-    shared = conv(self.channels, 3, self.anchor_stride, dtype=self.dtype,
-                  name='conv_shared')
+    shared = conv(self.channels, 3, self.anchor_stride, dtype=self.dtype, name='conv_shared')
     cls = conv(2 * a, 1, dtype=self.dtype, name='conv_class')
     box = conv(4 * a, 1, dtype=self.dtype, name='conv_bbox')
     logits, deltas = [], []
@@ -45,5 +46,4 @@ class RPN(nn.Module):
       deltas.append(box(h).reshape(b, -1, 4))
     logits = jnp.concatenate(logits, axis=1).astype(jnp.float32)
     deltas = jnp.concatenate(deltas, axis=1).astype(jnp.float32)
-    return {'logits': logits, 'probs': jax.nn.softmax(logits, axis=-1),
-            'deltas': deltas}
+    return {'logits': logits, 'probs': jax.nn.softmax(logits, axis=-1), 'deltas': deltas}

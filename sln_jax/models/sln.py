@@ -21,6 +21,7 @@ that can only hold negatives.
 GLM disabled (``model.glm.enabled=False``): no GLM parameters; the mask head
 input is the FPN ROI features alone.
 """
+
 from __future__ import annotations
 
 import functools
@@ -44,11 +45,12 @@ from sln_jax.ops import anchors as anchor_ops
 from sln_jax.ops import boxes as box_ops
 from sln_jax.ops import postprocess, proposals, roi_align, targets
 
-FEATURE_STRIDES = anchor_ops.DEFAULT_STRIDES   # P2..P6: 4, 8, 16, 32, 64
+FEATURE_STRIDES = anchor_ops.DEFAULT_STRIDES  # P2..P6: 4, 8, 16, 32, 64
 
 
-def layer_pixel_counts(layer_logits: jax.Array, layer_targets: jax.Array,
-                       positive: jax.Array) -> dict[str, jax.Array]:
+def layer_pixel_counts(
+    layer_logits: jax.Array, layer_targets: jax.Array, positive: jax.Array
+) -> dict[str, jax.Array]:
   """Per-layer mask pixel counts over the positive ROIs, mean over images.
 
   Args:
@@ -78,37 +80,61 @@ def layer_pixel_counts(layer_logits: jax.Array, layer_targets: jax.Array,
 
 class SLN(nn.Module):
   """SLN over ``config`` = the model sub-config (``config.model``)."""
+
   config: Any
   loss_weights: Optional[Mapping[str, float]] = None
-  bn_axis_name: Optional[str] = None   # batch-mode BN: devices that share statistics
+  bn_axis_name: Optional[str] = None  # batch-mode BN: devices that share statistics
 
   def setup(self):
     c = self.config
     dtype = jnp.dtype(c.dtype)
-    norm = NormSpec(train=bool(c.train_bn), momentum=float(c.bn_momentum),
-                    axis_name=self.bn_axis_name)
+    norm = NormSpec(
+        train=bool(c.train_bn), momentum=float(c.bn_momentum), axis_name=self.bn_axis_name
+    )
     if 2 * c.roi.mask_pool_size != c.roi.mask_size:
-      raise ValueError(f'model.roi.mask_size ({c.roi.mask_size}) must be twice '
-                       f'model.roi.mask_pool_size ({c.roi.mask_pool_size})')
-    self.backbone = ResNet(stage_sizes=tuple(c.backbone.stage_sizes),
-                           width=c.backbone.width, bn_eps=c.backbone.bn_eps,
-                           norm=norm, dtype=dtype)
+      raise ValueError(
+          f'model.roi.mask_size ({c.roi.mask_size}) must be twice '
+          f'model.roi.mask_pool_size ({c.roi.mask_pool_size})'
+      )
+    self.backbone = ResNet(
+        stage_sizes=tuple(c.backbone.stage_sizes),
+        width=c.backbone.width,
+        bn_eps=c.backbone.bn_eps,
+        norm=norm,
+        dtype=dtype,
+    )
     self.fpn = FPN(channels=c.fpn_channels, dtype=dtype)
-    self.rpn = RPN(anchors_per_location=len(c.rpn.anchor_ratios),
-                   anchor_stride=c.rpn.anchor_stride,
-                   channels=c.rpn.conv_channels, dtype=dtype)
-    self.box_head = BoxHead(num_classes=c.num_classes,
-                            channels=c.box_head_channels,
-                            bn_eps=c.backbone.bn_eps, norm=norm, dtype=dtype)
-    self.mask_head = MaskHead(num_layers=c.num_layers,
-                              channels=c.mask_head_channels,
-                              bn_eps=c.backbone.bn_eps, norm=norm, dtype=dtype)
+    self.rpn = RPN(
+        anchors_per_location=len(c.rpn.anchor_ratios),
+        anchor_stride=c.rpn.anchor_stride,
+        channels=c.rpn.conv_channels,
+        dtype=dtype,
+    )
+    self.box_head = BoxHead(
+        num_classes=c.num_classes,
+        channels=c.box_head_channels,
+        bn_eps=c.backbone.bn_eps,
+        norm=norm,
+        dtype=dtype,
+    )
+    self.mask_head = MaskHead(
+        num_layers=c.num_layers,
+        channels=c.mask_head_channels,
+        bn_eps=c.backbone.bn_eps,
+        norm=norm,
+        dtype=dtype,
+    )
     if c.glm.enabled:
       g = c.glm
-      self.glm = DeepLabV2(stage_sizes=tuple(g.stage_sizes), width=g.width,
-                           num_classes=g.num_classes,
-                           atrous_rates=tuple(g.atrous_rates),
-                           scales=tuple(g.scales), bn_eps=g.bn_eps, dtype=dtype)
+      self.glm = DeepLabV2(
+          stage_sizes=tuple(g.stage_sizes),
+          width=g.width,
+          num_classes=g.num_classes,
+          atrous_rates=tuple(g.atrous_rates),
+          scales=tuple(g.scales),
+          bn_eps=g.bn_eps,
+          dtype=dtype,
+      )
 
   # ------------------------------------------------------------- pieces
   def _preprocess(self, image: jax.Array) -> jax.Array:
@@ -119,9 +145,13 @@ class SLN(nn.Module):
   def _anchors(self, size: int) -> jnp.ndarray:
     """(A, 4) normalised anchors (numpy at trace time -> constant)."""
     r = self.config.rpn
-    a = anchor_ops.generate_anchors((size, size), tuple(r.anchor_scales),
-                                    tuple(r.anchor_ratios), FEATURE_STRIDES,
-                                    r.anchor_stride)
+    a = anchor_ops.generate_anchors(
+        (size, size),
+        tuple(r.anchor_scales),
+        tuple(r.anchor_ratios),
+        FEATURE_STRIDES,
+        r.anchor_stride,
+    )
     return jnp.asarray(a / np.float32(size))
 
   def _features(self, image: jax.Array):
@@ -138,31 +168,47 @@ class SLN(nn.Module):
   def _proposals(self, rpn_out, size: int, post_nms_topk: int):
     r = self.config.rpn
     rois, valid = proposals.generate_proposals(
-        rpn_out['probs'][..., 1], rpn_out['deltas'], self._anchors(size),
-        pre_nms_topk=r.pre_nms_topk, nms_threshold=r.nms_threshold,
-        post_nms_topk=post_nms_topk, bbox_std=tuple(r.bbox_std),
+        rpn_out['probs'][..., 1],
+        rpn_out['deltas'],
+        self._anchors(size),
+        pre_nms_topk=r.pre_nms_topk,
+        nms_threshold=r.nms_threshold,
+        post_nms_topk=post_nms_topk,
+        bbox_std=tuple(r.bbox_std),
         # release QUIRK: NMS IoU in canvas pixels with the +1 convention
-        nms_pixel_scale=float(size) if r.legacy_nms_plus_one else None)
+        nms_pixel_scale=float(size) if r.legacy_nms_plus_one else None,
+    )
     return jax.lax.stop_gradient(rois), valid
 
   def _pool(self, pyramid, rois: jax.Array, crop: int, size: int) -> jax.Array:
     o = self.config.roi
     return roi_align.multilevel_crop_and_resize(
-        pyramid, rois, crop, image_area=float(size * size),
-        aligned=o.aligned, sampling_ratio=o.sampling_ratio)
+        pyramid,
+        rois,
+        crop,
+        image_area=float(size * size),
+        aligned=o.aligned,
+        sampling_ratio=o.sampling_ratio,
+    )
 
-  def _box_head(self, pyramid, rois: jax.Array, size: int,
-                mask: Optional[jax.Array] = None):
+  def _box_head(self, pyramid, rois: jax.Array, size: int, mask: Optional[jax.Array] = None):
     """``mask`` (B, R) bool: ROIs that count in batch-mode BN statistics."""
     b, r = rois.shape[:2]
     pooled = self._pool(pyramid, rois, self.config.roi.pool_size, size)
-    out = self.box_head(pooled.reshape((b * r,) + pooled.shape[2:]),
-                        None if mask is None else mask.reshape(b * r))
+    out = self.box_head(
+        pooled.reshape((b * r,) + pooled.shape[2:]), None if mask is None else mask.reshape(b * r)
+    )
     return jax.tree.map(lambda x: x.reshape((b, r) + x.shape[1:]), out)
 
-  def _mask_head(self, pyramid, glm_feats, rois: jax.Array,
-                 glm_rois: jax.Array, size: int,
-                 mask: Optional[jax.Array] = None) -> jax.Array:
+  def _mask_head(
+      self,
+      pyramid,
+      glm_feats,
+      rois: jax.Array,
+      glm_rois: jax.Array,
+      size: int,
+      mask: Optional[jax.Array] = None,
+  ) -> jax.Array:
     """Layer logits (B, N, M, M, L) for normalised ``rois`` (B, N, 4);
     ``mask`` (B, N) bool: ROIs that count in batch-mode BN statistics."""
     crop = self.config.roi.mask_pool_size
@@ -171,14 +217,17 @@ class SLN(nn.Module):
     fpn = flat(self._pool(pyramid, rois, crop, size))
     glm = None
     if glm_feats is not None:
-      glm = flat(roi_align.crop_and_resize(
-          glm_feats, jax.lax.stop_gradient(glm_rois), crop))
+      glm = flat(roi_align.crop_and_resize(glm_feats, jax.lax.stop_gradient(glm_rois), crop))
     logits = self.mask_head(fpn, glm, None if mask is None else mask.reshape(b * n))
     return logits.reshape((b, n) + logits.shape[1:])
 
   # ------------------------------------------------------------- training
-  def train_forward(self, batch: Mapping[str, jax.Array], rng: jax.Array,
-                    loss_weights: Optional[Mapping[str, float]] = None):
+  def train_forward(
+      self,
+      batch: Mapping[str, jax.Array],
+      rng: jax.Array,
+      loss_weights: Optional[Mapping[str, float]] = None,
+  ):
     """Training forward of a batch (leading axis B; docs/architecture.md).
 
     Args:
@@ -201,8 +250,7 @@ class SLN(nn.Module):
     """
     c = self.config
     size = batch['image'].shape[1]
-    keys = jax.vmap(jax.random.split)(
-        targets.per_image_keys(rng, batch['image'].shape[0]))
+    keys = jax.vmap(jax.random.split)(targets.per_image_keys(rng, batch['image'].shape[0]))
     rng_rpn, rng_roi = keys[:, 0], keys[:, 1]
     pyramid, rpn_out = self._features(batch['image'])
     glm_feats = self._glm_features(batch['glm_image'])
@@ -213,47 +261,68 @@ class SLN(nn.Module):
 
     r = c.rpn
     rpn_labels, rpn_deltas = targets.batched_rpn_targets(
-        rng_rpn, self._anchors(size), gt_boxes, gt_valid,
-        positive_iou=r.positive_iou, negative_iou=r.negative_iou,
-        num_samples=r.anchors_per_image, positive_fraction=r.positive_fraction,
-        bbox_std=tuple(r.bbox_std))
+        rng_rpn,
+        self._anchors(size),
+        gt_boxes,
+        gt_valid,
+        positive_iou=r.positive_iou,
+        negative_iou=r.negative_iou,
+        num_samples=r.anchors_per_image,
+        positive_fraction=r.positive_fraction,
+        bbox_std=tuple(r.bbox_std),
+    )
 
     rois, rois_valid = self._proposals(rpn_out, size, r.post_nms_topk_train)
     o = c.roi
     sample = targets.batched_sample_rois(
-        rng_roi, rois, rois_valid, gt_boxes, gt_classes, gt_valid,
-        num_rois=o.rois_per_image, positive_ratio=o.positive_ratio,
-        fg_iou=o.fg_iou, bbox_std=tuple(o.bbox_std))
+        rng_roi,
+        rois,
+        rois_valid,
+        gt_boxes,
+        gt_classes,
+        gt_valid,
+        num_rois=o.rois_per_image,
+        positive_ratio=o.positive_ratio,
+        fg_iou=o.fg_iou,
+        bbox_std=tuple(o.bbox_std),
+    )
     sample = jax.tree.map(jax.lax.stop_gradient, sample)
     head = self._box_head(pyramid, sample['rois'], size, mask=sample['valid'])
 
     npos = max(1, int(o.rois_per_image * o.positive_ratio))
     pos = {k: v[:, :npos] for k, v in sample.items()}
-    layer_logits = self._mask_head(pyramid, glm_feats, pos['rois'],
-                                   pos['rois'], size, mask=pos['positive'])
+    layer_logits = self._mask_head(
+        pyramid, glm_feats, pos['rois'], pos['rois'], size, mask=pos['positive']
+    )
     layer_boxes = box_ops.normalize(
-        batch.get('gt_layer_boxes', batch['gt_boxes']).astype(jnp.float32),
-        size)
+        batch.get('gt_layer_boxes', batch['gt_boxes']).astype(jnp.float32), size
+    )
     layer_targets = targets.batched_mask_targets(
-        batch['gt_layers'].astype(jnp.float32), layer_boxes, pos['rois'],
-        pos['matched_gt'], mask_size=o.mask_size, positive=pos['positive'])
+        batch['gt_layers'].astype(jnp.float32),
+        layer_boxes,
+        pos['rois'],
+        pos['matched_gt'],
+        mask_size=o.mask_size,
+        positive=pos['positive'],
+    )
 
-    given = dict(loss_weights if loss_weights is not None else
-                 (self.loss_weights or {}))
+    given = dict(loss_weights if loss_weights is not None else (self.loss_weights or {}))
     terms = {
         'rpn_class': losses.rpn_class_loss(rpn_out['logits'], rpn_labels),
-        'rpn_bbox': losses.rpn_bbox_loss(rpn_out['deltas'], rpn_deltas,
-                                         rpn_labels),
+        'rpn_bbox': losses.rpn_bbox_loss(rpn_out['deltas'], rpn_deltas, rpn_labels),
         'head_class': losses.head_class_loss(
-            head['logits'], sample['class_targets'], sample['valid']),
+            head['logits'], sample['class_targets'], sample['valid']
+        ),
         'head_bbox': losses.head_bbox_loss(
-            head['deltas'], sample['class_targets'], sample['bbox_targets'],
-            sample['valid']),
+            head['deltas'], sample['class_targets'], sample['bbox_targets'], sample['valid']
+        ),
         'layer': losses.layer_loss(
-            layer_logits, layer_targets, pos['positive'],
-            occluded_pos_weight=float(given.get('occluded_pos_weight', 1.0))),
-        'amodal': losses.amodal_loss(layer_logits, layer_targets,
-                                     pos['positive']),
+            layer_logits,
+            layer_targets,
+            pos['positive'],
+            occluded_pos_weight=float(given.get('occluded_pos_weight', 1.0)),
+        ),
+        'amodal': losses.amodal_loss(layer_logits, layer_targets, pos['positive']),
     }
     weights = {k: float(given.get(k, 1.0)) for k in losses.TERMS}
     terms['total'] = losses.total_loss(terms, weights)
@@ -265,15 +334,17 @@ class SLN(nn.Module):
         'roi_positives': per_image(sample['positive']),
         'roi_sampled': per_image(sample['valid']),
         'proposals': per_image(rois_valid),
-        'head_accuracy': jnp.mean(jnp.sum(f32(correct), 1) / jnp.maximum(
-            jnp.sum(f32(sample['valid']), 1), 1.0)),
+        'head_accuracy': jnp.mean(
+            jnp.sum(f32(correct), 1) / jnp.maximum(jnp.sum(f32(sample['valid']), 1), 1.0)
+        ),
     }
     metrics.update(layer_pixel_counts(layer_logits, layer_targets, pos['positive']))
     return terms, metrics
 
   # ------------------------------------------------------------- inference
-  def infer(self, image: jax.Array, glm_image: jax.Array,
-            image_shape: jax.Array) -> dict[str, jax.Array]:
+  def infer(
+      self, image: jax.Array, glm_image: jax.Array, image_shape: jax.Array
+  ) -> dict[str, jax.Array]:
     """Detections with layered masks (docs/architecture.md).
 
     Args:
@@ -297,9 +368,16 @@ class SLN(nn.Module):
     window = jnp.concatenate([jnp.zeros_like(hw), hw], axis=-1)
     t = c.detection
     det = postprocess.batched_detect(
-        rois, head['probs'], head['deltas'], window, roi_valid=rois_valid,
-        bbox_std=tuple(c.roi.bbox_std), max_detections=t.max_detections,
-        min_confidence=t.min_confidence, nms_threshold=t.nms_threshold)
+        rois,
+        head['probs'],
+        head['deltas'],
+        window,
+        roi_valid=rois_valid,
+        bbox_std=tuple(c.roi.bbox_std),
+        max_detections=t.max_detections,
+        min_confidence=t.min_confidence,
+        nms_threshold=t.nms_threshold,
+    )
     boxes = jax.lax.stop_gradient(det['boxes'])
     if t.round_boxes:  # release QUIRK: whole canvas pixels (torch.round, half to even)
       boxes = jnp.round(boxes * size) / size
@@ -333,7 +411,8 @@ def variable_shapes(model: SLN, image_size: int):
       jax.random.PRNGKey(0),
       jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.uint8),
       jax.ShapeDtypeStruct((1, g, g, 3), jnp.uint8),
-      jax.ShapeDtypeStruct((1, 2), jnp.float32))
+      jax.ShapeDtypeStruct((1, 2), jnp.float32),
+  )
 
 
 def _leaf_init(path: tuple[str, ...], shape: tuple[int, ...]):
@@ -361,14 +440,18 @@ def init_variables(model: SLN, rng: jax.Array, image_size: int):
   """
   flat = traverse_util.flatten_dict(dict(variable_shapes(model, image_size)))
   specs = {k: _leaf_init(k, v.shape) for k, v in flat.items()}
-  sizes = {kind: sum(math.prod(flat[k].shape) for k, s in specs.items()
-                     if s[0] == kind) for kind in ('uniform', 'normal')}
+  sizes = {
+      kind: sum(math.prod(flat[k].shape) for k, s in specs.items() if s[0] == kind)
+      for kind in ('uniform', 'normal')
+  }
 
   @jax.jit
   def draw(key):
     ku, kn = jax.random.split(key)
-    return (jax.random.uniform(ku, (sizes['uniform'],), jnp.float32, -1.0, 1.0),
-            jax.random.normal(kn, (sizes['normal'],), jnp.float32))
+    return (
+        jax.random.uniform(ku, (sizes['uniform'],), jnp.float32, -1.0, 1.0),
+        jax.random.normal(kn, (sizes['normal'],), jnp.float32),
+    )
 
   uni, norm = jax.device_get(draw(rng))
   pools, offsets = {'uniform': uni, 'normal': norm}, {'uniform': 0, 'normal': 0}
@@ -379,7 +462,7 @@ def init_variables(model: SLN, rng: jax.Array, image_size: int):
       out[k] = np.full(shape, scale, np.float32)
       continue
     n = math.prod(shape)
-    chunk = pools[kind][offsets[kind]:offsets[kind] + n]
+    chunk = pools[kind][offsets[kind] : offsets[kind] + n]
     offsets[kind] += n
     out[k] = (chunk * np.float32(scale)).reshape(shape)
   # device_put copies; jnp.asarray / jnp.full would compile a program per shape.

@@ -6,6 +6,7 @@ the canvas size) as long as both arguments of a function share them. Deltas
 are ``(dy, dx, log dh, log dw)`` divided by a per-coordinate ``std``.
 All functions are pure jax.numpy, broadcast over leading axes and jit-safe.
 """
+
 import math
 from typing import Optional, Sequence, Union
 
@@ -25,8 +26,9 @@ def area(boxes: jnp.ndarray) -> jnp.ndarray:
   return h * w
 
 
-def encode(boxes: jnp.ndarray, anchors: jnp.ndarray,
-           std: ArrayLike = (1.0, 1.0, 1.0, 1.0)) -> jnp.ndarray:
+def encode(
+    boxes: jnp.ndarray, anchors: jnp.ndarray, std: ArrayLike = (1.0, 1.0, 1.0, 1.0)
+) -> jnp.ndarray:
   """Deltas that move ``anchors`` onto ``boxes`` (release ``box_refinement``).
 
   Args:
@@ -48,15 +50,16 @@ def encode(boxes: jnp.ndarray, anchors: jnp.ndarray,
   w = boxes[..., 3] - boxes[..., 1]
   cy = boxes[..., 0] + 0.5 * h
   cx = boxes[..., 1] + 0.5 * w
-  deltas = jnp.stack([(cy - acy) / ah, (cx - acx) / aw,
-                      jnp.log(h / ah), jnp.log(w / aw)], axis=-1)
+  deltas = jnp.stack([(cy - acy) / ah, (cx - acx) / aw, jnp.log(h / ah), jnp.log(w / aw)], axis=-1)
   return deltas / jnp.asarray(std, jnp.float32)
 
 
-def decode(deltas: jnp.ndarray, anchors: jnp.ndarray,
-           std: ArrayLike = (1.0, 1.0, 1.0, 1.0),
-           max_log_scale: Optional[float] = DEFAULT_MAX_LOG_SCALE
-           ) -> jnp.ndarray:
+def decode(
+    deltas: jnp.ndarray,
+    anchors: jnp.ndarray,
+    std: ArrayLike = (1.0, 1.0, 1.0, 1.0),
+    max_log_scale: Optional[float] = DEFAULT_MAX_LOG_SCALE,
+) -> jnp.ndarray:
   """Applies ``deltas * std`` to ``anchors`` (release ``apply_box_deltas``).
 
   Args:

@@ -29,6 +29,7 @@ no inner one, since on XLA:GPU every loop step waits for its condition on
 the host. Work O(N log N + N * (max_output + tile)) IoUs, sequential depth
 about N / tile steps; memory O(tile * (max_output + tile)).
 """
+
 from typing import Optional, Tuple
 
 import jax
@@ -45,14 +46,18 @@ def _suppresses(a, b, ga, gb, thr, iou_fn):
   return hit
 
 
-def nms_padded(boxes: jnp.ndarray, scores: jnp.ndarray, max_output: int,
-               iou_threshold: float, score_threshold: float = -jnp.inf,
-               groups: Optional[jnp.ndarray] = None,
-               tile: int = 256,
-               pixel_scale: Optional[float] = None,
-               sweeps: int = 4,
-               presorted: bool = False
-               ) -> Tuple[jnp.ndarray, jnp.ndarray]:
+def nms_padded(
+    boxes: jnp.ndarray,
+    scores: jnp.ndarray,
+    max_output: int,
+    iou_threshold: float,
+    score_threshold: float = -jnp.inf,
+    groups: Optional[jnp.ndarray] = None,
+    tile: int = 256,
+    pixel_scale: Optional[float] = None,
+    sweeps: int = 4,
+    presorted: bool = False,
+) -> Tuple[jnp.ndarray, jnp.ndarray]:
   """Greedy NMS of one image.
 
   Args:
@@ -90,7 +95,7 @@ def nms_padded(boxes: jnp.ndarray, scores: jnp.ndarray, max_output: int,
   tile = max(1, min(int(tile), n))
   num_tiles = -(-n // tile)
   pad = num_tiles * tile - n
-  if presorted:   # stable argsort of non-increasing scores: the identity
+  if presorted:  # stable argsort of non-increasing scores: the identity
     order = jnp.arange(n, dtype=jnp.int32)
     s_boxes, s_scores, s_groups = boxes, scores, groups
   else:
@@ -116,8 +121,7 @@ def nms_padded(boxes: jnp.ndarray, scores: jnp.ndarray, max_output: int,
     tb = jax.lax.dynamic_slice_in_dim(s_boxes, start, tile)
     tc = jax.lax.dynamic_slice_in_dim(cand, start, tile)
     ti = jax.lax.dynamic_slice_in_dim(s_idx, start, tile)
-    tg = (None if s_grp is None
-          else jax.lax.dynamic_slice_in_dim(s_grp, start, tile))
+    tg = None if s_grp is None else jax.lax.dynamic_slice_in_dim(s_grp, start, tile)
     slot_used = jnp.arange(k) < count
     cross = _suppresses(kept_boxes, tb, kept_grp, tg, iou_threshold, iou_fn)
     tc = tc & ~jnp.any(cross & slot_used[:, None], axis=0)
@@ -135,36 +139,44 @@ def nms_padded(boxes: jnp.ndarray, scores: jnp.ndarray, max_output: int,
       kept_grp = kept_grp.at[dest].set(tg, mode='drop')
     out_idx = out_idx.at[dest].set(ti, mode='drop')
     count = jnp.where(done, jnp.minimum(count + jnp.sum(keep), k), count)
-    return (t + done.astype(jnp.int32), count, kept_boxes, kept_grp, out_idx,
-            keep, done)
+    return (t + done.astype(jnp.int32), count, kept_boxes, kept_grp, out_idx, keep, done)
 
   def cond(state):
     t, count = state[0], state[1]
     return (t < num_tiles) & (count < k)
 
   grp0 = None if groups is None else jnp.zeros((k,), s_grp.dtype)
-  init = (jnp.array(0, jnp.int32), jnp.array(0, jnp.int32),
-          jnp.zeros((k, 4), jnp.float32), grp0, jnp.zeros((k,), jnp.int32),
-          jnp.zeros((tile,), bool), jnp.array(True))
+  init = (
+      jnp.array(0, jnp.int32),
+      jnp.array(0, jnp.int32),
+      jnp.zeros((k, 4), jnp.float32),
+      grp0,
+      jnp.zeros((k,), jnp.int32),
+      jnp.zeros((tile,), bool),
+      jnp.array(True),
+  )
   _, count, _, _, out_idx, _, _ = jax.lax.while_loop(cond, step, init)
   valid = jnp.arange(k) < count
   return jnp.where(valid, out_idx, 0), valid
 
 
-def batched_nms_padded(boxes: jnp.ndarray, scores: jnp.ndarray,
-                       max_output: int, iou_threshold: float,
-                       score_threshold: float = -jnp.inf,
-                       groups: Optional[jnp.ndarray] = None,
-                       tile: int = 256,
-                       pixel_scale: Optional[float] = None,
-                       sweeps: int = 4,
-                       presorted: bool = False
-                       ) -> Tuple[jnp.ndarray, jnp.ndarray]:
+def batched_nms_padded(
+    boxes: jnp.ndarray,
+    scores: jnp.ndarray,
+    max_output: int,
+    iou_threshold: float,
+    score_threshold: float = -jnp.inf,
+    groups: Optional[jnp.ndarray] = None,
+    tile: int = 256,
+    pixel_scale: Optional[float] = None,
+    sweeps: int = 4,
+    presorted: bool = False,
+) -> Tuple[jnp.ndarray, jnp.ndarray]:
   """:func:`nms_padded` over a batch: boxes (B, N, 4), scores (B, N)
   [, groups (B, N)] -> indices (B, K) int32, valid (B, K) bool."""
-  fn = lambda b, s, g: nms_padded(b, s, max_output, iou_threshold,
-                                  score_threshold, g, tile, pixel_scale,
-                                  sweeps, presorted)
+  fn = lambda b, s, g: nms_padded(
+      b, s, max_output, iou_threshold, score_threshold, g, tile, pixel_scale, sweeps, presorted
+  )
   if groups is None:
     return jax.vmap(lambda b, s: fn(b, s, None))(boxes, scores)
   return jax.vmap(fn)(boxes, scores, groups)

@@ -1,4 +1,5 @@
 """Final detections from the box head (release ``refine_detections``)."""
+
 from typing import Dict, Optional, Sequence
 
 import jax
@@ -8,12 +9,19 @@ from sln_jax.ops import boxes as box_ops
 from sln_jax.ops import nms as nms_ops
 
 
-def detect(rois: jnp.ndarray, class_probs: jnp.ndarray, deltas: jnp.ndarray,
-           window: Sequence[float], *, bbox_std: Sequence[float],
-           max_detections: int = 100, min_confidence: float = 0.0,
-           nms_threshold: float = -1.0,
-           roi_valid: Optional[jnp.ndarray] = None,
-           nms_tile: int = 256) -> Dict[str, jnp.ndarray]:
+def detect(
+    rois: jnp.ndarray,
+    class_probs: jnp.ndarray,
+    deltas: jnp.ndarray,
+    window: Sequence[float],
+    *,
+    bbox_std: Sequence[float],
+    max_detections: int = 100,
+    min_confidence: float = 0.0,
+    nms_threshold: float = -1.0,
+    roi_valid: Optional[jnp.ndarray] = None,
+    nms_tile: int = 256,
+) -> Dict[str, jnp.ndarray]:
   """Detections of one image.
 
   Per ROI: class = argmax of ``class_probs`` (first on ties), score = its
@@ -53,9 +61,9 @@ def detect(rois: jnp.ndarray, class_probs: jnp.ndarray, deltas: jnp.ndarray,
     keep &= roi_valid
   ranked = jnp.where(keep, scores, -jnp.inf)
   if nms_threshold >= 0:
-    idx, valid = nms_ops.nms_padded(boxes, ranked, max_detections,
-                                    nms_threshold, groups=classes,
-                                    tile=nms_tile)
+    idx, valid = nms_ops.nms_padded(
+        boxes, ranked, max_detections, nms_threshold, groups=classes, tile=nms_tile
+    )
   else:
     k = min(max_detections, r)
     top, idx = jax.lax.top_k(ranked, k)
@@ -73,8 +81,9 @@ def detect(rois: jnp.ndarray, class_probs: jnp.ndarray, deltas: jnp.ndarray,
   )
 
 
-def batched_detect(rois, class_probs, deltas, window, *, roi_valid=None,
-                   **kwargs) -> Dict[str, jnp.ndarray]:
+def batched_detect(
+    rois, class_probs, deltas, window, *, roi_valid=None, **kwargs
+) -> Dict[str, jnp.ndarray]:
   """:func:`detect` over a batch: rois (B, R, 4), class_probs (B, R, C),
   deltas (B, R, C, 4), window (B, 4) [, roi_valid (B, R)] -> (B, D, ...)."""
   if roi_valid is None:

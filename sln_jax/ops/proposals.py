@@ -1,4 +1,5 @@
 """RPN proposals (release ``proposal_layer``), batched, static shapes."""
+
 from typing import Optional, Sequence, Tuple
 
 import jax
@@ -8,14 +9,19 @@ from sln_jax.ops import boxes as box_ops
 from sln_jax.ops import nms as nms_ops
 
 
-def generate_proposals(rpn_probs: jnp.ndarray, rpn_deltas: jnp.ndarray,
-                       anchors: jnp.ndarray, *, pre_nms_topk: int,
-                       nms_threshold: float, post_nms_topk: int,
-                       bbox_std: Sequence[float],
-                       window: Optional[Sequence[float]] = None,
-                       nms_tile: int = 256,
-                       nms_pixel_scale: Optional[float] = None
-                       ) -> Tuple[jnp.ndarray, jnp.ndarray]:
+def generate_proposals(
+    rpn_probs: jnp.ndarray,
+    rpn_deltas: jnp.ndarray,
+    anchors: jnp.ndarray,
+    *,
+    pre_nms_topk: int,
+    nms_threshold: float,
+    post_nms_topk: int,
+    bbox_std: Sequence[float],
+    window: Optional[Sequence[float]] = None,
+    nms_tile: int = 256,
+    nms_pixel_scale: Optional[float] = None,
+) -> Tuple[jnp.ndarray, jnp.ndarray]:
   """Top-k anchors by foreground score -> decoded, clipped boxes -> NMS.
 
   Args:
@@ -42,17 +48,21 @@ def generate_proposals(rpn_probs: jnp.ndarray, rpn_deltas: jnp.ndarray,
   """
   anchors = jnp.asarray(anchors, jnp.float32)
   k = min(int(pre_nms_topk), anchors.shape[0])
-  win = jnp.asarray((0.0, 0.0, 1.0, 1.0) if window is None else window,
-                    jnp.float32)
+  win = jnp.asarray((0.0, 0.0, 1.0, 1.0) if window is None else window, jnp.float32)
 
   def one(probs, deltas):
     scores, idx = jax.lax.top_k(probs.astype(jnp.float32), k)
     boxes = box_ops.decode(deltas[idx], anchors[idx], bbox_std)
     boxes = box_ops.clip(boxes, win)
-    keep, valid = nms_ops.nms_padded(boxes, scores, post_nms_topk,
-                                     nms_threshold, tile=nms_tile,
-                                     pixel_scale=nms_pixel_scale,
-                                     presorted=True)   # top_k's order
+    keep, valid = nms_ops.nms_padded(
+        boxes,
+        scores,
+        post_nms_topk,
+        nms_threshold,
+        tile=nms_tile,
+        pixel_scale=nms_pixel_scale,
+        presorted=True,
+    )  # top_k's order
     rois = jnp.where(valid[:, None], boxes[keep], 0.0)
     return rois, valid
 

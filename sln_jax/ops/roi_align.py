@@ -28,6 +28,7 @@ Sampling and the gradient's scatter-add run in float32 whatever the map's
 dtype (torchvision's autocast policy for roi_align): a bfloat16 map gets a
 gradient rounded once per pixel, not once per accumulated sample.
 """
+
 from typing import Sequence, Tuple
 
 import jax.numpy as jnp
@@ -80,8 +81,9 @@ def _axis_tv(coord: jnp.ndarray, size: jnp.ndarray) -> Axis:
   return lo, hi, 1.0 - lerp, lerp, valid
 
 
-def _sample(flat: jnp.ndarray, base: jnp.ndarray, width: jnp.ndarray,
-            ay: Axis, ax: Axis) -> jnp.ndarray:
+def _sample(
+    flat: jnp.ndarray, base: jnp.ndarray, width: jnp.ndarray, ay: Axis, ax: Axis
+) -> jnp.ndarray:
   """Bilinear samples on a separable grid.
 
   Args:
@@ -112,8 +114,7 @@ def _sample(flat: jnp.ndarray, base: jnp.ndarray, width: jnp.ndarray,
   return jnp.where(valid, out, 0.0)
 
 
-def _tf_coords(lo: jnp.ndarray, hi: jnp.ndarray, size: jnp.ndarray,
-               crop: int) -> jnp.ndarray:
+def _tf_coords(lo: jnp.ndarray, hi: jnp.ndarray, size: jnp.ndarray, crop: int) -> jnp.ndarray:
   """(N,) normalised box edges -> (N, crop) sample positions in pixels."""
   if crop > 1:
     scale = (hi - lo) * (size - 1.0) / (crop - 1)
@@ -122,8 +123,9 @@ def _tf_coords(lo: jnp.ndarray, hi: jnp.ndarray, size: jnp.ndarray,
   return (0.5 * (lo + hi) * (size - 1.0))[:, None]
 
 
-def _tv_coords(lo: jnp.ndarray, hi: jnp.ndarray, out: int, ratio: int,
-               aligned: bool) -> jnp.ndarray:
+def _tv_coords(
+    lo: jnp.ndarray, hi: jnp.ndarray, out: int, ratio: int, aligned: bool
+) -> jnp.ndarray:
   """(N,) pixel box edges (already scaled) -> (N, out * ratio) positions."""
   offset = 0.5 if aligned else 0.0
   start = lo - offset
@@ -137,8 +139,7 @@ def _tv_coords(lo: jnp.ndarray, hi: jnp.ndarray, out: int, ratio: int,
   return start[:, None] + frac[None, :] * bin_size[:, None]
 
 
-def _pool(flat, base, height, width, boxes, crop_size, aligned,
-          sampling_ratio, scale):
+def _pool(flat, base, height, width, boxes, crop_size, aligned, sampling_ratio, scale):
   """Shared body: (N,) ROIs on maps of (N,) sizes -> (N, c, c, C) float32."""
   hf = height.astype(jnp.float32)
   wf = width.astype(jnp.float32)
@@ -146,25 +147,21 @@ def _pool(flat, base, height, width, boxes, crop_size, aligned,
   if not aligned and sampling_ratio is None:
     ys = _tf_coords(boxes[:, 0], boxes[:, 2], hf, crop_size)
     xs = _tf_coords(boxes[:, 1], boxes[:, 3], wf, crop_size)
-    return _sample(flat, base, width, _axis_tf(ys, hf[:, None]),
-                   _axis_tf(xs, wf[:, None]))
+    return _sample(flat, base, width, _axis_tf(ys, hf[:, None]), _axis_tf(xs, wf[:, None]))
   r = int(sampling_ratio)
   if r <= 0:
     raise ValueError('sampling_ratio must be > 0 under static shapes')
-  ys = _tv_coords(boxes[:, 0] * scale[0], boxes[:, 2] * scale[0],
-                  crop_size, r, aligned)
-  xs = _tv_coords(boxes[:, 1] * scale[1], boxes[:, 3] * scale[1],
-                  crop_size, r, aligned)
-  v = _sample(flat, base, width, _axis_tv(ys, hf[:, None]),
-              _axis_tv(xs, wf[:, None]))
+  ys = _tv_coords(boxes[:, 0] * scale[0], boxes[:, 2] * scale[0], crop_size, r, aligned)
+  xs = _tv_coords(boxes[:, 1] * scale[1], boxes[:, 3] * scale[1], crop_size, r, aligned)
+  v = _sample(flat, base, width, _axis_tv(ys, hf[:, None]), _axis_tv(xs, wf[:, None]))
   n, c = v.shape[0], v.shape[-1]
   v = v.reshape(n, crop_size, r, crop_size, r, c)
   return v.mean(axis=(2, 4))
 
 
-def crop_and_resize_indexed(images: jnp.ndarray, boxes: jnp.ndarray,
-                            box_indices: jnp.ndarray,
-                            crop_size: int) -> jnp.ndarray:
+def crop_and_resize_indexed(
+    images: jnp.ndarray, boxes: jnp.ndarray, box_indices: jnp.ndarray, crop_size: int
+) -> jnp.ndarray:
   """``tf.image.crop_and_resize`` with the same arguments.
 
   Args:
@@ -187,8 +184,7 @@ def crop_and_resize_indexed(images: jnp.ndarray, boxes: jnp.ndarray,
   return out.astype(images.dtype)
 
 
-def crop_and_resize(features: jnp.ndarray, boxes: jnp.ndarray,
-                    crop_size: int) -> jnp.ndarray:
+def crop_and_resize(features: jnp.ndarray, boxes: jnp.ndarray, crop_size: int) -> jnp.ndarray:
   """Per-image crop_and_resize.
 
   Args:
@@ -201,14 +197,18 @@ def crop_and_resize(features: jnp.ndarray, boxes: jnp.ndarray,
   """
   b, n = boxes.shape[:2]
   idx = jnp.repeat(jnp.arange(b, dtype=jnp.int32), n)
-  out = crop_and_resize_indexed(features, boxes.reshape(b * n, 4), idx,
-                                crop_size)
+  out = crop_and_resize_indexed(features, boxes.reshape(b * n, 4), idx, crop_size)
   return out.reshape((b, n) + out.shape[1:])
 
 
-def roi_align(features: jnp.ndarray, boxes: jnp.ndarray, output_size: int,
-              spatial_scale: float = 1.0, sampling_ratio: int = 2,
-              aligned: bool = True) -> jnp.ndarray:
+def roi_align(
+    features: jnp.ndarray,
+    boxes: jnp.ndarray,
+    output_size: int,
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = 2,
+    aligned: bool = True,
+) -> jnp.ndarray:
   """detectron2 / torchvision ROIAlign (average of bilinear samples per bin).
 
   Args:
@@ -233,14 +233,23 @@ def roi_align(features: jnp.ndarray, boxes: jnp.ndarray, output_size: int,
   base = jnp.repeat(jnp.arange(b, dtype=jnp.int32) * (h * w), n)
   height = jnp.full((b * n,), h, jnp.int32)
   width = jnp.full((b * n,), w, jnp.int32)
-  out = _pool(flat, base, height, width, boxes.reshape(b * n, 4),
-              output_size, aligned, sampling_ratio,
-              (spatial_scale, spatial_scale))
+  out = _pool(
+      flat,
+      base,
+      height,
+      width,
+      boxes.reshape(b * n, 4),
+      output_size,
+      aligned,
+      sampling_ratio,
+      (spatial_scale, spatial_scale),
+  )
   return out.reshape((b, n) + out.shape[1:]).astype(features.dtype)
 
 
-def roi_levels(boxes: jnp.ndarray, image_area: float, min_level: int = 2,
-               max_level: int = 5) -> jnp.ndarray:
+def roi_levels(
+    boxes: jnp.ndarray, image_area: float, min_level: int = 2, max_level: int = 5
+) -> jnp.ndarray:
   """FPN level per ROI (release PyramidROIAlign).
 
   ``clamp(round(4 + log2(sqrt(h * w) / (224 / sqrt(image_area)))), min,
@@ -256,18 +265,21 @@ def roi_levels(boxes: jnp.ndarray, image_area: float, min_level: int = 2,
     (...,) int32 levels in [min_level, max_level].
   """
   boxes = boxes.astype(jnp.float32)
-  hw = jnp.maximum((boxes[..., 2] - boxes[..., 0]) *
-                   (boxes[..., 3] - boxes[..., 1]), 0.0)
+  hw = jnp.maximum((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1]), 0.0)
   level = 4.0 + jnp.log2(jnp.sqrt(hw) / (224.0 / float(image_area) ** 0.5))
   level = jnp.clip(jnp.round(level), min_level, max_level)
   return jnp.where(jnp.isnan(level), min_level, level).astype(jnp.int32)
 
 
-def multilevel_crop_and_resize(features: Sequence[jnp.ndarray],
-                               boxes: jnp.ndarray, crop_size: int,
-                               image_area: float, aligned: bool = False,
-                               sampling_ratio: int = 1,
-                               min_level: int = 2) -> jnp.ndarray:
+def multilevel_crop_and_resize(
+    features: Sequence[jnp.ndarray],
+    boxes: jnp.ndarray,
+    crop_size: int,
+    image_area: float,
+    aligned: bool = False,
+    sampling_ratio: int = 1,
+    min_level: int = 2,
+) -> jnp.ndarray:
   """Pools each ROI from its FPN level (:func:`roi_levels`).
 
   Args:
@@ -304,10 +316,9 @@ def multilevel_crop_and_resize(features: Sequence[jnp.ndarray],
   flat_boxes = boxes.reshape(b * n, 4)
   if aligned:
     scaled = flat_boxes.astype(jnp.float32) * jnp.stack(
-        [heights, widths, heights, widths], axis=-1).astype(jnp.float32)
-    out = _pool(flat, base, heights, widths, scaled, crop_size, True,
-                sampling_ratio, (1.0, 1.0))
+        [heights, widths, heights, widths], axis=-1
+    ).astype(jnp.float32)
+    out = _pool(flat, base, heights, widths, scaled, crop_size, True, sampling_ratio, (1.0, 1.0))
   else:
-    out = _pool(flat, base, heights, widths, flat_boxes, crop_size, False,
-                None, None)
+    out = _pool(flat, base, heights, widths, flat_boxes, crop_size, False, None, None)
   return out.reshape((b, n) + out.shape[1:]).astype(features[0].dtype)

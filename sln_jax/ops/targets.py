@@ -9,6 +9,7 @@ ranking uniform keys with ``lax.top_k`` (a uniform subset, like the
 release's ``np.random.choice`` / ``torch.randperm``). COCO crowd boxes
 (negative class ids) are not special-cased: the pipeline has none.
 """
+
 from typing import Dict, Optional, Sequence, Tuple
 
 import jax
@@ -38,12 +39,18 @@ def _random_subset(rng, mask, k, limit=None):
   return idx.astype(jnp.int32), chosen
 
 
-def rpn_targets(rng: jax.Array, anchors: jnp.ndarray, gt_boxes: jnp.ndarray,
-                gt_valid: jnp.ndarray, *, positive_iou: float = 0.7,
-                negative_iou: float = 0.3, num_samples: int = 256,
-                positive_fraction: float = 0.5,
-                bbox_std: Sequence[float] = (0.1, 0.1, 0.2, 0.2)
-                ) -> Tuple[jnp.ndarray, jnp.ndarray]:
+def rpn_targets(
+    rng: jax.Array,
+    anchors: jnp.ndarray,
+    gt_boxes: jnp.ndarray,
+    gt_valid: jnp.ndarray,
+    *,
+    positive_iou: float = 0.7,
+    negative_iou: float = 0.3,
+    num_samples: int = 256,
+    positive_fraction: float = 0.5,
+    bbox_std: Sequence[float] = (0.1, 0.1, 0.2, 0.2),
+) -> Tuple[jnp.ndarray, jnp.ndarray]:
   """RPN anchor labels and deltas of one image (release build_rpn_targets).
 
   Max IoU < negative_iou -> negative; each valid GT's best anchor (first on
@@ -69,14 +76,13 @@ def rpn_targets(rng: jax.Array, anchors: jnp.ndarray, gt_boxes: jnp.ndarray,
   gt_boxes = jnp.asarray(gt_boxes, jnp.float32)
   gt_valid = jnp.asarray(gt_valid, bool)
   a = anchors.shape[0]
-  overlaps = _masked_iou(anchors, gt_boxes, gt_valid)   # (A, M)
+  overlaps = _masked_iou(anchors, gt_boxes, gt_valid)  # (A, M)
   best_gt = jnp.argmax(overlaps, axis=1)
   best_iou = jnp.max(overlaps, axis=1)
   negative = best_iou < negative_iou
-  gt_best = jnp.argmax(overlaps, axis=0)                # (M,)
+  gt_best = jnp.argmax(overlaps, axis=0)  # (M,)
   claims = gt_valid & (jnp.max(overlaps, axis=0) > 0.0)
-  positive = jnp.zeros((a,), bool).at[jnp.where(claims, gt_best, a)].set(
-      True, mode='drop')
+  positive = jnp.zeros((a,), bool).at[jnp.where(claims, gt_best, a)].set(True, mode='drop')
   positive |= best_iou >= positive_iou
   negative &= ~positive
 
@@ -89,8 +95,9 @@ def rpn_targets(rng: jax.Array, anchors: jnp.ndarray, gt_boxes: jnp.ndarray,
   negative = jnp.zeros((a,), bool).at[idx].set(chosen)
 
   labels = jnp.where(positive, 1, jnp.where(negative, 0, -1)).astype(jnp.int32)
-  matched = jnp.where(positive[:, None], gt_boxes[best_gt].astype(jnp.float32),
-                      anchors.astype(jnp.float32))
+  matched = jnp.where(
+      positive[:, None], gt_boxes[best_gt].astype(jnp.float32), anchors.astype(jnp.float32)
+  )
   deltas = box_ops.encode(matched, anchors, bbox_std)
   deltas = jnp.where(positive[:, None], deltas, 0.0)
   return labels, deltas
@@ -104,17 +111,23 @@ def negative_counts(num_rois: int, positive_ratio: float) -> Tuple[int, ...]:
   """
   r = 1.0 / positive_ratio
   max_pos = int(num_rois * positive_ratio)
-  return tuple(min(int(r * pc - pc), num_rois - pc)
-               for pc in range(max_pos + 1))
+  return tuple(min(int(r * pc - pc), num_rois - pc) for pc in range(max_pos + 1))
 
 
-def sample_rois(rng: jax.Array, proposals: jnp.ndarray,
-                proposal_valid: jnp.ndarray, gt_boxes: jnp.ndarray,
-                gt_classes: jnp.ndarray, gt_valid: jnp.ndarray, *,
-                num_rois: int = 100, positive_ratio: float = 0.7,
-                fg_iou: float = 0.5,
-                bbox_std: Sequence[float] = (0.1, 0.1, 0.2, 0.2),
-                include_gt: bool = False) -> Dict[str, jnp.ndarray]:
+def sample_rois(
+    rng: jax.Array,
+    proposals: jnp.ndarray,
+    proposal_valid: jnp.ndarray,
+    gt_boxes: jnp.ndarray,
+    gt_classes: jnp.ndarray,
+    gt_valid: jnp.ndarray,
+    *,
+    num_rois: int = 100,
+    positive_ratio: float = 0.7,
+    fg_iou: float = 0.5,
+    bbox_std: Sequence[float] = (0.1, 0.1, 0.2, 0.2),
+    include_gt: bool = False,
+) -> Dict[str, jnp.ndarray]:
   """Samples head ROIs of one image (release detection_target_layer).
 
   Positives: valid proposals with max IoU >= fg_iou, a random subset of at
@@ -171,16 +184,16 @@ def sample_rois(rng: jax.Array, proposals: jnp.ndarray,
   slot = jnp.arange(num_rois, dtype=jnp.int32)
   is_pos = slot < pc
   is_neg = (slot >= pc) & (slot < pc + nc)
-  src = jnp.where(is_pos, pos_idx[jnp.clip(slot, 0, kp - 1)],
-                  neg_idx[jnp.clip(slot - pc, 0, kn - 1)])
+  src = jnp.where(
+      is_pos, pos_idx[jnp.clip(slot, 0, kp - 1)], neg_idx[jnp.clip(slot - pc, 0, kn - 1)]
+  )
   valid = is_pos | is_neg
   rois = jnp.where(valid[:, None], proposals[src].astype(jnp.float32), 0.0)
   matched = jnp.argmax(overlaps[src], axis=1).astype(jnp.int32)
   matched = jnp.where(is_pos, matched, 0)
   unit = jnp.asarray([0.0, 0.0, 1.0, 1.0], jnp.float32)
   safe_rois = jnp.where(is_pos[:, None], rois, unit)
-  gt = jnp.where(is_pos[:, None], gt_boxes[matched].astype(jnp.float32),
-                 safe_rois)
+  gt = jnp.where(is_pos[:, None], gt_boxes[matched].astype(jnp.float32), safe_rois)
   deltas = box_ops.encode(gt, safe_rois, bbox_std)
   return dict(
       rois=rois,
@@ -192,10 +205,14 @@ def sample_rois(rng: jax.Array, proposals: jnp.ndarray,
   )
 
 
-def mask_targets(gt_layers: jnp.ndarray, layer_boxes: jnp.ndarray,
-                 rois: jnp.ndarray, matched_gt: jnp.ndarray,
-                 mask_size: int = 32,
-                 positive: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+def mask_targets(
+    gt_layers: jnp.ndarray,
+    layer_boxes: jnp.ndarray,
+    rois: jnp.ndarray,
+    matched_gt: jnp.ndarray,
+    mask_size: int = 32,
+    positive: Optional[jnp.ndarray] = None,
+) -> jnp.ndarray:
   """Layered mask targets of one image's ROIs.
 
   Each ROI's window is expressed in the frame of its GT's crop (0 at the
@@ -225,10 +242,18 @@ def mask_targets(gt_layers: jnp.ndarray, layer_boxes: jnp.ndarray,
   gw = g[:, 3] - g[:, 1]
   gh = jnp.where(gh > 0, gh, 1.0)
   gw = jnp.where(gw > 0, gw, 1.0)
-  rel = jnp.stack([(r[:, 0] - g[:, 0]) / gh, (r[:, 1] - g[:, 1]) / gw,
-                   (r[:, 2] - g[:, 0]) / gh, (r[:, 3] - g[:, 1]) / gw], -1)
+  rel = jnp.stack(
+      [
+          (r[:, 0] - g[:, 0]) / gh,
+          (r[:, 1] - g[:, 1]) / gw,
+          (r[:, 2] - g[:, 0]) / gh,
+          (r[:, 3] - g[:, 1]) / gw,
+      ],
+      -1,
+  )
   crops = roi_align.crop_and_resize_indexed(
-      jnp.asarray(gt_layers, jnp.float32), rel, matched_gt, mask_size)
+      jnp.asarray(gt_layers, jnp.float32), rel, matched_gt, mask_size
+  )
   crops = jnp.round(crops)
   if positive is not None:
     crops = jnp.where(positive[:, None, None, None], crops, 0.0)
@@ -239,8 +264,7 @@ def per_image_keys(rng: jax.Array, n: int) -> jax.Array:
   """(n,) PRNG keys: ``rng`` split if it is one key, else ``rng`` itself
   (raw uint32 keys (2,) / (n, 2) or typed keys () / (n,))."""
   rng = jnp.asarray(rng)
-  single = (rng.ndim == 0 if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
-            else rng.ndim == 1)
+  single = rng.ndim == 0 if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng.ndim == 1
   if single:
     return jax.random.split(rng, n)
   if rng.shape[0] != n:
@@ -253,26 +277,26 @@ def batched_rpn_targets(rng, anchors, gt_boxes, gt_valid, **kwargs):
   shared anchors (A, 4) -> labels (B, A), deltas (B, A, 4). ``rng``: one
   key (split per image) or (B,) per-image keys."""
   keys = per_image_keys(rng, gt_boxes.shape[0])
-  return jax.vmap(lambda k, b, v: rpn_targets(k, anchors, b, v, **kwargs))(
-      keys, gt_boxes, gt_valid)
+  return jax.vmap(lambda k, b, v: rpn_targets(k, anchors, b, v, **kwargs))(keys, gt_boxes, gt_valid)
 
 
-def batched_sample_rois(rng, proposals, proposal_valid, gt_boxes, gt_classes,
-                        gt_valid, **kwargs):
+def batched_sample_rois(rng, proposals, proposal_valid, gt_boxes, gt_classes, gt_valid, **kwargs):
   """:func:`sample_rois` over a batch (every input with a leading B axis;
   ``rng`` one key or (B,) keys)."""
   keys = per_image_keys(rng, proposals.shape[0])
   return jax.vmap(lambda *a: sample_rois(*a, **kwargs))(
-      keys, proposals, proposal_valid, gt_boxes, gt_classes, gt_valid)
+      keys, proposals, proposal_valid, gt_boxes, gt_classes, gt_valid
+  )
 
 
-def batched_mask_targets(gt_layers, layer_boxes, rois, matched_gt,
-                         mask_size=32, positive=None):
+def batched_mask_targets(gt_layers, layer_boxes, rois, matched_gt, mask_size=32, positive=None):
   """:func:`mask_targets` over a batch: gt_layers (B, M, K, K, L),
   layer_boxes (B, M, 4) (their crop boxes), rois (B, R, 4), matched_gt
   (B, R)[, positive (B, R)] -> (B, R, S, S, L)."""
   if positive is None:
     return jax.vmap(lambda a, b, c, d: mask_targets(a, b, c, d, mask_size))(
-        gt_layers, layer_boxes, rois, matched_gt)
+        gt_layers, layer_boxes, rois, matched_gt
+    )
   return jax.vmap(lambda a, b, c, d, e: mask_targets(a, b, c, d, mask_size, e))(
-      gt_layers, layer_boxes, rois, matched_gt, positive)
+      gt_layers, layer_boxes, rois, matched_gt, positive
+  )

@@ -4,6 +4,7 @@ Steps are dispatched ahead of the host; a step's metrics are read after the
 next step is queued. Batches come from ``input_pipeline.sources.build`` with
 leading axes (local devices, per-device batch).
 """
+
 from __future__ import annotations
 
 import re
@@ -20,14 +21,14 @@ from sln_jax.errors import UserError
 from sln_jax.evaluation import render
 from sln_jax.evaluation import results as results_lib
 from sln_jax.parallel import (
-  AXIS,
-  Batch,
-  PyTree,
-  data_parallel_batch,
-  first_replica,
-  prefetch_to_devices,
-  replicate,
-  unreplicate,
+    AXIS,
+    Batch,
+    PyTree,
+    data_parallel_batch,
+    first_replica,
+    prefetch_to_devices,
+    replicate,
+    unreplicate,
 )
 from sln_jax.training.optimizer import reset_momentum, stage_freeze_history
 from sln_jax.training.schedule import schedule, stage_index, total_steps
@@ -66,12 +67,16 @@ def _first_bad_loss(losses: dict) -> Optional[str]:
   return None
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, model: Any,
-          variables: PyTree, make_train_iter: Callable[[], Iterable[Batch]],
-          writer: MetricWriter,
-          image_summary_fn: Optional[Callable[[PyTree, Batch], dict]] = None,
-          on_start: Optional[Callable[[], None]] = None,
-          ) -> TrainState:
+def train(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    model: Any,
+    variables: PyTree,
+    make_train_iter: Callable[[], Iterable[Batch]],
+    writer: MetricWriter,
+    image_summary_fn: Optional[Callable[[PyTree, Batch], dict]] = None,
+    on_start: Optional[Callable[[], None]] = None,
+) -> TrainState:
   """Trains to ``total_steps(config)``, resuming from the latest checkpoint.
 
   Args:
@@ -98,8 +103,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, model: Any,
   tc = config.train
   num_local, per_device = data_parallel_batch(config)
   manager = checkpoint_manager(config, workdir)
-  state = create_train_state(config, variables,
-                             jax.random.fold_in(jax.random.PRNGKey(config.seed), 1))
+  state = create_train_state(
+      config, variables, jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
+  )
   restored = restore_checkpoint(manager, state)
   chief = jax.process_index() == 0  # one message per run, not per host
   if restored is not None:
@@ -124,8 +130,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, model: Any,
   rstate = replicate(state)
   global_batch = num_local * per_device * jax.process_count()
   sums, count, t_log = {}, 0, time.perf_counter()
-  pbar = tqdm(total=end, initial=start, desc='train', unit='step', mininterval=1.0,
-              disable=jax.process_index() != 0)
+  pbar = tqdm(
+      total=end,
+      initial=start,
+      desc='train',
+      unit='step',
+      mininterval=1.0,
+      disable=jax.process_index() != 0,
+  )
 
   def take(pending):
     """Reads one finished step's metrics (blocks until that step is done);
@@ -139,12 +151,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, model: Any,
       raise UserError(
           f'non-finite loss at step {step + 1}: {bad[5:]} = {float(out[bad])} '
           f'(total = {float(out["loss/total"])}); last good checkpoint: '
-          f'{"none" if last is None else f"step {last}"}', path=str(manager.directory),
-          field='train')
+          f'{"none" if last is None else f"step {last}"}',
+          path=str(manager.directory),
+          field='train',
+      )
     for n, v in out.items():
       sums[n] = sums.get(n, 0.0) + float(v)
-    pbar.set_postfix(stage=table[stage_index(config, step)][0],
-                     loss=f'{float(out["loss/total"]):.4f}', refresh=False)
+    pbar.set_postfix(
+        stage=table[stage_index(config, step)][0],
+        loss=f'{float(out["loss/total"]):.4f}',
+        refresh=False,
+    )
     pbar.update(1)
 
   # Steps are dispatched ahead of the host: a step's metrics are read after
@@ -156,16 +173,21 @@ def train(config: ml_collections.ConfigDict, workdir: str, model: Any,
     k = stage_index(config, step)
     name = table[k][0]
     if k not in steps:
-      steps[k] = jax.pmap(make_stage_step(model, config, state.params, state.batch_stats, name,
-                                          stage_freeze_history(config, k)),
-                          axis_name=AXIS, donate_argnums=(0,))
+      steps[k] = jax.pmap(
+          make_stage_step(
+              model, config, state.params, state.batch_stats, name, stage_freeze_history(config, k)
+          ),
+          axis_name=AXIS,
+          donate_argnums=(0,),
+      )
     if step == table[k][1] and step > 0 and tc.reset_momentum_per_stage:
       rstate = rstate.replace(opt_state=reset_momentum(rstate.opt_state))
     try:
       batch = next(device_batches)
     except StopIteration:
-      raise UserError(f'training data ran out at step {step}',
-                      field='dataset.train_split') from None
+      raise UserError(
+          f'training data ran out at step {step}', field='dataset.train_split'
+      ) from None
     rstate, out = steps[k](rstate, batch)
     if pending is not None:
       take(pending)
@@ -173,8 +195,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, model: Any,
     count += 1
     done = step + 1
     log = done % max(1, tc.log_every) == 0 or done == end
-    summary = (image_summary_fn is not None and tc.image_summary_every > 0
-               and done % tc.image_summary_every == 0 and jax.process_index() == 0)
+    summary = (
+        image_summary_fn is not None
+        and tc.image_summary_every > 0
+        and done % tc.image_summary_every == 0
+        and jax.process_index() == 0
+    )
     save = done % max(1, tc.checkpoint_every) == 0 or done == end
     if log or summary or save:
       take(pending)
@@ -197,8 +223,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, model: Any,
   return unreplicate(rstate)
 
 
-def make_image_summary_fn(model: Any, config: ml_collections.ConfigDict
-                          ) -> Callable[[PyTree, Batch], dict]:
+def make_image_summary_fn(
+    model: Any, config: ml_collections.ConfigDict
+) -> Callable[[PyTree, Batch], dict]:
   """``(variables, batch of one image) -> {'prediction': (1, S, S, 3) uint8}``:
   the detections above ``predict.score_threshold`` drawn on the canvas."""
   infer = jax.jit(make_infer_fn(model))
@@ -209,9 +236,14 @@ def make_image_summary_fn(model: Any, config: ml_collections.ConfigDict
     canvas = np.asarray(batch['image'][0])
     size = canvas.shape[:2]
     results = results_lib.detections_to_results(
-        0, {k: v[0] for k, v in dets.items()}, (1.0, 1.0), size,
+        0,
+        {k: v[0] for k, v in dets.items()},
+        (1.0, 1.0),
+        size,
         score_threshold=config.predict.score_threshold,
         mask_threshold=config.eval.mask_threshold,
-        mask_paste=config.eval.mask_paste)
+        mask_paste=config.eval.mask_paste,
+    )
     return {'prediction': render.render_prediction(canvas, results)[None]}
+
   return fn

@@ -15,6 +15,7 @@ the release's ``set_trainable`` only ever freezes, so after its 'heads' stage
 its '4+' and 'all' stages train the heads alone; the flag reproduces that by
 training, in each stage, only what every earlier stage trained too.
 """
+
 from __future__ import annotations
 
 import re
@@ -47,8 +48,13 @@ def batchnorm_modules(batch_stats: PyTree) -> set[str]:
   return {k.rsplit('/', 1)[0] for k in _flat(batch_stats)}
 
 
-def trainable_mask(params: PyTree, batch_stats: PyTree, stage: str,
-                   train_bn: bool = False, earlier: Sequence[str] = ()) -> PyTree:
+def trainable_mask(
+    params: PyTree,
+    batch_stats: PyTree,
+    stage: str,
+    train_bn: bool = False,
+    earlier: Sequence[str] = (),
+) -> PyTree:
   """Bool tree like ``params``: True where ``stage`` trains the leaf.
 
   The GLM is always frozen; BatchNorm parameters (modules that own
@@ -59,14 +65,25 @@ def trainable_mask(params: PyTree, batch_stats: PyTree, stage: str,
   regexes = [stage_regex(s) for s in (*earlier, stage)]
   bn = batchnorm_modules(batch_stats)
   flat = _flat(params)
-  mask = {k: all(r.fullmatch(k) for r in regexes) and not re.fullmatch(NEVER_TRAINED, k)
-          and (train_bn or k.rsplit('/', 1)[0] not in bn) for k in flat}
+  mask = {
+      k: all(r.fullmatch(k) for r in regexes)
+      and not re.fullmatch(NEVER_TRAINED, k)
+      and (train_bn or k.rsplit('/', 1)[0] not in bn)
+      for k in flat
+  }
   if not any(mask.values()):
-    after = (f' after {", ".join(map(repr, earlier))} (train.legacy_sticky_freeze '
-             'trains only what every earlier stage trained)' if earlier else '')
-    raise UserError(f'stage {stage!r} trains no parameter{after} (a regex fully matching '
-                    'Flax paths such as mask_head/.*; the GLM is always frozen, BatchNorm '
-                    'parameters unless model.train_bn)', field='train.stages')
+    after = (
+        f' after {", ".join(map(repr, earlier))} (train.legacy_sticky_freeze '
+        'trains only what every earlier stage trained)'
+        if earlier
+        else ''
+    )
+    raise UserError(
+        f'stage {stage!r} trains no parameter{after} (a regex fully matching '
+        'Flax paths such as mask_head/.*; the GLM is always frozen, BatchNorm '
+        'parameters unless model.train_bn)',
+        field='train.stages',
+    )
   return _unflat(mask)
 
 
@@ -84,35 +101,43 @@ def decay_mask(params: PyTree, batch_stats: PyTree, biases: bool = True) -> PyTr
   BatchNorm's (the release: all trained parameters without 'bn' in their
   name), biases only when ``biases`` (``train.decay_biases``)."""
   bn = batchnorm_modules(batch_stats)
-  return _unflat({k: (biases or k.rsplit('/', 1)[-1] != 'bias')
-                  and k.rsplit('/', 1)[0] not in bn for k in _flat(params)})
+  return _unflat(
+      {
+          k: (biases or k.rsplit('/', 1)[-1] != 'bias') and k.rsplit('/', 1)[0] not in bn
+          for k in _flat(params)
+      }
+  )
 
 
-def create_optimizer(config: ml_collections.ConfigDict, params: PyTree,
-                     batch_stats: PyTree, stage: str,
-                     earlier: Sequence[str] = (),
-                     learning_rate: Optional[Callable[[jax.Array], jax.Array]] = None
-                     ) -> optax.GradientTransformation:
+def create_optimizer(
+    config: ml_collections.ConfigDict,
+    params: PyTree,
+    batch_stats: PyTree,
+    stage: str,
+    earlier: Sequence[str] = (),
+    learning_rate: Optional[Callable[[jax.Array], jax.Array]] = None,
+) -> optax.GradientTransformation:
   """The optimizer of one stage (``earlier``: ``stage_freeze_history``;
   ``learning_rate``: optimizer step -> LR, default ``learning_rate_fn(config)``).
   Every stage's state has the same structure (the per-stage masks are
   stateless), so a state carries across stages."""
   train = trainable_mask(params, batch_stats, stage, config.model.train_bn, earlier)
   labels = jax.tree.map(lambda t: 'train' if t else 'freeze', train)
-  decay = jax.tree.map(lambda t, d: t and d, train,
-                       decay_mask(params, batch_stats, config.train.decay_biases))
+  decay = jax.tree.map(
+      lambda t, d: t and d, train, decay_mask(params, batch_stats, config.train.decay_biases)
+  )
   tc = config.train
 
   def freeze():
-    return optax.multi_transform(
-        {'train': optax.identity(), 'freeze': optax.set_to_zero()}, labels)
+    return optax.multi_transform({'train': optax.identity(), 'freeze': optax.set_to_zero()}, labels)
+
   return optax.chain(
-      freeze(),                                    # frozen grads do not count in the norm
+      freeze(),  # frozen grads do not count in the norm
       optax.clip_by_global_norm(tc.grad_clip_norm),
       optax.add_decayed_weights(tc.weight_decay, mask=decay),
       optax.trace(decay=tc.momentum, nesterov=False),
       optax.scale_by_learning_rate(learning_rate or learning_rate_fn(config)),
-      freeze(),                                    # momentum left from an earlier stage
+      freeze(),  # momentum left from an earlier stage
   )
 
 
@@ -121,6 +146,8 @@ def reset_momentum(opt_state: PyTree) -> PyTree:
   one program that keeps each buffer's sharding, so the next step takes them
   as they are (eager ``zeros_like`` would compile one program per shape)."""
   trace = optax.tree_utils.tree_get(opt_state, 'trace')
-  zeros = jax.jit(lambda t: jax.tree.map(jnp.zeros_like, t),
-                  out_shardings=jax.tree.map(lambda x: x.sharding, trace))(trace)
+  zeros = jax.jit(
+      lambda t: jax.tree.map(jnp.zeros_like, t),
+      out_shardings=jax.tree.map(lambda x: x.sharding, trace),
+  )(trace)
   return optax.tree_utils.tree_set(opt_state, trace=zeros)

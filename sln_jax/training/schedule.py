@@ -7,6 +7,7 @@ so another schedule reuses the compiled step; ``train.warmup_steps`` ramps it
 linearly from zero. A stage's trainable set is ``STAGE_PATTERNS[name]`` or
 the stage name as a regex fully matching Flax paths ('a/b/c').
 """
+
 from __future__ import annotations
 
 import functools
@@ -38,10 +39,17 @@ def schedule(config: ml_collections.ConfigDict) -> list[tuple[str, int, int, flo
     raise UserError('needs at least one (name, steps, lr) stage', field='train.stages')
   out, start = [], 0
   for entry in stages:
-    if (len(entry) != 3 or not isinstance(entry[0], str) or not is_int(entry[1])
-        or entry[1] < 1 or not is_number(entry[2]) or entry[2] < 0):
-      raise UserError(f'bad stage {entry!r}: expected (name, steps >= 1, lr >= 0)',
-                      field='train.stages')
+    if (
+        len(entry) != 3
+        or not isinstance(entry[0], str)
+        or not is_int(entry[1])
+        or entry[1] < 1
+        or not is_number(entry[2])
+        or entry[2] < 0
+    ):
+      raise UserError(
+          f'bad stage {entry!r}: expected (name, steps >= 1, lr >= 0)', field='train.stages'
+      )
     stage_regex(entry[0])
     name, steps, lr = entry[0], int(entry[1]), float(entry[2])
     out.append((name, start, start + steps, lr))
@@ -50,8 +58,7 @@ def schedule(config: ml_collections.ConfigDict) -> list[tuple[str, int, int, flo
   if total == -1:
     return out
   if total < 1:
-    raise UserError(f'{total} is not -1 (the stages\' total) or positive',
-                    field='train.num_steps')
+    raise UserError(f"{total} is not -1 (the stages' total) or positive", field='train.num_steps')
   kept = [(n, s, min(e, total), lr) for n, s, e, lr in out if s < total]
   name, s, _, lr = kept[-1]
   kept[-1] = (name, s, total, lr)  # the last stage absorbs any extra steps
@@ -75,9 +82,11 @@ def lr_tables(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
   int32 end step of every stage but the last, ``lrs`` (S,) float32 and
   ``warmup_scale`` () float32 = 1 / max(1, ``train.warmup_steps``)."""
   table = schedule(config)
-  return {'ends': np.asarray([e for _, _, e, _ in table[:-1]], np.int32),
-          'lrs': np.asarray([lr for *_, lr in table], np.float32),
-          'warmup_scale': np.float32(1) / np.float32(max(1, int(config.train.warmup_steps)))}
+  return {
+      'ends': np.asarray([e for _, _, e, _ in table[:-1]], np.int32),
+      'lrs': np.asarray([lr for *_, lr in table], np.float32),
+      'warmup_scale': np.float32(1) / np.float32(max(1, int(config.train.warmup_steps))),
+  }
 
 
 def learning_rate_at(tables: dict, step: jax.Array) -> jax.Array:
@@ -88,8 +97,7 @@ def learning_rate_at(tables: dict, step: jax.Array) -> jax.Array:
   XLA gives a division by a compile-time constant, so the LRs are, to the
   last bit, those of a step compiled with the warm-up length as a constant."""
   step = jnp.asarray(step, jnp.int32)
-  lr = jnp.asarray(tables['lrs'])[jnp.searchsorted(jnp.asarray(tables['ends']), step,
-                                                   side='right')]
+  lr = jnp.asarray(tables['lrs'])[jnp.searchsorted(jnp.asarray(tables['ends']), step, side='right')]
   ramp = (step + 1).astype(jnp.float32) * jnp.asarray(tables['warmup_scale'], jnp.float32)
   return lr * jnp.minimum(1.0, ramp)
 
@@ -105,6 +113,8 @@ def stage_regex(stage: str) -> re.Pattern:
   try:
     return re.compile(STAGE_PATTERNS.get(stage, stage))
   except re.error as err:
-    raise UserError(f'stage {stage!r} is neither a known stage '
-                    f'({", ".join(STAGE_PATTERNS)}) nor a regex: {err}',
-                    field='train.stages') from None
+    raise UserError(
+        f'stage {stage!r} is neither a known stage '
+        f'({", ".join(STAGE_PATTERNS)}) nor a regex: {err}',
+        field='train.stages',
+    ) from None

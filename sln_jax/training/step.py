@@ -8,10 +8,11 @@ step one device gives. Each image's PRNG key is ``fold_in(fold_in(state.rng,
 step), global image index)``, so the randomness does not depend on the device
 count either.
 """
+
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,19 +25,20 @@ from sln_jax.training.schedule import learning_rate_at, learning_rate_fn
 from sln_jax.training.state import TrainState
 
 
-def make_train_step(model: Any, config: ml_collections.ConfigDict,
-                    tx: Union[optax.GradientTransformation,
-                              Callable[[Callable], optax.GradientTransformation]],
-                    trainable: Optional[PyTree] = None) -> Callable:
+def make_train_step(
+    model: Any,
+    config: ml_collections.ConfigDict,
+    make_optimizer: Callable[[Callable], optax.GradientTransformation],
+    trainable: Optional[PyTree] = None,
+) -> Callable:
   """Per-device step ``(state, batch) -> (state, metrics)`` for ``jax.pmap``
   with ``axis_name='batch'``; ``batch`` has a leading per-device batch axis.
 
-  ``tx``: a function of the learning rate (step -> LR) that builds the
-  optimizer: the step passes it the schedule of ``state.lr_schedule``, so
-  the LRs, stage lengths and warm-up are inputs of the compiled program and
-  a launch with another schedule loads it from the persistent cache; or an
-  optimizer built with its LRs (it and the reported ``lr`` then follow
-  ``config``, whatever the state carries).
+  ``make_optimizer``: a function of the learning rate (step -> LR) that builds
+  the optimizer. The step passes it the schedule of ``state.lr_schedule``, so
+  the LRs, stage lengths and warm-up are inputs of the compiled program and a
+  launch with another schedule loads it from the persistent cache (a state
+  without one uses the config's schedule as constants).
 
   ``trainable`` (bool tree like params, e.g. ``trainable_mask``): frozen
   leaves enter the loss through ``stop_gradient``, so no gradient is computed
@@ -51,12 +53,12 @@ def make_train_step(model: Any, config: ml_collections.ConfigDict,
 
   def loss_fn(params, batch_stats, batch, rngs):
     if trainable is not None:
-      params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p),
-                            params, trainable)
+      params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
     variables = {'params': params, 'batch_stats': batch_stats}
     if train_bn:
-      (losses, metrics), new = model.apply(variables, batch, rngs, method='train_forward',
-                                           mutable=['batch_stats'])
+      (losses, metrics), new = model.apply(
+          variables, batch, rngs, method='train_forward', mutable=['batch_stats']
+      )
       batch_stats = new['batch_stats']
     else:
       losses, metrics = model.apply(variables, batch, rngs, method='train_forward')
@@ -66,43 +68,59 @@ def make_train_step(model: Any, config: ml_collections.ConfigDict,
     per_device = jax.tree.leaves(batch)[0].shape[0]
     step_rng = jax.random.fold_in(state.rng, state.step)
     first = jax.lax.axis_index(AXIS) * per_device
-    rngs = jax.vmap(lambda i: jax.random.fold_in(step_rng, first + i))(
-        jnp.arange(per_device))
+    rngs = jax.vmap(lambda i: jax.random.fold_in(step_rng, first + i))(jnp.arange(per_device))
     grads, (losses, metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(
-        state.params, state.batch_stats, batch, rngs)
+        state.params, state.batch_stats, batch, rngs
+    )
     grads, losses, metrics = jax.lax.pmean((grads, losses, metrics), AXIS)
-    if callable(tx) and state.lr_schedule is not None:   # the state's schedule
+    if state.lr_schedule is not None:  # the state's schedule
       lr_fn = functools.partial(learning_rate_at, state.lr_schedule)
-    else:                                                # the config's, as constants
+    else:  # the config's, as constants
       lr_fn = learning_rate_fn(config)
-    opt = tx(lr_fn) if callable(tx) else tx
+    opt = make_optimizer(lr_fn)
     updates, opt_state = opt.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     out = {'loss/' + k: v for k, v in losses.items()}
     out.update({'metric/' + k: v for k, v in metrics.items()})
     out['lr'] = lr_fn(state.step)
     out['grad_norm'] = optax.tree.norm(grads)
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                         batch_stats=batch_stats), out
+    return (
+        state.replace(
+            step=state.step + 1, params=params, opt_state=opt_state, batch_stats=batch_stats
+        ),
+        out,
+    )
+
   return step
 
 
-def make_stage_step(model: Any, config: ml_collections.ConfigDict, params: PyTree,
-                    batch_stats: PyTree, stage: str, earlier: Sequence[str] = ()) -> Callable:
+def make_stage_step(
+    model: Any,
+    config: ml_collections.ConfigDict,
+    params: PyTree,
+    batch_stats: PyTree,
+    stage: str,
+    earlier: Sequence[str] = (),
+) -> Callable:
   """:func:`make_train_step` for one stage of ``train.stages`` (``earlier``:
   ``stage_freeze_history``): its optimizer and its trainable mask are built
   from the same ``(config, stage, earlier)``, so what the optimizer updates
   and what gets a gradient cannot disagree. The optimizer takes its learning
   rate from ``state.lr_schedule`` (:func:`make_train_step`)."""
-  def tx(learning_rate):
+
+  def make_optimizer(learning_rate):
     return create_optimizer(config, params, batch_stats, stage, earlier, learning_rate)
+
   trainable = trainable_mask(params, batch_stats, stage, config.model.train_bn, earlier)
-  return make_train_step(model, config, tx, trainable)
+  return make_train_step(model, config, make_optimizer, trainable)
 
 
 def make_infer_fn(model: Any) -> Callable:
   """Per-device ``(variables, batch) -> detections`` for ``jax.pmap``."""
+
   def infer(variables, batch):
-    return model.apply(variables, batch['image'], batch['glm_image'],
-                       batch['image_shape'], method='infer')
+    return model.apply(
+        variables, batch['image'], batch['glm_image'], batch['image_shape'], method='infer'
+    )
+
   return infer

@@ -1,7 +1,8 @@
-"""The evaluate and predict modes (sln_jax.inference) on the stand-in
+"""The evaluate and predict modes (sln_jax.evaluation.loops) on the stand-in
 model of tests/train_standin.py: results in original pixels, eval.max_images
 and predict.max_images, the device lookahead, files skipped with a reason,
 the split over processes."""
+
 import json
 import os
 
@@ -29,6 +30,7 @@ def test_finish_in_order_finishes_each_item_after_lookahead_later_launches():
       for i in range(4):
         log.append(('launch', i))
         yield (i,)
+
     loops.finish_in_order(launch(), lambda i: log.append(('finish', i)), lookahead)
     assert [i for kind, i in log if kind == 'finish'] == [0, 1, 2, 3]
     for i in range(4):
@@ -49,7 +51,7 @@ def test_evaluate_scores_in_original_pixels(tmp_path, monkeypatch, lookahead, wo
   monkeypatch.setattr(loops, 'dispatch_lookahead', lambda: lookahead)
   model, v = ts.init_variables()
   c = _config()
-  assert loops.num_host_workers(c) == 0   # -1 on a CPU backend
+  assert loops.num_host_workers(c) == 0  # -1 on a CPU backend
   c.eval.host_workers = workers
   # Image 4 is annotated but not in the evaluated split (e.g. 'val[:3]'): it
   # must not count as missed.
@@ -62,7 +64,7 @@ def test_evaluate_scores_in_original_pixels(tmp_path, monkeypatch, lookahead, wo
   with open(tmp_path / 'depth_order.json') as f:
     depth = json.load(f)
   assert set(depth) == {'accuracy', 'correct', 'wrong', 'undecided', 'pairs'}
-  assert depth['pairs'] == 0 and depth['accuracy'] == -1   # one object per image
+  assert depth['pairs'] == 0 and depth['accuracy'] == -1  # one object per image
   with open(tmp_path / 'results.json') as f:
     results = json.load(f)
   assert sorted({r['image_id'] for r in results}) == [1, 2, 3]
@@ -72,7 +74,7 @@ def test_evaluate_scores_in_original_pixels(tmp_path, monkeypatch, lookahead, wo
   assert metrics['amodal']['all']['both']['AP'] == pytest.approx(1.0)
   assert metrics['amodal']['all']['stuff']['AP'] == -1
   assert writer.scalars[7]['eval/amodal_AP'] == pytest.approx(1.0)
-  if workers:   # the same file as the host computes it in this process
+  if workers:  # the same file as the host computes it in this process
     c.eval.host_workers = 0
     loops.evaluate(c, str(tmp_path / 'inline'), model, v, batches, gt)
     with open(tmp_path / 'inline' / 'results.json') as f:
@@ -85,6 +87,7 @@ def test_evaluate_scores_in_original_pixels(tmp_path, monkeypatch, lookahead, wo
     for b in batches:
       read.append(b['image_id'].tolist())
       yield b
+
   loops.evaluate(c, str(tmp_path), model, v, reading(), gt)
   with open(tmp_path / 'results.json') as f:
     assert sorted({r['image_id'] for r in json.load(f)}) == [1, 2]
@@ -92,9 +95,11 @@ def test_evaluate_scores_in_original_pixels(tmp_path, monkeypatch, lookahead, wo
 
 
 @pytest.mark.parametrize('lookahead,workers', [(0, 0), (1, 2)])
-def test_predict_writes_json_and_png_and_skips_bad_files(tmp_path, capsys, monkeypatch,
-                                                         lookahead, workers):
+def test_predict_writes_json_and_png_and_skips_bad_files(
+    tmp_path, capsys, monkeypatch, lookahead, workers
+):
   from PIL import Image  # pylint: disable=import-outside-toplevel
+
   monkeypatch.setattr(loops, 'dispatch_lookahead', lambda: lookahead)
   model, v = ts.init_variables()
   src = tmp_path / 'in'
@@ -122,8 +127,9 @@ def test_predict_writes_json_and_png_and_skips_bad_files(tmp_path, capsys, monke
   captured = capsys.readouterr()
   out = captured.out + captured.err
   assert 'notes.txt: not an image' in out and 'broken.png: unreadable image' in out
-  assert sorted(os.listdir(tmp_path / 'out')) == sorted([
-      'COCO_val2014_000000000042.json', 'COCO_val2014_000000000042.png', 'b.json', 'b.png'])
+  assert sorted(os.listdir(tmp_path / 'out')) == sorted(
+      ['COCO_val2014_000000000042.json', 'COCO_val2014_000000000042.png', 'b.json', 'b.png']
+  )
   with open(tmp_path / 'out' / 'COCO_val2014_000000000042.json') as f:
     results = json.load(f)
   assert {r['image_id'] for r in results} == {42}
@@ -133,7 +139,9 @@ def test_predict_writes_json_and_png_and_skips_bad_files(tmp_path, capsys, monke
   c.predict.output_dir = str(tmp_path / 'out1')
   assert loops.predict(c, model, v, preprocess) == 1
   assert sorted(os.listdir(tmp_path / 'out1')) == [
-      'COCO_val2014_000000000042.json', 'COCO_val2014_000000000042.png']
+      'COCO_val2014_000000000042.json',
+      'COCO_val2014_000000000042.png',
+  ]
   # Two processes split the sorted files (42.png, b.jpg, broken.png, notes.txt):
   # process 1 takes b.jpg and notes.txt.
   c.predict.max_images = -1

@@ -1,5 +1,6 @@
 """Weight port: release PyTorch state_dicts -> Flax, checked against a
 PyTorch reference of the release (tests/torch_reference.py), stage by stage."""
+
 from __future__ import annotations
 
 import json
@@ -39,7 +40,7 @@ def tiny_config():
   g.width = 4
   g.num_classes = 5
   g.atrous_rates = (1, 2, 3, 4)
-  g.scales = (1.0, 0.75)     # 0.75: int(41 * 0.75) = 30, odd resizes
+  g.scales = (1.0, 0.75)  # 0.75: int(41 * 0.75) = 30, odd resizes
   g.image_size = 41
   return c
 
@@ -66,18 +67,20 @@ def sub(variables, name):
 def flax_modules(m):
   g = m.glm
   return dict(
-      backbone=resnet.ResNet(tuple(m.backbone.stage_sizes), m.backbone.width,
-                             m.backbone.bn_eps),
+      backbone=resnet.ResNet(tuple(m.backbone.stage_sizes), m.backbone.width, m.backbone.bn_eps),
       fpn=fpn.FPN(m.fpn_channels),
-      rpn=rpn.RPN(len(m.rpn.anchor_ratios), m.rpn.anchor_stride,
-                  m.rpn.conv_channels),
-      box_head=heads.BoxHead(m.num_classes, m.box_head_channels,
-                             m.backbone.bn_eps),
-      mask_head=heads.MaskHead(m.num_layers, m.mask_head_channels,
-                               m.backbone.bn_eps),
-      glm=deeplab.DeepLabV2(tuple(g.stage_sizes), g.width, g.num_classes,
-                            tuple(g.atrous_rates), tuple(g.scales),
-                            bn_eps=g.bn_eps))
+      rpn=rpn.RPN(len(m.rpn.anchor_ratios), m.rpn.anchor_stride, m.rpn.conv_channels),
+      box_head=heads.BoxHead(m.num_classes, m.box_head_channels, m.backbone.bn_eps),
+      mask_head=heads.MaskHead(m.num_layers, m.mask_head_channels, m.backbone.bn_eps),
+      glm=deeplab.DeepLabV2(
+          tuple(g.stage_sizes),
+          g.width,
+          g.num_classes,
+          tuple(g.atrous_rates),
+          tuple(g.scales),
+          bn_eps=g.bn_eps,
+      ),
+  )
 
 
 @pytest.fixture(scope='module')
@@ -93,15 +96,18 @@ def test_layout_matches_reference_state_dict_full_size():
   cfg = default.get_config()
   with torch.device('meta'):
     ref = tr.SLNReference(tr.RefSpec.from_config(cfg.model))
-  want = [(k, tuple(v.shape)) for k, v in ref.state_dict().items()
-          if not k.endswith('num_batches_tracked')]
+  want = [
+      (k, tuple(v.shape))
+      for k, v in ref.state_dict().items()
+      if not k.endswith('num_batches_tracked')
+  ]
   got = [(e.key, e.shape) for e in torch_port.release_layout(cfg.model, 'sln')]
   assert got == want
   assert sum(np.prod(s) for _, s in got) == 120_179_766
   assert {'mask.conv1.weight': (256, 439, 3, 3)}.items() <= dict(got).items()
   glm = [k for k, _ in got if k.startswith('GLM_modual.base.')]
   deeplab_keys = [e.key for e in torch_port.release_layout(cfg.model, 'deeplab')]
-  assert deeplab_keys == [k[len('GLM_modual.'):] for k in glm]
+  assert deeplab_keys == [k[len('GLM_modual.') :] for k in glm]
 
 
 def test_converted_tree_matches_sln_variables(setup):
@@ -125,8 +131,7 @@ def test_backbone_fpn_rpn_parity(setup, hw):
     p = mods['fpn'].apply(v['fpn'], c)
     return c, p, mods['rpn'].apply(v['rpn'], [p[f'p{s}'] for s in range(2, 7)])
 
-  c, p, r = run({k: sub(variables, k) for k in ('backbone', 'fpn', 'rpn')},
-                nhwc(x))
+  c, p, r = run({k: sub(variables, k) for k in ('backbone', 'fpn', 'rpn')}, nhwc(x))
   for k in ('c1', 'c2', 'c3', 'c4', 'c5'):
     assert rel_err(nchw(c[k]), want[k]) <= RTOL, k
   for k in ('p2', 'p3', 'p4', 'p5', 'p6'):
@@ -145,8 +150,7 @@ def test_backbone_parity_odd_sizes(setup, hw):
   x = torch.randn(1, 3, *hw, generator=torch.Generator().manual_seed(2)) * 50
   with torch.no_grad():
     want = ref.fpn.bottom_up(x)
-  c = jax.jit(flax_modules(cfg.model)['backbone'].apply)(
-      sub(variables, 'backbone'), nhwc(x))
+  c = jax.jit(flax_modules(cfg.model)['backbone'].apply)(sub(variables, 'backbone'), nhwc(x))
   for k in ('c1', 'c2', 'c3', 'c4', 'c5'):
     assert rel_err(nchw(c[k]), want[k]) <= RTOL, k
 
@@ -156,8 +160,7 @@ def test_backbone_mixed_parity_is_tf_same(setup):
   SamePad2d swaps the H and W amounts there (QUIRK), giving 24 rows, not 25."""
   cfg, ref, variables = setup
   x = torch.randn(1, 3, 98, 128, generator=torch.Generator().manual_seed(3))
-  c1 = jax.jit(flax_modules(cfg.model)['backbone'].apply)(
-      sub(variables, 'backbone'), nhwc(x))['c1']
+  c1 = jax.jit(flax_modules(cfg.model)['backbone'].apply)(sub(variables, 'backbone'), nhwc(x))['c1']
   assert ref.fpn.C1(x).shape[2:] == (24, 32)
   ref.fpn.C1[3].swap = False
   try:
@@ -173,10 +176,8 @@ def test_glm_parity(setup):
   g = cfg.model.glm
   x = torch.randn(1, 3, 50, 70, generator=torch.Generator().manual_seed(4)) * 50
   want = ref.glm_logits(x, g.image_size)
-  img = F.interpolate(x, size=(g.image_size,) * 2, mode='bilinear',
-                      align_corners=False)
-  got = jax.jit(flax_modules(cfg.model)['glm'].apply)(sub(variables, 'glm'),
-                                                      nhwc(img))
+  img = F.interpolate(x, size=(g.image_size,) * 2, mode='bilinear', align_corners=False)
+  got = jax.jit(flax_modules(cfg.model)['glm'].apply)(sub(variables, 'glm'), nhwc(img))
   assert want.shape == (1, g.num_classes, 6, 6)
   assert rel_err(nchw(got['logits']), want) <= RTOL
   # The resize used by the activations equals torch's bilinear resize.
@@ -187,12 +188,16 @@ def test_glm_parity(setup):
 def test_box_head_parity(setup):
   cfg, ref, variables = setup
   m = cfg.model
-  pooled = torch.randn(4, m.fpn_channels, m.roi.pool_size, m.roi.pool_size,
-                       generator=torch.Generator().manual_seed(5))
+  pooled = torch.randn(
+      4,
+      m.fpn_channels,
+      m.roi.pool_size,
+      m.roi.pool_size,
+      generator=torch.Generator().manual_seed(5),
+  )
   with torch.no_grad():
     logits, deltas = ref.classifier(pooled)
-  got = flax_modules(m)['box_head'].apply(sub(variables, 'box_head'),
-                                          nhwc(pooled))
+  got = flax_modules(m)['box_head'].apply(sub(variables, 'box_head'), nhwc(pooled))
   assert rel_err(got['logits'], logits) <= RTOL
   assert rel_err(got['deltas'], deltas) <= RTOL
 
@@ -205,8 +210,7 @@ def test_mask_head_parity(setup):
   glm = torch.rand(3, m.glm.num_classes + 1, 8, 8, generator=gen)
   with torch.no_grad():
     want = ref.mask(roi, glm)
-  got = flax_modules(m)['mask_head'].apply(sub(variables, 'mask_head'),
-                                           nhwc(roi), nhwc(glm))
+  got = flax_modules(m)['mask_head'].apply(sub(variables, 'mask_head'), nhwc(roi), nhwc(glm))
   assert want.shape == (3, 1 + m.num_layers, 16, 16)
   assert rel_err(nchw(got), want[:, 1:]) <= RTOL
 
@@ -215,20 +219,20 @@ def test_mask_head_parity(setup):
 def test_transposed_conv_layout(kernel):
   """torch (in, out, kh, kw) -> flipped HWIO for transpose_kernel=False."""
   import flax.linen as nn
+
   tconv = torch.nn.ConvTranspose2d(3, 5, kernel, stride=2)
   tr.randomize_(tconv, seed=7)
   x = torch.randn(2, 3, 5, 4, generator=torch.Generator().manual_seed(8))
   with torch.no_grad():
     want = tconv(x)
   kernel_hwio = torch_port.to_flax_layout(torch_port.DECONV, tconv.weight.detach().numpy())
-  mod = nn.ConvTranspose(5, (kernel, kernel), strides=(2, 2), padding='VALID',
-                         transpose_kernel=False)
-  got = mod.apply({'params': {'kernel': kernel_hwio,
-                              'bias': tconv.bias.detach().numpy()}}, nhwc(x))
+  mod = nn.ConvTranspose(
+      5, (kernel, kernel), strides=(2, 2), padding='VALID', transpose_kernel=False
+  )
+  got = mod.apply({'params': {'kernel': kernel_hwio, 'bias': tconv.bias.detach().numpy()}}, nhwc(x))
   assert rel_err(nchw(got), want) <= 1e-5
   unflipped = tconv.weight.detach().numpy().transpose(2, 3, 0, 1)
-  bad = mod.apply({'params': {'kernel': unflipped,
-                              'bias': tconv.bias.detach().numpy()}}, nhwc(x))
+  bad = mod.apply({'params': {'kernel': unflipped, 'bias': tconv.bias.detach().numpy()}}, nhwc(x))
   assert rel_err(nchw(bad), want) > 1e-2
   back = torch_port.to_torch_layout(torch_port.DECONV, kernel_hwio)
   np.testing.assert_array_equal(back, tconv.weight.detach().numpy())
@@ -245,12 +249,17 @@ def test_export_round_trip(setup):
   fresh.load_state_dict(sd, strict=True)
   deeplab_sd = torch_port.flax_to_torch(variables, cfg, source='deeplab')
   assert all(k.startswith('base.') for k in deeplab_sd)
-  torch.testing.assert_close(deeplab_sd['base.aspp.c3.weight'],
-                             orig['GLM_modual.base.aspp.c3.weight'])
+  torch.testing.assert_close(
+      deeplab_sd['base.aspp.c3.weight'], orig['GLM_modual.base.aspp.c3.weight']
+  )
   with pytest.raises(UserError, match='mask_head/conv5'):
-    torch_port.flax_to_torch({'params': {k: v for k, v in variables['params'].items()
-                                 if k != 'mask_head'},
-                      'batch_stats': variables['batch_stats']}, cfg)
+    torch_port.flax_to_torch(
+        {
+            'params': {k: v for k, v in variables['params'].items() if k != 'mask_head'},
+            'batch_stats': variables['batch_stats'],
+        },
+        cfg,
+    )
 
 
 def test_mismatches_reported_in_one_error(setup):
@@ -263,13 +272,20 @@ def test_mismatches_reported_in_one_error(setup):
     torch_port.torch_to_flax(sd, 'sln', cfg, path='w.pth')
   msg = str(err.value)
   assert msg.startswith('w.pth: state_dict:')
-  for part in ('1 missing: rpn.conv_bbox.bias',
-               '1 unexpected: fpn.extra.weight',
-               'classifier.linear_class.weight (81, 32) != expected (2, 32)'):
+  for part in (
+      '1 missing: rpn.conv_bbox.bias',
+      '1 unexpected: fpn.extra.weight',
+      'classifier.linear_class.weight (81, 32) != expected (2, 32)',
+  ):
     assert part in msg
   out = torch_port.torch_to_flax(
-      sd, 'sln', cfg, allow_missing=[r'params/rpn/conv_bbox/bias'],
-      allow_unexpected=[r'^fpn\.extra\.'], skip=[r'linear_class'])
+      sd,
+      'sln',
+      cfg,
+      allow_missing=[r'params/rpn/conv_bbox/bias'],
+      allow_unexpected=[r'^fpn\.extra\.'],
+      skip=[r'linear_class'],
+  )
   assert 'bias' not in out['params']['rpn']['conv_bbox']
   assert 'linear_class' not in out['params']['box_head']
 
@@ -284,16 +300,14 @@ def test_load_refuses_pickled_code_and_unwraps(setup, tmp_path):
     torch_port.load_torch_state_dict(str(tmp_path / 'junk.pth'))
   with pytest.raises(UserError, match='no such file'):
     torch_port.load_torch_state_dict(str(tmp_path / 'absent.pth'))
-  wrapped = {'state_dict': {'module.' + k: v for k, v in
-                            ref.state_dict().items()}, 'epoch': 3}
+  wrapped = {'state_dict': {'module.' + k: v for k, v in ref.state_dict().items()}, 'epoch': 3}
   torch.save(wrapped, tmp_path / 'wrapped.pth')
   sd = torch_port.load_torch_state_dict(str(tmp_path / 'wrapped.pth'))
   assert set(sd) == set(ref.state_dict())
   got = torch_port.torch_to_flax(sd, 'auto', cfg)
   jax.tree.map(np.testing.assert_array_equal, got, variables)
   # The release's files predate the zip format (PyTorch 0.4).
-  torch.save(ref.state_dict(), tmp_path / 'legacy.pth',
-             _use_new_zipfile_serialization=False)
+  torch.save(ref.state_dict(), tmp_path / 'legacy.pth', _use_new_zipfile_serialization=False)
   sd = torch_port.load_torch_state_dict(str(tmp_path / 'legacy.pth'))
   assert list(sd) == list(ref.state_dict())
 
@@ -305,8 +319,9 @@ def test_deeplab_source(setup, prefix):
   assert torch_port.detect_source(sd) == 'deeplab'
   got = torch_port.torch_to_flax(sd, 'auto', cfg)
   assert set(got['params']) == {'glm'} and set(got['batch_stats']) == {'glm'}
-  jax.tree.map(np.testing.assert_array_equal, got,
-               {c: {'glm': t['glm']} for c, t in variables.items()})
+  jax.tree.map(
+      np.testing.assert_array_equal, got, {c: {'glm': t['glm']} for c, t in variables.items()}
+  )
 
 
 def test_maskrcnn_source_skips_unfitting_layers(setup):
@@ -326,9 +341,11 @@ def test_maskrcnn_source_skips_unfitting_layers(setup):
   assert set(got['params']['box_head']) == {'conv1', 'bn1', 'conv2', 'bn2'}
   np.testing.assert_array_equal(
       got['params']['mask_head']['conv2']['kernel'],
-      sd['mask.conv2.weight'].numpy().transpose(2, 3, 1, 0))
-  np.testing.assert_array_equal(got['batch_stats']['mask_head']['bn1']['var'],
-                                sd['mask.bn1.running_var'].numpy())
+      sd['mask.conv2.weight'].numpy().transpose(2, 3, 1, 0),
+  )
+  np.testing.assert_array_equal(
+      got['batch_stats']['mask_head']['bn1']['var'], sd['mask.bn1.running_var'].numpy()
+  )
   with pytest.raises(UserError, match='shape mismatches'):
     torch_port.torch_to_flax(sd, 'maskrcnn', cfg, skip=())
 
@@ -339,21 +356,20 @@ def test_orbax_round_trip_and_partial_load(setup, tmp_path):
   loaded = orbax_io.load_orbax(str(tmp_path / 'ckpt'))
   jax.tree.map(np.testing.assert_array_equal, loaded, variables)
 
-  zeros = jax.tree.map(lambda a: jnp.zeros(np.shape(a), jnp.float32),
-                       variables)
+  zeros = jax.tree.map(lambda a: jnp.zeros(np.shape(a), jnp.float32), variables)
   zeros['params']['box_head']['linear_class']['kernel'] = jnp.zeros((32, 7))
   report = partial_load.LoadReport()
-  out = partial_load.partial_load(zeros, [(str(tmp_path / 'ckpt'),
-                                 [r'^params/(backbone|box_head)/'])], report)
+  out = partial_load.partial_load(
+      zeros, [(str(tmp_path / 'ckpt'), [r'^params/(backbone|box_head)/'])], report
+  )
   np.testing.assert_array_equal(
       out['params']['backbone']['C1_conv']['kernel'],
-      variables['params']['backbone']['C1_conv']['kernel'])
+      variables['params']['backbone']['C1_conv']['kernel'],
+  )
   assert not np.any(out['params']['fpn']['P2_output']['kernel'])
   assert not np.any(out['batch_stats']['backbone']['C1_bn']['mean'])
-  assert report.shape_mismatch == [
-      'params/box_head/linear_class/kernel (32, 2) != (32, 7)']
-  assert all(n.startswith(('params/backbone/', 'params/box_head/'))
-             for n in report.loaded)
+  assert report.shape_mismatch == ['params/box_head/linear_class/kernel (32, 2) != (32, 7)']
+  assert all(n.startswith(('params/backbone/', 'params/box_head/')) for n in report.loaded)
   # Leaves the regexes leave out keep their values and are listed as such
   # (the checkpoint holds them).
   assert 'params/fpn/P2_output/kernel' in report.excluded
@@ -363,8 +379,9 @@ def test_orbax_round_trip_and_partial_load(setup, tmp_path):
   assert 'left out by init_patterns: ' in report.summary()
   assert 'absent from the checkpoint' not in report.summary()
   with pytest.raises(UserError, match='nothing loaded'):
-    partial_load.partial_load(zeros, [str(tmp_path / 'ckpt'),
-                            (str(tmp_path / 'ckpt'), ['^params/nothing'])])
+    partial_load.partial_load(
+        zeros, [str(tmp_path / 'ckpt'), (str(tmp_path / 'ckpt'), ['^params/nothing'])]
+    )
   with pytest.raises(UserError, match='no such checkpoint'):
     orbax_io.load_orbax(str(tmp_path / 'absent'))
   os.makedirs(tmp_path / 'empty')
@@ -387,9 +404,12 @@ def test_read_failures_are_told_from_other_errors():
         raise outer from err
     except Exception as err:  # pylint: disable=broad-except
       return err
+
   damaged = ValueError('OUT_OF_RANGE: Error reading "params.a/0" in OCDBT database')
   assert orbax_io.is_read_failure(chained(Exception('Encountered error while reading'), damaged))
-  assert orbax_io.is_read_failure(FileNotFoundError('Metadata file (named _METADATA) does not exist'))
+  assert orbax_io.is_read_failure(
+      FileNotFoundError('Metadata file (named _METADATA) does not exist')
+  )
   assert orbax_io.is_read_failure(json.JSONDecodeError('Expecting value', '', 0))
   assert not orbax_io.is_read_failure(RuntimeError('RESOURCE_EXHAUSTED: Out of memory'))
   assert not orbax_io.is_read_failure(chained(Exception('x'), ValueError('UNAVAILABLE: try again')))
@@ -403,7 +423,9 @@ def test_init_from_accepts_a_training_step_directory(tmp_path):
   orbax_io.save_orbax(tree, str(tmp_path / 'step' / 'default'))
   with open(tmp_path / 'step' / '_CHECKPOINT_METADATA', 'w') as f:
     f.write('{}')
-  np.testing.assert_array_equal(orbax_io.load_orbax(str(tmp_path / 'step'))['params']['a'], [0, 1, 2])
+  np.testing.assert_array_equal(
+      orbax_io.load_orbax(str(tmp_path / 'step'))['params']['a'], [0, 1, 2]
+  )
 
 
 def test_partial_load_lists_model_leaves_it_did_not_load(setup, tmp_path):
@@ -411,21 +433,21 @@ def test_partial_load_lists_model_leaves_it_did_not_load(setup, tmp_path):
   another num_layers: the model leaves left at their initial values are
   listed; strict (evaluate / predict) makes them one error naming them."""
   _, _, variables = setup
-  ckpt = {c: {k: v for k, v in t.items() if k != 'glm'}
-          for c, t in variables.items()}
+  ckpt = {c: {k: v for k, v in t.items() if k != 'glm'} for c, t in variables.items()}
   ckpt = jax.tree.map(lambda x: x, ckpt)
   ckpt['params']['mask_head']['conv5']['bias'] = np.zeros((5,), np.float32)
   orbax_io.save_orbax(ckpt, str(tmp_path / 'ckpt'))
-  zeros = jax.tree.map(lambda a: jnp.zeros(np.shape(a), jnp.float32),
-                       variables)
-  glm = sorted('/'.join((c,) + p) for c, t in variables.items()
-               for p in partial_load._flatten(t.get('glm', {}), ('glm',)))  # pylint: disable=protected-access
+  zeros = jax.tree.map(lambda a: jnp.zeros(np.shape(a), jnp.float32), variables)
+  glm = sorted(
+      '/'.join((c,) + p)
+      for c, t in variables.items()
+      for p in partial_load._flatten(t.get('glm', {}), ('glm',))
+  )  # pylint: disable=protected-access
   report = partial_load.LoadReport()
   out = partial_load.partial_load(zeros, [str(tmp_path / 'ckpt')], report)
   assert sorted(report.missing) == glm and len(glm) > 10
   conv5 = np.shape(variables['params']['mask_head']['conv5']['bias'])
-  assert report.shape_mismatch == [
-      f'params/mask_head/conv5/bias (5,) != {conv5}']
+  assert report.shape_mismatch == [f'params/mask_head/conv5/bias (5,) != {conv5}']
   assert report.not_loaded() == report.missing + report.shape_mismatch
   assert not report.excluded
   assert not report.not_in_target
@@ -435,7 +457,8 @@ def test_partial_load_lists_model_leaves_it_did_not_load(setup, tmp_path):
   assert '(+' in summary and '1 with other shapes' in summary
   np.testing.assert_array_equal(
       out['params']['mask_head']['conv1']['kernel'],
-      variables['params']['mask_head']['conv1']['kernel'])
+      variables['params']['mask_head']['conv1']['kernel'],
+  )
   assert not np.any(out['params']['glm']['layer1_conv']['kernel'])
   first = report.missing[0]
 
@@ -449,8 +472,10 @@ def test_partial_load_lists_model_leaves_it_did_not_load(setup, tmp_path):
   total = len(jax.tree.leaves(variables))
   assert len(report.loaded) == len(set(report.loaded)) == total
   assert report.sources == [(str(tmp_path / 'ckpt'), total - len(glm) - 1), (full, total)]
-  assert report.summary() == (f'loaded {total} arrays ({tmp_path / "ckpt"}: '
-                              f'{total - len(glm) - 1}, {full}: {total}; later ones win)')
+  assert report.summary() == (
+      f'loaded {total} arrays ({tmp_path / "ckpt"}: '
+      f'{total - len(glm) - 1}, {full}: {total}; later ones win)'
+  )
 
   with pytest.raises(UserError) as err:
     partial_load.partial_load(zeros, [str(tmp_path / 'ckpt')], strict=True)
@@ -465,8 +490,7 @@ def test_partial_load_lists_model_leaves_it_did_not_load(setup, tmp_path):
 def test_full_size_conversion_time_and_memory():
   """About 120 million numbers in the release layout: < 30 s, < 4 GB."""
   cfg = default.get_config()
-  sd = tr.synthetic_state_dict(tr.RefSpec.from_config(cfg.model),
-                               random=False)
+  sd = tr.synthetic_state_dict(tr.RefSpec.from_config(cfg.model), random=False)
   tracemalloc.start()
   start = time.perf_counter()
   out = torch_port.torch_to_flax(sd, 'auto', cfg)
@@ -475,7 +499,8 @@ def test_full_size_conversion_time_and_memory():
   tracemalloc.stop()
   n = sum(a.size for a in jax.tree.leaves(out))
   assert n == 120_179_766
-  assert seconds < 30 and peak < 4 * 2 ** 30, (seconds, peak)
+  assert seconds < 30 and peak < 4 * 2**30, (seconds, peak)
   w = sd['classifier.conv1.weight'].numpy()
-  np.testing.assert_array_equal(out['params']['box_head']['conv1']['kernel'],
-                                w.transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(
+      out['params']['box_head']['conv1']['kernel'], w.transpose(2, 3, 1, 0)
+  )

@@ -4,6 +4,7 @@ parallelism on 8 fake devices, kill-and-resume, non-finite stop.
 Uses the small stand-in module of tests/train_standin.py (same module paths
 and entry points as SLN) so every test compiles in seconds.
 """
+
 import contextlib
 import gc
 import json
@@ -53,8 +54,11 @@ def _flat(tree):
 
 def test_schedule_and_learning_rate():
   c = _config(stages=(('heads', 4, 1e-3), ('4+', 6, 1e-3), ('all', 5, 1e-4)))
-  assert schedule_lib.schedule(c) == [('heads', 0, 4, 1e-3), ('4+', 4, 10, 1e-3),
-                               ('all', 10, 15, 1e-4)]
+  assert schedule_lib.schedule(c) == [
+      ('heads', 0, 4, 1e-3),
+      ('4+', 4, 10, 1e-3),
+      ('all', 10, 15, 1e-4),
+  ]
   assert [schedule_lib.stage_index(c, s) for s in (0, 3, 4, 9, 10, 14)] == [0, 0, 1, 1, 2, 2]
   c.train.num_steps = 7
   assert schedule_lib.schedule(c) == [('heads', 0, 4, 1e-3), ('4+', 4, 7, 1e-3)]
@@ -95,9 +99,14 @@ def test_learning_rate_is_bit_equal_to_the_constant_schedule(warmup):
   want = np.array([constant_schedule(jnp.int32(s)) for s in steps])
   got = np.array([as_data(tables, jnp.int32(s)) for s in steps])
   np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
-  np.testing.assert_allclose(got, [lrs[np.searchsorted(ends, s, side='right')]
-                                   * min(1.0, (s + 1) / max(warmup, 1)) for s in steps],
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+      got,
+      [
+          lrs[np.searchsorted(ends, s, side='right')] * min(1.0, (s + 1) / max(warmup, 1))
+          for s in steps
+      ],
+      rtol=1e-6,
+  )
 
 
 def test_schedule_truncated_on_a_stage_boundary():
@@ -114,8 +123,14 @@ def test_schedule_truncated_on_a_stage_boundary():
 def test_stage_masks():
   _, v = ts.init_variables()
   p, bs = v['params'], v['batch_stats']
+
   def trained(stage):
-    return sorted(k.rsplit('/', 1)[0] for k, t in _flat(optimizer_lib.trainable_mask(p, bs, stage)).items() if t)
+    return sorted(
+        k.rsplit('/', 1)[0]
+        for k, t in _flat(optimizer_lib.trainable_mask(p, bs, stage)).items()
+        if t
+    )
+
   assert set(trained('heads')) == {'box_head/linear_class', 'fpn/P2_lateral', 'rpn/conv_class'}
   assert set(trained('4+')) == set(trained('heads')) | {'backbone/C4_0/conv1'}
   # 'all': everything but BatchNorm and the GLM.
@@ -160,9 +175,15 @@ def test_stage_masks_on_the_model():
   # legacy_sticky_freeze: a stage trains only what every earlier one did, so
   # the release's heads -> 4+ -> all trains the heads throughout.
   for stage, earlier in (('4+', ('heads',)), ('all', ('heads', '4+'))):
-    got = {k for k, t in _flat(optimizer_lib.trainable_mask(p, bs, stage, False, earlier)).items() if t}
+    got = {
+        k for k, t in _flat(optimizer_lib.trainable_mask(p, bs, stage, False, earlier)).items() if t
+    }
     assert got == {k for k in heads if not is_bn(k)}, stage
-  got = {k for k, t in _flat(optimizer_lib.trainable_mask(p, bs, 'heads', False, ('all',))).items() if t}
+  got = {
+      k
+      for k, t in _flat(optimizer_lib.trainable_mask(p, bs, 'heads', False, ('all',))).items()
+      if t
+  }
   assert got == {k for k in heads if not is_bn(k)}
   with pytest.raises(UserError, match=r"trains no parameter after 'rpn/\.\*'"):
     optimizer_lib.trainable_mask(p, bs, 'mask_head/.*', False, ('rpn/.*',))
@@ -173,7 +194,10 @@ def test_stage_freeze_history():
   assert [optimizer_lib.stage_freeze_history(c, k) for k in range(3)] == [(), (), ()]
   c.train.legacy_sticky_freeze = True
   assert [optimizer_lib.stage_freeze_history(c, k) for k in range(3)] == [
-      (), ('heads',), ('heads', '4+')]
+      (),
+      ('heads',),
+      ('heads', '4+'),
+  ]
 
 
 @pytest.mark.parametrize('decay_biases', [True, False])
@@ -187,11 +211,19 @@ def test_optimizer_matches_torch_sgd(decay_biases):
   c.train.weight_decay = 0.01
   c.train.decay_biases = decay_biases
   rng = np.random.default_rng(0)
-  params = {'fpn': {'P2_lateral': {'kernel': rng.normal(size=(3, 4)).astype(np.float32),
-                                   'bias': rng.normal(size=(4,)).astype(np.float32)}},
-            'glm': {'aspp_c0': {'kernel': rng.normal(size=(2, 2)).astype(np.float32)}}}
-  grads = [jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32) * 3, params)
-           for _ in range(3)]
+  params = {
+      'fpn': {
+          'P2_lateral': {
+              'kernel': rng.normal(size=(3, 4)).astype(np.float32),
+              'bias': rng.normal(size=(4,)).astype(np.float32),
+          }
+      },
+      'glm': {'aspp_c0': {'kernel': rng.normal(size=(2, 2)).astype(np.float32)}},
+  }
+  grads = [
+      jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32) * 3, params)
+      for _ in range(3)
+  ]
   tx = optimizer_lib.create_optimizer(c, params, {}, 'all')
   state, p = tx.init(params), params
   for g in grads:
@@ -201,15 +233,20 @@ def test_optimizer_matches_torch_sgd(decay_biases):
   w = torch.tensor(params['fpn']['P2_lateral']['kernel'], requires_grad=True)
   b = torch.tensor(params['fpn']['P2_lateral']['bias'], requires_grad=True)
   decayed, plain = ([w, b], []) if decay_biases else ([w], [b])
-  opt = torch.optim.SGD([{'params': decayed, 'weight_decay': 0.01}, {'params': plain}],
-                        lr=0.05, momentum=0.9)
+  opt = torch.optim.SGD(
+      [{'params': decayed, 'weight_decay': 0.01}, {'params': plain}], lr=0.05, momentum=0.9
+  )
   for g in grads:
     w.grad = torch.tensor(g['fpn']['P2_lateral']['kernel'])
     b.grad = torch.tensor(g['fpn']['P2_lateral']['bias'])
     torch.nn.utils.clip_grad_norm_([w, b], 1.0)  # frozen GLM grads do not count
     opt.step()
-  np.testing.assert_allclose(p['fpn']['P2_lateral']['kernel'], w.detach().numpy(), rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(p['fpn']['P2_lateral']['bias'], b.detach().numpy(), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+      p['fpn']['P2_lateral']['kernel'], w.detach().numpy(), rtol=1e-5, atol=1e-6
+  )
+  np.testing.assert_allclose(
+      p['fpn']['P2_lateral']['bias'], b.detach().numpy(), rtol=1e-5, atol=1e-6
+  )
   np.testing.assert_array_equal(p['glm']['aspp_c0']['kernel'], params['glm']['aspp_c0']['kernel'])
 
 
@@ -227,8 +264,7 @@ def test_momentum_across_stages_and_its_reset():
   _, v = ts.init_variables()
   p, bs = v['params'], v['batch_stats']
   rng = np.random.default_rng(1)
-  grads = [jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), p)
-           for _ in range(3)]
+  grads = [jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), p) for _ in range(3)]
   tx = {s: optimizer_lib.create_optimizer(c, p, bs, s) for s in ('heads', 'all')}
 
   def run(stages, reset=False):
@@ -238,6 +274,7 @@ def test_momentum_across_stages_and_its_reset():
         state = optimizer_lib.reset_momentum(state)
       updates, state = tx[s].update(g, state, p)
     return _flat(updates)
+
   f_p, f_g = _flat(p), [_flat(g) for g in grads]
 
   def sgd(k, steps):  # torch.optim.SGD's update at the last of ``steps``
@@ -246,6 +283,7 @@ def test_momentum_across_stages_and_its_reset():
     for t in steps:
       buf = f_g[t][k] + wd * f_p[k] + 0.8 * buf
     return -0.05 * buf
+
   conv, head = 'backbone/C4_0/conv1/', 'fpn/P2_lateral/'
   heads_then_all = run(('heads', 'heads', 'all'))
   for k in (head + 'kernel', head + 'bias'):
@@ -253,8 +291,12 @@ def test_momentum_across_stages_and_its_reset():
   for k in (conv + 'kernel', conv + 'bias'):
     np.testing.assert_allclose(heads_then_all[k], sgd(k, (2,)), rtol=1e-5, atol=1e-7)
   all_then_heads = run(('all', 'all', 'heads'))
-  for k in (conv + 'kernel', 'backbone/C1_conv/kernel', 'backbone/C1_bn/scale',
-            'glm/layer1_conv/kernel'):
+  for k in (
+      conv + 'kernel',
+      'backbone/C1_conv/kernel',
+      'backbone/C1_bn/scale',
+      'glm/layer1_conv/kernel',
+  ):
     assert not np.any(all_then_heads[k]), k
   reset = run(('all', 'all', 'all'), reset=True)
   for k in (conv + 'kernel', conv + 'bias', head + 'kernel'):
@@ -274,8 +316,10 @@ def test_the_schedule_is_data_of_the_compiled_step():
   states, texts = {}, {}
   for name, c in (('a', a), ('b', b)):
     states[name] = parallel.replicate(state_lib.create_train_state(c, v, jax.random.PRNGKey(0)))
-    step = jax.pmap(step_lib.make_stage_step(model, c, v['params'], v['batch_stats'], 'heads'),
-                    axis_name=parallel.AXIS)
+    step = jax.pmap(
+        step_lib.make_stage_step(model, c, v['params'], v['batch_stats'], 'heads'),
+        axis_name=parallel.AXIS,
+    )
     texts[name] = step.lower(states[name], batch).as_text()
   assert texts['a'] == texts['b']
   # The one program on each state: each schedule's LR (b: 0.02 warmed up
@@ -288,7 +332,9 @@ def test_the_schedule_is_data_of_the_compiled_step():
     want = float(schedule_lib.learning_rate_fn(b if name == 'b' else a)(0))
     np.testing.assert_allclose(lr, want, rtol=1e-6)
     before = _flat(v['params'])['fpn/P2_lateral/kernel']
-    changes[name] = np.asarray(parallel.unreplicate(new.params)['fpn']['P2_lateral']['kernel']) - before
+    changes[name] = (
+        np.asarray(parallel.unreplicate(new.params)['fpn']['P2_lateral']['kernel']) - before
+    )
   assert float(schedule_lib.learning_rate_fn(b)(0)) == pytest.approx(0.004)
   want = changes['a'] * 0.004 / 0.1
   assert np.abs(want).max() > 0
@@ -307,8 +353,10 @@ def test_step_respects_stage_masks():
   batch = ts.make_batches(1, 1, 2)[0]
   changed = {}
   for stage in ('heads', '4+'):
-    tx = optimizer_lib.create_optimizer(c, v['params'], v['batch_stats'], stage)
-    step = jax.pmap(step_lib.make_train_step(model, c, tx), axis_name=parallel.AXIS)
+    step = jax.pmap(
+        step_lib.make_stage_step(model, c, v['params'], v['batch_stats'], stage),
+        axis_name=parallel.AXIS,
+    )
     new, out = step(parallel.replicate(state), batch)
     new = parallel.unreplicate(new)
     assert np.isfinite(out['loss/total']).all() and int(new.step) == 1
@@ -329,6 +377,7 @@ def _run(workdir, c, batches, stop_after=None):
         raise KeyboardInterrupt  # the process is killed here
       calls['n'] += 1
       yield b
+
   model, v = ts.init_variables()
   writer = ts.RecordingWriter()
   summary = loop_lib.make_image_summary_fn(model, c) if c.train.image_summary_every else None
@@ -378,7 +427,7 @@ def test_loop_resets_momentum_once_per_stage_change(tmp_path, monkeypatch, reset
   steps themselves are stand-ins that only count."""
   c = _config(stages=(('heads', 1, 0.1), ('all', 2, 0.05), ('4+', 1, 0.05)))
   c.train.reset_momentum_per_stage = reset
-  c.train.legacy_sticky_freeze = reset    # the step builders get the history
+  c.train.legacy_sticky_freeze = reset  # the step builders get the history
   c.train.checkpoint_every = c.train.log_every = 10
   calls, built = [], []
   real = optimizer_lib.reset_momentum
@@ -386,8 +435,8 @@ def test_loop_resets_momentum_once_per_stage_change(tmp_path, monkeypatch, reset
 
   def stage_step(*args):
     built.append(args[4:])
-    return lambda state, batch: (state.replace(step=state.step + 1),
-                                 {'loss/total': jnp.zeros(())})
+    return lambda state, batch: (state.replace(step=state.step + 1), {'loss/total': jnp.zeros(())})
+
   monkeypatch.setattr(loop_lib, 'make_stage_step', stage_step)
   state, _ = _run(str(tmp_path), c, ts.make_batches(4, 1, 2))
   assert int(state.step) == 4 and len(calls) == (2 if reset else 0)
@@ -428,6 +477,7 @@ def _backend_compiles():
   def listener(name, *_, **__):
     if name.endswith('backend_compile_duration'):
       events.append(name)
+
   jax.monitoring.register_event_duration_secs_listener(listener)
   try:
     yield events
@@ -450,7 +500,9 @@ def fixture_compile_counts(monkeypatch):
       out = mapped(*args)
       counts.append(len(events) - before)
       return out
+
     return call
+
   monkeypatch.setattr(jax, 'pmap', counting_pmap)
   with _backend_compiles() as events:
     yield counts
@@ -474,8 +526,11 @@ def test_steps_compile_once_per_stage_and_evaluation_once(tmp_path, compile_coun
   del counts[:]
   model, v = ts.init_variables()
   gt = [ts.annotation(i, 32, 24, (0, 0, 16, 12)) for i in (1, 2, 3, 4, 5)]
-  eval_batches = [ts.eval_batch([1, 2], [True] * 2), ts.eval_batch([3, 4], [True] * 2),
-                  ts.eval_batch([5, -1], [True, False])]
+  eval_batches = [
+      ts.eval_batch([1, 2], [True] * 2),
+      ts.eval_batch([3, 4], [True] * 2),
+      ts.eval_batch([5, -1], [True, False]),
+  ]
   loops.evaluate(c, str(tmp_path), model, v, eval_batches, gt)
   assert len(counts) == 3 and counts[0] > 0 and counts[1:] == [0, 0], counts
 
@@ -513,8 +568,9 @@ def test_damaged_checkpoint_is_one_user_error(tmp_path, monkeypatch, caplog):
   reported = []
   monkeypatch.setattr(sys, 'unraisablehook', reported.append)
   with pytest.raises(UserError) as err:
-    manager_lib.restore_checkpoint(manager_lib.checkpoint_manager(c, str(tmp_path), read_only=True),
-                             template)
+    manager_lib.restore_checkpoint(
+        manager_lib.checkpoint_manager(c, str(tmp_path), read_only=True), template
+    )
   assert err.value.path == str(tmp_path / 'checkpoints' / '2')
   assert 'cannot be read (ValueError: ' in str(err.value)
   assert 'damaged or partly copied' in str(err.value)
@@ -523,8 +579,15 @@ def test_damaged_checkpoint_is_one_user_error(tmp_path, monkeypatch, caplog):
   started = []
   model, _ = ts.init_variables()
   with pytest.raises(UserError, match='cannot be read'):
-    loop_lib.train(c, str(tmp_path), model, v, lambda: pytest.fail('read a batch'),
-                ts.RecordingWriter(), on_start=lambda: started.append(1))
+    loop_lib.train(
+        c,
+        str(tmp_path),
+        model,
+        v,
+        lambda: pytest.fail('read a batch'),
+        ts.RecordingWriter(),
+        on_start=lambda: started.append(1),
+    )
   assert not started
   for _ in range(3):  # the pending reads end on Orbax's threads
     time.sleep(0.5)
@@ -547,18 +610,18 @@ def test_a_failure_that_is_not_the_checkpoints_is_not_blamed_on_it(tmp_path, mon
   def out_of_memory(*args, **kwargs):
     del args, kwargs
     raise RuntimeError('RESOURCE_EXHAUSTED: Out of memory while trying to allocate')
+
   monkeypatch.setattr(type(manager), 'restore', out_of_memory)
   with pytest.raises(RuntimeError, match='RESOURCE_EXHAUSTED'):
     manager_lib.restore_checkpoint(manager, template)
 
 
-_DATA_PARALLEL = textwrap.dedent('''
+_DATA_PARALLEL = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
     sys.path.insert(0, {root!r})
     from configs import default
     from sln_jax import parallel
-    from sln_jax.training import optimizer as optimizer_lib
     from sln_jax.training import state as state_lib
     from sln_jax.training import step as step_lib
     from tests import train_standin as ts
@@ -566,9 +629,8 @@ _DATA_PARALLEL = textwrap.dedent('''
     c = default.get_config()
     c.train.stages = (('all', 2, 0.1),)
     model, v = ts.init_variables()
-    tx = optimizer_lib.create_optimizer(c, v['params'], v['batch_stats'], 'all')
     state = state_lib.create_train_state(c, v, jax.random.PRNGKey(3))
-    step = step_lib.make_train_step(model, c, tx)
+    step = step_lib.make_stage_step(model, c, v['params'], v['batch_stats'], 'all')
     (b8,) = ts.make_batches(1, 8, 1)
     b1 = jax.tree.map(lambda x: x.reshape((1, 8) + x.shape[2:]), b8)
     outs = {{}}
@@ -586,16 +648,26 @@ _DATA_PARALLEL = textwrap.dedent('''
       outs[name] = dict(params=[np.asarray(x).tolist() for x in jax.tree.leaves(first)],
                         loss=float(metrics['loss/total']))
     print(json.dumps(outs))
-''')
+""")
 
 
 def test_eight_devices_equal_one_device(tmp_path):
   script = tmp_path / 'dp.py'
   script.write_text(_DATA_PARALLEL.format(root=ROOT))
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
-             JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
-  proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                        env=env, timeout=300, check=False)
+  env = dict(
+      os.environ,
+      XLA_FLAGS='--xla_force_host_platform_device_count=8',
+      JAX_PLATFORMS='cpu',
+      TF_CPP_MIN_LOG_LEVEL='2',
+  )
+  proc = subprocess.run(
+      [sys.executable, str(script)],
+      capture_output=True,
+      text=True,
+      env=env,
+      timeout=300,
+      check=False,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   outs = json.loads(proc.stdout.strip().splitlines()[-1])
   assert np.isfinite(outs['one']['loss'])
@@ -616,33 +688,47 @@ def test_prefetch_to_devices_keeps_order_and_looks_ahead_depth_batches():
     for i in range(5):
       pulled.append(i)
       yield {'x': np.full((jax.local_device_count(), 2), i, np.float32)}
+
   out = parallel.prefetch_to_devices(source(), depth=2)
   first = next(out)
-  assert pulled == [0, 1]                       # one batch in flight beyond the yielded one
-  assert isinstance(first['x'], jax.Array) and first['x'].sharding.num_devices == jax.local_device_count()
+  assert pulled == [0, 1]  # one batch in flight beyond the yielded one
+  assert (
+      isinstance(first['x'], jax.Array)
+      and first['x'].sharding.num_devices == jax.local_device_count()
+  )
   rest = [int(np.asarray(b['x'])[0, 0]) for b in out]
   assert [int(np.asarray(first['x'])[0, 0])] + rest == [0, 1, 2, 3, 4]
   assert [int(np.asarray(b['x'])[0, 0]) for b in parallel.prefetch_to_devices(iter([]), 2)] == []
 
 
 def test_layer_ratios_pool_the_counts_and_drop_them():
-  scalars = {'loss/total': 1.5, 'metric/head_accuracy': 0.9,
-             'metric/layer1_hit_px': 30.0, 'metric/layer1_target_px': 40.0,
-             'metric/layer1_pred_px': 60.0,
-             'metric/layer2_hit_px': 0.0, 'metric/layer2_target_px': 5.0,
-             'metric/layer2_pred_px': 0.0}
+  scalars = {
+      'loss/total': 1.5,
+      'metric/head_accuracy': 0.9,
+      'metric/layer1_hit_px': 30.0,
+      'metric/layer1_target_px': 40.0,
+      'metric/layer1_pred_px': 60.0,
+      'metric/layer2_hit_px': 0.0,
+      'metric/layer2_target_px': 5.0,
+      'metric/layer2_pred_px': 0.0,
+  }
   assert loop_lib.layer_ratios(scalars) == {
-      'loss/total': 1.5, 'metric/head_accuracy': 0.9,
-      'metric/layer1_recall': 0.75, 'metric/layer1_precision': 0.5,
-      'metric/layer2_recall': 0.0}   # no predicted pixels: no precision
+      'loss/total': 1.5,
+      'metric/head_accuracy': 0.9,
+      'metric/layer1_recall': 0.75,
+      'metric/layer1_precision': 0.5,
+      'metric/layer2_recall': 0.0,
+  }  # no predicted pixels: no precision
   assert 'metric/layer1_hit_px' in scalars  # the input is not changed
 
 
 def test_first_replica_and_unreplicate_read_the_first_devices_copy(caplog):
   n = jax.local_device_count()
-  stacked = {'loss': np.full((n,), 2.5, np.float32),
-             'w': np.stack([np.arange(15, dtype=np.int32).reshape(3, 5)] * n),
-             'h': np.stack([np.full((2, 7), 0.25, jnp.bfloat16)] * n)}
+  stacked = {
+      'loss': np.full((n,), 2.5, np.float32),
+      'w': np.stack([np.arange(15, dtype=np.int32).reshape(3, 5)] * n),
+      'h': np.stack([np.full((2, 7), 0.25, jnp.bfloat16)] * n),
+  }
   tree = parallel.shard(stacked)
   with jax.log_compiles(), caplog.at_level(logging.WARNING):
     host = parallel.first_replica(tree)
@@ -683,16 +769,20 @@ def test_model_state_and_unreplicate_compile_a_handful_of_programs():
   assert len(shapes) > 20, len(shapes)
   # create_model: the PRNG key's seed, fold-in and casts, and the draw.
   assert n_model <= 5 and n_state <= 1 and n_unreplicate == 1, (n_model, n_state, n_unreplicate)
-  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
-               host, state)
+  jax.tree.map(
+      lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), host, state
+  )
 
 
 def test_reset_momentum_zeroes_in_one_program_keeping_each_sharding():
   """At a stage change the replicated momentum is zeroed by one program and
   keeps the sharding the pmapped step takes (a different one would make the
   next step copy or recompile)."""
-  params = {'a': np.ones((3, 5), np.float32), 'b': np.ones((7,), np.float32),
-            'c': {'k': np.ones((2, 2, 4), np.float32)}}
+  params = {
+      'a': np.ones((3, 5), np.float32),
+      'b': np.ones((7,), np.float32),
+      'c': {'k': np.ones((2, 2, 4), np.float32)},
+  }
   opt_state = optax.trace(decay=0.9).init(params)
   opt_state = optax.tree_utils.tree_set(opt_state, trace=jax.tree.map(np.ones_like, params))
   replicated = parallel.replicate(opt_state)

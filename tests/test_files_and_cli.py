@@ -1,5 +1,6 @@
-"""sln_jax.cliutil: one-line user errors (exit 2) and outputs that are either
-whole or absent."""
+"""sln_jax.errors, sln_jax.files and sln_jax.cli: one-line user errors (exit 2)
+and outputs that are either whole or absent."""
+
 import json
 import os
 import subprocess
@@ -50,15 +51,22 @@ def test_read_json_errors_name_the_file(tmp_path):
 
 
 def _run_cli(body: str, *args: str):
-  code = ('import sys; sys.path.insert(0, %r)\n' % ROOT +
-          'from sln_jax import cli, errors\n' + body)
-  return subprocess.run([sys.executable, '-c', code, *args], capture_output=True, text=True,
-                        timeout=60, check=False, cwd=ROOT)
+  code = 'import sys; sys.path.insert(0, %r)\n' % ROOT + 'from sln_jax import cli, errors\n' + body
+  return subprocess.run(
+      [sys.executable, '-c', code, *args],
+      capture_output=True,
+      text=True,
+      timeout=60,
+      check=False,
+      cwd=ROOT,
+  )
 
 
 def test_run_cli_user_error_is_one_line_and_exit_2():
-  proc = _run_cli("def main():\n  raise errors.UserError('bad', path='x.json', field='f')\n"
-                  'cli.run_cli(main)\n')
+  proc = _run_cli(
+      "def main():\n  raise errors.UserError('bad', path='x.json', field='f')\n"
+      'cli.run_cli(main)\n'
+  )
   assert proc.returncode == 2
   assert proc.stderr == 'error: x.json: f: bad\n'
   assert proc.stdout == ''
@@ -76,7 +84,7 @@ def test_atomic_output_file_is_whole_or_absent(tmp_path):
   path = tmp_path / 'sub' / 'out.json'
   with files.atomic_output_file(str(path)) as f:
     json.dump({'a': 1}, f)
-    assert not path.exists()          # nothing under the final name while writing
+    assert not path.exists()  # nothing under the final name while writing
   assert json.loads(path.read_text()) == {'a': 1}
   assert _entries(path.parent) == ['out.json']
 
@@ -85,7 +93,7 @@ def test_atomic_output_file_is_whole_or_absent(tmp_path):
       f.write('{"half": ')
       raise ValueError('interrupted')
   assert json.loads(path.read_text()) == {'a': 1}  # the old file is untouched
-  assert _entries(path.parent) == ['out.json']     # and no temporary is left
+  assert _entries(path.parent) == ['out.json']  # and no temporary is left
 
   with files.atomic_output_file(str(tmp_path / 'b.bin'), 'wb') as f:
     f.write(b'\x00\x01')
@@ -107,8 +115,7 @@ def test_atomic_output_dir_replaces_whole_or_leaves_the_old_one(tmp_path):
   assert _entries(tmp_path) == ['out']
 
   with pytest.raises(UserError, match='exists; refusing to overwrite'):
-    with files.atomic_output_dir(str(out), overwrite=False,
-                                   replaceable=_any) as tmp:
+    with files.atomic_output_dir(str(out), overwrite=False, replaceable=_any) as tmp:
       open(os.path.join(tmp, 'c.npz'), 'w').close()
   assert _entries(out) == ['a.npz']
   assert _entries(tmp_path) == ['out']
@@ -131,11 +138,12 @@ def test_atomic_output_dir_refuses_to_replace_what_it_did_not_write(tmp_path):
   with pytest.raises(UserError, match='did not write') as info:
     with files.atomic_output_dir(str(home)) as tmp:
       worked.append(tmp)
-  assert worked == []                  # refused before the caller's work
+  assert worked == []  # refused before the caller's work
   assert info.value.path == str(home)
   with pytest.raises(UserError, match='did not write'):
     with files.atomic_output_dir(
-        str(home), replaceable=lambda p: os.path.exists(os.path.join(p, 'x'))):
+        str(home), replaceable=lambda p: os.path.exists(os.path.join(p, 'x'))
+    ):
       pass
   assert _entries(home) == ['thesis.tex']
   assert _entries(tmp_path) == ['home']
@@ -149,7 +157,7 @@ def test_atomic_output_dir_refuses_to_replace_what_it_did_not_write(tmp_path):
 
   empty = tmp_path / 'empty'
   empty.mkdir()
-  with files.atomic_output_dir(str(empty)) as tmp:   # empty: replaced
+  with files.atomic_output_dir(str(empty)) as tmp:  # empty: replaced
     open(os.path.join(tmp, 'a.npz'), 'w').close()
   assert _entries(empty) == ['a.npz']
 
@@ -161,7 +169,7 @@ def test_atomic_files_into_keeps_other_files_and_is_all_or_nothing(tmp_path):
   (images / 'a.npz').write_text('old layers')
   with files.atomic_files_into(str(images)) as tmp:
     for name in ('a.npz', 'b.npz'):
-      (images / 'a.npz').read_text()   # the old file is still in place
+      (images / 'a.npz').read_text()  # the old file is still in place
       with open(os.path.join(tmp, name), 'w') as f:
         f.write('new ' + name)
   assert _entries(images) == ['a.jpg', 'a.npz', 'b.npz']
@@ -180,7 +188,7 @@ def test_atomic_files_into_keeps_other_files_and_is_all_or_nothing(tmp_path):
   with pytest.raises(RuntimeError):
     with files.atomic_files_into(str(fresh)):
       raise RuntimeError
-  assert not fresh.exists()            # created for the run, removed on error
+  assert not fresh.exists()  # created for the run, removed on error
 
   (images / 'c.npz').mkdir()
   with pytest.raises(UserError, match='is a directory'):
@@ -214,9 +222,11 @@ def test_run_cli_path_errors_are_one_line_and_other_os_errors_pass(tmp_path):
 def test_outputs_under_a_file_name_it_before_anything_is_written(tmp_path):
   blocker = tmp_path / 'afile'
   blocker.write_text('x')
-  for make in (lambda: files.atomic_output_file(str(blocker / 'sub' / 'm.json')),
-               lambda: files.atomic_output_dir(str(blocker / 'd')),
-               lambda: files.atomic_files_into(str(blocker / 'd'))):
+  for make in (
+      lambda: files.atomic_output_file(str(blocker / 'sub' / 'm.json')),
+      lambda: files.atomic_output_dir(str(blocker / 'd')),
+      lambda: files.atomic_files_into(str(blocker / 'd')),
+  ):
     with pytest.raises(UserError, match=f'^{blocker}: is not a directory'):
       with make():
         pass
@@ -253,19 +263,33 @@ def test_outputs_get_the_umask_modes_not_the_temp_files_0600(tmp_path):
   assert os.stat(tmp_path / 'd').st_mode & 0o777 == 0o755
 
 
-@pytest.mark.parametrize('override,message', [
-    ('--config.train.num_step=3', "error: --config.train.num_step: unknown config field "
-     "'num_step' (did you mean 'num_steps'?) (see configs/default.py)"),
-    ('--config.trian.num_steps=3', "error: --config.trian.num_steps: unknown config field "
-     "'trian' (did you mean 'train'?) (see configs/default.py)"),
-    ('--config.model.nope=1', "error: --config.model.nope: unknown config field 'nope' "
-     '(see configs/default.py)')])
+@pytest.mark.parametrize(
+    'override,message',
+    [
+        (
+            '--config.train.num_step=3',
+            'error: --config.train.num_step: unknown config field '
+            "'num_step' (did you mean 'num_steps'?) (see configs/default.py)",
+        ),
+        (
+            '--config.trian.num_steps=3',
+            'error: --config.trian.num_steps: unknown config field '
+            "'trian' (did you mean 'train'?) (see configs/default.py)",
+        ),
+        (
+            '--config.model.nope=1',
+            "error: --config.model.nope: unknown config field 'nope' " '(see configs/default.py)',
+        ),
+    ],
+)
 def test_parse_flags_names_the_override_and_the_close_match(override, message):
-  code = ('import functools, sys\nfrom absl import app\n'
-          'from ml_collections import config_flags\n'
-          "c = config_flags.DEFINE_config_file('config', None, 'x', lock_config=True)\n"
-          'app.run(lambda argv: None, flags_parser=functools.partial(cli.parse_flags, '
-          'config_flag=c))\n')
+  code = (
+      'import functools, sys\nfrom absl import app\n'
+      'from ml_collections import config_flags\n'
+      "c = config_flags.DEFINE_config_file('config', None, 'x', lock_config=True)\n"
+      'app.run(lambda argv: None, flags_parser=functools.partial(cli.parse_flags, '
+      'config_flag=c))\n'
+  )
   proc = _run_cli(code, '--config=configs/tiny.py', override)
   assert proc.returncode == 2 and proc.stderr == message + '\n', proc.stderr
 
