@@ -1,46 +1,18 @@
 """SLN on D2SA for the released PyTorch weights (D2SA.pth), evaluated as the release.
 
-``configs/d2sa.py`` plus the release's preprocessing and post-processing,
-which converted weights need to behave as trained (docs/release_compatibility.md):
-
-  input.resize_mode = 'squash'
-      every image squashed to the 1024x1024 canvas, as the release's
-      ``scipy.misc.imresize`` (the default keeps the aspect ratio and pads).
-  model.glm.legacy_pixel_boxes = True
-      detection boxes passed to the GLM crop in pixel units at inference, so
-      the GLM features are almost all zero at test time, as in the release.
-  model.detection.round_boxes = True
-      detection boxes rounded to whole canvas pixels before the mask head.
-  model.rpn.legacy_nms_plus_one = True
-      proposal NMS on canvas-pixel boxes with one pixel added to every width
-      and height (py-faster-rcnn's ``x2 - x1 + 1``).
-  eval.mask_paste = 'release'
-      the release's mask paste: probabilities byte-scaled by their own minimum
-      and maximum, resized by PIL, cut at 128; boxes truncated when scaled back.
-  eval.protocol = 'amodalapi'
-      the release's evaluator, which skips images without detections.
-
-The converted checkpoint stays a flag (``--config.init_from=DIR``):
+``configs/d2sa.py`` plus the release's preprocessing and post-processing
+(``configs/release.py`` lists the six fields). The converted checkpoint stays a
+flag (``--config.init_from=DIR``):
 
   python scripts/convert_checkpoint.py --pth D2SA.pth --config=configs/d2sa.py --output ckpt/d2sa
   python main.py --config=configs/d2sa_release.py --workdir=runs/d2sa_release \
       --mode=evaluate --config.init_from=ckpt/d2sa
-
-The release's training quirks (``input.box_jitter``, ``train.legacy_sticky_freeze``)
-are not set here.
 """
 
 import ml_collections
 
-from configs import d2sa
+from configs import d2sa, release
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = d2sa.get_config()
-  c.input.resize_mode = 'squash'
-  c.model.glm.legacy_pixel_boxes = True
-  c.model.detection.round_boxes = True
-  c.model.rpn.legacy_nms_plus_one = True
-  c.eval.mask_paste = 'release'
-  c.eval.protocol = 'amodalapi'
-  return c
+  return release.apply(d2sa.get_config())
