@@ -8,7 +8,7 @@ once the results exist: ``results_check.check_results`` (``scripts/evaluate.py``
 decodes every RLE string to check it covers its image; ``--mode=evaluate``
 skips that for its own results), ``metrics_lib.evaluate`` (the 24 tables: 4
 occlusion subsets x 3 thing/stuff parts, amodal and visible) and
-``metrics_lib.depth_order_accuracy``. No model and no accelerator: the ground
+``occlusion.depth_order_accuracy``. No model and no accelerator: the ground
 truth is random rectangles (2-10 per image, occlusion rate and thing/stuff
 random) and the results are every object, moved a few pixels (amodal and
 visible mask), plus false positives up to ``--detections`` per image.
@@ -27,7 +27,7 @@ import numpy as np
 from input_pipeline import records
 from sln_jax import cli, errors
 from sln_jax.evaluation import metrics as metrics_lib
-from sln_jax.evaluation import results_check
+from sln_jax.evaluation import occlusion, results_check
 
 
 def _rect(h: int, w: int, y1: int, x1: int, y2: int, x2: int) -> np.ndarray:
@@ -122,7 +122,7 @@ def _main(argv=None) -> int:
   metrics_lib.evaluate(gt, checked, protocol=args.protocol)
   times['evaluate'] = time.perf_counter() - start
   start = time.perf_counter()
-  metrics_lib.depth_order_accuracy(gt, checked)
+  occlusion.depth_order_accuracy(gt, checked)
   times['depth_order'] = time.perf_counter() - start
   row = {
       'images': args.images,

@@ -16,7 +16,7 @@ import os
 from input_pipeline import readers
 from sln_jax import cli, errors, files
 from sln_jax.evaluation import metrics as metrics_lib
-from sln_jax.evaluation import results_check
+from sln_jax.evaluation import occlusion, results_check
 
 
 def main(argv=None) -> int:
@@ -39,9 +39,9 @@ def main(argv=None) -> int:
   with files.atomic_output_file(args.output) as f:
     json.dump(metrics, f, indent=1)
   print(metrics_lib.format_table(metrics), end='')
-  if results and all('depth_layer' in r for r in results):
-    depth = metrics_lib.depth_order_accuracy(gt, checked)
-    print(metrics_lib.format_depth_order(depth))
+  text = occlusion.format_occlusion(occlusion.occlusion_metrics(gt, checked)) if results else ''
+  if text:
+    print(text)
   print(f'wrote {args.output}')
   return 0
 

@@ -26,7 +26,7 @@ from input_pipeline import readers, records
 from sln_jax.cli import run_cli
 from sln_jax.errors import UserError
 from sln_jax.evaluation import metrics as metrics_lib
-from sln_jax.evaluation import results_check
+from sln_jax.evaluation import occlusion, results_check
 
 H, W = 24, 32
 ONE = pytest.approx(1.0)  # COCOeval's precision is tp / (tp + fp + eps)
@@ -388,14 +388,14 @@ def test_depth_order_accuracy():
       det(1, back, 0.8, depth_layer=1),
       det(1, far, 0.7, depth_layer=0),
   ]
-  r = metrics_lib.depth_order_accuracy(gt, right)
+  r = occlusion.depth_order_accuracy(gt, right)
   assert r == {'accuracy': 1.0, 'correct': 1, 'wrong': 0, 'undecided': 0, 'pairs': 1}
-  assert metrics_lib.format_depth_order(r) == (
+  assert occlusion.format_depth_order(r) == (
       'depth order: 1/1 pairs of matched, overlapping objects '
       'ordered right, 0 wrong, 0 undecided (accuracy 1.000)'
   )
   wrong = [dict(d, depth_layer=1 - d['depth_layer']) for d in right]
-  assert metrics_lib.depth_order_accuracy(gt, wrong) == {
+  assert occlusion.depth_order_accuracy(gt, wrong) == {
       'accuracy': 0.0,
       'correct': 0,
       'wrong': 1,
@@ -403,7 +403,7 @@ def test_depth_order_accuracy():
       'pairs': 1,
   }
   tie = [dict(d, depth_layer=0) for d in right]
-  assert metrics_lib.depth_order_accuracy(gt, tie) == {
+  assert occlusion.depth_order_accuracy(gt, tie) == {
       'accuracy': 0.0,
       'correct': 0,
       'wrong': 0,
@@ -412,15 +412,15 @@ def test_depth_order_accuracy():
   }
   # Below the score threshold: no matched pair.
   low = [dict(d, score=0.3) for d in right]
-  assert metrics_lib.depth_order_accuracy(gt, low)['pairs'] == 0
-  assert metrics_lib.depth_order_accuracy(gt, low)['accuracy'] == -1
-  assert metrics_lib.format_depth_order(metrics_lib.depth_order_accuracy(gt, low)) == (
+  assert occlusion.depth_order_accuracy(gt, low)['pairs'] == 0
+  assert occlusion.depth_order_accuracy(gt, low)['accuracy'] == -1
+  assert occlusion.format_depth_order(occlusion.depth_order_accuracy(gt, low)) == (
       'depth order: no matched pair of overlapping objects to score'
   )
   # A per-pair order (results order of the image) overrides depth_layer.
   pw = np.array([[0, 1, 0], [-1, 0, 0], [0, 0, 0]])
-  assert metrics_lib.depth_order_accuracy(gt, wrong, pairwise={1: pw})['accuracy'] == ONE
-  assert metrics_lib.depth_order_accuracy(gt, right, pairwise={1: -pw})['accuracy'] == 0.0
+  assert occlusion.depth_order_accuracy(gt, wrong, pairwise={1: pw})['accuracy'] == ONE
+  assert occlusion.depth_order_accuracy(gt, right, pairwise={1: -pw})['accuracy'] == 0.0
 
 
 def test_depth_order_thresholds_are_inclusive():
@@ -429,9 +429,9 @@ def test_depth_order_thresholds_are_inclusive():
   gt = [image(1, [inst(front, rank=0), inst(back, visible=back & ~front, rank=1)])]
   half = rect(2, 2, 12, 8)  # IoU 60/120 = 0.5 with front, 0 with back
   results = [det(1, half, 0.5, depth_layer=0), det(1, back, 0.9, depth_layer=1)]
-  assert metrics_lib.depth_order_accuracy(gt, results)['correct'] == 1
-  assert metrics_lib.depth_order_accuracy(gt, results, score_threshold=0.51)['pairs'] == 0
-  assert metrics_lib.depth_order_accuracy(gt, results, iou_threshold=0.51)['pairs'] == 0
+  assert occlusion.depth_order_accuracy(gt, results)['correct'] == 1
+  assert occlusion.depth_order_accuracy(gt, results, score_threshold=0.51)['pairs'] == 0
+  assert occlusion.depth_order_accuracy(gt, results, iou_threshold=0.51)['pairs'] == 0
 
 
 def test_depth_order_matching_is_greedy_by_score_and_best_iou():
@@ -439,11 +439,11 @@ def test_depth_order_matching_is_greedy_by_score_and_best_iou():
   gt = [image(1, [inst(left, rank=0), inst(right, visible=right & ~left, rank=1)])]
   # Each detection takes the GT it overlaps best, not any one >= 0.5.
   results = [det(1, left, 0.9, depth_layer=0), det(1, right, 0.8, depth_layer=1)]
-  assert metrics_lib.depth_order_accuracy(gt, results)['correct'] == 1
+  assert occlusion.depth_order_accuracy(gt, results)['correct'] == 1
   # The higher-scored of two detections of `right` takes it, whatever the
   # results order.
   results.insert(0, det(1, right, 0.6, depth_layer=0))
-  assert metrics_lib.depth_order_accuracy(gt, results) == {
+  assert occlusion.depth_order_accuracy(gt, results) == {
       'accuracy': 1.0,
       'correct': 1,
       'wrong': 0,
@@ -452,7 +452,7 @@ def test_depth_order_matching_is_greedy_by_score_and_best_iou():
   }
   # Overlapping GT of equal depth rank is not a pair.
   tied = [image(1, [inst(left, rank=0), inst(right, rank=0)])]
-  assert metrics_lib.depth_order_accuracy(tied, results)['pairs'] == 0
+  assert occlusion.depth_order_accuracy(tied, results)['pairs'] == 0
 
 
 def test_depth_order_pairwise_indexes_each_images_own_detections():
@@ -464,8 +464,8 @@ def test_depth_order_pairwise_indexes_each_images_own_detections():
   results = [det(1, A, 0.9), det(2, back, 0.8), det(2, front, 0.9)]
   # Image 2's detections in results order: [back, front].
   pw = {1: np.zeros((1, 1)), 2: np.array([[0, -1], [1, 0]])}
-  assert metrics_lib.depth_order_accuracy(gt, results, pairwise=pw)['correct'] == 1
-  assert metrics_lib.depth_order_accuracy(gt, results, pairwise={1: pw[1], 2: -pw[2]})['wrong'] == 1
+  assert occlusion.depth_order_accuracy(gt, results, pairwise=pw)['correct'] == 1
+  assert occlusion.depth_order_accuracy(gt, results, pairwise={1: pw[1], 2: -pw[2]})['wrong'] == 1
 
 
 # --------------------------------------------------------------- errors, table
@@ -581,9 +581,7 @@ def test_checked_results_are_scored_without_a_second_check():
   gt, results = _random_case(np.random.default_rng(4))
   checked = results_check.check_results(results, gt)
   assert metrics_lib.evaluate(gt, checked) == metrics_lib.evaluate(gt, results)
-  assert metrics_lib.depth_order_accuracy(gt, checked) == metrics_lib.depth_order_accuracy(
-      gt, results
-  )
+  assert occlusion.depth_order_accuracy(gt, checked) == occlusion.depth_order_accuracy(gt, results)
   assert results_check.check_results(checked, gt) is not None
   # Against other images: only those that hold every detection's image.
   with pytest.raises(UserError) as err:
@@ -882,3 +880,75 @@ def test_cli_counts_detections_on_images_without_objects(tmp_path):
   proc = _run_cli(*base, '--protocol', 'amodalapi')
   assert proc.returncode == 0, proc.stderr
   assert json.loads(out.read_text())['amodal']['all']['both']['AP'] == ONE
+
+
+# --------------------------------------------------------------- occlusion
+def _layered_scene():
+  """A front object over the left half of a back one, and a third apart."""
+  front, back, far = rect(2, 2, 12, 14), rect(6, 8, 18, 24), rect(19, 0, 24, 6)
+  gt = [
+      image(1, [inst(front, rank=0), inst(back, visible=back & ~front, rank=1), inst(far, rank=2)])
+  ]
+  return gt, front, back, far
+
+
+def test_pairwise_votes_count_visible_over_hidden_pixels():
+  gt, front, back, far = _layered_scene()
+  hidden = back & front  # 36 pixels of back under front
+  results = [
+      det(1, back, 0.8, visible_mask=records.encode_mask(back & ~front)),
+      det(1, front, 0.9, visible_mask=records.encode_mask(front)),
+      det(1, far, 0.7, visible_mask=records.encode_mask(far)),
+  ]
+  checked = results_check.check_results(results, gt)
+  votes = occlusion.pairwise_votes(checked)[1]
+  n = int(hidden.sum())
+  np.testing.assert_array_equal(votes, [[0, -n, 0], [n, 0, 0], [0, 0, 0]])
+  # Both visible where they overlap: no vote either way.
+  both = [dict(r, visible_mask=r['segmentation']) for r in results]
+  np.testing.assert_array_equal(
+      occlusion.pairwise_votes(results_check.check_results(both, gt))[1], np.zeros((3, 3))
+  )
+
+
+def test_occlusion_metrics_score_layers_votes_and_occluded_parts():
+  gt, front, back, far = _layered_scene()
+  hidden = back & front
+  # back's predicted visible mask takes 8 of its 36 hidden pixels: its
+  # occluded part is 28 of the true 36 pixels (IoU 7/9).
+  miss = rect(6, 8, 8, 12) & hidden
+  results = [
+      det(1, front, 0.9, visible_mask=records.encode_mask(front), depth_layer=1),
+      det(1, back, 0.8, visible_mask=records.encode_mask((back & ~front) | miss), depth_layer=0),
+      det(1, far, 0.7, visible_mask=records.encode_mask(far), depth_layer=0),
+  ]
+  report = occlusion.occlusion_metrics(gt, results)
+  assert report['depth_order']['wrong'] == 1  # the layers say back is in front
+  assert report['depth_order_votes'] == {
+      'accuracy': 1.0,
+      'correct': 1,
+      'wrong': 0,
+      'undecided': 0,
+      'pairs': 1,
+  }
+  masks = report['masks']
+  assert masks['matched'] == 3 and masks['amodal_miou'] == 1.0
+  assert masks['occluded'] == 1  # only back hides >= 20 pixels
+  assert (
+      masks['occluded_miou'] == pytest.approx((hidden & ~miss).sum() / hidden.sum())
+      and miss.sum() == 8
+  )
+  visible_back = ((back & ~front) & ((back & ~front) | miss)).sum() / ((back & ~front) | miss).sum()
+  assert masks['visible_miou'] == pytest.approx((1 + visible_back + 1) / 3)
+  lines = occlusion.format_occlusion(report).splitlines()
+  assert lines[1].startswith('depth order (pixel votes): 1/1 pairs')
+  assert 'occluded-part mIoU 0.778 (1 objects hiding >= 20 pixels)' in lines[2]
+
+
+def test_mask_quality_without_visible_masks_or_matches_is_minus_one():
+  gt, front, back, far = _layered_scene()
+  amodal_only = [det(1, front, 0.9), det(1, back, 0.8)]
+  masks = occlusion.mask_quality(gt, amodal_only)
+  assert masks['matched'] == 2 and masks['amodal_miou'] == 1.0
+  assert masks['visible_miou'] == -1 and masks['occluded_miou'] == -1 and masks['occluded'] == 0
+  assert occlusion.mask_quality(gt, [det(1, far, 0.2)])['amodal_miou'] == -1

@@ -17,7 +17,7 @@ from scipy import ndimage
 
 from input_pipeline import readers, synthetic
 from sln_jax import semdist
-from sln_jax.evaluation import metrics, results
+from sln_jax.evaluation import occlusion, results
 
 
 @pytest.fixture(scope='module')
@@ -87,7 +87,7 @@ def test_ground_truth_layers_give_exact_depth_order_and_occluded_parts(
       truth = _decode(ann.instances[n].occluded_rle) & amodal[n]
       if truth.sum() >= 20:
         ious.append(((a & ~v) & truth).sum() / ((a & ~v) | truth).sum())
-  depth = metrics.depth_order_accuracy(scenes, all_results)
+  depth = occlusion.depth_order_accuracy(scenes, all_results)
   assert depth['pairs'] >= 100  # the scenes overlap enough to test the order
   assert depth['accuracy'] == 1.0 and depth['undecided'] == 0, depth
   assert len(ious) >= 50 and np.mean(ious) >= min_iou, (len(ious), np.mean(ious))

@@ -14,7 +14,7 @@ import torch
 from input_pipeline import records
 from sln_jax import semdist
 from sln_jax.evaluation import metrics as metrics_lib
-from sln_jax.evaluation import render
+from sln_jax.evaluation import occlusion, render
 from sln_jax.evaluation import results as results_lib
 from tests import semdist_decode
 from tests.test_semdist import scenes
@@ -336,7 +336,7 @@ def test_detections_to_results_round_trip_scores_perfectly():
   m = metrics_lib.evaluate([gt], results)
   assert m['amodal']['all']['both']['AP'] == pytest.approx(1.0)
   assert m['visible']['all']['both']['AP'] == pytest.approx(1.0)
-  assert metrics_lib.depth_order_accuracy([gt], results)['accuracy'] == 1.0
+  assert occlusion.depth_order_accuracy([gt], results)['accuracy'] == 1.0
   # Score threshold.
   kept = results_lib.detections_to_results(7, dets, (2.0, 2.0), (24, 32), score_threshold=0.8)
   assert len(kept) == 1 and kept[0]['depth_layer'] == 0

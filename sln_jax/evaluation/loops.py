@@ -26,7 +26,7 @@ from tqdm import tqdm
 from sln_jax import host_workers
 from sln_jax.errors import UserError
 from sln_jax.evaluation import metrics as metrics_lib
-from sln_jax.evaluation import render, results_check
+from sln_jax.evaluation import occlusion, render, results_check
 from sln_jax.evaluation import results as results_lib
 from sln_jax.files import atomic_output_file, make_dirs
 from sln_jax.parallel import AXIS, Batch, PyTree, replicate, shard
@@ -125,8 +125,9 @@ def evaluate(
 
   Writes ``workdir/results.json`` (COCO results, original pixels) and
   ``workdir/metrics.json`` (the schema of ``metrics.evaluate``; plus
-  ``per_class_ap.json`` when not category-agnostic, and ``depth_order.json``:
-  ``metrics.depth_order_accuracy``), prints the table and returns the
+  ``per_class_ap.json`` when not category-agnostic, ``depth_order.json``:
+  ``occlusion.depth_order_accuracy``, and ``occlusion.json``:
+  ``occlusion.occlusion_metrics``), prints the tables and returns the
   metrics.
   """
   gt_by_id = {int(a.image_id): a for a in annotations}
@@ -194,9 +195,11 @@ def evaluate(
       json.dump(results, f)
     with atomic_output_file(os.path.join(workdir, 'metrics.json')) as f:
       json.dump(metrics, f, indent=1)
-    depth = metrics_lib.depth_order_accuracy(gt, checked)
+    occluded = occlusion.occlusion_metrics(gt, checked)
     with atomic_output_file(os.path.join(workdir, 'depth_order.json')) as f:
-      json.dump(depth, f, indent=1)
+      json.dump(occluded['depth_order'], f, indent=1)
+    with atomic_output_file(os.path.join(workdir, 'occlusion.json')) as f:
+      json.dump(occluded, f, indent=1)
     if not config.dataset.category_agnostic:
       per_class = metrics_lib.per_class_ap(gt, checked, protocol=config.eval.protocol)
       with atomic_output_file(os.path.join(workdir, 'per_class_ap.json')) as f:
@@ -207,7 +210,7 @@ def evaluate(
         f'protocol {config.eval.protocol}):'
     )
     print(metrics_lib.format_table(metrics))
-    print(metrics_lib.format_depth_order(depth), flush=True)
+    print(occlusion.format_occlusion(occluded), flush=True)
     if writer is not None:
       scalars = {
           f'eval/{branch}_{metric}': value

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Callable, Mapping, Sequence
 
 from faster_coco_eval import COCOeval_faster, faster_eval_api_cpp
 import numpy as np
@@ -350,108 +350,6 @@ def per_class_ap(
 
 
 # --------------------------------------------------------------- depth order
-def depth_order_accuracy(
-    gt: Sequence,
-    results: Sequence[dict],
-    *,
-    score_threshold: float = 0.5,
-    iou_threshold: float = 0.5,
-    pairwise: Optional[Mapping[int, np.ndarray]] = None,
-    results_path: str = 'results',
-) -> dict:
-  """Share of correctly ordered pairs of matched, overlapping objects.
-
-  Per image: detections with ``score >= score_threshold`` are matched greedily
-  (highest score first) to the unmatched GT with the highest amodal IoU, if
-  that IoU is ``>= iou_threshold``. Every pair of matched detections whose GT
-  objects' amodal masks intersect and whose GT ``depth_rank`` differ (lower =
-  in front) is scored. The predicted order of detections a, b is, when
-  ``pairwise`` is given, ``pairwise[image_id][a, b]`` (+1: a in front of b,
-  -1 behind, 0 undecided; a, b index that image's detections in results order),
-  otherwise from ``depth_layer`` (lower = in front). Undecided (equal layers,
-  0) counts as wrong.
-
-  Returns ``{'accuracy': float (-1 if no pair), 'correct': int, 'wrong':
-  int, 'undecided': int, 'pairs': int}`` (correct + wrong + undecided =
-  pairs).
-  """
-  dets = check_results(results, gt, results_path)
-  by_image: dict[int, list] = {}
-  for k, d in enumerate(dets):
-    by_image.setdefault(d['image_id'], []).append((k, d))
-  tally = {1: 0, -1: 0, 0: 0}  # right, wrong, undecided
-  for ann in gt:
-    image_id = int(ann.image_id)
-    image_dets = by_image.get(image_id, [])
-    if not ann.instances or not image_dets:
-      continue
-    # Position of each detection among this image's detections (results order).
-    local = {k: i for i, (k, _) in enumerate(image_dets)}
-    kept = [(k, d) for k, d in image_dets if d['score'] >= score_threshold]
-    kept.sort(key=lambda kd: -kd[1]['score'])
-    if not kept:
-      continue
-    g_rles = [
-        as_rle(i.amodal_rle, ann.height, ann.width, 'ground truth', f'image {image_id}.amodal_rle')
-        for i in ann.instances
-    ]
-    ious = np.asarray(
-        mask_utils.iou([d['amodal'] for _, d in kept], g_rles, [0] * len(g_rles))
-    ).reshape(len(kept), -1)
-    det_of_gt: dict[int, int] = {}
-    for row, (k, _) in enumerate(kept):
-      cand = [
-          (ious[row, g], g)
-          for g in range(len(g_rles))
-          if g not in det_of_gt and ious[row, g] >= iou_threshold
-      ]
-      if cand:
-        det_of_gt[max(cand)[1]] = k
-    overlap = (
-        np.asarray(mask_utils.iou(g_rles, g_rles, [0] * len(g_rles))).reshape(len(g_rles), -1) > 0
-    )
-    matched = sorted(det_of_gt)
-    for x, gi in enumerate(matched):
-      for gj in matched[x + 1 :]:
-        ri, rj = ann.instances[gi].depth_rank, ann.instances[gj].depth_rank
-        if not overlap[gi, gj] or ri == rj:
-          continue
-        a, b = det_of_gt[gi], det_of_gt[gj]
-        pred = _predicted_order(dets, a, b, local, image_id, pairwise, results_path)
-        tally[pred * (1 if ri < rj else -1)] += 1
-  pairs = sum(tally.values())
-  return {
-      'accuracy': tally[1] / pairs if pairs else -1.0,
-      'correct': tally[1],
-      'wrong': tally[-1],
-      'undecided': tally[0],
-      'pairs': pairs,
-  }
-
-
-def format_depth_order(depth: Mapping[str, Any]) -> str:
-  """One line for a :func:`depth_order_accuracy` result."""
-  if not depth['pairs']:
-    return 'depth order: no matched pair of overlapping objects to score'
-  return (
-      f"depth order: {depth['correct']}/{depth['pairs']} pairs of matched, "
-      f"overlapping objects ordered right, {depth['wrong']} wrong, "
-      f"{depth['undecided']} undecided (accuracy {depth['accuracy']:.3f})"
-  )
-
-
-def _predicted_order(dets, a, b, local, image_id, pairwise, path) -> int:
-  if pairwise is not None:
-    if image_id not in pairwise:
-      raise UserError(f'no pairwise order for image {image_id}', field='pairwise')
-    return int(np.sign(pairwise[image_id][local[a], local[b]]))
-  for k in (a, b):
-    if 'depth_layer' not in dets[k]:
-      raise UserError('missing (needed for depth order)', path=path, field=f'[{k}].depth_layer')
-  la, lb = dets[a]['depth_layer'], dets[b]['depth_layer']
-  return int(np.sign(lb - la))
-
-
 # --------------------------------------------------------------- table
 def format_table(metrics: Mapping[str, Mapping]) -> str:
   """A readable fixed-width table of an ``evaluate`` result (values in %)."""

@@ -220,7 +220,7 @@ def check_results(
   ``amodal`` (RLE), ``visible`` (RLE or None) and the original ``depth_layer``
   when present. Raises ``UserError`` naming ``path`` and the offending field.
   ``metrics.evaluate``, ``metrics.per_class_ap`` and
-  ``metrics.depth_order_accuracy`` take either; results already checked
+  ``occlusion.depth_order_accuracy`` take either; results already checked
   against the same images are not checked again (pass the checked list to
   score one result set several ways). ``check_counts=False`` skips decoding
   the compressed RLE strings to check that their runs cover the image (the
