@@ -89,7 +89,7 @@ def _main(argv) -> int:
   scale = canvas / max(h, w)  # the inference preprocessing's resize
   rng = np.random.default_rng(FLAGS.seed)
   images = [random_detections(rng, num, canvas, mask_size, layers) for _ in range(FLAGS.images + 1)]
-  # The evaluator's call (sln_jax.inference.evaluate).
+  # The evaluator's call (sln_jax.evaluation.loops.evaluate).
   kwargs = dict(mask_threshold=config.eval.mask_threshold, mask_paste=config.eval.mask_paste)
   with host_workers.OrderedWorkers(FLAGS.workers) as workers:
     for _ in range(max(1, FLAGS.workers)):  # warm-up (and start) every worker

@@ -7,7 +7,7 @@ dtype, batch, image, compile s, ms/step, images/s, GFLOP per image, MFU,
 memory (the allocator's peak where reported, else XLA's buffer
 assignment), the peer's images/s and peak, and the ratio of images/s. A
 run that failed or was skipped keeps its row, with the reason in place of
-the numbers. Needs only the standard library and sln_jax.cliutil (runs on
+the numbers. Needs only the standard library and sln_jax.cli (runs on
 the device machine).
 """
 

@@ -4,7 +4,7 @@
       --results DT.json --output M.json [--protocol coco|amodalapi]
 
 Writes M.json atomically as {"amodal": {SUBSET: {PART: {METRIC: value}}},
-"visible": {...}} (see sln_jax/evaluate.py) and prints a table. Bad input
+"visible": {...}} (see sln_jax/evaluation/metrics.py) and prints a table. Bad input
 ends with one line naming the file and the field, exit code 2.
 """
 

@@ -8,7 +8,7 @@ beside the predictions of --results (COCO-style results JSON, as main.py's
 predict/evaluate modes and scripts/evaluate.py use). Each instance in its
 own colour: visible part filled, occluded part (amodal minus visible)
 striped, box outline, its depth layer (0 = front; ground truth: depth rank)
-at the box corner, drawn back to front (``sln_jax.predict.render_prediction``).
+at the box corner, drawn back to front (``sln_jax.evaluation.render.render_prediction``).
 
 Every input is checked before the first picture is written (annotations,
 results, that each image file exists with the annotated size); a problem ends

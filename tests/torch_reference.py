@@ -2,7 +2,7 @@
 
 Reproduces the layer layout and the exact ``state_dict`` key names of the
 release (apchenstu/SLN-Amodal: a Matterport-style Mask R-CNN whose mask head
-also reads a DeepLab v2 "GLM", see SLN_REFERENCE.md sections 4 and 6), written
+also reads a DeepLab v2 "GLM", the release's model.py and deeplabv2.py), written
 from the published facts, with width/depth knobs so tests can build tiny
 versions. Tensors are NCHW. Everything runs in inference mode.
 

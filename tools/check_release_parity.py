@@ -16,7 +16,7 @@ compared tensor's relative error.
 
 Evaluator (``--annotations`` and ``--results``, a COCOA file and COCO
 results as ``main.py`` writes them): the release's amodal evaluator and
-``sln_jax.evaluate`` with ``--config.eval.protocol=amodalapi`` score the same
+``sln_jax.evaluation.metrics`` with ``--config.eval.protocol=amodalapi`` score the same
 results; prints the largest absolute difference over the 72 numbers of each
 branch (amodal; visible when the results carry ``visible_mask``).
 
@@ -83,7 +83,7 @@ def _input(config, size: int, seed: int) -> np.ndarray:
 
 
 def check_evaluator() -> int:
-  """--annotations/--results: the release's evaluator vs sln_jax.evaluate."""
+  """--annotations/--results: the release's evaluator vs sln_jax.evaluation.metrics."""
 
   amodal_eval = release_parity.load_release_evaluator(FLAGS.release_dir)
   gt = readers.load_annotations('cocoa', FLAGS.annotations)  # bad file: a UserError

@@ -5,7 +5,7 @@ apchenstu/SLN-Amodal (nothing is copied from it) and builds its network as
 its ``amodal_test.py`` does: ``modal.modals`` ResNet-101 FPN, RPN, box head
 and mask head (conv1 reading GLM + FPN channels, conv5 writing 1 + L
 layers), ``modal.deeplabv2`` multi-scale GLM. ``compare`` converts a
-release state_dict with ``checkpoint_port`` and measures, per tensor, max
+release state_dict with ``sln_jax.checkpoints.torch_port`` and measures, per tensor, max
 |ours - release| / max |release| on one input: c1..c5, p2..p6, RPN logits
 and deltas, GLM logits, and the two heads on the same pooled ROI features
 (the release pools with a compiled PyTorch 0.4 extension that current
@@ -15,7 +15,7 @@ against TensorFlow's ``crop_and_resize``). Tensors are NCHW as in PyTorch.
 ``release_evaluation`` runs the release's own amodal evaluator
 (``evaluate/amodalevalCOCOA.py``, as its ``print_result`` does: every
 occlusion subset and thing/stuff part) on a COCOA annotation file and a
-results list, for comparison with ``sln_jax.evaluate`` (``amodalapi``).
+results list, for comparison with ``sln_jax.evaluation.metrics`` (``amodalapi``).
 
 CLI: ``scripts/check_release_parity.py``. torch is imported lazily.
 """
@@ -359,7 +359,7 @@ def release_evaluation(
       ``visible_mask`` (or its amodal mask when unoccluded).
 
   Returns ``{subset: {part: {AP, AP50, AP75, AR1, AR10, AR100}}}`` in the
-  layout of ``sln_jax.evaluate.evaluate``'s branches.
+  layout of ``sln_jax.evaluation.metrics.evaluate``'s branches.
   """
   from pycocotools.coco import COCO  # pylint: disable=g-import-not-at-top
 
