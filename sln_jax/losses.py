@@ -55,7 +55,11 @@ def sigmoid_bce(logits: jnp.ndarray, targets: jnp.ndarray, pos_weight=1.0) -> jn
   ``-(w t log s + (1 - t) log(1 - s))``, s = sigmoid(logits).
   """
   x, t = _f32(logits), _f32(targets)
-  bce = jnp.maximum(x, 0.0) - x * t + jnp.log1p(jnp.exp(-jnp.abs(x)))
+  # softplus(x) = max(x, 0) + log1p(exp(-|x|)), with the derivative sigmoid(x)
+  # everywhere; differentiating that max/abs form directly gives -t instead
+  # of 1/2 - t at x = 0 exactly (a zero logit, e.g. a bias on a zero input,
+  # would never be pushed down).
+  bce = jax.nn.softplus(x) - x * t
   if isinstance(pos_weight, (int, float)) and pos_weight == 1.0:
     return bce
   # The weighted form is bce - (w - 1) t log s, and -log s = softplus(-x).

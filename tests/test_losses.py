@@ -232,3 +232,36 @@ def test_total_loss_weights():
   assert float(got) == pytest.approx(1 + 1 + 3 + 8 + 5 + 0)
   with pytest.raises(KeyError):
     losses.total_loss({'rpn_class': 1.0}, weights)
+
+
+def test_layer_and_amodal_losses_push_each_channel_where_the_layers_say():
+  """Stage b of the occlusion diagnosis: the push (minus the gradient) of the
+  layer + amodal losses on each channel of a background, a visible and a
+  hidden pixel, from zero logits. Each layer channel is raised most where it
+  is the truth and both are lowered outside the object; the amodal term
+  (sigmoid of the channel sum) raises every channel inside the object
+  alike, so at the start the other layer's channel rises too, by half as
+  much as the layer term holds it back. occluded_pos_weight adds to the
+  occluded channel's push on hidden pixels and nowhere else."""
+  # One ROI of 1 x 3 pixels: background, visible, hidden; channels
+  # (visible layer, occluded layer).
+  targets = jnp.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]).reshape(1, 1, 1, 3, 2)
+  positive = jnp.ones((1, 1), bool)
+
+  def push(weight):
+    def loss(logits):
+      return losses.layer_loss(
+          logits, targets, positive, occluded_pos_weight=weight
+      ) + losses.amodal_loss(logits, targets, positive)
+
+    return -np.asarray(jax.grad(loss)(jnp.zeros_like(targets))).reshape(3, 2)
+
+  # Layer term: (t - 1/2) / 6 per element (6 elements); amodal term:
+  # (T - 1/2) / 3 per pixel to both channels (T: the pixel is in the object).
+  up = push(1.0)
+  np.testing.assert_allclose(up, [[-0.25, -0.25], [0.25, 1 / 12], [1 / 12, 0.25]], rtol=1e-6)
+  weighted = push(10.0)
+  # pos_weight w adds (w - 1) * sigmoid(-x) / 6 on the hidden pixel's occluded channel.
+  np.testing.assert_allclose(weighted[2, 1] - up[2, 1], 9 * 0.5 / 6, rtol=1e-6)
+  changed = np.abs(weighted - up) > 1e-7
+  assert changed.sum() == 1 and changed[2, 1]
