@@ -106,6 +106,15 @@ def get_config() -> ml_collections.ConfigDict:
   g.bn_eps = 1e-5
   g.legacy_pixel_boxes = False  # release QUIRK at inference: pixel-unit boxes into the GLM crop
 
+  # Learnt global layering map (not in the release): a head on P2 classifies
+  # how many objects cover each cell (0 .. num_classes - 2, the last class
+  # = that many or more), trained by loss.layering_map, and its softmax is
+  # cropped per ROI into the mask head's input (models/sln.py).
+  m.layering_map = lm = ml_collections.ConfigDict()
+  lm.enabled = False
+  lm.num_classes = 4
+  lm.channels = 64
+
   m.detection = t = ml_collections.ConfigDict()
   t.max_detections = 100
   t.min_confidence = 0.0
@@ -120,6 +129,7 @@ def get_config() -> ml_collections.ConfigDict:
   l.head_bbox = 1.0
   l.layer = 1.0
   l.amodal = 1.0
+  l.layering_map = 1.0  # used only with model.layering_map.enabled
   # Not a term: pos_weight of the occluded layers' (mask channels 2..L)
   # target pixels in the layer loss (losses.layer_loss). 1 = release.
   l.occluded_pos_weight = 1.0

@@ -133,6 +133,10 @@ def check_model(m: ml_collections.ConfigDict) -> None:
     _positive_numbers(g.scales, 'model.glm.scales')
     _int_at_least(g.image_size, 1, 'model.glm.image_size')
     _int_at_least(g.num_classes, 1, 'model.glm.num_classes')
+  lm = m.get('layering_map')
+  if lm is not None and lm.enabled:
+    _int_at_least(lm.num_classes, 2, 'model.layering_map.num_classes')
+    _int_at_least(lm.channels, 1, 'model.layering_map.channels')
   t = m.detection
   _int_at_least(t.max_detections, 1, 'model.detection.max_detections')
   _in_range(t.min_confidence, 0.0, 1.0, 'model.detection.min_confidence')

@@ -1,4 +1,5 @@
-"""The release's six training losses, masked over padding.
+"""The release's six training losses, masked over padding, and the loss of
+the learnt layering map (``layering_map``, 0 when the model has none).
 
 Every term is a float32 scalar (inputs may be bfloat16): the mean over the
 batch of per-image means over that image's selected elements, where an
@@ -17,7 +18,15 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
-TERMS = ('rpn_class', 'rpn_bbox', 'head_class', 'head_bbox', 'layer', 'amodal')
+TERMS = (
+    'rpn_class',
+    'rpn_bbox',
+    'head_class',
+    'head_bbox',
+    'layer',
+    'amodal',
+    'layering_map',
+)
 
 
 def _f32(x):
@@ -161,8 +170,19 @@ def amodal_loss(
   return _masked_mean(sigmoid_bce(logits, targets), positive[:, :, None, None])
 
 
+def layering_map_loss(logits: jnp.ndarray, targets: jnp.ndarray) -> jnp.ndarray:
+  """Softmax CE of the learnt layering map, mean over every cell.
+
+  Args:
+    logits: (B, G, G, C).
+    targets: (B, G, G) int in [0, C - 1] (``ops.targets.layering_map_targets``).
+  """
+  ce = _cross_entropy(logits, targets)
+  return _masked_mean(ce, jnp.ones(ce.shape, bool))
+
+
 def total_loss(terms: Mapping[str, jnp.ndarray], weights: Mapping[str, float]) -> jnp.ndarray:
-  """Weighted sum of the six terms.
+  """Weighted sum of the terms.
 
   Args:
     terms: scalars keyed by :data:`TERMS` (the field names of

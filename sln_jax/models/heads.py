@@ -2,7 +2,8 @@
 
 Module paths: box head ``conv1``, ``bn1``, ``conv2``, ``bn2``,
 ``linear_class``, ``linear_bbox`` [classifier.*]; mask head ``conv{1..4}``,
-``bn{1..4}``, ``deconv``, ``conv5`` [mask.*].
+``bn{1..4}``, ``deconv``, ``conv5`` [mask.*]; layering-map head (no release
+counterpart) ``conv1``, ``bn1``, ``conv2``, ``bn2``, ``classes``.
 """
 
 from __future__ import annotations
@@ -97,11 +98,13 @@ class BoxHead(nn.Module):
 class MaskHead(nn.Module):
   """Layered mask head.
 
-  Input: fpn (R, P, P, 256) ROI features and optionally glm (R, P, P, 183)
-  GLM crops of the same ROIs. The input is concat([glm, fpn], -1): GLM
-  channels FIRST, as in the release (torch.cat((cls_feature, x))), so a
-  converted conv1 kernel maps channel for channel. Without the GLM
-  (model.glm.enabled False) the input is the FPN features alone.
+  Input: fpn (R, P, P, 256) ROI features, optionally glm (R, P, P, 183)
+  GLM crops and layering (R, P, P, C) crops of the learnt layering map
+  (:class:`LayeringMapHead`) of the same ROIs. The input is
+  concat([glm, fpn, layering], -1): GLM channels FIRST, as in the release
+  (torch.cat((cls_feature, x))), so a converted conv1 kernel maps channel for
+  channel. Without the GLM (model.glm.enabled False) and the layering map
+  the input is the FPN features alone.
   4 x (conv 3x3 SAME + BN (frozen unless model.train_bn) + ReLU) ->
   ConvTranspose 2x2/2 + ReLU -> conv 1x1 to 1 + num_layers channels;
   channel 0 is unused (release).
@@ -117,12 +120,18 @@ class MaskHead(nn.Module):
 
   @nn.compact
   def __call__(
-      self, fpn: jax.Array, glm: Optional[jax.Array] = None, mask: Optional[jax.Array] = None
+      self,
+      fpn: jax.Array,
+      glm: Optional[jax.Array] = None,
+      mask: Optional[jax.Array] = None,
+      layering: Optional[jax.Array] = None,
   ) -> jax.Array:
     """``mask`` (R,) bool: the ROIs that count in batch-mode BN statistics."""
     x = fpn.astype(self.dtype)
     if glm is not None:
       x = jnp.concatenate([glm.astype(self.dtype), x], axis=-1)
+    if layering is not None:
+      x = jnp.concatenate([x, layering.astype(self.dtype)], axis=-1)
     bn_mask = None if mask is None else mask[:, None, None]
     for k in range(1, 5):
       x = conv(self.channels, 3, padding=((1, 1), (1, 1)), dtype=self.dtype, name=f'conv{k}')(x)
@@ -131,3 +140,33 @@ class MaskHead(nn.Module):
     x = nn.relu(x)
     x = conv(1 + self.num_layers, 1, dtype=self.dtype, name='conv5')(x)
     return x[..., 1:].astype(jnp.float32)
+
+
+class LayeringMapHead(nn.Module):
+  """Learnt global layering map: per P2 cell, how many objects cover it.
+
+  SLN's GLM gives the mask head image-level context (COCO-Stuff semantics);
+  this head gives it the context the layering needs, learnt from the
+  ground truth (``ops.targets.layering_map_targets``): a C-way
+  classification of the number of amodal masks over each cell (0 .. C - 2,
+  C - 1 = that many or more). Overlaps (2 or more) mark where one object
+  hides another, and their extent outlines hidden parts.
+
+  (B, H, W, F) P2 features -> 2 x (conv 3x3 SAME + BN + ReLU) -> conv 1x1
+  -> (B, H, W, C) float32 logits.
+  """
+
+  num_classes: int = 4
+  channels: int = 64
+  bn_eps: float = 1e-3
+  norm: NormSpec = NormSpec()
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x.astype(self.dtype)
+    for k in (1, 2):
+      x = conv(self.channels, 3, padding=((1, 1), (1, 1)), dtype=self.dtype, name=f'conv{k}')(x)
+      x = nn.relu(self.norm(self.bn_eps, self.dtype, f'bn{k}')(x))
+    x = conv(self.num_classes, 1, dtype=self.dtype, name='classes')(x)
+    return x.astype(jnp.float32)

@@ -20,6 +20,12 @@ that can only hold negatives.
 
 GLM disabled (``model.glm.enabled=False``): no GLM parameters; the mask head
 input is the FPN ROI features alone.
+
+Learnt layering map (``model.layering_map.enabled``; off in the release):
+``LayeringMapHead`` classifies, on P2, how many objects cover each cell
+(``targets.layering_map_targets``, loss term ``layering_map``); its softmax
+is crop-and-resized per ROI like the GLM and appended to the mask head's
+input. The mask losses train it too (no stop-gradient).
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import numpy as np
 from sln_jax import losses
 from sln_jax.models.deeplab import DeepLabV2
 from sln_jax.models.fpn import FPN
-from sln_jax.models.heads import BoxHead, MaskHead
+from sln_jax.models.heads import BoxHead, LayeringMapHead, MaskHead
 from sln_jax.models.norm import NormSpec
 from sln_jax.models.resnet import ResNet
 from sln_jax.models.rpn import RPN
@@ -124,6 +130,15 @@ class SLN(nn.Module):
         norm=norm,
         dtype=dtype,
     )
+    if self._layering_enabled():
+      lm = c.layering_map
+      self.layering_head = LayeringMapHead(
+          num_classes=lm.num_classes,
+          channels=lm.channels,
+          bn_eps=c.backbone.bn_eps,
+          norm=norm,
+          dtype=dtype,
+      )
     if c.glm.enabled:
       g = c.glm
       self.glm = DeepLabV2(
@@ -137,6 +152,14 @@ class SLN(nn.Module):
       )
 
   # ------------------------------------------------------------- pieces
+  def _layering_enabled(self) -> bool:
+    lm = self.config.get('layering_map')
+    return bool(lm is not None and lm.enabled)
+
+  def _layering_logits(self, pyramid) -> Optional[jax.Array]:
+    """(B, S/4, S/4, C) layering-map logits on P2, or None when disabled."""
+    return self.layering_head(pyramid[0]) if self._layering_enabled() else None
+
   def _preprocess(self, image: jax.Array) -> jax.Array:
     """uint8 RGB (B, H, W, 3) -> (float - mean_pixel) in the compute dtype."""
     mean = jnp.asarray(self.config.mean_pixel, jnp.float32)
@@ -208,9 +231,12 @@ class SLN(nn.Module):
       glm_rois: jax.Array,
       size: int,
       mask: Optional[jax.Array] = None,
+      layering_logits: Optional[jax.Array] = None,
   ) -> jax.Array:
     """Layer logits (B, N, M, M, L) for normalised ``rois`` (B, N, 4);
-    ``mask`` (B, N) bool: ROIs that count in batch-mode BN statistics."""
+    ``mask`` (B, N) bool: ROIs that count in batch-mode BN statistics;
+    ``layering_logits`` (B, G, G, C): the layering map, whose softmax is
+    cropped per ROI into the mask head's input."""
     crop = self.config.roi.mask_pool_size
     b, n = rois.shape[:2]
     flat = lambda x: x.reshape((b * n,) + x.shape[2:])
@@ -218,7 +244,13 @@ class SLN(nn.Module):
     glm = None
     if glm_feats is not None:
       glm = flat(roi_align.crop_and_resize(glm_feats, jax.lax.stop_gradient(glm_rois), crop))
-    logits = self.mask_head(fpn, glm, None if mask is None else mask.reshape(b * n))
+    layering = None
+    if layering_logits is not None:
+      probs = jax.nn.softmax(layering_logits, axis=-1)
+      layering = flat(roi_align.crop_and_resize(probs, jax.lax.stop_gradient(rois), crop))
+    logits = self.mask_head(
+        fpn, glm, None if mask is None else mask.reshape(b * n), layering=layering
+    )
     return logits.reshape((b, n) + logits.shape[1:])
 
   # ------------------------------------------------------------- training
@@ -243,7 +275,8 @@ class SLN(nn.Module):
       loss_weights: optional override of the module's ``loss_weights``.
 
     Returns:
-      (losses: the six float32 terms and 'total', metrics: float32 scalars).
+      (losses: the float32 terms of ``losses.TERMS`` and 'total', metrics:
+      float32 scalars).
       Every term and metric is the mean over images of that image's value
       (:mod:`sln_jax.losses`), so a batch gives the same result as its
       images run one by one and averaged.
@@ -254,6 +287,7 @@ class SLN(nn.Module):
     rng_rpn, rng_roi = keys[:, 0], keys[:, 1]
     pyramid, rpn_out = self._features(batch['image'])
     glm_feats = self._glm_features(batch['glm_image'])
+    layering_logits = self._layering_logits(pyramid)
 
     gt_boxes = box_ops.normalize(batch['gt_boxes'].astype(jnp.float32), size)
     gt_valid = batch['gt_valid'].astype(bool)
@@ -292,11 +326,29 @@ class SLN(nn.Module):
     npos = max(1, int(o.rois_per_image * o.positive_ratio))
     pos = {k: v[:, :npos] for k, v in sample.items()}
     layer_logits = self._mask_head(
-        pyramid, glm_feats, pos['rois'], pos['rois'], size, mask=pos['positive']
+        pyramid,
+        glm_feats,
+        pos['rois'],
+        pos['rois'],
+        size,
+        mask=pos['positive'],
+        layering_logits=layering_logits,
     )
     layer_boxes = box_ops.normalize(
         batch.get('gt_layer_boxes', batch['gt_boxes']).astype(jnp.float32), size
     )
+    layering_loss = jnp.float32(0.0)
+    if layering_logits is not None:
+      layering_loss = losses.layering_map_loss(
+          layering_logits,
+          targets.batched_layering_map_targets(
+              batch['gt_layers'].astype(jnp.float32),
+              layer_boxes,
+              gt_valid,
+              layering_logits.shape[1],
+              layering_logits.shape[-1],
+          ),
+      )
     layer_targets = targets.batched_mask_targets(
         batch['gt_layers'].astype(jnp.float32),
         layer_boxes,
@@ -323,6 +375,7 @@ class SLN(nn.Module):
             occluded_pos_weight=float(given.get('occluded_pos_weight', 1.0)),
         ),
         'amodal': losses.amodal_loss(layer_logits, layer_targets, pos['positive']),
+        'layering_map': layering_loss,
     }
     weights = {k: float(given.get(k, 1.0)) for k in losses.TERMS}
     terms['total'] = losses.total_loss(terms, weights)
@@ -383,7 +436,9 @@ class SLN(nn.Module):
       boxes = jnp.round(boxes * size) / size
     # Release QUIRK (model.glm.legacy_pixel_boxes): pixel-unit boxes into the GLM crop.
     glm_boxes = boxes * size if c.glm.legacy_pixel_boxes else boxes
-    logits = self._mask_head(pyramid, glm_feats, boxes, glm_boxes, size)
+    logits = self._mask_head(
+        pyramid, glm_feats, boxes, glm_boxes, size, layering_logits=self._layering_logits(pyramid)
+    )
     valid = det['valid']
     keep = valid[:, :, None, None].astype(jnp.float32)
     return {

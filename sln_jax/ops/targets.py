@@ -1,4 +1,5 @@
-"""Training targets: RPN anchor labels, ROI sampling, layered mask targets.
+"""Training targets: RPN anchor labels, ROI sampling, layered mask targets,
+global layering maps.
 
 Per-image functions with static shapes and explicit PRNG keys, plus
 ``batched_*`` wrappers (vmap, one key split per image). Boxes are
@@ -299,4 +300,59 @@ def batched_mask_targets(gt_layers, layer_boxes, rois, matched_gt, mask_size=32,
     )
   return jax.vmap(lambda a, b, c, d, e: mask_targets(a, b, c, d, mask_size, e))(
       gt_layers, layer_boxes, rois, matched_gt, positive
+  )
+
+
+def layering_map_targets(
+    gt_layers: jnp.ndarray,
+    layer_boxes: jnp.ndarray,
+    gt_valid: jnp.ndarray,
+    grid: int,
+    num_classes: int,
+) -> jnp.ndarray:
+  """Global layering map of one image: how many objects cover each cell.
+
+  The map is the count of amodal masks over a ``grid`` x ``grid`` lattice
+  of cells covering the canvas (cell (i, j) spans [i / grid, (i + 1) /
+  grid) x [j / grid, (j + 1) / grid) in normalised canvas coordinates and
+  is read at its centre), clipped to ``num_classes - 1`` (the last class is
+  "that many or more"). Each instance's amodal mask is its layer crop summed
+  over layers; the crop's K x K cells tile its box, and a centre inside the
+  box reads the crop cell it falls in (nearest, so the map is exact up to a
+  crop cell).
+
+  Args:
+    gt_layers: (M, K, K, L) per-instance layer crops of ``layer_boxes``.
+    layer_boxes: (M, 4) normalised (y1, x1, y2, x2) crop boxes.
+    gt_valid: (M,) bool.
+    grid: G, cells per side (the P2 map's side: canvas / 4).
+    num_classes: C >= 2.
+
+  Returns:
+    (G, G) int32 in [0, C - 1].
+  """
+  k = gt_layers.shape[1]
+  amodal = jnp.clip(jnp.sum(jnp.asarray(gt_layers, jnp.float32), axis=-1), 0.0, 1.0)  # (M, K, K)
+  centres = (jnp.arange(grid, dtype=jnp.float32) + 0.5) / grid  # (G,)
+  b = jnp.asarray(layer_boxes, jnp.float32)
+
+  def axis(lo, hi):
+    """(M,) box edges -> (M, G) crop cell index and inside flag."""
+    extent = hi - lo
+    u = (centres[None] - lo[:, None]) / jnp.where(extent > 0, extent, 1.0)[:, None]
+    inside = (u >= 0) & (u < 1) & (extent > 0)[:, None]
+    return jnp.clip(jnp.floor(u * k).astype(jnp.int32), 0, k - 1), inside
+
+  iy, in_y = axis(b[:, 0], b[:, 2])
+  ix, in_x = axis(b[:, 1], b[:, 3])
+  rows = jnp.take_along_axis(amodal, iy[:, :, None], axis=1)  # (M, G, K)
+  cells = jnp.take_along_axis(rows, ix[:, None, :], axis=2)  # (M, G, G)
+  cover = (cells >= 0.5) & in_y[:, :, None] & in_x[:, None, :] & gt_valid[:, None, None]
+  return jnp.minimum(jnp.sum(cover.astype(jnp.int32), axis=0), num_classes - 1)
+
+
+def batched_layering_map_targets(gt_layers, layer_boxes, gt_valid, grid, num_classes):
+  """:func:`layering_map_targets` over a batch (leading B axis) -> (B, G, G)."""
+  return jax.vmap(lambda a, b, c: layering_map_targets(a, b, c, grid, num_classes))(
+      gt_layers, layer_boxes, gt_valid
   )

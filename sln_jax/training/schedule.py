@@ -25,8 +25,8 @@ from sln_jax.errors import UserError
 # Flax path regexes (full match on 'a/b/c') of each named stage's trainable set;
 # any other stage name is used as a regex itself (as in the release).
 STAGE_PATTERNS = {
-    'heads': r'(fpn|rpn|box_head|mask_head)/.*',
-    '4+': r'(backbone/C[45]_[^/]*|fpn|rpn|box_head|mask_head)/.*',
+    'heads': r'(fpn|rpn|box_head|mask_head|layering_head)/.*',
+    '4+': r'(backbone/C[45]_[^/]*|fpn|rpn|box_head|mask_head|layering_head)/.*',
     'all': r'(?!glm/).*',
 }
 
