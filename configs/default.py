@@ -49,6 +49,12 @@ def get_config() -> ml_collections.ConfigDict:
   m.mean_pixel = (123.7, 116.8, 103.9)
   m.num_classes = 2  # background + one foreground class (class-agnostic)
   m.num_layers = 1  # L: sem-dist layer channels (release: 1)
+  # How the mask head's 1 + L channels become probabilities
+  # (semdist.decode_layer_logits): 'sigmoid' (release: a sigmoid per layer
+  # channel, amodal = sigmoid of their sum, channel 0 unused) | 'softmax'
+  # (one softmax over outside / visible / occluded layers, channel 0 =
+  # outside; docs/occlusion.md).
+  m.layer_activation = 'sigmoid'
   # BatchNorm (backbone and heads; the GLM's is always frozen). False: frozen,
   # inference mode (release). True (Matterport's TRAIN_BN, for training from
   # scratch or large batches): batch statistics in training, shared by all

@@ -133,6 +133,7 @@ def check_model(m: ml_collections.ConfigDict) -> None:
     _positive_numbers(g.scales, 'model.glm.scales')
     _int_at_least(g.image_size, 1, 'model.glm.image_size')
     _int_at_least(g.num_classes, 1, 'model.glm.num_classes')
+  _one_of(m.get('layer_activation', 'sigmoid'), ('sigmoid', 'softmax'), 'model.layer_activation')
   lm = m.get('layering_map')
   if lm is not None and lm.enabled:
     _int_at_least(lm.num_classes, 2, 'model.layering_map.num_classes')

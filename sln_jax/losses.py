@@ -170,6 +170,53 @@ def amodal_loss(
   return _masked_mean(sigmoid_bce(logits, targets), positive[:, :, None, None])
 
 
+def layer_classes(layer_targets: jnp.ndarray) -> jnp.ndarray:
+  """(..., L) one-hot layer targets -> (...) int32 class: 0 outside the
+  object, k on layer channel k (1 = visible, 2.. occluded). Overlapping
+  rounded channels (rare) take the first."""
+  t = _f32(layer_targets) >= 0.5
+  return jnp.where(jnp.any(t, axis=-1), 1 + jnp.argmax(t, axis=-1), 0).astype(jnp.int32)
+
+
+def softmax_layer_loss(
+    logits: jnp.ndarray,
+    layer_targets: jnp.ndarray,
+    positive: jnp.ndarray,
+    occluded_pos_weight: float = 1.0,
+) -> jnp.ndarray:
+  """Softmax CE of exclusive layer classes over positive ROIs
+  (``model.layer_activation='softmax'``).
+
+  Every pixel of an ROI is exactly one of: outside the object (class 0),
+  visible (1), on occluded layer k (k + 1), as the layer index map says, so
+  one softmax over the mask head's 1 + L channels classifies it.
+
+  Args:
+    logits: (B, R, S, S, 1 + L) all mask-head channels.
+    layer_targets: (B, R, S, S, L) one-hot layer channels.
+    positive: (B, R) bool.
+    occluded_pos_weight: weight of the CE of pixels whose class is an
+      occluded layer (2..L); the others weigh 1.
+  """
+  classes = layer_classes(layer_targets)
+  ce = _cross_entropy(logits, classes)
+  if occluded_pos_weight != 1.0:
+    ce = jnp.where(classes >= 2, jnp.float32(occluded_pos_weight), 1.0) * ce
+  return _masked_mean(ce, positive[:, :, None, None])
+
+
+def softmax_amodal_loss(
+    logits: jnp.ndarray, layer_targets: jnp.ndarray, positive: jnp.ndarray
+) -> jnp.ndarray:
+  """BCE of the amodal probability 1 - p(class 0) of the softmax form:
+  its logit is logsumexp(channels 1..L) - channel 0. Shapes as
+  :func:`softmax_layer_loss`."""
+  x = _f32(logits)
+  amodal_logit = jax.nn.logsumexp(x[..., 1:], axis=-1) - x[..., 0]
+  targets = jnp.clip(jnp.sum(_f32(layer_targets), axis=-1), 0.0, 1.0)
+  return _masked_mean(sigmoid_bce(amodal_logit, targets), positive[:, :, None, None])
+
+
 def layering_map_loss(logits: jnp.ndarray, targets: jnp.ndarray) -> jnp.ndarray:
   """Softmax CE of the learnt layering map, mean over every cell.
 

@@ -19,9 +19,12 @@ Layer index map values (uint8): 0 outside the amodal mask, 1 visible,
 k + 1 on layer k. ``layer_channels`` turns them into L one-hot channels with
 layers >= L-1 merged into the last one (L = 1: the plain amodal mask).
 
+``decode_layer_logits`` turns the mask head's logits into layer, amodal and
+visible probabilities, in either form of ``model.layer_activation``.
+
 Masks are (N, H, W) in image (or ROI) pixels, row-major (y, x). Functions take
 numpy arrays; ``layer_channels`` also takes jax arrays and works under
-``jax.jit``.
+``jax.jit``; ``decode_layer_logits`` is jax.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 
 Array = Any
+
+LAYER_ACTIVATIONS = ('sigmoid', 'softmax')
 
 
 def _xp(x: Array):
@@ -104,3 +109,40 @@ def layer_channels(index: Array, num_layers: int) -> Array:
   else:
     channels = channels.at[..., -1, :, :].set(channels[..., -1, :, :] | last)
   return channels.astype(xp.float32)
+
+
+def decode_layer_logits(logits: Array, activation: str = 'sigmoid') -> dict[str, Array]:
+  """Mask-head logits -> layer, amodal and visible probabilities (jax).
+
+  Args:
+    logits: (..., L) layer channels 1..L for 'sigmoid' (the release: one
+      independent sigmoid per layer, channel 0 of the head unused), or
+      (..., 1 + L) every head channel for 'softmax' (one softmax over
+      outside-the-object, visible and the L - 1 occluded layers).
+    activation: 'sigmoid' | 'softmax' (``model.layer_activation``).
+
+  Returns:
+    layer_probs (..., L): sigmoid of each channel | softmax of channels
+    1..L; amodal_probs (...): sigmoid of the channels' sum | 1 - p(outside);
+    visible_probs (...): sigmoid of channel 1 | p(visible) / p(object), the
+    share of the object's probability on the visible layer, so that a
+    pasted threshold of 0.5 keeps the pixels whose most likely layer (for
+    L = 2) is the visible one.
+  """
+  x = jnp.asarray(logits, jnp.float32)
+  if activation == 'sigmoid':
+    return {
+        'layer_probs': jax.nn.sigmoid(x),
+        'amodal_probs': jax.nn.sigmoid(jnp.sum(x, axis=-1)),
+        'visible_probs': jax.nn.sigmoid(x[..., 0]),
+    }
+  if activation != 'softmax':
+    raise ValueError(f'activation must be one of {LAYER_ACTIVATIONS}, got {activation!r}')
+  probs = jax.nn.softmax(x, axis=-1)
+  # p(visible | object) from logits: softmax over channels 1..L, channel 1.
+  visible = jax.nn.softmax(x[..., 1:], axis=-1)[..., 0]
+  return {
+      'layer_probs': probs[..., 1:],
+      'amodal_probs': 1.0 - probs[..., 0],
+      'visible_probs': visible,
+  }

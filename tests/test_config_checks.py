@@ -62,6 +62,7 @@ BAD = [
     ('train.num_steps', -5, 'train.num_steps'),  # ran the whole schedule
     ('train.num_steps', 0, 'train.num_steps'),
     ('init_patterns', 'backbone/.*,(', 'init_patterns'),  # re.error after the data was built
+    ('model.layer_activation', 'relu', 'model.layer_activation'),
 ]
 
 

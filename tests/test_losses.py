@@ -265,3 +265,51 @@ def test_layer_and_amodal_losses_push_each_channel_where_the_layers_say():
   np.testing.assert_allclose(weighted[2, 1] - up[2, 1], 9 * 0.5 / 6, rtol=1e-6)
   changed = np.abs(weighted - up) > 1e-7
   assert changed.sum() == 1 and changed[2, 1]
+
+
+def test_softmax_layer_and_amodal_losses_match_numpy():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(2, 3, 4, 4, 3)).astype(np.float32) * 2
+  classes = rng.integers(0, 3, (2, 3, 4, 4))
+  targets = np.eye(3, dtype=np.float32)[classes][..., 1:]  # (…, L=2) one-hot, 0 outside
+  positive = np.array([[True, False, True], [False, False, False]])
+  np.testing.assert_array_equal(np.asarray(losses.layer_classes(targets)), classes)
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  ce = -np.take_along_axis(logp, classes[..., None], -1)[..., 0]
+  w = np.where(classes >= 2, 4.0, 1.0)
+  # Image 0: mean over its 2 positive ROIs' pixels; image 1: nothing, 0.
+  want = (w * ce)[0][positive[0]].mean() / 2
+  got = losses.softmax_layer_loss(logits, targets, positive, occluded_pos_weight=4.0)
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+  p_obj = 1 - np.exp(logp[..., 0])
+  amodal = classes > 0
+  bce = -np.where(amodal, np.log(p_obj), np.log(1 - p_obj))
+  want = bce[0][positive[0]].mean() / 2
+  got = losses.softmax_amodal_loss(logits, targets, positive)
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+
+
+def test_softmax_losses_push_a_hidden_pixel_to_the_occluded_layer_from_the_start():
+  """The fix of stage b: with one softmax over (outside, visible, occluded)
+  the layer + amodal losses lower the visible channel on a hidden pixel
+  from zero logits (the sigmoid form raises it, by 1/12: the test above),
+  and lower the occluded channel on a visible pixel."""
+  targets = jnp.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]).reshape(1, 1, 1, 3, 2)
+  positive = jnp.ones((1, 1), bool)
+
+  def loss(logits):
+    return losses.softmax_layer_loss(logits, targets, positive) + losses.softmax_amodal_loss(
+        logits, targets, positive
+    )
+
+  zeros = jnp.zeros((1, 1, 1, 3, 3))
+  push = -np.asarray(jax.grad(loss)(zeros)).reshape(3, 3)  # pixels x (outside, visible, occluded)
+  background, visible, hidden = push
+  assert background[0] > 0 and background[1] < 0 and background[2] < 0
+  assert visible[1] > 0 and visible[2] < 0 and visible[0] < 0
+  assert hidden[2] > 0 and hidden[1] < 0 and hidden[0] < 0
+  # CE: (onehot - 1/3) / 3 per pixel; amodal: logit logsumexp(0, 0) - 0 = log 2,
+  # p = 2/3, and d/dlogits of -log p spreads (1 - p) = 1/3 as (-1, 1/2, 1/2) / 3.
+  np.testing.assert_allclose(
+      hidden, [(-1 / 3 - 1 / 3) / 3, (-1 / 3 + 1 / 6) / 3, (2 / 3 + 1 / 6) / 3], rtol=1e-5
+  )

@@ -280,3 +280,24 @@ def test_layer_index_map_shape_errors():
     semdist.layer_index_map(np.zeros((2, 3, 3), bool), np.zeros((2, 3, 4), bool), np.arange(2))
   with pytest.raises(ValueError):
     semdist.layer_index_map(np.zeros((2, 3, 3), bool), np.zeros((2, 3, 3), bool), np.arange(3))
+
+
+def test_decode_layer_logits_in_both_forms():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(5, 4, 3)).astype(np.float32) * 3
+  sig = lambda v: 1 / (1 + np.exp(-v))
+  # Release form: x holds the L = 3 layer channels.
+  got = semdist.decode_layer_logits(jnp.asarray(x), 'sigmoid')
+  np.testing.assert_allclose(got['layer_probs'], sig(x), rtol=1e-5)
+  np.testing.assert_allclose(got['amodal_probs'], sig(x.sum(-1)), rtol=1e-5)
+  np.testing.assert_allclose(got['visible_probs'], sig(x[..., 0]), rtol=1e-5)
+  # Softmax form: x holds (outside, visible, occluded) for L = 2.
+  p = np.exp(x) / np.exp(x).sum(-1, keepdims=True)
+  got = semdist.decode_layer_logits(jnp.asarray(x), 'softmax')
+  np.testing.assert_allclose(got['layer_probs'], p[..., 1:], rtol=1e-5)
+  np.testing.assert_allclose(got['amodal_probs'], 1 - p[..., 0], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got['visible_probs'], p[..., 1] / (p[..., 1] + p[..., 2]), rtol=1e-5)
+  # Visible at 0.5 is exactly "the visible layer beats the occluded one".
+  np.testing.assert_array_equal(np.asarray(got['visible_probs']) > 0.5, x[..., 1] > x[..., 2])
+  with pytest.raises(ValueError, match='activation'):
+    semdist.decode_layer_logits(jnp.asarray(x), 'tanh')

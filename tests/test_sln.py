@@ -553,6 +553,58 @@ def test_layer_pixel_counts_over_positive_rois_mean_over_images():
     assert 0 < hit < min(tgt, prd)
 
 
+def test_layer_pixel_counts_of_the_softmax_form_count_the_argmax_class():
+  rng = np.random.default_rng(1)
+  logits = rng.normal(size=(1, 2, 4, 4, 3)).astype(np.float32)
+  targets = rng.random((1, 2, 4, 4, 2)).astype(np.float32)
+  positive = np.array([[True, True]])
+  got = sln.layer_pixel_counts(logits, targets, positive, 'softmax')
+  winner = np.argmax(logits, -1)
+  for k in (1, 2):
+    p, t = winner == k, targets[..., k - 1] >= 0.5
+    np.testing.assert_allclose(float(got[f'layer{k}_hit_px']), np.sum(p & t))
+    np.testing.assert_allclose(float(got[f'layer{k}_pred_px']), np.sum(p))
+
+
+def test_softmax_form_keeps_the_background_channel_and_uses_the_softmax_losses(monkeypatch):
+  """``model.layer_activation='softmax'``: the mask head's channel 0 (unused
+  by the release) is the outside-the-object class; training calls the
+  softmax losses on all 1 + L channels and inference decodes them with
+  ``semdist.decode_layer_logits``."""
+  seen = {}
+  for name in ('softmax_layer_loss', 'softmax_amodal_loss'):
+    real = getattr(losses, name)
+    monkeypatch.setattr(
+        losses,
+        name,
+        lambda logits, *a, _real=real, _name=name, **k: (
+            seen.__setitem__(_name, logits.shape),
+            _real(logits, *a, **k),
+        )[1],
+    )
+  cfg = tiny.get_config()
+  cfg.model.num_layers = 2
+  cfg.model.layer_activation = 'softmax'
+  batch, _, _ = _scene(num_layers=2)
+  model = sln.build_model(cfg)
+  variables = jax.eval_shape(lambda: sln.init_variables(model, jax.random.PRNGKey(0), S))
+  assert variables['params']['mask_head']['conv5']['kernel'].shape[-1] == 3
+  terms = jax.eval_shape(
+      lambda v: model.apply(v, batch, jax.random.PRNGKey(1), method='train_forward')[0], variables
+  )
+  m = cfg.model.roi.mask_size
+  assert seen['softmax_layer_loss'][-3:] == (m, m, 3)
+  assert seen['softmax_amodal_loss'][-3:] == (m, m, 3)
+  assert set(losses.TERMS) <= set(terms)
+  out = jax.eval_shape(
+      lambda v: model.apply(
+          v, batch['image'], batch['glm_image'], batch['image_shape'], method='infer'
+      ),
+      variables,
+  )
+  assert out['layer_probs'].shape[-1] == 2 and out['visible_probs'].shape[-1] == m
+
+
 def test_occluded_pos_weight_travels_from_the_config_to_the_layer_loss(monkeypatch):
   """``config.loss.occluded_pos_weight`` reaches ``losses.layer_loss``
   (release default 1); a ``loss_weights`` override wins. (The weighting

@@ -107,12 +107,15 @@ class MaskHead(nn.Module):
   the input is the FPN features alone.
   4 x (conv 3x3 SAME + BN (frozen unless model.train_bn) + ReLU) ->
   ConvTranspose 2x2/2 + ReLU -> conv 1x1 to 1 + num_layers channels;
-  channel 0 is unused (release).
+  channel 0 is unused (release) unless ``background_channel``.
 
-  Returns layer logits (R, 2P, 2P, num_layers) float32.
+  Returns layer logits (R, 2P, 2P, num_layers) float32, or all
+  (R, 2P, 2P, 1 + num_layers) channels with ``background_channel`` (the
+  softmax form, channel 0 = outside the object).
   """
 
   num_layers: int = 1
+  background_channel: bool = False
   channels: int = 256
   bn_eps: float = 1e-3
   norm: NormSpec = NormSpec()
@@ -139,7 +142,7 @@ class MaskHead(nn.Module):
     x = Upsample2x(self.channels, dtype=self.dtype, name='deconv')(x)
     x = nn.relu(x)
     x = conv(1 + self.num_layers, 1, dtype=self.dtype, name='conv5')(x)
-    return x[..., 1:].astype(jnp.float32)
+    return (x if self.background_channel else x[..., 1:]).astype(jnp.float32)
 
 
 class LayeringMapHead(nn.Module):

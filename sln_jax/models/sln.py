@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sln_jax import losses
+from sln_jax import losses, semdist
 from sln_jax.models.deeplab import DeepLabV2
 from sln_jax.models.fpn import FPN
 from sln_jax.models.heads import BoxHead, LayeringMapHead, MaskHead
@@ -55,16 +55,23 @@ FEATURE_STRIDES = anchor_ops.DEFAULT_STRIDES  # P2..P6: 4, 8, 16, 32, 64
 
 
 def layer_pixel_counts(
-    layer_logits: jax.Array, layer_targets: jax.Array, positive: jax.Array
+    layer_logits: jax.Array,
+    layer_targets: jax.Array,
+    positive: jax.Array,
+    activation: str = 'sigmoid',
 ) -> dict[str, jax.Array]:
   """Per-layer mask pixel counts over the positive ROIs, mean over images.
 
   Args:
-    layer_logits: (B, R, M, M, L); layer_targets: (B, R, M, M, L) in [0, 1];
-      positive: (B, R) bool.
+    layer_logits: (B, R, M, M, L) ('sigmoid') or (B, R, M, M, 1 + L)
+      ('softmax'); layer_targets: (B, R, M, M, L) in [0, 1]; positive:
+      (B, R) bool.
+    activation: ``model.layer_activation``. A pixel is predicted on layer k
+      where its logit is > 0 ('sigmoid') or where class k is the argmax
+      ('softmax').
 
   Returns:
-    float32 scalars ``layer{k}_hit_px`` (logit > 0 and target >= 0.5),
+    float32 scalars ``layer{k}_hit_px`` (predicted and target >= 0.5),
     ``layer{k}_target_px`` and ``layer{k}_pred_px`` for k = 1..L (1 = the
     visible layer, 2.. the occluded ones). The training log turns them into
     ``layer{k}_recall`` = hit / target and ``layer{k}_precision`` = hit / pred
@@ -72,12 +79,17 @@ def layer_pixel_counts(
     averaging over images, devices and log steps pools the pixels.
   """
   keep = positive[:, :, None, None, None]
-  pred = (layer_logits > 0) & keep
+  if activation == 'softmax':
+    num = layer_logits.shape[-1]
+    pred = jax.nn.one_hot(jnp.argmax(layer_logits, axis=-1), num, dtype=bool)[..., 1:]
+  else:
+    pred = layer_logits > 0
+  pred = pred & keep
   target = (layer_targets >= 0.5) & keep
   count = lambda x: jnp.mean(jnp.sum(x.astype(jnp.float32), axis=(1, 2, 3)), axis=0)
   hit, tgt, prd = count(pred & target), count(target), count(pred)
   out = {}
-  for k in range(layer_logits.shape[-1]):
+  for k in range(layer_targets.shape[-1]):
     out[f'layer{k + 1}_hit_px'] = hit[k]
     out[f'layer{k + 1}_target_px'] = tgt[k]
     out[f'layer{k + 1}_pred_px'] = prd[k]
@@ -125,6 +137,7 @@ class SLN(nn.Module):
     )
     self.mask_head = MaskHead(
         num_layers=c.num_layers,
+        background_channel=self._activation() == 'softmax',
         channels=c.mask_head_channels,
         bn_eps=c.backbone.bn_eps,
         norm=norm,
@@ -152,6 +165,10 @@ class SLN(nn.Module):
       )
 
   # ------------------------------------------------------------- pieces
+  def _activation(self) -> str:
+    """``model.layer_activation`` ('sigmoid', the release, when absent)."""
+    return str(self.config.get('layer_activation', 'sigmoid'))
+
   def _layering_enabled(self) -> bool:
     lm = self.config.get('layering_map')
     return bool(lm is not None and lm.enabled)
@@ -368,13 +385,7 @@ class SLN(nn.Module):
         'head_bbox': losses.head_bbox_loss(
             head['deltas'], sample['class_targets'], sample['bbox_targets'], sample['valid']
         ),
-        'layer': losses.layer_loss(
-            layer_logits,
-            layer_targets,
-            pos['positive'],
-            occluded_pos_weight=float(given.get('occluded_pos_weight', 1.0)),
-        ),
-        'amodal': losses.amodal_loss(layer_logits, layer_targets, pos['positive']),
+        **self._mask_losses(layer_logits, layer_targets, pos['positive'], given),
         'layering_map': layering_loss,
     }
     weights = {k: float(given.get(k, 1.0)) for k in losses.TERMS}
@@ -391,8 +402,27 @@ class SLN(nn.Module):
             jnp.sum(f32(correct), 1) / jnp.maximum(jnp.sum(f32(sample['valid']), 1), 1.0)
         ),
     }
-    metrics.update(layer_pixel_counts(layer_logits, layer_targets, pos['positive']))
+    metrics.update(
+        layer_pixel_counts(layer_logits, layer_targets, pos['positive'], self._activation())
+    )
     return terms, metrics
+
+  def _mask_losses(self, layer_logits, layer_targets, positive, given) -> dict[str, jax.Array]:
+    """The 'layer' and 'amodal' terms of ``model.layer_activation``."""
+    weight = float(given.get('occluded_pos_weight', 1.0))
+    if self._activation() == 'softmax':
+      return {
+          'layer': losses.softmax_layer_loss(
+              layer_logits, layer_targets, positive, occluded_pos_weight=weight
+          ),
+          'amodal': losses.softmax_amodal_loss(layer_logits, layer_targets, positive),
+      }
+    return {
+        'layer': losses.layer_loss(
+            layer_logits, layer_targets, positive, occluded_pos_weight=weight
+        ),
+        'amodal': losses.amodal_loss(layer_logits, layer_targets, positive),
+    }
 
   # ------------------------------------------------------------- inference
   def infer(
@@ -406,10 +436,11 @@ class SLN(nn.Module):
 
     Returns:
       boxes (B,D,4) canvas pixels (y1,x1,y2,x2), scores (B,D), classes (B,D)
-      int32, valid (B,D) bool, layer_probs (B,D,M,M,L) = sigmoid(layer
-      logits), amodal_probs (B,D,M,M) = sigmoid(sum of layer logits),
-      visible_probs (B,D,M,M) = sigmoid(first layer logit); M = roi.mask_size.
-      Invalid slots are zero.
+      int32, valid (B,D) bool, layer_probs (B,D,M,M,L), amodal_probs
+      (B,D,M,M) and visible_probs (B,D,M,M) as ``semdist.decode_layer_logits``
+      gives them for ``model.layer_activation`` (the release's 'sigmoid':
+      sigmoid of each layer logit, of their sum, of the first); M =
+      roi.mask_size. Invalid slots are zero.
     """
     c = self.config
     size = image.shape[1]
@@ -446,9 +477,10 @@ class SLN(nn.Module):
         'scores': det['scores'],
         'classes': det['classes'],
         'valid': valid,
-        'layer_probs': jax.nn.sigmoid(logits) * keep[..., None],
-        'amodal_probs': jax.nn.sigmoid(jnp.sum(logits, axis=-1)) * keep,
-        'visible_probs': jax.nn.sigmoid(logits[..., 0]) * keep,
+        **{
+            k: v * (keep[..., None] if k == 'layer_probs' else keep)
+            for k, v in semdist.decode_layer_logits(logits, self._activation()).items()
+        },
     }
 
 
