@@ -100,6 +100,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   m.box_head_channels = 1024
   m.mask_head_channels = 256
+  # Not in the release: the mask head's conv3 also sees the ROI-wide mean and
+  # max of conv2's features (models/heads.MaskHead.roi_context).
+  m.mask_head_context = False
 
   m.glm = g = ml_collections.ConfigDict()
   g.enabled = True

@@ -149,3 +149,23 @@ def test_heads_batch_mode_bn_counts_only_the_masked_rois():
       np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
     for g, w in zip(jax.tree.leaves(got_stats), jax.tree.leaves(want_stats)):
       np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('context', [False, True])
+def test_mask_head_roi_context_reaches_across_the_roi(context):
+  """Four 3x3 convs see 9 x 9 input cells; on a 16 x 16 ROI a change in one
+  corner cannot reach the far corner's mask, unless ``roi_context`` pools
+  the whole ROI into every pixel. Also: channel 0 kept with
+  ``background_channel``."""
+  head = heads.MaskHead(num_layers=2, channels=8, roi_context=context, background_channel=True)
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 16, 16, 4))
+  params = head.init(jax.random.PRNGKey(1), x)
+  assert params['params']['conv3']['kernel'].shape[2] == (24 if context else 8)
+  y = head.apply(params, x)
+  assert y.shape == (1, 32, 32, 3)
+  moved = head.apply(params, x.at[0, 0, 0].add(5.0))
+  far = np.abs(np.asarray(moved - y))[0, -8:, -8:]
+  if context:
+    assert far.max() > 1e-4
+  else:
+    assert far.max() == 0

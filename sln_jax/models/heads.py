@@ -116,6 +116,11 @@ class MaskHead(nn.Module):
 
   num_layers: int = 1
   background_channel: bool = False
+  # Not in the release: after conv2, the ROI-wide mean and max of the
+  # features are broadcast back and concatenated to every pixel, so conv3
+  # and conv4 can compare a pixel with the whole ROI (whose texture it
+  # shares: visible, or another object's: hidden).
+  roi_context: bool = False
   channels: int = 256
   bn_eps: float = 1e-3
   norm: NormSpec = NormSpec()
@@ -137,6 +142,11 @@ class MaskHead(nn.Module):
       x = jnp.concatenate([x, layering.astype(self.dtype)], axis=-1)
     bn_mask = None if mask is None else mask[:, None, None]
     for k in range(1, 5):
+      if k == 3 and self.roi_context:
+        pooled = jnp.concatenate(
+            [jnp.mean(x, axis=(1, 2), keepdims=True), jnp.max(x, axis=(1, 2), keepdims=True)], -1
+        )
+        x = jnp.concatenate([x, jnp.broadcast_to(pooled, x.shape[:3] + pooled.shape[-1:])], -1)
       x = conv(self.channels, 3, padding=((1, 1), (1, 1)), dtype=self.dtype, name=f'conv{k}')(x)
       x = nn.relu(self.norm(self.bn_eps, self.dtype, f'bn{k}')(x, bn_mask))
     x = Upsample2x(self.channels, dtype=self.dtype, name='deconv')(x)

@@ -138,6 +138,7 @@ class SLN(nn.Module):
     self.mask_head = MaskHead(
         num_layers=c.num_layers,
         background_channel=self._activation() == 'softmax',
+        roi_context=bool(c.get('mask_head_context', False)),
         channels=c.mask_head_channels,
         bn_eps=c.backbone.bn_eps,
         norm=norm,
