@@ -146,7 +146,10 @@ def get_config() -> ml_collections.ConfigDict:
   # ---------------------------------------------------------------- training
   c.train = tr = ml_collections.ConfigDict()
   tr.batch_size = 1  # global batch (split over devices)
-  tr.momentum = 0.9
+  tr.optimizer = 'sgd'  # sgd (release) | adamw (Adam, decoupled weight decay)
+  tr.momentum = 0.9  # sgd
+  tr.adam_b1 = 0.9  # adamw
+  tr.adam_b2 = 0.999  # adamw
   tr.weight_decay = 1e-4  # on every trained parameter but BatchNorm's (the release)
   tr.decay_biases = True  # False: kernels only (biases excluded too)
   tr.grad_clip_norm = 5.0

@@ -10,9 +10,10 @@ provides mean nothing on synthetic shapes), few proposals and ROIs, every
 layer trained (there are no pretrained weights to protect) with trainable
 BatchNorm (from scratch, frozen BN would be an identity and the network
 unnormalized), NMS on at inference so duplicate detections do not cost
-precision, and the occluded layer's target pixels weighted 10x in the layer
-loss (`loss.occluded_pos_weight`; the release's 1 leaves that layer off
-everywhere for most of a 600-step run, so depth order stays undecided).
+precision, the mask head's softmax form (`model.layer_activation`) and the
+occluded layer's pixels weighted 3x in its loss (`loss.occluded_pos_weight`;
+unweighted, that layer stays off everywhere for most of a 600-step run, so
+depth order stays undecided).
 """
 
 import ml_collections
@@ -60,7 +61,11 @@ def get_config() -> ml_collections.ConfigDict:
   m.detection.max_detections = 20
   m.detection.nms_threshold = 0.5
 
-  c.loss.occluded_pos_weight = 10.0  # README: demo results (1, 5, 10, 20 compared)
+  # One softmax over outside / visible / occluded (the release's sigmoids
+  # teach the visible channel to fire on hidden pixels), the occluded
+  # layer's pixels weighted 3x (docs/demo.md: "The occluded layer").
+  m.layer_activation = 'softmax'
+  c.loss.occluded_pos_weight = 3.0
 
   t = c.train
   t.batch_size = 10  # hosts with 4 or 8 devices: --config.train.batch_size=8

@@ -162,6 +162,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   schedule_lib.schedule(config)  # each stage: (name or regex, steps >= 1, lr >= 0)
   _int_at_least(tc.batch_size, 1, 'train.batch_size')
   _int_at_least(tc.warmup_steps, 0, 'train.warmup_steps')
+  _one_of(tc.get('optimizer', 'sgd'), ('sgd', 'adamw'), 'train.optimizer')
   _in_range(tc.momentum, 0.0, 1.0, 'train.momentum')
   e = config.eval
   metrics_lib.check_protocol(e.protocol, field='eval.protocol')

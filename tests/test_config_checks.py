@@ -9,7 +9,7 @@ from configs import default
 from sln_jax import config_checks
 from sln_jax.errors import UserError
 
-CONFIGS = ('default', 'cocoa', 'd2sa', 'kins', 'synthetic', 'tiny')
+CONFIGS = ('default', 'cocoa', 'd2sa', 'kins', 'synthetic', 'synthetic_long', 'tiny')
 
 
 @pytest.mark.parametrize('name', CONFIGS)

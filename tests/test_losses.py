@@ -226,10 +226,18 @@ def test_zero_not_nan_when_nothing_selected_and_finite_grads():
 def test_total_loss_weights():
   terms = {t: jnp.float32(i + 1) for i, t in enumerate(losses.TERMS)}
   weights = ml_collections.ConfigDict(
-      dict(rpn_class=1.0, rpn_bbox=0.5, head_class=1.0, head_bbox=2.0, layer=1.0, amodal=0.0)
+      dict(
+          rpn_class=1.0,
+          rpn_bbox=0.5,
+          head_class=1.0,
+          head_bbox=2.0,
+          layer=1.0,
+          amodal=0.0,
+          layering_map=3.0,
+      )
   )
   got = losses.total_loss(terms, weights)
-  assert float(got) == pytest.approx(1 + 1 + 3 + 8 + 5 + 0)
+  assert float(got) == pytest.approx(1 + 1 + 3 + 8 + 5 + 0 + 21)
   with pytest.raises(KeyError):
     losses.total_loss({'rpn_class': 1.0}, weights)
 

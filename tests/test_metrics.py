@@ -940,9 +940,16 @@ def test_occlusion_metrics_score_layers_votes_and_occluded_parts():
   )
   visible_back = ((back & ~front) & ((back & ~front) | miss)).sum() / ((back & ~front) | miss).sum()
   assert masks['visible_miou'] == pytest.approx((1 + visible_back + 1) / 3)
+  # back's 36 hidden pixels: 8 predicted visible, 28 occluded, none absent.
+  assert masks['hidden_pixels'] == pytest.approx(
+      {'visible': 8 / 36, 'occluded': 28 / 36, 'absent': 0.0}
+  )
   lines = occlusion.format_occlusion(report).splitlines()
   assert lines[1].startswith('depth order (pixel votes): 1/1 pairs')
   assert 'occluded-part mIoU 0.778 (1 objects hiding >= 20 pixels)' in lines[2]
+  assert lines[3] == (
+      'hidden pixels of matched objects predicted visible 0.222, occluded 0.778, absent 0.000'
+  )
 
 
 def test_mask_quality_without_visible_masks_or_matches_is_minus_one():
@@ -951,4 +958,5 @@ def test_mask_quality_without_visible_masks_or_matches_is_minus_one():
   masks = occlusion.mask_quality(gt, amodal_only)
   assert masks['matched'] == 2 and masks['amodal_miou'] == 1.0
   assert masks['visible_miou'] == -1 and masks['occluded_miou'] == -1 and masks['occluded'] == 0
+  assert masks['hidden_pixels'] == {'visible': -1.0, 'occluded': -1.0, 'absent': -1.0}
   assert occlusion.mask_quality(gt, [det(1, far, 0.2)])['amodal_miou'] == -1

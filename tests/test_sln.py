@@ -104,6 +104,7 @@ def test_full_size_model_traces_and_matches_release_parameter_count():
       'head_bbox',
       'layer',
       'amodal',
+      'layering_map',  # 0: the release has no layering-map head
       'total',
   }
   assert all(v.shape == () and v.dtype == jnp.float32 for v in losses.values())
@@ -813,9 +814,9 @@ def test_train_forward_feeds_the_sampled_rois_to_the_heads_and_losses(monkeypatc
     seen['box_bn_mask'] = mask
     return real_box(self, *a, mask=mask)
 
-  def mask_head(self, *a, mask=None):
+  def mask_head(self, *a, mask=None, **kw):
     seen['mask_bn_mask'] = mask
-    return real_mask(self, *a, mask=mask)
+    return real_mask(self, *a, mask=mask, **kw)
 
   monkeypatch.setattr(sln.SLN, '_box_head', box_head)
   monkeypatch.setattr(sln.SLN, '_mask_head', mask_head)

@@ -303,6 +303,45 @@ def test_momentum_across_stages_and_its_reset():
     np.testing.assert_allclose(reset[k], sgd(k, (2,)), rtol=1e-5, atol=1e-7)
 
 
+def test_adamw_follows_optax_adamw_on_trained_leaves_and_its_reset_is_a_fresh_adam():
+  """train.optimizer='adamw': a trained leaf moves as optax's adamw (Adam,
+  then decoupled decay on kernels and biases, not BatchNorm, times the LR);
+  a frozen one does not; after reset_momentum the step is a fresh Adam's
+  first."""
+  c = _config(stages=(('all', 4, 0.01),))
+  c.train.optimizer = 'adamw'
+  c.train.weight_decay = 0.05
+  c.train.grad_clip_norm = 1e6
+  _, v = ts.init_variables()
+  p, bs = v['params'], v['batch_stats']
+  rng = np.random.default_rng(2)
+  grads = [jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), p) for _ in range(3)]
+  tx = optimizer_lib.create_optimizer(c, p, bs, 'all', learning_rate=lambda _: 0.01)
+  ref = optax.adamw(0.01, b1=0.9, b2=0.999, weight_decay=0.05)
+
+  def run(reset=False, steps=3):
+    state = tx.init(p)
+    for t in range(steps):
+      if reset and t == steps - 1:
+        state = optimizer_lib.reset_momentum(state)
+      updates, state = tx.update(grads[t], state, p)
+    return _flat(updates)
+
+  def adamw(k, steps):
+    state = ref.init(_flat(p)[k])
+    for t in steps:
+      updates, state = ref.update(_flat(grads[t])[k], state, _flat(p)[k])
+    return updates
+
+  conv = 'backbone/C4_0/conv1/kernel'
+  got = run()
+  np.testing.assert_allclose(got[conv], adamw(conv, (0, 1, 2)), rtol=1e-5, atol=1e-8)
+  assert not np.any(got['glm/layer1_conv/kernel'])
+  reset = run(reset=True)
+  np.testing.assert_allclose(reset[conv], adamw(conv, (2,)), rtol=1e-5, atol=1e-8)
+  assert not np.allclose(reset[conv], got[conv])
+
+
 def test_the_schedule_is_data_of_the_compiled_step():
   """Two schedules with the same stage names (other LRs, lengths, warm-up,
   num_steps) lower to the same program, so a launch with the other one

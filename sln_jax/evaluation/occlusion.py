@@ -180,12 +180,17 @@ def mask_quality(
 
   Returns ``{'min_occluded_px', 'matched': int, 'amodal_miou', 'visible_miou': float over the
   matched pairs, 'occluded': int pairs whose ground truth hides at least
-  min_occluded_px pixels, 'occluded_miou': float over those}``; a mean over
-  no pair is -1, and so are the visible and occluded ones when the results
-  carry no visible masks.
+  min_occluded_px pixels, 'occluded_miou': float over those,
+  'hidden_pixels': {'visible', 'occluded', 'absent'}}``: where the matched
+  detections put the pixels their ground truth hides (all of them, any
+  count), as shares of those pixels: in the predicted visible mask, in the
+  predicted occluded part, or outside the predicted amodal mask. A mean
+  over no pair is -1, and so are the visible and occluded ones (and the
+  shares) when the results carry no visible masks or nothing is hidden.
   """
   dets = check_results(results, gt, results_path)
   amodal_ious, visible_ious, occluded_ious = [], [], []
+  hidden_px = np.zeros(3, np.int64)  # predicted visible, occluded, absent
   for ann, _, g_rles, det_of_gt in _matches(gt, dets, score_threshold, iou_threshold):
     for g, k in det_of_gt.items():
       inst = ann.instances[g]
@@ -205,7 +210,14 @@ def mask_quality(
       )
       if hidden.sum() >= min_occluded_px:
         occluded_ious.append(_iou(pred & ~visible, hidden))
+      hidden_px += [
+          np.count_nonzero(hidden & visible),
+          np.count_nonzero(hidden & pred & ~visible),
+          np.count_nonzero(hidden & ~pred),
+      ]
   mean = lambda v: float(np.mean(v)) if v else -1.0
+  total = int(hidden_px.sum())
+  shares = (hidden_px / total).tolist() if total else [-1.0] * 3
   return {
       'min_occluded_px': int(min_occluded_px),
       'matched': len(amodal_ious),
@@ -213,6 +225,7 @@ def mask_quality(
       'visible_miou': mean(visible_ious),
       'occluded': len(occluded_ious),
       'occluded_miou': mean(occluded_ious),
+      'hidden_pixels': dict(zip(('visible', 'occluded', 'absent'), shares)),
   }
 
 
@@ -240,9 +253,9 @@ def occlusion_metrics(gt: Sequence, results: Sequence[dict], **kwargs) -> dict:
 
 
 def format_occlusion(report: Mapping[str, Any]) -> str:
-  """Up to three lines for an :func:`occlusion_metrics` result: the depth
-  orders it holds, and the masks' quality when the results carry visible
-  masks ('' when neither)."""
+  """Up to four lines for an :func:`occlusion_metrics` result: the depth
+  orders it holds, and the masks' quality and where the hidden pixels went
+  when the results carry visible masks ('' when neither)."""
   lines = []
   if report['depth_order'] is not None:
     lines.append(format_depth_order(report['depth_order']))
@@ -256,4 +269,10 @@ def format_occlusion(report: Mapping[str, Any]) -> str:
       f"visible mIoU {m['visible_miou']:.3f}, occluded-part mIoU {m['occluded_miou']:.3f} "
       f"({m['occluded']} objects hiding >= {m['min_occluded_px']} pixels)"
   )
+  h = m['hidden_pixels']
+  if h['visible'] >= 0:
+    lines.append(
+        f"hidden pixels of matched objects predicted visible {h['visible']:.3f}, "
+        f"occluded {h['occluded']:.3f}, absent {h['absent']:.3f}"
+    )
   return '\n'.join(lines)

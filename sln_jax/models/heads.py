@@ -115,16 +115,16 @@ class MaskHead(nn.Module):
   """
 
   num_layers: int = 1
+  channels: int = 256
+  bn_eps: float = 1e-3
+  norm: NormSpec = NormSpec()
+  dtype: Dtype = jnp.float32
   background_channel: bool = False
   # Not in the release: after conv2, the ROI-wide mean and max of the
   # features are broadcast back and concatenated to every pixel, so conv3
   # and conv4 can compare a pixel with the whole ROI (whose texture it
   # shares: visible, or another object's: hidden).
   roi_context: bool = False
-  channels: int = 256
-  bn_eps: float = 1e-3
-  norm: NormSpec = NormSpec()
-  dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(

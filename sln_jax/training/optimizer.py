@@ -4,7 +4,10 @@ The release's optimizer (apchenstu/SLN-Amodal model.py): zero the gradients of
 frozen leaves, clip the global norm of the rest to ``train.grad_clip_norm``,
 add L2 ``weight_decay * w`` to the gradients of every trained non-BatchNorm
 parameter, biases included (``train.decay_biases=False``: kernels only), then
-SGD with heavy-ball momentum (torch.optim.SGD). A stage trains the leaves its
+SGD with heavy-ball momentum (torch.optim.SGD). ``train.optimizer='adamw'``
+(not in the release; for training from scratch) replaces the last two: Adam
+(betas ``train.adam_b1`` / ``train.adam_b2``) with decoupled weight decay
+on the same parameters. A stage trains the leaves its
 pattern matches (``schedule.stage_regex``). BatchNorm scale/bias and
 statistics and the GLM (``glm/*``) never train, except with
 ``model.train_bn``: then the backbone's and heads' BNs train with their
@@ -131,23 +134,51 @@ def create_optimizer(
   def freeze():
     return optax.multi_transform({'train': optax.identity(), 'freeze': optax.set_to_zero()}, labels)
 
+  kind = tc.get('optimizer', 'sgd')
+  if kind == 'sgd':
+    update = (
+        optax.add_decayed_weights(tc.weight_decay, mask=decay),
+        optax.trace(decay=tc.momentum, nesterov=False),
+    )
+  elif kind == 'adamw':
+    update = (
+        optax.scale_by_adam(b1=tc.adam_b1, b2=tc.adam_b2),
+        optax.add_decayed_weights(tc.weight_decay, mask=decay),
+    )
+  else:
+    raise UserError(f'{kind!r} is not one of sgd, adamw', field='train.optimizer')
   return optax.chain(
       freeze(),  # frozen grads do not count in the norm
       optax.clip_by_global_norm(tc.grad_clip_norm),
-      optax.add_decayed_weights(tc.weight_decay, mask=decay),
-      optax.trace(decay=tc.momentum, nesterov=False),
+      *update,
       optax.scale_by_learning_rate(learning_rate or learning_rate_fn(config)),
       freeze(),  # momentum left from an earlier stage
   )
 
 
 def reset_momentum(opt_state: PyTree) -> PyTree:
-  """Zeroes the momentum buffers (a fresh SGD, as at each release stage) in
-  one program that keeps each buffer's sharding, so the next step takes them
-  as they are (eager ``zeros_like`` would compile one program per shape)."""
+  """Zeroes the momentum buffers (a fresh SGD, as at each release stage; for
+  Adam its moments and step count, a fresh Adam) in one program that keeps
+  each buffer's sharding, so the next step takes them as they are (eager
+  ``zeros_like`` would compile one program per shape)."""
+  is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)
+  if any(is_adam(x) for x in jax.tree.leaves(opt_state, is_leaf=is_adam)):
+    return _zeroed(opt_state, is_adam)
   trace = optax.tree_utils.tree_get(opt_state, 'trace')
-  zeros = jax.jit(
-      lambda t: jax.tree.map(jnp.zeros_like, t),
-      out_shardings=jax.tree.map(lambda x: x.sharding, trace),
-  )(trace)
-  return optax.tree_utils.tree_set(opt_state, trace=zeros)
+  return optax.tree_utils.tree_set(opt_state, trace=_zeroed(trace, lambda x: False))
+
+
+def _zeroed(tree: PyTree, is_target: Callable[[object], bool]) -> PyTree:
+  """``tree`` with every leaf zeroed (only the leaves inside nodes that
+  ``is_target`` picks, when any does), sharding kept."""
+  picked = any(is_target(x) for x in jax.tree.leaves(tree, is_leaf=is_target))
+
+  def zero(node):
+    if picked and not is_target(node):
+      return node
+    return jax.tree.map(jnp.zeros_like, node)
+
+  return jax.jit(
+      lambda t: jax.tree.map(zero, t, is_leaf=lambda x: picked and is_target(x)),
+      out_shardings=jax.tree.map(lambda x: x.sharding, tree),
+  )(tree)
