@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 from PIL import Image
+from pycocotools import mask as mask_utils
 import pytest
 
 from input_pipeline import readers, records, synthetic
@@ -178,3 +179,49 @@ def test_bad_input_names_the_file_and_writes_nothing(dataset, tmp_path):
   assert proc.stderr.count('\n') == 1 and 'gt.json' in proc.stderr
   assert 'images[1].file_name' in proc.stderr and 'missing.png' in proc.stderr
   assert not out.exists()
+
+
+def test_occlusion_picture_panels_and_matched_colours():
+  """tools/occlusion_picture.py: image, ground truth and prediction panels,
+  each scaled by the factor; a prediction identical to the ground truth
+  (listed in another order, with other scores) draws the same panel, since a
+  matched prediction takes its object's colour."""
+  from tools import occlusion_picture  # pylint: disable=import-outside-toplevel
+
+  h, w = 20, 30
+  front = np.zeros((h, w), bool)
+  front[2:10, 3:15] = True
+  back = np.zeros((h, w), bool)
+  back[6:16, 8:26] = True
+  instances = [
+      records.InstanceAnnotation(
+          amodal_rle=records.encode_mask(m),
+          visible_rle=records.encode_mask(v),
+          occluded_rle=records.encode_mask(m & ~v),
+          depth_rank=rank,
+          occlude_rate=0.0,
+          is_stuff=False,
+          category_id=1,
+      )
+      for m, v, rank in ((front, front, 0), (back, back & ~front, 1))
+  ]
+  ann = records.ImageAnnotation(1, '1.png', h, w, instances)
+  image = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
+  results = [
+      {
+          'image_id': 1,
+          'score': score,
+          'bbox': list(map(float, mask_utils.toBbox(records.encode_mask(m)))),
+          'segmentation': records.encode_mask(m),
+          'visible_mask': records.encode_mask(v),
+          'depth_layer': layer,
+      }
+      for m, v, layer, score in ((back, back & ~front, 1, 0.9), (front, front, 0, 0.6))
+  ]
+  pic = occlusion_picture.picture(ann, image, results, factor=3)
+  assert pic.shape == (3 * h, 3 * (3 * w) + 16, 3)
+  panel = 3 * w
+  np.testing.assert_array_equal(pic[:, :panel], np.kron(image, np.ones((3, 3, 1), np.uint8)))
+  truth, pred = pic[:, panel + 8 : 2 * panel + 8], pic[:, 2 * panel + 16 :]
+  np.testing.assert_array_equal(pred, truth)
+  assert not np.array_equal(truth, pic[:, :panel])  # something is drawn
