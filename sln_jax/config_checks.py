@@ -13,13 +13,14 @@ from typing import Any, Sequence
 
 import ml_collections
 
+from sln_jax import preprocess
 from sln_jax.config_values import is_int, is_number
 from sln_jax.errors import UserError
 from sln_jax.evaluation import metrics as metrics_lib
 from sln_jax.evaluation import results as results_lib
 from sln_jax.training import schedule as schedule_lib
 
-RESIZE_MODES = ('pad', 'squash')  # input.resize_mode (input_pipeline.pipeline)
+RESIZE_MODES = preprocess.RESIZE_MODES  # input.resize_mode
 DTYPES = ('float32', 'bfloat16')  # model.dtype: the compute dtype
 RESNET_STAGES = 4  # C2..C5
 FPN_LEVELS = 5  # P2..P6: one anchor scale each

@@ -11,7 +11,7 @@ import tensorflow_datasets as tfds
 
 from configs import tiny
 from input_pipeline import pipeline, tfds_builders
-from sln_jax import semdist
+from sln_jax import preprocess, semdist
 
 
 def _config(**input_overrides):
@@ -115,7 +115,7 @@ def test_flip_of_a_tall_image_keeps_padding_right_and_flips_glm_image():
   np.testing.assert_array_equal(b['image'][:, :32], a['image'][:, :32][:, ::-1])
   assert not b['image'][:, 32:].any()
   glm = tf.image.resize(b['image'], [33, 33], method='bilinear', antialias=False)
-  np.testing.assert_array_equal(b['glm_image'], pipeline._to_uint8(glm.numpy()))
+  np.testing.assert_array_equal(b['glm_image'], preprocess.to_uint8(glm.numpy()))
   assert not np.array_equal(b['glm_image'], a['glm_image'])
   flipped = tfds_builders.boxes_from_masks(index[:, :, ::-1] > 0) * 1.6
   np.testing.assert_allclose(b['gt_boxes'][:2], flipped, rtol=1e-6)
@@ -342,18 +342,18 @@ def test_antialiased_numpy_twin_matches_tf(src, dst):
   image = rng.integers(0, 256, src + (3,), dtype=np.uint8)
   aa = tf.image.resize(image, dst, method='bilinear', antialias=True).numpy()
   plain = tf.image.resize(image, dst, method='bilinear').numpy()
-  twin = pipeline.resize_bilinear_np(image, *dst, antialias=True)
+  twin = preprocess.resize_bilinear_np(image, *dst, antialias=True)
   ours = pipeline._resize_uint8(tf.constant(image), dst, antialias=True).numpy()
-  diff = np.abs(ours.astype(int) - pipeline._to_uint8(twin))
+  diff = np.abs(ours.astype(int) - preprocess.to_uint8(twin))
   assert diff.max() <= 1 and (diff == 0).mean() >= 0.999
   if dst[0] < src[0] or dst[1] < src[1]:
     np.testing.assert_allclose(twin, aa, atol=1e-3)
-    np.testing.assert_array_equal(ours, pipeline._to_uint8(aa))
+    np.testing.assert_array_equal(ours, preprocess.to_uint8(aa))
   else:
     # Enlarging: the triangle filter is plain bilinear (up to float rounding),
     # and the pipeline keeps ResizeBilinear's result exactly.
     np.testing.assert_allclose(aa, plain, atol=1e-3)
-    np.testing.assert_array_equal(ours, pipeline._to_uint8(plain))
+    np.testing.assert_array_equal(ours, preprocess.to_uint8(plain))
     np.testing.assert_allclose(twin, plain, atol=1e-3)
 
 
@@ -370,7 +370,7 @@ def test_antialiased_resize_is_pil_bilinear(src, dst):
   pil = np.asarray(Image.fromarray(image).resize(dst[::-1], Image.Resampling.BILINEAR)).astype(int)
   for antialias in (True, False):
     ours = pipeline._resize_uint8(tf.constant(image), dst, antialias).numpy()
-    twin = pipeline._to_uint8(pipeline.resize_bilinear_np(image, *dst, antialias=antialias))
+    twin = preprocess.to_uint8(preprocess.resize_bilinear_np(image, *dst, antialias=antialias))
     for got in (ours, twin):
       diff = np.abs(got.astype(int) - pil)
       if antialias:  # PIL rounds to uint8 between its two passes
@@ -388,9 +388,9 @@ def test_canvas_is_antialiased_and_glm_image_is_not():
   )
   np.testing.assert_array_equal(out['image_shape'], [64, 43])
   aa = tf.image.resize(image, [64, 43], method='bilinear', antialias=True)
-  np.testing.assert_array_equal(out['image'][:, :43], pipeline._to_uint8(aa.numpy()))
+  np.testing.assert_array_equal(out['image'][:, :43], preprocess.to_uint8(aa.numpy()))
   glm = tf.image.resize(out['image'], [33, 33], method='bilinear', antialias=False)
-  np.testing.assert_array_equal(out['glm_image'], pipeline._to_uint8(glm.numpy()))
+  np.testing.assert_array_equal(out['glm_image'], preprocess.to_uint8(glm.numpy()))
 
 
 # ------------------------------------------------------------ end to end

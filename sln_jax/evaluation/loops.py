@@ -13,7 +13,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import re
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import jax
@@ -224,14 +223,6 @@ def evaluate(
 
 # --------------------------------------------------------------------- predict
 
-IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm')
-
-
-def _image_id(stem: str, fallback: int) -> int:
-  """Trailing digits of the file stem (COCO names), else ``fallback``."""
-  digits = re.search(r'(\d+)$', stem)
-  return int(digits.group(1)) if digits else fallback
-
 
 def predict(
     config: ml_collections.ConfigDict,
@@ -259,7 +250,7 @@ def predict(
   by_stem = {}
   for name in sorted(os.listdir(pc.input_dir)):
     stem, suffix = os.path.splitext(name)
-    if suffix.lower() in IMAGE_SUFFIXES and stem in by_stem:
+    if suffix.lower() in render.IMAGE_SUFFIXES and stem in by_stem:
       raise UserError(
           f'{by_stem[stem]} and {name} would both write {stem}.json and ' f'{stem}.png',
           path=str(pc.input_dir),
@@ -282,7 +273,7 @@ def predict(
         return
       path = os.path.join(pc.input_dir, name)
       stem, suffix = os.path.splitext(name)
-      if not os.path.isfile(path) or suffix.lower() not in IMAGE_SUFFIXES:
+      if not os.path.isfile(path) or suffix.lower() not in render.IMAGE_SUFFIXES:
         tqdm.write(f'skipping {path}: not an image file')
         continue
       try:
@@ -295,7 +286,7 @@ def predict(
       dets = infer(
           variables, {'image': canvas[None], 'glm_image': glm[None], 'image_shape': shape[None]}
       )
-      yield dets, stem, _image_id(stem, k), image, scale
+      yield dets, stem, render.image_id_of(stem, k), image, scale
       launched += 1
 
   def write(dets, stem, image_id, image, scale):

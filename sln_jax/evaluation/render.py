@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import colorsys
 import json
+import re
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -14,6 +15,16 @@ from pycocotools import mask as mask_utils
 
 from sln_jax import files
 from sln_jax.evaluation.results import detections_to_results
+
+# Files the predict modes read as images (by suffix, any case).
+IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm')
+
+
+def image_id_of(stem: str, fallback: int) -> int:
+  """The image id of a predicted file: the trailing digits of its stem
+  (COCO names), else ``fallback``."""
+  digits = re.search(r'(\d+)$', stem)
+  return int(digits.group(1)) if digits else fallback
 
 
 # --------------------------------------------------------------- drawing
@@ -86,7 +97,15 @@ def write_prediction(
   dets, image_scale, image.shape[:2], **kwargs)``) to ``json_path`` and its
   picture to ``png_path`` (both atomic); returns the number of results."""
   results = detections_to_results(image_id, dets, image_scale, image.shape[:2], **kwargs)
-  with files.atomic_output_file(json_path) as f:
-    json.dump(results, f)
-  draw_prediction(image, results, png_path)
+  write_results_and_picture(results, image, json_path, png_path)
   return len(results)
+
+
+def write_results_and_picture(
+    results: Sequence[dict], image: np.ndarray, json_path: str, png_path: str
+) -> None:
+  """Writes one image's COCO ``results`` to ``json_path`` and their picture
+  over ``image`` to ``png_path`` (both atomic)."""
+  with files.atomic_output_file(json_path) as f:
+    json.dump(list(results), f)
+  draw_prediction(image, results, png_path)
