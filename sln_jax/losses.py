@@ -217,6 +217,31 @@ def softmax_amodal_loss(
   return _masked_mean(sigmoid_bce(amodal_logit, targets), positive[:, :, None, None])
 
 
+def mask_losses(
+    logits: jnp.ndarray,
+    layer_targets: jnp.ndarray,
+    positive: jnp.ndarray,
+    activation: str = 'sigmoid',
+    occluded_pos_weight: float = 1.0,
+) -> dict[str, jnp.ndarray]:
+  """The 'layer' and 'amodal' terms of the mask head's form
+  (``model.layer_activation``): :func:`layer_loss` and :func:`amodal_loss`
+  on the L layer logits ('sigmoid', the release), or
+  :func:`softmax_layer_loss` and :func:`softmax_amodal_loss` on all 1 + L
+  channels ('softmax')."""
+  if activation == 'softmax':
+    return {
+        'layer': softmax_layer_loss(
+            logits, layer_targets, positive, occluded_pos_weight=occluded_pos_weight
+        ),
+        'amodal': softmax_amodal_loss(logits, layer_targets, positive),
+    }
+  return {
+      'layer': layer_loss(logits, layer_targets, positive, occluded_pos_weight=occluded_pos_weight),
+      'amodal': amodal_loss(logits, layer_targets, positive),
+  }
+
+
 def layering_map_loss(logits: jnp.ndarray, targets: jnp.ndarray) -> jnp.ndarray:
   """Softmax CE of the learnt layering map, mean over every cell.
 

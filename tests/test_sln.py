@@ -12,7 +12,7 @@ import pytest
 
 from configs import default, tiny
 from sln_jax import losses
-from sln_jax.models import sln
+from sln_jax.models import layer_metrics, sln
 from tests import box_reference
 
 FAST = {'xla_backend_optimization_level': 0}  # CPU compile time >> run time here
@@ -536,7 +536,7 @@ def test_layer_pixel_counts_over_positive_rois_mean_over_images():
   logits = rng.normal(size=(b, r, m, m, layers)).astype(np.float32)
   targets = rng.random((b, r, m, m, layers)).astype(np.float32)
   positive = np.array([[True, False, True], [False, False, False]])
-  got = jax.jit(sln.layer_pixel_counts)(logits, targets, positive)
+  got = jax.jit(layer_metrics.layer_pixel_counts)(logits, targets, positive)
   assert sorted(got) == sorted(
       f'layer{k}_{n}_px' for k in (1, 2) for n in ('hit', 'target', 'pred')
   )
@@ -559,7 +559,7 @@ def test_layer_pixel_counts_of_the_softmax_form_count_the_argmax_class():
   logits = rng.normal(size=(1, 2, 4, 4, 3)).astype(np.float32)
   targets = rng.random((1, 2, 4, 4, 2)).astype(np.float32)
   positive = np.array([[True, True]])
-  got = sln.layer_pixel_counts(logits, targets, positive, 'softmax')
+  got = layer_metrics.layer_pixel_counts(logits, targets, positive, 'softmax')
   winner = np.argmax(logits, -1)
   for k in (1, 2):
     p, t = winner == k, targets[..., k - 1] >= 0.5

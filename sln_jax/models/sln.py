@@ -30,70 +30,29 @@ input. The mask losses train it too (no stop-gradient).
 
 from __future__ import annotations
 
-import functools
-import math
 from typing import Any, Mapping, Optional
 
-from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from sln_jax import losses, semdist
+from sln_jax.models import layer_metrics
 from sln_jax.models.deeplab import DeepLabV2
 from sln_jax.models.fpn import FPN
 from sln_jax.models.heads import BoxHead, LayeringMapHead, MaskHead
 from sln_jax.models.norm import NormSpec
 from sln_jax.models.resnet import ResNet
 from sln_jax.models.rpn import RPN
+
+# The variables of an SLN, kept reachable here: sln.init_variables etc.
+from sln_jax.models.variables import count_parameters, init_variables, variable_shapes  # noqa: F401
 from sln_jax.ops import anchors as anchor_ops
 from sln_jax.ops import boxes as box_ops
 from sln_jax.ops import postprocess, proposals, roi_align, targets
 
 FEATURE_STRIDES = anchor_ops.DEFAULT_STRIDES  # P2..P6: 4, 8, 16, 32, 64
-
-
-def layer_pixel_counts(
-    layer_logits: jax.Array,
-    layer_targets: jax.Array,
-    positive: jax.Array,
-    activation: str = 'sigmoid',
-) -> dict[str, jax.Array]:
-  """Per-layer mask pixel counts over the positive ROIs, mean over images.
-
-  Args:
-    layer_logits: (B, R, M, M, L) ('sigmoid') or (B, R, M, M, 1 + L)
-      ('softmax'); layer_targets: (B, R, M, M, L) in [0, 1]; positive:
-      (B, R) bool.
-    activation: ``model.layer_activation``. A pixel is predicted on layer k
-      where its logit is > 0 ('sigmoid') or where class k is the argmax
-      ('softmax').
-
-  Returns:
-    float32 scalars ``layer{k}_hit_px`` (predicted and target >= 0.5),
-    ``layer{k}_target_px`` and ``layer{k}_pred_px`` for k = 1..L (1 = the
-    visible layer, 2.. the occluded ones). The training log turns them into
-    ``layer{k}_recall`` = hit / target and ``layer{k}_precision`` = hit / pred
-    (``sln_jax.training.loop.layer_ratios``); counts, not ratios, so that
-    averaging over images, devices and log steps pools the pixels.
-  """
-  keep = positive[:, :, None, None, None]
-  if activation == 'softmax':
-    num = layer_logits.shape[-1]
-    pred = jax.nn.one_hot(jnp.argmax(layer_logits, axis=-1), num, dtype=bool)[..., 1:]
-  else:
-    pred = layer_logits > 0
-  pred = pred & keep
-  target = (layer_targets >= 0.5) & keep
-  count = lambda x: jnp.mean(jnp.sum(x.astype(jnp.float32), axis=(1, 2, 3)), axis=0)
-  hit, tgt, prd = count(pred & target), count(target), count(pred)
-  out = {}
-  for k in range(layer_targets.shape[-1]):
-    out[f'layer{k + 1}_hit_px'] = hit[k]
-    out[f'layer{k + 1}_target_px'] = tgt[k]
-    out[f'layer{k + 1}_pred_px'] = prd[k]
-  return out
 
 
 class SLN(nn.Module):
@@ -386,7 +345,13 @@ class SLN(nn.Module):
         'head_bbox': losses.head_bbox_loss(
             head['deltas'], sample['class_targets'], sample['bbox_targets'], sample['valid']
         ),
-        **self._mask_losses(layer_logits, layer_targets, pos['positive'], given),
+        **losses.mask_losses(
+            layer_logits,
+            layer_targets,
+            pos['positive'],
+            self._activation(),
+            float(given.get('occluded_pos_weight', 1.0)),
+        ),
         'layering_map': layering_loss,
     }
     weights = {k: float(given.get(k, 1.0)) for k in losses.TERMS}
@@ -404,26 +369,11 @@ class SLN(nn.Module):
         ),
     }
     metrics.update(
-        layer_pixel_counts(layer_logits, layer_targets, pos['positive'], self._activation())
+        layer_metrics.layer_pixel_counts(
+            layer_logits, layer_targets, pos['positive'], self._activation()
+        )
     )
     return terms, metrics
-
-  def _mask_losses(self, layer_logits, layer_targets, positive, given) -> dict[str, jax.Array]:
-    """The 'layer' and 'amodal' terms of ``model.layer_activation``."""
-    weight = float(given.get('occluded_pos_weight', 1.0))
-    if self._activation() == 'softmax':
-      return {
-          'layer': losses.softmax_layer_loss(
-              layer_logits, layer_targets, positive, occluded_pos_weight=weight
-          ),
-          'amodal': losses.softmax_amodal_loss(layer_logits, layer_targets, positive),
-      }
-    return {
-        'layer': losses.layer_loss(
-            layer_logits, layer_targets, positive, occluded_pos_weight=weight
-        ),
-        'amodal': losses.amodal_loss(layer_logits, layer_targets, positive),
-    }
 
   # ------------------------------------------------------------- inference
   def infer(
@@ -488,77 +438,3 @@ class SLN(nn.Module):
 def build_model(config) -> SLN:
   """SLN from the full config tree (model sub-config + loss weights)."""
   return SLN(config.model, loss_weights=dict(config.loss))
-
-
-# ----------------------------------------------------------------- variables
-def variable_shapes(model: SLN, image_size: int):
-  """ShapeDtypeStruct tree of {'params', 'batch_stats'} (no computation)."""
-  g = int(model.config.glm.image_size)
-  return jax.eval_shape(
-      functools.partial(model.init, method=SLN.infer),
-      jax.random.PRNGKey(0),
-      jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.uint8),
-      jax.ShapeDtypeStruct((1, g, g, 3), jnp.uint8),
-      jax.ShapeDtypeStruct((1, 2), jnp.float32),
-  )
-
-
-def _leaf_init(path: tuple[str, ...], shape: tuple[int, ...]):
-  """(kind, scale) of one variable, the release's initialize_weights rule."""
-  name, parent = path[-1], (path[-2] if len(path) > 1 else '')
-  if path[0] == 'batch_stats':
-    return ('const', 1.0 if name == 'var' else 0.0)
-  if name == 'kernel':
-    if parent.startswith('linear_'):
-      return ('normal', 0.01)
-    receptive = math.prod(shape[:-2])
-    fan_in, fan_out = shape[-2] * receptive, shape[-1] * receptive
-    return ('uniform', math.sqrt(6.0 / (fan_in + fan_out)))  # xavier uniform
-  return ('const', 1.0 if name == 'scale' else 0.0)
-
-
-def init_variables(model: SLN, rng: jax.Array, image_size: int):
-  """Initial {'params', 'batch_stats'} for an S = ``image_size`` canvas.
-
-  As the release's ``initialize_weights``: conv kernels xavier-uniform,
-  linear kernels N(0, 0.01), biases 0, BN scale 1 / bias 0, running mean 0 /
-  var 1. The random numbers come from two draws of ``rng`` (one small jitted
-  function), sliced on the host: compiling Flax's per-parameter
-  initializers (``model.init``) is far slower on a CPU.
-  """
-  flat = traverse_util.flatten_dict(dict(variable_shapes(model, image_size)))
-  specs = {k: _leaf_init(k, v.shape) for k, v in flat.items()}
-  sizes = {
-      kind: sum(math.prod(flat[k].shape) for k, s in specs.items() if s[0] == kind)
-      for kind in ('uniform', 'normal')
-  }
-
-  @jax.jit
-  def draw(key):
-    ku, kn = jax.random.split(key)
-    return (
-        jax.random.uniform(ku, (sizes['uniform'],), jnp.float32, -1.0, 1.0),
-        jax.random.normal(kn, (sizes['normal'],), jnp.float32),
-    )
-
-  uni, norm = jax.device_get(draw(rng))
-  pools, offsets = {'uniform': uni, 'normal': norm}, {'uniform': 0, 'normal': 0}
-  out = {}
-  for k, (kind, scale) in specs.items():
-    shape = flat[k].shape
-    if kind == 'const':
-      out[k] = np.full(shape, scale, np.float32)
-      continue
-    n = math.prod(shape)
-    chunk = pools[kind][offsets[kind] : offsets[kind] + n]
-    offsets[kind] += n
-    out[k] = (chunk * np.float32(scale)).reshape(shape)
-  # device_put copies; jnp.asarray / jnp.full would compile a program per shape.
-  return traverse_util.unflatten_dict(jax.device_put(out))
-
-
-def count_parameters(variables) -> int:
-  """Number of scalars in ``variables`` (params + batch_stats: BN running
-  statistics included, as in a PyTorch state_dict without
-  num_batches_tracked). Works on arrays and ShapeDtypeStructs."""
-  return int(sum(math.prod(x.shape) for x in jax.tree.leaves(variables)))

@@ -41,7 +41,7 @@ _LAYER_COUNT = re.compile(r'(metric/layer\d+)_hit_px')
 
 def layer_ratios(scalars: dict[str, float]) -> dict[str, float]:
   """Replaces the ``metric/layer{k}_{hit,target,pred}_px`` pixel counts
-  (``sln.layer_pixel_counts``, averaged over the log window) by
+  (``layer_metrics.layer_pixel_counts``, averaged over the log window) by
   ``metric/layer{k}_recall`` = hit / target and ``metric/layer{k}_precision``
   = hit / pred; a ratio with no pixels under it is left out."""
   out = dict(scalars)
