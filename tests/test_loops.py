@@ -63,7 +63,7 @@ def test_evaluate_scores_in_original_pixels(tmp_path, monkeypatch, lookahead, wo
     assert json.load(f) == metrics
   with open(tmp_path / 'depth_order.json') as f:
     depth = json.load(f)
-  assert set(depth) == {'accuracy', 'correct', 'wrong', 'undecided', 'pairs'}
+  assert set(depth) == {'accuracy', 'correct', 'wrong', 'undecided', 'pairs', 'things'}
   assert depth['pairs'] == 0 and depth['accuracy'] == -1  # one object per image
   with open(tmp_path / 'results.json') as f:
     results = json.load(f)

@@ -389,7 +389,14 @@ def test_depth_order_accuracy():
       det(1, far, 0.7, depth_layer=0),
   ]
   r = occlusion.depth_order_accuracy(gt, right)
-  assert r == {'accuracy': 1.0, 'correct': 1, 'wrong': 0, 'undecided': 0, 'pairs': 1}
+  assert r == {
+      'accuracy': 1.0,
+      'correct': 1,
+      'wrong': 0,
+      'undecided': 0,
+      'pairs': 1,
+      'things': {'accuracy': 1.0, 'correct': 1, 'pairs': 1},
+  }
   assert occlusion.format_depth_order(r) == (
       'depth order: 1/1 pairs of matched, overlapping objects '
       'ordered right, 0 wrong, 0 undecided (accuracy 1.000)'
@@ -401,6 +408,7 @@ def test_depth_order_accuracy():
       'wrong': 1,
       'undecided': 0,
       'pairs': 1,
+      'things': {'accuracy': 0.0, 'correct': 0, 'pairs': 1},
   }
   tie = [dict(d, depth_layer=0) for d in right]
   assert occlusion.depth_order_accuracy(gt, tie) == {
@@ -409,6 +417,7 @@ def test_depth_order_accuracy():
       'wrong': 0,
       'undecided': 1,
       'pairs': 1,
+      'things': {'accuracy': 0.0, 'correct': 0, 'pairs': 1},
   }
   # Below the score threshold: no matched pair.
   low = [dict(d, score=0.3) for d in right]
@@ -421,6 +430,32 @@ def test_depth_order_accuracy():
   pw = np.array([[0, 1, 0], [-1, 0, 0], [0, 0, 0]])
   assert occlusion.depth_order_accuracy(gt, wrong, pairwise={1: pw})['accuracy'] == ONE
   assert occlusion.depth_order_accuracy(gt, right, pairwise={1: -pw})['accuracy'] == 0.0
+
+
+def test_depth_order_counts_the_pairs_of_two_things_apart():
+  """A stuff region behind two overlapping things: three pairs, one of two
+  things; the line names the things' share when stuff pairs are in."""
+  front, back = rect(2, 2, 12, 14), rect(6, 8, 18, 24)
+  ground = rect(0, 0, 24, 32)
+  gt = [
+      image(
+          1,
+          [
+              inst(front, rank=0),
+              inst(back, visible=back & ~front, rank=1),
+              inst(ground, visible=ground & ~(front | back), rank=2, stuff=True),
+          ],
+      )
+  ]
+  results = [
+      det(1, front, 0.9, depth_layer=1),  # the things' pair wrong
+      det(1, back, 0.8, depth_layer=0),
+      det(1, ground, 0.7, depth_layer=2),  # both stuff pairs right
+  ]
+  r = occlusion.depth_order_accuracy(gt, results)
+  assert (r['correct'], r['pairs']) == (2, 3)
+  assert r['things'] == {'accuracy': 0.0, 'correct': 0, 'pairs': 1}
+  assert occlusion.format_depth_order(r).endswith('; pairs of two things 0/1 (0.000)')
 
 
 def test_depth_order_thresholds_are_inclusive():
@@ -449,6 +484,7 @@ def test_depth_order_matching_is_greedy_by_score_and_best_iou():
       'wrong': 0,
       'undecided': 0,
       'pairs': 1,
+      'things': {'accuracy': 1.0, 'correct': 1, 'pairs': 1},
   }
   # Overlapping GT of equal depth rank is not a pair.
   tied = [image(1, [inst(left, rank=0), inst(right, rank=0)])]
@@ -930,6 +966,7 @@ def test_occlusion_metrics_score_layers_votes_and_occluded_parts():
       'wrong': 0,
       'undecided': 0,
       'pairs': 1,
+      'things': {'accuracy': 1.0, 'correct': 1, 'pairs': 1},
   }
   masks = report['masks']
   assert masks['matched'] == 3 and masks['amodal_miou'] == 1.0

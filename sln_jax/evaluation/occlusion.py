@@ -87,10 +87,13 @@ def depth_order_accuracy(
 
   Returns ``{'accuracy': float (-1 if no pair), 'correct': int, 'wrong':
   int, 'undecided': int, 'pairs': int}`` (correct + wrong + undecided =
-  pairs).
+  pairs) and ``'things'``: {'accuracy', 'correct', 'pairs'} over the pairs
+  of two things (neither ``is_stuff``), which a background region does not
+  make easy.
   """
   dets = check_results(results, gt, results_path)
   tally = {1: 0, -1: 0, 0: 0}  # right, wrong, undecided
+  things = [0, 0]  # right, pairs
   for ann, local, g_rles, det_of_gt in _matches(gt, dets, score_threshold, iou_threshold):
     image_id = int(ann.image_id)
     overlap = (
@@ -104,7 +107,11 @@ def depth_order_accuracy(
           continue
         a, b = det_of_gt[gi], det_of_gt[gj]
         pred = _predicted_order(dets, a, b, local, image_id, pairwise, results_path)
-        tally[pred * (1 if ri < rj else -1)] += 1
+        outcome = pred * (1 if ri < rj else -1)
+        tally[outcome] += 1
+        if not (ann.instances[gi].is_stuff or ann.instances[gj].is_stuff):
+          things[0] += outcome == 1
+          things[1] += 1
   pairs = sum(tally.values())
   return {
       'accuracy': tally[1] / pairs if pairs else -1.0,
@@ -112,6 +119,11 @@ def depth_order_accuracy(
       'wrong': tally[-1],
       'undecided': tally[0],
       'pairs': pairs,
+      'things': {
+          'accuracy': things[0] / things[1] if things[1] else -1.0,
+          'correct': int(things[0]),
+          'pairs': things[1],
+      },
   }
 
 
@@ -119,11 +131,17 @@ def format_depth_order(depth: Mapping[str, Any]) -> str:
   """One line for a :func:`depth_order_accuracy` result."""
   if not depth['pairs']:
     return 'depth order: no matched pair of overlapping objects to score'
-  return (
+  line = (
       f"depth order: {depth['correct']}/{depth['pairs']} pairs of matched, "
       f"overlapping objects ordered right, {depth['wrong']} wrong, "
       f"{depth['undecided']} undecided (accuracy {depth['accuracy']:.3f})"
   )
+  things = depth.get('things')
+  if things and things['pairs'] and things['pairs'] < depth['pairs']:
+    line += (
+        f"; pairs of two things {things['correct']}/{things['pairs']} ({things['accuracy']:.3f})"
+    )
+  return line
 
 
 def _predicted_order(dets, a, b, local, image_id, pairwise, path) -> int:
