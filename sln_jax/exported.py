@@ -51,6 +51,7 @@ class ExportedModel:
     self.path = path
     self.header = header
     self._program = program
+    self._call = jax.jit(program.call)  # traced once, then cached
     self._variables = jax.tree.map(jax.numpy.asarray, variables)
 
   @property
@@ -75,7 +76,7 @@ class ExportedModel:
           path=self.path,
           field='canvas',
       )
-    out = self._program.call(
+    out = self._call(
         self._variables,
         np.asarray(canvas, np.uint8)[None],
         np.asarray(glm_image, np.uint8)[None],
