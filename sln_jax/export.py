@@ -31,12 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from sln_jax import files
+from sln_jax.exported import FORMAT, VERSION
 from sln_jax.training.step import make_infer_fn
 
-FORMAT = 'sln-exported'
-VERSION = 1
 PLATFORMS = ('cpu', 'cuda')
-MEMBERS = ('header.json', 'program.bin', 'variables.npz')
 
 
 def header(config, platforms: Sequence[str]) -> dict:
