@@ -3,7 +3,7 @@ the training stack (``sln_jax.exported`` loads and runs it).
 
 The file is a zip archive:
 
-  header.json    what the host needs around the program (``HEADER_FIELDS``)
+  header.json    what the host needs around the program (:func:`header`)
   program.bin    ``jax.export`` serialisation of ``SLN.infer`` (detection,
                  NMS and the layered mask head, all on the device) for batch
                  1 and the config's canvas, lowered for every platform in
