@@ -18,7 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- data
   c.dataset = d = ml_collections.ConfigDict()
-  d.name = 'cocoa'  # cocoa | d2sa | kins | synthetic
+  d.name = 'cocoa'  # cocoa | cocoa_cls | d2sa | kins | synthetic
   d.data_dir = 'data/tfds'  # TFDS data_dir (prepared datasets live here)
   d.manual_dir = 'data/cocoa'  # raw annotations + images (TFDS manual_dir)
   d.train_split = 'train'
@@ -180,6 +180,18 @@ def get_config() -> ml_collections.ConfigDict:
   # Processes turning detections into results (paste, RLE, depth order);
   # -1: none on a CPU backend, else CPUs - 2 (at most 16).
   e.host_workers = -1
+  # After the detection evaluation, also the box-prompted protocol (C2F-Seg,
+  # amodal SAM): masks of the ground-truth boxes, amodal / visible /
+  # occluded-part mIoU over ground-truth objects (workdir/box_prompted.json;
+  # sln_jax/evaluation/box_prompted.py).
+  e.box_prompted = False
+  # The HTML report (workdir/report/index.html; sln_jax/evaluation/report.py):
+  # metric tables, precision-recall curves, depth order, and the pictures of
+  # the report_images best and worst images by amodal IoU. Pictures and the
+  # report's per-image numbers use detections with score >= report_score.
+  e.report = True
+  e.report_images = 6
+  e.report_score = 0.5
 
   c.predict = p = ml_collections.ConfigDict()
   p.input_dir = ''

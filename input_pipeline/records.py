@@ -10,9 +10,10 @@ Two levels:
 Conventions: masks are (N, H, W) bool in image pixels; ``depth_rank`` is 0 for
 the front-most instance (larger = further back, ties allowed for objects that
 never overlap); ``depth_pairs`` lists (front, back) instance indices as
-annotated (COCOA ``depth_constraint``) or derived (KINS). Instances keep the
-order of the source file (COCOA: by ``order``; D2SA: by ``occl_depth``); there
-is no cap on their number.
+annotated (COCOA ``depth_constraint``), from per-instance depths (D2SA
+``occl_depth``) or derived from the masks (KINS, COCOA-cls). Instances keep
+the order of the source file (COCOA: by ``order``; D2SA: by ``occl_depth``);
+there is no cap on their number.
 """
 
 from __future__ import annotations

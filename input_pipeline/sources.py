@@ -34,6 +34,7 @@ class DataSources:
   train_batches: Optional[Callable[[], Iterable[dict]]] = None
   eval_batches: Optional[Callable[[], Iterable[dict]]] = None
   eval_annotations: Optional[Callable[[], Sequence]] = None
+  eval_images_dir: Optional[str] = None  # the eval split's images (the report's pictures)
   preprocess_image: Optional[Callable[[np.ndarray, Any], tuple]] = None
 
 
@@ -61,6 +62,16 @@ def _eval_annotations(config: ml_collections.ConfigDict, builder) -> Callable[[]
     )
   path, images = files[d.eval_split.split('[')[0]]
   return lambda: readers.load_annotations(builder.FORMAT, path, images)
+
+
+def _eval_images_dir(config: ml_collections.ConfigDict, builder) -> Optional[str]:
+  """The eval split's images directory in dataset.manual_dir, or None when
+  manual_dir does not hold the split."""
+  d = config.dataset
+  if not os.path.isdir(d.manual_dir):
+    return None
+  found = builder.split_files(os.path.abspath(d.manual_dir)).get(d.eval_split.split('[')[0])
+  return None if found is None or not os.path.isdir(found[1]) else found[1]
 
 
 def _build_dataset_once(config: ml_collections.ConfigDict):
@@ -120,4 +131,5 @@ def build(config: ml_collections.ConfigDict, mode: str) -> DataSources:
         **shard,
     )
     data.eval_annotations = _eval_annotations(config, builder)
+    data.eval_images_dir = _eval_images_dir(config, builder)
   return data

@@ -1,4 +1,4 @@
-"""TFDS builders for amodal datasets: cocoa, d2sa, kins and synthetic.
+"""TFDS builders for amodal datasets: cocoa, cocoa_cls, d2sa, kins and synthetic.
 
 Fully offline: every builder reads raw annotation JSON and images from
 ``manual_dir`` (``synthetic`` first generates them there when absent).
@@ -235,6 +235,29 @@ class Cocoa(_AmodalBuilder, skip_registration=True):
   Splits whose annotation file is missing are left out."""
 
 
+class CocoaCls(_AmodalBuilder, skip_registration=True):
+  """COCOA-cls (COCOA with COCO classes, from the D2SA authors)."""
+
+  name = 'cocoa_cls'
+  FORMAT = 'cocoa_cls'
+  SPLIT_FILES = {
+      s: (
+          (
+              f'annotations/COCO_amodal_{s}2014_with_classes.json',
+              f'COCOA_annotations_detectron/COCO_amodal_{s}2014_with_classes.json',
+          ),
+          f'{s}2014',
+      )
+      for s in ('train', 'val')
+  }
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+  Place COCOA-cls in manual_dir (next to COCOA, which shares the images):
+    annotations/COCO_amodal_{train,val}2014_with_classes.json
+      (or COCOA_annotations_detectron/ as unpacked from the release)
+    {train,val}2014/<file_name>   (the COCO 2014 images they list)
+  Splits whose annotation file is missing are left out."""
+
+
 class D2sa(_AmodalBuilder, skip_registration=True):
   """D2S amodal (MVTec)."""
 
@@ -278,6 +301,7 @@ class Kins(_AmodalBuilder, skip_registration=True):
   Place KINS in manual_dir (KITTI object images + KINS annotations):
     annotations/update_train_2020.json (or instances_train.json) -> train
     annotations/update_test_2020.json  (or instances_val.json)   -> test
+    (the 2020 release, 8 classes, or the original one, 7 classes)
     training/image_2/<file_name>, testing/image_2/<file_name>
   KINS has no separate validation split: evaluate on 'test'."""
 
@@ -357,7 +381,13 @@ class Synthetic(_AmodalBuilder, skip_registration=True):
         json.dump(params, f)
 
 
-BUILDERS = {'cocoa': Cocoa, 'd2sa': D2sa, 'kins': Kins, 'synthetic': Synthetic}
+BUILDERS = {
+    'cocoa': Cocoa,
+    'cocoa_cls': CocoaCls,
+    'd2sa': D2sa,
+    'kins': Kins,
+    'synthetic': Synthetic,
+}
 
 
 def make_builder(config) -> _AmodalBuilder:

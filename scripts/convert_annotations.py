@@ -1,6 +1,6 @@
 """Converts COCOA / D2SA / KINS annotations to the release's layer files.
 
-  python scripts/convert_annotations.py --format {cocoa,d2sa,kins} \
+  python scripts/convert_annotations.py --format {cocoa,cocoa_cls,d2sa,kins} \
       --annotations A.json --images DIR --out DIR
 
 Writes one ``<image stem>.npz`` (array ``layer``, uint64 (H, W)) per image
@@ -25,7 +25,7 @@ from sln_jax import cli, errors, files
 
 def parse_args(argv=None) -> argparse.Namespace:
   parser = cli.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--format', required=True, choices=('cocoa', 'd2sa', 'kins'))
+  parser.add_argument('--format', required=True, choices=readers.FILE_FORMATS)
   parser.add_argument('--annotations', required=True, help='annotation json')
   parser.add_argument('--images', required=True, help='images directory')
   parser.add_argument('--out', required=True, help='output directory')

@@ -3,7 +3,9 @@
   python scripts/demo.py --workdir=runs/demo
 
 Runs main.py's modes in order with configs/synthetic.py and prints the
-metrics table at the end. Every step shows its own progress bar.
+metrics table at the end; the evaluation's HTML report is
+``<workdir>/report/index.html`` and the predicted pictures are in
+``<workdir>/predictions``. Every step shows its own progress bar.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ def main() -> int:
   with open(os.path.join(workdir, 'metrics.json')) as f:
     metrics = json.load(f)
   print(metrics_lib.format_table(metrics))
+  print(f'report: {os.path.join(workdir, "report", "index.html")}')
   print(f'demo finished in {(time.time() - t0) / 60:.1f} min; outputs in {workdir}')
   return 0
 

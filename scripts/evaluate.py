@@ -1,11 +1,15 @@
 """Scores a COCO-style amodal results file (COCO's rules by default, or amodalAPI's).
 
   python scripts/evaluate.py --format cocoa --annotations GT.json \
-      --results DT.json --output M.json [--protocol coco|amodalapi]
+      --results DT.json --output M.json [--protocol coco|amodalapi] \
+      [--report DIR --images IMAGES]
 
 Writes M.json atomically as {"amodal": {SUBSET: {PART: {METRIC: value}}},
-"visible": {...}} (see sln_jax/evaluation/metrics.py) and prints a table. Bad input
-ends with one line naming the file and the field, exit code 2.
+"visible": {...}} (see sln_jax/evaluation/metrics.py) and prints a table.
+--report writes the HTML report into DIR (DIR/index.html: tables,
+precision-recall curves, depth order, and the best and worst images drawn
+from --images; sln_jax/evaluation/report.py). Bad input ends with one line
+naming the file and the field, exit code 2.
 """
 
 from __future__ import annotations
@@ -16,18 +20,27 @@ import os
 from input_pipeline import readers
 from sln_jax import cli, errors, files
 from sln_jax.evaluation import metrics as metrics_lib
-from sln_jax.evaluation import occlusion, results_check
+from sln_jax.evaluation import occlusion, report, results_check
 
 
 def main(argv=None) -> int:
   parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--format', required=True, choices=('cocoa', 'd2sa', 'kins'))
+  parser.add_argument('--format', required=True, choices=readers.FILE_FORMATS)
   parser.add_argument('--annotations', required=True, help='ground-truth JSON')
   parser.add_argument('--results', required=True, help='COCO-style results JSON')
   parser.add_argument('--output', required=True, help='metrics JSON to write')
   parser.add_argument('--protocol', default='coco', choices=metrics_lib.PROTOCOLS)
-  parser.add_argument('--images', default=None, help='images directory (optional)')
+  parser.add_argument('--images', default=None, help='images directory (needed by --report)')
+  parser.add_argument('--report', default=None, metavar='DIR', help='write the HTML report here')
+  parser.add_argument(
+      '--score',
+      type=float,
+      default=0.5,
+      help="the report's pictures and per-image numbers use detections of this score or more",
+  )
   args = parser.parse_args(argv)
+  if args.report and not args.images:
+    raise errors.UserError('--report draws the images: give --images', field='--images')
 
   if not os.path.isfile(args.annotations):
     raise errors.UserError('no such file', path=args.annotations)
@@ -35,14 +48,30 @@ def main(argv=None) -> int:
   gt = readers.load_annotations(args.format, args.annotations, args.images, keep_empty=True)
   results = files.read_json(args.results)
   checked = results_check.check_results(results, gt, args.results)  # once for both scorings
-  metrics = metrics_lib.evaluate(gt, checked, protocol=args.protocol)
+  curves = {}
+  metrics = metrics_lib.evaluate(gt, checked, protocol=args.protocol, curves=curves)
   with files.atomic_output_file(args.output) as f:
     json.dump(metrics, f, indent=1)
   print(metrics_lib.format_table(metrics), end='')
-  text = occlusion.format_occlusion(occlusion.occlusion_metrics(gt, checked)) if results else ''
+  occluded = occlusion.occlusion_metrics(gt, checked)
+  text = occlusion.format_occlusion(occluded) if results else ''
   if text:
     print(text)
   print(f'wrote {args.output}')
+  if args.report:
+    index = report.write_report(
+        args.report,
+        gt,
+        checked,
+        metrics,
+        curves,
+        occluded,
+        images_dir=args.images,
+        score_threshold=args.score,
+        title=f'Evaluation of {os.path.basename(args.results)}',
+        details=[f'ground truth {args.annotations}', f'protocol {args.protocol}'],
+    )
+    print(f'wrote {index}')
   return 0
 
 

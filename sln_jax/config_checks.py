@@ -60,6 +60,11 @@ def _in_range(
     )
 
 
+def _bool(value: Any, field: str) -> None:
+  if not isinstance(value, bool):
+    raise UserError(f'{value!r} is not True or False', field=field)
+
+
 def _int_tuple(value: Any, length: int, field: str) -> None:
   """A tuple of ``length`` integers >= 1."""
   if (
@@ -171,6 +176,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   _in_range(e.mask_threshold, 0.0, 1.0, 'eval.mask_threshold', low_open=True, high_open=True)
   _int_at_least(e.batch_size, 1, 'eval.batch_size')
   _int_at_least(e.host_workers, -1, 'eval.host_workers')
+  _bool(e.get('box_prompted', False), 'eval.box_prompted')
+  _bool(e.get('report', True), 'eval.report')
+  _int_at_least(e.get('report_images', 6), 0, 'eval.report_images')
+  _in_range(e.get('report_score', 0.5), 0.0, 1.0, 'eval.report_score')
   _in_range(config.predict.score_threshold, 0.0, 1.0, 'predict.score_threshold')
   for pattern in str(config.get('init_patterns', '')).split(','):
     try:

@@ -15,7 +15,7 @@ import ml_collections
 from sln_jax import config_checks
 from sln_jax.checkpoints.manager import check_checkpoint_fits, checkpoint_steps, load_variables
 from sln_jax.errors import UserError
-from sln_jax.evaluation import loops
+from sln_jax.evaluation import box_prompted, loops
 from sln_jax.files import atomic_output_file
 from sln_jax.models import sln
 from sln_jax.parallel import PyTree
@@ -78,7 +78,10 @@ def run(
   refused before anything is written. The training modes write their config
   to ``workdir/config.txt``; evaluate writes ``workdir/config_evaluate.txt``
   beside metrics.json (the training config stays as it was); predict writes
-  only into ``predict.output_dir``.
+  only into ``predict.output_dir``. With ``eval.box_prompted`` the evaluating
+  modes then run ``box_prompted.evaluate`` over a second pass of the eval
+  batches (``workdir/box_prompted.json``); the returned metrics are
+  ``loops.evaluate``'s.
   """
   if mode not in MODES:
     raise UserError(f'unknown mode {mode!r}; one of {", ".join(MODES)}', field='--mode')
@@ -123,16 +126,29 @@ def run(
   if mode == 'predict':
     loops.predict(config, model, variables, data.preprocess_image)
     return None
+  annotations = data.eval_annotations()
   metrics = loops.evaluate(
       config,
       workdir,
       model,
       variables,
       data.eval_batches(),
-      data.eval_annotations(),
+      annotations,
       step=step,
       writer=writer,
+      images_dir=data.eval_images_dir,
   )
+  if config.eval.get('box_prompted', False):
+    box_prompted.evaluate(
+        config,
+        workdir,
+        model,
+        variables,
+        data.eval_batches(),
+        annotations,
+        step=step,
+        writer=writer,
+    )
   if mode == 'evaluate':
     _write_config(config, workdir, 'config_evaluate.txt')
   return metrics

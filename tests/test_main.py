@@ -121,6 +121,11 @@ def test_train_and_evaluate_then_predict(tmp_path):
     results = json.load(f)
   assert isinstance(results, list)
   assert 'amodal masks' in proc.stdout  # the printed table
+  # The HTML report, with the pictures of its gallery drawn from the images.
+  index = (workdir / 'report' / 'index.html').read_text()
+  assert f'report: {workdir / "report" / "index.html"}' in proc.stdout
+  pictures = sorted(os.listdir(workdir / 'report' / 'images'))
+  assert pictures and all(f'images/{p}' in index for p in pictures)
   assert any(n.startswith('events.out.tfevents') for n in os.listdir(workdir))
   config_txt = (workdir / 'config.txt').read_text()
   assert 'num_layers: 1' in config_txt

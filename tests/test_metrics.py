@@ -997,3 +997,24 @@ def test_mask_quality_without_visible_masks_or_matches_is_minus_one():
   assert masks['visible_miou'] == -1 and masks['occluded_miou'] == -1 and masks['occluded'] == 0
   assert masks['hidden_pixels'] == {'visible': -1.0, 'occluded': -1.0, 'absent': -1.0}
   assert occlusion.mask_quality(gt, [det(1, far, 0.2)])['amodal_miou'] == -1
+
+
+@pytest.mark.parametrize('use_cats', [False, True])
+def test_precision_curves_are_cocoevals_precision_array(use_cats):
+  """The report's precision-recall curves: COCOeval's own precision array
+  (area all, maxDets 100), averaged over the categories that define it."""
+  gt, results = _random_case(np.random.default_rng(7), n_images=8)
+  curves = {}
+  m = metrics_lib.evaluate(gt, results, category_agnostic=not use_cats, curves=curves)
+  _, e = _cocoeval_stats(gt, results, 'amodal_rle', 'segmentation', use_cats)
+  prec = e.eval['precision'][:, :, :, 0, -1]  # (T, R, K)
+  got = np.asarray(curves['amodal']['all']['precision'])
+  assert got.shape == (10, 101)
+  masked = np.ma.masked_less(prec, 0)
+  want = np.ma.filled(masked.mean(axis=-1), -1.0)
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+  assert (got > 0).any() and (got < 1).any()
+  if not use_cats:  # one category: the curve's mean is the table's AP
+    assert np.mean(got) == pytest.approx(m['amodal']['all']['both']['AP'], abs=1e-12)
+  assert curves['amodal']['all']['recall'][:3] == pytest.approx([0.0, 0.01, 0.02])
+  assert set(curves) == {'amodal', 'visible'} and set(curves['amodal']) == set(metrics_lib.SUBSETS)

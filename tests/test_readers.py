@@ -1,4 +1,5 @@
-"""Annotation readers on small fixtures in the real COCOA / D2SA / KINS schemas.
+"""Annotation readers on small fixtures in the real COCOA, COCOA-cls, D2SA and KINS
+(2020 and original release) schemas.
 
 Masks are checked against independent references: hand-made rectangles and
 pycocotools' own polygon rasteriser.
@@ -242,6 +243,75 @@ def test_d2sa_depth_pairs_need_overlap_and_region_name_wins(tmp_path):
   assert [i.name for i in a.instances] == ['banana', 'apple', 'pear', 'apple']
 
 
+# -------------------------------------------------------------- COCOA-cls
+# The fixture's geometry, rebuilt here from rectangles and polygons.
+PERSON_POLY = [[5, 5, 25, 5, 25, 25, 5, 25]]
+CHAIR_POLY = [[40, 25, 58, 25, 58, 38, 40, 38]]
+BRUSH_POLY = [[2, 2, 20, 2, 20, 12, 2, 12]]
+
+
+def test_cocoa_cls_classes_masks_and_derived_depth(tmp_path):
+  data = fixture('cocoa_cls_tiny.json')
+  images_dir = str(tmp_path / 'images')
+  write_images(images_dir, data)
+  path = os.path.join(FIXTURES, 'cocoa_cls_tiny.json')
+  stats = readers.ReadStats()
+  anns = readers.load_cocoa_cls(path, images_dir, stats=stats)
+  assert [a.image_id for a in anns] == [139, 285]
+  assert (stats.num_images, stats.num_instances, stats.skipped_empty) == (2, 5, 1)
+  a = anns[0]
+  # File order (chair, person, dog) is kept; COCO's sparse ids and names.
+  assert [i.category_id for i in a.instances] == [62, 1, 18]
+  assert [i.name for i in a.instances] == ['chair', 'person', 'dog']
+  assert [i.extra['annotation_id'] for i in a.instances] == [3, 1, 2]
+  assert not any(i.is_stuff for i in a.instances)
+  person, dog, chair = poly_mask(PERSON_POLY), rect(15, 15, 35, 45), poly_mask(CHAIR_POLY)
+  expected = [  # (amodal, visible, occluded)
+      (chair, chair & ~dog, chair & dog),
+      (person, person, np.zeros((H, W), bool)),
+      (dog, dog & ~person, dog & person),
+  ]
+  for inst, (amodal, visible, occluded) in zip(a.instances, expected):
+    got = masks(inst)
+    np.testing.assert_array_equal(got[0], amodal)
+    np.testing.assert_array_equal(got[1], visible)
+    np.testing.assert_array_equal(got[2], occluded)
+    assert inst.occlude_rate == pytest.approx(occluded.sum() / amodal.sum())
+  assert (chair & dog).any() and (dog & person).any() and not (chair & person).any()
+  assert a.instances[0].amodal_polygons == [[float(v) for v in CHAIR_POLY[0]]]
+  assert a.instances[2].amodal_polygons is None  # an RLE in the file
+  # No depth in the file: derived from the masks (person > dog > chair).
+  assert [i.depth_rank for i in a.instances] == [2, 0, 1]
+  assert a.depth_pairs == [(1, 2), (2, 0)]
+  # Image 285: a polygon visible_mask; a cup with only an invisible_mask and
+  # no occlude_rate (visible = amodal - invisible, rate computed).
+  b = anns[1]
+  assert [i.category_id for i in b.instances] == [90, 47]
+  brush, cup, hidden = poly_mask(BRUSH_POLY), rect(20, 30, 36, 50), rect(20, 30, 26, 40)
+  np.testing.assert_array_equal(masks(b.instances[0])[1], brush)
+  got = masks(b.instances[1])
+  np.testing.assert_array_equal(got[1], cup & ~hidden)
+  np.testing.assert_array_equal(got[2], hidden)
+  assert b.instances[1].occlude_rate == pytest.approx(60 / 320)
+  assert [i.depth_rank for i in b.instances] == [0, 0] and b.depth_pairs == []
+  assert readers.load_annotations('cocoa_cls', path, images_dir) == anns
+
+
+def test_cocoa_cls_occl_depth_when_present_orders_like_d2sa(tmp_path):
+  data = fixture('cocoa_cls_tiny.json')
+  for ann, depth in zip(data['annotations'][:3], [2, 0, 1]):  # chair, person, dog
+    ann['occl_depth'] = depth
+  a = readers.load_cocoa_cls(dump(tmp_path, data))[0]
+  assert [i.name for i in a.instances] == ['person', 'dog', 'chair']
+  assert [i.extra['occl_depth'] for i in a.instances] == [0, 1, 2]
+  assert [i.depth_rank for i in a.instances] == [0, 1, 2]
+  assert a.depth_pairs == [(0, 1), (1, 2)]  # person and chair do not overlap
+  del data['annotations'][2]['occl_depth']
+  with pytest.raises(AnnotationError, match='other annotations of image') as err:
+    readers.load_cocoa_cls(dump(tmp_path, data))
+  assert err.value.field == 'annotations[2].occl_depth'
+
+
 # ------------------------------------------------------------------- KINS
 def test_kins_derives_order_for_three_objects(tmp_path):
   data = fixture('kins_tiny.json')
@@ -303,6 +373,132 @@ def test_derive_depth_order_breaks_cycles_by_overlap():
   assert rank.tolist() == [0, 1, 2, 0]  # instance 3 overlaps nothing
   pairs, rank = readers.derive_depth_order(np.zeros((0, 2, 2), bool), np.zeros((0, 2, 2), bool))
   assert pairs == [] and rank.shape == (0,)
+
+
+def test_kins_2020_release_eight_classes(tmp_path):
+  """update_{train,test}_2020.json: a_segm / i_segm polygons, oco_id / ico_id,
+  eight categories (3 = rider)."""
+  data = fixture('kins_update_2020_tiny.json')
+  images_dir = str(tmp_path / 'images')
+  write_images(images_dir, data)
+  path = os.path.join(FIXTURES, 'kins_update_2020_tiny.json')
+  stats = readers.ReadStats()
+  anns = readers.load_annotations('kins', path, images_dir, stats=stats)
+  assert [a.image_id for a in anns] == [1, 2] and stats.skipped_empty == 1
+  a = anns[0]
+  assert [i.category_id for i in a.instances] == [7, 3, 4]
+  assert [i.name for i in a.instances] == ['van', 'rider', 'car']
+  for inst, ann in zip(a.instances, data['annotations']):
+    amodal, visible, occluded = masks(inst)
+    np.testing.assert_array_equal(amodal, poly_mask(ann['a_segm']))
+    np.testing.assert_array_equal(visible, poly_mask(ann['i_segm']))
+    np.testing.assert_array_equal(occluded, amodal & ~visible)
+  assert [i.depth_rank for i in a.instances] == [2, 0, 1]
+  assert a.depth_pairs == [(1, 2), (2, 0)]
+  # Within the cluster, the derived ranks follow the file's ico_id.
+  assert [i.extra['ico_id'] - 1 for i in a.instances] == [2, 0, 1]
+  (lone,) = anns[1].instances
+  assert (lone.category_id, lone.depth_rank, lone.extra['ico_id']) == (8, 0, 0)
+  cats = readers.load_categories('kins', path)
+  assert [c['id'] for c in cats] == list(range(1, 9))
+  assert cats[2] == {'id': 3, 'name': 'rider'}
+
+
+def test_kins_original_release_seven_classes(tmp_path):
+  """instances_{train,val}.json: segmentation (amodal polygons), inmodal_seg
+  (visible RLE), bbox / inmodal_bbox, seven categories (no 3); the same
+  scene as the 2020 fixture reads to the same masks and order."""
+  data = fixture('kins_instances_tiny.json')
+  images_dir = str(tmp_path / 'images')
+  write_images(images_dir, data)
+  path = os.path.join(FIXTURES, 'kins_instances_tiny.json')
+  anns = readers.load_annotations('kins', path, images_dir)
+  assert [a.image_id for a in anns] == [1, 2]
+  a = anns[0]
+  assert [i.category_id for i in a.instances] == [7, 2, 4]
+  assert [i.name for i in a.instances] == ['van', 'pedestrian', 'car']
+  assert all(isinstance(ann['inmodal_seg'], dict) for ann in data['annotations'])
+  same_scene = fixture('kins_update_2020_tiny.json')['annotations']
+  for inst, ann, new in zip(a.instances, data['annotations'], same_scene):
+    amodal, visible, occluded = masks(inst)
+    np.testing.assert_array_equal(amodal, poly_mask(ann['segmentation']))
+    np.testing.assert_array_equal(visible, poly_mask(new['i_segm']))
+    np.testing.assert_array_equal(occluded, amodal & ~visible)
+    assert inst.amodal_polygons == [[float(v) for v in ann['segmentation'][0]]]
+    assert 'ico_id' not in inst.extra
+  assert [i.depth_rank for i in a.instances] == [2, 0, 1]
+  assert a.depth_pairs == [(1, 2), (2, 0)]
+  cats = readers.load_categories('kins', path)
+  assert [c['id'] for c in cats] == [1, 2, 4, 5, 6, 7, 8]
+  assert {c['name'] for c in cats} == {
+      'cyclist',
+      'pedestrian',
+      'car',
+      'tram',
+      'truck',
+      'van',
+      'misc',
+  }
+
+
+# ------------------------------------------------------------- categories
+def test_load_categories_sorted_by_id_and_classless_formats(tmp_path):
+  cats = readers.load_categories('cocoa_cls', os.path.join(FIXTURES, 'cocoa_cls_tiny.json'))
+  assert cats == [
+      {'id': 1, 'name': 'person'},
+      {'id': 18, 'name': 'dog'},
+      {'id': 47, 'name': 'cup'},
+      {'id': 62, 'name': 'chair'},
+      {'id': 90, 'name': 'toothbrush'},
+  ]
+  assert readers.load_categories('d2sa', os.path.join(FIXTURES, 'd2sa_tiny.json')) == [
+      {'id': 5, 'name': 'apple'},
+      {'id': 7, 'name': 'banana'},
+  ]
+  for fmt in ('cocoa', 'release'):
+    cats = readers.load_categories(fmt, os.path.join(FIXTURES, 'cocoa_tiny.json'))
+    assert cats == [{'id': 1, 'name': 'object'}]
+  # The COCOA records carry that one id.
+  cocoa = readers.load_cocoa(os.path.join(FIXTURES, 'cocoa_tiny.json'))
+  assert {i.category_id for a in cocoa for i in a.instances} == {1}
+  with pytest.raises(AnnotationError, match='unknown annotation format'):
+    readers.load_categories('lvis', os.path.join(FIXTURES, 'd2sa_tiny.json'))
+
+
+def _bad_categories():
+  def with_cats(fn):
+    data = fixture('cocoa_cls_tiny.json')
+    fn(data['categories'])
+    return data
+
+  def drop(data):
+    del data['categories']
+    return data
+
+  return {
+      'not_object': (with_cats(lambda c: c.__setitem__(1, 'person')), 'categories[1]', 'object'),
+      'no_id': (with_cats(lambda c: c[0].pop('id')), 'categories[0].id', 'missing'),
+      'str_id': (with_cats(lambda c: c[2].update(id='90')), 'categories[2].id', 'integer'),
+      'bool_id': (with_cats(lambda c: c[2].update(id=True)), 'categories[2].id', 'integer'),
+      'no_name': (with_cats(lambda c: c[3].pop('name')), 'categories[3].name', 'missing'),
+      'dup_id': (with_cats(lambda c: c[4].update(id=62)), 'categories[4].id', 'duplicate'),
+      'missing': (drop(fixture('cocoa_cls_tiny.json')), 'categories', 'missing'),
+      'not_list': (
+          {**fixture('cocoa_cls_tiny.json'), 'categories': {'1': 'person'}},
+          'categories',
+          'expected a list',
+      ),
+  }
+
+
+@pytest.mark.parametrize('case', sorted(_bad_categories()))
+def test_load_categories_malformed_names_file_and_field(tmp_path, case):
+  data, field, words = _bad_categories()[case]
+  path = dump(tmp_path, data)
+  with pytest.raises(AnnotationError) as err:
+    readers.load_categories('cocoa_cls', path)
+  assert err.value.path == path and err.value.field == field
+  assert words in err.value.message and '\n' not in str(err.value)
 
 
 # ---------------------------------------------------------------- release
@@ -381,6 +577,16 @@ def _bad_cases():
     del data['annotations'][2]['i_segm']
     return 'kins', data
 
+  def cocoa_cls_no_category():
+    data = fixture('cocoa_cls_tiny.json')
+    del data['annotations'][1]['category_id']
+    return 'cocoa_cls', data
+
+  def cocoa_cls_visible_size():
+    data = fixture('cocoa_cls_tiny.json')
+    data['annotations'][2]['visible_mask']['size'] = [40, 61]
+    return 'cocoa_cls', data
+
   def d2sa_no_depth():
     data = fixture('d2sa_tiny.json')
     del data['annotations'][3]['occl_depth']
@@ -400,6 +606,16 @@ def _bad_cases():
       'unknown_image': (cocoa(unknown_image), 'annotations[1].image_id', '99'),
       'kins_no_visible': (kins_no_visible(), 'annotations[2].i_segm', 'missing'),
       'd2sa_no_depth': (d2sa_no_depth(), 'annotations[3].occl_depth', 'missing'),
+      'cocoa_cls_no_category': (
+          cocoa_cls_no_category(),
+          'annotations[1].category_id',
+          'missing',
+      ),
+      'cocoa_cls_visible_size': (
+          cocoa_cls_visible_size(),
+          'annotations[2].visible_mask.size',
+          'disagrees',
+      ),
   }
 
 
@@ -445,7 +661,7 @@ def test_corrupt_compressed_rle_is_refused(tmp_path):
   assert err.value.field == 'annotations[0].regions[0].segmentation.counts'
 
 
-@pytest.mark.parametrize('fmt', ['cocoa', 'd2sa', 'kins'])
+@pytest.mark.parametrize('fmt', ['cocoa', 'cocoa_cls', 'd2sa', 'kins'])
 def test_keep_empty_keeps_every_image_in_file_order(tmp_path, fmt):
   """Evaluation ground truth: images without objects stay, with no instances
   and their size, so detections on them can count as false positives."""

@@ -10,8 +10,8 @@ from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
-from configs import default
-from input_pipeline import readers, records, tfds_builders
+from configs import cocoa_cls, default
+from input_pipeline import pipeline, readers, records, tfds_builders
 from sln_jax import errors, semdist
 
 H, W = 24, 32
@@ -160,6 +160,52 @@ def _write_kins(root):
   return path
 
 
+def _write_cocoa_cls(root, split='val'):
+  """COCOA-cls layout: image 1 holds a dog (18) hidden behind a person (1)
+  and a toothbrush (90) apart; image 2 has none. The file lists the dog
+  first and gives no depth order."""
+  names = [f'COCO_{split}2014_000011.jpg', f'COCO_{split}2014_000012.jpg']
+  for k, n in enumerate(names):
+    _write_image(os.path.join(root, f'{split}2014', n), k + 5)
+  person, dog, brush = _rect(2, 2, 14, 16), _rect(8, 10, 22, 24), _rect(16, 26, 23, 31)
+  hidden = dog & person
+
+  def ann(i, cat, m, segm, visible, invisible=None):
+    out = {
+        'id': i,
+        'image_id': 1,
+        'category_id': cat,
+        'iscrowd': 0,
+        'segmentation': segm,
+        'bbox': [0, 0, 1, 1],
+        'area': float(m.sum()),
+        'visible_mask': records.encode_mask(visible),
+        'occlude_rate': float(0 if invisible is None else invisible.sum() / m.sum()),
+    }
+    if invisible is not None:
+      out['invisible_mask'] = records.encode_mask(invisible)
+    return out
+
+  data = {
+      'images': _images(names),
+      'annotations': [
+          ann(7, 18, dog, records.encode_mask(dog), dog & ~person, hidden),
+          ann(8, 1, person, records.encode_mask(person), person),
+          ann(9, 90, brush, records.encode_mask(brush), brush),
+      ],
+      'categories': [
+          {'supercategory': 'person', 'id': 1, 'name': 'person'},
+          {'supercategory': 'animal', 'id': 18, 'name': 'dog'},
+          {'supercategory': 'indoor', 'id': 90, 'name': 'toothbrush'},
+      ],
+  }
+  path = os.path.join(root, 'annotations', f'COCO_amodal_{split}2014_with_classes.json')
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'w') as f:
+    json.dump(data, f)
+  return path
+
+
 def _config(name, tmp_path, manual):
   c = default.get_config()
   c.dataset.name = name
@@ -274,6 +320,35 @@ def test_kins_builder(tmp_path):
   assert set(builder.info.splits) == {'test'}
   got = _check_examples(builder, 'test', ann, str(manual / 'testing/image_2'), 'kins')
   assert (got[0]['instances']['layer_index'][1] == 2).any()  # 2 hidden by 1
+
+
+def test_cocoa_cls_builder_and_class_aware_batches(tmp_path):
+  """configs/cocoa_cls.py prepares COCOA-cls from its manual_dir and its
+  batches carry the COCO category ids as classes, front-most first."""
+  manual = tmp_path / 'cocoa'
+  ann = _write_cocoa_cls(str(manual))
+  _write_cocoa(str(manual), 'val')  # COCOA beside it: not read by cocoa_cls
+  c = cocoa_cls.get_config()
+  c.dataset.data_dir, c.dataset.manual_dir = str(tmp_path / 'tfds'), str(manual)
+  c.input.image_size, c.input.max_instances, c.input.gt_mask_size = 64, 4, 16
+  c.model.glm.image_size = 33
+  builder = tfds_builders.build_dataset(c)
+  assert builder.name == 'cocoa_cls' and set(builder.info.splits) == {'val'}
+  assert builder.info.metadata['sources']['val']['file'] == os.path.basename(ann)
+  got = _check_examples(builder, 'val', ann, str(manual / 'val2014'), 'cocoa_cls')
+  assert len(got) == 1  # image 2 has no instances
+  inst = got[0]['instances']
+  np.testing.assert_array_equal(inst['category_id'], [18, 1, 90])  # file order
+  np.testing.assert_array_equal(inst['depth_rank'], [1, 0, 0])  # derived
+  assert (inst['layer_index'][0] == 2).any()  # the dog's hidden part
+  batch = next(
+      pipeline.create_split(
+          c, 'val', train=False, num_local_devices=1, per_device_batch=1, builder=builder
+      )
+  )
+  valid = batch['gt_valid'][0, 0]
+  np.testing.assert_array_equal(batch['gt_classes'][0, 0][valid], [1, 90, 18])  # by depth
+  assert c.model.num_classes > max(batch['gt_classes'][0, 0])
 
 
 def test_missing_manual_files_raise_user_error(tmp_path):

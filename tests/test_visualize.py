@@ -7,11 +7,11 @@ import sys
 
 import numpy as np
 from PIL import Image
-from pycocotools import mask as mask_utils
 import pytest
 
 from input_pipeline import readers, records, synthetic
 from sln_jax import errors
+from sln_jax.visualization import draw
 from sln_scripts import visualize as vis
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,26 +61,41 @@ def _png(out, annotation):
   return np.asarray(Image.open(os.path.join(out, stem + '.png')))
 
 
+def _panels(picture):
+  """(left panel, right panel or None) of a picture: each SIZE * 12 square
+  under its caption (scripts/visualize.py draws 768 pixels wide)."""
+  width = SIZE * draw.scale_factor(SIZE, SIZE)
+  bar = draw.caption_height(width, width)
+  left = picture[bar : bar + width, :width]
+  if picture.shape[1] < 2 * width:
+    return left, None
+  return left, picture[bar : bar + width, width + draw.GAP_PX : 2 * width + draw.GAP_PX]
+
+
 def test_ground_truth_pictures(dataset, tmp_path):
   ann, images, gt = dataset
   assert vis.main(_args(dataset, tmp_path)) == 0
   assert len(os.listdir(tmp_path)) == 3
   occluded_seen = False
+  factor = draw.scale_factor(SIZE, SIZE)
   for a in gt:
     picture = _png(tmp_path, a)
-    assert picture.shape == (SIZE + vis.HEADER, SIZE, 3)
+    assert picture.shape[1] == SIZE * factor >= 768
     raw = np.asarray(Image.open(os.path.join(images, a.file_name)).convert('RGB'))
-    panel = picture[vis.HEADER :].astype(int)
-    # Every instance is drawn: its visible pixels are tinted (away from the
-    # box outlines and labels, which cover the borders).
+    panel, none = _panels(picture)
+    assert none is None
+    panel = panel.astype(int)
+    big = draw.enlarge(raw, factor).astype(int)
+    # Every instance is drawn: its visible pixels are tinted, and so are the
+    # hidden ones.
     for inst in a.instances:
-      visible = records.decode_rle(inst.visible_rle)
-      if visible.sum() > 40:
-        assert np.abs(panel - raw)[visible].mean() > 5
-      occluded = records.decode_rle(inst.amodal_rle) & ~visible
-      if occluded.sum() > 40:
+      visible = draw.enlarge(records.decode_rle(inst.visible_rle), factor)
+      if visible.sum() > 40 * factor**2:
+        assert np.abs(panel - big)[visible].mean() > 5
+      occluded = draw.enlarge(records.decode_rle(inst.amodal_rle), factor) & ~visible
+      if occluded.sum() > 40 * factor**2:
         occluded_seen = True
-        assert np.abs(panel - raw)[occluded].mean() > 2  # the hidden part is shown too
+        assert np.abs(panel - big)[occluded].mean() > 2
   assert occluded_seen
 
 
@@ -108,19 +123,18 @@ def test_perfect_predictions_look_like_the_ground_truth(dataset, tmp_path):
       == 0
   )
   assert len(os.listdir(out)) == 2
-  picture = _png(out, gt[0])
-  assert picture.shape == (SIZE + vis.HEADER, 2 * SIZE + vis.GAP, 3)
-  left = picture[vis.HEADER :, :SIZE]
-  right = picture[vis.HEADER :, SIZE + vis.GAP :]
-  np.testing.assert_array_equal(left, right)  # same masks, colours, layers; no 0.2 detection
-  assert (picture[:, SIZE : SIZE + vis.GAP] == 255).all()
-  # Above the threshold the extra detection is drawn.
-  assert (
-      vis.main(_args(dataset, out, '--results', dt, '--score-threshold', 0.1, '--max-images', 1))
-      == 0
-  )
-  picture = _png(out, gt[0])
-  assert not np.array_equal(picture[vis.HEADER :, :SIZE], picture[vis.HEADER :, SIZE + vis.GAP :])
+  left, right = _panels(_png(out, gt[0]))
+  # Same masks in the same colours (matched pairs share one); the label
+  # tags differ (the prediction's carry scores), so compare the mask pixels.
+  amodal = np.zeros(left.shape[:2], bool)
+  for inst in gt[0].instances:
+    amodal |= draw.enlarge(records.decode_rle(inst.amodal_rle), draw.scale_factor(SIZE, SIZE))
+  same = np.all(left == right, axis=-1)
+  assert same[amodal].mean() > 0.9 and same[~amodal].mean() > 0.9
+  # Above the threshold the extra detection is drawn over the whole image.
+  assert vis.main(_args(dataset, out, '--results', dt, '--score', 0.1, '--max-images', 1)) == 0
+  left, right = _panels(_png(out, gt[0]))
+  assert np.all(left == right, axis=-1)[~amodal].mean() < 0.5
 
 
 def test_bad_input_names_the_file_and_writes_nothing(dataset, tmp_path):
@@ -179,49 +193,3 @@ def test_bad_input_names_the_file_and_writes_nothing(dataset, tmp_path):
   assert proc.stderr.count('\n') == 1 and 'gt.json' in proc.stderr
   assert 'images[1].file_name' in proc.stderr and 'missing.png' in proc.stderr
   assert not out.exists()
-
-
-def test_occlusion_picture_panels_and_matched_colours():
-  """tools/occlusion_picture.py: image, ground truth and prediction panels,
-  each scaled by the factor; a prediction identical to the ground truth
-  (listed in another order, with other scores) draws the same panel, since a
-  matched prediction takes its object's colour."""
-  from tools import occlusion_picture  # pylint: disable=import-outside-toplevel
-
-  h, w = 20, 30
-  front = np.zeros((h, w), bool)
-  front[2:10, 3:15] = True
-  back = np.zeros((h, w), bool)
-  back[6:16, 8:26] = True
-  instances = [
-      records.InstanceAnnotation(
-          amodal_rle=records.encode_mask(m),
-          visible_rle=records.encode_mask(v),
-          occluded_rle=records.encode_mask(m & ~v),
-          depth_rank=rank,
-          occlude_rate=0.0,
-          is_stuff=False,
-          category_id=1,
-      )
-      for m, v, rank in ((front, front, 0), (back, back & ~front, 1))
-  ]
-  ann = records.ImageAnnotation(1, '1.png', h, w, instances)
-  image = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
-  results = [
-      {
-          'image_id': 1,
-          'score': score,
-          'bbox': list(map(float, mask_utils.toBbox(records.encode_mask(m)))),
-          'segmentation': records.encode_mask(m),
-          'visible_mask': records.encode_mask(v),
-          'depth_layer': layer,
-      }
-      for m, v, layer, score in ((back, back & ~front, 1, 0.9), (front, front, 0, 0.6))
-  ]
-  pic = occlusion_picture.picture(ann, image, results, factor=3)
-  assert pic.shape == (3 * h, 3 * (3 * w) + 16, 3)
-  panel = 3 * w
-  np.testing.assert_array_equal(pic[:, :panel], np.kron(image, np.ones((3, 3, 1), np.uint8)))
-  truth, pred = pic[:, panel + 8 : 2 * panel + 8], pic[:, 2 * panel + 16 :]
-  np.testing.assert_array_equal(pred, truth)
-  assert not np.array_equal(truth, pic[:, :panel])  # something is drawn

@@ -26,6 +26,7 @@ from sln_jax import host_workers
 from sln_jax.errors import UserError
 from sln_jax.evaluation import metrics as metrics_lib
 from sln_jax.evaluation import occlusion, render, results_check
+from sln_jax.evaluation import report as report_lib
 from sln_jax.evaluation import results as results_lib
 from sln_jax.files import atomic_output_file, make_dirs
 from sln_jax.parallel import AXIS, Batch, PyTree, replicate, shard
@@ -114,6 +115,7 @@ def evaluate(
     annotations: Sequence,
     step: int = 0,
     writer: Optional[MetricWriter] = None,
+    images_dir: Optional[str] = None,
 ) -> dict:
   """Runs ``SLN.infer`` over the eval split and scores it.
 
@@ -121,13 +123,16 @@ def evaluate(
     eval_batches: batches with leading axes (local devices, per-device batch)
       and ``is_valid`` (False on padding images).
     annotations: the split's ground truth, list[records.ImageAnnotation].
+    images_dir: the split's images, for the report's pictures (None: a
+      report without pictures).
 
   Writes ``workdir/results.json`` (COCO results, original pixels) and
   ``workdir/metrics.json`` (the schema of ``metrics.evaluate``; plus
   ``per_class_ap.json`` when not category-agnostic, ``depth_order.json``:
   ``occlusion.depth_order_accuracy``, and ``occlusion.json``:
-  ``occlusion.occlusion_metrics``), prints the tables and returns the
-  metrics.
+  ``occlusion.occlusion_metrics``), with ``eval.report`` the HTML report
+  in ``workdir/report`` (``report.write_report``), prints the tables and
+  returns the metrics.
   """
   gt_by_id = {int(a.image_id): a for a in annotations}
   infer = jax.pmap(make_infer_fn(model), axis_name=AXIS)
@@ -186,8 +191,13 @@ def evaluate(
   gt = [gt_by_id[i] for i in sorted(set(seen))]
   # Once for the three scorings; the RLEs are pycocotools' own encoding.
   checked = results_check.check_results(results, gt, check_counts=False)
+  curves = {}
   metrics = metrics_lib.evaluate(
-      gt, checked, protocol=config.eval.protocol, category_agnostic=config.dataset.category_agnostic
+      gt,
+      checked,
+      protocol=config.eval.protocol,
+      category_agnostic=config.dataset.category_agnostic,
+      curves=curves,
   )
   if jax.process_index() == 0:
     with atomic_output_file(os.path.join(workdir, 'results.json')) as f:
@@ -210,6 +220,25 @@ def evaluate(
     )
     print(metrics_lib.format_table(metrics))
     print(occlusion.format_occlusion(occluded), flush=True)
+    if config.eval.get('report', False):
+      index = report_lib.write_report(
+          os.path.join(workdir, 'report'),
+          gt,
+          checked,
+          metrics,
+          curves,
+          occluded,
+          images_dir=images_dir,
+          score_threshold=config.eval.report_score,
+          gallery_size=config.eval.report_images,
+          title=f'SLN evaluation: {config.dataset.name}/{config.dataset.eval_split}',
+          details=[
+              f'workdir {workdir}, step {step}, protocol {config.eval.protocol}',
+              f'model.layer_activation {config.model.layer_activation}, '
+              f'eval.mask_paste {config.eval.mask_paste}',
+          ],
+      )
+      print(f'report: {index}', flush=True)
     if writer is not None:
       scalars = {
           f'eval/{branch}_{metric}': value

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 from faster_coco_eval import COCOeval_faster, faster_eval_api_cpp
 import numpy as np
@@ -271,7 +271,10 @@ def _branch(
     max_dets: Sequence[int],
     subsets: Sequence[str],
     parts: Sequence[str],
+    curves: Optional[dict] = None,
 ) -> dict:
+  """One branch's table; with ``curves`` (a dict) also fills
+  ``curves[subset]`` with ``precision_curves`` of part 'both'."""
   gt_coco = _gt_coco(gt, gt_key, category_agnostic)
   dt_coco = _dt_coco(gt_coco, dets, dt_key, category_agnostic)
   ev = _SubsetEval(
@@ -287,7 +290,25 @@ def _branch(
     for part in parts:
       result = ev.run(_ignore_rule(subset, part))
       table[subset][part] = _summary(result, ev.params, max_dets)
+      if curves is not None and part == 'both':
+        curves[subset] = precision_curves(result, ev.params)
   return table
+
+
+def precision_curves(ev: dict, params) -> dict:
+  """COCOeval's precision array as curves: ``{'iou_thresholds': (T,),
+  'recall': (R,), 'precision': (T, R)}`` lists, area 'all', the largest
+  maxDets, averaged over the categories that define it (-1 where none
+  does: no ground truth, or recall never reached)."""
+  prec = np.asarray(ev['precision'])[:, :, :, 0, -1]  # (T, R, K)
+  defined = prec > -1
+  count = defined.sum(axis=-1)
+  mean = np.where(count > 0, np.where(defined, prec, 0.0).sum(-1) / np.maximum(count, 1), -1.0)
+  return {
+      'iou_thresholds': [float(t) for t in params.iouThrs],
+      'recall': [float(r) for r in params.recThrs],
+      'precision': mean.tolist(),
+  }
 
 
 def evaluate(
@@ -300,6 +321,7 @@ def evaluate(
     subsets: Sequence[str] = tuple(SUBSETS),
     parts: Sequence[str] = PARTS,
     results_path: str = 'results',
+    curves: Optional[dict] = None,
 ) -> dict:
   """Scores ``results`` against ``gt`` (list[ImageAnnotation]).
 
@@ -307,7 +329,9 @@ def evaluate(
   with METRIC in ``metric_names(max_dets)``, values in [0, 1] and -1 where
   undefined (no GT in the cell). "visible" (GT visible masks vs. result
   ``visible_mask``) is present only when the results carry visible masks.
-  AP uses the largest of ``max_dets`` detections per image.
+  AP uses the largest of ``max_dets`` detections per image. With
+  ``curves`` (an empty dict), it is filled with ``{BRANCH: {SUBSET:
+  precision_curves(...)}}`` of part 'both', from the same evaluation.
   """
   check_protocol(protocol)
   dets = check_results(results, gt, results_path)
@@ -318,9 +342,13 @@ def evaluate(
       subsets=subsets,
       parts=parts,
   )
-  out = {'amodal': _branch(gt, dets, 'amodal_rle', 'amodal', **kw)}
+  branches = [('amodal', 'amodal_rle')]
   if any(d['visible'] is not None for d in dets):
-    out['visible'] = _branch(gt, dets, 'visible_rle', 'visible', **kw)
+    branches.append(('visible', 'visible_rle'))
+  out = {}
+  for branch, gt_key in branches:
+    branch_curves = None if curves is None else curves.setdefault(branch, {})
+    out[branch] = _branch(gt, dets, gt_key, branch, curves=branch_curves, **kw)
   return out
 
 

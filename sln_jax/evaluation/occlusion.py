@@ -10,7 +10,10 @@ pixel votes of their visible and amodal masks (:func:`pairwise_votes`).
 Mask quality is the mean IoU of matched pairs' amodal, visible and occluded
 (amodal minus visible) masks; the occluded part is scored where the ground
 truth hides at least ``min_occluded_px`` pixels, as box-prompted amodal
-methods report "occluded mIoU".
+methods report "occluded mIoU". The same per-object rule
+(:func:`object_quality`, :func:`quality_means`) scores box-prompted
+predictions (:func:`prompted_quality`, ``evaluation/box_prompted.py``), each
+against the object whose box it was given, without matching.
 """
 
 from __future__ import annotations
@@ -52,16 +55,31 @@ def _matches(
     ious = np.asarray(
         mask_utils.iou([d['amodal'] for _, d in kept], g_rles, [0] * len(g_rles))
     ).reshape(len(kept), -1)
-    det_of_gt: dict[int, int] = {}
-    for row, (k, _) in enumerate(kept):
-      cand = [
-          (ious[row, g], g)
-          for g in range(len(g_rles))
-          if g not in det_of_gt and ious[row, g] >= iou_threshold
-      ]
-      if cand:
-        det_of_gt[max(cand)[1]] = k
+    det_of_gt = {g: kept[row][0] for g, row in greedy_match(ious, iou_threshold).items()}
     yield ann, local, g_rles, det_of_gt
+
+
+def greedy_match(ious: np.ndarray, iou_threshold: float) -> dict[int, int]:
+  """The matching rule of this module for one image.
+
+  Args:
+    ious: (D, G) amodal mask IoU of D detections, highest score first, with
+      G ground-truth objects.
+
+  Returns ``{ground-truth index: detection row}``: each detection in turn
+  takes the unmatched ground-truth object of highest IoU, if that IoU is
+  ``>= iou_threshold`` (ties: the higher index).
+  """
+  det_of_gt: dict[int, int] = {}
+  for row in range(ious.shape[0]):
+    cand = [
+        (ious[row, g], g)
+        for g in range(ious.shape[1])
+        if g not in det_of_gt and ious[row, g] >= iou_threshold
+    ]
+    if cand:
+      det_of_gt[max(cand)[1]] = row
+  return det_of_gt
 
 
 def depth_order_accuracy(
@@ -185,13 +203,93 @@ def pairwise_votes(results: Sequence[dict]) -> dict[int, np.ndarray]:
   return out
 
 
+MIN_OCCLUDED_PX = 20  # default min_occluded_px: smaller hidden parts are not scored
+
+
+def truth_masks(ann, g: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Ground truth of instance ``g`` of ``ann`` (records.ImageAnnotation) as
+  (height, width) bool masks: (amodal, visible, hidden), hidden = amodal
+  and the annotated occluded part."""
+  inst = ann.instances[g]
+  where = f'image {int(ann.image_id)}'
+  rle = lambda seg, name: as_rle(seg, ann.height, ann.width, 'ground truth', f'{where}.{name}')
+  amodal = _decode(rle(inst.amodal_rle, 'amodal_rle'))
+  visible = _decode(rle(inst.visible_rle, 'visible_rle'))
+  hidden = amodal & _decode(rle(inst.occluded_rle, 'occluded_rle'))
+  return amodal, visible, hidden
+
+
+def object_quality(
+    pred_amodal: np.ndarray,
+    pred_visible: Optional[np.ndarray],
+    truth: tuple[np.ndarray, np.ndarray, np.ndarray],
+    min_occluded_px: int = MIN_OCCLUDED_PX,
+) -> dict:
+  """One predicted object against its ground truth (all (H, W) bool).
+
+  Args:
+    pred_amodal: the predicted amodal mask; pred_visible: the predicted
+      visible mask (None: the prediction has none), counted inside
+      ``pred_amodal`` only.
+    truth: :func:`truth_masks` (amodal, visible, hidden).
+
+  Returns ``{'amodal_iou': float, 'visible_iou': float or None (no
+  predicted visible mask), 'occluded_iou': float or None (no predicted
+  visible mask, or fewer than min_occluded_px hidden ground-truth pixels):
+  IoU of the predicted occluded part (amodal minus visible) with the hidden
+  pixels, 'hidden_pixels': [in the predicted visible mask, in the predicted
+  occluded part, outside the predicted amodal mask]: counts of the ground
+  truth's hidden pixels (zeros without a predicted visible mask)}``. An IoU
+  of two empty masks is 1.
+  """
+  amodal, visible_truth, hidden = truth
+  out = {
+      'amodal_iou': _iou(pred_amodal, amodal),
+      'visible_iou': None,
+      'occluded_iou': None,
+      'hidden_pixels': [0, 0, 0],
+  }
+  if pred_visible is None:
+    return out
+  visible = pred_visible & pred_amodal
+  out['visible_iou'] = _iou(visible, visible_truth)
+  if np.count_nonzero(hidden) >= min_occluded_px:
+    out['occluded_iou'] = _iou(pred_amodal & ~visible, hidden)
+  out['hidden_pixels'] = [
+      int(np.count_nonzero(hidden & visible)),
+      int(np.count_nonzero(hidden & pred_amodal & ~visible)),
+      int(np.count_nonzero(hidden & ~pred_amodal)),
+  ]
+  return out
+
+
+def quality_means(objects: Sequence[Mapping[str, Any]]) -> dict:
+  """Means of :func:`object_quality` records: ``{'amodal_miou': over all,
+  'visible_miou': over those with a visible IoU, 'occluded': int, the number
+  with an occluded IoU, 'occluded_miou': over those, 'hidden_pixels':
+  {'visible', 'occluded', 'absent'}: shares of all their hidden pixels}``.
+  A mean over none is -1, and so are the shares when no pixel is hidden."""
+  mean = lambda v: float(np.mean(v)) if v else -1.0
+  occluded = [o['occluded_iou'] for o in objects if o['occluded_iou'] is not None]
+  hidden_px = np.sum([o['hidden_pixels'] for o in objects], axis=0, dtype=np.int64).reshape(-1)
+  total = int(hidden_px.sum())
+  shares = (hidden_px / total).tolist() if total else [-1.0] * 3
+  return {
+      'amodal_miou': mean([o['amodal_iou'] for o in objects]),
+      'visible_miou': mean([o['visible_iou'] for o in objects if o['visible_iou'] is not None]),
+      'occluded': len(occluded),
+      'occluded_miou': mean(occluded),
+      'hidden_pixels': dict(zip(('visible', 'occluded', 'absent'), shares)),
+  }
+
+
 def mask_quality(
     gt: Sequence,
     results: Sequence[dict],
     *,
     score_threshold: float = 0.5,
     iou_threshold: float = 0.5,
-    min_occluded_px: int = 20,
+    min_occluded_px: int = MIN_OCCLUDED_PX,
     results_path: str = 'results',
 ) -> dict:
   """Mean IoU of matched detections' masks with their ground truth.
@@ -205,46 +303,84 @@ def mask_quality(
   predicted occluded part, or outside the predicted amodal mask. A mean
   over no pair is -1, and so are the visible and occluded ones (and the
   shares) when the results carry no visible masks or nothing is hidden.
+  Per pair: :func:`object_quality`; means: :func:`quality_means`.
   """
   dets = check_results(results, gt, results_path)
-  amodal_ious, visible_ious, occluded_ious = [], [], []
-  hidden_px = np.zeros(3, np.int64)  # predicted visible, occluded, absent
-  for ann, _, g_rles, det_of_gt in _matches(gt, dets, score_threshold, iou_threshold):
+  objects = []
+  for ann, _, _, det_of_gt in _matches(gt, dets, score_threshold, iou_threshold):
     for g, k in det_of_gt.items():
-      inst = ann.instances[g]
-      truth = _decode(g_rles[g])
-      pred = _decode(dets[k]['amodal'])
-      amodal_ious.append(_iou(pred, truth))
-      if dets[k].get('visible') is None:
-        continue
-      where = f'image {int(ann.image_id)}'
-      true_visible = _decode(
-          as_rle(inst.visible_rle, ann.height, ann.width, 'ground truth', f'{where}.visible_rle')
+      visible = dets[k].get('visible')
+      objects.append(
+          object_quality(
+              _decode(dets[k]['amodal']),
+              None if visible is None else _decode(visible),
+              truth_masks(ann, g),
+              min_occluded_px,
+          )
       )
-      visible = _decode(dets[k]['visible']) & pred
-      visible_ious.append(_iou(visible, true_visible))
-      hidden = truth & _decode(
-          as_rle(inst.occluded_rle, ann.height, ann.width, 'ground truth', f'{where}.occluded_rle')
-      )
-      if hidden.sum() >= min_occluded_px:
-        occluded_ious.append(_iou(pred & ~visible, hidden))
-      hidden_px += [
-          np.count_nonzero(hidden & visible),
-          np.count_nonzero(hidden & pred & ~visible),
-          np.count_nonzero(hidden & ~pred),
-      ]
-  mean = lambda v: float(np.mean(v)) if v else -1.0
-  total = int(hidden_px.sum())
-  shares = (hidden_px / total).tolist() if total else [-1.0] * 3
   return {
       'min_occluded_px': int(min_occluded_px),
-      'matched': len(amodal_ious),
-      'amodal_miou': mean(amodal_ious),
-      'visible_miou': mean(visible_ious),
-      'occluded': len(occluded_ious),
-      'occluded_miou': mean(occluded_ious),
-      'hidden_pixels': dict(zip(('visible', 'occluded', 'absent'), shares)),
+      'matched': len(objects),
+      **quality_means(objects),
   }
+
+
+def prompted_quality(
+    image_id: int,
+    dets: Mapping[str, np.ndarray],
+    image_scale: Sequence[float],
+    ann,
+    instance_of_slot: Sequence[int],
+    *,
+    mask_threshold: float = 0.5,
+    mask_paste: str = 'aligned',
+    min_occluded_px: int = MIN_OCCLUDED_PX,
+) -> list[dict]:
+  """Mask quality of one image's box-prompted predictions, each slot against
+  the ground-truth object whose box it was given (no matching).
+
+  Args:
+    dets: ``SLN.infer_boxes`` outputs of one image (batch axis removed):
+      boxes (N, 4) canvas pixels, valid (N,), amodal_probs and
+      visible_probs (N, m, m), optionally layer_probs.
+    image_scale: canvas pixels per original pixel (y, x).
+    ann: the image's records.ImageAnnotation.
+    instance_of_slot: (N,) index into ``ann.instances`` of the object each
+      slot was prompted with; -1 for a slot that holds none.
+
+  Returns one record per slot with an object, in slot order: ``{'image_id',
+  'instance': index into ann.instances, 'occlude_rate': the ground truth's,
+  **object_quality}``. Each slot's masks are pasted into original pixels
+  by ``results.detections_to_results`` on that slot alone (the paste of
+  ``eval.mask_paste`` at ``mask_threshold``); a slot whose integer box is
+  empty predicts empty masks.
+  """
+  h, w = int(ann.height), int(ann.width)
+  out = []
+  for j, g in enumerate(int(v) for v in instance_of_slot):
+    if g < 0:
+      continue
+    got = results_lib.detections_to_results(
+        image_id,
+        {k: np.asarray(v)[j : j + 1] for k, v in dets.items()},
+        image_scale,
+        (h, w),
+        mask_threshold=mask_threshold,
+        mask_paste=mask_paste,
+    )
+    if got:
+      amodal, visible = _decode(got[0]['segmentation']), _decode(got[0]['visible_mask'])
+    else:
+      amodal = visible = np.zeros((h, w), bool)
+    out.append(
+        {
+            'image_id': int(image_id),
+            'instance': g,
+            'occlude_rate': float(ann.instances[g].occlude_rate),
+            **object_quality(amodal, visible, truth_masks(ann, g), min_occluded_px),
+        }
+    )
+  return out
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:

@@ -413,20 +413,86 @@ class SLN(nn.Module):
         min_confidence=t.min_confidence,
         nms_threshold=t.nms_threshold,
     )
-    boxes = jax.lax.stop_gradient(det['boxes'])
-    if t.round_boxes:  # release QUIRK: whole canvas pixels (torch.round, half to even)
+    return self._detections_with_masks(
+        pyramid, glm_feats, det['boxes'], det['valid'], det['scores'], det['classes'], size
+    )
+
+  def infer_boxes(
+      self,
+      image: jax.Array,
+      glm_image: jax.Array,
+      image_shape: jax.Array,
+      boxes: jax.Array,
+      boxes_valid: jax.Array,
+      classes: Optional[jax.Array] = None,
+  ) -> dict[str, jax.Array]:
+    """Masks of given boxes (the box-prompted protocol): the mask head of
+    :meth:`infer` on ``boxes`` instead of the RPN and box head's detections.
+
+    Args:
+      image: (B, S, S, 3) uint8 canvas; glm_image: (B, G, G, 3) uint8 canvas
+        resized; image_shape: (B, 2) valid (h, w) inside the canvas, pixels.
+      boxes: (B, N, 4) canvas pixels (y1, x1, y2, x2), y2/x2 exclusive: the
+        convention of the batches' ``gt_boxes`` and of :meth:`infer`'s
+        ``boxes``; clipped to the image_shape window as detections are.
+      boxes_valid: (B, N) bool, False on padding slots.
+      classes: (B, N) int class of each box; None: 1 (foreground).
+
+    Returns:
+      :meth:`infer`'s dict over the N given slots: boxes (B,N,4) canvas
+      pixels (clipped; whole pixels with model.detection.round_boxes),
+      scores (B,N) 1 on valid slots, classes (B,N) int32, valid (B,N) bool,
+      layer_probs (B,N,M,M,L), amodal_probs and visible_probs (B,N,M,M).
+      Invalid slots are zero.
+    """
+    size = image.shape[1]
+    pyramid, _ = self._features(image)
+    glm_feats = self._glm_features(glm_image)
+    valid = boxes_valid.astype(bool)
+    hw = image_shape.astype(jnp.float32)[:, None, :] / size  # (B, 1, 2)
+    norm = box_ops.normalize(boxes.astype(jnp.float32), size)
+    norm = jnp.clip(norm, 0.0, jnp.concatenate([hw, hw], axis=-1))
+    classes = jnp.ones(valid.shape, jnp.int32) if classes is None else classes.astype(jnp.int32)
+    return self._detections_with_masks(
+        pyramid,
+        glm_feats,
+        norm,
+        valid,
+        valid.astype(jnp.float32),
+        jnp.where(valid, classes, 0),
+        size,
+    )
+
+  def _detections_with_masks(
+      self,
+      pyramid,
+      glm_feats,
+      boxes: jax.Array,
+      valid: jax.Array,
+      scores: jax.Array,
+      classes: jax.Array,
+      size: int,
+  ) -> dict[str, jax.Array]:
+    """The inference tail of :meth:`infer` and :meth:`infer_boxes`: the mask
+    head on normalised ``boxes`` (B, N, 4) (rounded to whole canvas pixels
+    first with model.detection.round_boxes), decoded to probabilities; the
+    boxes come back in canvas pixels, and every output of a slot whose
+    ``valid`` (B, N) is False is zero (scores and classes are passed
+    through)."""
+    c = self.config
+    boxes = jax.lax.stop_gradient(boxes)
+    if c.detection.round_boxes:  # release QUIRK: whole canvas pixels (torch.round, half to even)
       boxes = jnp.round(boxes * size) / size
     # Release QUIRK (model.glm.legacy_pixel_boxes): pixel-unit boxes into the GLM crop.
     glm_boxes = boxes * size if c.glm.legacy_pixel_boxes else boxes
     logits = self._mask_head(
         pyramid, glm_feats, boxes, glm_boxes, size, layering_logits=self._layering_logits(pyramid)
     )
-    valid = det['valid']
     keep = valid[:, :, None, None].astype(jnp.float32)
     return {
         'boxes': box_ops.denormalize(boxes, size) * keep[..., 0],
-        'scores': det['scores'],
-        'classes': det['classes'],
+        'scores': scores,
+        'classes': classes,
         'valid': valid,
         **{
             k: v * (keep[..., None] if k == 'layer_probs' else keep)

@@ -124,3 +124,24 @@ def make_infer_fn(model: Any) -> Callable:
     )
 
   return infer
+
+
+def make_box_prompted_infer_fn(model: Any) -> Callable:
+  """Per-device ``(variables, batch) -> masks of the batch's ground-truth
+  boxes`` for ``jax.pmap``: ``SLN.infer_boxes`` on ``gt_boxes`` (B, M, 4)
+  canvas pixels, ``gt_valid`` (B, M) and ``gt_classes`` (B, M), returning
+  ``SLN.infer``'s dict with one slot per ground-truth slot."""
+
+  def infer(variables, batch):
+    return model.apply(
+        variables,
+        batch['image'],
+        batch['glm_image'],
+        batch['image_shape'],
+        batch['gt_boxes'],
+        batch['gt_valid'],
+        batch['gt_classes'],
+        method='infer_boxes',
+    )
+
+  return infer
