@@ -4,7 +4,7 @@ Raw data in data/d2sa (annotations/D2S_amodal_*.json and images/). SLN is
 category-agnostic (one foreground class, ``model.num_classes = 2``); the
 ground truth keeps D2SA's 60 category ids, so a class-aware variant
 (``--config.dataset.category_agnostic=False --config.model.num_classes=61``)
-trains on them and evaluation then also writes per_class_ap.json.
+trains on them and evaluation then also writes per_category.json.
 """
 
 import ml_collections

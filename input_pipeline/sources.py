@@ -35,17 +35,18 @@ class DataSources:
   eval_batches: Optional[Callable[[], Iterable[dict]]] = None
   eval_annotations: Optional[Callable[[], Sequence]] = None
   eval_images_dir: Optional[str] = None  # the eval split's images (the report's pictures)
+  eval_categories: Optional[Callable[[], list]] = None  # [{'id', 'name'}] of the eval file
   preprocess_image: Optional[Callable[[np.ndarray, Any], tuple]] = None
 
 
-def _eval_annotations(config: ml_collections.ConfigDict, builder) -> Callable[[], Sequence]:
-  """Ground truth of the eval split: dataset.eval_annotations or the
-  builder's annotation file for dataset.eval_split."""
+def _eval_annotation_file(config: ml_collections.ConfigDict, builder) -> tuple[str, Optional[str]]:
+  """(annotation path, images dir or None) of the eval split:
+  dataset.eval_annotations or the builder's file for dataset.eval_split."""
   d = config.dataset
   if d.eval_annotations:
     if not os.path.isfile(d.eval_annotations):
       raise UserError('no such file', path=d.eval_annotations, field='dataset.eval_annotations')
-    return lambda: readers.load_annotations(builder.FORMAT, d.eval_annotations)
+    return d.eval_annotations, None
   if not os.path.isdir(d.manual_dir):
     raise UserError(
         'no such directory (the eval annotations are read from it; '
@@ -60,8 +61,20 @@ def _eval_annotations(config: ml_collections.ConfigDict, builder) -> Callable[[]
         f'(found: {", ".join(sorted(files)) or "none"})',
         field='dataset.eval_split',
     )
-  path, images = files[d.eval_split.split('[')[0]]
+  return files[d.eval_split.split('[')[0]]
+
+
+def _eval_annotations(config: ml_collections.ConfigDict, builder) -> Callable[[], Sequence]:
+  """Ground truth of the eval split (``_eval_annotation_file``), read when called."""
+  path, images = _eval_annotation_file(config, builder)
   return lambda: readers.load_annotations(builder.FORMAT, path, images)
+
+
+def _eval_categories(config: ml_collections.ConfigDict, builder) -> Callable[[], list]:
+  """The eval annotation file's categories (``readers.load_categories``),
+  read when called."""
+  path, _ = _eval_annotation_file(config, builder)
+  return lambda: readers.load_categories(builder.FORMAT, path)
 
 
 def _eval_images_dir(config: ml_collections.ConfigDict, builder) -> Optional[str]:
@@ -132,4 +145,5 @@ def build(config: ml_collections.ConfigDict, mode: str) -> DataSources:
     )
     data.eval_annotations = _eval_annotations(config, builder)
     data.eval_images_dir = _eval_images_dir(config, builder)
+    data.eval_categories = _eval_categories(config, builder)
   return data

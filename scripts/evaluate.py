@@ -1,11 +1,15 @@
 """Scores a COCO-style amodal results file (COCO's rules by default, or amodalAPI's).
 
   python scripts/evaluate.py --format cocoa --annotations GT.json \
-      --results DT.json --output M.json [--protocol coco|amodalapi] \
+      --results DT.json --output M.json [--protocol coco|amodalapi] [--classes] \
       [--report DIR --images IMAGES]
 
 Writes M.json atomically as {"amodal": {SUBSET: {PART: {METRIC: value}}},
-"visible": {...}} (see sln_jax/evaluation/metrics.py) and prints a table.
+"visible": {...}} (see sln_jax/evaluation/metrics.py) and prints a table:
+class-agnostic by default (every object one class, as SLN reports), or with
+--classes COCO's class-aware AP averaged over the annotation file's
+categories, plus M_per_category.json ({BRANCH: {ID: {"name", METRIC:
+value}}}; -1 for a category without ground truth).
 --report writes the HTML report into DIR (DIR/index.html: tables,
 precision-recall curves, depth order, and the best and worst images drawn
 from --images; sln_jax/evaluation/report.py). Bad input ends with one line
@@ -30,6 +34,12 @@ def main(argv=None) -> int:
   parser.add_argument('--results', required=True, help='COCO-style results JSON')
   parser.add_argument('--output', required=True, help='metrics JSON to write')
   parser.add_argument('--protocol', default='coco', choices=metrics_lib.PROTOCOLS)
+  parser.add_argument(
+      '--classes',
+      action='store_true',
+      help="class-aware AP (COCO's useCats=1, averaged over the annotation file's categories) "
+      'and the per-category table, written to <output stem>_per_category.json',
+  )
   parser.add_argument('--images', default=None, help='images directory (needed by --report)')
   parser.add_argument('--report', default=None, metavar='DIR', help='write the HTML report here')
   parser.add_argument(
@@ -48,11 +58,26 @@ def main(argv=None) -> int:
   gt = readers.load_annotations(args.format, args.annotations, args.images, keep_empty=True)
   results = files.read_json(args.results)
   checked = results_check.check_results(results, gt, args.results)  # once for both scorings
-  curves = {}
-  metrics = metrics_lib.evaluate(gt, checked, protocol=args.protocol, curves=curves)
+  curves, per_category = {}, {}
+  metrics = metrics_lib.evaluate(
+      gt,
+      checked,
+      protocol=args.protocol,
+      curves=curves,
+      category_agnostic=not args.classes,
+      categories=readers.load_categories(args.format, args.annotations) if args.classes else None,
+      per_category=per_category,
+      results_path=args.results,
+  )
   with files.atomic_output_file(args.output) as f:
     json.dump(metrics, f, indent=1)
   print(metrics_lib.format_table(metrics), end='')
+  if args.classes:
+    per_category_path = os.path.splitext(args.output)[0] + '_per_category.json'
+    with files.atomic_output_file(per_category_path) as f:
+      json.dump(per_category, f, indent=1)
+    print(metrics_lib.format_per_category(per_category), end='')
+    print(f'wrote {per_category_path}')
   occluded = occlusion.occlusion_metrics(gt, checked)
   text = occlusion.format_occlusion(occluded) if results else ''
   if text:
@@ -70,6 +95,7 @@ def main(argv=None) -> int:
         score_threshold=args.score,
         title=f'Evaluation of {os.path.basename(args.results)}',
         details=[f'ground truth {args.annotations}', f'protocol {args.protocol}'],
+        per_category=per_category,
     )
     print(f'wrote {index}')
   return 0

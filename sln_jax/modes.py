@@ -137,6 +137,7 @@ def run(
       step=step,
       writer=writer,
       images_dir=data.eval_images_dir,
+      categories=None if data.eval_categories is None else data.eval_categories(),
   )
   if config.eval.get('box_prompted', False):
     box_prompted.evaluate(

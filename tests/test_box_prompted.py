@@ -179,7 +179,12 @@ def test_oracle_masks_score_one_and_pairing_survives_reorder_cut_empty_and_paddi
   out = capsys.readouterr().out
   assert 'box-prompted evaluation at step 3' in out and 'heavy' in out
   assert '1 objects past input.max_instances, 1 with an empty amodal mask' in out
+  # One spawned host worker process: the scoring function and its arguments pickle.
+  config.eval.host_workers = 1
+  workers = box_prompted.evaluate(config, str(tmp_path), _oracle(batches), {}, batches, anns)
+  assert workers == report
   # eval.max_images = 1 scores image 11 only.
+  config.eval.host_workers = 0
   config.eval.max_images = 1
   one = box_prompted.evaluate(config, str(tmp_path), _oracle(batches), {}, batches, anns)
   assert one['images'] == 1 and one['objects'] == 4

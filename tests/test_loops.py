@@ -134,7 +134,7 @@ def test_predict_writes_json_and_png_and_skips_bad_files(
     results = json.load(f)
   assert {r['image_id'] for r in results} == {42}
   np.testing.assert_allclose(results[0]['bbox'], [0, 0, 12, 16])  # original pixels
-  assert Image.open(tmp_path / 'out' / 'b.png').size == (16, 16)
+  assert Image.open(tmp_path / 'out' / 'b.png').size[0] == 768  # 16 pixels, drawn 48 times larger
   c.predict.max_images = 1
   c.predict.output_dir = str(tmp_path / 'out1')
   assert loops.predict(c, model, v, preprocess) == 1

@@ -235,15 +235,14 @@ def evaluate(
   rvars = replicate(variables)
   max_instances = int(config.input.max_instances)
   total = int(config.eval.max_images)
-  # pylint: disable=protected-access  (the loop's own image split and gathering)
-  limit = loops._process_share(total)
+  limit = loops.process_share(total)
   read_limit = -(-total // jax.process_count()) if total >= 0 else -1
   images: list[dict] = []
 
   def collect(out, meta):
     """Pairs one finished batch's slots with their ground truth and hands
     each image to the host workers (``occlusion.prompted_quality``)."""
-    out = loops._flatten_devices(jax.device_get(out))
+    out = loops.flatten_devices(jax.device_get(out))
     for j, image_id in enumerate(meta['image_id']):
       if not meta['is_valid'][j] or (0 <= limit <= len(images)):
         continue
@@ -285,7 +284,7 @@ def evaluate(
         disable=jax.process_index() != 0,
     ):
       out = infer(rvars, shard({k: batch[k] for k in INPUT_KEYS}))
-      yield out, loops._flatten_devices({k: batch[k] for k in META_KEYS})
+      yield out, loops.flatten_devices({k: batch[k] for k in META_KEYS})
       dispatched += np.size(batch['is_valid'])
       if 0 <= read_limit <= dispatched:
         return
@@ -293,7 +292,7 @@ def evaluate(
   with host_workers.OrderedWorkers(loops.num_host_workers(config)) as workers:
     loops.finish_in_order(dispatch(), collect, loops.dispatch_lookahead())
     objects = [o for image in workers.results() for o in image]
-  objects, images = loops._gather_results(objects, images, workdir)
+  objects, images = loops.gather_results(objects, images, workdir)
   # pylint: enable=protected-access
   report = summarize(objects, images, occlusion.MIN_OCCLUDED_PX)
   if jax.process_index() == 0:

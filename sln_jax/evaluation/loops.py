@@ -34,12 +34,12 @@ from sln_jax.training.step import make_infer_fn
 from sln_jax.writers import MetricWriter
 
 
-def _flatten_devices(tree: PyTree) -> PyTree:
+def flatten_devices(tree: PyTree) -> PyTree:
   """(devices, B, ...) -> (devices * B, ...)."""
   return jax.tree.map(lambda x: np.asarray(x).reshape((-1,) + np.shape(x)[2:]), tree)
 
 
-def _gather_results(results: list, seen: list, workdir: str) -> tuple[list, list]:
+def gather_results(results: list, seen: list, workdir: str) -> tuple[list, list]:
   """Every process's (results, scored image ids), merged on every process
   (through files in ``workdir``, removed afterwards)."""
   if jax.process_count() == 1:
@@ -59,7 +59,7 @@ def _gather_results(results: list, seen: list, workdir: str) -> tuple[list, list
   return merged, merged_seen
 
 
-def _process_share(total: int) -> int:
+def process_share(total: int) -> int:
   """This process's part of ``total`` items split over the processes (the
   first ``total mod P`` processes take one more); -1 (no limit) stays -1."""
   if total < 0:
@@ -116,6 +116,7 @@ def evaluate(
     step: int = 0,
     writer: Optional[MetricWriter] = None,
     images_dir: Optional[str] = None,
+    categories: Optional[Sequence[dict]] = None,
 ) -> dict:
   """Runs ``SLN.infer`` over the eval split and scores it.
 
@@ -125,10 +126,14 @@ def evaluate(
     annotations: the split's ground truth, list[records.ImageAnnotation].
     images_dir: the split's images, for the report's pictures (None: a
       report without pictures).
+    categories: the annotation file's [{'id', 'name'}]
+      (``readers.load_categories``): with ``dataset.category_agnostic``
+      False, the categories scored (None: those the ground truth carries).
 
   Writes ``workdir/results.json`` (COCO results, original pixels) and
   ``workdir/metrics.json`` (the schema of ``metrics.evaluate``; plus
-  ``per_class_ap.json`` when not category-agnostic, ``depth_order.json``:
+  ``per_category.json``, ``metrics.evaluate``'s ``per_category``, when not
+  category-agnostic, ``depth_order.json``:
   ``occlusion.depth_order_accuracy``, and ``occlusion.json``:
   ``occlusion.occlusion_metrics``), with ``eval.report`` the HTML report
   in ``workdir/report`` (``report.write_report``), prints the tables and
@@ -140,14 +145,14 @@ def evaluate(
   # eval.max_images is split over the processes (each reads its own shard);
   # every process reads the same number of batches (up to ``read_limit``).
   total = int(config.eval.max_images)
-  limit = _process_share(total)
+  limit = process_share(total)
   read_limit = -(-total // jax.process_count()) if total >= 0 else -1
   seen = []
 
   def collect(dets, meta):
     """Hands one finished batch's detections to the host workers, which turn
     them into COCO results (``workers.results()``: per image, in order)."""
-    dets = _flatten_devices(jax.device_get(dets))
+    dets = flatten_devices(jax.device_get(dets))
     for j, image_id in enumerate(meta['image_id']):
       if not meta['is_valid'][j] or (0 <= limit <= len(seen)):
         continue
@@ -177,7 +182,7 @@ def evaluate(
         eval_batches, desc='eval', unit='batch', mininterval=1.0, disable=jax.process_index() != 0
     ):
       dets = infer(rvars, shard({k: batch[k] for k in ('image', 'glm_image', 'image_shape')}))
-      yield dets, _flatten_devices({k: batch[k] for k in ('image_id', 'image_scale', 'is_valid')})
+      yield dets, flatten_devices({k: batch[k] for k in ('image_id', 'image_scale', 'is_valid')})
       dispatched += np.size(batch['is_valid'])
       if 0 <= read_limit <= dispatched:
         return
@@ -187,17 +192,20 @@ def evaluate(
     results = [r for image in workers.results() for r in image]
   # Scored against the images that were run (a sliced split such as
   # 'val[:10]' or eval.max_images covers part of the annotation file).
-  results, seen = _gather_results(results, seen, workdir)
+  results, seen = gather_results(results, seen, workdir)
   gt = [gt_by_id[i] for i in sorted(set(seen))]
   # Once for the three scorings; the RLEs are pycocotools' own encoding.
   checked = results_check.check_results(results, gt, check_counts=False)
-  curves = {}
+  curves, per_category = {}, {}
   metrics = metrics_lib.evaluate(
       gt,
       checked,
       protocol=config.eval.protocol,
       category_agnostic=config.dataset.category_agnostic,
       curves=curves,
+      categories=categories,
+      per_category=per_category,
+      results_path='the eval results (model class indices as category ids)',
   )
   if jax.process_index() == 0:
     with atomic_output_file(os.path.join(workdir, 'results.json')) as f:
@@ -210,15 +218,16 @@ def evaluate(
     with atomic_output_file(os.path.join(workdir, 'occlusion.json')) as f:
       json.dump(occluded, f, indent=1)
     if not config.dataset.category_agnostic:
-      per_class = metrics_lib.per_class_ap(gt, checked, protocol=config.eval.protocol)
-      with atomic_output_file(os.path.join(workdir, 'per_class_ap.json')) as f:
-        json.dump({str(k): v for k, v in per_class.items()}, f, indent=1)
+      with atomic_output_file(os.path.join(workdir, 'per_category.json')) as f:
+        json.dump(per_category, f, indent=1)
     print(
         f'evaluation at step {step} on {len(gt)} images '
         f'({config.dataset.name}/{config.dataset.eval_split}, '
         f'protocol {config.eval.protocol}):'
     )
     print(metrics_lib.format_table(metrics))
+    if per_category:
+      print(metrics_lib.format_per_category(per_category))
     print(occlusion.format_occlusion(occluded), flush=True)
     if config.eval.get('report', False):
       index = report_lib.write_report(
@@ -232,6 +241,7 @@ def evaluate(
           score_threshold=config.eval.report_score,
           gallery_size=config.eval.report_images,
           title=f'SLN evaluation: {config.dataset.name}/{config.dataset.eval_split}',
+          per_category=per_category,
           details=[
               f'workdir {workdir}, step {step}, protocol {config.eval.protocol}',
               f'model.layer_activation {config.model.layer_activation}, '
@@ -292,7 +302,7 @@ def predict(
   # predict.max_images (N in all).
   procs, me = jax.process_count(), jax.process_index()
   mine = list(enumerate(sorted(os.listdir(pc.input_dir))))[me::procs]
-  limit = _process_share(int(pc.max_images))
+  limit = process_share(int(pc.max_images))
 
   def dispatch():
     """Launches each readable image of this process's share."""

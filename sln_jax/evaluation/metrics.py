@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from faster_coco_eval import COCOeval_faster, faster_eval_api_cpp
 import numpy as np
@@ -77,7 +77,12 @@ def _quiet_coco(dataset: dict) -> COCO:
   return coco
 
 
-def _gt_coco(gt: Sequence, mask_key: str, category_agnostic: bool) -> COCO:
+def _gt_coco(
+    gt: Sequence, mask_key: str, category_agnostic: bool, categories: Optional[Sequence[int]] = None
+) -> COCO:
+  """COCO ground truth of ``gt``; its categories are ``categories`` (the
+  annotation file's ids) when given and not category-agnostic, else the ids
+  the instances carry."""
   images, anns, cats = [], [], set()
   for a in gt:
     images.append(
@@ -113,6 +118,8 @@ def _gt_coco(gt: Sequence, mask_key: str, category_agnostic: bool) -> COCO:
       )
   if category_agnostic:
     cats.add(1)
+  elif categories is not None:
+    cats = set(int(c) for c in categories)
   return _quiet_coco(
       {'images': images, 'annotations': anns, 'categories': [{'id': c} for c in sorted(cats)]}
   )
@@ -222,9 +229,10 @@ def _mean_defined(x: np.ndarray) -> float:
   return float(np.mean(x)) if x.size else -1.0
 
 
-def _summary(ev: dict, params, max_dets: Sequence[int]) -> dict:
-  """COCOeval.summarize's numbers for area 'all' (as a dict)."""
-  prec, rec = ev['precision'], ev['recall']  # (T,R,K,A,M), (T,K,A,M)
+def _summary(ev: dict, params, max_dets: Sequence[int], cats=slice(None)) -> dict:
+  """COCOeval.summarize's numbers for area 'all' (as a dict), over the
+  category indices ``cats`` (all: COCO's category average)."""
+  prec, rec = ev['precision'][:, :, cats], ev['recall'][:, cats]  # (T,R,K,A,M), (T,K,A,M)
   thr = np.asarray(params.iouThrs)
   t50 = np.where(np.isclose(thr, 0.5))[0]
   t75 = np.where(np.isclose(thr, 0.75))[0]
@@ -272,10 +280,14 @@ def _branch(
     subsets: Sequence[str],
     parts: Sequence[str],
     curves: Optional[dict] = None,
+    categories: Optional[Sequence[int]] = None,
+    per_category: Optional[dict] = None,
 ) -> dict:
   """One branch's table; with ``curves`` (a dict) also fills
-  ``curves[subset]`` with ``precision_curves`` of part 'both'."""
-  gt_coco = _gt_coco(gt, gt_key, category_agnostic)
+  ``curves[subset]`` with ``precision_curves`` of part 'both', and with
+  ``per_category`` (a dict) ``per_category[category id]`` with the
+  ``_summary`` of that category alone (subset 'all', part 'both')."""
+  gt_coco = _gt_coco(gt, gt_key, category_agnostic, categories)
   dt_coco = _dt_coco(gt_coco, dets, dt_key, category_agnostic)
   ev = _SubsetEval(
       gt_coco,
@@ -292,6 +304,9 @@ def _branch(
       table[subset][part] = _summary(result, ev.params, max_dets)
       if curves is not None and part == 'both':
         curves[subset] = precision_curves(result, ev.params)
+      if per_category is not None and subset == 'all' and part == 'both':
+        for k, c in enumerate(ev._paramsEval.catIds):  # pylint: disable=protected-access
+          per_category[int(c)] = _summary(result, ev.params, max_dets, cats=[k])
   return table
 
 
@@ -322,6 +337,8 @@ def evaluate(
     parts: Sequence[str] = PARTS,
     results_path: str = 'results',
     curves: Optional[dict] = None,
+    categories: Optional[Sequence[Mapping[str, Any]]] = None,
+    per_category: Optional[dict] = None,
 ) -> dict:
   """Scores ``results`` against ``gt`` (list[ImageAnnotation]).
 
@@ -332,9 +349,23 @@ def evaluate(
   AP uses the largest of ``max_dets`` detections per image. With
   ``curves`` (an empty dict), it is filled with ``{BRANCH: {SUBSET:
   precision_curves(...)}}`` of part 'both', from the same evaluation.
+
+  Class-aware (``category_agnostic=False``): COCO's useCats=1, every number
+  the mean over categories. ``categories`` ([{'id', 'name'}], the annotation
+  file's, ``readers.load_categories``) are the categories scored: one with no
+  ground truth is -1 and left out of the means, as in COCO, and a result
+  whose ``category_id`` is not among them is a ``UserError`` naming
+  ``results_path``, its index and the id. Without ``categories``, the ids
+  the ground truth carries. ``per_category`` (an empty dict) is filled with
+  ``{BRANCH: {CATEGORY ID (str): {'name', METRIC: value}}}`` for subset
+  'all', part 'both'.
   """
   check_protocol(protocol)
   dets = check_results(results, gt, results_path)
+  cat_ids = None
+  if categories is not None and not category_agnostic:
+    cat_ids = [int(c['id']) for c in categories]
+    check_categories(dets, cat_ids, results_path)
   kw = dict(
       protocol=protocol,
       category_agnostic=category_agnostic,
@@ -346,10 +377,56 @@ def evaluate(
   if any(d['visible'] is not None for d in dets):
     branches.append(('visible', 'visible_rle'))
   out = {}
+  names = {int(c['id']): str(c.get('name', c['id'])) for c in categories or ()}
   for branch, gt_key in branches:
     branch_curves = None if curves is None else curves.setdefault(branch, {})
-    out[branch] = _branch(gt, dets, gt_key, branch, curves=branch_curves, **kw)
+    by_cat = None if per_category is None or category_agnostic else {}
+    out[branch] = _branch(
+        gt,
+        dets,
+        gt_key,
+        branch,
+        curves=branch_curves,
+        categories=cat_ids,
+        per_category=by_cat,
+        **kw,
+    )
+    if by_cat is not None:
+      per_category[branch] = {
+          str(c): {'name': names.get(c, str(c)), **row} for c, row in sorted(by_cat.items())
+      }
   return out
+
+
+def check_categories(dets: Sequence[dict], cat_ids: Sequence[int], results_path: str) -> None:
+  """UserError naming ``results_path``, the result's index and its id for
+  the first result whose ``category_id`` is not in ``cat_ids``."""
+  known = set(int(c) for c in cat_ids)
+  for k, d in enumerate(dets):
+    if int(d['category_id']) not in known:
+      raise UserError(
+          f'category_id {d["category_id"]} is not among the annotation file\'s '
+          f'{len(known)} categories (ids {sorted(known)})',
+          path=results_path,
+          field=f'[{k}].category_id',
+      )
+
+
+def format_per_category(per_category: Mapping[str, Mapping[str, Mapping]]) -> str:
+  """A fixed-width table of ``evaluate``'s ``per_category`` (values in %;
+  '-' where a category has no ground truth)."""
+  lines = []
+  for branch, rows in per_category.items():
+    if not rows:
+      continue
+    names = [n for n in next(iter(rows.values())) if n != 'name']
+    lines.append(f'{branch} masks per category (%)')
+    lines.append(f'{"id":>4}  {"category":<18}' + ''.join(f'{n:>8}' for n in names))
+    for cid, row in rows.items():
+      vals = ''.join(f'{"-":>8}' if row[n] < 0 else f'{100 * row[n]:>8.1f}' for n in names)
+      lines.append(f'{cid:>4}  {row["name"][:18]:<18}{vals}')
+    lines.append('')
+  return '\n'.join(lines).rstrip() + '\n' if lines else ''
 
 
 def per_class_ap(

@@ -138,6 +138,28 @@ def _metric_tables(metrics: Mapping[str, Any]) -> str:
   return '\n'.join(out)
 
 
+def _per_category_tables(per_category: Mapping[str, Mapping[str, Mapping]]) -> str:
+  out = []
+  for branch, rows in per_category.items():
+    if not rows:
+      continue
+    names = [n for n in next(iter(rows.values())) if n != 'name']
+    out.append(f'<h3>{html.escape(branch)} masks per category (%)</h3><table>')
+    out.append(
+        '<tr><th>id</th><th>category</th>'
+        + ''.join(f'<th>{html.escape(n)}</th>' for n in names)
+        + '</tr>'
+    )
+    for cid, row in rows.items():
+      cells = ''.join(_cell(f'{branch}/category/{cid}/{n}', row[n]) for n in names)
+      out.append(
+          f'<tr><td>{html.escape(cid)}</td><td class="name">{html.escape(row["name"])}</td>'
+          f'{cells}</tr>'
+      )
+    out.append('</table>')
+  return '\n'.join(out)
+
+
 def _depth_table(occluded: Mapping[str, Any]) -> str:
   rows = []
   for name, key in (('chained layers', 'depth_order'), ('pixel votes', 'depth_order_votes')):
@@ -220,6 +242,7 @@ def write_report(
     gallery_size: int = GALLERY_SIZE,
     title: str = 'SLN evaluation',
     details: Sequence[str] = (),
+    per_category: Optional[Mapping[str, Any]] = None,
 ) -> str:
   """Writes the report into ``out_dir`` (replacing one there); returns the
   path of its index.html.
@@ -232,6 +255,8 @@ def write_report(
     images_dir: where the annotations' ``file_name``s are; None: the gallery
       has no pictures.
     details: lines shown under the title (run, checkpoint, protocol).
+    per_category: ``metrics.evaluate``'s per-category table (class-aware
+      evaluation), shown after the class-averaged tables.
   """
   out_dir = os.path.abspath(out_dir)
   tmp = out_dir + '.partial'
@@ -260,6 +285,7 @@ def write_report(
       'ground truth at amodal IoU \u2265 0.5.</p>',
       '<h2>Mask AP and AR</h2>',
       _metric_tables(metrics),
+      _per_category_tables(per_category or {}),
       '<h2>Precision and recall by occlusion</h2>',
       ''.join(f'<p><img class="chart" src="{c}" alt="{c}"></p>' for c in charts),
       '<h2>Depth order</h2>',
