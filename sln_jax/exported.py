@@ -107,7 +107,9 @@ class ExportedModel:
     """Writes ``predict``'s results and their picture as ``--mode=predict``
     does; returns the number of results."""
     results = self.predict(image, image_id)
-    render.write_results_and_picture(results, image, json_path, png_path)
+    render.write_results_and_picture(
+        results, image, json_path, png_path, float(self.header['score_threshold'])
+    )
     return len(results)
 
 

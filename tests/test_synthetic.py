@@ -11,7 +11,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 import pytest
 
-from input_pipeline import synthetic
+from input_pipeline import synthetic, synthetic_shapes
 from sln_jax import semdist
 from tests import semdist_decode
 
@@ -178,11 +178,11 @@ def test_statistics_and_variety(tmp_path):
 
 def test_clip_polygon_area():
   square = np.array([[-5.0, -5.0], [5.0, -5.0], [5.0, 5.0], [-5.0, 5.0]])
-  clipped = synthetic._clip_polygon(square, 20, 3)  # pylint: disable=protected-access
+  clipped = synthetic_shapes.clip_polygon(square, 20, 3)
   x, y = clipped[:, 0], clipped[:, 1]
   area = 0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))
   assert area == pytest.approx(15.0)  # [0, 5] x [0, 3]
-  assert len(synthetic._clip_polygon(square + 100, 20, 3)) == 0  # pylint: disable=protected-access
+  assert len(synthetic_shapes.clip_polygon(square + 100, 20, 3)) == 0
 
 
 def test_bad_arguments():

@@ -36,9 +36,12 @@ def render_prediction(
   return pictures.prediction_picture(image, results, score_threshold)
 
 
-def draw_prediction(image: np.ndarray, results: Sequence[dict], path: str) -> None:
-  """Writes ``render_prediction(image, results)`` to ``path`` (PNG, atomic)."""
-  picture = render_prediction(image, results)
+def draw_prediction(
+    image: np.ndarray, results: Sequence[dict], path: str, score_threshold: float = 0.0
+) -> None:
+  """Writes ``render_prediction(image, results, score_threshold)`` to
+  ``path`` (PNG, atomic)."""
+  picture = render_prediction(image, results, score_threshold)
   with files.atomic_output_file(path, 'wb') as f:
     pictures.save_png(picture, f)
 
@@ -56,15 +59,20 @@ def write_prediction(
   dets, image_scale, image.shape[:2], **kwargs)``) to ``json_path`` and its
   picture to ``png_path`` (both atomic); returns the number of results."""
   results = detections_to_results(image_id, dets, image_scale, image.shape[:2], **kwargs)
-  write_results_and_picture(results, image, json_path, png_path)
+  write_results_and_picture(results, image, json_path, png_path, kwargs.get('score_threshold', 0.0))
   return len(results)
 
 
 def write_results_and_picture(
-    results: Sequence[dict], image: np.ndarray, json_path: str, png_path: str
+    results: Sequence[dict],
+    image: np.ndarray,
+    json_path: str,
+    png_path: str,
+    score_threshold: float = 0.0,
 ) -> None:
   """Writes one image's COCO ``results`` to ``json_path`` and their picture
-  over ``image`` to ``png_path`` (both atomic)."""
+  over ``image`` to ``png_path`` (both atomic); ``score_threshold`` is the
+  one the results were kept at (the picture's caption says it)."""
   with files.atomic_output_file(json_path) as f:
     json.dump(list(results), f)
-  draw_prediction(image, results, png_path)
+  draw_prediction(image, results, png_path, score_threshold)

@@ -438,12 +438,8 @@ class SLN(nn.Module):
       boxes_valid: (B, N) bool, False on padding slots.
       classes: (B, N) int class of each box; None: 1 (foreground).
 
-    Returns:
-      :meth:`infer`'s dict over the N given slots: boxes (B,N,4) canvas
-      pixels (clipped; whole pixels with model.detection.round_boxes),
-      scores (B,N) 1 on valid slots, classes (B,N) int32, valid (B,N) bool,
-      layer_probs (B,N,M,M,L), amodal_probs and visible_probs (B,N,M,M).
-      Invalid slots are zero.
+    Returns :meth:`infer`'s dict over the N given slots (boxes clipped,
+    scores 1 on valid slots); invalid slots are zero.
     """
     size = image.shape[1]
     pyramid, _ = self._features(image)
@@ -453,15 +449,8 @@ class SLN(nn.Module):
     norm = box_ops.normalize(boxes.astype(jnp.float32), size)
     norm = jnp.clip(norm, 0.0, jnp.concatenate([hw, hw], axis=-1))
     classes = jnp.ones(valid.shape, jnp.int32) if classes is None else classes.astype(jnp.int32)
-    return self._detections_with_masks(
-        pyramid,
-        glm_feats,
-        norm,
-        valid,
-        valid.astype(jnp.float32),
-        jnp.where(valid, classes, 0),
-        size,
-    )
+    scores, classes = valid.astype(jnp.float32), jnp.where(valid, classes, 0)
+    return self._detections_with_masks(pyramid, glm_feats, norm, valid, scores, classes, size)
 
   def _detections_with_masks(
       self,
