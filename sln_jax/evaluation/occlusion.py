@@ -52,11 +52,26 @@ def _matches(
         as_rle(i.amodal_rle, ann.height, ann.width, 'ground truth', f'image {image_id}.amodal_rle')
         for i in ann.instances
     ]
-    ious = np.asarray(
-        mask_utils.iou([d['amodal'] for _, d in kept], g_rles, [0] * len(g_rles))
-    ).reshape(len(kept), -1)
-    det_of_gt = {g: kept[row][0] for g, row in greedy_match(ious, iou_threshold).items()}
+    _, matched = match_masks([d['amodal'] for _, d in kept], g_rles, iou_threshold)
+    det_of_gt = {g: kept[row][0] for g, row in matched.items()}
     yield ann, local, g_rles, det_of_gt
+
+
+def match_masks(
+    det_rles: Sequence[dict], gt_rles: Sequence[dict], iou_threshold: float
+) -> tuple[np.ndarray, dict[int, int]]:
+  """One image's detections (RLEs, highest score first) matched to its
+  ground-truth objects by amodal mask IoU.
+
+  Returns (ious (D, G), ``greedy_match(ious, iou_threshold)``); either side
+  may be empty.
+  """
+  ious = np.zeros((len(det_rles), len(gt_rles)))
+  if len(det_rles) and len(gt_rles):
+    ious = np.asarray(mask_utils.iou(list(det_rles), list(gt_rles), [0] * len(gt_rles))).reshape(
+        len(det_rles), len(gt_rles)
+    )
+  return ious, greedy_match(ious, iou_threshold)
 
 
 def greedy_match(ious: np.ndarray, iou_threshold: float) -> dict[int, int]:

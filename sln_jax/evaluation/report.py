@@ -24,12 +24,11 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 from PIL import Image
-from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from sln_jax import files
 from sln_jax.evaluation import report_figures
-from sln_jax.evaluation.occlusion import greedy_match
+from sln_jax.evaluation.occlusion import match_masks
 from sln_jax.evaluation.results_check import as_rle
 from sln_jax.visualization import pictures
 
@@ -48,7 +47,7 @@ def per_image_amodal_iou(
   Returns ``{image_id: {'iou', 'objects', 'matched', 'false_positives'}}``
   for the images with ground truth: 'iou' is the mean over the image's
   objects of the amodal IoU with the detection matched to it
-  (``occlusion.greedy_match`` over the detections with ``score >=
+  (``occlusion.match_masks`` over the detections with ``score >=
   score_threshold``), 0 for an object left unmatched.
   """
   by_image: dict[int, list] = {}
@@ -64,12 +63,7 @@ def per_image_amodal_iou(
         as_rle(i.amodal_rle, ann.height, ann.width, 'ground truth', f'image {ann.image_id}')
         for i in ann.instances
     ]
-    ious = np.zeros((len(kept), len(g_rles)))
-    if kept:
-      ious = np.asarray(
-          mask_utils.iou([d['amodal'] for d in kept], g_rles, [0] * len(g_rles))
-      ).reshape(len(kept), len(g_rles))
-    matched = greedy_match(ious, iou_threshold)
+    ious, matched = match_masks([d['amodal'] for d in kept], g_rles, iou_threshold)
     total = sum(float(ious[row, g]) for g, row in matched.items())
     out[int(ann.image_id)] = {
         'iou': total / len(g_rles),
@@ -116,47 +110,47 @@ def _cell(key: str, value: Optional[float], percent: bool = True) -> str:
   return f'<td data-metric="{html.escape(key)}"{data}>{_fmt(value, percent)}</td>'
 
 
-def _metric_tables(metrics: Mapping[str, Any]) -> str:
-  out = []
-  for branch, table in metrics.items():
-    first = next(iter(next(iter(table.values())).values()))
-    names = list(first)
-    out.append(f'<h3>{html.escape(branch)} masks (%)</h3><table>')
+def _percent_table(title: str, label_heads: Sequence[str], names: Sequence[str], rows) -> str:
+  """An HTML table of metric values in %: ``rows`` are (labels, key prefix,
+  {name: value}); each value cell's data-metric is ``<prefix>/<name>``."""
+  out = [f'<h3>{html.escape(title)}</h3><table><tr>']
+  out += [f'<th>{html.escape(h)}</th>' for h in list(label_heads) + list(names)]
+  out.append('</tr>')
+  for labels, prefix, values in rows:
     out.append(
-        '<tr><th>occlusion</th><th>part</th>'
-        + ''.join(f'<th>{html.escape(n)}</th>' for n in names)
+        '<tr>'
+        + ''.join(f'<td class="name">{html.escape(str(v))}</td>' for v in labels)
+        + ''.join(_cell(f'{prefix}/{n}', values[n]) for n in names)
         + '</tr>'
     )
-    for subset, parts in table.items():
-      for part, row in parts.items():
-        cells = ''.join(_cell(f'{branch}/{subset}/{part}/{n}', row[n]) for n in names)
-        out.append(
-            f'<tr><td class="name">{html.escape(subset)}</td>'
-            f'<td class="name">{html.escape(part)}</td>{cells}</tr>'
-        )
-    out.append('</table>')
+  out.append('</table>')
+  return ''.join(out)
+
+
+def _metric_tables(metrics: Mapping[str, Any]) -> str:
+  """One table per branch: rows (occlusion subset, part)."""
+  out = []
+  for branch, table in metrics.items():
+    names = list(next(iter(next(iter(table.values())).values())))
+    rows = [
+        ((subset, part), f'{branch}/{subset}/{part}', row)
+        for subset, parts in table.items()
+        for part, row in parts.items()
+    ]
+    out.append(_percent_table(f'{branch} masks (%)', ('occlusion', 'part'), names, rows))
   return '\n'.join(out)
 
 
 def _per_category_tables(per_category: Mapping[str, Mapping[str, Mapping]]) -> str:
+  """One table per branch: rows (category id, name)."""
   out = []
-  for branch, rows in per_category.items():
-    if not rows:
+  for branch, table in per_category.items():
+    if not table:
       continue
-    names = [n for n in next(iter(rows.values())) if n != 'name']
-    out.append(f'<h3>{html.escape(branch)} masks per category (%)</h3><table>')
-    out.append(
-        '<tr><th>id</th><th>category</th>'
-        + ''.join(f'<th>{html.escape(n)}</th>' for n in names)
-        + '</tr>'
-    )
-    for cid, row in rows.items():
-      cells = ''.join(_cell(f'{branch}/category/{cid}/{n}', row[n]) for n in names)
-      out.append(
-          f'<tr><td>{html.escape(cid)}</td><td class="name">{html.escape(row["name"])}</td>'
-          f'{cells}</tr>'
-      )
-    out.append('</table>')
+    names = [n for n in next(iter(table.values())) if n != 'name']
+    rows = [((cid, row['name']), f'{branch}/category/{cid}', row) for cid, row in table.items()]
+    title = f'{branch} masks per category (%)'
+    out.append(_percent_table(title, ('id', 'category'), names, rows))
   return '\n'.join(out)
 
 

@@ -6,7 +6,7 @@ each object drawn back to front (visible part filled, hidden part hatched in
 a lighter tone of the same colour, amodal outline, a label tag with its depth
 layer and score), a caption per panel and a legend. ``comparison_picture``
 puts ground truth and prediction side by side: a prediction matched to a
-ground-truth object (``occlusion.greedy_match``: by score, amodal IoU >= 0.5)
+ground-truth object (``occlusion.match_masks``: by score, amodal IoU >= 0.5)
 shares its colour; false positives and missed objects are dashed and tagged.
 
 Results are COCO results (``segmentation`` = amodal mask, ``visible_mask``,
@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from sln_jax.evaluation.occlusion import greedy_match
+from sln_jax.evaluation.occlusion import match_masks
 from sln_jax.evaluation.results_check import as_rle
 from sln_jax.visualization import draw
 
@@ -179,12 +179,7 @@ def comparison_shapes(
   kept = kept_results(results, score_threshold)
   pred_masks = [_masks(r, h, w) for r in kept]
   gt_masks = _truth_masks(annotation)
-  ious = np.zeros((len(kept), len(gt_masks)))
-  if kept and gt_masks:
-    ious = np.asarray(
-        mask_utils.iou([m[0] for m in pred_masks], [m[0] for m in gt_masks], [0] * len(gt_masks))
-    ).reshape(len(kept), len(gt_masks))
-  det_of_gt = greedy_match(ious, iou_threshold)
+  _, det_of_gt = match_masks([m[0] for m in pred_masks], [m[0] for m in gt_masks], iou_threshold)
   gt_of_det = {row: g for g, row in det_of_gt.items()}
   truth = _truth_shapes(annotation, gt_masks, factor, matched=set(det_of_gt))
   preds, spare = [], len(gt_masks)
