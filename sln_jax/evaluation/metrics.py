@@ -437,21 +437,24 @@ def per_class_ap(
     max_dets: Sequence[int] = (1, 10, 100),
     results_path: str = 'results',
 ) -> dict[int, float]:
-  """Amodal AP per GT category id (useCats=1; subset 'all', part 'both').
-
-  For D2SA-style data with category ids; -1 for a category whose AP is
-  undefined. Detections of categories absent from the GT are not scored.
+  """Amodal AP per GT category id (useCats=1; subset 'all', part 'both'):
+  ``evaluate``'s ``per_category`` AP over the categories the ground truth
+  carries; -1 for a category whose AP is undefined. Detections of
+  categories absent from the GT are not scored.
   """
-  check_protocol(protocol)
-  dets = check_results(results, gt, results_path)
-  gt_coco = _gt_coco(gt, 'amodal_rle', category_agnostic=False)
-  dt_coco = _dt_coco(gt_coco, dets, 'amodal', category_agnostic=False)
-  ev = _SubsetEval(
-      gt_coco, dt_coco, use_cats=True, max_dets=max_dets, skip_empty=protocol == 'amodalapi'
+  per_category: dict = {}
+  evaluate(
+      gt,
+      results,
+      protocol=protocol,
+      category_agnostic=False,
+      max_dets=max_dets,
+      subsets=('all',),
+      parts=('both',),
+      results_path=results_path,
+      per_category=per_category,
   )
-  result = ev.run(lambda g: False)
-  cat_ids = ev._paramsEval.catIds  # pylint: disable=protected-access
-  return {int(c): _mean_defined(result['precision'][:, :, k, 0, -1]) for k, c in enumerate(cat_ids)}
+  return {int(c): row['AP'] for c, row in per_category['amodal'].items()}
 
 
 # --------------------------------------------------------------- depth order
