@@ -8,20 +8,9 @@ import pytest
 
 from input_pipeline import readers
 from sln_jax import config_checks
+from tests.config_tree import flat
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures', 'annotations')
-
-
-def _flat(config, prefix=''):
-  """{dotted field: value} over every leaf of a ConfigDict."""
-  out = {}
-  for key, value in config.items():
-    name = f'{prefix}{key}'
-    if hasattr(value, 'items'):
-      out.update(_flat(value, f'{name}.'))
-    else:
-      out[name] = value
-  return out
 
 
 @pytest.mark.parametrize('name', ['cocoa', 'cocoa_cls', 'd2sa', 'kins'])
@@ -30,8 +19,8 @@ def test_dataset_config_passes_validation(name):
 
 
 def test_cocoa_cls_is_cocoa_with_classes():
-  cocoa = _flat(importlib.import_module('configs.cocoa').get_config())
-  cls = _flat(importlib.import_module('configs.cocoa_cls').get_config())
+  cocoa = flat(importlib.import_module('configs.cocoa').get_config())
+  cls = flat(importlib.import_module('configs.cocoa_cls').get_config())
   assert set(cls) == set(cocoa)
   changed = {k: v for k, v in cls.items() if v != cocoa[k]}
   assert changed == {

@@ -6,6 +6,7 @@ import importlib
 import pytest
 
 from sln_jax import config_checks
+from tests.config_tree import flat
 
 # The fields the README's "Using the released PyTorch weights" passes on the
 # base config (init_from stays a flag: the user's converted directory).
@@ -19,22 +20,10 @@ RELEASE_FIELDS = {
 }
 
 
-def _flat(config, prefix=''):
-  """{dotted field: value} over every leaf of a ConfigDict."""
-  out = {}
-  for key, value in config.items():
-    name = f'{prefix}{key}'
-    if hasattr(value, 'items'):
-      out.update(_flat(value, f'{name}.'))
-    else:
-      out[name] = value
-  return out
-
-
 @pytest.mark.parametrize('base', ['cocoa', 'd2sa'])
 def test_release_config_changes_exactly_the_release_fields(base):
-  base_flat = _flat(importlib.import_module(f'configs.{base}').get_config())
-  release_flat = _flat(importlib.import_module(f'configs.{base}_release').get_config())
+  base_flat = flat(importlib.import_module(f'configs.{base}').get_config())
+  release_flat = flat(importlib.import_module(f'configs.{base}_release').get_config())
   assert set(release_flat) == set(base_flat)  # no field added or dropped
   changed = {k: v for k, v in release_flat.items() if v != base_flat[k]}
   assert changed == RELEASE_FIELDS
